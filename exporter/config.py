@@ -1,0 +1,317 @@
+"""Load and validate config.yaml into frozen dataclasses.
+
+Every problem is collected, located ("locks[2].key: ...") and reported at once in one ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from . import keys
+from .dsn import DsnError, describe_dsn
+
+DEFAULT_POLL_INTERVAL = 5.0
+MIN_POLL_INTERVAL = 0.1
+
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+_TOP_FIELDS = ("dsn", "poll_interval", "locks")
+_LOCK_FIELDS = ("name", "key", "database")
+_STRING_KEY_FORMS = {"hashtext": keys.HashtextKey, "hashtextextended": keys.HashtextExtendedKey}
+
+
+class ConfigError(Exception):
+    """The config cannot be used; details holds one located message per problem."""
+
+    def __init__(self, source: str, details: list[str]) -> None:
+        self.source = source
+        self.details = details
+        super().__init__(f"{source}: " + "; ".join(details))
+
+
+@dataclass(frozen=True)
+class LockConfig:
+    """One named advisory lock."""
+
+    name: str
+    key: keys.KeySpec
+    database: str | None = None  # None: the database the dsn connects to
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config file."""
+
+    dsn: str
+    poll_interval: float
+    locks: tuple[LockConfig, ...]
+
+    def summary(self) -> str:
+        """One line for --check-config and the start-up log; never shows a password."""
+        forms: dict[str, int] = {}
+        for lock in self.locks:
+            form = _FORM_NAMES[type(lock.key)]
+            forms[form] = forms.get(form, 0) + 1
+        form_text = ", ".join(f"{n} {f}" for f, n in sorted(forms.items()))
+        return (
+            f"{len(self.locks)} locks ({form_text or 'none'}), "
+            f"poll_interval {format_duration(self.poll_interval)}, "
+            f"dsn {describe_dsn(self.dsn)}"
+        )
+
+
+_FORM_NAMES = {
+    keys.BigintKey: "bigint",
+    keys.Int4PairKey: "int4 pair",
+    keys.HashtextKey: "hashtext",
+    keys.HashtextExtendedKey: "hashtextextended",
+}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice instead of keeping the last."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_duration(text: Any) -> float:
+    """'500ms', '5s', '1m30s' -> seconds. Raises ValueError with the reason."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration such as 5s or 500ms, got {_show(text)}")
+    pos, total, last_rank = 0, 0.0, -1
+    ranks = list(_DURATION_UNITS)
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        rank = ranks.index(match.group(2))
+        if rank <= last_rank:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos, last_rank = match.end(), rank
+    if pos != len(text) or not text:
+        raise ValueError(f"{text!r} is not a duration: use a number and a unit (ms, s, m, h, d), e.g. 5s")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> the shortest config spelling."""
+    if seconds < 1 and seconds * 1000 == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{seconds:g}s"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    name = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    return f"{name} ({value!r})" if not isinstance(value, (list, dict)) else name
+
+
+def expand_env(text: str, where: str, errors: list[str]) -> str:
+    """Replace ${VAR} with the environment's value; an unset variable is an error."""
+
+    def sub(match: re.Match[str]) -> str:
+        value = os.environ.get(match.group(1))
+        if value is None:
+            errors.append(f"{where}: environment variable {match.group(1)} is not set")
+            return ""
+        return value
+
+    return _ENV_REF.sub(sub, text)
+
+
+def _unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
+    return [
+        f"{where}{'.' if where else ''}{field}: unknown field (allowed: {', '.join(allowed)})"
+        for field in sorted(map(str, data))
+        if field not in allowed
+    ]
+
+
+def _int_in(value: Any, low: int, high: int, type_name: str, where: str, errors: list[str]) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        errors.append(f"{where}: expected an integer ({type_name}), got {_show(value)}")
+        return None
+    if not low <= value <= high:
+        errors.append(f"{where}: {value} is outside {type_name} ({low} .. {high})")
+        return None
+    return value
+
+
+def parse_key(value: Any, where: str, errors: list[str]) -> keys.KeySpec | None:
+    """A key in any of its config forms, or None after appending the reason to errors."""
+    if isinstance(value, list):
+        if len(value) != 2:
+            errors.append(f"{where}: a two-int4 key is a list of exactly two integers, got {len(value)} items")
+            return None
+        first = _int_in(value[0], keys.INT4_MIN, keys.INT4_MAX, "int4", f"{where}[0]", errors)
+        second = _int_in(value[1], keys.INT4_MIN, keys.INT4_MAX, "int4", f"{where}[1]", errors)
+        return None if first is None or second is None else keys.Int4PairKey(first, second)
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in _STRING_KEY_FORMS:
+            errors.append(
+                f"{where}: a string key is a mapping with one field, hashtext or hashtextextended, "
+                f"got {', '.join(sorted(map(str, value))) or 'an empty mapping'}"
+            )
+            return None
+        form, text = next(iter(value.items()))
+        if not isinstance(text, str) or not text:
+            errors.append(f"{where}.{form}: expected a non-empty string, got {_show(text)}")
+            return None
+        return _STRING_KEY_FORMS[form](text)
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = _int_in(value, keys.INT64_MIN, keys.INT64_MAX, "bigint", where, errors)
+        return None if number is None else keys.BigintKey(number)
+    errors.append(
+        f"{where}: expected a bigint (4242), two int4 ([42, 7]) or a string key "
+        f"({{hashtext: name}}), got {_show(value)}"
+    )
+    return None
+
+
+def _parse_lock(entry: Any, where: str, errors: list[str]) -> LockConfig | None:
+    if not isinstance(entry, dict):
+        errors.append(f"{where}: expected a mapping with name and key, got {_show(entry)}")
+        return None
+    errors.extend(_unknown_fields(entry, _LOCK_FIELDS, where))
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        errors.append(f"{where}.name: expected a non-empty string, got {_show(name)}")
+        name = None
+    key = None
+    if "key" not in entry:
+        errors.append(f"{where}.key: required")
+    else:
+        key = parse_key(entry["key"], f"{where}.key", errors)
+    database = entry.get("database")
+    if database is not None and (not isinstance(database, str) or not database):
+        errors.append(f"{where}.database: expected a database name, got {_show(database)}")
+        database = None
+    if name is None or key is None:
+        return None
+    return LockConfig(name=name, key=key, database=database)
+
+
+def _check_duplicate_names(entries: list[Any], errors: list[str]) -> None:
+    first_by_name: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in first_by_name:
+            errors.append(f"locks[{index}].name: duplicate name {name!r} (first at locks[{first_by_name[name]}])")
+        else:
+            first_by_name[name] = index
+
+
+def _check_literal_collisions(locks: list[tuple[int, LockConfig]], errors: list[str]) -> None:
+    """Two names for one literal key; string keys are compared once the server resolves them."""
+    first_by_key: dict[tuple[str | None, keys.LockTag], tuple[int, LockConfig]] = {}
+    for index, lock in locks:
+        if not keys.is_literal(lock.key):
+            continue
+        slot = (lock.database, keys.literal_tag(lock.key))
+        other_index, other = first_by_key.setdefault(slot, (index, lock))
+        if other.name != lock.name:
+            errors.append(
+                f"locks[{index}].key: {lock.name!r} and {other.name!r} (locks[{other_index}]) "
+                f"name the same lock {lock.key.describe()}"
+            )
+
+
+def parse_config(data: Any, source: str) -> Config:
+    """Validate loaded YAML; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    if data is None:
+        raise ConfigError(source, ["the file is empty: it needs at least dsn and locks"])
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"expected a mapping at the top level, got {_show(data)}"])
+    errors.extend(_unknown_fields(data, _TOP_FIELDS, ""))
+
+    dsn = data.get("dsn", "")
+    if not isinstance(dsn, str):
+        errors.append(f"dsn: expected a connection string, got {_show(dsn)}")
+        dsn = ""
+    dsn = expand_env(dsn, "dsn", errors)
+    try:
+        describe_dsn(dsn)
+    except DsnError as exc:
+        errors.append(f"dsn: {exc}")
+
+    poll_interval = DEFAULT_POLL_INTERVAL
+    if "poll_interval" in data:
+        try:
+            poll_interval = parse_duration(data["poll_interval"])
+            if poll_interval < MIN_POLL_INTERVAL:
+                errors.append(f"poll_interval: must be at least {format_duration(MIN_POLL_INTERVAL)}")
+        except ValueError as exc:
+            errors.append(f"poll_interval: {exc}")
+
+    raw_locks = data.get("locks")
+    parsed: list[tuple[int, LockConfig]] = []
+    if raw_locks is None:
+        errors.append("locks: required: a list of {name, key} entries")
+    elif not isinstance(raw_locks, list):
+        errors.append(f"locks: expected a list, got {_show(raw_locks)}")
+    else:
+        for index, entry in enumerate(raw_locks):
+            lock = _parse_lock(entry, f"locks[{index}]", errors)
+            if lock is not None:
+                parsed.append((index, lock))
+        _check_duplicate_names(raw_locks, errors)
+        _check_literal_collisions(parsed, errors)
+
+    if errors:
+        raise ConfigError(source, errors)
+    return Config(dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed))
+
+
+def load_yaml_text(text: bytes, source: str) -> Any:
+    """Decode and parse YAML bytes; ConfigError on anything that is not YAML."""
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        return yaml.load(decoded, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}not valid YAML: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["not valid YAML: nested too deeply"]) from None
+
+
+def load_config(path: str) -> Config:
+    """Read, parse and validate a config file."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror or exc}"]) from None
+    return parse_config(load_yaml_text(text, path), path)

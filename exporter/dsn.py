@@ -1,0 +1,74 @@
+"""Connection strings: describe them without secrets, and open the exporter's connections."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import psycopg
+from psycopg import conninfo
+
+from . import queries
+
+_SHOWN_PARAMS = ("host", "hostaddr", "port", "dbname", "user", "sslmode")
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+class DsnError(Exception):
+    """The dsn is not a libpq connection string."""
+
+
+def _parse(dsn: str) -> dict[str, str]:
+    try:
+        return conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        # libpq quotes fragments of the string in its message, and a fragment may be the
+        # password: drop every quoted part.
+        message = _QUOTED.sub('"..."', (str(exc).splitlines() or ["unparsable"])[0])
+        raise DsnError(f"not a valid libpq connection string ({message})") from None
+
+
+def redact(text: str, dsn: str) -> str:
+    """text with the dsn's password, if any, blanked out."""
+    try:
+        password = conninfo.conninfo_to_dict(dsn).get("password")
+    except psycopg.ProgrammingError:
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
+def describe_dsn(dsn: str) -> str:
+    """'host=db port=5432 dbname=app user=exp': the dsn's identity, never its password."""
+    params = _parse(dsn)
+    shown = [f"{name}={params[name]}" for name in _SHOWN_PARAMS if params.get(name)]
+    return " ".join(shown) if shown else "(libpq defaults and PG* environment)"
+
+
+def server_name(dsn: str) -> str:
+    """'db:5432/app' for log lines about this server."""
+    try:
+        params = _parse(dsn)
+    except DsnError:
+        return "(unparsable dsn)"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port") or "5432"
+    db = params.get("dbname") or params.get("user") or ""
+    return f"{host}:{port}/{db}"
+
+
+def connect(dsn: str, application_name: str, timeout_seconds: float) -> psycopg.Connection:
+    """An autocommit connection with connect_timeout, application_name and statement_timeout."""
+    conn = psycopg.connect(
+        dsn,
+        autocommit=True,
+        application_name=application_name,
+        # libpq takes whole seconds and treats anything below 2 as 2.
+        connect_timeout=max(2, math.ceil(timeout_seconds)),
+        prepare_threshold=None,
+    )
+    try:
+        conn.execute(queries.SET_STATEMENT_TIMEOUT, {"ms": str(max(1, int(timeout_seconds * 1000)))})
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -1,0 +1,284 @@
+"""One connection, one query per interval -> an immutable Snapshot."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from . import keys, queries
+from .config import Config, LockConfig
+from .dsn import redact, server_name
+from .snapshot import (
+    PG_MODES,
+    Holder,
+    KeyCollision,
+    LockState,
+    PollStats,
+    Snapshot,
+    UnnamedLocks,
+)
+from .tracker import HoldTracker, Sighting
+
+log = logging.getLogger(__name__)
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BACKOFF_FIRST = 0.25
+
+
+@dataclass(frozen=True)
+class ResolvedLock:
+    """A configured lock with its database and pg_locks triple known."""
+
+    config: LockConfig
+    index: int
+    database: str
+    tag: keys.LockTag
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version_num: int
+    database: str
+    username: str
+    is_superuser: bool
+
+
+def one_line(error: BaseException) -> str:
+    """A database error as one log line."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
+def resolve_locks(
+    config: Config, info: ServerInfo, string_tags: dict[keys.StringKey, keys.LockTag]
+) -> tuple[ResolvedLock, ...]:
+    resolved = []
+    for index, lock in enumerate(config.locks):
+        tag = keys.literal_tag(lock.key) if keys.is_literal(lock.key) else string_tags[lock.key]
+        resolved.append(ResolvedLock(lock, index, lock.database or info.database, tag))
+    return tuple(resolved)
+
+
+def find_collisions(locks: tuple[ResolvedLock, ...]) -> tuple[list[str], tuple[KeyCollision, ...]]:
+    """Names that share one (database, key): messages for the log and pairs for the metric."""
+    first: dict[tuple[str, keys.LockTag], ResolvedLock] = {}
+    messages: list[str] = []
+    pairs: list[KeyCollision] = []
+    for lock in locks:
+        slot = (lock.database, lock.tag)
+        other = first.setdefault(slot, lock)
+        if other is lock:
+            continue
+        messages.append(
+            f"locks[{lock.index}].key: {lock.config.name!r} and {other.config.name!r} "
+            f"(locks[{other.index}]) name the same lock {lock.config.key.describe()} = "
+            f"{keys.decode_tag(lock.tag).describe()} in database {lock.database!r}"
+        )
+        pairs.append(KeyCollision(lock.config.name, other.config.name, lock.database))
+        pairs.append(KeyCollision(other.config.name, lock.config.name, lock.database))
+    return messages, tuple(pairs)
+
+
+class Poller:
+    """Polls pg_locks on its own connection and publishes a Snapshot after every attempt."""
+
+    def __init__(
+        self,
+        config: Config,
+        connect: Callable[[], psycopg.Connection],
+        publish: Callable[[Snapshot], None],
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._connect = connect
+        self._publish = publish
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._conn: psycopg.Connection | None = None
+        self._query = queries.POLL
+        self._locks: tuple[ResolvedLock, ...] = ()
+        self._collisions: tuple[KeyCollision, ...] = ()
+        self._tracker = HoldTracker()
+        self._polls = 0
+        self._errors = 0
+        self._bucket_counts = [0] * len(DURATION_BUCKETS)
+        self._duration_sum = 0.0
+        self._last_success: float | None = None
+        self._last_error: str | None = None
+        self.server: ServerInfo | None = None
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _open(self) -> psycopg.Connection:
+        conn = self._connect()
+        try:
+            row = conn.execute(queries.SERVER_INFO).fetchone()
+            assert row is not None
+            info = ServerInfo(int(row[0]), row[1], row[2], bool(row[3]))
+            string_keys = [lock.key for lock in self._config.locks if not keys.is_literal(lock.key)]
+            string_tags = keys.resolve_string_keys(conn, string_keys)  # type: ignore[arg-type]
+        except BaseException:
+            conn.close()
+            raise
+        self.server = info
+        self._query = queries.poll_query(info.version_num)
+        self._locks = resolve_locks(self._config, info, string_tags)
+        messages, self._collisions = find_collisions(self._locks)
+        for message in messages:
+            log.warning("key collision: %s", message)
+        if info.is_superuser:
+            log.warning("connected as superuser %s: the exporter needs only pg_monitor (or pg_read_all_stats)", info.username)
+        log.info(
+            "connected to %s (PostgreSQL %s, database %s, user %s)",
+            server_name(self._config.dsn), info.version_num, info.database, info.username,
+        )
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    # -- one poll -----------------------------------------------------------------------
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "probe_app": queries.PROBE_APPLICATION_NAME,
+            "datnames": [lock.database for lock in self._locks],
+            "classids": [lock.tag.classid for lock in self._locks],
+            "objids": [lock.tag.objid for lock in self._locks],
+            "objsubids": [lock.tag.objsubid for lock in self._locks],
+        }
+
+    def _read(self) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            self._conn = self._open()
+        with self._conn.cursor() as cur:
+            cur.execute(self._query, self._params())
+            return cur.fetchall()
+
+    def _build(self, rows: list[tuple[Any, ...]], now: float) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...]]:
+        holder_rows: dict[int, dict[tuple[int, float | None], list[tuple[Any, ...]]]] = {}
+        waiters: dict[int, tuple[int, float]] = {}
+        unnamed: list[UnnamedLocks] = []
+        for row in rows:
+            kind, idx = row[0], row[1]
+            if kind == "holder":
+                holder_rows.setdefault(idx - 1, {}).setdefault((row[3], row[5]), []).append(row)
+            elif kind == "waiters":
+                waiters[idx - 1] = (int(row[12]), float(row[10] or 0.0))
+            else:
+                unnamed.append(UnnamedLocks(str(row[2]), int(row[11]), int(row[12])))
+
+        sightings = [
+            Sighting(self._locks[i].config.name, pid, bstart, max(float(r[10] or 0.0) for r in rs))
+            for i, by_holder in holder_rows.items()
+            for (pid, bstart), rs in by_holder.items()
+        ]
+        self._tracker.observe(now, sightings)
+
+        states = []
+        for lock in self._locks:
+            name = lock.config.name
+            holders = tuple(
+                Holder(
+                    pid=pid,
+                    backend_start=bstart,
+                    modes=frozenset(PG_MODES.get(r[4], r[4]) for r in rs),
+                    application_name=rs[0][6] or "",
+                    usename=rs[0][7] or "",
+                    client_addr=rs[0][8] or "",
+                    state=rs[0][9] or "",
+                    held_seconds=self._tracker.held_seconds(now, name, pid, bstart),
+                )
+                for (pid, bstart), rs in sorted(holder_rows.get(lock.index, {}).items(), key=lambda kv: kv[0][0])
+            )
+            count, longest = waiters.get(lock.index, (0, 0.0))
+            states.append(LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(name)))
+        return tuple(states), tuple(sorted(unnamed, key=lambda u: u.database))
+
+    def _stats(self) -> PollStats:
+        cumulative, total = [], 0
+        for bound, count in zip(DURATION_BUCKETS, self._bucket_counts):
+            total += count
+            cumulative.append((bound, total))
+        return PollStats(self._polls, self._errors, tuple(cumulative), self._duration_sum, self._last_success)
+
+    def _record(self, seconds: float) -> None:
+        self._polls += 1
+        self._duration_sum += seconds
+        slot = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        if slot < len(DURATION_BUCKETS):
+            self._bucket_counts[slot] += 1
+
+    def poll_once(self) -> Snapshot:
+        """Poll once; a failure becomes up=0 in the snapshot, never an exception."""
+        started = self._clock()
+        try:
+            rows = self._read()
+            now = self._clock()
+            locks, unnamed = self._build(rows, now)
+        except psycopg.Error as exc:
+            self._record(self._clock() - started)
+            self._errors += 1
+            self._fail(exc)
+            return Snapshot(up=False, stats=self._stats())
+        self._record(now - started)
+        self._last_success = self._wall_clock()
+        if self._last_error is not None:
+            log.info("polls succeed again on %s", server_name(self._config.dsn))
+            self._last_error = None
+        return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=self._stats())
+
+    def _fail(self, exc: psycopg.Error) -> None:
+        message = redact(one_line(exc), self._config.dsn)
+        # One warning per distinct failure, not one per interval.
+        if message != self._last_error:
+            log.warning("poll failed on %s: %s", server_name(self._config.dsn), message)
+        else:
+            log.debug("poll failed again: %s", message)
+        self._last_error = message
+        if self._conn is not None and (self._conn.closed or isinstance(exc, psycopg.OperationalError)):
+            self.close()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def backoff(self, failures: int) -> float:
+        """Jittered exponential delay after the n-th consecutive failure, capped at the interval."""
+        interval = self._config.poll_interval
+        delay = min(interval, BACKOFF_FIRST * 2 ** min(failures - 1, 30))
+        return delay * random.uniform(0.5, 1.0)
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll every interval until stop is set; publishes after every attempt."""
+        failures = 0
+        next_at = self._clock()
+        try:
+            while not stop.is_set():
+                snapshot = self.poll_once()
+                self._publish(snapshot)
+                now = self._clock()
+                if snapshot.up:
+                    failures = 0
+                    next_at += self._config.poll_interval
+                    if next_at <= now:  # overran: skip the missed ticks
+                        next_at = now + self._config.poll_interval
+                    delay = next_at - now
+                else:
+                    failures += 1
+                    delay = self.backoff(failures)
+                    next_at = now + delay
+                stop.wait(delay)
+        finally:
+            self.close()

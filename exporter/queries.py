@@ -1,0 +1,100 @@
+"""Every SQL statement the exporter runs, as named constants.
+
+Reading pg_locks takes all 16 lock-manager partition locks, so a poll reads it exactly once
+(the MATERIALIZED CTE) and pg_stat_activity once, and matches names to keys on the server.
+"""
+
+from __future__ import annotations
+
+# Exporter connections identify themselves; the probe's sessions are left out of every figure.
+APPLICATION_NAME = "pg-advisory-lock-exporter"
+PROBE_APPLICATION_NAME = "pg-advisory-lock-exporter-probe"
+
+SERVER_INFO = """
+SELECT current_setting('server_version_num')::int AS version_num,
+       current_database() AS database,
+       current_user AS username,
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS is_superuser
+"""
+
+SET_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', %(ms)s, false)"
+
+# hashtext() returns int4; pg_advisory_lock(hashtext(...)) widens it to bigint with sign.
+RESOLVE_STRING_KEYS = """
+SELECT t, hashtext(t)::int8, hashtextextended(t, 0)
+FROM unnest(%(texts)s::text[]) AS t
+"""
+
+# Rows of three kinds:
+#   holder  - one per (configured lock, holding session, mode), with who the session is and
+#             hold_floor_s: how long pg_stat_activity proves it has held the lock at least
+#             (an idle session took it no later than its last state change);
+#   waiters - one per configured lock with waiters: how many, and the longest wait;
+#   unnamed - one per database with advisory locks no configured name matches.
+# %(datnames)s .. %(objsubids)s are parallel arrays, one element per configured lock, in
+# config order; idx is the 1-based position.
+_POLL_TEMPLATE = """
+WITH activity AS MATERIALIZED (
+    SELECT pid, backend_start, application_name, usename, client_addr, state, state_change,
+           query_start
+    FROM pg_stat_activity
+),
+advisory AS MATERIALIZED (
+    SELECT l.database, l.classid, l.objid, l.objsubid, l.pid, l.mode, l.granted,
+           {waitstart} AS waitstart
+    FROM pg_locks AS l
+    WHERE l.locktype = 'advisory'
+      AND l.pid <> ALL (ARRAY(SELECT pid FROM activity WHERE application_name = %(probe_app)s))
+),
+named AS (
+    SELECT k.idx::int AS idx, d.oid AS database, k.classid::oid AS classid,
+           k.objid::oid AS objid, k.objsubid::int2 AS objsubid
+    FROM unnest(%(datnames)s::text[], %(classids)s::int8[], %(objids)s::int8[],
+                %(objsubids)s::int4[]) WITH ORDINALITY AS k(datname, classid, objid, objsubid, idx)
+    JOIN pg_database AS d ON d.datname = k.datname
+),
+matched AS (
+    SELECT n.idx, a.pid, a.mode, a.granted, a.waitstart
+    FROM advisory AS a
+    JOIN named AS n USING (database, classid, objid, objsubid)
+)
+SELECT 'holder' AS kind, m.idx, NULL::text AS datname, m.pid, m.mode,
+       extract(epoch FROM act.backend_start)::float8 AS backend_start,
+       act.application_name, act.usename::text, host(act.client_addr) AS client_addr, act.state,
+       CASE WHEN act.state LIKE 'idle%%'
+            THEN greatest(extract(epoch FROM now() - act.state_change)::float8, 0)
+            ELSE 0 END AS seconds,
+       0::bigint AS holders, 0::bigint AS waiters
+FROM matched AS m
+LEFT JOIN activity AS act USING (pid)
+WHERE m.granted
+UNION ALL
+SELECT 'waiters', m.idx, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       coalesce(max(greatest(extract(epoch FROM now() - coalesce(m.waitstart, act.query_start))::float8, 0)), 0),
+       0, count(DISTINCT m.pid)
+FROM matched AS m
+LEFT JOIN activity AS act USING (pid)
+WHERE NOT m.granted
+GROUP BY m.idx
+UNION ALL
+SELECT 'unnamed', NULL, coalesce(d.datname, a.database::text), NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, count(*) FILTER (WHERE a.granted), count(*) FILTER (WHERE NOT a.granted)
+FROM advisory AS a
+LEFT JOIN pg_database AS d ON d.oid = a.database
+WHERE NOT EXISTS (
+    SELECT 1 FROM named AS n
+    WHERE (n.database, n.classid, n.objid, n.objsubid) = (a.database, a.classid, a.objid, a.objsubid)
+)
+GROUP BY 3
+"""
+
+# PostgreSQL 14 added pg_locks.waitstart; before it, a waiter's wait began no earlier than
+# its query_start, since a waiter is blocked inside its lock call.
+POLL = _POLL_TEMPLATE.format(waitstart="l.waitstart")
+POLL_PG13 = _POLL_TEMPLATE.format(waitstart="NULL::timestamptz")
+WAITSTART_MIN_VERSION = 140000
+
+
+def poll_query(server_version_num: int) -> str:
+    """The poll statement for a server of this version."""
+    return POLL if server_version_num >= WAITSTART_MIN_VERSION else POLL_PG13

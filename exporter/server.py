@@ -1,0 +1,115 @@
+"""HTTP: /metrics from the cached rendering, a landing page, health. Never touches the database."""
+
+from __future__ import annotations
+
+import html
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import __version__
+from .metrics import Exposition
+
+log = logging.getLogger(__name__)
+
+HEALTH_PATHS = ("/-/healthy", "/-/ready")
+# A client that sends nothing for this long is dropped, so it holds only its own thread.
+CLIENT_TIMEOUT_SECONDS = 10.0
+
+
+class ListenAddressError(Exception):
+    """--web.listen-address is not host:port, or the port cannot be bound."""
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """':10105' -> ('', 10105); '127.0.0.1:10105'; '[::1]:10105'."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ListenAddressError(f"--web.listen-address: {address!r} is not [host]:port")
+    return host.strip("[]"), int(port)
+
+
+def landing_page(telemetry_path: str) -> bytes:
+    path = html.escape(telemetry_path, quote=True)
+    return (
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>pg-advisory-lock-exporter</title></head>"
+        f"<body><h1>pg-advisory-lock-exporter {html.escape(__version__)}</h1>"
+        f"<p><a href=\"{path}\">Metrics</a></p></body></html>"
+    ).encode()
+
+
+def make_handler(exposition: Exposition, telemetry_path: str, is_ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
+    landing = landing_page(telemetry_path)
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"pg-advisory-lock-exporter/{__version__}"
+        timeout = CLIENT_TIMEOUT_SECONDS
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status: int, body: bytes, content_type: str, head: bool = False) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if status == 405:
+                self.send_header("Allow", "GET, HEAD")
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def _route(self, head: bool) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == telemetry_path:
+                self._send(200, exposition.body(), CONTENT_TYPE_LATEST, head)
+            elif path == "/":
+                self._send(200, landing, "text/html; charset=utf-8", head)
+            elif path == "/-/healthy":
+                self._send(200, b"OK\n", "text/plain; charset=utf-8", head)
+            elif path == "/-/ready":
+                ready = is_ready()
+                self._send(200 if ready else 503, b"OK\n" if ready else b"not ready\n", "text/plain; charset=utf-8", head)
+            else:
+                self._send(404, b"not found\n", "text/plain; charset=utf-8", head)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self._route(head=False)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._route(head=True)
+
+        def _not_allowed(self) -> None:
+            self._send(405, b"method not allowed\n", "text/plain; charset=utf-8")
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            log.debug("http: " + format, *args)
+
+    return Handler
+
+
+class MetricsServer:
+    """A threaded HTTP server on its own thread."""
+
+    def __init__(self, address: str, exposition: Exposition, telemetry_path: str, is_ready: Callable[[], bool]) -> None:
+        host, port = parse_listen_address(address)
+        handler = make_handler(exposition, telemetry_path, is_ready)
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise ListenAddressError(f"--web.listen-address: cannot listen on {address}: {exc.strerror or exc}") from None
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

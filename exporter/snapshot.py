@@ -1,0 +1,83 @@
+"""Immutable results of one poll: what exposition reads, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODE_EXCLUSIVE = "exclusive"
+MODE_SHARED = "shared"
+# pg_locks.mode of advisory locks -> our label.
+PG_MODES = {"ExclusiveLock": MODE_EXCLUSIVE, "ShareLock": MODE_SHARED}
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A session holding a configured lock."""
+
+    pid: int
+    backend_start: float | None  # epoch seconds; None without the rights to see it
+    modes: frozenset[str]
+    application_name: str
+    usename: str
+    client_addr: str
+    state: str
+    held_seconds: float
+
+
+@dataclass(frozen=True)
+class LockState:
+    """A configured lock as seen by one poll."""
+
+    name: str
+    database: str
+    holders: tuple[Holder, ...]
+    waiters: int
+    wait_seconds: float
+    acquisitions: int
+
+    def holders_in(self, mode: str) -> int:
+        return sum(1 for h in self.holders if mode in h.modes)
+
+    @property
+    def held_seconds(self) -> float:
+        return max((h.held_seconds for h in self.holders), default=0.0)
+
+
+@dataclass(frozen=True)
+class UnnamedLocks:
+    """Advisory locks in one database whose keys no configured name matches."""
+
+    database: str
+    holders: int
+    waiters: int
+
+
+@dataclass(frozen=True)
+class KeyCollision:
+    """Two configured names that the server resolved to the same lock."""
+
+    lock: str
+    other: str
+    database: str
+
+
+@dataclass(frozen=True)
+class PollStats:
+    """The poller's running totals, copied into every snapshot."""
+
+    polls: int = 0
+    errors: int = 0
+    duration_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound, cumulative count)
+    duration_sum: float = 0.0
+    last_success_timestamp: float | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything /metrics shows, from one poll. locks is empty while polls fail."""
+
+    up: bool
+    locks: tuple[LockState, ...] = ()
+    unnamed: tuple[UnnamedLocks, ...] = ()
+    collisions: tuple[KeyCollision, ...] = ()
+    stats: PollStats = field(default_factory=PollStats)

@@ -1,0 +1,58 @@
+"""What only time reveals: since when each holder has held its lock, and how many took it.
+
+pg_locks has no grant time. A holder's hold starts, at the latest, when a poll first sees it;
+pg_stat_activity can prove an earlier start (an idle session took its lock no later than its
+last state change), and the tracker keeps the earliest start any poll has proven.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """One poll's view of one holder of one lock."""
+
+    lock: str
+    pid: int
+    backend_start: float | None
+    proven_seconds: float  # the hold is at least this long, by pg_stat_activity
+
+
+# A holder is a session (pid + backend_start, so a reused pid is a new holder) on a lock.
+_HolderKey = tuple[str, int, "float | None"]
+
+
+class HoldTracker:
+    """Holder first-seen times and acquisition counts across polls."""
+
+    def __init__(self) -> None:
+        self._since: dict[_HolderKey, float] = {}
+        self._acquisitions: dict[str, int] = {}
+        self._first_poll = True
+
+    def observe(self, now: float, sightings: Iterable[Sighting]) -> None:
+        """Record one successful poll; now is a monotonic clock reading."""
+        current: dict[_HolderKey, float] = {}
+        for s in sightings:
+            key = (s.lock, s.pid, s.backend_start)
+            proven_start = now - max(s.proven_seconds, 0.0)
+            earlier = current.get(key, self._since.get(key))
+            if earlier is not None:
+                current[key] = min(earlier, proven_start)
+                continue
+            current[key] = proven_start
+            # Holders already there at the first poll were not seen taking the lock.
+            if not self._first_poll:
+                self._acquisitions[s.lock] = self._acquisitions.get(s.lock, 0) + 1
+        self._since = current
+        self._first_poll = False
+
+    def held_seconds(self, now: float, lock: str, pid: int, backend_start: float | None) -> float:
+        since = self._since.get((lock, pid, backend_start))
+        return 0.0 if since is None else max(now - since, 0.0)
+
+    def acquisitions(self, lock: str) -> int:
+        return self._acquisitions.get(lock, 0)

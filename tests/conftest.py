@@ -1,0 +1,147 @@
+"""The throwaway PostgreSQL the suite runs against, and helpers to take locks on it.
+
+PG_TEST_DSN=... runs the suite against an existing server instead (a role that may create
+databases and roles); tests that must stop or restart the server are then skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import conninfo
+
+from exporter.config import parse_config
+from exporter.dsn import connect
+from exporter.poller import Poller
+from exporter import queries
+from exporter.snapshot import Snapshot
+from tests.pgcluster import Cluster, ClusterError
+
+OTHER_DB = "other_db"
+
+
+@dataclass
+class Server:
+    """A server the tests may use: our own cluster, or PG_TEST_DSN's."""
+
+    base_dsn: str
+    cluster: Cluster | None
+
+    def dsn(self, dbname: str = "postgres", **extra: str) -> str:
+        return conninfo.make_conninfo(self.base_dsn, dbname=dbname, **extra)
+
+    def require_cluster(self) -> Cluster:
+        if self.cluster is None:
+            pytest.skip("needs a throwaway cluster (PG_TEST_DSN is set)")
+        return self.cluster
+
+
+def _warm(dsn: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [OTHER_DB]).fetchone():
+                    conn.execute(f"CREATE DATABASE {OTHER_DB}")
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    external = os.environ.get("PG_TEST_DSN")
+    if external:
+        try:
+            _warm(external)
+        except psycopg.Error as exc:
+            pytest.exit(f"PG_TEST_DSN: cannot use that server: {exc}", returncode=3)
+        yield Server(external, None)
+        return
+    try:
+        cluster = Cluster().start()
+    except ClusterError as exc:
+        pytest.exit(f"cannot start a throwaway PostgreSQL: {exc}", returncode=3)
+    try:
+        _warm(cluster.dsn())
+        yield Server(cluster.dsn(), cluster)
+    finally:
+        cluster.destroy()
+
+
+class Sessions:
+    """Workload sessions for one test, all closed when the test ends."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._open: list[psycopg.Connection] = []
+
+    def open(self, dbname: str = "postgres", application_name: str = "workload", autocommit: bool = True, **extra: Any) -> psycopg.Connection:
+        conn = psycopg.connect(self._server.dsn(dbname, **extra), autocommit=autocommit, application_name=application_name)
+        self._open.append(conn)
+        return conn
+
+    def close_all(self) -> None:
+        for conn in self._open:
+            try:
+                conn.cancel_safe(timeout=2) if hasattr(conn, "cancel_safe") else conn.cancel()
+            except psycopg.Error:
+                pass
+            conn.close()
+        self._open.clear()
+
+
+@pytest.fixture
+def sessions(server: Server) -> Iterator[Sessions]:
+    pool = Sessions(server)
+    yield pool
+    pool.close_all()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll predicate until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def waiting_pids(server: Server) -> set[int]:
+    """Sessions waiting for an advisory lock now."""
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchall()
+    return {r[0] for r in rows}
+
+
+@pytest.fixture
+def make_poller(server: Server) -> Iterator[Callable[..., Poller]]:
+    """Poller over a config given as a dict (dsn defaults to the test server's postgres db)."""
+    made: list[Poller] = []
+
+    def factory(raw: dict[str, Any], clock: Callable[[], float] = time.monotonic) -> Poller:
+        raw = {"dsn": server.dsn(), "poll_interval": "1s", **raw}
+        config = parse_config(raw, "test")
+        published: list[Snapshot] = []
+        poller = Poller(
+            config,
+            connect=lambda: connect(config.dsn, queries.APPLICATION_NAME, config.poll_interval),
+            publish=published.append,
+            clock=clock,
+        )
+        made.append(poller)
+        return poller
+
+    yield factory
+    for poller in made:
+        poller.close()

@@ -1,0 +1,205 @@
+"""Config validation: every problem found at once, each located; --check-config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from exporter import keys
+from exporter.config import ConfigError, load_config, parse_config, parse_duration
+
+GOOD = {"dsn": "host=db dbname=app user=exp", "locks": [{"name": "a", "key": 1}]}
+
+
+def errors_of(raw: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "config.yaml")
+    return info.value.details
+
+
+def test_the_documented_example_loads() -> None:
+    config = load_config(str(Path(__file__).parent.parent / "config.yaml"))
+    assert [lock.name for lock in config.locks][:3] == ["hourly-digest", "billing-leader", "shard-7"]
+    assert config.locks[0].key == keys.HashtextKey("hourly-digest")
+    assert config.locks[1].key == keys.BigintKey(4242)
+    assert config.locks[2].key == keys.Int4PairKey(42, 7)
+    assert config.locks[2].database == "app"
+    assert config.poll_interval == 5.0
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("500ms", 0.5), ("5s", 5.0), ("1m", 60.0), ("1m30s", 90.0), ("1h", 3600.0), ("1.5s", 1.5), ("2d", 172800.0)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5", "", "5 s", "s", "5x", "1s1m", "-1s", "1s1s"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+CASES = [
+    ({**GOOD, "extra": 1}, "extra: unknown field"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "colour": "red"}]}, "locks[0].colour: unknown field"),
+    ({**GOOD, "locks": "a"}, "locks: expected a list"),
+    ({"dsn": "x=1"}, "locks: required"),
+    ({**GOOD, "dsn": 5}, "dsn: expected a connection string, got an integer (5)"),
+    ({**GOOD, "dsn": "host=a password"}, "dsn: not a valid libpq connection string"),
+    ({**GOOD, "poll_interval": "5"}, "poll_interval: '5' is not a duration"),
+    ({**GOOD, "poll_interval": 5}, "poll_interval: expected a duration"),
+    ({**GOOD, "poll_interval": "10ms"}, "poll_interval: must be at least 100ms"),
+    ({**GOOD, "locks": [{"key": 1}]}, "locks[0].name: expected a non-empty string, got nothing"),
+    ({**GOOD, "locks": [{"name": "a"}]}, "locks[0].key: required"),
+    ({**GOOD, "locks": [{"name": 7, "key": 1}]}, "locks[0].name: expected a non-empty string, got an integer (7)"),
+    ({**GOOD, "locks": [{"name": "a", "key": 2**63}]}, "locks[0].key: 9223372036854775808 is outside bigint"),
+    ({**GOOD, "locks": [{"name": "a", "key": -(2**63) - 1}]}, "locks[0].key: -9223372036854775809 is outside bigint"),
+    ({**GOOD, "locks": [{"name": "a", "key": [2**31, 1]}]}, "locks[0].key[0]: 2147483648 is outside int4"),
+    ({**GOOD, "locks": [{"name": "a", "key": [1, -(2**31) - 1]}]}, "locks[0].key[1]: -2147483649 is outside int4"),
+    ({**GOOD, "locks": [{"name": "a", "key": [1, 2, 3]}]}, "locks[0].key: a two-int4 key is a list of exactly two integers, got 3"),
+    ({**GOOD, "locks": [{"name": "a", "key": [1, "x"]}]}, "locks[0].key[1]: expected an integer (int4), got a string ('x')"),
+    ({**GOOD, "locks": [{"name": "a", "key": True}]}, "locks[0].key: expected a bigint"),
+    ({**GOOD, "locks": [{"name": "a", "key": "4242"}]}, "locks[0].key: expected a bigint"),
+    ({**GOOD, "locks": [{"name": "a", "key": {"md5": "x"}}]}, "locks[0].key: a string key is a mapping with one field"),
+    ({**GOOD, "locks": [{"name": "a", "key": {"hashtext": ""}}]}, "locks[0].key.hashtext: expected a non-empty string"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "database": 3}]}, "locks[0].database: expected a database name"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1}, {"name": "a", "key": 2}]}, "locks[1].name: duplicate name 'a' (first at locks[0])"),
+    (
+        {**GOOD, "locks": [{"name": "a", "key": 9}, {"name": "b", "key": 9}]},
+        "locks[1].key: 'b' and 'a' (locks[0]) name the same lock 9",
+    ),
+    (
+        {**GOOD, "locks": [{"name": "a", "key": [1, 2]}, {"name": "b", "key": [1, 2]}]},
+        "locks[1].key: 'b' and 'a' (locks[0]) name the same lock (1, 2)",
+    ),
+    ({**GOOD, "locks": ["a"]}, "locks[0]: expected a mapping with name and key, got a string ('a')"),
+    ([1, 2], "expected a mapping at the top level, got a list"),
+    (None, "the file is empty"),
+]
+
+
+@pytest.mark.parametrize("raw, message", CASES, ids=[c[1][:40] for c in CASES])
+def test_each_error_is_located(raw: object, message: str) -> None:
+    assert any(d.startswith(message) for d in errors_of(raw)), errors_of(raw)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    details = errors_of({"dsn": 1, "poll_interval": "x", "locks": [{"name": "a", "key": 2**64}, {"key": [1]}], "zzz": 0})
+    wheres = [d.split(":")[0] for d in details]
+    assert wheres == ["zzz", "dsn", "poll_interval", "locks[0].key", "locks[1].name", "locks[1].key"]
+
+
+def test_same_key_in_different_databases_is_not_a_collision() -> None:
+    config = parse_config({**GOOD, "locks": [{"name": "a", "key": 9}, {"name": "b", "key": 9, "database": "other"}]}, "x")
+    assert len(config.locks) == 2
+
+
+def test_bigint_and_pair_with_same_halves_are_different_locks() -> None:
+    # pg_advisory_lock(1, 2) and pg_advisory_lock((1 << 32) | 2) differ only in objsubid.
+    parse_config({**GOOD, "locks": [{"name": "a", "key": [1, 2]}, {"name": "b", "key": (1 << 32) | 2}]}, "x")
+
+
+def test_dsn_expands_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_PASSWORD", "s3cret")
+    config = parse_config({**GOOD, "dsn": "host=db password=${DB_PASSWORD}"}, "x")
+    assert config.dsn == "host=db password=s3cret"
+    assert "s3cret" not in config.summary()
+
+
+def test_unset_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOPE_UNSET", raising=False)
+    assert errors_of({**GOOD, "dsn": "host=${NOPE_UNSET}"}) == ["dsn: environment variable NOPE_UNSET is not set"]
+
+
+def _write(tmp_path: Path, text: str | bytes) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else textwrap.dedent(text).encode())
+    return str(path)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read: No such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("locks: [a\n", "not valid YAML"),
+        (b"dsn: \xff\xfe\n", "not UTF-8"),
+        ("locks:\n  - name: a\n    name: b\n    key: 1\n", "line 3, column 5: not valid YAML: duplicate key 'name'"),
+        ("!!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    ],
+)
+def test_file_level_errors(tmp_path: Path, text: str | bytes, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    assert any(message in d for d in info.value.details), info.value.details
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def test_check_config_ok_prints_summary_without_password(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+        dsn: "postgresql://exp:hunter2@db:5432/app"
+        poll_interval: 2s
+        locks:
+          - {name: a, key: 1}
+          - {name: b, key: [1, 2]}
+          - {name: c, key: {hashtext: c}}
+    """)
+    result = run_cli("--check-config", f"--config.file={path}")
+    assert result.returncode == 0, result.stderr
+    assert "ok: 3 locks (1 bigint, 1 hashtext, 1 int4 pair), poll_interval 2s" in result.stdout
+    assert "host=db port=5432 dbname=app user=exp" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_check_config_prints_every_problem_and_exits_1(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+        dsn: "postgresql://exp:hunter2@db/app"
+        locks:
+          - {name: a, key: 99999999999999999999}
+          - {name: a, key: [1]}
+    """)
+    result = run_cli("--check-config", f"--config.file={path}")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"{path}: locks[0].key: 99999999999999999999 is outside bigint (-9223372036854775808 .. 9223372036854775807)",
+        f"{path}: locks[1].key: a two-int4 key is a list of exactly two integers, got 1 items",
+        f"{path}: locks[1].name: duplicate name 'a' (first at locks[0])",
+    ]
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
+
+
+def test_check_config_reads_flag_from_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, "dsn: ''\nlocks: []\n")
+    result = run_cli(env={"PG_ADVISORY_LOCK_EXPORTER_CHECK_CONFIG": "true", "PG_ADVISORY_LOCK_EXPORTER_CONFIG_FILE": path})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: ok: 0 locks")
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    result = run_cli(f"--config.file={tmp_path}/nope.yaml")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{tmp_path}/nope.yaml: cannot read: No such file or directory"
+
+
+def test_version() -> None:
+    from exporter import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"pg-advisory-lock-exporter {__version__}"
