@@ -58,6 +58,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _as_server_user() -> list[str]:
     return ["runuser", "-u", SERVER_USER, "--"] if os.geteuid() == 0 else []
 
@@ -148,11 +156,18 @@ class Cluster:
         with open(os.path.join(self.datadir, "postmaster.pid")) as handle:
             return int(handle.readline())
 
+    def server_pids(self) -> list[int]:
+        """The postmaster and its children."""
+        try:
+            pid = self.postmaster_pid()
+        except (OSError, ValueError):
+            return []
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        return [pid, *map(int, children)]
+
     def signal_all(self, signum: signal.Signals) -> None:
         """Send a signal to the postmaster and every backend (SIGSTOP to make the server hang)."""
-        pid = self.postmaster_pid()
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        for target in [pid, *map(int, children)]:
+        for target in self.server_pids():
             try:
                 os.kill(target, signum)
             except ProcessLookupError:
@@ -169,14 +184,11 @@ class Cluster:
         """Stop the server (immediately) and remove every file of the cluster."""
         if not self.root:
             return
-        if self._running:
-            try:
-                self.signal_all(signal.SIGCONT)
-            except (OSError, ValueError):
-                pass
+        pids = self.server_pids() if self._running else []
+        self.signal_all(signal.SIGCONT)
         self.stop("immediate")
         deadline = time.monotonic() + 10
-        while os.path.exists(os.path.join(self.datadir, "postmaster.pid")) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = ""

@@ -1,0 +1,152 @@
+"""make demo: the exporter over a throwaway PostgreSQL with a sample workload.
+
+Three cron contenders race for hourly-digest, a leader holds billing-leader, a crashed-but-connected
+worker sits on shard-7 inside an open transaction, and a second worker waits for it. Ctrl-C stops
+and removes all of it. DEMO_DSN=... uses your server instead of a throwaway one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import psycopg
+
+from tests.pgcluster import Cluster, ClusterError, free_port
+
+DEMO_DB = "app"
+CONFIG = """\
+dsn: "{dsn}"
+poll_interval: 1s
+locks:
+  - name: hourly-digest
+    key: {{hashtext: hourly-digest}}
+  - name: billing-leader
+    key: 4242
+  - name: shard-7
+    key: [42, 7]
+  - name: nightly-export
+    key: {{hashtextextended: nightly-export}}
+"""
+
+
+def cron_contender(dsn: str, name: str, stop: threading.Event) -> None:
+    """Every few seconds, try the digest lock; whoever gets it works for a while."""
+    with psycopg.connect(dsn, autocommit=True, application_name=name) as conn:
+        while not stop.is_set():
+            got = conn.execute("SELECT pg_try_advisory_lock(hashtext('hourly-digest'))").fetchone()[0]
+            if got:
+                stop.wait(random.uniform(2, 5))
+                conn.execute("SELECT pg_advisory_unlock(hashtext('hourly-digest'))")
+            stop.wait(random.uniform(0.5, 2))
+
+
+def hold_forever(dsn: str, name: str, sql: str, stop: threading.Event, autocommit: bool = True) -> None:
+    with psycopg.connect(dsn, autocommit=autocommit, application_name=name) as conn:
+        conn.execute(sql)
+        stop.wait()
+        if not autocommit:
+            conn.rollback()
+
+
+def waiter(dsn: str, stop: threading.Event) -> None:
+    """Blocks in pg_advisory_lock(42, 7) behind the stuck worker until the demo ends."""
+    with psycopg.connect(dsn, autocommit=True, application_name="shard-7-worker-b") as conn:
+        threading.Thread(target=lambda: (stop.wait(), conn.cancel()), daemon=True).start()
+        try:
+            conn.execute("SELECT pg_advisory_lock(42, 7)")
+        except psycopg.errors.QueryCanceled:
+            pass
+
+
+def start_workload(dsn: str, stop: threading.Event) -> list[threading.Thread]:
+    jobs = [
+        (cron_contender, (dsn, f"digest-cron-{i}", stop)) for i in range(1, 4)
+    ] + [
+        (hold_forever, (dsn, "billing-leader", "SELECT pg_advisory_lock(4242)", stop)),
+        (hold_forever, (dsn, "shard-7-worker-a", "SELECT pg_advisory_lock(42, 7)", stop, False)),
+        (hold_forever, (dsn, "legacy-job", "SELECT pg_advisory_lock(900001), pg_advisory_lock(900002)", stop)),
+    ]
+    threads = [threading.Thread(target=fn, args=args, daemon=True) for fn, args in jobs]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    waiting = threading.Thread(target=waiter, args=(dsn, stop), daemon=True)
+    waiting.start()
+    return [*threads, waiting]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=0, help="stop by itself after this long (0: until Ctrl-C)")
+    parser.add_argument("--port", type=int, default=10105)
+    args = parser.parse_args()
+
+    cluster = None
+    dsn = os.environ.get("DEMO_DSN")
+    if not dsn:
+        try:
+            print("starting a throwaway PostgreSQL ...", flush=True)
+            cluster = Cluster().start()
+        except ClusterError as exc:
+            print(f"demo: {exc}\nor run with DEMO_DSN='postgresql://user@host/db' to use your own server", file=sys.stderr)
+            return 1
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {DEMO_DB}")
+        dsn = cluster.dsn(DEMO_DB)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    workdir = tempfile.mkdtemp(prefix="pgale-demo-")
+    config_path = os.path.join(workdir, "config.yaml")
+    with open(config_path, "w") as handle:
+        handle.write(CONFIG.format(dsn=dsn))
+    port = args.port
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+        port = free_port()  # something already answers there
+    except OSError:
+        pass
+
+    exporter = None
+    try:
+        start_workload(dsn, stop)
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "exporter", f"--config.file={config_path}", f"--web.listen-address=127.0.0.1:{port}"]
+        )
+        time.sleep(3)
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            lines = [l for l in response.read().decode().splitlines() if l.startswith("pg_advisory_lock_") and "_bucket" not in l]
+        print("\n".join(lines[:60]))
+        print(f"\nexporter: {url}   (config: {config_path})")
+        print(f"try:      curl -s {url} | grep -E 'holders|held_seconds|waiters|holder_info'")
+        print("Ctrl-C stops the exporter, the workload and the throwaway PostgreSQL.", flush=True)
+        deadline = time.monotonic() + args.seconds if args.seconds else None
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        if exporter is not None:
+            exporter.terminate()
+            exporter.wait(10)
+        if cluster is not None:
+            cluster.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
+        print("demo stopped and cleaned up")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""make demo keeps working: run it briefly, as a newcomer would, and read what it prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.pgcluster import free_port
+
+
+@pytest.mark.slow
+def test_demo_shows_the_sample_workload_and_cleans_up() -> None:
+    before = subprocess.run(["pgrep", "-c", "-x", "postgres"], capture_output=True, text=True).stdout.strip()
+    result = subprocess.run(
+        [sys.executable, "-m", "demo", "--seconds", "1", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert 'pg_advisory_lock_holders{database="app",lock="billing-leader",mode="exclusive"} 1.0' in out
+    assert 'pg_advisory_lock_waiters{database="app",lock="shard-7"} 1.0' in out
+    assert 'state="idle in transaction"' in out and 'application_name="shard-7-worker-a"' in out
+    assert 'pg_advisory_lock_unnamed_holders{database="app"} 2.0' in out
+    assert "demo stopped and cleaned up" in out
+    after = subprocess.run(["pgrep", "-c", "-x", "postgres"], capture_output=True, text=True).stdout.strip()
+    assert after == before

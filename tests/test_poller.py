@@ -1,0 +1,247 @@
+"""The poller against a real server: holders, waiters, ages, databases, unnamed locks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from exporter import queries
+from exporter.metrics import render
+from tests.conftest import OTHER_DB, wait_until, waiting_pids
+from tests.metrics_util import series, value
+
+LOCKS = [
+    {"name": "leader", "key": 4242},
+    {"name": "negative", "key": -4242},
+    {"name": "min", "key": -(2**63)},
+    {"name": "max", "key": 2**63 - 1},
+    {"name": "pair", "key": [42, 7]},
+    {"name": "pair-negative", "key": [-42, -7]},
+    {"name": "digest", "key": {"hashtext": "hourly-digest"}},
+    {"name": "export", "key": {"hashtextextended": "nightly-export"}},
+]
+TAKE = {
+    "leader": "pg_advisory_lock(4242)",
+    "negative": "pg_advisory_lock(-4242)",
+    "min": "pg_advisory_lock(-9223372036854775808)",
+    "max": "pg_advisory_lock(9223372036854775807)",
+    "pair": "pg_advisory_lock(42, 7)",
+    "pair-negative": "pg_advisory_lock(-42, -7)",
+    "digest": "pg_advisory_lock(hashtext('hourly-digest'))",
+    "export": "pg_advisory_lock(hashtextextended('nightly-export', 0))",
+}
+
+
+def lock_ids(name: str, database: str = "postgres") -> dict[str, str]:
+    return {"lock": name, "database": database}
+
+
+def test_every_configured_lock_has_series_while_free(make_poller) -> None:
+    snap = make_poller({"locks": LOCKS}).poll_once()
+    assert snap.up
+    for lock in LOCKS:
+        ids = lock_ids(lock["name"])
+        assert value(snap, "pg_advisory_lock_holders", **ids, mode="exclusive") == 0
+        assert value(snap, "pg_advisory_lock_holders", **ids, mode="shared") == 0
+        assert value(snap, "pg_advisory_lock_waiters", **ids) == 0
+        assert value(snap, "pg_advisory_lock_held_seconds", **ids) == 0
+        assert value(snap, "pg_advisory_lock_wait_seconds", **ids) == 0
+        assert value(snap, "pg_advisory_lock_acquisitions_total", **ids) == 0
+    assert value(snap, "pg_advisory_lock_exporter_up") == 1
+
+
+@pytest.mark.parametrize("name", list(TAKE))
+def test_each_key_form_is_seen_held(make_poller, sessions, name: str) -> None:
+    holder = sessions.open(application_name=f"holder-{name}")
+    holder.execute(f"SELECT {TAKE[name]}")
+    snap = make_poller({"locks": LOCKS}).poll_once()
+    for other in TAKE:
+        expected = 1 if other == name else 0
+        assert value(snap, "pg_advisory_lock_holders", **lock_ids(other), mode="exclusive") == expected, other
+    info = series(render(snap).decode(), "pg_advisory_lock_holder_info")
+    assert info == [{
+        "lock": name, "database": "postgres", "pid": str(holder.info.backend_pid),
+        "application_name": f"holder-{name}", "usename": "postgres", "client_addr": "127.0.0.1", "state": "idle",
+    }]
+
+
+def test_shared_holders_are_counted_by_mode(make_poller, sessions) -> None:
+    readers = [sessions.open(application_name=f"reader-{i}") for i in range(3)]
+    for r in readers:
+        r.execute("SELECT pg_advisory_lock_shared(4242)")
+    snap = make_poller({"locks": LOCKS}).poll_once()
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="shared") == 3
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 0
+    pids = {s["pid"] for s in series(render(snap).decode(), "pg_advisory_lock_holder_info")}
+    assert pids == {str(r.info.backend_pid) for r in readers}
+
+
+def test_waiter_and_its_wait_age(make_poller, sessions, server) -> None:
+    holder = sessions.open()
+    holder.execute("SELECT pg_advisory_lock(42, 7)")
+    waiter = sessions.open(application_name="waiter")
+    thread = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(42, 7)"), daemon=True)
+    thread.start()
+    wait_until(lambda: waiter.info.backend_pid in waiting_pids(server))
+    time.sleep(1.2)
+    snap = make_poller({"locks": LOCKS}).poll_once()
+    ids = lock_ids("pair")
+    assert value(snap, "pg_advisory_lock_waiters", **ids) == 1
+    assert 1.1 <= value(snap, "pg_advisory_lock_wait_seconds", **ids) < 30
+    # A waiter is not a holder.
+    assert value(snap, "pg_advisory_lock_holders", **ids, mode="exclusive") == 1
+    holder.execute("SELECT pg_advisory_unlock(42, 7)")
+    thread.join(5)
+    snap = make_poller({"locks": LOCKS}).poll_once()
+    assert value(snap, "pg_advisory_lock_waiters", **ids) == 0
+    assert value(snap, "pg_advisory_lock_wait_seconds", **ids) == 0
+
+
+def test_transaction_lock_is_seen_and_released_at_commit(make_poller, sessions) -> None:
+    conn = sessions.open(autocommit=False)
+    poller = make_poller({"locks": LOCKS})
+    conn.execute("SELECT pg_advisory_xact_lock(4242)")
+    snap = poller.poll_once()
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
+    info = series(render(snap).decode(), "pg_advisory_lock_holder_info")
+    assert info[0]["state"] == "idle in transaction"
+    conn.commit()
+    snap = poller.poll_once()
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 0
+    assert value(snap, "pg_advisory_lock_held_seconds", **lock_ids("leader")) == 0
+
+
+def test_hold_age_after_exporter_start_is_a_proven_lower_bound(make_poller, sessions) -> None:
+    idle = sessions.open()
+    idle.execute("SELECT pg_advisory_lock(4242)")
+    busy = sessions.open()
+    thread = threading.Thread(target=lambda: busy.execute("SELECT pg_advisory_lock(-4242), pg_sleep(3)"), daemon=True)
+    thread.start()
+    time.sleep(1.5)
+    t0 = time.monotonic()
+    snap = make_poller({"locks": LOCKS}).poll_once()
+    # Idle since its lock call ended 1.5 s ago: held at least that long, never more than real.
+    held_idle = value(snap, "pg_advisory_lock_held_seconds", **lock_ids("leader"))
+    assert 1.4 <= held_idle <= 1.5 + (time.monotonic() - t0) + 0.2
+    # Active in the statement that may have taken the lock: nothing is proven, so 0.
+    assert value(snap, "pg_advisory_lock_held_seconds", **lock_ids("negative")) < 0.2
+    thread.join(5)
+
+
+def test_hold_age_grows_with_the_poller_clock(make_poller, sessions) -> None:
+    now = [1000.0]
+    poller = make_poller({"locks": LOCKS}, clock=lambda: now[0])
+    poller.poll_once()
+    conn = sessions.open()
+    conn.execute("SELECT pg_advisory_lock(4242), pg_sleep(0)")
+    # Seen for the first time idle for ~0 s; then 65 s of the poller's clock pass.
+    poller.poll_once()
+    now[0] += 65.0
+    snap = poller.poll_once()
+    assert 65.0 <= value(snap, "pg_advisory_lock_held_seconds", **lock_ids("leader")) < 66.0
+
+
+def test_acquisitions_count_new_holders_not_those_present_at_start(make_poller, sessions) -> None:
+    first = sessions.open()
+    first.execute("SELECT pg_advisory_lock(4242)")
+    poller = make_poller({"locks": LOCKS})
+    assert value(poller.poll_once(), "pg_advisory_lock_acquisitions_total", **lock_ids("leader")) == 0
+    first.execute("SELECT pg_advisory_unlock(4242)")
+    for i in range(3):
+        conn = sessions.open()
+        conn.execute("SELECT pg_advisory_lock(4242)")
+        snap = poller.poll_once()
+        assert value(snap, "pg_advisory_lock_acquisitions_total", **lock_ids("leader")) == i + 1
+        # The same holder seen again is not a new acquisition.
+        assert value(poller.poll_once(), "pg_advisory_lock_acquisitions_total", **lock_ids("leader")) == i + 1
+        conn.execute("SELECT pg_advisory_unlock(4242)")
+
+
+def test_locks_in_a_second_database(make_poller, sessions) -> None:
+    here = sessions.open()
+    here.execute("SELECT pg_advisory_lock(4242)")
+    there = sessions.open(OTHER_DB)
+    there.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(77), pg_advisory_lock(78)")
+    locks = [{"name": "leader", "key": 4242}, {"name": "leader-other", "key": 4242, "database": OTHER_DB}]
+    snap = make_poller({"locks": locks}).poll_once()
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader-other", OTHER_DB), mode="exclusive") == 1
+    info = {(s["lock"], s["pid"]) for s in series(render(snap).decode(), "pg_advisory_lock_holder_info")}
+    assert info == {("leader", str(here.info.backend_pid)), ("leader-other", str(there.info.backend_pid))}
+    # 77 and 78 are named by nobody: counted per database, cluster-wide.
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database=OTHER_DB) == 2
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database="postgres") is None
+
+
+def test_unnamed_holders_and_waiters(make_poller, sessions, server) -> None:
+    a = sessions.open()
+    a.execute("SELECT pg_advisory_lock(5), pg_advisory_lock(6, 6), pg_advisory_lock_shared(7)")
+    b = sessions.open()
+    thread = threading.Thread(target=lambda: b.execute("SELECT pg_advisory_lock(5)"), daemon=True)
+    thread.start()
+    wait_until(lambda: b.info.backend_pid in waiting_pids(server))
+    snap = make_poller({"locks": LOCKS}).poll_once()
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database="postgres") == 3
+    assert value(snap, "pg_advisory_lock_unnamed_waiters", database="postgres") == 1
+    a.execute("SELECT pg_advisory_unlock_all()")
+    thread.join(5)
+
+
+def test_probe_sessions_never_appear(make_poller, sessions) -> None:
+    probe = sessions.open(application_name=queries.PROBE_APPLICATION_NAME)
+    probe.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(9)")
+    snap = make_poller({"locks": LOCKS}).poll_once()
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 0
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database="postgres") is None
+
+
+def test_string_keys_resolving_to_one_lock_are_named_in_log_and_metric(make_poller, caplog) -> None:
+    # hashtext('x') widened to bigint is the bigint itself: find it on the server, then name both.
+    poller = make_poller({"locks": [{"name": "probe-hash", "key": {"hashtext": "billing"}}]})
+    poller.poll_once()
+    import psycopg
+
+    with psycopg.connect(poller._config.dsn) as conn:  # noqa: SLF001 - the test server's dsn
+        hashed = conn.execute("SELECT hashtext('billing')::int8").fetchone()[0]
+    poller = make_poller({"locks": [{"name": "by-hash", "key": {"hashtext": "billing"}}, {"name": "by-number", "key": hashed}]})
+    with caplog.at_level("WARNING"):
+        snap = poller.poll_once()
+    message = f"locks[1].key: 'by-number' and 'by-hash' (locks[0]) name the same lock {hashed} = {hashed} in database 'postgres'"
+    assert message in caplog.text
+    assert value(snap, "pg_advisory_lock_key_collision", lock="by-number", database="postgres", colliding_lock="by-hash") == 1
+    assert value(snap, "pg_advisory_lock_key_collision", lock="by-hash", database="postgres", colliding_lock="by-number") == 1
+
+
+def test_failed_poll_reports_down_and_leaves_lock_series_out(make_poller, server) -> None:
+    from tests.pgcluster import free_port
+
+    poller = make_poller({"locks": LOCKS, "dsn": f"host=127.0.0.1 port={free_port()} user=x dbname=y"})
+    snap = poller.poll_once()
+    assert not snap.up
+    text = render(snap).decode()
+    assert "pg_advisory_lock_exporter_up 0.0" in text
+    assert "pg_advisory_lock_exporter_poll_errors_total 1.0" in text
+    assert "pg_advisory_lock_holders{" not in text and "pg_advisory_lock_unnamed" not in text
+    assert "pg_advisory_lock_exporter_last_poll_timestamp_seconds" not in text
+
+
+def test_poll_self_metrics(make_poller) -> None:
+    poller = make_poller({"locks": LOCKS})
+    before = time.time()
+    for _ in range(3):
+        snap = poller.poll_once()
+    assert value(snap, "pg_advisory_lock_exporter_poll_duration_seconds_count") == 3
+    assert 0 < value(snap, "pg_advisory_lock_exporter_poll_duration_seconds_sum") < 3
+    assert value(snap, "pg_advisory_lock_exporter_poll_duration_seconds_bucket", le="+Inf") == 3
+    assert before <= value(snap, "pg_advisory_lock_exporter_last_poll_timestamp_seconds") <= time.time()
+    assert value(snap, "pg_advisory_lock_exporter_poll_errors_total") == 0
+
+
+def test_a_database_that_does_not_exist_matches_nothing(make_poller, sessions) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(4242)")
+    snap = make_poller({"locks": [{"name": "ghost", "key": 4242, "database": "no_such_db"}]}).poll_once()
+    assert snap.up
+    assert value(snap, "pg_advisory_lock_holders", lock="ghost", database="no_such_db", mode="exclusive") == 0
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database="postgres") == 1
