@@ -16,6 +16,7 @@ from .config import ConfigError, load_config
 from .dsn import connect
 from .metrics import Exposition
 from .poller import Poller
+from .probe import Prober, probe_timeout
 from .server import ListenAddressError, MetricsServer
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         connect=partial(connect, config.dsn, queries.APPLICATION_NAME, config.poll_interval),
         publish=publish,
     )
+    prober = Prober(
+        config,
+        connect=lambda database: connect(config.dsn, queries.PROBE_APPLICATION_NAME, probe_timeout(config), database),
+        publish=exposition.publish_probes,
+    )
     try:
         server = MetricsServer(args.listen_address, exposition, args.telemetry_path, first_poll.is_set)
     except ListenAddressError as exc:
@@ -122,9 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     poll_thread = threading.Thread(target=poller.run, args=(stop,), name="poller", daemon=True)
     poll_thread.start()
+    probe_thread = threading.Thread(target=prober.run, args=(stop,), name="probe", daemon=True)
+    probe_thread.start()
     while not stop.is_set():
         stop.wait(0.2)
     server.stop()
     poll_thread.join(timeout=5.0)
+    probe_thread.join(timeout=5.0)
     log.info("stopped")
     return EXIT_OK

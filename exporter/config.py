@@ -23,8 +23,14 @@ _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-_TOP_FIELDS = ("dsn", "poll_interval", "locks")
-_LOCK_FIELDS = ("name", "key", "database")
+DEFAULT_PROBE_INTERVAL = 30.0
+MIN_PROBE_INTERVAL = 0.01
+
+_TOP_FIELDS = ("dsn", "poll_interval", "probe_interval", "locks")
+_LOCK_FIELDS = ("name", "key", "database", "probe", "max_hold")
+_PROBE_FIELDS = ("expect", "interval")
+EXPECT_HELD, EXPECT_FREE, EXPECT_ANY = "held", "free", "any"
+_EXPECTATIONS = (EXPECT_HELD, EXPECT_FREE, EXPECT_ANY)
 _STRING_KEY_FORMS = {"hashtext": keys.HashtextKey, "hashtextextended": keys.HashtextExtendedKey}
 
 
@@ -38,12 +44,22 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    """How the probe tries one lock: what state to expect, and how often."""
+
+    expect: str
+    interval: float
+
+
+@dataclass(frozen=True)
 class LockConfig:
     """One named advisory lock."""
 
     name: str
     key: keys.KeySpec
     database: str | None = None  # None: the database the dsn connects to
+    probe: ProbeConfig | None = None  # None: not probed
+    max_hold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,11 @@ class Config:
     dsn: str
     poll_interval: float
     locks: tuple[LockConfig, ...]
+    probe_interval: float = DEFAULT_PROBE_INTERVAL
+
+    @property
+    def probed(self) -> tuple[LockConfig, ...]:
+        return tuple(lock for lock in self.locks if lock.probe is not None)
 
     def summary(self) -> str:
         """One line for --check-config and the start-up log; never shows a password."""
@@ -62,7 +83,7 @@ class Config:
             forms[form] = forms.get(form, 0) + 1
         form_text = ", ".join(f"{n} {f}" for f, n in sorted(forms.items()))
         return (
-            f"{len(self.locks)} locks ({form_text or 'none'}), "
+            f"{len(self.locks)} locks ({form_text or 'none'}), {len(self.probed)} probed, "
             f"poll_interval {format_duration(self.poll_interval)}, "
             f"dsn {describe_dsn(self.dsn)}"
         )
@@ -193,7 +214,7 @@ def parse_key(value: Any, where: str, errors: list[str]) -> keys.KeySpec | None:
     return None
 
 
-def _parse_lock(entry: Any, where: str, errors: list[str]) -> LockConfig | None:
+def _parse_lock(entry: Any, default_interval: float, where: str, errors: list[str]) -> LockConfig | None:
     if not isinstance(entry, dict):
         errors.append(f"{where}: expected a mapping with name and key, got {_show(entry)}")
         return None
@@ -211,9 +232,42 @@ def _parse_lock(entry: Any, where: str, errors: list[str]) -> LockConfig | None:
     if database is not None and (not isinstance(database, str) or not database):
         errors.append(f"{where}.database: expected a database name, got {_show(database)}")
         database = None
+    probe = _parse_probe(entry["probe"], default_interval, f"{where}.probe", errors) if "probe" in entry else None
+    max_hold = None
+    if "max_hold" in entry:
+        max_hold = _duration_field(entry["max_hold"], f"{where}.max_hold", 0.001, errors)
     if name is None or key is None:
         return None
-    return LockConfig(name=name, key=key, database=database)
+    return LockConfig(name=name, key=key, database=database, probe=probe, max_hold=max_hold)
+
+
+def _duration_field(value: Any, where: str, minimum: float, errors: list[str]) -> float | None:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        errors.append(f"{where}: {exc}")
+        return None
+    if seconds < minimum:
+        errors.append(f"{where}: must be at least {format_duration(minimum)}")
+        return None
+    return seconds
+
+
+def _parse_probe(value: Any, default_interval: float, where: str, errors: list[str]) -> ProbeConfig | None:
+    if not isinstance(value, dict):
+        errors.append(f"{where}: expected a mapping such as {{expect: held}}, got {_show(value)}")
+        return None
+    errors.extend(_unknown_fields(value, _PROBE_FIELDS, where))
+    expect = value.get("expect", EXPECT_ANY)
+    if expect not in _EXPECTATIONS:
+        errors.append(f"{where}.expect: expected one of {', '.join(_EXPECTATIONS)}, got {_show(expect)}")
+        return None
+    interval = default_interval
+    if "interval" in value:
+        interval = _duration_field(value["interval"], f"{where}.interval", MIN_PROBE_INTERVAL, errors)
+        if interval is None:
+            return None
+    return ProbeConfig(expect=expect, interval=interval)
 
 
 def _check_duplicate_names(entries: list[Any], errors: list[str]) -> None:
@@ -264,12 +318,10 @@ def parse_config(data: Any, source: str) -> Config:
 
     poll_interval = DEFAULT_POLL_INTERVAL
     if "poll_interval" in data:
-        try:
-            poll_interval = parse_duration(data["poll_interval"])
-            if poll_interval < MIN_POLL_INTERVAL:
-                errors.append(f"poll_interval: must be at least {format_duration(MIN_POLL_INTERVAL)}")
-        except ValueError as exc:
-            errors.append(f"poll_interval: {exc}")
+        poll_interval = _duration_field(data["poll_interval"], "poll_interval", MIN_POLL_INTERVAL, errors) or poll_interval
+    probe_interval = DEFAULT_PROBE_INTERVAL
+    if "probe_interval" in data:
+        probe_interval = _duration_field(data["probe_interval"], "probe_interval", MIN_PROBE_INTERVAL, errors) or probe_interval
 
     raw_locks = data.get("locks")
     parsed: list[tuple[int, LockConfig]] = []
@@ -279,7 +331,7 @@ def parse_config(data: Any, source: str) -> Config:
         errors.append(f"locks: expected a list, got {_show(raw_locks)}")
     else:
         for index, entry in enumerate(raw_locks):
-            lock = _parse_lock(entry, f"locks[{index}]", errors)
+            lock = _parse_lock(entry, probe_interval, f"locks[{index}]", errors)
             if lock is not None:
                 parsed.append((index, lock))
         _check_duplicate_names(raw_locks, errors)
@@ -287,7 +339,9 @@ def parse_config(data: Any, source: str) -> Config:
 
     if errors:
         raise ConfigError(source, errors)
-    return Config(dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed))
+    return Config(
+        dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed), probe_interval=probe_interval
+    )
 
 
 def load_yaml_text(text: bytes, source: str) -> Any:

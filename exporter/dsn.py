@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import math
+import os
 import re
 
 import psycopg
@@ -56,10 +58,11 @@ def server_name(dsn: str) -> str:
     return f"{host}:{port}/{db}"
 
 
-def connect(dsn: str, application_name: str, timeout_seconds: float) -> psycopg.Connection:
-    """An autocommit connection with connect_timeout, application_name and statement_timeout."""
+def connect(dsn: str, application_name: str, timeout_seconds: float, database: str | None = None) -> psycopg.Connection:
+    """An autocommit connection with connect_timeout, application_name, statement_timeout and
+    lock_timeout; to database instead of the dsn's, if given."""
     conn = psycopg.connect(
-        dsn,
+        conninfo.make_conninfo(dsn, dbname=database) if database else dsn,
         autocommit=True,
         application_name=application_name,
         # libpq takes whole seconds and treats anything below 2 as 2.
@@ -67,8 +70,26 @@ def connect(dsn: str, application_name: str, timeout_seconds: float) -> psycopg.
         prepare_threshold=None,
     )
     try:
-        conn.execute(queries.SET_STATEMENT_TIMEOUT, {"ms": str(max(1, int(timeout_seconds * 1000)))})
+        conn.execute(queries.SESSION_SETUP, {"ms": str(max(1, int(timeout_seconds * 1000)))})
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def database_name(dsn: str) -> str:
+    """The database the dsn connects to, by libpq's rule: dbname, $PGDATABASE, the user name."""
+    try:
+        params = _parse(dsn)
+    except DsnError:
+        params = {}
+    return (
+        params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user")
+        or os.environ.get("PGUSER") or getpass.getuser()
+    )
+
+
+def error_line(error: BaseException, dsn: str) -> str:
+    """A database error as one log line, without the dsn's password."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return redact(text or type(error).__name__, dsn)

@@ -1,4 +1,4 @@
-"""Snapshot -> exposition text: families built fresh from each snapshot, rendered once."""
+"""Snapshot + ProbeResults -> exposition text: families built fresh, rendered once per change."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from prometheus_client.core import (
 )
 
 from . import __version__
-from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, Snapshot
+from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, ProbeResult, Snapshot
 
 PREFIX = "pg_advisory_lock"
 LOCK_LABELS = ["lock", "database"]
@@ -34,6 +34,9 @@ def _lock_families(snapshot: Snapshot) -> Iterator[Metric]:
         f"{PREFIX}_acquisitions", "New holders observed since the exporter started.", labels=LOCK_LABELS
     )
     info = GaugeMetricFamily(f"{PREFIX}_holder_info", "One series per current holder of the lock.", labels=HOLDER_LABELS)
+    max_hold = GaugeMetricFamily(
+        f"{PREFIX}_max_hold_seconds", "max_hold from the config: the longest a holder should hold the lock.", labels=LOCK_LABELS
+    )
     for lock in snapshot.locks:
         ids = [lock.name, lock.database]
         holders.add_metric([*ids, MODE_EXCLUSIVE], lock.holders_in(MODE_EXCLUSIVE))
@@ -44,7 +47,9 @@ def _lock_families(snapshot: Snapshot) -> Iterator[Metric]:
         acquisitions.add_metric(ids, lock.acquisitions)
         for h in lock.holders:
             info.add_metric([*ids, str(h.pid), h.application_name, h.usename, h.client_addr, h.state], 1)
-    yield from (holders, waiters, held, wait, acquisitions, info)
+        if lock.max_hold is not None:
+            max_hold.add_metric(ids, lock.max_hold)
+    yield from (holders, waiters, held, wait, acquisitions, info, max_hold)
 
     unnamed_holders = GaugeMetricFamily(
         f"{PREFIX}_unnamed_holders", "Advisory locks held on keys no configured name matches.", labels=["database"]
@@ -88,26 +93,50 @@ def _exporter_families(snapshot: Snapshot) -> Iterator[Metric]:
     yield build
 
 
+def _probe_families(probes: tuple[ProbeResult, ...]) -> Iterator[Metric]:
+    acquirable = GaugeMetricFamily(f"{PREFIX}_probe_acquirable", "1 if the last try got the lock.", labels=LOCK_LABELS)
+    ok = GaugeMetricFamily(
+        f"{PREFIX}_probe_ok", "1 if the last try matched the configured expectation (any: the try ran).", labels=LOCK_LABELS
+    )
+    duration = GaugeMetricFamily(f"{PREFIX}_probe_duration_seconds", "Duration of the last try.", labels=LOCK_LABELS)
+    errors = CounterMetricFamily(f"{PREFIX}_probe_errors", "Tries that failed (timeout, connection).", labels=LOCK_LABELS)
+    last_run = GaugeMetricFamily(
+        f"{PREFIX}_probe_last_run_timestamp_seconds", "When the lock was last tried, in seconds since the epoch.", labels=LOCK_LABELS
+    )
+    for p in probes:
+        ids = [p.lock, p.database]
+        if p.acquirable is not None:
+            acquirable.add_metric(ids, int(p.acquirable))
+        ok.add_metric(ids, int(p.ok))
+        duration.add_metric(ids, p.duration)
+        errors.add_metric(ids, p.errors)
+        last_run.add_metric(ids, p.last_run)
+    yield from (acquirable, ok, duration, errors, last_run)
+
+
 class _SnapshotCollector:
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, probes: tuple[ProbeResult, ...]) -> None:
         self._snapshot = snapshot
+        self._probes = probes
 
     def collect(self) -> Iterator[Metric]:
         if self._snapshot.up:
             yield from _lock_families(self._snapshot)
+        if self._probes:
+            yield from _probe_families(self._probes)
         yield from _exporter_families(self._snapshot)
 
 
-def registry_for(snapshot: Snapshot) -> CollectorRegistry:
-    """A private registry exposing one snapshot."""
+def registry_for(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = ()) -> CollectorRegistry:
+    """A private registry exposing one snapshot and the latest probe results."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot))  # type: ignore[arg-type]
+    registry.register(_SnapshotCollector(snapshot, probes))  # type: ignore[arg-type]
     return registry
 
 
-def render(snapshot: Snapshot) -> bytes:
-    """The text exposition of one snapshot."""
-    return generate_latest(registry_for(snapshot))
+def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = ()) -> bytes:
+    """The text exposition of one snapshot and the latest probe results."""
+    return generate_latest(registry_for(snapshot, probes))
 
 
 class Exposition:
@@ -116,11 +145,16 @@ class Exposition:
     def __init__(self, snapshot: Snapshot | None = None) -> None:
         self._lock = threading.Lock()
         self._snapshot = snapshot or Snapshot(up=False)
+        self._probes: tuple[ProbeResult, ...] = ()
         self._body: bytes | None = None
 
     def publish(self, snapshot: Snapshot) -> None:
         with self._lock:
             self._snapshot, self._body = snapshot, None
+
+    def publish_probes(self, probes: tuple[ProbeResult, ...]) -> None:
+        with self._lock:
+            self._probes, self._body = probes, None
 
     @property
     def snapshot(self) -> Snapshot:
@@ -129,5 +163,5 @@ class Exposition:
     def body(self) -> bytes:
         with self._lock:
             if self._body is None:
-                self._body = render(self._snapshot)
+                self._body = render(self._snapshot, self._probes)
             return self._body

@@ -15,7 +15,7 @@ import psycopg
 
 from . import keys, queries
 from .config import Config, LockConfig
-from .dsn import redact, server_name
+from .dsn import error_line, server_name
 from .snapshot import (
     PG_MODES,
     Holder,
@@ -49,12 +49,6 @@ class ServerInfo:
     database: str
     username: str
     is_superuser: bool
-
-
-def one_line(error: BaseException) -> str:
-    """A database error as one log line."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return text or type(error).__name__
 
 
 def resolve_locks(
@@ -205,7 +199,9 @@ class Poller:
                 for (pid, bstart), rs in sorted(holder_rows.get(lock.index, {}).items(), key=lambda kv: kv[0][0])
             )
             count, longest = waiters.get(lock.index, (0, 0.0))
-            states.append(LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(name)))
+            states.append(
+                LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(name), lock.config.max_hold)
+            )
         return tuple(states), tuple(sorted(unnamed, key=lambda u: u.database))
 
     def _stats(self) -> PollStats:
@@ -242,7 +238,7 @@ class Poller:
         return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=self._stats())
 
     def _fail(self, exc: psycopg.Error) -> None:
-        message = redact(one_line(exc), self._config.dsn)
+        message = error_line(exc, self._config.dsn)
         # One warning per distinct failure, not one per interval.
         if message != self._last_error:
             log.warning("poll failed on %s: %s", server_name(self._config.dsn), message)

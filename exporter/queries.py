@@ -17,7 +17,8 @@ SELECT current_setting('server_version_num')::int AS version_num,
        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS is_superuser
 """
 
-SET_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', %(ms)s, false)"
+# Every statement of every exporter connection is bounded; none may queue on a lock.
+SESSION_SETUP = "SELECT set_config('statement_timeout', %(ms)s, false), set_config('lock_timeout', %(ms)s, false)"
 
 # hashtext() returns int4; pg_advisory_lock(hashtext(...)) widens it to bigint with sign.
 RESOLVE_STRING_KEYS = """
@@ -98,3 +99,13 @@ WAITSTART_MIN_VERSION = 140000
 def poll_query(server_version_num: int) -> str:
     """The poll statement for a server of this version."""
     return POLL if server_version_num >= WAITSTART_MIN_VERSION else POLL_PG13
+
+# The probe: one autocommit statement of a transaction-level try-lock per try. Even when it
+# gets the lock, the lock is released when the statement ends, and a crash of the exporter
+# can never leave it held. A try never waits: pg_try_* returns at once, and lock_timeout and
+# statement_timeout bound anything else.
+PROBE_TRY_BIGINT = "SELECT pg_try_advisory_xact_lock(%(key)s::int8)"
+PROBE_TRY_INT4_PAIR = "SELECT pg_try_advisory_xact_lock(%(first)s::int4, %(second)s::int4)"
+# The server hashes the name itself, exactly as the application's own call does.
+PROBE_TRY_HASHTEXT = "SELECT pg_try_advisory_xact_lock(hashtext(%(text)s)::int8)"
+PROBE_TRY_HASHTEXTEXTENDED = "SELECT pg_try_advisory_xact_lock(hashtextextended(%(text)s, 0))"

@@ -34,6 +34,7 @@ class LockState:
     waiters: int
     wait_seconds: float
     acquisitions: int
+    max_hold: float | None = None
 
     def holders_in(self, mode: str) -> int:
         return sum(1 for h in self.holders if mode in h.modes)
@@ -59,6 +60,19 @@ class KeyCollision:
     lock: str
     other: str
     database: str
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The last try of one probed lock."""
+
+    lock: str
+    database: str
+    acquirable: bool | None  # None: the try failed
+    ok: bool
+    duration: float
+    errors: int
+    last_run: float  # epoch seconds
 
 
 @dataclass(frozen=True)

@@ -145,3 +145,25 @@ def make_poller(server: Server) -> Iterator[Callable[..., Poller]]:
     yield factory
     for poller in made:
         poller.close()
+
+
+@pytest.fixture
+def make_prober(server: Server) -> Iterator[Callable[..., Any]]:
+    """Prober over a config given as a dict (dsn defaults to the test server's postgres db)."""
+    from exporter.probe import Prober, probe_timeout
+
+    made: list[Any] = []
+
+    def factory(raw: dict[str, Any], publish: Callable[..., None] = lambda results: None) -> Prober:
+        config = parse_config({"dsn": server.dsn(), **raw}, "test")
+        prober = Prober(
+            config,
+            connect=lambda database: connect(config.dsn, queries.PROBE_APPLICATION_NAME, probe_timeout(config), database),
+            publish=publish,
+        )
+        made.append(prober)
+        return prober
+
+    yield factory
+    for prober in made:
+        prober.close()

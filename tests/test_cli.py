@@ -101,3 +101,27 @@ def test_http_routes(exporter) -> None:
         raise AssertionError("POST was accepted")
     except urllib.error.HTTPError as exc:
         assert exc.code == 405 and exc.headers["Allow"] == "GET, HEAD"
+
+
+def test_probe_series_are_served(exporter, sessions) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(4242)")
+    locks = [
+        {"name": "billing-leader", "key": 4242, "probe": {"expect": "held"}, "max_hold": "1m"},
+        {"name": "hourly-digest", "key": {"hashtext": "hourly-digest"}, "probe": {"expect": "free", "interval": "100ms"}},
+    ]
+    proc = exporter({"locks": locks, "probe_interval": "200ms"})
+    text = proc.metrics_when(
+        lambda t: 'pg_advisory_lock_probe_ok{database="postgres",lock="billing-leader"} 1.0' in t
+        and 'pg_advisory_lock_probe_ok{database="postgres",lock="hourly-digest"} 1.0' in t
+        and "pg_advisory_lock_exporter_up 1.0" in t
+    )
+    samples = parse(text)
+    leader = (("database", "postgres"), ("lock", "billing-leader"))
+    assert samples[("pg_advisory_lock_probe_acquirable", leader)] == 0
+    assert samples[("pg_advisory_lock_max_hold_seconds", leader)] == 60
+    # The probe's own hold of hourly-digest is never a holder.
+    digest = (("database", "postgres"), ("lock", "hourly-digest"))
+    for _ in range(20):
+        samples = parse(proc.get()[1])
+        assert samples.get(("pg_advisory_lock_acquisitions_total", digest), 0) == 0
+        time.sleep(0.05)

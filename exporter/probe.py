@@ -1,0 +1,186 @@
+"""The liveness probe: its own connection(s), one transaction-level try-lock per try.
+
+A try is one autocommit statement of pg_try_advisory_xact_lock: it never waits, and even when
+it gets the lock the lock is gone when the statement ends, so the exporter can never leave a
+lock held. Tries are spread over each lock's interval rather than fired all at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from . import keys, queries
+from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
+from .dsn import database_name, error_line
+from .snapshot import ProbeResult
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.25
+# A try never waits for the lock; this bounds a slow server, not a held lock.
+PROBE_TIMEOUT_MAX = 2.0
+PROBE_TIMEOUT_MIN = 0.25
+
+
+def probe_timeout(config: Config) -> float:
+    """statement_timeout and lock_timeout of the probe's connections."""
+    shortest = min((lock.probe.interval for lock in config.probed), default=PROBE_TIMEOUT_MAX)  # type: ignore[union-attr]
+    return max(PROBE_TIMEOUT_MIN, min(PROBE_TIMEOUT_MAX, shortest))
+
+
+class ProbeUnavailable(Exception):
+    """No connection to try with right now (a recent connect failed)."""
+
+
+def try_statement(key: keys.KeySpec) -> tuple[str, dict[str, Any]]:
+    """The try-lock statement and parameters for a key, in the form the application uses."""
+    if isinstance(key, keys.BigintKey):
+        return queries.PROBE_TRY_BIGINT, {"key": key.value}
+    if isinstance(key, keys.Int4PairKey):
+        return queries.PROBE_TRY_INT4_PAIR, {"first": key.first, "second": key.second}
+    if isinstance(key, keys.HashtextKey):
+        return queries.PROBE_TRY_HASHTEXT, {"text": key.text}
+    return queries.PROBE_TRY_HASHTEXTEXTENDED, {"text": key.text}
+
+
+def matches(expect: str, acquirable: bool) -> bool:
+    """Whether a try that ran matches what the config expects of the lock."""
+    if expect == EXPECT_HELD:
+        return not acquirable
+    if expect == EXPECT_FREE:
+        return acquirable
+    return expect == EXPECT_ANY
+
+
+def first_due(start: float, locks: tuple[LockConfig, ...]) -> list[float]:
+    """Spread the first tries: lock i of n starts i/n of its interval after start."""
+    n = len(locks)
+    return [start + lock.probe.interval * i / n for i, lock in enumerate(locks)]  # type: ignore[union-attr]
+
+
+class Prober:
+    """Tries each probed lock on its own schedule; publishes all results after every try."""
+
+    def __init__(
+        self,
+        config: Config,
+        connect: Callable[[str | None], psycopg.Connection],
+        publish: Callable[[tuple[ProbeResult, ...]], None],
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._locks = config.probed
+        self._connect = connect
+        self._publish = publish
+        self._clock = clock
+        self._wall_clock = wall_clock
+        # One connection per database with probed locks (None: the dsn's own database).
+        self._conns: dict[str | None, psycopg.Connection] = {}
+        self._databases: dict[str | None, str] = {}
+        self._retry_at: dict[str | None, float] = {}
+        self._failures: dict[str | None, int] = {}
+        self._errors: dict[str, int] = {}
+        self._last_error: dict[str, str] = {}
+        self._results: dict[str, ProbeResult] = {}
+
+    def _database_label(self, lock: LockConfig) -> str:
+        if lock.database:
+            return lock.database
+        return self._databases.get(None) or database_name(self._config.dsn)
+
+    def _connection(self, database: str | None) -> psycopg.Connection:
+        conn = self._conns.get(database)
+        if conn is not None and not conn.closed:
+            return conn
+        if self._clock() < self._retry_at.get(database, 0.0):
+            raise ProbeUnavailable("not connected (waiting to reconnect after a failed connect)")
+        try:
+            conn = self._connect(database)
+            row = conn.execute(queries.SERVER_INFO).fetchone()
+        except psycopg.Error:
+            failures = self._failures.get(database, 0) + 1
+            self._failures[database] = failures
+            cap = min(lock.probe.interval for lock in self._locks)  # type: ignore[union-attr]
+            delay = min(cap, BACKOFF_FIRST * 2 ** min(failures - 1, 30)) * random.uniform(0.5, 1.0)
+            self._retry_at[database] = self._clock() + delay
+            raise
+        self._failures[database] = 0
+        self._databases[database] = row[1] if row else (database or "")
+        self._conns[database] = conn
+        return conn
+
+    def _drop(self, database: str | None) -> None:
+        conn = self._conns.pop(database, None)
+        if conn is not None:
+            conn.close()
+
+    def try_lock(self, lock: LockConfig) -> ProbeResult:
+        """One try of one lock; a failure is counted and reported, never raised."""
+        assert lock.probe is not None
+        sql, params = try_statement(lock.key)
+        acquirable: bool | None = None
+        started = self._clock()
+        try:
+            conn = self._connection(lock.database)
+            started = self._clock()
+            row = conn.execute(sql, params).fetchone()
+            acquirable = bool(row and row[0])
+        except (psycopg.Error, ProbeUnavailable) as exc:
+            self._errors[lock.name] = self._errors.get(lock.name, 0) + 1
+            message = error_line(exc, self._config.dsn)
+            if self._last_error.get(lock.name) != message:
+                log.warning("probe of %r failed: %s", lock.name, message)
+            self._last_error[lock.name] = message
+            conn = self._conns.get(lock.database)
+            if conn is not None and (conn.closed or isinstance(exc, psycopg.OperationalError)):
+                self._drop(lock.database)
+        else:
+            if self._last_error.pop(lock.name, None) is not None:
+                log.info("probe of %r succeeds again", lock.name)
+        result = ProbeResult(
+            lock=lock.name,
+            database=self._database_label(lock),
+            acquirable=acquirable,
+            ok=acquirable is not None and matches(lock.probe.expect, acquirable),
+            duration=self._clock() - started,
+            errors=self._errors.get(lock.name, 0),
+            last_run=self._wall_clock(),
+        )
+        self._results[lock.name] = result
+        return result
+
+    def results(self) -> tuple[ProbeResult, ...]:
+        return tuple(self._results[lock.name] for lock in self._locks if lock.name in self._results)
+
+    def run(self, stop: threading.Event) -> None:
+        """Try every probed lock on its interval until stop is set."""
+        if not self._locks:
+            return
+        due = first_due(self._clock(), self._locks)
+        try:
+            while not stop.is_set():
+                index = min(range(len(due)), key=due.__getitem__)
+                delay = due[index] - self._clock()
+                if delay > 0 and stop.wait(delay):
+                    break
+                lock = self._locks[index]
+                self.try_lock(lock)
+                self._publish(self.results())
+                interval = lock.probe.interval  # type: ignore[union-attr]
+                due[index] += interval
+                if due[index] <= self._clock():  # overran: skip the missed tries
+                    due[index] = self._clock() + interval
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for database in list(self._conns):
+            self._drop(database)
