@@ -80,6 +80,12 @@ CASES = [
         "locks[1].key: 'b' and 'a' (locks[0]) name the same lock (1, 2)",
     ),
     ({**GOOD, "locks": ["a"]}, "locks[0]: expected a mapping with name and key, got a string ('a')"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "probe": "held"}]}, "locks[0].probe: expected a mapping such as {expect: held}"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "probe": {"expect": "taken"}}]}, "locks[0].probe.expect: expected one of held, free, any, got a string ('taken')"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "probe": {"expect": "held", "every": "1s"}}]}, "locks[0].probe.every: unknown field"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "probe": {"interval": "1ms"}}]}, "locks[0].probe.interval: must be at least 10ms"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "max_hold": "soon"}]}, "locks[0].max_hold: 'soon' is not a duration"),
+    ({**GOOD, "probe_interval": "0s"}, "probe_interval: must be at least 10ms"),
     ([1, 2], "expected a mapping at the top level, got a list"),
     (None, "the file is empty"),
 ]
@@ -94,6 +100,18 @@ def test_every_problem_is_reported_at_once() -> None:
     details = errors_of({"dsn": 1, "poll_interval": "x", "locks": [{"name": "a", "key": 2**64}, {"key": [1]}], "zzz": 0})
     wheres = [d.split(":")[0] for d in details]
     assert wheres == ["zzz", "dsn", "poll_interval", "locks[0].key", "locks[1].name", "locks[1].key"]
+
+
+def test_probe_defaults() -> None:
+    config = parse_config({**GOOD, "probe_interval": "10s", "locks": [
+        {"name": "a", "key": 1, "probe": {}}, {"name": "b", "key": 2, "probe": {"expect": "held", "interval": "1s"}},
+        {"name": "c", "key": 3, "max_hold": "15m"},
+    ]}, "x")
+    a, b, c = config.locks
+    assert (a.probe.expect, a.probe.interval) == ("any", 10.0)
+    assert (b.probe.expect, b.probe.interval) == ("held", 1.0)
+    assert c.probe is None and c.max_hold == 900.0
+    assert config.probed == (a, b)
 
 
 def test_same_key_in_different_databases_is_not_a_collision() -> None:
