@@ -171,7 +171,7 @@ class Poller:
             if kind == "holder":
                 holder_rows.setdefault(idx - 1, {}).setdefault((row[3], row[5]), []).append(row)
             elif kind == "waiters":
-                waiters[idx - 1] = (int(row[12]), float(row[10] or 0.0))
+                waiters[idx - 1] = (int(row[12]), round(float(row[10] or 0.0), 3))
             else:
                 unnamed.append(UnnamedLocks(str(row[2]), int(row[11]), int(row[12])))
 
@@ -194,7 +194,7 @@ class Poller:
                     usename=rs[0][7] or "",
                     client_addr=rs[0][8] or "",
                     state=rs[0][9] or "",
-                    held_seconds=self._tracker.held_seconds(now, name, pid, bstart),
+                    held_seconds=round(self._tracker.held_seconds(now, name, pid, bstart), 3),
                 )
                 for (pid, bstart), rs in sorted(holder_rows.get(lock.index, {}).items(), key=lambda kv: kv[0][0])
             )

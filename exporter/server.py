@@ -8,10 +8,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST
-
 from . import __version__
-from .metrics import Exposition
+from .metrics import CONTENT_TYPE, Exposition
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def make_handler(exposition: Exposition, telemetry_path: str, is_ready: Callable
         def _route(self, head: bool) -> None:
             path = self.path.split("?", 1)[0]
             if path == telemetry_path:
-                self._send(200, exposition.body(), CONTENT_TYPE_LATEST, head)
+                self._send(200, exposition.body(), CONTENT_TYPE, head)
             elif path == "/":
                 self._send(200, landing, "text/html; charset=utf-8", head)
             elif path == "/-/healthy":

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.metrics import registry_for
+from exporter.metrics import render
 from exporter.snapshot import Snapshot
 
 
 def value(snapshot: Snapshot, name: str, **labels: str) -> float | None:
-    return registry_for(snapshot).get_sample_value(name, labels)
+    """One sample of the snapshot's exposition, read back with prometheus_client's parser."""
+    return parse(render(snapshot).decode()).get((name, tuple(sorted(labels.items()))))
 
 
 def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

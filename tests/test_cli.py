@@ -31,7 +31,7 @@ def test_end_to_end_scrape_shows_holder_and_stops_on_sigterm(exporter, sessions,
     holder = sessions.open(application_name="billing-worker")
     holder.execute("SELECT pg_advisory_lock(4242)")
     proc = exporter({"dsn": server.dsn(password="hunter2"), "locks": LOCKS})
-    text = proc.metrics_when(lambda t: "pg_advisory_lock_exporter_up 1.0" in t)
+    text = proc.metrics_when(lambda t: "pg_advisory_lock_exporter_up 1" in t)
     samples = parse(text)
     assert samples[("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "billing-leader"), ("mode", "exclusive")))] == 1
     assert samples[("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "hourly-digest"), ("mode", "exclusive")))] == 0
@@ -53,8 +53,8 @@ def test_starts_and_serves_up_0_while_the_server_is_unreachable(exporter) -> Non
     from tests.pgcluster import free_port
 
     proc = exporter({"dsn": f"host=127.0.0.1 port={free_port()} dbname=app user=exp password=hunter2", "locks": LOCKS})
-    text = proc.metrics_when(lambda t: "pg_advisory_lock_exporter_poll_errors_total 2.0" in t)
-    assert "pg_advisory_lock_exporter_up 0.0" in text
+    text = proc.metrics_when(lambda t: "pg_advisory_lock_exporter_poll_errors_total 2" in t)
+    assert "pg_advisory_lock_exporter_up 0" in text
     assert "pg_advisory_lock_holders" not in text
     log = proc.log()
     assert log.count("poll failed on 127.0.0.1:") == 1, log  # logged once, not per attempt
@@ -77,7 +77,7 @@ def test_json_logs(exporter) -> None:
     import json
 
     proc = exporter({"locks": LOCKS}, "--log.format=json")
-    proc.metrics_when(lambda t: "pg_advisory_lock_exporter_up 1.0" in t)
+    proc.metrics_when(lambda t: "pg_advisory_lock_exporter_up 1" in t)
     proc.stop()
     records = [json.loads(line) for line in proc.log().splitlines()]
     assert {"ts", "level", "logger", "msg"} <= set(records[0])
@@ -110,17 +110,17 @@ def test_probe_series_are_served(exporter, sessions) -> None:
         {"name": "hourly-digest", "key": {"hashtext": "hourly-digest"}, "probe": {"expect": "free", "interval": "100ms"}},
     ]
     proc = exporter({"locks": locks, "probe_interval": "200ms"})
+    leader = (("database", "postgres"), ("lock", "billing-leader"))
+    digest = (("database", "postgres"), ("lock", "hourly-digest"))
     text = proc.metrics_when(
-        lambda t: 'pg_advisory_lock_probe_ok{database="postgres",lock="billing-leader"} 1.0' in t
-        and 'pg_advisory_lock_probe_ok{database="postgres",lock="hourly-digest"} 1.0' in t
-        and "pg_advisory_lock_exporter_up 1.0" in t
+        lambda t: parse(t).get(("pg_advisory_lock_probe_ok", leader)) == 1
+        and parse(t).get(("pg_advisory_lock_probe_ok", digest)) == 1
+        and parse(t).get(("pg_advisory_lock_exporter_up", ())) == 1
     )
     samples = parse(text)
-    leader = (("database", "postgres"), ("lock", "billing-leader"))
     assert samples[("pg_advisory_lock_probe_acquirable", leader)] == 0
     assert samples[("pg_advisory_lock_max_hold_seconds", leader)] == 60
     # The probe's own hold of hourly-digest is never a holder.
-    digest = (("database", "postgres"), ("lock", "hourly-digest"))
     for _ in range(20):
         samples = parse(proc.get()[1])
         assert samples.get(("pg_advisory_lock_acquisitions_total", digest), 0) == 0

@@ -19,10 +19,10 @@ def test_demo_shows_the_sample_workload_and_cleans_up() -> None:
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert 'pg_advisory_lock_holders{database="app",lock="billing-leader",mode="exclusive"} 1.0' in out
-    assert 'pg_advisory_lock_waiters{database="app",lock="shard-7"} 1.0' in out
+    assert 'pg_advisory_lock_holders{lock="billing-leader",database="app",mode="exclusive"} 1' in out
+    assert 'pg_advisory_lock_waiters{lock="shard-7",database="app"} 1' in out
     assert 'state="idle in transaction"' in out and 'application_name="shard-7-worker-a"' in out
-    assert 'pg_advisory_lock_unnamed_holders{database="app"} 2.0' in out
+    assert 'pg_advisory_lock_unnamed_holders{database="app"} 2' in out
     assert "demo stopped and cleaned up" in out
     after = subprocess.run(["pgrep", "-c", "-x", "postgres"], capture_output=True, text=True).stdout.strip()
     assert after == before

@@ -221,8 +221,8 @@ def test_failed_poll_reports_down_and_leaves_lock_series_out(make_poller, server
     snap = poller.poll_once()
     assert not snap.up
     text = render(snap).decode()
-    assert "pg_advisory_lock_exporter_up 0.0" in text
-    assert "pg_advisory_lock_exporter_poll_errors_total 1.0" in text
+    assert "pg_advisory_lock_exporter_up 0" in text
+    assert "pg_advisory_lock_exporter_poll_errors_total 1" in text
     assert "pg_advisory_lock_holders{" not in text and "pg_advisory_lock_unnamed" not in text
     assert "pg_advisory_lock_exporter_last_poll_timestamp_seconds" not in text
 

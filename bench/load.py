@@ -1,0 +1,67 @@
+"""The benchmark's load: sessions holding many advisory locks, some shared, some in open
+transactions, and some sessions waiting."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import psycopg
+
+# Keys 1..locks are held; the first `named` keys are the ones the exporters name.
+SHARED_EVERY = 5        # every 5th key is taken shared, by two sessions
+XACT_EVERY = 4          # every 4th session holds its locks inside an open transaction
+
+
+@dataclass
+class Load:
+    dsn: str
+    sessions: int = 200
+    locks: int = 10_000
+    waiters: int = 10
+    _conns: list[psycopg.Connection] = field(default_factory=list)
+    _waiting: list[tuple[psycopg.Connection, threading.Thread]] = field(default_factory=list)
+
+    def start(self) -> "Load":
+        sessions = max(1, min(self.sessions, self.locks))
+        for s in range(sessions):
+            xact = s % XACT_EVERY == 1
+            conn = psycopg.connect(self.dsn, autocommit=not xact, application_name=f"bench-holder-{s}")
+            self._conns.append(conn)
+            mine = list(range(1 + s, self.locks + 1, sessions))
+            exclusive = [k for k in mine if k % SHARED_EVERY]
+            shared = [k for k in mine if not k % SHARED_EVERY]
+            fn = "pg_advisory_xact_lock" if xact else "pg_advisory_lock"
+            conn.execute(f"SELECT count({fn}(k)) FROM unnest(%s::int8[]) AS k", [exclusive])
+            conn.execute(f"SELECT count({fn}_shared(k)) FROM unnest(%s::int8[]) AS k", [shared])
+        # A second holder of each shared key, so shared locks have two holders.
+        sharer = psycopg.connect(self.dsn, autocommit=True, application_name="bench-sharer")
+        self._conns.append(sharer)
+        sharer.execute(
+            "SELECT count(pg_advisory_lock_shared(k)) FROM generate_series(%s::int8, %s::int8, %s::int8) AS k",
+            [SHARED_EVERY, self.locks, SHARED_EVERY],
+        )
+        for w in range(self.waiters):
+            key = 1 + w if (1 + w) % SHARED_EVERY else 2 + w  # an exclusively held key
+            conn = psycopg.connect(self.dsn, autocommit=True, application_name=f"bench-waiter-{w}")
+            thread = threading.Thread(target=self._wait, args=(conn, key), daemon=True)
+            thread.start()
+            self._waiting.append((conn, thread))
+        return self
+
+    @staticmethod
+    def _wait(conn: psycopg.Connection, key: int) -> None:
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s::int8)", [key])
+        except psycopg.Error:
+            pass
+
+    def stop(self) -> None:
+        for conn, thread in self._waiting:
+            conn.cancel()
+            thread.join(5)
+            conn.close()
+        for conn in self._conns:
+            conn.close()
+        self._conns.clear()
+        self._waiting.clear()
