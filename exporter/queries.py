@@ -26,7 +26,8 @@ SELECT t, hashtext(t)::int8, hashtextextended(t, 0)
 FROM unnest(%(texts)s::text[]) AS t
 """
 
-# Rows of three kinds:
+# pg_locks is read once, and each advisory row tagged with the configured lock it belongs to
+# (idx, or NULL for keys nobody named); rows of three kinds come back:
 #   holder  - one per (configured lock, holding session, mode), with who the session is and
 #             hold_floor_s: how long pg_stat_activity proves it has held the lock at least
 #             (an idle session took it no later than its last state change);
@@ -40,13 +41,6 @@ WITH activity AS MATERIALIZED (
            query_start
     FROM pg_stat_activity
 ),
-advisory AS MATERIALIZED (
-    SELECT l.database, l.classid, l.objid, l.objsubid, l.pid, l.mode, l.granted,
-           {waitstart} AS waitstart
-    FROM pg_locks AS l
-    WHERE l.locktype = 'advisory'
-      AND l.pid <> ALL (ARRAY(SELECT pid FROM activity WHERE application_name = %(probe_app)s))
-),
 named AS (
     SELECT k.idx::int AS idx, d.oid AS database, k.classid::oid AS classid,
            k.objid::oid AS objid, k.objsubid::int2 AS objsubid
@@ -54,10 +48,13 @@ named AS (
                 %(objsubids)s::int4[]) WITH ORDINALITY AS k(datname, classid, objid, objsubid, idx)
     JOIN pg_database AS d ON d.datname = k.datname
 ),
-matched AS (
-    SELECT n.idx, a.pid, a.mode, a.granted, a.waitstart
-    FROM advisory AS a
-    JOIN named AS n USING (database, classid, objid, objsubid)
+advisory AS MATERIALIZED (
+    SELECT n.idx, l.database, l.pid, l.mode, l.granted, {waitstart} AS waitstart
+    FROM pg_locks AS l
+    LEFT JOIN named AS n
+           ON (n.database, n.classid, n.objid, n.objsubid) = (l.database, l.classid, l.objid, l.objsubid)
+    WHERE l.locktype = 'advisory'
+      AND l.pid <> ALL (ARRAY(SELECT pid FROM activity WHERE application_name = %(probe_app)s))
 )
 SELECT 'holder' AS kind, m.idx, NULL::text AS datname, m.pid, m.mode,
        extract(epoch FROM act.backend_start)::float8 AS backend_start,
@@ -66,27 +63,28 @@ SELECT 'holder' AS kind, m.idx, NULL::text AS datname, m.pid, m.mode,
             THEN greatest(extract(epoch FROM now() - act.state_change)::float8, 0)
             ELSE 0 END AS seconds,
        0::bigint AS holders, 0::bigint AS waiters
-FROM matched AS m
+FROM advisory AS m
 LEFT JOIN activity AS act USING (pid)
-WHERE m.granted
+WHERE m.idx IS NOT NULL AND m.granted
 UNION ALL
 SELECT 'waiters', m.idx, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        coalesce(max(greatest(extract(epoch FROM now() - coalesce(m.waitstart, act.query_start))::float8, 0)), 0),
        0, count(DISTINCT m.pid)
-FROM matched AS m
+FROM advisory AS m
 LEFT JOIN activity AS act USING (pid)
-WHERE NOT m.granted
+WHERE m.idx IS NOT NULL AND NOT m.granted
 GROUP BY m.idx
 UNION ALL
-SELECT 'unnamed', NULL, coalesce(d.datname, a.database::text), NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, count(*) FILTER (WHERE a.granted), count(*) FILTER (WHERE NOT a.granted)
-FROM advisory AS a
-LEFT JOIN pg_database AS d ON d.oid = a.database
-WHERE NOT EXISTS (
-    SELECT 1 FROM named AS n
-    WHERE (n.database, n.classid, n.objid, n.objsubid) = (a.database, a.classid, a.objid, a.objsubid)
-)
-GROUP BY 3
+SELECT 'unnamed', NULL, coalesce(d.datname, u.database::text), NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, u.holders, u.waiters
+FROM (
+    SELECT a.database, count(*) FILTER (WHERE a.granted) AS holders,
+           count(*) FILTER (WHERE NOT a.granted) AS waiters
+    FROM advisory AS a
+    WHERE a.idx IS NULL
+    GROUP BY a.database
+) AS u
+LEFT JOIN pg_database AS d ON d.oid = u.database
 """
 
 # PostgreSQL 14 added pg_locks.waitstart; before it, a waiter's wait began no earlier than
