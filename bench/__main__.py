@@ -1,0 +1,235 @@
+"""make bench: this exporter side by side with the floor and query-exporter, in one run.
+
+Writes bench/results.md and docs/bench.png. --smoke runs a few-second version (no
+query-exporter, no pgbench, no plot) that the test suite runs so the benchmark cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psycopg
+
+from bench.load import Load
+from bench.measure import RESET, cpu_seconds, rss_mb, scrape, server_time
+from bench.subjects import Floor, Ours, QueryExporter, create_roles
+from tests.pgcluster import Cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {
+    "max_connections": "400",
+    "max_locks_per_transaction": "512",
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track_planning": "on",
+    "pg_stat_statements.max": "1000",
+}
+PGBENCH_SCRIPT = """\\set k random(100000000, 200000000)
+BEGIN;
+SELECT pg_advisory_xact_lock(:k);
+SELECT pg_advisory_xact_lock(:k + 1);
+END;
+"""
+
+
+@dataclass
+class Point:
+    """One subject at one load point."""
+
+    subject: str
+    held: int
+    named: int
+    db_ms_per_poll: float
+    polls: int
+    cpu_ms_per_poll: float | None = None
+    scrape_p50_ms: float | None = None
+    scrape_p95_ms: float | None = None
+    rss_mb: float | None = None
+    size_bytes: int | None = None
+
+
+def measure_window(admin: psycopg.Connection, subject, window: float, pid: int | None) -> tuple[float, int, float | None]:
+    """Server ms per poll, polls, and process CPU ms per poll over a window with no scrapes."""
+    admin.execute(RESET)
+    cpu0 = cpu_seconds(pid) if pid else None
+    time.sleep(window)
+    total_ms, polls = server_time(admin, subject.role, subject.marker)
+    cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / max(polls, 1) if pid and cpu0 is not None else None
+    return total_ms / max(polls, 1), polls, cpu_ms
+
+
+def measure_point(cluster: Cluster, admin: psycopg.Connection, held: int, named: int, args: argparse.Namespace,
+                  workdir: Path) -> list[Point]:
+    keys = list(range(1, named + 1))
+    points: list[Point] = []
+    floor = Floor(cluster.dsn(user=Floor.role), args.interval).start()
+    time.sleep(args.warmup)
+    ms, polls, _ = measure_window(admin, floor, args.window, None)
+    floor.stop()
+    points.append(Point("floor", held, named, ms, polls))
+
+    subjects = [("this exporter", Ours(workdir), lambda s: s.start(cluster.dsn(user=Ours.role), keys, args.interval))]
+    if not args.no_query_exporter:
+        url = f"postgresql+psycopg://{QueryExporter.role}@127.0.0.1:{cluster.port}/postgres"
+        subjects.append(("query-exporter", QueryExporter(workdir), lambda s: s.start(url, keys, args.interval)))
+    for name, subject, start in subjects:
+        try:
+            start(subject)
+            time.sleep(args.warmup)
+            ms, polls, cpu = measure_window(admin, subject, args.window, subject.pid)
+            rss = rss_mb(subject.pid)
+            scrapes = scrape(subject.url, args.scrapes)
+            points.append(Point(name, held, named, ms, polls, cpu, scrapes.p50_ms, scrapes.p95_ms, rss, scrapes.size_bytes))
+        finally:
+            subject.stop()
+    return points
+
+
+def pgbench_tps(cluster: Cluster, workdir: Path, seconds: int) -> float:
+    script = workdir / "advisory.sql"
+    script.write_text(PGBENCH_SCRIPT)
+    cmd = [f"{cluster.bindir}/pgbench", "-n", "-f", str(script), "-c", "8", "-j", "2", "-T", str(seconds),
+           "-M", "prepared", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", "postgres"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("tps ="):
+            return float(line.split()[2])
+    raise RuntimeError(f"pgbench printed no tps: {out}")
+
+
+def measure_pgbench(cluster: Cluster, args: argparse.Namespace, workdir: Path) -> dict[str, list[float]]:
+    """TPS with no exporter, with the exporter polling every 1 s and every 5 s, interleaved."""
+    keys = list(range(1, args.named + 1))
+    tps: dict[str, list[float]] = {"none": [], "1s": [], "5s": []}
+    for _ in range(args.repeats):
+        for label in ("none", "1s", "5s"):
+            exporter = None
+            if label != "none":
+                exporter = Ours(workdir).start(cluster.dsn(user=Ours.role), keys, float(label[:-1]))
+                time.sleep(1)
+            try:
+                tps[label].append(pgbench_tps(cluster, workdir, args.pgbench_seconds))
+            finally:
+                if exporter:
+                    exporter.stop()
+    return tps
+
+
+def measure_interference(cluster: Cluster, probes: int) -> float:
+    """Worker tries lost to the probe per 1,000 probes, with both as fast as they go."""
+    from exporter import queries
+    from exporter.config import parse_config
+    from exporter.dsn import connect
+    from exporter.probe import Prober, probe_timeout
+
+    config = parse_config({"dsn": cluster.dsn(), "locks": [{"name": "k", "key": 777, "probe": {"expect": "free"}}]}, "bench")
+    prober = Prober(config, lambda db: connect(config.dsn, queries.PROBE_APPLICATION_NAME, probe_timeout(config), db), lambda r: None)
+    stop = threading.Event()
+    lost = [0]
+
+    def work() -> None:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            while not stop.is_set():
+                if conn.execute("SELECT pg_try_advisory_lock(777)").fetchone()[0]:
+                    conn.execute("SELECT pg_advisory_unlock(777)")
+                else:
+                    lost[0] += 1
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    for _ in range(probes):
+        prober.try_lock(config.locks[0])
+    stop.set()
+    thread.join(10)
+    prober.close()
+    return lost[0] * 1000 / probes
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    return f"{med:.2f} ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else f"{med:.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, small load, no query-exporter/pgbench/plot")
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--held", type=int, default=10_000)
+    parser.add_argument("--named", type=int, default=1_000)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--window", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--scrapes", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pgbench-seconds", type=int, default=15)
+    parser.add_argument("--no-query-exporter", action="store_true")
+    parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    args = parser.parse_args()
+    if args.smoke:
+        args.sessions, args.held, args.named, args.window, args.warmup = 5, 50, 10, 2.0, 0.5
+        args.scrapes, args.repeats, args.no_query_exporter, args.no_scaling = 10, 1, True, True
+
+    workdir = Path(tempfile.mkdtemp(prefix="pgale-bench-"))
+    cluster = Cluster(settings=SETTINGS).start()
+    results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    try:
+        admin = psycopg.connect(cluster.dsn(), autocommit=True)
+        admin.execute("CREATE EXTENSION pg_stat_statements")
+        create_roles(admin)
+
+        load = Load(cluster.dsn(), sessions=args.sessions, locks=args.held).start()
+        print(f"load: {args.sessions} sessions, {args.held} held locks; {args.named} named keys", flush=True)
+        runs = []
+        for r in range(args.repeats):
+            points = measure_point(cluster, admin, args.held, args.named, args, workdir)
+            runs.append([asdict(p) for p in points])
+            for p in points:
+                print(f"run {r + 1}: {p}", flush=True)
+        results["default"] = runs
+        if not args.smoke:
+            results["pgbench"] = measure_pgbench(cluster, args, workdir)
+            print(f"pgbench: {results['pgbench']}", flush=True)
+            results["interference"] = [measure_interference(cluster, 1000) for _ in range(args.repeats)]
+            print(f"interference: {results['interference']}", flush=True)
+        load.stop()
+
+        if not args.no_scaling:
+            scaling = []
+            short = argparse.Namespace(**{**vars(args), "window": max(5.0, args.window / 2), "scrapes": 30})
+            for held in (100, 1_000, 10_000, 50_000):
+                load = Load(cluster.dsn(), sessions=args.sessions, locks=held).start()
+                scaling += [asdict(p) for p in measure_point(cluster, admin, held, args.named, short, workdir)]
+                if held == 10_000:
+                    for named in (10, 100, 10_000):
+                        scaling += [asdict(p) for p in measure_point(cluster, admin, held, named, short, workdir)]
+                load.stop()
+                print(f"scaling: held {held} done", flush=True)
+            results["scaling"] = scaling
+        admin.close()
+    finally:
+        cluster.destroy()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / ("results-smoke.json" if args.smoke else "results.json")).write_text(json.dumps(results, indent=1))
+    if not args.smoke:
+        from bench.report import write_report
+
+        write_report(results, args.out / "results.md", ROOT / "docs" / "bench.png")
+        print(f"wrote {args.out / 'results.md'} and docs/bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
