@@ -130,7 +130,7 @@ def measure_interference(cluster: Cluster, probes: int) -> float:
     from exporter.dsn import connect
     from exporter.probe import Prober, probe_timeout
 
-    config = parse_config({"dsn": cluster.dsn(), "locks": [{"name": "k", "key": 777, "probe": {"expect": "free"}}]}, "bench")
+    config = parse_config({"dsn": cluster.dsn(), "locks": [{"name": "k", "key": 900000000777, "probe": {"expect": "free"}}]}, "bench")
     prober = Prober(config, lambda db: connect(config.dsn, queries.PROBE_APPLICATION_NAME, probe_timeout(config), db), lambda r: None)
     stop = threading.Event()
     lost = [0]
@@ -138,8 +138,8 @@ def measure_interference(cluster: Cluster, probes: int) -> float:
     def work() -> None:
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             while not stop.is_set():
-                if conn.execute("SELECT pg_try_advisory_lock(777)").fetchone()[0]:
-                    conn.execute("SELECT pg_advisory_unlock(777)")
+                if conn.execute("SELECT pg_try_advisory_lock(900000000777)").fetchone()[0]:
+                    conn.execute("SELECT pg_advisory_unlock(900000000777)")
                 else:
                     lost[0] += 1
 
