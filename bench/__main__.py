@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -125,13 +126,11 @@ def measure_pgbench(cluster: Cluster, args: argparse.Namespace, workdir: Path) -
 
 def measure_interference(cluster: Cluster, probes: int) -> float:
     """Worker tries lost to the probe per 1,000 probes, with both as fast as they go."""
-    from exporter import queries
     from exporter.config import parse_config
-    from exporter.dsn import connect
-    from exporter.probe import Prober, probe_timeout
+    from exporter.probe import Prober, connect_probe
 
     config = parse_config({"dsn": cluster.dsn(), "locks": [{"name": "k", "key": 900000000777, "probe": {"expect": "free"}}]}, "bench")
-    prober = Prober(config, lambda db: connect(config.dsn, queries.PROBE_APPLICATION_NAME, probe_timeout(config), db), lambda r: None)
+    prober = Prober(config, connect_probe, lambda r: None)
     stop = threading.Event()
     lost = [0]
 
@@ -181,6 +180,8 @@ def main() -> int:
         args.sessions, args.held, args.named, args.window, args.warmup = 5, 50, 10, 2.0, 0.5
         args.scrapes, args.repeats, args.no_query_exporter, args.no_scaling = 10, 1, True, True
 
+    # Stopped from outside, still clean up the cluster and the subjects (finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     workdir = Path(tempfile.mkdtemp(prefix="pgale-bench-"))
     cluster = Cluster(settings=SETTINGS).start()
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}

@@ -8,16 +8,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
-from functools import partial
 
-from . import __version__, logs, queries
+from . import __version__, logs
 from .config import ConfigError, load_config
-from .dsn import connect
 from .metrics import Exposition
-from .poller import Poller
-from .probe import Prober, probe_timeout
+from .poller import Poller, connect_poller
+from .probe import Prober, connect_probe
 from .server import ListenAddressError, MetricsServer
+from .snapshot import ReloadStatus
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-config", action="store_true", default=_env_bool("--check-config"),
         help=f"validate the config (no database needed), print a summary and exit (env {env_name('--check-config')})",
     )
+    parser.add_argument(
+        "--web.enable-lifecycle", dest="enable_lifecycle", action="store_true", default=_env_bool("--web.enable-lifecycle"),
+        help=f"allow POST /-/reload to reload the config (env {env_name('--web.enable-lifecycle')})",
+    )
     parser.add_argument("--version", action="version", version=f"pg-advisory-lock-exporter {__version__}")
     return parser
 
@@ -98,16 +102,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     poller = Poller(
         config,
-        connect=partial(connect, config.dsn, queries.APPLICATION_NAME, config.poll_interval),
+        connect=connect_poller,
         publish=publish,
     )
+    def reload() -> bool:
+        """Load the config again; a bad one is refused and the running one kept."""
+        try:
+            new = load_config(args.config_file)
+        except ConfigError as exc:
+            for detail in exc.details:
+                log.error("config reload refused: %s: %s", exc.source, detail)
+            exposition.publish_reload(ReloadStatus(False, reload_status[0].last_success_timestamp))
+            return False
+        poller.reconfigure(new)
+        prober.reconfigure(new)
+        reload_status[0] = ReloadStatus(True, time.time())
+        exposition.publish_reload(reload_status[0])
+        log.info("config reloaded: %s", new.summary())
+        return True
+
+    reload_status = [ReloadStatus(True, time.time())]
+    exposition.publish_reload(reload_status[0])
     prober = Prober(
         config,
-        connect=lambda database: connect(config.dsn, queries.PROBE_APPLICATION_NAME, probe_timeout(config), database),
+        connect=connect_probe,
         publish=exposition.publish_probes,
     )
     try:
-        server = MetricsServer(args.listen_address, exposition, args.telemetry_path, first_poll.is_set)
+        server = MetricsServer(
+            args.listen_address, exposition, args.telemetry_path, first_poll.is_set,
+            reload if args.enable_lifecycle else None,
+        )
     except ListenAddressError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
@@ -120,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP only asks; the main loop reloads, outside the signal handler.
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
 
     server.start()
     log.info(
@@ -132,8 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe_thread.start()
     while not stop.is_set():
         stop.wait(0.2)
+        if reload_requested.is_set():
+            reload_requested.clear()
+            log.info("received SIGHUP, reloading %s", args.config_file)
+            reload()
     server.stop()
-    poll_thread.join(timeout=5.0)
-    probe_thread.join(timeout=5.0)
+    # A poll or probe stuck on a hung server is not waited for: its threads are daemons,
+    # and the process exit closes their sockets.
+    poll_thread.join(timeout=0.4)
+    probe_thread.join(timeout=0.4)
     log.info("stopped")
     return EXIT_OK

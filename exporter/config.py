@@ -26,7 +26,10 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 DEFAULT_PROBE_INTERVAL = 30.0
 MIN_PROBE_INTERVAL = 0.01
 
-_TOP_FIELDS = ("dsn", "poll_interval", "probe_interval", "locks")
+DEFAULT_MAX_HOLDER_INFO_PER_LOCK = 100
+DEFAULT_MAX_HOLDER_INFO = 1000
+
+_TOP_FIELDS = ("dsn", "password_file", "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info", "locks")
 _LOCK_FIELDS = ("name", "key", "database", "probe", "max_hold")
 _PROBE_FIELDS = ("expect", "interval")
 EXPECT_HELD, EXPECT_FREE, EXPECT_ANY = "held", "free", "any"
@@ -70,6 +73,9 @@ class Config:
     poll_interval: float
     locks: tuple[LockConfig, ...]
     probe_interval: float = DEFAULT_PROBE_INTERVAL
+    max_holder_info_per_lock: int = DEFAULT_MAX_HOLDER_INFO_PER_LOCK
+    max_holder_info: int = DEFAULT_MAX_HOLDER_INFO
+    password_file: str | None = None
 
     @property
     def probed(self) -> tuple[LockConfig, ...]:
@@ -323,6 +329,21 @@ def parse_config(data: Any, source: str) -> Config:
     if "probe_interval" in data:
         probe_interval = _duration_field(data["probe_interval"], "probe_interval", MIN_PROBE_INTERVAL, errors) or probe_interval
 
+    limits = {}
+    for field, default in (("max_holder_info_per_lock", DEFAULT_MAX_HOLDER_INFO_PER_LOCK),
+                           ("max_holder_info", DEFAULT_MAX_HOLDER_INFO)):
+        value = data.get(field, default)
+        limits[field] = _int_in(value, 0, 1_000_000, "a count", field, errors)
+    password_file = data.get("password_file")
+    if password_file is not None:
+        if not isinstance(password_file, str) or not password_file:
+            errors.append(f"password_file: expected a file path, got {_show(password_file)}")
+            password_file = None
+        else:
+            password_file = expand_env(password_file, "password_file", errors)
+            if not os.access(password_file, os.R_OK):
+                errors.append(f"password_file: cannot read {password_file!r}")
+
     raw_locks = data.get("locks")
     parsed: list[tuple[int, LockConfig]] = []
     if raw_locks is None:
@@ -340,7 +361,9 @@ def parse_config(data: Any, source: str) -> Config:
     if errors:
         raise ConfigError(source, errors)
     return Config(
-        dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed), probe_interval=probe_interval
+        dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed), probe_interval=probe_interval,
+        max_holder_info_per_lock=limits["max_holder_info_per_lock"] or 0, max_holder_info=limits["max_holder_info"] or 0,
+        password_file=password_file,
     )
 
 

@@ -58,11 +58,23 @@ def server_name(dsn: str) -> str:
     return f"{host}:{port}/{db}"
 
 
-def connect(dsn: str, application_name: str, timeout_seconds: float, database: str | None = None) -> psycopg.Connection:
+def connect(
+    dsn: str, application_name: str, timeout_seconds: float, database: str | None = None, password_file: str | None = None
+) -> psycopg.Connection:
     """An autocommit connection with connect_timeout, application_name, statement_timeout and
-    lock_timeout; to database instead of the dsn's, if given."""
+    lock_timeout; to database instead of the dsn's, if given; with the password read from
+    password_file at each connect, if given (a rotated Kubernetes secret is picked up)."""
+    extra: dict[str, str] = {}
+    if database:
+        extra["dbname"] = database
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as handle:
+                extra["password"] = handle.read().rstrip("\r\n")
+        except OSError as exc:
+            raise psycopg.OperationalError(f"password_file: cannot read {password_file!r}: {exc.strerror}") from None
     conn = psycopg.connect(
-        conninfo.make_conninfo(dsn, dbname=database) if database else dsn,
+        conninfo.make_conninfo(dsn, **extra) if extra else dsn,
         autocommit=True,
         application_name=application_name,
         # libpq takes whole seconds and treats anything below 2 as 2.
@@ -90,6 +102,16 @@ def database_name(dsn: str) -> str:
 
 
 def error_line(error: BaseException, dsn: str) -> str:
-    """A database error as one log line, without the dsn's password."""
+    """A database error as one log line, without the dsn's password, with what to do about it."""
     text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return redact(text or type(error).__name__, dsn)
+    return redact(text or type(error).__name__, dsn) + hint(error)
+
+
+def hint(error: BaseException) -> str:
+    """What to do about the errors a missing grant or a full server gives."""
+    text = str(error)
+    if "CONNECT privilege" in text:
+        return " (the role needs GRANT CONNECT ON DATABASE to connect)"
+    if "too many clients" in text or "remaining connection slots" in text:
+        return " (max_connections is reached: the exporter retries until a slot frees)"
+    return ""

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
-from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, ProbeResult, Snapshot
+from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, ProbeResult, ReloadStatus, Snapshot
 
 PREFIX = "pg_advisory_lock"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -78,7 +78,7 @@ def _lock_text(snapshot: Snapshot) -> Iterator[str]:
         (
             ("", i + "," + labels(pid=str(h.pid), application_name=h.application_name, usename=h.usename,
                                   client_addr=h.client_addr, state=h.state), 1)
-            for lock, i in pairs for h in lock.holders
+            for lock, i in pairs for h in lock.info_holders
         ),
     )
     yield from _family(
@@ -115,7 +115,7 @@ def _probe_text(probes: tuple[ProbeResult, ...]) -> Iterator[str]:
                        (("", i, p.last_run) for p, i in pairs))
 
 
-def _exporter_text(snapshot: Snapshot) -> Iterator[str]:
+def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
     stats = snapshot.stats
     yield from _family(f"{PREFIX}_exporter_up", "gauge", "1 if the last poll succeeded.", [("", "", int(snapshot.up))])
     buckets = [("_bucket", f'le="{format_value(bound)}"', count) for bound, count in stats.duration_buckets]
@@ -124,6 +124,11 @@ def _exporter_text(snapshot: Snapshot) -> Iterator[str]:
         [*buckets, ("_bucket", 'le="+Inf"', stats.polls), ("_count", "", stats.polls), ("_sum", "", stats.duration_sum)],
     )
     yield from _family(f"{PREFIX}_exporter_poll_errors_total", "counter", "Failed polls.", [("", "", stats.errors)])
+    yield from _family(
+        f"{PREFIX}_exporter_holder_info_dropped_total", "counter",
+        "holder_info series left out by max_holder_info_per_lock / max_holder_info, summed over polls.",
+        [("", "", stats.holder_info_dropped)],
+    )
     if stats.last_success_timestamp is not None:
         yield from _family(
             f"{PREFIX}_exporter_last_poll_timestamp_seconds", "gauge",
@@ -131,9 +136,16 @@ def _exporter_text(snapshot: Snapshot) -> Iterator[str]:
         )
     yield from _family(f"{PREFIX}_exporter_build_info", "gauge", "The exporter's version.",
                        [("", labels(version=__version__), 1)])
+    yield from _family(f"{PREFIX}_exporter_config_last_reload_successful", "gauge",
+                       "1 if the last config load (start-up, SIGHUP or /-/reload) succeeded.",
+                       [("", "", int(reload.successful))])
+    if reload.last_success_timestamp is not None:
+        yield from _family(f"{PREFIX}_exporter_config_last_reload_success_timestamp_seconds", "gauge",
+                           "When the config was last loaded successfully, in seconds since the epoch.",
+                           [("", "", reload.last_success_timestamp)])
 
 
-def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = ()) -> bytes:
+def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = (), reload: ReloadStatus = ReloadStatus()) -> bytes:
     """The text exposition (format 0.0.4) of one snapshot and the latest probe results.
 
     While polls fail the lock series are left out rather than served stale.
@@ -143,7 +155,7 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = ()) -> bytes:
         parts.extend(_lock_text(snapshot))
     if probes:
         parts.extend(_probe_text(probes))
-    parts.extend(_exporter_text(snapshot))
+    parts.extend(_exporter_text(snapshot, reload))
     return "".join(parts).encode()
 
 
@@ -155,6 +167,7 @@ class Exposition:
         self._lock = threading.Lock()
         self._snapshot = snapshot or Snapshot(up=False)
         self._probes: tuple[ProbeResult, ...] = ()
+        self._reload = ReloadStatus()
         self._body: bytes | None = None
 
     def publish(self, snapshot: Snapshot) -> None:
@@ -165,17 +178,21 @@ class Exposition:
         with self._lock:
             self._probes, self._body = probes, None
 
+    def publish_reload(self, reload: ReloadStatus) -> None:
+        with self._lock:
+            self._reload, self._body = reload, None
+
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
 
     def body(self) -> bytes:
         with self._lock:
-            snapshot, probes, body = self._snapshot, self._probes, self._body
+            state, body = (self._snapshot, self._probes, self._reload), self._body
         if body is None:
             # Rendered outside the lock, so a publish never waits for a render.
-            body = render(snapshot, probes)
+            body = render(*state)
             with self._lock:
-                if self._snapshot is snapshot and self._probes is probes:
+                if all(a is b for a, b in zip((self._snapshot, self._probes, self._reload), state)):
                     self._body = body
         return body

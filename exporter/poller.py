@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import random
 import threading
@@ -15,7 +16,8 @@ import psycopg
 
 from . import keys, queries
 from .config import Config, LockConfig
-from .dsn import error_line, server_name
+from .deadline import OneAtATime, StuckCall
+from .dsn import connect, error_line, server_name
 from .snapshot import (
     PG_MODES,
     Holder,
@@ -49,6 +51,7 @@ class ServerInfo:
     database: str
     username: str
     is_superuser: bool
+    can_read_all_stats: bool
 
 
 def resolve_locks(
@@ -90,13 +93,18 @@ def find_collisions(locks: tuple[ResolvedLock, ...]) -> tuple[list[str], tuple[K
     return messages, tuple(pairs)
 
 
+def connect_poller(config: Config) -> psycopg.Connection:
+    """The poller's connection: statement_timeout = the poll interval."""
+    return connect(config.dsn, queries.APPLICATION_NAME, config.poll_interval, password_file=config.password_file)
+
+
 class Poller:
     """Polls pg_locks on its own connection and publishes a Snapshot after every attempt."""
 
     def __init__(
         self,
         config: Config,
-        connect: Callable[[], psycopg.Connection],
+        connect: Callable[[Config], psycopg.Connection],
         publish: Callable[[Snapshot], None],
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -117,17 +125,21 @@ class Poller:
         self._bucket_counts = [0] * len(DURATION_BUCKETS)
         self._duration_sum = 0.0
         self._last_success: float | None = None
+        self._holder_info_dropped = 0
         self._last_error: str | None = None
+        self._stats_lock = threading.Lock()
+        self._pending_config: Config | None = None
+        self._worker = OneAtATime("poll")
         self.server: ServerInfo | None = None
 
     # -- connection ---------------------------------------------------------------------
 
     def _open(self) -> psycopg.Connection:
-        conn = self._connect()
+        conn = self._connect(self._config)
         try:
             row = conn.execute(queries.SERVER_INFO).fetchone()
             assert row is not None
-            info = ServerInfo(int(row[0]), row[1], row[2], bool(row[3]))
+            info = ServerInfo(int(row[0]), row[1], row[2], bool(row[3]), bool(row[4]))
             string_keys = [lock.key for lock in self._config.locks if not keys.is_literal(lock.key)]
             string_tags = keys.resolve_string_keys(conn, string_keys)  # type: ignore[arg-type]
         except BaseException:
@@ -141,6 +153,12 @@ class Poller:
             log.warning("key collision: %s", message)
         if info.is_superuser:
             log.warning("connected as superuser %s: the exporter needs only pg_monitor (or pg_read_all_stats)", info.username)
+        elif not info.can_read_all_stats:
+            log.warning(
+                "role %s lacks pg_read_all_stats (GRANT pg_monitor TO %s): other roles' sessions show no state, "
+                "client address or backend start, so their holders get no idle hold-age bound and no client/state labels",
+                info.username, info.username,
+            )
         log.info(
             "connected to %s (PostgreSQL %s, database %s, user %s)",
             server_name(self._config.dsn), info.version_num, info.database, info.username,
@@ -223,21 +241,46 @@ class Poller:
             states.append(
                 LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(name), lock.config.max_hold)
             )
-        return tuple(states), tuple(sorted(unnamed, key=lambda u: u.database))
+        return self._cap_holder_info(states), tuple(sorted(unnamed, key=lambda u: u.database))
+
+    def _cap_holder_info(self, states: list[LockState]) -> tuple[LockState, ...]:
+        """Give holder_info series to the longest-held holders, within the per-lock and total caps."""
+        room = self._config.max_holder_info
+        capped, dropped = [], 0
+        for state in states:
+            if not state.holders:
+                capped.append(state)
+                continue
+            shown = sorted(state.holders, key=lambda h: -h.held_seconds)[: min(self._config.max_holder_info_per_lock, room)]
+            room -= len(shown)
+            dropped += len(state.holders) - len(shown)
+            capped.append(dataclasses.replace(state, info_holders=tuple(sorted(shown, key=lambda h: h.pid))))
+        if dropped:
+            with self._stats_lock:
+                self._holder_info_dropped += dropped
+        return tuple(capped)
 
     def _stats(self) -> PollStats:
         cumulative, total = [], 0
         for bound, count in zip(DURATION_BUCKETS, self._bucket_counts):
             total += count
             cumulative.append((bound, total))
-        return PollStats(self._polls, self._errors, tuple(cumulative), self._duration_sum, self._last_success)
+        return PollStats(
+            self._polls, self._errors, tuple(cumulative), self._duration_sum, self._last_success, self._holder_info_dropped
+        )
 
-    def _record(self, seconds: float) -> None:
-        self._polls += 1
-        self._duration_sum += seconds
-        slot = bisect.bisect_left(DURATION_BUCKETS, seconds)
-        if slot < len(DURATION_BUCKETS):
-            self._bucket_counts[slot] += 1
+    def _record(self, seconds: float, failed: bool) -> PollStats:
+        """Count one poll and return the totals, as one step: a stuck poll may return late."""
+        with self._stats_lock:
+            self._polls += 1
+            self._errors += failed
+            self._duration_sum += seconds
+            slot = bisect.bisect_left(DURATION_BUCKETS, seconds)
+            if slot < len(DURATION_BUCKETS):
+                self._bucket_counts[slot] += 1
+            if not failed:
+                self._last_success = self._wall_clock()
+            return self._stats()
 
     def poll_once(self) -> Snapshot:
         """Poll once; a failure becomes up=0 in the snapshot, never an exception."""
@@ -247,27 +290,24 @@ class Poller:
             now = self._clock()
             locks, unnamed = self._build(rows, now)
         except psycopg.Error as exc:
-            self._record(self._clock() - started)
-            self._errors += 1
-            self._fail(exc)
-            return Snapshot(up=False, stats=self._stats())
-        self._record(now - started)
-        self._last_success = self._wall_clock()
+            stats = self._record(self._clock() - started, failed=True)
+            self._fail(error_line(exc, self._config.dsn))
+            if self._conn is not None and (self._conn.closed or isinstance(exc, psycopg.OperationalError)):
+                self.close()
+            return Snapshot(up=False, stats=stats)
+        stats = self._record(now - started, failed=False)
         if self._last_error is not None:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
-        return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=self._stats())
+        return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=stats)
 
-    def _fail(self, exc: psycopg.Error) -> None:
-        message = error_line(exc, self._config.dsn)
+    def _fail(self, message: str) -> None:
         # One warning per distinct failure, not one per interval.
         if message != self._last_error:
             log.warning("poll failed on %s: %s", server_name(self._config.dsn), message)
         else:
             log.debug("poll failed again: %s", message)
         self._last_error = message
-        if self._conn is not None and (self._conn.closed or isinstance(exc, psycopg.OperationalError)):
-            self.close()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -277,13 +317,34 @@ class Poller:
         delay = min(interval, BACKOFF_FIRST * 2 ** min(failures - 1, 30))
         return delay * random.uniform(0.5, 1.0)
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a new config from the next poll on (reconnecting, so keys are resolved anew)."""
+        self._pending_config = config
+
+    def _apply_pending_config(self) -> None:
+        config, self._pending_config = self._pending_config, None
+        if config is not None:
+            self.close()
+            self._config = config
+
+    def _poll_with_deadline(self) -> Snapshot:
+        """poll_once, or up=0 if it does not return within an interval (a hung server)."""
+        interval = self._config.poll_interval
+        try:
+            return self._worker.call(self.poll_once, timeout=interval)
+        except StuckCall as exc:
+            self._fail(f"{exc}: is the server hung? No new connection until it returns")
+            return Snapshot(up=False, stats=self._record(interval, failed=True))
+
     def run(self, stop: threading.Event) -> None:
         """Poll every interval until stop is set; publishes after every attempt."""
         failures = 0
         next_at = self._clock()
         try:
             while not stop.is_set():
-                snapshot = self.poll_once()
+                if not self._worker.busy:
+                    self._apply_pending_config()
+                snapshot = self._poll_with_deadline()
                 self._publish(snapshot)
                 now = self._clock()
                 if snapshot.up:
@@ -298,4 +359,5 @@ class Poller:
                     next_at = now + delay
                 stop.wait(delay)
         finally:
-            self.close()
+            if not self._worker.busy:
+                self.close()

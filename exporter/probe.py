@@ -18,7 +18,8 @@ import psycopg
 
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
-from .dsn import database_name, error_line
+from .deadline import OneAtATime, StuckCall
+from .dsn import connect, database_name, error_line
 from .snapshot import ProbeResult
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ def probe_timeout(config: Config) -> float:
 
 class ProbeUnavailable(Exception):
     """No connection to try with right now (a recent connect failed)."""
+
+
+def connect_probe(config: Config, database: str | None) -> psycopg.Connection:
+    """A probe connection to database (None: the dsn's own)."""
+    return connect(
+        config.dsn, queries.PROBE_APPLICATION_NAME, probe_timeout(config), database, password_file=config.password_file
+    )
 
 
 def try_statement(key: keys.KeySpec) -> tuple[str, dict[str, Any]]:
@@ -71,7 +79,7 @@ class Prober:
     def __init__(
         self,
         config: Config,
-        connect: Callable[[str | None], psycopg.Connection],
+        connect: Callable[[Config, str | None], psycopg.Connection],
         publish: Callable[[tuple[ProbeResult, ...]], None],
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -90,6 +98,9 @@ class Prober:
         self._errors: dict[str, int] = {}
         self._last_error: dict[str, str] = {}
         self._results: dict[str, ProbeResult] = {}
+        self._results_lock = threading.Lock()
+        self._pending_config: Config | None = None
+        self._worker = OneAtATime("probe")
 
     def _database_label(self, lock: LockConfig) -> str:
         if lock.database:
@@ -103,7 +114,7 @@ class Prober:
         if self._clock() < self._retry_at.get(database, 0.0):
             raise ProbeUnavailable("not connected (waiting to reconnect after a failed connect)")
         try:
-            conn = self._connect(database)
+            conn = self._connect(self._config, database)
             row = conn.execute(queries.SERVER_INFO).fetchone()
         except psycopg.Error:
             failures = self._failures.get(database, 0) + 1
@@ -124,62 +135,94 @@ class Prober:
 
     def try_lock(self, lock: LockConfig) -> ProbeResult:
         """One try of one lock; a failure is counted and reported, never raised."""
-        assert lock.probe is not None
         sql, params = try_statement(lock.key)
-        acquirable: bool | None = None
         started = self._clock()
         try:
             conn = self._connection(lock.database)
             started = self._clock()
             row = conn.execute(sql, params).fetchone()
-            acquirable = bool(row and row[0])
         except (psycopg.Error, ProbeUnavailable) as exc:
-            self._errors[lock.name] = self._errors.get(lock.name, 0) + 1
-            message = error_line(exc, self._config.dsn)
-            if self._last_error.get(lock.name) != message:
-                log.warning("probe of %r failed: %s", lock.name, message)
-            self._last_error[lock.name] = message
             conn = self._conns.get(lock.database)
             if conn is not None and (conn.closed or isinstance(exc, psycopg.OperationalError)):
                 self._drop(lock.database)
-        else:
-            if self._last_error.pop(lock.name, None) is not None:
+            return self._record(lock, None, self._clock() - started, error_line(exc, self._config.dsn))
+        return self._record(lock, bool(row and row[0]), self._clock() - started, None)
+
+    def _record(self, lock: LockConfig, acquirable: bool | None, duration: float, error: str | None) -> ProbeResult:
+        assert lock.probe is not None
+        with self._results_lock:
+            if error is not None:
+                self._errors[lock.name] = self._errors.get(lock.name, 0) + 1
+                if self._last_error.get(lock.name) != error:
+                    log.warning("probe of %r failed: %s", lock.name, error)
+                self._last_error[lock.name] = error
+            elif self._last_error.pop(lock.name, None) is not None:
                 log.info("probe of %r succeeds again", lock.name)
-        result = ProbeResult(
-            lock=lock.name,
-            database=self._database_label(lock),
-            acquirable=acquirable,
-            ok=acquirable is not None and matches(lock.probe.expect, acquirable),
-            duration=self._clock() - started,
-            errors=self._errors.get(lock.name, 0),
-            last_run=self._wall_clock(),
-        )
-        self._results[lock.name] = result
-        return result
+            result = ProbeResult(
+                lock=lock.name,
+                database=self._database_label(lock),
+                acquirable=acquirable,
+                ok=acquirable is not None and matches(lock.probe.expect, acquirable),
+                duration=duration,
+                errors=self._errors.get(lock.name, 0),
+                last_run=self._wall_clock(),
+            )
+            self._results[lock.name] = result
+            return result
 
     def results(self) -> tuple[ProbeResult, ...]:
-        return tuple(self._results[lock.name] for lock in self._locks if lock.name in self._results)
+        with self._results_lock:
+            return tuple(self._results[lock.name] for lock in self._locks if lock.name in self._results)
+
+    def reconfigure(self, config: Config) -> None:
+        """Use a new config from the next try on; error counts of kept locks carry over."""
+        self._pending_config = config
+
+    def _apply_pending_config(self) -> bool:
+        config, self._pending_config = self._pending_config, None
+        if config is None:
+            return False
+        self.close()
+        with self._results_lock:
+            self._config, self._locks = config, config.probed
+            kept = {lock.name for lock in self._locks}
+            self._results = {name: r for name, r in self._results.items() if name in kept}
+        self._retry_at.clear()
+        self._failures.clear()
+        return True
 
     def run(self, stop: threading.Event) -> None:
         """Try every probed lock on its interval until stop is set."""
-        if not self._locks:
-            return
-        due = first_due(self._clock(), self._locks)
+        due: list[float] = []
         try:
             while not stop.is_set():
+                if not self._worker.busy and self._apply_pending_config():
+                    due = []
+                    self._publish(self.results())
+                if not self._locks:
+                    stop.wait(0.5)  # a reload may add probes
+                    continue
+                if not due:
+                    due = first_due(self._clock(), self._locks)
                 index = min(range(len(due)), key=due.__getitem__)
                 delay = due[index] - self._clock()
-                if delay > 0 and stop.wait(delay):
+                if delay > 0 and stop.wait(min(delay, 0.5)):
                     break
+                if delay > 0.5:
+                    continue
                 lock = self._locks[index]
-                self.try_lock(lock)
+                try:
+                    self._worker.call(lambda: self.try_lock(lock), timeout=probe_timeout(self._config) + 1.0)
+                except StuckCall as exc:
+                    self._record(lock, None, probe_timeout(self._config) + 1.0, f"{exc}: is the server hung?")
                 self._publish(self.results())
                 interval = lock.probe.interval  # type: ignore[union-attr]
                 due[index] += interval
                 if due[index] <= self._clock():  # overran: skip the missed tries
                     due[index] = self._clock() + interval
         finally:
-            self.close()
+            if not self._worker.busy:
+                self.close()
 
     def close(self) -> None:
         for database in list(self._conns):

@@ -14,7 +14,8 @@ SERVER_INFO = """
 SELECT current_setting('server_version_num')::int AS version_num,
        current_database() AS database,
        current_user AS username,
-       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS is_superuser
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS is_superuser,
+       pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') AS can_read_all_stats
 """
 
 # Every statement of every exporter connection is bounded; none may queue on a lock.

@@ -39,7 +39,9 @@ def landing_page(telemetry_path: str) -> bytes:
     ).encode()
 
 
-def make_handler(exposition: Exposition, telemetry_path: str, is_ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    exposition: Exposition, telemetry_path: str, is_ready: Callable[[], bool], reload: Callable[[], bool] | None
+) -> type[BaseHTTPRequestHandler]:
     landing = landing_page(telemetry_path)
 
     class Handler(BaseHTTPRequestHandler):
@@ -80,7 +82,17 @@ def make_handler(exposition: Exposition, telemetry_path: str, is_ready: Callable
         def _not_allowed(self) -> None:
             self._send(405, b"method not allowed\n", "text/plain; charset=utf-8")
 
-        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.split("?", 1)[0] != "/-/reload":
+                self._not_allowed()
+            elif reload is None:
+                self._send(403, b"lifecycle API is not enabled (--web.enable-lifecycle)\n", "text/plain; charset=utf-8")
+            elif reload():
+                self._send(200, b"config reloaded\n", "text/plain; charset=utf-8")
+            else:
+                self._send(500, b"config refused; the previous config stays in force (see the log)\n", "text/plain; charset=utf-8")
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             log.debug("http: " + format, *args)
@@ -91,9 +103,16 @@ def make_handler(exposition: Exposition, telemetry_path: str, is_ready: Callable
 class MetricsServer:
     """A threaded HTTP server on its own thread."""
 
-    def __init__(self, address: str, exposition: Exposition, telemetry_path: str, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        address: str,
+        exposition: Exposition,
+        telemetry_path: str,
+        is_ready: Callable[[], bool],
+        reload: Callable[[], bool] | None = None,
+    ) -> None:
         host, port = parse_listen_address(address)
-        handler = make_handler(exposition, telemetry_path, is_ready)
+        handler = make_handler(exposition, telemetry_path, is_ready, reload)
         try:
             self._httpd = ThreadingHTTPServer((host, port), handler)
         except OSError as exc:

@@ -35,6 +35,8 @@ class LockState:
     wait_seconds: float
     acquisitions: int
     max_hold: float | None = None
+    # The holders given a holder_info series: the longest-held first, within the configured caps.
+    info_holders: tuple[Holder, ...] = ()
 
     def holders_in(self, mode: str) -> int:
         return sum(1 for h in self.holders if mode in h.modes)
@@ -76,6 +78,14 @@ class ProbeResult:
 
 
 @dataclass(frozen=True)
+class ReloadStatus:
+    """The outcome of the last config load (start-up counts as one)."""
+
+    successful: bool = True
+    last_success_timestamp: float | None = None
+
+
+@dataclass(frozen=True)
 class PollStats:
     """The poller's running totals, copied into every snapshot."""
 
@@ -84,6 +94,7 @@ class PollStats:
     duration_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound, cumulative count)
     duration_sum: float = 0.0
     last_success_timestamp: float | None = None
+    holder_info_dropped: int = 0
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,7 @@ import pytest
 from psycopg import conninfo
 
 from exporter.config import parse_config
-from exporter.dsn import connect
-from exporter.poller import Poller
-from exporter import queries
+from exporter.poller import Poller, connect_poller
 from exporter.snapshot import Snapshot
 from tests.pgcluster import Cluster, ClusterError
 
@@ -135,7 +133,7 @@ def make_poller(server: Server) -> Iterator[Callable[..., Poller]]:
         published: list[Snapshot] = []
         poller = Poller(
             config,
-            connect=lambda: connect(config.dsn, queries.APPLICATION_NAME, config.poll_interval),
+            connect=connect_poller,
             publish=published.append,
             clock=clock,
         )
@@ -150,7 +148,7 @@ def make_poller(server: Server) -> Iterator[Callable[..., Poller]]:
 @pytest.fixture
 def make_prober(server: Server) -> Iterator[Callable[..., Any]]:
     """Prober over a config given as a dict (dsn defaults to the test server's postgres db)."""
-    from exporter.probe import Prober, probe_timeout
+    from exporter.probe import Prober, connect_probe
 
     made: list[Any] = []
 
@@ -158,7 +156,7 @@ def make_prober(server: Server) -> Iterator[Callable[..., Any]]:
         config = parse_config({"dsn": server.dsn(), **raw}, "test")
         prober = Prober(
             config,
-            connect=lambda database: connect(config.dsn, queries.PROBE_APPLICATION_NAME, probe_timeout(config), database),
+            connect=connect_probe,
             publish=publish,
         )
         made.append(prober)

@@ -120,8 +120,8 @@ class Cluster:
         }
         return " ".join(f"-c {k}={v}" for k, v in settings.items())
 
-    def start(self) -> "Cluster":
-        """initdb a new cluster in a temporary folder and start it."""
+    def init(self) -> "Cluster":
+        """initdb a new cluster in a temporary folder and pick its port, without starting it."""
         self.root = tempfile.mkdtemp(prefix="pgale-")
         os.chmod(self.root, 0o755)
         if os.geteuid() == 0:
@@ -129,6 +129,12 @@ class Cluster:
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         atexit.register(self.destroy)
         self._run("initdb", "-D", self.datadir, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C")
+        self.port = free_port()
+        return self
+
+    def start(self) -> "Cluster":
+        """initdb a new cluster in a temporary folder and start it."""
+        self.init()
         for attempt in range(5):
             self.port = free_port()
             try:

@@ -113,7 +113,7 @@ def test_probe_counts_errors_and_recovers(server) -> None:
     config = parse_config({"dsn": server.dsn(), "locks": LOCKS}, "t")
     down = [True]
 
-    def connect_while_down(database):
+    def connect_while_down(config, database):
         dsn = f"host=127.0.0.1 port={free_port()} dbname=postgres user=postgres" if down[0] else config.dsn
         return connect(dsn, queries.PROBE_APPLICATION_NAME, 1.0, database)
 

@@ -8,10 +8,8 @@ import time
 import psycopg
 import pytest
 
-from exporter import queries
 from exporter.config import parse_config
-from exporter.dsn import connect
-from exporter.poller import Poller
+from exporter.poller import Poller, connect_poller
 from tests.conftest import wait_until
 from tests.metrics_util import series, value
 from exporter.metrics import render
@@ -50,7 +48,7 @@ def test_core_behaviour(versioned) -> None:
     major, cluster = versioned
     dsn = cluster.dsn()
     config = parse_config({"dsn": dsn, "poll_interval": "1s", "locks": LOCKS}, "t")
-    poller = Poller(config, connect=lambda: connect(dsn, queries.APPLICATION_NAME, 5.0), publish=lambda s: None)
+    poller = Poller(config, connect=connect_poller, publish=lambda s: None)
     with psycopg.connect(dsn, autocommit=True, application_name="holder") as holder, \
             psycopg.connect(dsn, autocommit=True, application_name="sharer") as sharer, \
             psycopg.connect(dsn, autocommit=True, application_name="owner") as owner, \

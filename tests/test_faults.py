@@ -1,0 +1,204 @@
+"""Faults the exporter must ride out, each against a real server the test controls."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import psycopg
+import pytest
+import yaml
+
+from exporter import queries
+from tests.conftest import wait_until
+from tests.exporter_proc import ExporterProcess
+from tests.metrics_util import parse
+from tests.pgcluster import Cluster
+
+LOCKS = [
+    {"name": "leader", "key": 4242, "probe": {"expect": "held", "interval": "200ms"}},
+    {"name": "digest", "key": {"hashtext": "hourly-digest"}},
+]
+UP = ("pg_advisory_lock_exporter_up", ())
+LEADER = (("database", "postgres"), ("lock", "leader"))
+DIGEST = (("database", "postgres"), ("lock", "digest"))
+
+
+@pytest.fixture
+def cluster():
+    made = Cluster().init()
+    yield made
+    made.destroy()
+
+
+@pytest.fixture
+def exporters(tmp_path):
+    started: list[ExporterProcess] = []
+
+    def start(config: dict, *args: str) -> ExporterProcess:
+        proc = ExporterProcess(tmp_path, config, *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def up(text: str) -> float | None:
+    return parse(text).get(UP)
+
+
+@pytest.mark.slow
+def test_server_down_at_start_then_first_good_poll_within_an_interval(cluster, exporters) -> None:
+    proc = exporters({"dsn": cluster.dsn(), "poll_interval": "1s", "locks": LOCKS})
+    proc.metrics_when(lambda t: up(t) == 0 and parse(t)[("pg_advisory_lock_exporter_poll_errors_total", ())] >= 3)
+    assert "pg_advisory_lock_holders" not in proc.get()[1]
+    cluster.pg_ctl_start()
+    came_up = time.monotonic()
+    proc.metrics_when(lambda t: up(t) == 1, timeout=10)
+    # Backoff is capped at the interval (1 s), plus one scrape's slack.
+    assert time.monotonic() - came_up < 1.5
+    assert "Traceback" not in proc.log()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_server_restart_reconnects_and_counts_new_holders(cluster, exporters, mode) -> None:
+    cluster.pg_ctl_start()
+    proc = exporters({"dsn": cluster.dsn(), "poll_interval": "200ms", "locks": LOCKS})
+    holder = psycopg.connect(cluster.dsn(), autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(hashtext('hourly-digest'))")
+    proc.metrics_when(lambda t: parse(t).get(("pg_advisory_lock_holders", (*LEADER, ("mode", "exclusive")))) == 1)
+    cluster.restart(mode)
+    holder.close()
+    proc.metrics_when(lambda t: up(t) == 1 and parse(t).get(("pg_advisory_lock_holders", (*LEADER, ("mode", "exclusive")))) == 0)
+    # A holder after the restart is a new holder; the string key was resolved again.
+    with psycopg.connect(cluster.dsn(), autocommit=True) as again:
+        again.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(hashtext('hourly-digest'))")
+        text = proc.metrics_when(
+            lambda t: parse(t).get(("pg_advisory_lock_acquisitions_total", LEADER)) == 1
+            and parse(t).get(("pg_advisory_lock_acquisitions_total", DIGEST)) == 1
+        )
+    assert proc.log().count("connected to 127.0.0.1:") >= 2
+    assert "Traceback" not in proc.log()
+
+
+def server_connections(cluster: Cluster) -> int:
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"dst 127.0.0.1:{cluster.port}"],
+                         capture_output=True, text=True).stdout
+    return len(out.splitlines())
+
+
+@pytest.mark.slow
+def test_hung_server_keeps_metrics_answering_without_piling_up_connections(cluster, exporters) -> None:
+    cluster.pg_ctl_start()
+    proc = exporters({"dsn": cluster.dsn(), "poll_interval": "500ms", "locks": LOCKS})
+    proc.metrics_when(lambda t: up(t) == 1)
+    cluster.signal_all(signal.SIGSTOP)
+    try:
+        hung_at = time.monotonic()
+        proc.metrics_when(lambda t: up(t) == 0, timeout=10)
+        assert time.monotonic() - hung_at < 2.0  # within about one interval (the poll's deadline)
+        most = 0
+        for _ in range(20):  # 4 s of a hung server: scrapes answer, connections stay at two at most
+            started = time.monotonic()
+            status, text = proc.get()
+            assert status == 200 and up(text) == 0 and time.monotonic() - started < 1.0
+            most = max(most, server_connections(cluster))
+            time.sleep(0.2)
+        assert most <= 2, most
+    finally:
+        cluster.signal_all(signal.SIGCONT)
+    proc.metrics_when(lambda t: up(t) == 1, timeout=15)
+    assert "is the server hung?" in proc.log()
+
+
+@pytest.mark.slow
+def test_connections_exhausted_then_a_slot_frees(cluster, exporters) -> None:
+    cluster.settings.update({"max_connections": "6", "superuser_reserved_connections": "1"})
+    cluster.pg_ctl_start()
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute("CREATE ROLE exporter LOGIN; GRANT pg_monitor TO exporter")
+    hogs = [psycopg.connect(cluster.dsn(), autocommit=True) for _ in range(5)]
+    try:
+        proc = exporters({"dsn": cluster.dsn(user="exporter"), "poll_interval": "300ms", "locks": LOCKS})
+        proc.metrics_when(lambda t: up(t) == 0 and parse(t)[("pg_advisory_lock_exporter_poll_errors_total", ())] >= 2)
+        wait_until(lambda: "max_connections is reached" in proc.log())
+        hogs.pop().close()  # the exporter needs two slots: the poller's and the probe's
+        hogs.pop().close()
+        proc.metrics_when(lambda t: up(t) == 1, timeout=10)
+    finally:
+        for hog in hogs:
+            hog.close()
+    lines = [l for l in proc.log().splitlines() if "exporter.poller" in l and "max_connections is reached" in l]
+    assert len(lines) == 1, proc.log()  # one clear line, not one per attempt
+
+
+@pytest.mark.slow
+def test_missing_grants_are_named_and_the_rest_is_exported(cluster, exporters) -> None:
+    cluster.pg_ctl_start()
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute("CREATE ROLE plain LOGIN")
+        admin.execute("CREATE ROLE locked_out LOGIN")
+        admin.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+        admin.execute("GRANT CONNECT ON DATABASE postgres TO plain")
+        with psycopg.connect(cluster.dsn(), autocommit=True, application_name="worker") as holder:
+            holder.execute("SELECT pg_advisory_lock(4242)")
+            plain = exporters({"dsn": cluster.dsn(user="plain"), "poll_interval": "300ms", "locks": LOCKS})
+            text = plain.metrics_when(lambda t: up(t) == 1)
+            samples = parse(text)
+            assert samples[("pg_advisory_lock_holders", (*LEADER, ("mode", "exclusive")))] == 1
+            info = [dict(k[1]) for k in samples if k[0] == "pg_advisory_lock_holder_info"]
+            # pid, application and user are visible to all; state and address need pg_read_all_stats.
+            assert info[0]["application_name"] == "worker" and info[0]["state"] == "" and info[0]["client_addr"] == ""
+            assert "role plain lacks pg_read_all_stats (GRANT pg_monitor TO plain)" in plain.log()
+            locked = exporters({"dsn": cluster.dsn(user="locked_out"), "poll_interval": "300ms", "locks": LOCKS})
+            locked.metrics_when(lambda t: up(t) == 0)
+            wait_until(lambda: "GRANT CONNECT ON DATABASE" in locked.log())
+
+
+def test_sighup_reloads_and_refuses_a_bad_config(server, exporters, sessions) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(77)")
+    proc = exporters({"dsn": server.dsn(), "poll_interval": "200ms", "locks": LOCKS}, "--web.enable-lifecycle")
+    text = proc.metrics_when(lambda t: up(t) == 1)
+    first_load = parse(text)[("pg_advisory_lock_exporter_config_last_reload_success_timestamp_seconds", ())]
+    assert parse(text)[("pg_advisory_lock_exporter_config_last_reload_successful", ())] == 1
+    seventy_seven = (("database", "postgres"), ("lock", "seventy-seven"))
+
+    proc.config_path.write_text(yaml.safe_dump({"dsn": server.dsn(), "poll_interval": "200ms",
+                                                "locks": [*LOCKS, {"name": "seventy-seven", "key": 77}]}))
+    proc.proc.send_signal(signal.SIGHUP)
+    text = proc.metrics_when(lambda t: parse(t).get(("pg_advisory_lock_holders", (*seventy_seven, ("mode", "exclusive")))) == 1)
+    assert parse(text)[("pg_advisory_lock_exporter_config_last_reload_success_timestamp_seconds", ())] > first_load
+
+    proc.config_path.write_text("locks: [{name: x, key: 99999999999999999999}]\n")
+    proc.proc.send_signal(signal.SIGHUP)
+    text = proc.metrics_when(lambda t: parse(t)[("pg_advisory_lock_exporter_config_last_reload_successful", ())] == 0)
+    # The old config stays in force.
+    assert parse(text).get(("pg_advisory_lock_holders", (*seventy_seven, ("mode", "exclusive")))) == 1
+    assert "config reload refused:" in proc.log() and "locks[0].key: 99999999999999999999 is outside bigint" in proc.log()
+
+    request = urllib.request.Request(proc.url + "/-/reload", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 500
+    proc.config_path.write_text(yaml.safe_dump({"dsn": server.dsn(), "poll_interval": "200ms", "locks": LOCKS}))
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+    text = proc.metrics_when(lambda t: parse(t)[("pg_advisory_lock_exporter_config_last_reload_successful", ())] == 1
+                             and ("pg_advisory_lock_holders", (*seventy_seven, ("mode", "exclusive"))) not in parse(t))
+    assert proc.proc.poll() is None
+
+
+def test_reload_endpoint_is_off_unless_enabled(server, exporters) -> None:
+    proc = exporters({"dsn": server.dsn(), "locks": LOCKS})
+    proc.wait_ready()
+    request = urllib.request.Request(proc.url + "/-/reload", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 403
