@@ -18,6 +18,7 @@ from .poller import Poller, connect_poller
 from .probe import Prober, connect_probe
 from .server import ListenAddressError, MetricsServer
 from .snapshot import ReloadStatus
+from .webconfig import WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     flag("--config.file", "config.yaml", "config file to load", dest="config_file", metavar="PATH")
     flag("--web.listen-address", f":{DEFAULT_PORT}", "address to serve on", dest="listen_address", metavar="[HOST]:PORT")
+    flag("--web.config.file", "", "TLS and basic auth config, exporter-toolkit format", dest="web_config_file", metavar="PATH")
     flag("--web.telemetry-path", "/metrics", "path of the metrics", dest="telemetry_path", metavar="PATH")
     flag("--log.level", "info", "log level: " + "|".join(logs.LEVELS), dest="log_level", metavar="LEVEL")
     flag("--log.format", "logfmt", "log format: " + "|".join(logs.FORMATS), dest="log_format", metavar="FORMAT")
@@ -74,6 +76,12 @@ def _check_choice(parser: argparse.ArgumentParser, flag: str, value: str, choice
         parser.error(f"{flag}: {value!r} is not one of {', '.join(choices)}")
 
 
+def print_config_error(exc: ConfigError) -> None:
+    """Every problem, one line each, located: 'config.yaml: locks[3].key: ...'."""
+    for detail in exc.details:
+        print(f"{exc.source}: {detail}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -86,9 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config_file)
     except ConfigError as exc:
-        for detail in exc.details:
-            print(f"{exc.source}: {detail}", file=sys.stderr)
+        print_config_error(exc)
         return EXIT_CONFIG
+    web = WebConfig()
+    if args.web_config_file:
+        try:
+            web = load_web_config(args.web_config_file)
+        except ConfigError as exc:
+            print_config_error(exc)
+            return EXIT_CONFIG
     if args.check_config:
         print(f"{args.config_file}: ok: {config.summary()}")
         return EXIT_OK
@@ -131,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = MetricsServer(
             args.listen_address, exposition, args.telemetry_path, first_poll.is_set,
-            reload if args.enable_lifecycle else None,
+            reload if args.enable_lifecycle else None, web,
         )
     except ListenAddressError as exc:
         print(str(exc), file=sys.stderr)

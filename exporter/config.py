@@ -16,6 +16,7 @@ import yaml
 from . import keys
 from .dsn import DsnError, describe_dsn
 
+MAX_CONFIG_BYTES = 1024 * 1024
 DEFAULT_POLL_INTERVAL = 5.0
 MIN_POLL_INTERVAL = 0.1
 
@@ -388,7 +389,9 @@ def load_config(path: str) -> Config:
     """Read, parse and validate a config file."""
     try:
         with open(path, "rb") as handle:
-            text = handle.read()
+            text = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(path, [f"cannot read: {exc.strerror or exc}"]) from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, [f"larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB: not a config file"])
     return parse_config(load_yaml_text(text, path), path)

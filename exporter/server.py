@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
+import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from . import __version__
 from .metrics import CONTENT_TYPE, Exposition
+from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,11 @@ def landing_page(telemetry_path: str) -> bytes:
 
 
 def make_handler(
-    exposition: Exposition, telemetry_path: str, is_ready: Callable[[], bool], reload: Callable[[], bool] | None
+    exposition: Exposition,
+    telemetry_path: str,
+    is_ready: Callable[[], bool],
+    reload: Callable[[], bool] | None,
+    web: WebConfig,
 ) -> type[BaseHTTPRequestHandler]:
     landing = landing_page(telemetry_path)
 
@@ -48,6 +56,33 @@ def make_handler(
         server_version = f"pg-advisory-lock-exporter/{__version__}"
         timeout = CLIENT_TIMEOUT_SECONDS
         protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            if web.tls is not None:
+                # The TLS handshake runs here, on this connection's thread, so a slow or silent
+                # client never holds up the accept loop and other scrapes.
+                self.request.settimeout(CLIENT_TIMEOUT_SECONDS)
+                self.request = web.tls.wrap_socket(self.request, server_side=True)
+            super().setup()
+
+        def _authorized(self) -> bool:
+            if web.auth is None:
+                return True
+            header = self.headers.get("Authorization", "")
+            if header.startswith("Basic "):
+                try:
+                    user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+                except (ValueError, UnicodeDecodeError):
+                    user, password = "", ""
+                if user and web.auth.check(user, password):
+                    return True
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="pg-advisory-lock-exporter", charset="UTF-8"')
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", "13")
+            self.end_headers()
+            self.wfile.write(b"unauthorized\n")
+            return False
 
         def _send(self, status: int, body: bytes, content_type: str, head: bool = False) -> None:
             self.send_response(status)
@@ -60,6 +95,8 @@ def make_handler(
                 self.wfile.write(body)
 
         def _route(self, head: bool) -> None:
+            if not self._authorized():
+                return
             path = self.path.split("?", 1)[0]
             if path == telemetry_path:
                 self._send(200, exposition.body(), CONTENT_TYPE, head)
@@ -83,6 +120,8 @@ def make_handler(
             self._send(405, b"method not allowed\n", "text/plain; charset=utf-8")
 
         def do_POST(self) -> None:  # noqa: N802
+            if not self._authorized():
+                return
             if self.path.split("?", 1)[0] != "/-/reload":
                 self._not_allowed()
             elif reload is None:
@@ -100,6 +139,19 @@ def make_handler(
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that drops, times out or fails the TLS handshake is the client's problem:
+        # one debug line, not a traceback on stderr.
+        log.debug("http: connection from %s failed: %s", client_address, sys.exc_info()[1])
+
+
+class _IPv6Server(_Server):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """A threaded HTTP server on its own thread."""
 
@@ -110,11 +162,13 @@ class MetricsServer:
         telemetry_path: str,
         is_ready: Callable[[], bool],
         reload: Callable[[], bool] | None = None,
+        web: WebConfig = WebConfig(),
     ) -> None:
         host, port = parse_listen_address(address)
-        handler = make_handler(exposition, telemetry_path, is_ready, reload)
+        handler = make_handler(exposition, telemetry_path, is_ready, reload, web)
+        server_class = _IPv6Server if ":" in host else _Server
         try:
-            self._httpd = ThreadingHTTPServer((host, port), handler)
+            self._httpd = server_class((host, port), handler)
         except OSError as exc:
             raise ListenAddressError(f"--web.listen-address: cannot listen on {address}: {exc.strerror or exc}") from None
         self._httpd.daemon_threads = True

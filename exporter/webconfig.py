@@ -1,0 +1,159 @@
+"""--web.config.file: TLS and basic auth, in the exporter-toolkit format Prometheus users know.
+
+    tls_server_config:
+      cert_file: server.crt
+      key_file: server.key
+      client_auth_type: RequireAndVerifyClientCert   # or VerifyClientCertIfGiven, NoClientCert
+      client_ca_file: ca.crt
+      min_version: TLS12
+    basic_auth_users:
+      prometheus: $2y$10$...                          # bcrypt hashes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import bcrypt
+
+from .config import ConfigError, load_yaml_text
+
+_TOP_FIELDS = ("tls_server_config", "basic_auth_users", "http_server_config")
+_TLS_FIELDS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version")
+CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+
+
+@dataclass
+class BasicAuth:
+    """Checks user:password against bcrypt hashes; a good pair is remembered (as a digest), so
+    bcrypt's deliberate slowness is paid once per client, not once per scrape."""
+
+    users: dict[str, bytes]
+    _good: set[bytes] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, user: str, password: str) -> bool:
+        digest = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        with self._lock:
+            if digest in self._good:
+                return True
+        hashed = self.users.get(user)
+        # Compare against a hash even for an unknown user, so timing does not tell users apart.
+        ok = bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
+        if ok:
+            with self._lock:
+                self._good.add(digest)
+        return ok
+
+
+_DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=4))
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    tls: ssl.SSLContext | None = None
+    auth: BasicAuth | None = None
+
+
+def _unknown(data: dict[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
+    return [f"{where}{f}: unknown field (allowed: {', '.join(allowed)})" for f in sorted(map(str, data)) if f not in allowed]
+
+
+def _tls(data: Any, base: str, errors: list[str]) -> ssl.SSLContext | None:
+    if not isinstance(data, dict):
+        errors.append("tls_server_config: expected a mapping")
+        return None
+    errors.extend(_unknown(data, _TLS_FIELDS, "tls_server_config."))
+    paths = {}
+    for name in ("cert_file", "key_file", "client_ca_file"):
+        value = data.get(name)
+        if value is None:
+            continue
+        path = os.path.join(base, value) if isinstance(value, str) else ""
+        if not isinstance(value, str) or not os.access(path, os.R_OK):
+            errors.append(f"tls_server_config.{name}: cannot read {value!r}")
+        else:
+            paths[name] = path
+    for name in ("cert_file", "key_file"):
+        if name not in data:
+            errors.append(f"tls_server_config.{name}: required")
+    auth_type = data.get("client_auth_type", "NoClientCert")
+    if auth_type not in CLIENT_AUTH:
+        errors.append(f"tls_server_config.client_auth_type: {auth_type!r} is not one of {', '.join(CLIENT_AUTH)}")
+    elif auth_type != "NoClientCert" and "client_ca_file" not in data:
+        errors.append(f"tls_server_config.client_ca_file: required with client_auth_type {auth_type}")
+    versions = {}
+    for name in ("min_version", "max_version"):
+        if name in data:
+            if data[name] not in TLS_VERSIONS:
+                errors.append(f"tls_server_config.{name}: {data[name]!r} is not one of {', '.join(TLS_VERSIONS)}")
+            else:
+                versions[name] = TLS_VERSIONS[data[name]]
+    if errors:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = versions.get("min_version", ssl.TLSVersion.TLSv1_2)
+    if "max_version" in versions:
+        context.maximum_version = versions["max_version"]
+    try:
+        context.load_cert_chain(paths["cert_file"], paths["key_file"])
+    except (ssl.SSLError, OSError) as exc:
+        errors.append(f"tls_server_config.cert_file: cannot load the certificate and key: {exc}")
+        return None
+    context.verify_mode = CLIENT_AUTH[auth_type]
+    if "client_ca_file" in paths:
+        try:
+            context.load_verify_locations(paths["client_ca_file"])
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(f"tls_server_config.client_ca_file: cannot load: {exc}")
+            return None
+    return context
+
+
+def _users(data: Any, errors: list[str]) -> BasicAuth | None:
+    if not isinstance(data, dict) or not data:
+        errors.append("basic_auth_users: expected a mapping of user names to bcrypt hashes")
+        return None
+    users = {}
+    for user, hashed in data.items():
+        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            errors.append(f"basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
+            continue
+        # bcrypt the library knows $2a$ and $2b$; $2y$ (htpasswd's) is the same algorithm.
+        users[str(user)] = ("$2b$" + hashed[4:]).encode()
+    return BasicAuth(users) if not errors else None
+
+
+def load_web_config(path: str) -> WebConfig:
+    """Read and check a web config file; ConfigError lists every problem."""
+    try:
+        with open(path, "rb") as handle:
+            data = load_yaml_text(handle.read(), path)
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror or exc}"]) from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["expected a mapping at the top level"])
+    errors = _unknown(data, _TOP_FIELDS, "")
+    base = os.path.dirname(os.path.abspath(path))
+    tls = _tls(data["tls_server_config"], base, errors) if "tls_server_config" in data else None
+    auth = _users(data["basic_auth_users"], errors) if "basic_auth_users" in data else None
+    if errors:
+        raise ConfigError(path, errors)
+    return WebConfig(tls=tls, auth=auth)
+

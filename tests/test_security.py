@@ -1,0 +1,193 @@
+"""--web.config.file (TLS, mutual TLS, basic auth) and secrets kept out of every output."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+import pytest
+import yaml
+
+from tests.exporter_proc import ExporterProcess
+from tests.metrics_util import parse
+
+LOCKS = [{"name": "leader", "key": 4242}]
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1, and a client certificate, made with openssl."""
+    d = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=test-ca", cwd=d)
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(extra + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+@pytest.fixture
+def start(tmp_path, server):
+    started: list[ExporterProcess] = []
+
+    def run(web: dict | None, *args: str) -> ExporterProcess:
+        extra = list(args)
+        if web is not None:
+            path = tmp_path / "web.yaml"
+            path.write_text(yaml.safe_dump(web))
+            extra.append(f"--web.config.file={path}")
+        proc = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "200ms", "locks": LOCKS}, *extra)
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        proc.stop()
+
+
+def https_get(port: int, context: ssl.SSLContext, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, str]:
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/metrics", headers=headers or {})
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except (ConnectionRefusedError, urllib.error.URLError) as exc:
+            if isinstance(getattr(exc, "reason", exc), ssl.SSLError) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def client_context(pki: Path, with_cert: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    if with_cert:
+        context.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    return context
+
+
+def test_tls(pki, start) -> None:
+    proc = start({"tls_server_config": {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")}})
+    status, body = https_get(proc.port, client_context(pki, with_cert=False))
+    assert status == 200 and "pg_advisory_lock_exporter_build_info" in body
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):  # plain HTTP gets no answer
+        urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/metrics", timeout=5).read()
+    assert "Traceback" not in proc.log()
+
+
+def test_mutual_tls(pki, start) -> None:
+    proc = start({"tls_server_config": {
+        "cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key"),
+        "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": str(pki / "ca.crt"),
+    }})
+    status, _ = https_get(proc.port, client_context(pki, with_cert=True))
+    assert status == 200
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        https_get(proc.port, client_context(pki, with_cert=False), timeout=1)
+    assert "Traceback" not in proc.log()
+
+
+def test_basic_auth(start) -> None:
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode().replace("$2b$", "$2y$")
+    proc = start({"basic_auth_users": {"prometheus": hashed}})
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            status, _ = proc.get("/metrics")
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert status == 401  # no password
+    def with_auth(user: str, password: str) -> int:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request = urllib.request.Request(proc.url + "/metrics", headers={"Authorization": f"Basic {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            assert exc.headers["WWW-Authenticate"].startswith("Basic ")
+            return exc.code
+    assert with_auth("prometheus", "wrong") == 401
+    assert with_auth("nobody", "s3cret") == 401
+    assert with_auth("prometheus", "s3cret") == 200
+    assert with_auth("prometheus", "s3cret") == 200  # the remembered pair
+
+
+@pytest.mark.parametrize(
+    "web, message",
+    [
+        ({"tls_server_config": {"cert_file": "/nope.crt", "key_file": "/nope.key"}}, "tls_server_config.cert_file: cannot read '/nope.crt'"),
+        ({"tls_server_config": {"cert_file": "/etc/hostname"}}, "tls_server_config.key_file: required"),
+        ({"basic_auth_users": {"a": "plaintext"}}, "basic_auth_users.a: expected a bcrypt hash"),
+        ({"tls_server_config": {"cert_file": "x", "key_file": "y", "client_auth_type": "Maybe"}}, "client_auth_type: 'Maybe' is not one of"),
+        ({"tsl_server_config": {}}, "tsl_server_config: unknown field"),
+    ],
+)
+def test_bad_web_config_is_one_line_each_and_exit_1(start, web, message) -> None:
+    proc = start(web)
+    assert proc.wait() == 1
+    assert message in proc.log() and "Traceback" not in proc.log()
+
+
+def test_password_stays_out_of_logs_metrics_and_check_config(server, tmp_path, sessions) -> None:
+    """The dsn password and a password_file's content appear nowhere."""
+    from tests.test_config import run_cli
+
+    secret_file = tmp_path / "password"
+    secret_file.write_text("file-secret-42\n")
+    config = {"dsn": server.dsn(password="dsn-secret-17"), "password_file": str(secret_file),
+              "poll_interval": "200ms", "locks": LOCKS}
+    proc = ExporterProcess(tmp_path, config, "--log.level=debug")
+    try:
+        text = proc.metrics_when(lambda t: parse(t).get(("pg_advisory_lock_exporter_up", ())) == 1)
+    finally:
+        proc.stop()
+    check = run_cli("--check-config", f"--config.file={proc.config_path}")
+    bad_dsn = tmp_path / "bad.yaml"
+    bad_dsn.write_text(yaml.safe_dump({"dsn": "host=x password=dsn-secret-17 port=notaport", "locks": []}))
+    bad = run_cli("--check-config", f"--config.file={bad_dsn}")
+    assert bad.returncode in (0, 1)
+    everything = proc.log() + text + check.stdout + check.stderr + bad.stdout + bad.stderr
+    assert "dsn-secret-17" not in everything and "file-secret-42" not in everything
+
+
+def test_superuser_gets_a_warning(server, tmp_path) -> None:
+    proc = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "200ms", "locks": LOCKS})
+    try:
+        proc.metrics_when(lambda t: parse(t).get(("pg_advisory_lock_exporter_up", ())) == 1)
+    finally:
+        proc.stop()
+    assert "connected as superuser postgres: the exporter needs only pg_monitor" in proc.log()
+
+
+def test_a_silent_client_does_not_stall_other_scrapes(start) -> None:
+    proc = start(None)
+    proc.wait_ready()
+    silent = socket.create_connection(("127.0.0.1", proc.port))
+    silent.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never finishes the request
+    half_open = socket.create_connection(("127.0.0.1", proc.port))
+    try:
+        for _ in range(5):
+            started = time.monotonic()
+            assert proc.get("/metrics")[0] == 200
+            assert time.monotonic() - started < 1.0
+    finally:
+        silent.close()
+        half_open.close()
