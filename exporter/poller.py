@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import logging
 import random
 import threading
@@ -19,7 +18,7 @@ from .config import Config, LockConfig
 from .deadline import OneAtATime, StuckCall
 from .dsn import connect, error_line, server_name
 from .snapshot import (
-    PG_MODES,
+    FOLDED_MODES,
     Holder,
     KeyCollision,
     LockState,
@@ -27,7 +26,7 @@ from .snapshot import (
     Snapshot,
     UnnamedLocks,
 )
-from .tracker import HoldTracker, Sighting
+from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
 
@@ -194,71 +193,51 @@ class Poller:
             return cur.fetchall()
 
     def _build(self, rows: list[tuple[Any, ...]], now: float) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...]]:
-        # lock index -> (pid, backend_start) -> [first row, modes, proven seconds]
-        holding: dict[int, dict[tuple[int, float | None], list[Any]]] = {}
+        holding: dict[int, list[Holder]] = {}
         waiters: dict[int, tuple[int, float]] = {}
         unnamed: list[UnnamedLocks] = []
+        locks = self._locks
+        tracker = self._tracker
+        tracker.begin(now)
         for row in rows:
             kind = row[0]
             if kind == "holder":
-                by_session = holding.setdefault(row[1] - 1, {})
-                entry = by_session.get((row[3], row[5]))
-                if entry is None:
-                    by_session[(row[3], row[5])] = [row, {PG_MODES.get(row[4], row[4])}, row[10] or 0.0]
-                else:
-                    entry[1].add(PG_MODES.get(row[4], row[4]))
-                    entry[2] = max(entry[2], row[10] or 0.0)
+                index, pid, bstart = row[1] - 1, row[3], row[5]
+                held = tracker.see(locks[index].config.name, pid, bstart, row[10] or 0.0)
+                holding.setdefault(index, []).append(Holder(
+                    pid, bstart, FOLDED_MODES[row[4]], row[6] or "", row[7] or "", row[8] or "", row[9] or "",
+                    round(held, 3),
+                ))
             elif kind == "waiters":
                 waiters[row[1] - 1] = (int(row[12]), round(float(row[10] or 0.0), 3))
             else:
                 unnamed.append(UnnamedLocks(str(row[2]), int(row[11]), int(row[12])))
-
-        self._tracker.observe(now, (
-            Sighting(self._locks[i].config.name, pid, bstart, proven)
-            for i, by_session in holding.items()
-            for (pid, bstart), (_, _, proven) in by_session.items()
-        ))
+        tracker.end()
 
         states = []
+        room = self._config.max_holder_info
+        per_lock = self._config.max_holder_info_per_lock
+        dropped = 0
         for lock in self._locks:
             name = lock.config.name
             holders: tuple[Holder, ...] = ()
+            shown: tuple[Holder, ...] = ()
             if lock.index in holding:
-                holders = tuple(
-                    Holder(
-                        pid=pid,
-                        backend_start=bstart,
-                        modes=frozenset(modes),
-                        application_name=row[6] or "",
-                        usename=row[7] or "",
-                        client_addr=row[8] or "",
-                        state=row[9] or "",
-                        held_seconds=round(self._tracker.held_seconds(now, name, pid, bstart), 3),
-                    )
-                    for (pid, bstart), (row, modes, _) in sorted(holding[lock.index].items(), key=lambda kv: kv[0][0])
+                holders = tuple(sorted(holding[lock.index]))
+                # holder_info series go to the longest-held holders, within the caps.
+                limit = min(per_lock, room)
+                shown = holders if len(holders) <= limit else tuple(
+                    sorted(sorted(holders, key=lambda h: -h.held_seconds)[:limit], key=lambda h: h.pid)
                 )
+                room -= len(shown)
+                dropped += len(holders) - len(shown)
             count, longest = waiters.get(lock.index, (0, 0.0))
-            states.append(
-                LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(name), lock.config.max_hold)
-            )
-        return self._cap_holder_info(states), tuple(sorted(unnamed, key=lambda u: u.database))
-
-    def _cap_holder_info(self, states: list[LockState]) -> tuple[LockState, ...]:
-        """Give holder_info series to the longest-held holders, within the per-lock and total caps."""
-        room = self._config.max_holder_info
-        capped, dropped = [], 0
-        for state in states:
-            if not state.holders:
-                capped.append(state)
-                continue
-            shown = sorted(state.holders, key=lambda h: -h.held_seconds)[: min(self._config.max_holder_info_per_lock, room)]
-            room -= len(shown)
-            dropped += len(state.holders) - len(shown)
-            capped.append(dataclasses.replace(state, info_holders=tuple(sorted(shown, key=lambda h: h.pid))))
+            states.append(LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(name),
+                                    lock.config.max_hold, shown))
         if dropped:
             with self._stats_lock:
                 self._holder_info_dropped += dropped
-        return tuple(capped)
+        return tuple(states), tuple(sorted(unnamed, key=lambda u: u.database))
 
     def _stats(self) -> PollStats:
         cumulative, total = [], 0

@@ -29,7 +29,8 @@ FROM unnest(%(texts)s::text[]) AS t
 
 # pg_locks is read once, and each advisory row tagged with the configured lock it belongs to
 # (idx, or NULL for keys nobody named); rows of three kinds come back:
-#   holder  - one per (configured lock, holding session, mode), with who the session is and
+#   holder  - one per (configured lock, holding session), modes "1" exclusive, "2" shared,
+#             "3" both, with who the session is and
 #             hold_floor_s: how long pg_stat_activity proves it has held the lock at least
 #             (an idle session took it no later than its last state change);
 #   waiters - one per configured lock with waiters: how many, and the longest wait;
@@ -57,16 +58,21 @@ advisory AS MATERIALIZED (
     WHERE l.locktype = 'advisory'
       AND l.pid <> ALL (ARRAY(SELECT pid FROM activity WHERE application_name = %(probe_app)s))
 )
-SELECT 'holder' AS kind, m.idx, NULL::text AS datname, m.pid, m.mode,
+SELECT 'holder' AS kind, h.idx, NULL::text AS datname, h.pid, h.modes,
        extract(epoch FROM act.backend_start)::float8 AS backend_start,
        act.application_name, act.usename::text, host(act.client_addr) AS client_addr, act.state,
        CASE WHEN act.state LIKE 'idle%%'
             THEN greatest(extract(epoch FROM now() - act.state_change)::float8, 0)
             ELSE 0 END AS seconds,
        0::bigint AS holders, 0::bigint AS waiters
-FROM advisory AS m
+FROM (
+    -- one row per holding session, its modes folded into 1 (exclusive) + 2 (shared)
+    SELECT m.idx, m.pid, (bool_or(m.mode = 'ExclusiveLock')::int + 2 * bool_or(m.mode = 'ShareLock')::int)::text AS modes
+    FROM advisory AS m
+    WHERE m.idx IS NOT NULL AND m.granted
+    GROUP BY m.idx, m.pid
+) AS h
 LEFT JOIN activity AS act USING (pid)
-WHERE m.idx IS NOT NULL AND m.granted
 UNION ALL
 SELECT 'waiters', m.idx, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        coalesce(max(greatest(extract(epoch FROM now() - coalesce(m.waitstart, act.query_start))::float8, 0)), 0),

@@ -8,11 +8,10 @@ last state change), and the tracker keeps the earliest start any poll has proven
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Sighting:
+class Sighting(NamedTuple):
     """One poll's view of one holder of one lock."""
 
     lock: str
@@ -30,25 +29,42 @@ class HoldTracker:
 
     def __init__(self) -> None:
         self._since: dict[_HolderKey, float] = {}
+        self._current: dict[_HolderKey, float] = {}
         self._acquisitions: dict[str, int] = {}
         self._first_poll = True
+        self._now = 0.0
 
-    def observe(self, now: float, sightings: Iterable[Sighting]) -> None:
-        """Record one successful poll; now is a monotonic clock reading."""
-        current: dict[_HolderKey, float] = {}
-        for s in sightings:
-            key = (s.lock, s.pid, s.backend_start)
-            proven_start = now - max(s.proven_seconds, 0.0)
-            earlier = current.get(key, self._since.get(key))
-            if earlier is not None:
-                current[key] = min(earlier, proven_start)
-                continue
-            current[key] = proven_start
+    def begin(self, now: float) -> None:
+        """Start recording a successful poll; now is a monotonic clock reading."""
+        self._now = now
+        self._current = {}
+
+    def see(self, lock: str, pid: int, backend_start: float | None, proven_seconds: float) -> float:
+        """One holder seen by this poll; returns how long it has held the lock (a lower bound)."""
+        key = (lock, pid, backend_start)
+        proven_start = self._now - max(proven_seconds, 0.0)
+        earlier = self._current.get(key, self._since.get(key))
+        if earlier is None:
+            start = proven_start
             # Holders already there at the first poll were not seen taking the lock.
             if not self._first_poll:
-                self._acquisitions[s.lock] = self._acquisitions.get(s.lock, 0) + 1
-        self._since = current
+                self._acquisitions[lock] = self._acquisitions.get(lock, 0) + 1
+        else:
+            start = min(earlier, proven_start)
+        self._current[key] = start
+        return max(self._now - start, 0.0)
+
+    def end(self) -> None:
+        """Finish the poll: holders not seen in it are forgotten."""
+        self._since, self._current = self._current, {}
         self._first_poll = False
+
+    def observe(self, now: float, sightings: Iterable[Sighting]) -> None:
+        """Record one successful poll at once."""
+        self.begin(now)
+        for s in sightings:
+            self.see(s.lock, s.pid, s.backend_start, s.proven_seconds)
+        self.end()
 
     def held_seconds(self, now: float, lock: str, pid: int, backend_start: float | None) -> float:
         since = self._since.get((lock, pid, backend_start))
