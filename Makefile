@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-quick demo bench clean
+.PHONY: test test-quick demo bench clean tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +12,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# promtool and prometheus (Debian's prometheus package) for the alert-rule and end-to-end tests.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus package (promtool, prometheus)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
+	  else echo "promtool not found: install Prometheus (Debian/Ubuntu: apt-get install prometheus)"; exit 1; fi; }
+
 ## make test: the whole suite against throwaway PostgreSQL clusters it starts and removes
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest
 
 ## make test-quick: the suite without the slow tests and the other PostgreSQL majors
-test-quick: $(STAMP)
+test-quick: $(STAMP) tools
 	$(PY) -m pytest -m "not slow and not versions"
 
 ## make demo: the exporter over a throwaway PostgreSQL with a sample workload (Ctrl-C stops all)

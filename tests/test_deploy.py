@@ -1,0 +1,277 @@
+"""What users deploy: the Dockerfile, the Helm chart, the alert rules and the dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exporter.cli import DEFAULT_PORT
+from tests.exporter_proc import ExporterProcess
+from tests.metrics_util import parse
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "pg-advisory-lock-exporter"
+RULES = ROOT / "alerts" / "pg-advisory-lock-exporter.rules.yml"
+DASHBOARD = ROOT / "dashboards" / "pg-advisory-lock-exporter.json"
+BIN = Path(sys.executable).parent
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found: `make test` installs Debian's prometheus package; or apt-get install prometheus")
+    return path
+
+
+# -- Dockerfile ---------------------------------------------------------------------------
+
+def test_dockerfile_lints_clean() -> None:
+    result = subprocess.run([str(BIN / "hadolint"), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "", result.stdout
+
+
+def test_dockerfile_matches_the_chart_and_the_cli() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    config_path = re.search(r"PG_ADVISORY_LOCK_EXPORTER_CONFIG_FILE=(\S+)", text).group(1)
+    assert f"COPY config.yaml {config_path}" in text
+    assert re.search(rf"^EXPOSE {DEFAULT_PORT}$", text, re.M)
+    assert re.search(r'^ENTRYPOINT \["pg-advisory-lock-exporter"\]$', text, re.M)
+    assert re.search(r"^USER \d+:\d+$", text, re.M)  # numeric, non-root
+    deployment = (CHART / "templates" / "deployment.yaml").read_text()
+    assert f"--config.file={config_path}" in deployment
+    assert f"mountPath: {str(Path(config_path).parent)}" in deployment
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["service"]["port"] == DEFAULT_PORT
+
+
+def test_the_wheel_carries_the_entrypoint(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("pg_advisory_lock_exporter-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
+        assert "pg-advisory-lock-exporter = exporter.cli:main" in archive.read(entry_points).decode()
+        assert "exporter/__main__.py" in archive.namelist()
+
+
+# -- Helm chart ---------------------------------------------------------------------------
+
+helm = pytest.importorskip("helm_python")
+ALL_ON = {
+    "dsn": {"existingSecret": "app-db", "secretKey": "uri"},
+    "config": {"poll_interval": "2s", "locks": [{"name": "billing-leader", "key": 4242, "probe": {"expect": "held"}},
+                                                  {"name": "shard-7", "key": [42, 7], "max_hold": "15m"}]},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+    "prometheusRule": {"enabled": True},
+    "grafanaDashboard": {"enabled": True, "label": "grafana_dashboard", "labelValue": "1"},
+    "prometheusScrapeAnnotations": True,
+    "podAnnotations": {"team": "payments"},
+    "extraArgs": ["--log.format=json"],
+    "extraEnv": [{"name": "PGSSLMODE", "value": "verify-full"}],
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+    "affinity": {"nodeAffinity": {}},
+    "imagePullSecrets": [{"name": "registry"}],
+}
+
+
+def render(values: dict) -> list[dict]:
+    with helm.Chart.load(str(CHART)) as chart:
+        manifests = chart.render(values, name="locks", namespace="monitoring")
+    docs = []
+    for name, text in manifests.items():
+        if name.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict]) -> dict[str, dict]:
+    return {d["kind"]: d for d in docs}
+
+
+REQUIRED = {
+    ("apps/v1", "Deployment"): ["spec.selector.matchLabels", "spec.template.spec.containers"],
+    ("v1", "Service"): ["spec.ports", "spec.selector"],
+    ("v1", "ConfigMap"): ["data"],
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ["spec.selector", "spec.endpoints"],
+    ("monitoring.coreos.com/v1", "PrometheusRule"): ["spec.groups"],
+}
+
+
+def check_objects(docs: list[dict]) -> None:
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        assert key in REQUIRED, key
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), doc["metadata"]["name"]
+        for path in REQUIRED[key]:
+            node = doc
+            for part in path.split("."):
+                node = node[part]
+            assert node, (key, path)
+
+
+def test_chart_lints() -> None:
+    result = helm.lint(str(CHART))
+    assert not result["errors"], result
+
+
+def test_chart_renders_with_defaults() -> None:
+    docs = render({})
+    check_objects(docs)
+    kinds = by_kind(docs)
+    assert set(kinds) == {"Deployment", "Service", "ConfigMap"}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"] == {
+        "runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "pg-advisory-lock-exporter", "key": "dsn"}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/-/ready"
+    config = yaml.safe_load(kinds["ConfigMap"]["data"]["config.yaml"])
+    assert config["dsn"] == "${PG_ADVISORY_LOCK_DSN}"  # never inline
+
+
+def test_chart_renders_with_every_part_on(tmp_path: Path) -> None:
+    docs = render(ALL_ON)
+    check_objects(docs)
+    kinds = [d["kind"] for d in docs]
+    assert sorted(kinds) == ["ConfigMap", "ConfigMap", "Deployment", "PrometheusRule", "Service", "ServiceMonitor"]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["team"] == "payments"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--log.format=json" in container["args"]
+    assert {"name": "PGSSLMODE", "value": "verify-full"} in container["env"]
+    assert deployment["spec"]["template"]["spec"]["tolerations"][0]["key"] == "dedicated"
+    # The rendered config is one the exporter accepts.
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d["data"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    check = subprocess.run([sys.executable, "-m", "exporter", "--check-config", f"--config.file={path}"],
+                           capture_output=True, text=True, env={"PG_ADVISORY_LOCK_DSN": "host=db", "PATH": "/usr/bin:/bin"})
+    assert check.returncode == 0, check.stderr
+    assert "2 locks" in check.stdout
+    # One source of truth: the PrometheusRule is the rules file.
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["pg-advisory-lock-exporter.json"]) == json.loads(DASHBOARD.read_text())
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+
+
+def test_a_config_change_rolls_the_pod() -> None:
+    def checksum(values: dict) -> str:
+        deployment = by_kind(render(values))["Deployment"]
+        return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    base = {"config": {"locks": [{"name": "a", "key": 1}]}}
+    assert checksum(base) == checksum(base)
+    assert checksum(base) != checksum({"config": {"locks": [{"name": "a", "key": 2}]}})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"dsn": {"existingSecret": ""}}, "/dsn/existingSecret"),
+        ({"service": {"port": "http"}}, "/service/port"),
+        ({"replicas": 2}, "replicas"),
+        ({"config": {"dsn": "postgresql://u:p@db/app"}}, "/config"),
+        ({"config": {"locks": [{"name": "a", "key": 1, "probe": {"expect": "maybe"}}]}}, "/config/locks/0/probe/expect"),
+        ({"config": {"poll_interval": "5"}}, "/config/poll_interval"),
+        ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+    ],
+)
+def test_bad_values_are_rejected_by_the_schema(values: dict, message: str) -> None:
+    with pytest.raises(helm.HelmError) as info:
+        render(values)
+    assert message in str(info.value)
+
+
+# -- alert rules --------------------------------------------------------------------------
+
+def test_alert_rules_check_clean() -> None:
+    result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 7 rules found" in result.stdout
+
+
+def test_alert_rules_unit_tests() -> None:
+    result = subprocess.run([promtool(), "test", "rules", "tests.yml"], capture_output=True, text=True, cwd=ROOT / "alerts")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_rule_has_a_firing_and_a_quiet_case() -> None:
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    cases = [c for t in yaml.safe_load((ROOT / "alerts" / "tests.yml").read_text())["tests"] for c in t["alert_rule_test"]]
+    for alert in alerts:
+        assert any(c["alertname"] == alert and c["exp_alerts"] for c in cases), alert
+        assert any(c["alertname"] == alert and not c["exp_alerts"] for c in cases), alert
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert rule["labels"]["severity"] in ("warning", "critical")
+            assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+# -- dashboard ----------------------------------------------------------------------------
+
+def dashboard_exprs() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def concrete(expr: str) -> str:
+    """A dashboard expression with Grafana's variables filled in, for promtool."""
+    label_values = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr)
+    if label_values:
+        expr = label_values.group(1)
+    return expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", ".*") \
+        .replace("$database", ".*").replace("$lock", ".*")
+
+
+def test_dashboard_expressions_parse(tmp_path: Path) -> None:
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:expr_{i}", "expr": concrete(e)} for i, e in enumerate(dashboard_exprs())
+    ]}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_has_the_variables_and_panels() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    assert [v["name"] for v in board["templating"]["list"]] == ["datasource", "job", "instance", "database", "lock"]
+    titles = " | ".join(p["title"] for p in board["panels"])
+    for needle in ("Holders and waiters", "Hold age against max_hold", "Longest wait", "Probe", "Acquisitions",
+                   "Who holds what now", "Polls succeed"):
+        assert needle in titles
+
+
+def test_dashboard_uses_only_metrics_the_exporter_exports(server, sessions, tmp_path: Path) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(77)")
+    locks = [{"name": "leader", "key": 4242, "max_hold": "1m", "probe": {"expect": "held", "interval": "100ms"}}]
+    proc = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "200ms", "locks": locks})
+    try:
+        text = proc.metrics_when(lambda t: ("pg_advisory_lock_probe_ok", (("database", "postgres"), ("lock", "leader"))) in parse(t)
+                                 and ("pg_advisory_lock_exporter_up", ()) in parse(t) and parse(t)[("pg_advisory_lock_exporter_up", ())] == 1)
+    finally:
+        proc.stop()
+    exported = {name for name, _ in parse(text)}
+    used = {m for e in dashboard_exprs() + [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+            for m in re.findall(r"\bpg_advisory_lock_[a-z_]+", e)}
+    assert used, "no metric names found"
+    assert used <= exported, used - exported
