@@ -12,14 +12,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# promtool and prometheus (Debian's prometheus package) for the alert-rule and end-to-end tests.
+# Debian's prometheus (promtool, prometheus) and chromium, for the alert-rule, end-to-end and
+# landing-page tests: installed when missing and run as root on Debian/Ubuntu.
+TOOLS_PACKAGES := prometheus chromium
 tools:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's prometheus package (promtool, prometheus)"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
-	  else echo "promtool not found: install Prometheus (Debian/Ubuntu: apt-get install prometheus)"; exit 1; fi; }
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	  else echo "missing:$$missing (Debian/Ubuntu: apt-get install$$missing)"; exit 1; fi; \
+	fi
 
 ## make test: the whole suite against throwaway PostgreSQL clusters it starts and removes
 test: $(STAMP) tools

@@ -11,8 +11,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-from . import __version__, logs
-from .config import ConfigError, load_config
+import psycopg
+
+from . import __version__, locksview, logs
+from .config import Config, ConfigError, load_config
+from .dsn import error_line, server_name
 from .metrics import Exposition
 from .poller import Poller, connect_poller
 from .probe import Prober, connect_probe
@@ -67,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--web.enable-lifecycle", dest="enable_lifecycle", action="store_true", default=_env_bool("--web.enable-lifecycle"),
         help=f"allow POST /-/reload to reload the config (env {env_name('--web.enable-lifecycle')})",
     )
+    parser.add_argument(
+        "command", nargs="?", choices=["locks"],
+        help="locks: print every advisory lock in the cluster now, and exit (with --watch: refresh like top)",
+    )
+    parser.add_argument("--json", action="store_true", help="with locks: print JSON, for scripts")
+    parser.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                        help="with locks: refresh every SECONDS (default 2) until Ctrl-C")
     parser.add_argument("--version", action="version", version=f"pg-advisory-lock-exporter {__version__}")
     return parser
 
@@ -74,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_choice(parser: argparse.ArgumentParser, flag: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         parser.error(f"{flag}: {value!r} is not one of {', '.join(choices)}")
+
+
+def show_locks(config: Config, as_json: bool, watch: float | None) -> int:
+    """The locks command: one line of error (naming the server) and exit 1 if it cannot read."""
+    try:
+        return locksview.run(config, as_json, watch)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except psycopg.Error as exc:
+        print(f"locks: cannot read {server_name(config.dsn)}: {error_line(exc, config.dsn)}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def print_config_error(exc: ConfigError) -> None:
@@ -106,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"{args.config_file}: ok: {config.summary()}")
         return EXIT_OK
+    if args.command == "locks":
+        return show_locks(config, args.json, args.watch)
 
     exposition = Exposition()
     first_poll = threading.Event()

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from . import keys
+from . import keys, presets
 from .dsn import DsnError, describe_dsn
 
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -30,7 +30,10 @@ MIN_PROBE_INTERVAL = 0.01
 DEFAULT_MAX_HOLDER_INFO_PER_LOCK = 100
 DEFAULT_MAX_HOLDER_INFO = 1000
 
-_TOP_FIELDS = ("dsn", "password_file", "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info", "locks")
+_TOP_FIELDS = (
+    "dsn", "password_file", "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info",
+    "presets", "locks",
+)
 _LOCK_FIELDS = ("name", "key", "database", "probe", "max_hold")
 _PROBE_FIELDS = ("expect", "interval")
 EXPECT_HELD, EXPECT_FREE, EXPECT_ANY = "held", "free", "any"
@@ -77,6 +80,7 @@ class Config:
     max_holder_info_per_lock: int = DEFAULT_MAX_HOLDER_INFO_PER_LOCK
     max_holder_info: int = DEFAULT_MAX_HOLDER_INFO
     password_file: str | None = None
+    presets: tuple[str, ...] = ()
 
     @property
     def probed(self) -> tuple[LockConfig, ...]:
@@ -91,6 +95,7 @@ class Config:
         form_text = ", ".join(f"{n} {f}" for f, n in sorted(forms.items()))
         return (
             f"{len(self.locks)} locks ({form_text or 'none'}), {len(self.probed)} probed, "
+            f"presets: {', '.join(self.presets) or 'none'}, "
             f"poll_interval {format_duration(self.poll_interval)}, "
             f"dsn {describe_dsn(self.dsn)}"
         )
@@ -277,6 +282,22 @@ def _parse_probe(value: Any, default_interval: float, where: str, errors: list[s
     return ProbeConfig(expect=expect, interval=interval)
 
 
+def _parse_presets(value: Any, errors: list[str]) -> tuple[str, ...]:
+    known = [*presets.PRESETS, presets.ALL]
+    if value == presets.ALL:
+        return (presets.ALL,)
+    if not isinstance(value, list):
+        errors.append(f"presets: expected a list of tool names or 'all', got {_show(value)}")
+        return ()
+    chosen = []
+    for index, name in enumerate(value):
+        if name not in known:
+            errors.append(f"presets[{index}]: unknown preset {name!r} (known: {', '.join(known)})")
+        else:
+            chosen.append(name)
+    return tuple(chosen)
+
+
 def _check_duplicate_names(entries: list[Any], errors: list[str]) -> None:
     first_by_name: dict[str, int] = {}
     for index, entry in enumerate(entries):
@@ -345,6 +366,8 @@ def parse_config(data: Any, source: str) -> Config:
             if not os.access(password_file, os.R_OK):
                 errors.append(f"password_file: cannot read {password_file!r}")
 
+    chosen_presets = _parse_presets(data.get("presets", []), errors)
+
     raw_locks = data.get("locks")
     parsed: list[tuple[int, LockConfig]] = []
     if raw_locks is None:
@@ -364,7 +387,7 @@ def parse_config(data: Any, source: str) -> Config:
     return Config(
         dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed), probe_interval=probe_interval,
         max_holder_info_per_lock=limits["max_holder_info_per_lock"] or 0, max_holder_info=limits["max_holder_info"] or 0,
-        password_file=password_file,
+        password_file=password_file, presets=chosen_presets,
     )
 
 

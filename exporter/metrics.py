@@ -77,7 +77,7 @@ def _lock_text(snapshot: Snapshot) -> Iterator[str]:
         f"{PREFIX}_holder_info", "gauge", "One series per current holder of the lock.",
         (
             ("", i + "," + labels(pid=str(h.pid), application_name=h.application_name, usename=h.usename,
-                                  client_addr=h.client_addr, state=h.state), 1)
+                                  client_addr=h.client_addr, state=h.state, source=lock.source), 1)
             for lock, i in pairs for h in lock.info_holders
         ),
     )
@@ -185,6 +185,14 @@ class Exposition:
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    @property
+    def probes(self) -> tuple[ProbeResult, ...]:
+        return self._probes
+
+    @property
+    def reload(self) -> ReloadStatus:
+        return self._reload
 
     def body(self) -> bytes:
         with self._lock:

@@ -26,22 +26,13 @@ from .snapshot import (
     Snapshot,
     UnnamedLocks,
 )
+from .resolve import ResolvedLock, find_collisions, resolve_locks
 from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BACKOFF_FIRST = 0.25
-
-
-@dataclass(frozen=True)
-class ResolvedLock:
-    """A configured lock with its database and pg_locks triple known."""
-
-    config: LockConfig
-    index: int
-    database: str
-    tag: keys.LockTag
 
 
 @dataclass(frozen=True)
@@ -53,16 +44,6 @@ class ServerInfo:
     can_read_all_stats: bool
 
 
-def resolve_locks(
-    config: Config, info: ServerInfo, string_tags: dict[keys.StringKey, keys.LockTag]
-) -> tuple[ResolvedLock, ...]:
-    resolved = []
-    for index, lock in enumerate(config.locks):
-        tag = keys.literal_tag(lock.key) if keys.is_literal(lock.key) else string_tags[lock.key]
-        resolved.append(ResolvedLock(lock, index, lock.database or info.database, tag))
-    return tuple(resolved)
-
-
 def array_literal(values: Iterable[object]) -> str:
     """A PostgreSQL array literal of ints or strings, quoted as the array input syntax wants."""
     quoted = []
@@ -70,26 +51,6 @@ def array_literal(values: Iterable[object]) -> str:
         text = str(value)
         quoted.append(text if isinstance(value, int) else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
     return "{" + ",".join(quoted) + "}"
-
-
-def find_collisions(locks: tuple[ResolvedLock, ...]) -> tuple[list[str], tuple[KeyCollision, ...]]:
-    """Names that share one (database, key): messages for the log and pairs for the metric."""
-    first: dict[tuple[str, keys.LockTag], ResolvedLock] = {}
-    messages: list[str] = []
-    pairs: list[KeyCollision] = []
-    for lock in locks:
-        slot = (lock.database, lock.tag)
-        other = first.setdefault(slot, lock)
-        if other is lock:
-            continue
-        messages.append(
-            f"locks[{lock.index}].key: {lock.config.name!r} and {other.config.name!r} "
-            f"(locks[{other.index}]) name the same lock {lock.config.key.describe()} = "
-            f"{keys.decode_tag(lock.tag).describe()} in database {lock.database!r}"
-        )
-        pairs.append(KeyCollision(lock.config.name, other.config.name, lock.database))
-        pairs.append(KeyCollision(other.config.name, lock.config.name, lock.database))
-    return messages, tuple(pairs)
 
 
 def connect_poller(config: Config) -> psycopg.Connection:
@@ -141,12 +102,13 @@ class Poller:
             info = ServerInfo(int(row[0]), row[1], row[2], bool(row[3]), bool(row[4]))
             string_keys = [lock.key for lock in self._config.locks if not keys.is_literal(lock.key)]
             string_tags = keys.resolve_string_keys(conn, string_keys)  # type: ignore[arg-type]
+            databases = tuple(r[0] for r in conn.execute(queries.DATABASES).fetchall()) if self._config.presets else ()
         except BaseException:
             conn.close()
             raise
         self.server = info
         self._query = queries.poll_query(info.version_num)
-        self._locks = resolve_locks(self._config, info, string_tags)
+        self._locks = resolve_locks(self._config, info.database, string_tags, databases)
         messages, self._collisions = find_collisions(self._locks)
         for message in messages:
             log.warning("key collision: %s", message)
@@ -203,7 +165,7 @@ class Poller:
             kind = row[0]
             if kind == "holder":
                 index, pid, bstart = row[1] - 1, row[3], row[5]
-                held = tracker.see(locks[index].config.name, pid, bstart, row[10] or 0.0)
+                held = tracker.see(locks[index].key, pid, bstart, row[10] or 0.0)
                 holding.setdefault(index, []).append(Holder(
                     pid, bstart, FOLDED_MODES[row[4]], row[6] or "", row[7] or "", row[8] or "", row[9] or "",
                     round(held, 3),
@@ -232,8 +194,8 @@ class Poller:
                 room -= len(shown)
                 dropped += len(holders) - len(shown)
             count, longest = waiters.get(lock.index, (0, 0.0))
-            states.append(LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(name),
-                                    lock.config.max_hold, shown))
+            states.append(LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(lock.key),
+                                    lock.config.max_hold, shown, lock.source))
         if dropped:
             with self._stats_lock:
                 self._holder_info_dropped += dropped

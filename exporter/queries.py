@@ -21,6 +21,9 @@ SELECT current_setting('server_version_num')::int AS version_num,
 # Every statement of every exporter connection is bounded; none may queue on a lock.
 SESSION_SETUP = "SELECT set_config('statement_timeout', %(ms)s, false), set_config('lock_timeout', %(ms)s, false)"
 
+# The databases presets are computed for: every one that takes connections.
+DATABASES = "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname"
+
 # hashtext() returns int4; pg_advisory_lock(hashtext(...)) widens it to bigint with sign.
 RESOLVE_STRING_KEYS = """
 SELECT t, hashtext(t)::int8, hashtextextended(t, 0)
@@ -114,3 +117,26 @@ PROBE_TRY_INT4_PAIR = "SELECT pg_try_advisory_xact_lock(%(first)s::int4, %(secon
 # The server hashes the name itself, exactly as the application's own call does.
 PROBE_TRY_HASHTEXT = "SELECT pg_try_advisory_xact_lock(hashtext(%(text)s)::int8)"
 PROBE_TRY_HASHTEXTEXTENDED = "SELECT pg_try_advisory_xact_lock(hashtextextended(%(text)s, 0))"
+
+# `pg-advisory-lock-exporter locks`: every advisory lock in the cluster now, one row per session
+# and lock. pg_blocking_pids() is costly: it runs only for the rows of waiting sessions.
+_LOCKS_NOW_TEMPLATE = """
+SELECT d.datname, l.classid::int8, l.objid::int8, l.objsubid::int, l.mode, l.granted, l.pid,
+       a.application_name, a.usename::text, host(a.client_addr), a.state,
+       CASE WHEN l.granted AND a.state LIKE 'idle%%'
+            THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS held_at_least,
+       CASE WHEN NOT l.granted
+            THEN greatest(extract(epoch FROM now() - coalesce({waitstart}, a.query_start))::float8, 0) END AS waiting,
+       CASE WHEN NOT l.granted THEN pg_blocking_pids(l.pid) END AS blocked_by
+FROM pg_locks AS l
+LEFT JOIN pg_stat_activity AS a USING (pid)
+LEFT JOIN pg_database AS d ON d.oid = l.database
+WHERE l.locktype = 'advisory' AND a.application_name IS DISTINCT FROM %(probe_app)s
+ORDER BY d.datname, l.classid, l.objid, l.objsubid, l.granted DESC, l.pid
+"""
+LOCKS_NOW = _LOCKS_NOW_TEMPLATE.format(waitstart="l.waitstart")
+LOCKS_NOW_PG13 = _LOCKS_NOW_TEMPLATE.format(waitstart="NULL::timestamptz")
+
+
+def locks_now_query(server_version_num: int) -> str:
+    return LOCKS_NOW if server_version_num >= WAITSTART_MIN_VERSION else LOCKS_NOW_PG13

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import logging
 import socket
 import sys
@@ -11,7 +10,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from . import __version__
+from . import __version__, landing
 from .metrics import CONTENT_TYPE, Exposition
 from .webconfig import WebConfig
 
@@ -34,15 +33,6 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def landing_page(telemetry_path: str) -> bytes:
-    path = html.escape(telemetry_path, quote=True)
-    return (
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>pg-advisory-lock-exporter</title></head>"
-        f"<body><h1>pg-advisory-lock-exporter {html.escape(__version__)}</h1>"
-        f"<p><a href=\"{path}\">Metrics</a></p></body></html>"
-    ).encode()
-
-
 def make_handler(
     exposition: Exposition,
     telemetry_path: str,
@@ -50,7 +40,6 @@ def make_handler(
     reload: Callable[[], bool] | None,
     web: WebConfig,
 ) -> type[BaseHTTPRequestHandler]:
-    landing = landing_page(telemetry_path)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"pg-advisory-lock-exporter/{__version__}"
@@ -101,7 +90,8 @@ def make_handler(
             if path == telemetry_path:
                 self._send(200, exposition.body(), CONTENT_TYPE, head)
             elif path == "/":
-                self._send(200, landing, "text/html; charset=utf-8", head)
+                page = landing.render(exposition.snapshot, exposition.probes, exposition.reload, telemetry_path)
+                self._send(200, page, "text/html; charset=utf-8", head)
             elif path == "/-/healthy":
                 self._send(200, b"OK\n", "text/plain; charset=utf-8", head)
             elif path == "/-/ready":

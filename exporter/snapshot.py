@@ -40,6 +40,7 @@ class LockState(NamedTuple):
     max_hold: float | None = None
     # The holders given a holder_info series: the longest-held first, within the configured caps.
     info_holders: tuple[Holder, ...] = ()
+    source: str = "config"  # or "preset"
 
     def holders_in(self, mode: str) -> int:
         return sum(1 for h in self.holders if mode in h.modes)

@@ -7,21 +7,22 @@ last state change), and the tracker keeps the earliest start any poll has proven
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import NamedTuple
 
 
 class Sighting(NamedTuple):
     """One poll's view of one holder of one lock."""
 
-    lock: str
+    lock: Hashable
     pid: int
     backend_start: float | None
     proven_seconds: float  # the hold is at least this long, by pg_stat_activity
 
 
-# A holder is a session (pid + backend_start, so a reused pid is a new holder) on a lock.
-_HolderKey = tuple[str, int, "float | None"]
+# A holder is a session (pid + backend_start, so a reused pid is a new holder) on a lock; a lock
+# is whatever hashable the caller identifies it by (the poller: name and database).
+_HolderKey = tuple[Hashable, int, "float | None"]
 
 
 class HoldTracker:
@@ -30,7 +31,7 @@ class HoldTracker:
     def __init__(self) -> None:
         self._since: dict[_HolderKey, float] = {}
         self._current: dict[_HolderKey, float] = {}
-        self._acquisitions: dict[str, int] = {}
+        self._acquisitions: dict[Hashable, int] = {}
         self._first_poll = True
         self._now = 0.0
 
@@ -39,7 +40,7 @@ class HoldTracker:
         self._now = now
         self._current = {}
 
-    def see(self, lock: str, pid: int, backend_start: float | None, proven_seconds: float) -> float:
+    def see(self, lock: Hashable, pid: int, backend_start: float | None, proven_seconds: float) -> float:
         """One holder seen by this poll; returns how long it has held the lock (a lower bound)."""
         key = (lock, pid, backend_start)
         proven_start = self._now - max(proven_seconds, 0.0)
@@ -66,9 +67,9 @@ class HoldTracker:
             self.see(s.lock, s.pid, s.backend_start, s.proven_seconds)
         self.end()
 
-    def held_seconds(self, now: float, lock: str, pid: int, backend_start: float | None) -> float:
+    def held_seconds(self, now: float, lock: Hashable, pid: int, backend_start: float | None) -> float:
         since = self._since.get((lock, pid, backend_start))
         return 0.0 if since is None else max(now - since, 0.0)
 
-    def acquisitions(self, lock: str) -> int:
+    def acquisitions(self, lock: Hashable) -> int:
         return self._acquisitions.get(lock, 0)

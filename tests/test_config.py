@@ -180,7 +180,7 @@ def test_check_config_ok_prints_summary_without_password(tmp_path: Path) -> None
     """)
     result = run_cli("--check-config", f"--config.file={path}")
     assert result.returncode == 0, result.stderr
-    assert "ok: 3 locks (1 bigint, 1 hashtext, 1 int4 pair), 0 probed, poll_interval 2s" in result.stdout
+    assert "ok: 3 locks (1 bigint, 1 hashtext, 1 int4 pair), 0 probed, presets: none, poll_interval 2s" in result.stdout
     assert "host=db port=5432 dbname=app user=exp" in result.stdout
     assert "hunter2" not in result.stdout + result.stderr
 

@@ -64,6 +64,7 @@ def test_each_key_form_is_seen_held(make_poller, sessions, name: str) -> None:
     assert info == [{
         "lock": name, "database": "postgres", "pid": str(holder.info.backend_pid),
         "application_name": f"holder-{name}", "usename": "postgres", "client_addr": "127.0.0.1", "state": "idle",
+        "source": "config",
     }]
 
 

@@ -1,0 +1,104 @@
+"""GET /: what the exporter sees now, from the latest snapshot (never from the database).
+
+Plain HTML, no external assets, refreshing itself every few seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from html import escape
+
+from . import __version__
+from .snapshot import MODE_EXCLUSIVE, LockState, ProbeResult, ReloadStatus, Snapshot
+
+REFRESH_SECONDS = 5
+FREE_NAMES_SHOWN = 50
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}.muted{color:#777}
+"""
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m {s % 60}s" if s >= 60 else f"{seconds:.1f}s"
+
+
+def _lock_row(lock: LockState, probe: ProbeResult | None) -> str:
+    holders = "<br>".join(
+        escape(f"{'exclusive' if MODE_EXCLUSIVE in h.modes else 'shared'}: pid {h.pid} "
+               f"{h.application_name or '-'} {h.usename}{'@' + h.client_addr if h.client_addr else ''} "
+               f"({h.state or 'state hidden'}), held ≥ {_age(h.held_seconds)}")
+        for h in lock.info_holders
+    ) or '<span class="muted">none</span>'
+    hidden = len(lock.holders) - len(lock.info_holders)
+    if hidden:
+        holders += f"<br><span class=\"muted\">and {hidden} more</span>"
+    over = lock.max_hold is not None and lock.held_seconds > lock.max_hold
+    max_hold = "" if lock.max_hold is None else _age(lock.max_hold)
+    waits = f"{lock.waiters} (longest {_age(lock.wait_seconds)})" if lock.waiters else "0"
+    probe_cell = "" if probe is None else (
+        '<span class="ok">as expected</span>' if probe.ok else '<span class="bad">NOT as expected</span>'
+    )
+    return (
+        f"<tr><td>{escape(lock.name)}</td><td>{escape(lock.database)}</td><td>{escape(lock.source)}</td>"
+        f"<td>{holders}</td><td class=\"{'bad' if over else ''}\">{_age(lock.held_seconds)}</td>"
+        f"<td>{max_hold}</td><td class=\"{'bad' if lock.waiters else ''}\">{waits}</td><td>{probe_cell}</td></tr>"
+    )
+
+
+def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadStatus, telemetry_path: str) -> bytes:
+    path = escape(telemetry_path, quote=True)
+    stats = snapshot.stats
+    last = "never" if stats.last_success_timestamp is None else \
+        f"{_age(max(time.time() - stats.last_success_timestamp, 0))} ago"
+    health = (
+        f"<p>Polls: <span class=\"{'ok' if snapshot.up else 'bad'}\">{'UP' if snapshot.up else 'DOWN'}</span>"
+        f" &middot; last good poll {last} &middot; {stats.polls} polls, {stats.errors} failed"
+        f" &middot; config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>"
+    )
+    by_name = {p.lock: p for p in probes}
+    busy = [lock for lock in snapshot.locks if lock.holders or lock.waiters]
+    free = [lock for lock in snapshot.locks if not lock.holders and not lock.waiters]
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\">",
+        f"<meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">",
+        "<title>pg-advisory-lock-exporter</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>pg-advisory-lock-exporter {escape(__version__)}</h1>",
+        f"<p><a href=\"{path}\">Metrics</a> &middot; <a href=\"/-/healthy\">healthy</a> &middot; "
+        f"<a href=\"/-/ready\">ready</a> &middot; refreshes every {REFRESH_SECONDS}s</p>",
+        health,
+    ]
+    if not snapshot.up:
+        parts.append("<p class=\"bad\">The last poll failed: no lock data is shown rather than stale data. "
+                     "The exporter's log says why.</p>")
+    else:
+        parts.append(f"<h2>Named locks held or awaited ({len(busy)})</h2>")
+        if busy:
+            parts.append("<table id=\"locks\"><tr><th>lock</th><th>database</th><th>source</th><th>holders</th>"
+                         "<th>held for</th><th>max_hold</th><th>waiters</th><th>probe</th></tr>")
+            parts += [_lock_row(lock, by_name.get(lock.name)) for lock in busy]
+            parts.append("</table>")
+        else:
+            parts.append("<p class=\"muted\">none</p>")
+        shown = ", ".join(escape(lock.name) for lock in free[:FREE_NAMES_SHOWN])
+        more = f" and {len(free) - FREE_NAMES_SHOWN} more" if len(free) > FREE_NAMES_SHOWN else ""
+        parts.append(f"<h2>Named locks free ({len(free)})</h2><p>{shown or '-'}{more}</p>")
+        failing = [p for p in probes if not p.ok]
+        if failing:
+            parts.append("<h2>Probes not as expected</h2><ul>" + "".join(
+                f"<li>{escape(p.lock)} ({escape(p.database)}): "
+                f"{'try failed' if p.acquirable is None else 'acquirable' if p.acquirable else 'held'}</li>"
+                for p in failing) + "</ul>")
+        parts.append("<h2>Locks nobody named</h2>")
+        if snapshot.unnamed:
+            parts.append("<table id=\"unnamed\"><tr><th>database</th><th>held</th><th>waiting</th></tr>" + "".join(
+                f"<tr><td>{escape(u.database)}</td><td>{u.holders}</td><td>{u.waiters}</td></tr>"
+                for u in snapshot.unnamed) + "</table>")
+        else:
+            parts.append("<p class=\"muted\">none</p>")
+    parts.append("</body></html>")
+    return "".join(parts).encode()

@@ -1,0 +1,88 @@
+"""Every lock the exporter names, in every database it applies to, with its pg_locks triple:
+the configured locks (string keys as the server resolved them) and the presets' locks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from . import keys, presets
+from .config import Config, LockConfig
+from .snapshot import KeyCollision
+
+log = logging.getLogger(__name__)
+
+SOURCE_CONFIG = "config"
+SOURCE_PRESET = "preset"
+
+
+@dataclass(frozen=True)
+class ResolvedLock:
+    """A named lock with its database and pg_locks triple known."""
+
+    config: LockConfig
+    index: int
+    database: str
+    tag: keys.LockTag
+    source: str = SOURCE_CONFIG
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the lock over time: its name in its database."""
+        return (self.config.name, self.database)
+
+
+def resolve_locks(
+    config: Config,
+    default_database: str,
+    string_tags: dict[keys.StringKey, keys.LockTag],
+    databases: tuple[str, ...] = (),
+) -> tuple[ResolvedLock, ...]:
+    """Configured locks first, in config order, then preset locks for each of databases.
+
+    A preset lock on a (database, key) a configured lock already names is left out: the
+    config's name wins. Two presets on one (database, key) share one lock, both names in it.
+    """
+    resolved: list[ResolvedLock] = []
+    for lock in config.locks:
+        tag = keys.literal_tag(lock.key) if keys.is_literal(lock.key) else string_tags[lock.key]
+        resolved.append(ResolvedLock(lock, len(resolved), lock.database or default_database, tag))
+    taken = {(r.database, r.tag) for r in resolved} | {(r.database, r.config.name) for r in resolved}
+    preset_slots: dict[tuple[str, keys.LockTag], int] = {}
+    for database in databases:
+        for preset in presets.expand(config.presets):
+            key = preset.key(database)
+            tag = keys.literal_tag(key)
+            if (database, tag) in taken or (database, preset.name) in taken:
+                continue
+            slot = preset_slots.get((database, tag))
+            if slot is not None:
+                merged = resolved[slot]
+                name = f"{merged.config.name}|{preset.name}"
+                resolved[slot] = ResolvedLock(LockConfig(name, key, database), slot, database, tag, SOURCE_PRESET)
+                continue
+            preset_slots[(database, tag)] = len(resolved)
+            resolved.append(ResolvedLock(LockConfig(preset.name, key, database), len(resolved), database, tag, SOURCE_PRESET))
+    return tuple(resolved)
+
+
+def find_collisions(locks: tuple[ResolvedLock, ...]) -> tuple[list[str], tuple[KeyCollision, ...]]:
+    """Configured names that share one (database, key): messages for the log and pairs for the metric."""
+    first: dict[tuple[str, keys.LockTag], ResolvedLock] = {}
+    messages: list[str] = []
+    pairs: list[KeyCollision] = []
+    for lock in locks:
+        if lock.source != SOURCE_CONFIG:
+            continue
+        slot = (lock.database, lock.tag)
+        other = first.setdefault(slot, lock)
+        if other is lock:
+            continue
+        messages.append(
+            f"locks[{lock.index}].key: {lock.config.name!r} and {other.config.name!r} "
+            f"(locks[{other.index}]) name the same lock {lock.config.key.describe()} = "
+            f"{keys.decode_tag(lock.tag).describe()} in database {lock.database!r}"
+        )
+        pairs.append(KeyCollision(lock.config.name, other.config.name, lock.database))
+        pairs.append(KeyCollision(other.config.name, lock.config.name, lock.database))
+    return messages, tuple(pairs)

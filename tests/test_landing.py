@@ -1,0 +1,61 @@
+"""GET /: the landing page, rendered by a real browser (headless Chromium) over a real workload."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_until, waiting_pids
+from tests.exporter_proc import ExporterProcess
+from tests.metrics_util import parse
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(url: str, tmp_path: Path, *args: str) -> str:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("chromium not found: `make test` installs Debian's chromium package")
+    result = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, url],
+                            capture_output=True, text=True, timeout=120)
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_landing_page_shows_names_and_holders_in_a_browser(tmp_path, server, sessions) -> None:
+    leader = sessions.open(application_name="billing-leader-7")
+    leader.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(99)")
+    stuck = sessions.open(autocommit=False, application_name="shard <worker> & co")
+    stuck.execute("SELECT pg_advisory_xact_lock(42, 7)")
+    waiter = sessions.open(application_name="shard-worker-b")
+    thread = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(42, 7)"), daemon=True)
+    thread.start()
+    wait_until(lambda: waiter.info.backend_pid in waiting_pids(server))
+    config = {"dsn": server.dsn(), "poll_interval": "200ms", "locks": [
+        {"name": "billing-leader", "key": 4242, "probe": {"expect": "held", "interval": "200ms"}},
+        {"name": "shard-7", "key": [42, 7], "max_hold": "1s"},
+        {"name": "nightly-export", "key": {"hashtext": "nightly-export"}},
+    ]}
+    proc = ExporterProcess(tmp_path, config)
+    try:
+        proc.metrics_when(lambda t: parse(t).get(("pg_advisory_lock_exporter_up", ())) == 1)
+        dom = chromium(proc.url + "/", tmp_path, "--dump-dom")
+        chromium(proc.url + "/", tmp_path, f"--screenshot={tmp_path / 'landing.png'}", "--window-size=1200,800")
+    finally:
+        proc.stop()
+        stuck.rollback()
+        thread.join(5)
+    assert '<table id="locks">' in dom
+    assert "<td>billing-leader</td>" in dom and "<td>shard-7</td>" in dom
+    assert f"pid {leader.info.backend_pid} billing-leader-7" in dom
+    assert "shard &lt;worker&gt; &amp; co" in dom  # escaped, not markup
+    assert "1 (longest" in dom  # shard-7's waiter
+    assert "Named locks free (1)" in dom and "nightly-export" in dom
+    assert '<table id="unnamed">' in dom  # key 99
+    assert 'href="/metrics"' in dom and 'http-equiv="refresh"' in dom
+    assert (tmp_path / "landing.png").stat().st_size > 10_000

@@ -1,0 +1,91 @@
+"""`pg-advisory-lock-exporter locks`, run and read as a person would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import OTHER_DB, wait_until, waiting_pids
+
+
+def run_locks(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "exporter", "locks", f"--config.file={path}", *args],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+
+
+def test_locks_shows_names_holders_waiters_and_raw_keys(tmp_path, server, sessions) -> None:
+    leader = sessions.open(application_name="billing-leader-with-a-long-application-name")
+    leader.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(-7, 8)")
+    stuck = sessions.open(autocommit=False, application_name="shard-worker-a")
+    stuck.execute("SELECT pg_advisory_xact_lock(42, 7)")
+    waiter = sessions.open(application_name="shard-worker-b")
+    thread = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(42, 7)"), daemon=True)
+    thread.start()
+    wait_until(lambda: waiter.info.backend_pid in waiting_pids(server))
+    sessions.open(OTHER_DB, application_name="prisma").execute("SELECT pg_advisory_lock(72707369)")
+    config = {"dsn": server.dsn(), "presets": ["prisma"],
+              "locks": [{"name": "billing-leader", "key": 4242}, {"name": "shard-7", "key": [42, 7]}]}
+
+    result = run_locks(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    print(out)
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    assert "billing-leader  [4242]  in postgres" in lines
+    assert "(-7, 8)  in postgres" in lines  # nobody named it: the decoded key
+    assert "prisma:migrations  [72707369, preset]  in other_db" in lines
+    shard = lines.index("shard-7  [(42, 7)]  in postgres")
+    holder, waiting, blocked = lines[shard + 1], lines[shard + 2], lines[shard + 3]
+    assert holder.split()[:3] == ["holds", str(stuck.info.backend_pid), "shard-worker-a"] and "idle txn" in holder
+    assert waiting.split()[:3] == ["waits", str(waiter.info.backend_pid), "shard-worker-b"]
+    assert blocked.strip() == f"blocked by pid {stuck.info.backend_pid}"
+    assert "billing-leader-wi… " in out  # long values are cut, not wrapped
+    assert lines[-1] == "4 held, 1 waiting"
+
+    as_json = json.loads(run_locks(tmp_path, config, "--json").stdout)
+    shard_rows = [r for r in as_json if r["name"] == "shard-7"]
+    assert [(r["granted"], r["blocked_by"]) for r in shard_rows] == [(True, []), (False, [stuck.info.backend_pid])]
+    assert {r["source"] for r in as_json} == {"config", "preset", "unnamed"}
+    assert all(r["held_at_least_seconds"] is not None for r in as_json if r["granted"] and r["state"].startswith("idle"))
+    stuck.rollback()
+    thread.join(5)
+
+
+def test_locks_with_nothing_held(tmp_path, server) -> None:
+    result = run_locks(tmp_path, {"dsn": server.dsn(), "locks": []})
+    assert result.returncode == 0 and result.stdout == "no advisory locks are held or awaited\n"
+
+
+def test_locks_names_the_server_it_cannot_reach(tmp_path) -> None:
+    from tests.pgcluster import free_port
+
+    port = free_port()
+    result = run_locks(tmp_path, {"dsn": f"host=127.0.0.1 port={port} user=x password=hunter2", "locks": []})
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"locks: cannot read 127.0.0.1:{port}/")
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_watch_refreshes(tmp_path, server, sessions) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(4242)")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"dsn": server.dsn(), "locks": [{"name": "leader", "key": 4242}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "locks", "--watch", "0.2", f"--config.file={path}"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        frames = ""
+        while frames.count("\033[H\033[2J") < 3:
+            frames += proc.stdout.readline()
+    finally:
+        proc.send_signal(subprocess.signal.SIGINT)
+        assert proc.wait(10) == 0
+    assert frames.count("leader  [4242]  in postgres") >= 2

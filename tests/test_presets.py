@@ -1,0 +1,98 @@
+"""Presets: each tool's lock, taken exactly as the tool takes it, is named by the exporter."""
+
+from __future__ import annotations
+
+import binascii
+
+import pytest
+
+from exporter import presets
+from exporter.metrics import render
+from tests.conftest import OTHER_DB
+from tests.metrics_util import series, value
+
+
+def crc32(text: str) -> int:
+    return binascii.crc32(text.encode())
+
+
+def take_as_the_tool(database: str) -> dict[str, tuple[str, bool]]:
+    """preset lock name -> (the tool's own SQL with its key, whether it is transaction-level)."""
+    return {
+        # ActiveRecord::Migrator: pg_try_advisory_lock(MIGRATOR_SALT * Zlib.crc32(current_database))
+        "rails:migrations": (f"SELECT pg_try_advisory_lock({2053462845 * crc32(database)})", False),
+        # golang-migrate postgres driver: pg_advisory_lock($1), $1 = uint32(crc32(schema\0table\0db) * salt)
+        "golang-migrate:migrations": (
+            f"SELECT pg_advisory_lock({(crc32(chr(0).join(['public', 'schema_migrations', database])) * 1486364155) & 0xFFFFFFFF})",
+            False,
+        ),
+        "grafana|golang-migrate-v4.14:migrations": (
+            f"SELECT pg_try_advisory_lock({(crc32(database) * 1486364155) & 0xFFFFFFFF})", False,
+        ),
+        # Flyway: 0x466C79776179 + '"public"."flyway_schema_history"'.hashCode(); the hash is
+        # 2125624436, as OpenJDK 17 computes it (java.lang.String.hashCode).
+        "flyway:migrations": ("SELECT pg_try_advisory_xact_lock(77431708279161 + 2125624436)", True),
+        "prisma:migrations": ("SELECT pg_advisory_lock(72707369)", False),
+        "node-pg-migrate:migrations": ("SELECT pg_try_advisory_lock(7241865325823964)", False),
+        "goose:migrations": ("SELECT pg_try_advisory_lock(4097083626)", False),
+        "goose:migrations-crc64": ("SELECT pg_try_advisory_lock(5887940537704921958)", False),
+        # sqlx: 0x3d32ad9e * crc32(current_database()) as i64
+        "sqlx:migrations": (f"SELECT pg_advisory_lock({0x3D32AD9E * crc32(database)})", False),
+        "sqitch:deploy": ("SELECT pg_try_advisory_lock(75474063)", False),
+        "atlas:migrate-execute": ("SELECT pg_try_advisory_lock(2686470616)", False),
+        "pgroll:migrations": ("SELECT pg_advisory_xact_lock(12388221127840347)", True),
+        # pg-boss computes its key on the server, in SQL: the exporter's Python must agree.
+        "pg-boss:maintenance": (
+            "SELECT pg_advisory_xact_lock(('x' || encode(sha224((current_database() || '.pgboss.' || 'pgboss' || '')::bytea), 'hex'))::bit(64)::bigint)",
+            True,
+        ),
+    }
+
+
+@pytest.mark.parametrize("database", ["postgres", OTHER_DB])
+@pytest.mark.parametrize("name", sorted(take_as_the_tool("x")))
+def test_each_preset_lock_is_named(make_poller, sessions, database: str, name: str) -> None:
+    sql, transactional = take_as_the_tool(database)[name]
+    conn = sessions.open(database, autocommit=not transactional, application_name=name.split(":")[0])
+    conn.execute(sql)
+    snap = make_poller({"presets": "all", "locks": []}).poll_once()
+    assert value(snap, "pg_advisory_lock_holders", lock=name, database=database, mode="exclusive") == 1, name
+    holders = series(render(snap).decode(), "pg_advisory_lock_holder_info")
+    assert [(h["lock"], h["database"], h["source"]) for h in holders] == [(name, database, "preset")]
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database=database) is None
+    if transactional:
+        conn.rollback()
+
+
+def test_presets_are_off_unless_asked_and_airflow_only_by_name(make_poller, sessions) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(72707369), pg_advisory_lock(1)")
+    snap = make_poller({"locks": []}).poll_once()
+    assert snap.locks == () and value(snap, "pg_advisory_lock_unnamed_holders", database="postgres") == 2
+    snap = make_poller({"presets": "all", "locks": []}).poll_once()
+    assert value(snap, "pg_advisory_lock_holders", lock="prisma:migrations", database="postgres", mode="exclusive") == 1
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database="postgres") == 1  # key 1: airflow is not in all
+    snap = make_poller({"presets": ["airflow"], "locks": []}).poll_once()
+    assert value(snap, "pg_advisory_lock_holders", lock="airflow:migrations", database="postgres", mode="exclusive") == 1
+
+
+def test_a_configured_name_wins_over_a_preset(make_poller, sessions) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(72707369)")
+    snap = make_poller({"presets": ["prisma"], "locks": [{"name": "our-migrations", "key": 72707369}]}).poll_once()
+    assert value(snap, "pg_advisory_lock_holders", lock="our-migrations", database="postgres", mode="exclusive") == 1
+    assert value(snap, "pg_advisory_lock_holders", lock="prisma:migrations", database="postgres", mode="exclusive") is None
+    # In the other database, where the config names nothing, the preset still applies.
+    assert value(snap, "pg_advisory_lock_holders", lock="prisma:migrations", database=OTHER_DB, mode="exclusive") == 0
+
+
+def test_unknown_preset_is_a_located_config_error() -> None:
+    from exporter.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config({"presets": ["rails", "liquibase"], "locks": []}, "x")
+    assert info.value.details[0].startswith("presets[1]: unknown preset 'liquibase' (known: rails, golang-migrate")
+
+
+def test_java_string_hash_matches_java() -> None:
+    assert presets.java_string_hash("hello") == 99162322
+    assert presets.java_string_hash('"public"."flyway_schema_history"') == 2125624436
+    assert presets.java_string_hash("ü€") == 252 * 31 + 8364
