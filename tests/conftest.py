@@ -7,6 +7,7 @@ databases and roles); tests that must stop or restart the server are then skippe
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -120,6 +121,29 @@ def waiting_pids(server: Server) -> set[int]:
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         rows = conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchall()
     return {r[0] for r in rows}
+
+
+@dataclass
+class StuckWithWaiter:
+    """A session idle in an open transaction on lock (42, 7), and one blocked waiting for it."""
+
+    holder: psycopg.Connection
+    waiter: psycopg.Connection
+    thread: threading.Thread
+
+    def release(self) -> None:
+        self.holder.rollback()
+        self.thread.join(5)
+
+
+def stuck_with_waiter(sessions: Sessions, server: Server, holder_app: str, waiter_app: str) -> StuckWithWaiter:
+    holder = sessions.open(autocommit=False, application_name=holder_app)
+    holder.execute("SELECT pg_advisory_xact_lock(42, 7)")
+    waiter = sessions.open(application_name=waiter_app)
+    thread = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(42, 7)"), daemon=True)
+    thread.start()
+    wait_until(lambda: waiter.info.backend_pid in waiting_pids(server))
+    return StuckWithWaiter(holder, waiter, thread)
 
 
 @pytest.fixture

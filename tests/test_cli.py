@@ -125,3 +125,9 @@ def test_probe_series_are_served(exporter, sessions) -> None:
         samples = parse(proc.get()[1])
         assert samples.get(("pg_advisory_lock_acquisitions_total", digest), 0) == 0
         time.sleep(0.05)
+
+
+def test_json_and_watch_need_the_locks_command(tmp_path) -> None:
+    proc = ExporterProcess(tmp_path, {"locks": []}, "--json")
+    assert proc.wait() == 2
+    assert "--json and --watch go with the locks command" in proc.log()

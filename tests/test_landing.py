@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until, waiting_pids
+from tests.conftest import stuck_with_waiter
 from tests.exporter_proc import ExporterProcess
 from tests.metrics_util import parse
 
@@ -30,12 +29,7 @@ def chromium(url: str, tmp_path: Path, *args: str) -> str:
 def test_landing_page_shows_names_and_holders_in_a_browser(tmp_path, server, sessions) -> None:
     leader = sessions.open(application_name="billing-leader-7")
     leader.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(99)")
-    stuck = sessions.open(autocommit=False, application_name="shard <worker> & co")
-    stuck.execute("SELECT pg_advisory_xact_lock(42, 7)")
-    waiter = sessions.open(application_name="shard-worker-b")
-    thread = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(42, 7)"), daemon=True)
-    thread.start()
-    wait_until(lambda: waiter.info.backend_pid in waiting_pids(server))
+    stuck = stuck_with_waiter(sessions, server, "shard <worker> & co", "shard-worker-b")
     config = {"dsn": server.dsn(), "poll_interval": "200ms", "locks": [
         {"name": "billing-leader", "key": 4242, "probe": {"expect": "held", "interval": "200ms"}},
         {"name": "shard-7", "key": [42, 7], "max_hold": "1s"},
@@ -48,8 +42,7 @@ def test_landing_page_shows_names_and_holders_in_a_browser(tmp_path, server, ses
         chromium(proc.url + "/", tmp_path, f"--screenshot={tmp_path / 'landing.png'}", "--window-size=1200,800")
     finally:
         proc.stop()
-        stuck.rollback()
-        thread.join(5)
+        stuck.release()
     assert '<table id="locks">' in dom
     assert "<td>billing-leader</td>" in dom and "<td>shard-7</td>" in dom
     assert f"pid {leader.info.backend_pid} billing-leader-7" in dom

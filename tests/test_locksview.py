@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import OTHER_DB, wait_until, waiting_pids
+from tests.conftest import OTHER_DB, stuck_with_waiter
 
 
 def run_locks(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedProcess[str]:
@@ -24,12 +23,8 @@ def run_locks(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedP
 def test_locks_shows_names_holders_waiters_and_raw_keys(tmp_path, server, sessions) -> None:
     leader = sessions.open(application_name="billing-leader-with-a-long-application-name")
     leader.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(-7, 8)")
-    stuck = sessions.open(autocommit=False, application_name="shard-worker-a")
-    stuck.execute("SELECT pg_advisory_xact_lock(42, 7)")
-    waiter = sessions.open(application_name="shard-worker-b")
-    thread = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(42, 7)"), daemon=True)
-    thread.start()
-    wait_until(lambda: waiter.info.backend_pid in waiting_pids(server))
+    shard = stuck_with_waiter(sessions, server, "shard-worker-a", "shard-worker-b")
+    stuck, waiter = shard.holder, shard.waiter
     sessions.open(OTHER_DB, application_name="prisma").execute("SELECT pg_advisory_lock(72707369)")
     config = {"dsn": server.dsn(), "presets": ["prisma"],
               "locks": [{"name": "billing-leader", "key": 4242}, {"name": "shard-7", "key": [42, 7]}]}
@@ -43,8 +38,8 @@ def test_locks_shows_names_holders_waiters_and_raw_keys(tmp_path, server, sessio
     assert "billing-leader  [4242]  in postgres" in lines
     assert "(-7, 8)  in postgres" in lines  # nobody named it: the decoded key
     assert "prisma:migrations  [72707369, preset]  in other_db" in lines
-    shard = lines.index("shard-7  [(42, 7)]  in postgres")
-    holder, waiting, blocked = lines[shard + 1], lines[shard + 2], lines[shard + 3]
+    at = lines.index("shard-7  [(42, 7)]  in postgres")
+    holder, waiting, blocked = lines[at + 1], lines[at + 2], lines[at + 3]
     assert holder.split()[:3] == ["holds", str(stuck.info.backend_pid), "shard-worker-a"] and "idle txn" in holder
     assert waiting.split()[:3] == ["waits", str(waiter.info.backend_pid), "shard-worker-b"]
     assert blocked.strip() == f"blocked by pid {stuck.info.backend_pid}"
@@ -56,8 +51,7 @@ def test_locks_shows_names_holders_waiters_and_raw_keys(tmp_path, server, sessio
     assert [(r["granted"], r["blocked_by"]) for r in shard_rows] == [(True, []), (False, [stuck.info.backend_pid])]
     assert {r["source"] for r in as_json} == {"config", "preset", "unnamed"}
     assert all(r["held_at_least_seconds"] is not None for r in as_json if r["granted"] and r["state"].startswith("idle"))
-    stuck.rollback()
-    thread.join(5)
+    shard.release()
 
 
 def test_locks_with_nothing_held(tmp_path, server) -> None:

@@ -191,3 +191,39 @@ def test_a_silent_client_does_not_stall_other_scrapes(start) -> None:
     finally:
         silent.close()
         half_open.close()
+
+
+@pytest.mark.slow
+def test_password_file_is_read_at_connect_and_a_rotated_secret_is_picked_up(tmp_path) -> None:
+    """Against a server that asks for passwords (scram), the password comes only from password_file."""
+    import psycopg
+
+    from tests.pgcluster import Cluster
+
+    cluster = Cluster().init()
+    try:
+        hba = Path(cluster.datadir) / "pg_hba.conf"
+        hba.write_text("local all postgres trust\nhost all postgres 127.0.0.1/32 trust\n"
+                       "host all all 127.0.0.1/32 scram-sha-256\n")
+        cluster.pg_ctl_start()
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE ROLE exporter LOGIN PASSWORD 'first-secret'; GRANT pg_monitor TO exporter")
+        secret = tmp_path / "password"
+        secret.write_text("first-secret\n")
+        config = {"dsn": cluster.dsn(user="exporter"), "password_file": str(secret), "poll_interval": "200ms",
+                  "locks": LOCKS}
+        proc = ExporterProcess(tmp_path, config)
+        try:
+            proc.metrics_when(lambda t: parse(t).get(("pg_advisory_lock_exporter_up", ())) == 1)
+            # Rotate: new password on the server and in the file; drop the session so it reconnects.
+            with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+                admin.execute("ALTER ROLE exporter PASSWORD 'second-secret'")
+                secret.write_text("second-secret\n")
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'exporter'")
+            text = proc.metrics_when(lambda t: parse(t).get(("pg_advisory_lock_exporter_up", ())) == 1
+                                     and parse(t)[("pg_advisory_lock_exporter_poll_errors_total", ())] >= 1)
+        finally:
+            proc.stop()
+        assert "first-secret" not in proc.log() + text and "second-secret" not in proc.log() + text
+    finally:
+        cluster.destroy()
