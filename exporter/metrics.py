@@ -54,7 +54,7 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[_Sample]) ->
 
 def _lock_text(snapshot: Snapshot) -> Iterator[str]:
     ids = [labels(lock=lock.name, database=lock.database) for lock in snapshot.locks]
-    pairs = list(zip(snapshot.locks, ids))
+    pairs = list(zip(snapshot.locks, ids, strict=True))
     yield from _family(
         f"{PREFIX}_holders", "gauge", "Sessions holding the lock now, by mode.",
         (s for lock, i in pairs for s in (
@@ -201,6 +201,6 @@ class Exposition:
             # Rendered outside the lock, so a publish never waits for a render.
             body = render(*state)
             with self._lock:
-                if all(a is b for a, b in zip((self._snapshot, self._probes, self._reload), state)):
+                if all(a is b for a, b in zip((self._snapshot, self._probes, self._reload), state, strict=True)):
                     self._body = body
         return body

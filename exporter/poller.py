@@ -14,19 +14,11 @@ from typing import Any
 import psycopg
 
 from . import keys, queries
-from .config import Config, LockConfig
+from .config import Config
 from .deadline import OneAtATime, StuckCall
 from .dsn import connect, error_line, server_name
-from .snapshot import (
-    FOLDED_MODES,
-    Holder,
-    KeyCollision,
-    LockState,
-    PollStats,
-    Snapshot,
-    UnnamedLocks,
-)
 from .resolve import ResolvedLock, find_collisions, resolve_locks
+from .snapshot import FOLDED_MODES, Holder, KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
 from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
@@ -97,6 +89,7 @@ class Poller:
     def _open(self) -> psycopg.Connection:
         conn = self._connect(self._config)
         try:
+            conn.execute(queries.POLLER_PLANNER_SETUP)
             row = conn.execute(queries.SERVER_INFO).fetchone()
             assert row is not None
             info = ServerInfo(int(row[0]), row[1], row[2], bool(row[3]), bool(row[4]))
@@ -203,7 +196,7 @@ class Poller:
 
     def _stats(self) -> PollStats:
         cumulative, total = [], 0
-        for bound, count in zip(DURATION_BUCKETS, self._bucket_counts):
+        for bound, count in zip(DURATION_BUCKETS, self._bucket_counts, strict=True):
             total += count
             cumulative.append((bound, total))
         return PollStats(

@@ -212,7 +212,7 @@ class Prober:
                     continue
                 lock = self._locks[index]
                 try:
-                    self._worker.call(lambda: self.try_lock(lock), timeout=probe_timeout(self._config) + 1.0)
+                    self._worker.call(lambda lock=lock: self.try_lock(lock), timeout=probe_timeout(self._config) + 1.0)
                 except StuckCall as exc:
                     self._record(lock, None, probe_timeout(self._config) + 1.0, f"{exc}: is the server hung?")
                 self._publish(self.results())

@@ -10,6 +10,11 @@ from __future__ import annotations
 APPLICATION_NAME = "pg-advisory-lock-exporter"
 PROBE_APPLICATION_NAME = "pg-advisory-lock-exporter-probe"
 
+# pg_lock_status() is estimated at 5 advisory rows whatever the truth (10,000 or 50,000), so with
+# a few hundred named keys the planner picks a nested loop over them: 86 ms instead of 18 ms at
+# 10,000 locks and 100 names. The poller's session joins by hash or merge only.
+POLLER_PLANNER_SETUP = "SELECT set_config('enable_nestloop', 'off', false)"
+
 SERVER_INFO = """
 SELECT current_setting('server_version_num')::int AS version_num,
        current_database() AS database,

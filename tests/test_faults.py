@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
@@ -13,7 +12,6 @@ import psycopg
 import pytest
 import yaml
 
-from exporter import queries
 from tests.conftest import wait_until
 from tests.exporter_proc import ExporterProcess
 from tests.metrics_util import parse
@@ -80,7 +78,7 @@ def test_server_restart_reconnects_and_counts_new_holders(cluster, exporters, mo
     # A holder after the restart is a new holder; the string key was resolved again.
     with psycopg.connect(cluster.dsn(), autocommit=True) as again:
         again.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(hashtext('hourly-digest'))")
-        text = proc.metrics_when(
+        proc.metrics_when(
             lambda t: parse(t).get(("pg_advisory_lock_acquisitions_total", LEADER)) == 1
             and parse(t).get(("pg_advisory_lock_acquisitions_total", DIGEST)) == 1
         )
