@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,19 @@ def array_literal(values: Iterable[object]) -> str:
         text = str(value)
         quoted.append(text if isinstance(value, int) else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
     return "{" + ",".join(quoted) + "}"
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """A snapshot is acyclic tuples; the cyclic collector walking it as it is built cost a
+    quarter of a poll's CPU at 10,000 named locks (120 -> 89 ms). Reference counting frees it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def connect_poller(config: Config) -> psycopg.Connection:
@@ -222,7 +237,8 @@ class Poller:
         try:
             rows = self._read()
             now = self._clock()
-            locks, unnamed = self._build(rows, now)
+            with _no_cyclic_gc():
+                locks, unnamed = self._build(rows, now)
         except psycopg.Error as exc:
             stats = self._record(self._clock() - started, failed=True)
             self._fail(error_line(exc, self._config.dsn))
