@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+COLORS = {"floor": "tab:gray", "this exporter": "tab:blue", "query-exporter": "tab:orange"}
 BUDGET = {"db_ratio": 1.5, "scrape_p95_ms": 10.0, "rss_mb": 60.0, "tps_loss_5s": 1.0}
 
 
@@ -106,11 +107,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             (("db_ms_per_poll", "database ms per poll"), ("cpu_ms_per_poll", "exporter CPU ms per poll"), ("rss_mb", "resident MB"))
         ):
             ax = axes[row_index][col]
-            for subject in ("floor", "this exporter", "query-exporter"):
+            for subject, color in COLORS.items():
                 pts = sorted((p[axis_field], p[field]) for p in rows
                              if p["subject"] == subject and p[fixed_field] == fixed_value and p[field] is not None)
                 if pts:
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=subject)
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=subject, color=color)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
@@ -179,3 +180,12 @@ def write_report(results: dict[str, Any], md_path: Path, png_path: Path) -> None
         text.append(f"- pgbench TPS loss: {pg_verdict['tps_loss_5s']:.2f}% at 5 s (budget 1%), {pg_verdict['tps_loss_1s']:.2f}% at 1 s")
     md_path.write_text("\n".join(text) + "\n")
     plot(results, png_path)
+
+
+if __name__ == "__main__":
+    # Rewrite bench/results.md and docs/bench.png from bench/results.json without measuring again.
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    write_report(json.loads((root / "bench" / "results.json").read_text()), root / "bench" / "results.md",
+                 root / "docs" / "bench.png")

@@ -128,8 +128,9 @@ def main() -> int:
         with urllib.request.urlopen(url, timeout=5) as response:
             lines = [l for l in response.read().decode().splitlines() if l.startswith("pg_advisory_lock_") and "_bucket" not in l]
         print("\n".join(lines[:60]))
-        print(f"\nexporter: {url}   (config: {config_path})")
-        print(f"try:      curl -s {url} | grep -E 'holders|held_seconds|waiters|holder_info'")
+        print(f"\nlanding page: http://127.0.0.1:{port}/   metrics: {url}")
+        print(f"try:  curl -s {url} | grep -E 'holders|held_seconds|waiters|holder_info'")
+        print(f"      {sys.executable} -m exporter locks --config.file={config_path}")
         print("Ctrl-C stops the exporter, the workload and the throwaway PostgreSQL.", flush=True)
         deadline = time.monotonic() + args.seconds if args.seconds else None
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
