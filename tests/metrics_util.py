@@ -25,3 +25,8 @@ def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def series(text: str, name: str) -> list[dict[str, str]]:
     """Label sets of every sample of one name."""
     return [dict(labels) for (n, labels) in parse(text) if n == name]
+
+
+def up(text: str) -> float | None:
+    """pg_advisory_lock_exporter_up of a scrape (a substring test would also match its HELP line)."""
+    return parse(text).get(("pg_advisory_lock_exporter_up", ()))

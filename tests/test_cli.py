@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.exporter_proc import ExporterProcess
-from tests.metrics_util import parse, series
+from tests.metrics_util import parse, series, up
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_end_to_end_scrape_shows_holder_and_stops_on_sigterm(exporter, sessions,
     holder = sessions.open(application_name="billing-worker")
     holder.execute("SELECT pg_advisory_lock(4242)")
     proc = exporter({"dsn": server.dsn(password="hunter2"), "locks": LOCKS})
-    text = proc.metrics_when(lambda t: "pg_advisory_lock_exporter_up 1" in t)
+    text = proc.metrics_when(lambda t: up(t) == 1)
     samples = parse(text)
     assert samples[("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "billing-leader"), ("mode", "exclusive")))] == 1
     assert samples[("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "hourly-digest"), ("mode", "exclusive")))] == 0
@@ -53,8 +53,8 @@ def test_starts_and_serves_up_0_while_the_server_is_unreachable(exporter) -> Non
     from tests.pgcluster import free_port
 
     proc = exporter({"dsn": f"host=127.0.0.1 port={free_port()} dbname=app user=exp password=hunter2", "locks": LOCKS})
-    text = proc.metrics_when(lambda t: "pg_advisory_lock_exporter_poll_errors_total 2" in t)
-    assert "pg_advisory_lock_exporter_up 0" in text
+    text = proc.metrics_when(lambda t: parse(t).get(("pg_advisory_lock_exporter_poll_errors_total", ())) == 2)
+    assert up(text) == 0
     assert "pg_advisory_lock_holders" not in text
     log = proc.log()
     assert log.count("poll failed on 127.0.0.1:") == 1, log  # logged once, not per attempt
@@ -77,7 +77,7 @@ def test_json_logs(exporter) -> None:
     import json
 
     proc = exporter({"locks": LOCKS}, "--log.format=json")
-    proc.metrics_when(lambda t: "pg_advisory_lock_exporter_up 1" in t)
+    proc.metrics_when(lambda t: up(t) == 1)
     proc.stop()
     records = [json.loads(line) for line in proc.log().splitlines()]
     assert {"ts", "level", "logger", "msg"} <= set(records[0])

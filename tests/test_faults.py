@@ -14,14 +14,13 @@ import yaml
 
 from tests.conftest import wait_until
 from tests.exporter_proc import ExporterProcess
-from tests.metrics_util import parse
+from tests.metrics_util import parse, up
 from tests.pgcluster import Cluster
 
 LOCKS = [
     {"name": "leader", "key": 4242, "probe": {"expect": "held", "interval": "200ms"}},
     {"name": "digest", "key": {"hashtext": "hourly-digest"}},
 ]
-UP = ("pg_advisory_lock_exporter_up", ())
 LEADER = (("database", "postgres"), ("lock", "leader"))
 DIGEST = (("database", "postgres"), ("lock", "digest"))
 
@@ -45,10 +44,6 @@ def exporters(tmp_path):
     yield start
     for proc in started:
         proc.stop()
-
-
-def up(text: str) -> float | None:
-    return parse(text).get(UP)
 
 
 @pytest.mark.slow

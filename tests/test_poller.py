@@ -10,7 +10,7 @@ import pytest
 from exporter import queries
 from exporter.metrics import render
 from tests.conftest import OTHER_DB, wait_until, waiting_pids
-from tests.metrics_util import series, value
+from tests.metrics_util import parse, series, up, value
 
 LOCKS = [
     {"name": "leader", "key": 4242},
@@ -222,8 +222,8 @@ def test_failed_poll_reports_down_and_leaves_lock_series_out(make_poller, server
     snap = poller.poll_once()
     assert not snap.up
     text = render(snap).decode()
-    assert "pg_advisory_lock_exporter_up 0" in text
-    assert "pg_advisory_lock_exporter_poll_errors_total 1" in text
+    assert up(text) == 0
+    assert parse(text)[("pg_advisory_lock_exporter_poll_errors_total", ())] == 1
     assert "pg_advisory_lock_holders{" not in text and "pg_advisory_lock_unnamed" not in text
     assert "pg_advisory_lock_exporter_last_poll_timestamp_seconds" not in text
 
