@@ -5,12 +5,15 @@ from __future__ import annotations
 import getpass
 import math
 import os
+import random
 import re
 
 import psycopg
 from psycopg import conninfo
 
 from . import queries
+
+BACKOFF_FIRST = 0.25
 
 _SHOWN_PARAMS = ("host", "hostaddr", "port", "dbname", "user", "sslmode")
 _QUOTED = re.compile(r'"[^"]*"')
@@ -115,3 +118,8 @@ def hint(error: BaseException) -> str:
     if "too many clients" in text or "remaining connection slots" in text:
         return " (max_connections is reached: the exporter retries until a slot frees)"
     return ""
+
+
+def reconnect_delay(failures: int, cap: float) -> float:
+    """Jittered exponential delay after the n-th consecutive failure: 250 ms doubling, capped."""
+    return min(cap, BACKOFF_FIRST * 2 ** min(failures - 1, 30)) * random.uniform(0.5, 1.0)

@@ -12,7 +12,7 @@ from typing import TextIO
 from . import keys, queries
 from .config import Config
 from .poller import connect_poller
-from .resolve import SOURCE_PRESET, resolve_locks
+from .resolve import SOURCE_PRESET, resolve_on_server
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED
 
 WIDTH = 80
@@ -46,11 +46,7 @@ def read_locks(config: Config) -> list[LockRow]:
         row = conn.execute(queries.SERVER_INFO).fetchone()
         assert row is not None
         version, database = int(row[0]), row[1]
-        string_keys = [lock.key for lock in config.locks if not keys.is_literal(lock.key)]
-        string_tags = keys.resolve_string_keys(conn, string_keys)  # type: ignore[arg-type]
-        databases = tuple(r[0] for r in conn.execute(queries.DATABASES).fetchall()) if config.presets else ()
-        names = {(r.database, r.tag): (r.config.name, r.source)
-                 for r in resolve_locks(config, database, string_tags, databases)}
+        names = {(r.database, r.tag): (r.config.name, r.source) for r in resolve_on_server(conn, config, database)}
         rows = conn.execute(queries.locks_now_query(version), {"probe_app": queries.PROBE_APPLICATION_NAME}).fetchall()
     result = []
     for (datname, classid, objid, objsubid, mode, granted, pid, app, user, client, state, held, waiting, blocked) in rows:

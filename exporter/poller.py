@@ -6,7 +6,6 @@ import bisect
 import contextlib
 import gc
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -15,18 +14,17 @@ from typing import Any
 
 import psycopg
 
-from . import keys, queries
+from . import queries
 from .config import Config
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, error_line, server_name
-from .resolve import ResolvedLock, find_collisions, resolve_locks
+from .dsn import connect, error_line, reconnect_delay, server_name
+from .resolve import ResolvedLock, find_collisions, resolve_on_server
 from .snapshot import FOLDED_MODES, Holder, KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
 from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BACKOFF_FIRST = 0.25
 
 
 @dataclass(frozen=True)
@@ -108,15 +106,13 @@ class Poller:
             row = conn.execute(queries.SERVER_INFO).fetchone()
             assert row is not None
             info = ServerInfo(int(row[0]), row[1], row[2], bool(row[3]), bool(row[4]))
-            string_keys = [lock.key for lock in self._config.locks if not keys.is_literal(lock.key)]
-            string_tags = keys.resolve_string_keys(conn, string_keys)  # type: ignore[arg-type]
-            databases = tuple(r[0] for r in conn.execute(queries.DATABASES).fetchall()) if self._config.presets else ()
+            locks = resolve_on_server(conn, self._config, info.database)
         except BaseException:
             conn.close()
             raise
         self.server = info
         self._query = queries.poll_query(info.version_num)
-        self._locks = resolve_locks(self._config, info.database, string_tags, databases)
+        self._locks = locks
         messages, self._collisions = find_collisions(self._locks)
         for message in messages:
             log.warning("key collision: %s", message)
@@ -263,9 +259,7 @@ class Poller:
 
     def backoff(self, failures: int) -> float:
         """Jittered exponential delay after the n-th consecutive failure, capped at the interval."""
-        interval = self._config.poll_interval
-        delay = min(interval, BACKOFF_FIRST * 2 ** min(failures - 1, 30))
-        return delay * random.uniform(0.5, 1.0)
+        return reconnect_delay(failures, cap=self._config.poll_interval)
 
     def reconfigure(self, config: Config) -> None:
         """Use a new config from the next poll on (reconnecting, so keys are resolved anew)."""

@@ -8,7 +8,6 @@ lock held. Tries are spread over each lock's interval rather than fired all at o
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -19,12 +18,11 @@ import psycopg
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, database_name, error_line
+from .dsn import connect, database_name, error_line, reconnect_delay
 from .snapshot import ProbeResult
 
 log = logging.getLogger(__name__)
 
-BACKOFF_FIRST = 0.25
 # A try never waits for the lock; this bounds a slow server, not a held lock.
 PROBE_TIMEOUT_MAX = 2.0
 PROBE_TIMEOUT_MIN = 0.25
@@ -120,8 +118,7 @@ class Prober:
             failures = self._failures.get(database, 0) + 1
             self._failures[database] = failures
             cap = min(lock.probe.interval for lock in self._locks)  # type: ignore[union-attr]
-            delay = min(cap, BACKOFF_FIRST * 2 ** min(failures - 1, 30)) * random.uniform(0.5, 1.0)
-            self._retry_at[database] = self._clock() + delay
+            self._retry_at[database] = self._clock() + reconnect_delay(failures, cap)
             raise
         self._failures[database] = 0
         self._databases[database] = row[1] if row else (database or "")

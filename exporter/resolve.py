@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from . import keys, presets
+import psycopg
+
+from . import keys, presets, queries
 from .config import Config, LockConfig
 from .snapshot import KeyCollision
 
@@ -64,6 +66,15 @@ def resolve_locks(
             preset_slots[(database, tag)] = len(resolved)
             resolved.append(ResolvedLock(LockConfig(preset.name, key, database), len(resolved), database, tag, SOURCE_PRESET))
     return tuple(resolved)
+
+
+def resolve_on_server(conn: psycopg.Connection, config: Config, default_database: str) -> tuple[ResolvedLock, ...]:
+    """resolve_locks with what only the server knows: its hashes of the string keys, and (for
+    presets) the databases it has."""
+    string_keys = [lock.key for lock in config.locks if not keys.is_literal(lock.key)]
+    string_tags = keys.resolve_string_keys(conn, string_keys)  # type: ignore[arg-type]
+    databases = tuple(r[0] for r in conn.execute(queries.DATABASES).fetchall()) if config.presets else ()
+    return resolve_locks(config, default_database, string_tags, databases)
 
 
 def find_collisions(locks: tuple[ResolvedLock, ...]) -> tuple[list[str], tuple[KeyCollision, ...]]:
