@@ -68,7 +68,7 @@ def measure_window(admin: psycopg.Connection, subject, window: float, pid: int |
 
 
 def measure_point(cluster: Cluster, admin: psycopg.Connection, held: int, named: int, args: argparse.Namespace,
-                  workdir: Path) -> list[Point]:
+                  workdir: Path, namespaces: tuple[int, ...] = ()) -> list[Point]:
     keys = list(range(1, named + 1))
     points: list[Point] = []
     floor = Floor(cluster.dsn(user=Floor.role), args.interval).start()
@@ -77,8 +77,9 @@ def measure_point(cluster: Cluster, admin: psycopg.Connection, held: int, named:
     floor.stop()
     points.append(Point("floor", held, named, ms, polls))
 
-    subjects = [("this exporter", Ours(workdir), lambda s: s.start(cluster.dsn(user=Ours.role), keys, args.interval))]
-    if not args.no_query_exporter:
+    subjects = [("this exporter", Ours(workdir),
+                 lambda s: s.start(cluster.dsn(user=Ours.role), keys, args.interval, namespaces))]
+    if not args.no_query_exporter and not namespaces:
         url = f"postgresql+psycopg://{QueryExporter.role}@127.0.0.1:{cluster.port}/postgres"
         subjects.append(("query-exporter", QueryExporter(workdir), lambda s: s.start(url, keys, args.interval)))
     for name, subject, start in subjects:
@@ -218,6 +219,11 @@ def main() -> int:
                 load.stop()
                 print(f"scaling: held {held} done", flush=True)
             results["scaling"] = scaling
+            # The key-family point: 50,000 held keys in one namespace, named by one family entry.
+            load = Load(cluster.dsn(), sessions=args.sessions, locks=50_000, namespace=42).start()
+            results["family"] = [asdict(p) for p in measure_point(cluster, admin, 50_000, 0, short, workdir, (42,))]
+            load.stop()
+            print(f"family: {results['family']}", flush=True)
         admin.close()
     finally:
         cluster.destroy()

@@ -19,6 +19,7 @@ class Load:
     sessions: int = 200
     locks: int = 10_000
     waiters: int = 10
+    namespace: int | None = None  # take pg_advisory_lock(namespace, k) instead of pg_advisory_lock(k)
     _conns: list[psycopg.Connection] = field(default_factory=list)
     _waiting: list[tuple[psycopg.Connection, threading.Thread]] = field(default_factory=list)
 
@@ -32,27 +33,32 @@ class Load:
             exclusive = [k for k in mine if k % SHARED_EVERY]
             shared = [k for k in mine if not k % SHARED_EVERY]
             fn = "pg_advisory_xact_lock" if xact else "pg_advisory_lock"
-            conn.execute(f"SELECT count({fn}(k)) FROM unnest(%s::int8[]) AS k", [exclusive])
-            conn.execute(f"SELECT count({fn}_shared(k)) FROM unnest(%s::int8[]) AS k", [shared])
+            arg = "k" if self.namespace is None else f"{int(self.namespace)}, k::int4"
+            conn.execute(f"SELECT count({fn}({arg})) FROM unnest(%s::int8[]) AS k", [exclusive])
+            conn.execute(f"SELECT count({fn}_shared({arg})) FROM unnest(%s::int8[]) AS k", [shared])
         # A second holder of each shared key, so shared locks have two holders.
         sharer = psycopg.connect(self.dsn, autocommit=True, application_name="bench-sharer")
         self._conns.append(sharer)
+        arg = "k" if self.namespace is None else f"{int(self.namespace)}, k::int4"
         sharer.execute(
-            "SELECT count(pg_advisory_lock_shared(k)) FROM generate_series(%s::int8, %s::int8, %s::int8) AS k",
+            f"SELECT count(pg_advisory_lock_shared({arg})) FROM generate_series(%s::int8, %s::int8, %s::int8) AS k",
             [SHARED_EVERY, self.locks, SHARED_EVERY],
         )
         for w in range(self.waiters):
             key = 1 + w if (1 + w) % SHARED_EVERY else 2 + w  # an exclusively held key
             conn = psycopg.connect(self.dsn, autocommit=True, application_name=f"bench-waiter-{w}")
-            thread = threading.Thread(target=self._wait, args=(conn, key), daemon=True)
+            thread = threading.Thread(target=self._wait, args=(conn, key, self.namespace), daemon=True)
             thread.start()
             self._waiting.append((conn, thread))
         return self
 
     @staticmethod
-    def _wait(conn: psycopg.Connection, key: int) -> None:
+    def _wait(conn: psycopg.Connection, key: int, namespace: int | None) -> None:
         try:
-            conn.execute("SELECT pg_advisory_lock(%s::int8)", [key])
+            if namespace is None:
+                conn.execute("SELECT pg_advisory_lock(%s::int8)", [key])
+            else:
+                conn.execute("SELECT pg_advisory_lock(%s::int4, %s::int4)", [namespace, key])
         except psycopg.Error:
             pass
 

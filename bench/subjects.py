@@ -19,9 +19,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 QE_VENV = BENCH_DIR / ".venv-query-exporter"
 QE_PACKAGES = ["query-exporter==5.0.2", "psycopg[binary]"]
 
-FLOOR_LOCKS = "SELECT * FROM pg_locks WHERE locktype = 'advisory'"
-FLOOR_ACTIVITY = "SELECT * FROM pg_stat_activity"
-OURS_MARKER = "%WITH activity AS MATERIALIZED%"
+# The floor reads only the columns an exporter with our features uses: SELECT * would format
+# columns nobody reads and roughly double the figure, flattering every ratio against it.
+FLOOR_LOCKS = ("SELECT database, classid, objid, objsubid, pid, mode, granted, waitstart "
+               "FROM pg_locks WHERE locktype = 'advisory'")
+FLOOR_ACTIVITY = ("SELECT pid, backend_start, application_name, usename, client_addr, client_port, state, "
+                  "state_change, query_start, xact_start FROM pg_stat_activity")
+OURS_MARKER = "%WITH held AS%"
 QE_MARKER = "%bench_named_keys%"
 FLOOR_MARKER = "%pg_locks%"
 
@@ -105,11 +109,12 @@ class Ours(Process):
     role = "bench_ours"
     marker = OURS_MARKER
 
-    def start(self, dsn: str, named: list[int], interval: float) -> "Ours":
+    def start(self, dsn: str, named: list[int], interval: float, namespaces: tuple[int, ...] = ()) -> "Ours":
         config = {
             "dsn": dsn,
             "poll_interval": f"{int(interval * 1000)}ms",
-            "locks": [{"name": f"key-{k}", "key": k} for k in named],
+            "locks": [{"name": f"key-{k}", "key": k} for k in named]
+            + [{"name": f"family-{n}", "key": {"namespace": n}} for n in namespaces],
         }
         path = self.workdir / "ours.yaml"
         path.write_text(yaml.safe_dump(config))

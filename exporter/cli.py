@@ -142,11 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         exposition.publish(snapshot)  # type: ignore[arg-type]
         first_poll.set()
 
-    poller = Poller(
-        config,
-        connect=connect_poller,
-        publish=publish,
-    )
+    prober = Prober(config, connect=connect_probe, publish=exposition.publish_probes)
+    poller = Poller(config, connect=connect_poller, publish=publish, own_pids=prober.backend_pids)
     reload_lock = threading.Lock()  # SIGHUP (main thread) and /-/reload (an HTTP thread)
 
     def reload() -> bool:
@@ -168,7 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reload_status = [ReloadStatus(True, time.time())]
     exposition.publish_reload(reload_status[0])
-    prober = Prober(config, connect=connect_probe, publish=exposition.publish_probes)
     try:
         server = MetricsServer(
             args.listen_address, exposition, args.telemetry_path, first_poll.is_set,

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from . import keys, presets
-from .dsn import DsnError, describe_dsn
+from .dsn import DsnError, database_name, describe_dsn
 
 MAX_CONFIG_BYTES = 1024 * 1024
 DEFAULT_POLL_INTERVAL = 5.0
@@ -29,16 +29,26 @@ MIN_PROBE_INTERVAL = 0.01
 
 DEFAULT_MAX_HOLDER_INFO_PER_LOCK = 100
 DEFAULT_MAX_HOLDER_INFO = 1000
+DEFAULT_MAX_UNNAMED_HOLDER_INFO = 10
+DEFAULT_MAX_TRACKED_HOLDS = 100_000
 
 _TOP_FIELDS = (
     "dsn", "password_file", "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info",
-    "presets", "locks",
+    "max_unnamed_holder_info", "max_tracked_holds", "unnamed_max_hold", "presets", "locks",
 )
+# Caps: field -> default.
+_LIMITS = {
+    "max_holder_info_per_lock": DEFAULT_MAX_HOLDER_INFO_PER_LOCK,
+    "max_holder_info": DEFAULT_MAX_HOLDER_INFO,
+    "max_unnamed_holder_info": DEFAULT_MAX_UNNAMED_HOLDER_INFO,
+    "max_tracked_holds": DEFAULT_MAX_TRACKED_HOLDS,
+}
 _LOCK_FIELDS = ("name", "key", "database", "probe", "max_hold")
 _PROBE_FIELDS = ("expect", "interval")
 EXPECT_HELD, EXPECT_FREE, EXPECT_ANY = "held", "free", "any"
 _EXPECTATIONS = (EXPECT_HELD, EXPECT_FREE, EXPECT_ANY)
 _STRING_KEY_FORMS = {"hashtext": keys.HashtextKey, "hashtextextended": keys.HashtextExtendedKey}
+_MAPPING_KEY_FORMS = (*_STRING_KEY_FORMS, "namespace", "range")
 
 
 class ConfigError(Exception):
@@ -81,6 +91,9 @@ class Config:
     max_holder_info: int = DEFAULT_MAX_HOLDER_INFO
     password_file: str | None = None
     presets: tuple[str, ...] = ()
+    max_unnamed_holder_info: int = DEFAULT_MAX_UNNAMED_HOLDER_INFO
+    max_tracked_holds: int = DEFAULT_MAX_TRACKED_HOLDS
+    unnamed_max_hold: float | None = None
 
     @property
     def probed(self) -> tuple[LockConfig, ...]:
@@ -89,12 +102,17 @@ class Config:
     def summary(self) -> str:
         """One line for --check-config and the start-up log; never shows a password."""
         forms: dict[str, int] = {}
+        families = 0
         for lock in self.locks:
+            if keys.is_family(lock.key):
+                families += 1
+                continue
             form = _FORM_NAMES[type(lock.key)]
             forms[form] = forms.get(form, 0) + 1
         form_text = ", ".join(f"{n} {f}" for f, n in sorted(forms.items()))
         return (
-            f"{len(self.locks)} locks ({form_text or 'none'}), {len(self.probed)} probed, "
+            f"{len(self.locks) - families} locks ({form_text or 'none'}), {families} families, "
+            f"{len(self.probed)} probed, "
             f"presets: {', '.join(self.presets) or 'none'}, "
             f"poll_interval {format_duration(self.poll_interval)}, "
             f"dsn {describe_dsn(self.dsn)}"
@@ -205,13 +223,18 @@ def parse_key(value: Any, where: str, errors: list[str]) -> keys.KeySpec | None:
         second = _int_in(value[1], keys.INT4_MIN, keys.INT4_MAX, "int4", f"{where}[1]", errors)
         return None if first is None or second is None else keys.Int4PairKey(first, second)
     if isinstance(value, dict):
-        if len(value) != 1 or next(iter(value)) not in _STRING_KEY_FORMS:
+        if len(value) != 1 or next(iter(value)) not in _MAPPING_KEY_FORMS:
             errors.append(
-                f"{where}: a string key is a mapping with one field, hashtext or hashtextextended, "
-                f"got {', '.join(sorted(map(str, value))) or 'an empty mapping'}"
+                f"{where}: a key mapping has one field: hashtext or hashtextextended (a string key), "
+                f"namespace or range (a key family), got {', '.join(sorted(map(str, value))) or 'an empty mapping'}"
             )
             return None
         form, text = next(iter(value.items()))
+        if form == "namespace":
+            namespace = _int_in(text, keys.INT4_MIN, keys.INT4_MAX, "int4", f"{where}.namespace", errors)
+            return None if namespace is None else keys.NamespaceFamily(namespace)
+        if form == "range":
+            return _parse_range(text, f"{where}.range", errors)
         if not isinstance(text, str) or not text:
             errors.append(f"{where}.{form}: expected a non-empty string, got {_show(text)}")
             return None
@@ -224,6 +247,20 @@ def parse_key(value: Any, where: str, errors: list[str]) -> keys.KeySpec | None:
         f"({{hashtext: name}}), got {_show(value)}"
     )
     return None
+
+
+def _parse_range(value: Any, where: str, errors: list[str]) -> keys.RangeFamily | None:
+    if not isinstance(value, list) or len(value) != 2:
+        errors.append(f"{where}: expected [low, high], two bigints (inclusive), got {_show(value)}")
+        return None
+    low = _int_in(value[0], keys.INT64_MIN, keys.INT64_MAX, "bigint", f"{where}[0]", errors)
+    high = _int_in(value[1], keys.INT64_MIN, keys.INT64_MAX, "bigint", f"{where}[1]", errors)
+    if low is None or high is None:
+        return None
+    if low > high:
+        errors.append(f"{where}: low {low} is above high {high}")
+        return None
+    return keys.RangeFamily(low, high)
 
 
 def _parse_lock(entry: Any, default_interval: float, where: str, errors: list[str]) -> LockConfig | None:
@@ -245,6 +282,9 @@ def _parse_lock(entry: Any, default_interval: float, where: str, errors: list[st
         errors.append(f"{where}.database: expected a database name, got {_show(database)}")
         database = None
     probe = _parse_probe(entry["probe"], default_interval, f"{where}.probe", errors) if "probe" in entry else None
+    if probe is not None and key is not None and keys.is_family(key):
+        errors.append(f"{where}.probe: a key family cannot be probed: it has no one key to try (probe a single key instead)")
+        probe = None
     max_hold = None
     if "max_hold" in entry:
         max_hold = _duration_field(entry["max_hold"], f"{where}.max_hold", 0.001, errors)
@@ -325,6 +365,21 @@ def _check_literal_collisions(locks: list[tuple[int, LockConfig]], errors: list[
             )
 
 
+def _check_family_overlaps(locks: list[tuple[int, LockConfig]], default_database: str, errors: list[str]) -> None:
+    """Two families that share a key in one database: which name would it go to?"""
+    families = [(index, lock) for index, lock in locks if keys.is_family(lock.key)]
+    for position, (index, lock) in enumerate(families):
+        for other_index, other in families[:position]:
+            if (lock.database or default_database) != (other.database or default_database):
+                continue
+            if lock.key.overlaps(other.key):  # type: ignore[union-attr]
+                errors.append(
+                    f"locks[{index}].key: family {lock.name!r} {lock.key.describe()} overlaps family "
+                    f"{other.name!r} {other.key.describe()} (locks[{other_index}]) in database "
+                    f"{lock.database or default_database!r}: a key may belong to one family only"
+                )
+
+
 def parse_config(data: Any, source: str) -> Config:
     """Validate loaded YAML; raise ConfigError listing every problem."""
     errors: list[str] = []
@@ -352,10 +407,12 @@ def parse_config(data: Any, source: str) -> Config:
         probe_interval = _duration_field(data["probe_interval"], "probe_interval", MIN_PROBE_INTERVAL, errors) or probe_interval
 
     limits = {}
-    for field, default in (("max_holder_info_per_lock", DEFAULT_MAX_HOLDER_INFO_PER_LOCK),
-                           ("max_holder_info", DEFAULT_MAX_HOLDER_INFO)):
+    for field, default in _LIMITS.items():
         value = data.get(field, default)
-        limits[field] = _int_in(value, 0, 1_000_000, "a count", field, errors)
+        limits[field] = _int_in(value, 0, 10_000_000, "a count", field, errors)
+    unnamed_max_hold = None
+    if "unnamed_max_hold" in data:
+        unnamed_max_hold = _duration_field(data["unnamed_max_hold"], "unnamed_max_hold", 0.001, errors)
     password_file = data.get("password_file")
     if password_file is not None:
         if not isinstance(password_file, str) or not password_file:
@@ -368,11 +425,9 @@ def parse_config(data: Any, source: str) -> Config:
 
     chosen_presets = _parse_presets(data.get("presets", []), errors)
 
-    raw_locks = data.get("locks")
+    raw_locks = data.get("locks", [])
     parsed: list[tuple[int, LockConfig]] = []
-    if raw_locks is None:
-        errors.append("locks: required: a list of {name, key} entries")
-    elif not isinstance(raw_locks, list):
+    if not isinstance(raw_locks, list):
         errors.append(f"locks: expected a list, got {_show(raw_locks)}")
     else:
         for index, entry in enumerate(raw_locks):
@@ -381,13 +436,16 @@ def parse_config(data: Any, source: str) -> Config:
                 parsed.append((index, lock))
         _check_duplicate_names(raw_locks, errors)
         _check_literal_collisions(parsed, errors)
+        if not any("dsn:" in e for e in errors):
+            _check_family_overlaps(parsed, database_name(dsn), errors)
 
     if errors:
         raise ConfigError(source, errors)
     return Config(
         dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed), probe_interval=probe_interval,
         max_holder_info_per_lock=limits["max_holder_info_per_lock"] or 0, max_holder_info=limits["max_holder_info"] or 0,
-        password_file=password_file, presets=chosen_presets,
+        max_unnamed_holder_info=limits["max_unnamed_holder_info"] or 0, max_tracked_holds=limits["max_tracked_holds"] or 0,
+        unnamed_max_hold=unnamed_max_hold, password_file=password_file, presets=chosen_presets,
     )
 
 

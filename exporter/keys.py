@@ -7,13 +7,9 @@ unsigned oids, so negative halves appear as values >= 2**31.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeGuard, Union
 
-import psycopg
-
-from . import queries
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -75,9 +71,43 @@ class HashtextExtendedKey:
         return f"hashtextextended({self.text!r}, 0)"
 
 
+@dataclass(frozen=True)
+class NamespaceFamily:
+    """Every pg_advisory_lock(namespace, x): the int4-pair keys whose first int is namespace."""
+
+    namespace: int
+
+    def describe(self) -> str:
+        return f"({self.namespace}, *)"
+
+    def overlaps(self, other: "FamilySpec") -> bool:
+        return isinstance(other, NamespaceFamily) and other.namespace == self.namespace
+
+    def contains(self, tag: LockTag) -> bool:
+        return tag.objsubid == OBJSUBID_INT4_PAIR and tag.classid == self.namespace & _U32
+
+
+@dataclass(frozen=True)
+class RangeFamily:
+    """Every pg_advisory_lock(bigint) with the key in [low, high], inclusive."""
+
+    low: int
+    high: int
+
+    def describe(self) -> str:
+        return f"[{self.low} .. {self.high}]"
+
+    def overlaps(self, other: "FamilySpec") -> bool:
+        return isinstance(other, RangeFamily) and self.low <= other.high and other.low <= self.high
+
+    def contains(self, tag: LockTag) -> bool:
+        return tag.objsubid == OBJSUBID_BIGINT and self.low <= signed64((tag.classid << 32) | tag.objid) <= self.high
+
+
 LiteralKey = Union[BigintKey, Int4PairKey]
 StringKey = Union[HashtextKey, HashtextExtendedKey]
-KeySpec = Union[BigintKey, Int4PairKey, HashtextKey, HashtextExtendedKey]
+FamilySpec = Union[NamespaceFamily, RangeFamily]
+KeySpec = Union[BigintKey, Int4PairKey, HashtextKey, HashtextExtendedKey, NamespaceFamily, RangeFamily]
 
 
 def bigint_tag(value: int) -> LockTag:
@@ -98,6 +128,20 @@ def int4_pair_tag(first: int, second: int) -> LockTag:
 
 def _signed32(value: int) -> int:
     return value - 2**32 if value > INT4_MAX else value
+
+
+def signed64(unsigned: int) -> int:
+    """An unsigned 64-bit pattern as the signed bigint it is."""
+    return unsigned - 2**64 if unsigned > INT64_MAX else unsigned
+
+
+def key_label(objsubid: int, key64: int) -> str:
+    """The key as every exposition label writes it: '42,7' for an int4 pair, the decimal bigint
+    otherwise. key64 is (classid << 32) | objid, as the poll returns it (signed or not)."""
+    key64 &= 0xFFFFFFFFFFFFFFFF
+    if objsubid == OBJSUBID_INT4_PAIR:
+        return f"{_signed32(key64 >> 32)},{_signed32(key64 & _U32)}"
+    return str(signed64(key64))
 
 
 def decode_tag(tag: LockTag) -> LiteralKey:
@@ -121,21 +165,10 @@ def is_literal(key: KeySpec) -> TypeGuard[LiteralKey]:
     return isinstance(key, (BigintKey, Int4PairKey))
 
 
-def resolve_string_keys(conn: psycopg.Connection, keys: Iterable[StringKey]) -> dict[StringKey, LockTag]:
-    """Ask the monitored server what its hash functions make of each string key.
+def is_family(key: KeySpec) -> TypeGuard[FamilySpec]:
+    return isinstance(key, (NamespaceFamily, RangeFamily))
 
-    hashtext() is internal and has changed between majors, so it is never computed here.
-    hashtext() returns int4; passed to pg_advisory_lock(bigint) it is sign-extended, which the
-    server's own int4 -> int8 cast in the query does for us.
-    """
-    wanted = sorted(set(keys), key=lambda k: (type(k).__name__, k.text))
-    if not wanted:
-        return {}
-    texts = [k.text for k in wanted]
-    with conn.cursor() as cur:
-        cur.execute(queries.RESOLVE_STRING_KEYS, {"texts": texts})
-        hashes = {text: (ht, hte) for text, ht, hte in cur.fetchall()}
-    return {
-        k: bigint_tag(hashes[k.text][0] if isinstance(k, HashtextKey) else hashes[k.text][1])
-        for k in wanted
-    }
+
+def tag_key64(tag: LockTag) -> int:
+    """(classid << 32) | objid: the unsigned 64-bit form the poll returns for every advisory row."""
+    return (tag.classid << 32) | tag.objid

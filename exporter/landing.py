@@ -9,7 +9,8 @@ import time
 from html import escape
 
 from . import __version__
-from .snapshot import MODE_EXCLUSIVE, LockState, ProbeResult, ReloadStatus, Snapshot
+from .ages import age
+from .snapshot import MODE_EXCLUSIVE, Holder, LockState, ProbeResult, ReloadStatus, Snapshot
 
 REFRESH_SECONDS = 5
 FREE_NAMES_SHOWN = 50
@@ -21,30 +22,32 @@ th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}.muted{col
 """
 
 
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m {s % 60}s" if s >= 60 else f"{seconds:.1f}s"
+def _holder_line(h: Holder, with_key: bool) -> str:
+    mode = "exclusive" if MODE_EXCLUSIVE in h.modes else "shared"
+    return escape(
+        f"{'key ' + h.key + ', ' if with_key else ''}{mode}: pid {h.pid} "
+        f"{h.application_name or '-'} {h.usename}{'@' + h.client_addr if h.client_addr else ''} "
+        f"({h.state or 'state hidden'}), held {age(h.held_seconds, at_least=True)}"
+    )
 
 
 def _lock_row(lock: LockState, probe: ProbeResult | None) -> str:
-    holders = "<br>".join(
-        escape(f"{'exclusive' if MODE_EXCLUSIVE in h.modes else 'shared'}: pid {h.pid} "
-               f"{h.application_name or '-'} {h.usename}{'@' + h.client_addr if h.client_addr else ''} "
-               f"({h.state or 'state hidden'}), held ≥ {_age(h.held_seconds)}")
-        for h in lock.info_holders
-    ) or '<span class="muted">none</span>'
-    hidden = len(lock.holders) - len(lock.info_holders)
+    holders = "<br>".join(_holder_line(h, lock.is_family) for h in lock.info_holders) or '<span class="muted">none</span>'
+    if lock.is_family:
+        holders = f"{lock.keys_held} key{'s' if lock.keys_held != 1 else ''} held<br>" + holders
+    hidden = lock.holds - len(lock.info_holders)
     if hidden:
         holders += f"<br><span class=\"muted\">and {hidden} more</span>"
     over = lock.max_hold is not None and lock.held_seconds > lock.max_hold
-    max_hold = "" if lock.max_hold is None else _age(lock.max_hold)
-    waits = f"{lock.waiters} (longest {_age(lock.wait_seconds)})" if lock.waiters else "0"
+    max_hold = "" if lock.max_hold is None else age(lock.max_hold)
+    waits = f"{lock.waiters} (longest {age(lock.wait_seconds)})" if lock.waiters else "0"
     probe_cell = "" if probe is None else (
         '<span class="ok">as expected</span>' if probe.ok else '<span class="bad">NOT as expected</span>'
     )
     return (
-        f"<tr><td>{escape(lock.name)}</td><td>{escape(lock.database)}</td><td>{escape(lock.source)}</td>"
-        f"<td>{holders}</td><td class=\"{'bad' if over else ''}\">{_age(lock.held_seconds)}</td>"
+        f"<tr><td>{escape(lock.name)}</td><td>{escape(lock.key)}</td><td>{escape(lock.database)}</td>"
+        f"<td>{escape(lock.source)}</td>"
+        f"<td>{holders}</td><td class=\"{'bad' if over else ''}\">{age(lock.held_seconds)}</td>"
         f"<td>{max_hold}</td><td class=\"{'bad' if lock.waiters else ''}\">{waits}</td><td>{probe_cell}</td></tr>"
     )
 
@@ -53,15 +56,15 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
     path = escape(telemetry_path, quote=True)
     stats = snapshot.stats
     last = "never" if stats.last_success_timestamp is None else \
-        f"{_age(max(time.time() - stats.last_success_timestamp, 0))} ago"
+        f"{age(max(time.time() - stats.last_success_timestamp, 0))} ago"
     health = (
         f"<p>Polls: <span class=\"{'ok' if snapshot.up else 'bad'}\">{'UP' if snapshot.up else 'DOWN'}</span>"
         f" &middot; last good poll {last} &middot; {stats.polls} polls, {stats.errors} failed"
         f" &middot; config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>"
     )
     by_name = {p.lock: p for p in probes}
-    busy = [lock for lock in snapshot.locks if lock.holders or lock.waiters]
-    free = [lock for lock in snapshot.locks if not lock.holders and not lock.waiters]
+    busy = [lock for lock in snapshot.locks if lock.holds or lock.waiters]
+    free = [lock for lock in snapshot.locks if not lock.holds and not lock.waiters]
     parts = [
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\">",
         f"<meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">",
@@ -78,7 +81,7 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
     else:
         parts.append(f"<h2>Named locks held or awaited ({len(busy)})</h2>")
         if busy:
-            parts.append("<table id=\"locks\"><tr><th>lock</th><th>database</th><th>source</th><th>holders</th>"
+            parts.append("<table id=\"locks\"><tr><th>lock</th><th>key</th><th>database</th><th>source</th><th>holders</th>"
                          "<th>held for</th><th>max_hold</th><th>waiters</th><th>probe</th></tr>")
             parts += [_lock_row(lock, by_name.get(lock.name)) for lock in busy]
             parts.append("</table>")
@@ -95,8 +98,13 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
                 for p in failing) + "</ul>")
         parts.append("<h2>Locks nobody named</h2>")
         if snapshot.unnamed:
-            parts.append("<table id=\"unnamed\"><tr><th>database</th><th>held</th><th>waiting</th></tr>" + "".join(
-                f"<tr><td>{escape(u.database)}</td><td>{u.holders}</td><td>{u.waiters}</td></tr>"
+            parts.append("<table id=\"unnamed\"><tr><th>database</th><th>held</th><th>oldest hold</th>"
+                         "<th>waiting</th><th>oldest holders</th></tr>" + "".join(
+                f"<tr><td>{escape(u.database)}</td><td>{u.holders}</td>"
+                f"<td class=\"{'bad' if u.max_hold is not None and u.held_seconds > u.max_hold else ''}\">"
+                f"{age(u.held_seconds)}</td><td>{u.waiters}"
+                f"{f' (longest {age(u.wait_seconds)})' if u.waiters else ''}</td>"
+                f"<td>{'<br>'.join(_holder_line(h, True) for h in u.info_holders)}</td></tr>"
                 for u in snapshot.unnamed) + "</table>")
         else:
             parts.append("<p class=\"muted\">none</p>")

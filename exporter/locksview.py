@@ -9,7 +9,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TextIO
 
+from psycopg.rows import namedtuple_row
+
 from . import keys, queries
+from .ages import age
+from .assemble import KeyMatcher
 from .config import Config
 from .poller import connect_poller
 from .resolve import SOURCE_PRESET, resolve_on_server
@@ -28,6 +32,7 @@ class LockRow:
     source: str  # "config", "preset" or "unnamed"
     database: str
     key: str  # the decoded key: 4242 or (42, 7)
+    family: str  # for a key of a configured family, the family's key set: (42, *); else ""
     mode: str
     granted: bool
     pid: int
@@ -42,28 +47,29 @@ class LockRow:
 
 def read_locks(config: Config) -> list[LockRow]:
     """One read of pg_locks, names attached."""
-    with connect_poller(config) as conn:
-        row = conn.execute(queries.SERVER_INFO).fetchone()
-        assert row is not None
-        version, database = int(row[0]), row[1]
-        names = {(r.database, r.tag): (r.config.name, r.source) for r in resolve_on_server(conn, config, database)}
-        rows = conn.execute(queries.locks_now_query(version), {"probe_app": queries.PROBE_APPLICATION_NAME}).fetchall()
+    with connect_poller(config) as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+        server = cur.execute(queries.SERVER_INFO).fetchone()
+        assert server is not None
+        locks = resolve_on_server(conn, config, server.database)
+        rows = cur.execute(queries.locks_now_query(server.version_num),
+                           {"probe_app": queries.PROBE_APPLICATION_NAME}).fetchall()
+    names = {(r.database, r.tag): r for r in locks if r.tag is not None}
+    matcher = KeyMatcher(locks)
     result = []
-    for (datname, classid, objid, objsubid, mode, granted, pid, app, user, client, state, held, waiting, blocked) in rows:
-        tag = keys.LockTag(classid, objid, objsubid)
+    for row in rows:
+        tag = keys.LockTag(row.classid, row.objid, row.objsubid)
         key = keys.decode_tag(tag).describe()
-        name, source = names.get((datname, tag), (key, "unnamed"))
-        result.append(LockRow(name, source, datname or "", key, _MODES.get(mode, mode), granted, pid, app or "",
-                              user or "", client or "", state or "", held, waiting, list(blocked or [])))
+        lock = names.get((row.datname, tag))
+        family = ""
+        if lock is None:
+            index = matcher.family(row.datname, row.objsubid, keys.signed64(keys.tag_key64(tag)))
+            lock = locks[index] if index is not None else None
+            family = lock.config.key.describe() if lock is not None else ""
+        name, source = (lock.config.name, lock.source) if lock is not None else (key, "unnamed")
+        result.append(LockRow(name, source, row.datname or "", key, family, _MODES.get(row.mode, row.mode), row.granted,
+                              row.pid, row.application_name or "", row.usename or "", row.client_addr or "",
+                              row.state or "", row.held_at_least, row.waiting, list(row.blocked_by or [])))
     return result
-
-
-def _age(seconds: float | None, floor: bool) -> str:
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    text = f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-    return ("≥" if floor else "") + text
 
 
 def _fit(text: str, width: int) -> str:
@@ -79,14 +85,19 @@ def format_table(rows: list[LockRow]) -> str:
     for r in rows:
         if (r.database, r.key) != last:
             last = (r.database, r.key)
-            label = r.name if r.source == "unnamed" else f"{r.name}  [{r.key}{', preset' if r.source == SOURCE_PRESET else ''}]"
+            if r.source == "unnamed":
+                label = r.name
+            elif r.family:
+                label = f"{r.name}  [{r.key} of {r.family}]"
+            else:
+                label = f"{r.name}  [{r.key}{', preset' if r.source == SOURCE_PRESET else ''}]"
             lines.append(_fit(f"{label}  in {r.database}", WIDTH))
         role = ("holds" if r.mode == MODE_EXCLUSIVE else "shares") if r.granted else "waits"
         who = r.usename + (f"@{r.client_addr}" if r.client_addr else "")
-        age = _age(r.held_at_least_seconds, floor=True) if r.granted else _age(r.waiting_seconds, floor=False)
+        held = age(r.held_at_least_seconds, at_least=True) if r.granted else age(r.waiting_seconds)
         state = _STATES.get(r.state, r.state)
         lines.append(f"  {role:<6} {r.pid:>7} {_fit(r.application_name or '-', 18):<18} {_fit(who or '-', 21):<21} "
-                     f"{_fit(state or '?', 9):<9} {age:>8}")
+                     f"{_fit(state or '?', 9):<9} {held:>8}")
         if r.blocked_by:
             lines.append(_fit(f"         blocked by pid {', '.join(map(str, r.blocked_by))}", WIDTH))
     held = sum(r.granted for r in rows)

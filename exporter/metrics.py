@@ -74,28 +74,63 @@ def _lock_text(snapshot: Snapshot) -> Iterator[str]:
     yield from _family(f"{PREFIX}_acquisitions_total", "counter", "New holders observed since the exporter started.",
                        (("", i, lock.acquisitions) for lock, i in pairs))
     yield from _family(
-        f"{PREFIX}_holder_info", "gauge", "One series per current holder of the lock.",
+        f"{PREFIX}_holder_info", "gauge",
+        "One series per current holder of the lock (per key held, for a family), the longest-held within the caps.",
         (
-            ("", i + "," + labels(pid=str(h.pid), application_name=h.application_name, usename=h.usename,
-                                  client_addr=h.client_addr, state=h.state, source=lock.source), 1)
+            ("", i + "," + labels(key=h.key, pid=str(h.pid), application_name=h.application_name, usename=h.usename,
+                                  client_addr=h.client_addr, state=h.state, source=lock.source, pooler=h.pooler), 1)
             for lock, i in pairs for h in lock.info_holders
         ),
+    )
+    yield from _family(
+        f"{PREFIX}_keys_held", "gauge", "Key families: how many distinct keys of the family are held now.",
+        (("", i, lock.keys_held) for lock, i in pairs if lock.keys_held is not None),
     )
     yield from _family(
         f"{PREFIX}_max_hold_seconds", "gauge", "max_hold from the config: the longest a holder should hold the lock.",
         (("", i, lock.max_hold) for lock, i in pairs if lock.max_hold is not None),
     )
-    yield from _family(
-        f"{PREFIX}_unnamed_holders", "gauge", "Advisory locks held on keys no configured name matches.",
-        (("", labels(database=u.database), u.holders) for u in snapshot.unnamed),
-    )
-    yield from _family(
-        f"{PREFIX}_unnamed_waiters", "gauge", "Waits for advisory locks on keys no configured name matches.",
-        (("", labels(database=u.database), u.waiters) for u in snapshot.unnamed),
-    )
+    yield from _unnamed_text(snapshot)
     yield from _family(
         f"{PREFIX}_key_collision", "gauge", "1 for each pair of configured names that resolve to the same lock.",
         (("", labels(lock=c.lock, database=c.database, colliding_lock=c.other), 1) for c in snapshot.collisions),
+    )
+
+
+def _unnamed_text(snapshot: Snapshot) -> Iterator[str]:
+    pairs = [(u, labels(database=u.database)) for u in snapshot.unnamed]
+    yield from _family(
+        f"{PREFIX}_unnamed_holders", "gauge",
+        "Advisory locks held on keys no configured lock, family or preset names (one per session, key and mode).",
+        (("", i, u.holders) for u, i in pairs),
+    )
+    yield from _family(
+        f"{PREFIX}_unnamed_waiters", "gauge", "Waits for advisory locks on keys nobody named.",
+        (("", i, u.waiters) for u, i in pairs),
+    )
+    yield from _family(
+        f"{PREFIX}_unnamed_held_seconds", "gauge",
+        "The oldest current hold among keys nobody named (a proven lower bound); 0 when none.",
+        (("", i, u.held_seconds) for u, i in pairs),
+    )
+    yield from _family(
+        f"{PREFIX}_unnamed_wait_seconds", "gauge", "The longest current wait for a key nobody named; 0 when none.",
+        (("", i, u.wait_seconds) for u, i in pairs),
+    )
+    yield from _family(
+        f"{PREFIX}_unnamed_holder_info", "gauge",
+        "The oldest holds of keys nobody named, within max_unnamed_holder_info per database.",
+        (
+            ("", i + "," + labels(key=h.key, mode=MODE_EXCLUSIVE if MODE_EXCLUSIVE in h.modes else MODE_SHARED,
+                                  pid=str(h.pid), application_name=h.application_name, usename=h.usename,
+                                  client_addr=h.client_addr, state=h.state, pooler=h.pooler), 1)
+            for u, i in pairs for h in u.info_holders
+        ),
+    )
+    yield from _family(
+        f"{PREFIX}_unnamed_max_hold_seconds", "gauge",
+        "unnamed_max_hold from the config: the longest any hold of a key nobody named should last.",
+        (("", i, u.max_hold) for u, i in pairs if u.max_hold is not None),
     )
 
 
@@ -128,6 +163,17 @@ def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
         f"{PREFIX}_exporter_holder_info_dropped_total", "counter",
         "holder_info series left out by max_holder_info_per_lock / max_holder_info, summed over polls.",
         [("", "", stats.holder_info_dropped)],
+    )
+    yield from _family(
+        f"{PREFIX}_exporter_tracked_holds", "gauge",
+        "Holds whose first sighting the exporter remembers (bounded by max_tracked_holds).",
+        [("", "", stats.tracked_holds)],
+    )
+    yield from _family(
+        f"{PREFIX}_exporter_tracked_holds_dropped_total", "counter",
+        "Holds not remembered because max_tracked_holds was reached (they got the proven lower bound only), "
+        "summed over polls.",
+        [("", "", stats.tracked_holds_dropped)],
     )
     if stats.last_success_timestamp is not None:
         yield from _family(

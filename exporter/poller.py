@@ -8,18 +8,20 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import class_row, namedtuple_row
 
 from . import queries
 from .config import Config
 from .deadline import OneAtATime, StuckCall
 from .dsn import connect, error_line, reconnect_delay, server_name
+from .assemble import Caps, KeyMatcher, assemble
 from .resolve import ResolvedLock, find_collisions, resolve_on_server
-from .snapshot import FOLDED_MODES, Holder, KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
+from .snapshot import KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
 from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
@@ -29,20 +31,13 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 @dataclass(frozen=True)
 class ServerInfo:
+    """Who and what the poller is connected to (queries.SERVER_INFO, by column name)."""
+
     version_num: int
     database: str
     username: str
     is_superuser: bool
     can_read_all_stats: bool
-
-
-def array_literal(values: Iterable[object]) -> str:
-    """A PostgreSQL array literal of ints or strings, quoted as the array input syntax wants."""
-    quoted = []
-    for value in values:
-        text = str(value)
-        quoted.append(text if isinstance(value, int) else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    return "{" + ",".join(quoted) + "}"
 
 
 @contextlib.contextmanager
@@ -73,18 +68,22 @@ class Poller:
         publish: Callable[[Snapshot], None],
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        own_pids: Callable[[], frozenset[int]] = frozenset,
     ) -> None:
         self._config = config
         self._connect = connect
         self._publish = publish
         self._clock = clock
         self._wall_clock = wall_clock
+        self._own_pids = own_pids
+        self._pid = 0  # the poller's own backend
         self._conn: psycopg.Connection | None = None
         self._query = queries.POLL
-        self._query_params: dict[str, Any] = {}
         self._locks: tuple[ResolvedLock, ...] = ()
+        self._matcher = KeyMatcher(())
+        self._seen_presets: frozenset[tuple[str, str]] = frozenset()
         self._collisions: tuple[KeyCollision, ...] = ()
-        self._tracker = HoldTracker()
+        self._tracker = HoldTracker(config.max_tracked_holds)
         self._polls = 0
         self._errors = 0
         self._bucket_counts = [0] * len(DURATION_BUCKETS)
@@ -102,10 +101,9 @@ class Poller:
     def _open(self) -> psycopg.Connection:
         conn = self._connect(self._config)
         try:
-            conn.execute(queries.POLLER_PLANNER_SETUP)
-            row = conn.execute(queries.SERVER_INFO).fetchone()
-            assert row is not None
-            info = ServerInfo(int(row[0]), row[1], row[2], bool(row[3]), bool(row[4]))
+            with conn.cursor(row_factory=class_row(ServerInfo)) as cur:
+                info = cur.execute(queries.SERVER_INFO).fetchone()
+            assert info is not None
             locks = resolve_on_server(conn, self._config, info.database)
         except BaseException:
             conn.close()
@@ -113,6 +111,8 @@ class Poller:
         self.server = info
         self._query = queries.poll_query(info.version_num)
         self._locks = locks
+        self._matcher = KeyMatcher(locks)
+        self._pid = conn.info.backend_pid
         messages, self._collisions = find_collisions(self._locks)
         for message in messages:
             log.warning("key collision: %s", message)
@@ -139,71 +139,25 @@ class Poller:
 
     # -- one poll -----------------------------------------------------------------------
 
-    def _params(self) -> dict[str, Any]:
-        # Array literals made once per connect: dumping 4 x 1,000 elements every poll cost
-        # more client CPU than anything else in a poll but reading the rows.
-        return {
-            "probe_app": queries.PROBE_APPLICATION_NAME,
-            "datnames": array_literal(lock.database for lock in self._locks),
-            "classids": array_literal(lock.tag.classid for lock in self._locks),
-            "objids": array_literal(lock.tag.objid for lock in self._locks),
-            "objsubids": array_literal(lock.tag.objsubid for lock in self._locks),
-        }
-
-    def _read(self) -> list[tuple[Any, ...]]:
+    def _read(self) -> list[Any]:
         if self._conn is None:
             self._conn = self._open()
-            self._query_params = self._params()
-        with self._conn.cursor() as cur:
-            cur.execute(self._query, self._query_params)
+        with self._conn.cursor(row_factory=namedtuple_row) as cur:
+            cur.execute(self._query)
             return cur.fetchall()
 
-    def _build(self, rows: list[tuple[Any, ...]], now: float) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...]]:
-        holding: dict[int, list[Holder]] = {}
-        waiters: dict[int, tuple[int, float]] = {}
-        unnamed: list[UnnamedLocks] = []
-        locks = self._locks
-        tracker = self._tracker
-        tracker.begin(now)
-        for row in rows:
-            kind = row[0]
-            if kind == "holder":
-                index, pid, bstart = row[1] - 1, row[3], row[5]
-                held = tracker.see(locks[index].key, pid, bstart, row[10] or 0.0)
-                holding.setdefault(index, []).append(Holder(
-                    pid, bstart, FOLDED_MODES[row[4]], row[6] or "", row[7] or "", row[8] or "", row[9] or "",
-                    round(held, 3),
-                ))
-            elif kind == "waiters":
-                waiters[row[1] - 1] = (int(row[12]), round(float(row[10] or 0.0), 3))
-            else:
-                unnamed.append(UnnamedLocks(str(row[2]), int(row[11]), int(row[12])))
-        tracker.end()
-
-        states = []
-        room = self._config.max_holder_info
-        per_lock = self._config.max_holder_info_per_lock
-        dropped = 0
-        for lock in self._locks:
-            name = lock.config.name
-            holders: tuple[Holder, ...] = ()
-            shown: tuple[Holder, ...] = ()
-            if lock.index in holding:
-                holders = tuple(sorted(holding[lock.index]))
-                # holder_info series go to the longest-held holders, within the caps.
-                limit = min(per_lock, room)
-                shown = holders if len(holders) <= limit else tuple(
-                    sorted(sorted(holders, key=lambda h: -h.held_seconds)[:limit], key=lambda h: h.pid)
-                )
-                room -= len(shown)
-                dropped += len(holders) - len(shown)
-            count, longest = waiters.get(lock.index, (0, 0.0))
-            states.append(LockState(name, lock.database, holders, count, longest, self._tracker.acquisitions(lock.key),
-                                    lock.config.max_hold, shown, lock.source))
-        if dropped:
+    def _build(self, rows: list[Any], now: float) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...]]:
+        config = self._config
+        result = assemble(
+            rows, self._locks, self._matcher, self._tracker, now,
+            Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
+            self._seen_presets, self._own_pids() | {self._pid}, config.unnamed_max_hold,
+        )
+        self._seen_presets = result.seen_presets
+        if result.holder_info_dropped:
             with self._stats_lock:
-                self._holder_info_dropped += dropped
-        return tuple(states), tuple(sorted(unnamed, key=lambda u: u.database))
+                self._holder_info_dropped += result.holder_info_dropped
+        return result.locks, result.unnamed
 
     def _stats(self) -> PollStats:
         cumulative, total = [], 0
@@ -211,7 +165,8 @@ class Poller:
             total += count
             cumulative.append((bound, total))
         return PollStats(
-            self._polls, self._errors, tuple(cumulative), self._duration_sum, self._last_success, self._holder_info_dropped
+            self._polls, self._errors, tuple(cumulative), self._duration_sum, self._last_success, self._holder_info_dropped,
+            self._tracker.tracked, self._tracker.dropped,
         )
 
     def _record(self, seconds: float, failed: bool) -> PollStats:
@@ -270,6 +225,7 @@ class Poller:
         if config is not None:
             self.close()
             self._config = config
+            self._tracker.max_tracked = config.max_tracked_holds
 
     def _poll_with_deadline(self) -> Snapshot:
         """poll_once, or up=0 if it does not return within an interval (a hung server)."""

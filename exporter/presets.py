@@ -58,9 +58,27 @@ def sqlx(database: str) -> int:
 
 
 def pg_boss(database: str, schema: str = "pgboss", key: str = "") -> int:
+    # plans.js advisoryLockKey():
     # ('x' || encode(sha224((current_database() || '.pgboss.' || schema || key)::bytea), 'hex'))::bit(64)::bigint
     digest = hashlib.sha224(f"{database}.pgboss.{schema}{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+# Every advisory lock pg-boss takes (plans.js, locked() and tryAdvisoryLock()): one key per purpose,
+# hashed with the database and schema. The maintenance keys of the queues' shared table
+# (job_common) are named; a partitioned queue's own table gets keys of its own, unnamed here.
+PG_BOSS_KEYS = (
+    ("pg-boss:install", ""),                                  # install and migrations (every version)
+    ("pg-boss:create-queue", "create-queue"),                 # 11+
+    ("pg-boss:delete-queue", "delete-queue"),                 # 11+
+    ("pg-boss:queue-stats", "queue-stats"),                   # 11+ (a try-lock in 12)
+    ("pg-boss:queue-stats-insert", "queue-stats-insert"),     # 12
+    ("pg-boss:bam-claim", "bamClaim"),                        # 12
+    ("pg-boss:expire", "job_commonfailJobsByTimeout"),        # 11+: supervise, jobs past their expiry
+    ("pg-boss:heartbeat", "job_commonfailJobsByHeartbeat"),   # 12
+    ("pg-boss:deletion", "job_commondeletion"),               # 11+: supervise, retention
+    ("pg-boss:cleanup-dependencies", "job_commoncleanupDependencies"),  # 12
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,9 @@ PRESETS: dict[str, tuple[PresetLock, ...]] = {
     "sqitch": (PresetLock("sqitch:deploy", _fixed(75474063)),),
     "atlas": (PresetLock("atlas:migrate-execute", _fixed(2686470616)),),
     "pgroll": (PresetLock("pgroll:migrations", _fixed(12388221127840347)),),
-    "pg-boss": (PresetLock("pg-boss:maintenance", _per_database(pg_boss)),),
+    "pg-boss": tuple(
+        PresetLock(name, _per_database(lambda database, key=key: pg_boss(database, key=key))) for name, key in PG_BOSS_KEYS
+    ),
     # Keys 1 and 2 collide easily with anything else: never part of "all".
     "airflow": (
         PresetLock("airflow:migrations", _fixed(1)),

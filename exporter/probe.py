@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg.rows import namedtuple_row
 
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
@@ -90,6 +91,7 @@ class Prober:
         self._wall_clock = wall_clock
         # One connection per database with probed locks (None: the dsn's own database).
         self._conns: dict[str | None, psycopg.Connection] = {}
+        self._pids: dict[str | None, int] = {}
         self._databases: dict[str | None, str] = {}
         self._retry_at: dict[str | None, float] = {}
         self._failures: dict[str | None, int] = {}
@@ -113,7 +115,8 @@ class Prober:
             raise ProbeUnavailable("not connected (waiting to reconnect after a failed connect)")
         try:
             conn = self._connect(self._config, database)
-            row = conn.execute(queries.SERVER_INFO).fetchone()
+            with conn.cursor(row_factory=namedtuple_row) as cur:
+                row = cur.execute(queries.SERVER_INFO).fetchone()
         except psycopg.Error:
             failures = self._failures.get(database, 0) + 1
             self._failures[database] = failures
@@ -121,12 +124,18 @@ class Prober:
             self._retry_at[database] = self._clock() + reconnect_delay(failures, cap)
             raise
         self._failures[database] = 0
-        self._databases[database] = row[1] if row else (database or "")
+        self._databases[database] = row.database if row else (database or "")
+        self._pids[database] = conn.info.backend_pid
         self._conns[database] = conn
         return conn
 
+    def backend_pids(self) -> frozenset[int]:
+        """The server processes of the probe's connections, which the poller leaves out of every figure."""
+        return frozenset(self._pids.values())  # one C-level copy: safe against the probe thread
+
     def _drop(self, database: str | None) -> None:
         conn = self._conns.pop(database, None)
+        self._pids.pop(database, None)
         if conn is not None:
             conn.close()
 

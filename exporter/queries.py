@@ -10,11 +10,6 @@ from __future__ import annotations
 APPLICATION_NAME = "pg-advisory-lock-exporter"
 PROBE_APPLICATION_NAME = "pg-advisory-lock-exporter-probe"
 
-# pg_lock_status() is estimated at 5 advisory rows whatever the truth (10,000 or 50,000), so with
-# a few hundred named keys the planner picks a nested loop over them: 86 ms instead of 18 ms at
-# 10,000 locks and 100 names. The poller's session joins by hash or merge only.
-POLLER_PLANNER_SETUP = "SELECT set_config('enable_nestloop', 'off', false)"
-
 SERVER_INFO = """
 SELECT current_setting('server_version_num')::int AS version_num,
        current_database() AS database,
@@ -31,75 +26,39 @@ DATABASES = "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistem
 
 # hashtext() returns int4; pg_advisory_lock(hashtext(...)) widens it to bigint with sign.
 RESOLVE_STRING_KEYS = """
-SELECT t, hashtext(t)::int8, hashtextextended(t, 0)
+SELECT t AS text, hashtext(t)::int8 AS hashtext, hashtextextended(t, 0) AS hashtextextended
 FROM unnest(%(texts)s::text[]) AS t
 """
 
-# pg_locks is read once, and each advisory row tagged with the configured lock it belongs to
-# (idx, or NULL for keys nobody named); rows of three kinds come back:
-#   holder  - one per (configured lock, holding session), modes "1" exclusive, "2" shared,
-#             "3" both, with who the session is and
-#             hold_floor_s: how long pg_stat_activity proves it has held the lock at least
-#             (an idle session took it no later than its last state change);
-#   waiters - one per configured lock with waiters: how many, and the longest wait;
-#   unnamed - one per database with advisory locks no configured name matches.
-# %(datnames)s .. %(objsubids)s are parallel arrays, one element per configured lock, in
-# config order; idx is the 1-based position.
+# pg_locks is read once (advisory rows only) and pg_stat_activity once. The server does only what
+# it must: it folds the rows of one session, database, key form, mode and grant into one row with
+# the keys as an array, so a poll returns about one row per holding session, not one per lock.
+# Naming keys (configured, families, presets) is done by the exporter, whose CPU is not the
+# database's: the statement is the same whatever the config names, and costs what the floor costs.
+# keys are (classid << 32) | objid as a signed bigint: the bigint itself for pg_advisory_lock(bigint),
+# the two int4 halves for pg_advisory_lock(int4, int4) (objsubid tells which).
 _POLL_TEMPLATE = """
-WITH activity AS MATERIALIZED (
-    SELECT pid, backend_start, application_name, usename, client_addr, state, state_change,
-           query_start
-    FROM pg_stat_activity
-),
-named AS (
-    SELECT k.idx::int AS idx, d.oid AS database, k.classid::oid AS classid,
-           k.objid::oid AS objid, k.objsubid::int2 AS objsubid
-    FROM unnest(%(datnames)s::text[], %(classids)s::int8[], %(objids)s::int8[],
-                %(objsubids)s::int4[]) WITH ORDINALITY AS k(datname, classid, objid, objsubid, idx)
-    JOIN pg_database AS d ON d.datname = k.datname
-),
-advisory AS MATERIALIZED (
-    SELECT n.idx, l.database, l.pid, l.mode, l.granted, {waitstart} AS waitstart
+WITH held AS (
+    SELECT l.database, l.pid, l.objsubid, l.granted, l.mode = 'ShareLock' AS shared,
+           array_agg((l.classid::int8 << 32) | l.objid::int8) AS keys,
+           min({waitstart}) AS waitstart
     FROM pg_locks AS l
-    LEFT JOIN named AS n
-           ON (n.database, n.classid, n.objid, n.objsubid) = (l.database, l.classid, l.objid, l.objsubid)
     WHERE l.locktype = 'advisory'
-      AND l.pid <> ALL (ARRAY(SELECT pid FROM activity WHERE application_name = %(probe_app)s))
+    GROUP BY l.database, l.pid, l.objsubid, l.granted, l.mode
 )
-SELECT 'holder' AS kind, h.idx, NULL::text AS datname, h.pid, h.modes,
-       extract(epoch FROM act.backend_start)::float8 AS backend_start,
-       act.application_name, act.usename::text, host(act.client_addr) AS client_addr, act.state,
-       CASE WHEN act.state LIKE 'idle%%'
-            THEN greatest(extract(epoch FROM now() - act.state_change)::float8, 0)
-            ELSE 0 END AS seconds,
-       0::bigint AS holders, 0::bigint AS waiters
-FROM (
-    -- one row per holding session, its modes folded into 1 (exclusive) + 2 (shared)
-    SELECT m.idx, m.pid, (bool_or(m.mode = 'ExclusiveLock')::int + 2 * bool_or(m.mode = 'ShareLock')::int)::text AS modes
-    FROM advisory AS m
-    WHERE m.idx IS NOT NULL AND m.granted
-    GROUP BY m.idx, m.pid
-) AS h
-LEFT JOIN activity AS act USING (pid)
-UNION ALL
-SELECT 'waiters', m.idx, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       coalesce(max(greatest(extract(epoch FROM now() - coalesce(m.waitstart, act.query_start))::float8, 0)), 0),
-       0, count(DISTINCT m.pid)
-FROM advisory AS m
-LEFT JOIN activity AS act USING (pid)
-WHERE m.idx IS NOT NULL AND NOT m.granted
-GROUP BY m.idx
-UNION ALL
-SELECT 'unnamed', NULL, coalesce(d.datname, u.database::text), NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, u.holders, u.waiters
-FROM (
-    SELECT a.database, count(*) FILTER (WHERE a.granted) AS holders,
-           count(*) FILTER (WHERE NOT a.granted) AS waiters
-    FROM advisory AS a
-    WHERE a.idx IS NULL
-    GROUP BY a.database
-) AS u
-LEFT JOIN pg_database AS d ON d.oid = u.database
+SELECT coalesce(d.datname, h.database::text) AS datname, h.pid, h.objsubid::int AS objsubid, h.granted,
+       h.shared, h.keys,
+       extract(epoch FROM a.backend_start)::float8 AS backend_start,
+       a.application_name, a.usename::text AS usename, host(a.client_addr) AS client_addr,
+       a.client_port, a.state,
+       CASE WHEN a.state LIKE 'idle%%'
+            THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS idle_seconds,
+       CASE WHEN NOT h.granted
+            THEN greatest(extract(epoch FROM now() - coalesce(h.waitstart, a.query_start))::float8, 0) END AS wait_seconds,
+       a.xact_start IS NULL AND a.state = 'idle' AS outside_transaction
+FROM held AS h
+LEFT JOIN pg_stat_activity AS a ON a.pid = h.pid
+LEFT JOIN pg_database AS d ON d.oid = h.database
 """
 
 # PostgreSQL 14 added pg_locks.waitstart; before it, a waiter's wait began no earlier than
@@ -126,8 +85,8 @@ PROBE_TRY_HASHTEXTEXTENDED = "SELECT pg_try_advisory_xact_lock(hashtextextended(
 # `pg-advisory-lock-exporter locks`: every advisory lock in the cluster now, one row per session
 # and lock. pg_blocking_pids() is costly: it runs only for the rows of waiting sessions.
 _LOCKS_NOW_TEMPLATE = """
-SELECT d.datname, l.classid::int8, l.objid::int8, l.objsubid::int, l.mode, l.granted, l.pid,
-       a.application_name, a.usename::text, host(a.client_addr), a.state,
+SELECT d.datname, l.classid::int8 AS classid, l.objid::int8 AS objid, l.objsubid::int AS objsubid, l.mode,
+       l.granted, l.pid, a.application_name, a.usename::text AS usename, host(a.client_addr) AS client_addr, a.state,
        CASE WHEN l.granted AND a.state LIKE 'idle%%'
             THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS held_at_least,
        CASE WHEN NOT l.granted

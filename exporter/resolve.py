@@ -1,12 +1,15 @@
-"""Every lock the exporter names, in every database it applies to, with its pg_locks triple:
-the configured locks (string keys as the server resolved them) and the presets' locks."""
+"""Everything that asks the server about keys, and every lock the exporter names, in every
+database it applies to, with its pg_locks triple: the configured locks (string keys as the server
+resolved them), the configured key families, and the presets' locks."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.rows import namedtuple_row
 
 from . import keys, presets, queries
 from .config import Config, LockConfig
@@ -25,13 +28,36 @@ class ResolvedLock:
     config: LockConfig
     index: int
     database: str
-    tag: keys.LockTag
+    tag: keys.LockTag | None  # None for a key family
     source: str = SOURCE_CONFIG
 
     @property
     def key(self) -> tuple[str, str]:
         """What identifies the lock over time: its name in its database."""
         return (self.config.name, self.database)
+
+    @property
+    def family(self) -> keys.FamilySpec | None:
+        return self.config.key if keys.is_family(self.config.key) else None
+
+
+def resolve_string_keys(conn: psycopg.Connection, wanted_keys: Iterable[keys.StringKey]) -> dict[keys.StringKey, keys.LockTag]:
+    """Ask the monitored server what its hash functions make of each string key.
+
+    hashtext() is internal and has changed between majors, so it is never computed here.
+    hashtext() returns int4; passed to pg_advisory_lock(bigint) it is sign-extended, which the
+    server's own int4 -> int8 cast in the query does for us.
+    """
+    wanted = sorted(set(wanted_keys), key=lambda k: (type(k).__name__, k.text))
+    if not wanted:
+        return {}
+    with conn.cursor(row_factory=namedtuple_row) as cur:
+        cur.execute(queries.RESOLVE_STRING_KEYS, {"texts": [k.text for k in wanted]})
+        hashes = {row.text: row for row in cur.fetchall()}
+    return {
+        k: keys.bigint_tag(hashes[k.text].hashtext if isinstance(k, keys.HashtextKey) else hashes[k.text].hashtextextended)
+        for k in wanted
+    }
 
 
 def resolve_locks(
@@ -47,9 +73,12 @@ def resolve_locks(
     """
     resolved: list[ResolvedLock] = []
     for lock in config.locks:
-        tag = keys.literal_tag(lock.key) if keys.is_literal(lock.key) else string_tags[lock.key]
+        if keys.is_family(lock.key):
+            tag = None
+        else:
+            tag = keys.literal_tag(lock.key) if keys.is_literal(lock.key) else string_tags[lock.key]  # type: ignore[index]
         resolved.append(ResolvedLock(lock, len(resolved), lock.database or default_database, tag))
-    taken = {(r.database, r.tag) for r in resolved} | {(r.database, r.config.name) for r in resolved}
+    taken = {(r.database, r.tag) for r in resolved if r.tag} | {(r.database, r.config.name) for r in resolved}
     preset_slots: dict[tuple[str, keys.LockTag], int] = {}
     for database in databases:
         for preset in presets.expand(config.presets):
@@ -71,9 +100,9 @@ def resolve_locks(
 def resolve_on_server(conn: psycopg.Connection, config: Config, default_database: str) -> tuple[ResolvedLock, ...]:
     """resolve_locks with what only the server knows: its hashes of the string keys, and (for
     presets) the databases it has."""
-    string_keys = [lock.key for lock in config.locks if not keys.is_literal(lock.key)]
-    string_tags = keys.resolve_string_keys(conn, string_keys)  # type: ignore[arg-type]
-    databases = tuple(r[0] for r in conn.execute(queries.DATABASES).fetchall()) if config.presets else ()
+    string_keys = [lock.key for lock in config.locks if isinstance(lock.key, (keys.HashtextKey, keys.HashtextExtendedKey))]
+    string_tags = resolve_string_keys(conn, string_keys)
+    databases = tuple(row[0] for row in conn.execute(queries.DATABASES).fetchall()) if config.presets else ()
     return resolve_locks(config, default_database, string_tags, databases)
 
 
@@ -83,7 +112,7 @@ def find_collisions(locks: tuple[ResolvedLock, ...]) -> tuple[list[str], tuple[K
     messages: list[str] = []
     pairs: list[KeyCollision] = []
     for lock in locks:
-        if lock.source != SOURCE_CONFIG:
+        if lock.source != SOURCE_CONFIG or lock.tag is None:
             continue
         slot = (lock.database, lock.tag)
         other = first.setdefault(slot, lock)

@@ -7,16 +7,13 @@ from typing import NamedTuple
 
 MODE_EXCLUSIVE = "exclusive"
 MODE_SHARED = "shared"
-# The poll's folded modes (1 exclusive, 2 shared, 3 both) -> the modes a holder holds.
-FOLDED_MODES = {
-    "1": frozenset({MODE_EXCLUSIVE}),
-    "2": frozenset({MODE_SHARED}),
-    "3": frozenset({MODE_EXCLUSIVE, MODE_SHARED}),
-}
+BOTH_MODES = frozenset({MODE_EXCLUSIVE, MODE_SHARED})
+ONLY_EXCLUSIVE = frozenset({MODE_EXCLUSIVE})
+ONLY_SHARED = frozenset({MODE_SHARED})
 
 
 class Holder(NamedTuple):
-    """A session holding a configured lock. (A NamedTuple: made ~1,000 times a poll.)"""
+    """A session holding one key of a lock. (A NamedTuple: made for every holder shown.)"""
 
     pid: int
     backend_start: float | None  # epoch seconds; None without the rights to see it
@@ -26,37 +23,48 @@ class Holder(NamedTuple):
     client_addr: str
     state: str
     held_seconds: float
+    key: str = ""  # the decoded key: '4242', or '42,7' for an int4 pair
+    pooler: str = ""  # the pooler the session came through; "" for a direct connection
 
 
 class LockState(NamedTuple):
-    """A configured lock as seen by one poll. (A NamedTuple: made once per lock per poll.)"""
+    """A named lock or key family as seen by one poll. (A NamedTuple: made once per lock per poll.)"""
 
     name: str
     database: str
-    holders: tuple[Holder, ...]
+    exclusive: int  # holding sessions in exclusive mode, summed over the keys of a family
+    shared: int
+    held_seconds: float  # the oldest current hold (a proven lower bound); 0 when free
     waiters: int
     wait_seconds: float
     acquisitions: int
     max_hold: float | None = None
     # The holders given a holder_info series: the longest-held first, within the configured caps.
     info_holders: tuple[Holder, ...] = ()
+    holds: int = 0  # sessions x keys held, each counted once whatever its modes
     source: str = "config"  # or "preset"
+    key: str = ""  # the key ('4242', '42,7') or, for a family, its key set ('(42, *)')
+    keys_held: int | None = None  # families only: how many distinct keys are held now
 
     def holders_in(self, mode: str) -> int:
-        return sum(1 for h in self.holders if mode in h.modes)
+        return self.exclusive if mode == MODE_EXCLUSIVE else self.shared
 
     @property
-    def held_seconds(self) -> float:
-        return max((h.held_seconds for h in self.holders), default=0.0)
+    def is_family(self) -> bool:
+        return self.keys_held is not None
 
 
 @dataclass(frozen=True)
 class UnnamedLocks:
-    """Advisory locks in one database whose keys no configured name matches."""
+    """Advisory locks in one database whose keys no configured name, family or preset matches."""
 
     database: str
-    holders: int
+    holders: int  # one per session, key and mode
     waiters: int
+    held_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    info_holders: tuple[Holder, ...] = ()  # the oldest holds, within max_unnamed_holder_info
+    max_hold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,8 @@ class PollStats:
     duration_sum: float = 0.0
     last_success_timestamp: float | None = None
     holder_info_dropped: int = 0
+    tracked_holds: int = 0
+    tracked_holds_dropped: int = 0
 
 
 @dataclass(frozen=True)

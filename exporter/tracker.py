@@ -1,75 +1,78 @@
-"""What only time reveals: since when each holder has held its lock, and how many took it.
+"""What only time reveals: since when each hold has been held, and how many holders took a lock.
 
-pg_locks has no grant time. A holder's hold starts, at the latest, when a poll first sees it;
+pg_locks has no grant time. A hold starts, at the latest, when a poll first sees it;
 pg_stat_activity can prove an earlier start (an idle session took its lock no later than its
 last state change), and the tracker keeps the earliest start any poll has proven.
+
+A hold is one session (pid + backend_start, so a reused pid is a new session) on one key of one
+lock. The number of holds remembered is bounded: beyond the bound a hold gets the proven lower
+bound only, and the drop is counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
-from typing import NamedTuple
+from collections.abc import Hashable
 
-
-class Sighting(NamedTuple):
-    """One poll's view of one holder of one lock."""
-
-    lock: Hashable
-    pid: int
-    backend_start: float | None
-    proven_seconds: float  # the hold is at least this long, by pg_stat_activity
-
-
-# A holder is a session (pid + backend_start, so a reused pid is a new holder) on a lock; a lock
-# is whatever hashable the caller identifies it by (the poller: name and database).
-_HolderKey = tuple[Hashable, int, "float | None"]
+# (lock slot, pid, backend_start, key): a lock slot is whatever the caller identifies a lock by
+# over time (the poller: name and database; for unnamed keys, "" and the database).
+HoldKey = tuple[Hashable, int, "float | None", int]
 
 
 class HoldTracker:
-    """Holder first-seen times and acquisition counts across polls."""
+    """First-seen times of holds and acquisition counts across polls."""
 
-    def __init__(self) -> None:
-        self._since: dict[_HolderKey, float] = {}
-        self._current: dict[_HolderKey, float] = {}
+    def __init__(self, max_tracked: int = 100_000) -> None:
+        self.max_tracked = max_tracked
+        self._since: dict[HoldKey, float] = {}
+        self._current: dict[HoldKey, float] = {}
         self._acquisitions: dict[Hashable, int] = {}
         self._first_poll = True
         self._now = 0.0
+        self._admitted = 0  # new holds remembered by this poll
+        self.dropped = 0  # holds not remembered because of max_tracked, summed over polls
 
     def begin(self, now: float) -> None:
         """Start recording a successful poll; now is a monotonic clock reading."""
         self._now = now
         self._current = {}
+        self._admitted = 0
 
-    def see(self, lock: Hashable, pid: int, backend_start: float | None, proven_seconds: float) -> float:
-        """One holder seen by this poll; returns how long it has held the lock (a lower bound)."""
-        key = (lock, pid, backend_start)
-        proven_start = self._now - max(proven_seconds, 0.0)
-        earlier = self._current.get(key, self._since.get(key))
+    def see(self, hold: HoldKey, proven_seconds: float) -> tuple[float, bool]:
+        """One hold seen by this poll: (how long it has been held at least, whether this poll had
+        already seen it: the same session holding the same key in the other mode)."""
+        now = self._now
+        current = self._current
+        start = current.get(hold)
+        if start is not None:
+            return now - start, True
+        proven_start = now - proven_seconds if proven_seconds > 0 else now
+        earlier = self._since.get(hold)
         if earlier is None:
             start = proven_start
             # Holders already there at the first poll were not seen taking the lock.
             if not self._first_poll:
-                self._acquisitions[lock] = self._acquisitions.get(lock, 0) + 1
+                slot = hold[0]
+                self._acquisitions[slot] = self._acquisitions.get(slot, 0) + 1
+            # A new hold is remembered while there is room; one already remembered always is,
+            # so a flood of new holds never makes an old hold look new.
+            if len(self._since) + self._admitted < self.max_tracked:
+                current[hold] = start
+                self._admitted += 1
+            else:
+                self.dropped += 1
         else:
-            start = min(earlier, proven_start)
-        self._current[key] = start
-        return max(self._now - start, 0.0)
+            start = earlier if earlier < proven_start else proven_start
+            current[hold] = start
+        return now - start, False
 
     def end(self) -> None:
-        """Finish the poll: holders not seen in it are forgotten."""
+        """Finish the poll: holds not seen in it are forgotten."""
         self._since, self._current = self._current, {}
         self._first_poll = False
 
-    def observe(self, now: float, sightings: Iterable[Sighting]) -> None:
-        """Record one successful poll at once."""
-        self.begin(now)
-        for s in sightings:
-            self.see(s.lock, s.pid, s.backend_start, s.proven_seconds)
-        self.end()
+    @property
+    def tracked(self) -> int:
+        return len(self._since)
 
-    def held_seconds(self, now: float, lock: Hashable, pid: int, backend_start: float | None) -> float:
-        since = self._since.get((lock, pid, backend_start))
-        return 0.0 if since is None else max(now - since, 0.0)
-
-    def acquisitions(self, lock: Hashable) -> int:
-        return self._acquisitions.get(lock, 0)
+    def acquisitions(self, slot: Hashable) -> int:
+        return self._acquisitions.get(slot, 0)

@@ -151,7 +151,8 @@ def make_poller(server: Server) -> Iterator[Callable[..., Poller]]:
     """Poller over a config given as a dict (dsn defaults to the test server's postgres db)."""
     made: list[Poller] = []
 
-    def factory(raw: dict[str, Any], clock: Callable[[], float] = time.monotonic) -> Poller:
+    def factory(raw: dict[str, Any], clock: Callable[[], float] = time.monotonic,
+                own_pids: Callable[[], frozenset[int]] = frozenset) -> Poller:
         raw = {"dsn": server.dsn(), "poll_interval": "1s", **raw}
         config = parse_config(raw, "test")
         published: list[Snapshot] = []
@@ -160,6 +161,7 @@ def make_poller(server: Server) -> Iterator[Callable[..., Poller]]:
             connect=connect_poller,
             publish=published.append,
             clock=clock,
+            own_pids=own_pids,
         )
         made.append(poller)
         return poller

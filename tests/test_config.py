@@ -50,7 +50,26 @@ CASES = [
     ({**GOOD, "extra": 1}, "extra: unknown field"),
     ({**GOOD, "locks": [{"name": "a", "key": 1, "colour": "red"}]}, "locks[0].colour: unknown field"),
     ({**GOOD, "locks": "a"}, "locks: expected a list"),
-    ({"dsn": "x=1"}, "locks: required"),
+    ({**GOOD, "locks": [{"name": "a", "key": {"namespace": 2**31}}]}, "locks[0].key.namespace: 2147483648 is outside int4"),
+    ({**GOOD, "locks": [{"name": "a", "key": {"namespace": "x"}}]}, "locks[0].key.namespace: expected an integer (int4)"),
+    ({**GOOD, "locks": [{"name": "a", "key": {"range": [5]}}]}, "locks[0].key.range: expected [low, high], two bigints"),
+    ({**GOOD, "locks": [{"name": "a", "key": {"range": [5, 2**63]}}]}, "locks[0].key.range[1]: 9223372036854775808 is outside bigint"),
+    ({**GOOD, "locks": [{"name": "a", "key": {"range": [5, 4]}}]}, "locks[0].key.range: low 5 is above high 4"),
+    (
+        {**GOOD, "locks": [{"name": "a", "key": {"namespace": 42}, "probe": {"expect": "free"}}]},
+        "locks[0].probe: a key family cannot be probed: it has no one key to try",
+    ),
+    (
+        {**GOOD, "locks": [{"name": "a", "key": {"range": [1, 10]}}, {"name": "b", "key": {"range": [10, 20]}}]},
+        "locks[1].key: family 'b' [10 .. 20] overlaps family 'a' [1 .. 10] (locks[0]) in database 'app'",
+    ),
+    (
+        {**GOOD, "locks": [{"name": "a", "key": {"namespace": 42}}, {"name": "b", "key": {"namespace": 42}, "database": "app"}]},
+        "locks[1].key: family 'b' (42, *) overlaps family 'a' (42, *) (locks[0]) in database 'app'",
+    ),
+    ({**GOOD, "unnamed_max_hold": "never"}, "unnamed_max_hold: 'never' is not a duration"),
+    ({**GOOD, "max_tracked_holds": -5}, "max_tracked_holds: -5 is outside a count"),
+    ({**GOOD, "max_unnamed_holder_info": "ten"}, "max_unnamed_holder_info: expected an integer"),
     ({**GOOD, "dsn": 5}, "dsn: expected a connection string, got an integer (5)"),
     ({**GOOD, "dsn": "host=a password"}, "dsn: not a valid libpq connection string"),
     ({**GOOD, "poll_interval": "5"}, "poll_interval: '5' is not a duration"),
@@ -67,7 +86,7 @@ CASES = [
     ({**GOOD, "locks": [{"name": "a", "key": [1, "x"]}]}, "locks[0].key[1]: expected an integer (int4), got a string ('x')"),
     ({**GOOD, "locks": [{"name": "a", "key": True}]}, "locks[0].key: expected a bigint"),
     ({**GOOD, "locks": [{"name": "a", "key": "4242"}]}, "locks[0].key: expected a bigint"),
-    ({**GOOD, "locks": [{"name": "a", "key": {"md5": "x"}}]}, "locks[0].key: a string key is a mapping with one field"),
+    ({**GOOD, "locks": [{"name": "a", "key": {"md5": "x"}}]}, "locks[0].key: a key mapping has one field: hashtext or hashtextextended"),
     ({**GOOD, "locks": [{"name": "a", "key": {"hashtext": ""}}]}, "locks[0].key.hashtext: expected a non-empty string"),
     ({**GOOD, "locks": [{"name": "a", "key": 1, "database": 3}]}, "locks[0].database: expected a database name"),
     ({**GOOD, "locks": [{"name": "a", "key": 1}, {"name": "a", "key": 2}]}, "locks[1].name: duplicate name 'a' (first at locks[0])"),
@@ -112,6 +131,20 @@ def test_probe_defaults() -> None:
     assert (b.probe.expect, b.probe.interval) == ("held", 1.0)
     assert c.probe is None and c.max_hold == 900.0
     assert config.probed == (a, b)
+
+
+def test_families_and_presets_only() -> None:
+    config = parse_config({"dsn": "dbname=app", "presets": ["rails"], "unnamed_max_hold": "10m", "locks": [
+        {"name": "tenants", "key": {"namespace": -42}, "max_hold": "1m"},
+        {"name": "accounts", "key": {"range": [-(2**63), 2**63 - 1]}},
+        {"name": "other-tenants", "key": {"namespace": -42}, "database": "other"},  # another database: no overlap
+        {"name": "one-tenant", "key": [-42, 7]},  # a single key inside a family: allowed, its own name wins
+    ]}, "x")
+    assert [lock.key for lock in config.locks[:2]] == [keys.NamespaceFamily(-42), keys.RangeFamily(-(2**63), 2**63 - 1)]
+    assert config.unnamed_max_hold == 600.0 and config.max_unnamed_holder_info == 10 and config.max_tracked_holds == 100_000
+    assert config.summary().startswith("1 locks (1 int4 pair), 3 families, 0 probed, presets: rails")
+    # presets and no locks: a user who wants only the presets writes only that.
+    assert parse_config({"presets": "all"}, "x").locks == ()
 
 
 def test_same_key_in_different_databases_is_not_a_collision() -> None:
@@ -180,7 +213,7 @@ def test_check_config_ok_prints_summary_without_password(tmp_path: Path) -> None
     """)
     result = run_cli("--check-config", f"--config.file={path}")
     assert result.returncode == 0, result.stderr
-    assert "ok: 3 locks (1 bigint, 1 hashtext, 1 int4 pair), 0 probed, presets: none, poll_interval 2s" in result.stdout
+    assert "ok: 3 locks (1 bigint, 1 hashtext, 1 int4 pair), 0 families, 0 probed, presets: none, poll_interval 2s" in result.stdout
     assert "host=db port=5432 dbname=app user=exp" in result.stdout
     assert "hunter2" not in result.stdout + result.stderr
 

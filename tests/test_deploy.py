@@ -66,8 +66,11 @@ def test_the_wheel_carries_the_entrypoint(tmp_path: Path) -> None:
 helm = pytest.importorskip("helm_python")
 ALL_ON = {
     "dsn": {"existingSecret": "app-db", "secretKey": "uri"},
-    "config": {"poll_interval": "2s", "locks": [{"name": "billing-leader", "key": 4242, "probe": {"expect": "held"}},
-                                                  {"name": "shard-7", "key": [42, 7], "max_hold": "15m"}]},
+    "config": {"poll_interval": "2s", "unnamed_max_hold": "1h", "presets": ["rails"],
+               "locks": [{"name": "billing-leader", "key": 4242, "probe": {"expect": "held"}},
+                         {"name": "shard-7", "key": [42, 7], "max_hold": "15m"},
+                         {"name": "tenants", "key": {"namespace": 42}, "max_hold": "5m"},
+                         {"name": "accounts", "key": {"range": [1000000, 1999999]}}]},
     "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
     "prometheusRule": {"enabled": True},
     "grafanaDashboard": {"enabled": True, "label": "grafana_dashboard", "labelValue": "1"},
@@ -160,7 +163,7 @@ def test_chart_renders_with_every_part_on(tmp_path: Path) -> None:
     check = subprocess.run([sys.executable, "-m", "exporter", "--check-config", f"--config.file={path}"],
                            capture_output=True, text=True, env={"PG_ADVISORY_LOCK_DSN": "host=db", "PATH": "/usr/bin:/bin"})
     assert check.returncode == 0, check.stderr
-    assert "2 locks" in check.stdout
+    assert "2 locks (1 bigint, 1 int4 pair), 2 families" in check.stdout
     # One source of truth: the PrometheusRule is the rules file.
     rule = next(d for d in docs if d["kind"] == "PrometheusRule")
     assert rule["spec"] == yaml.safe_load(RULES.read_text())
@@ -204,7 +207,7 @@ def test_bad_values_are_rejected_by_the_schema(values: dict, message: str) -> No
 def test_alert_rules_check_clean() -> None:
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests() -> None:
@@ -257,14 +260,17 @@ def test_dashboard_has_the_variables_and_panels() -> None:
     assert [v["name"] for v in board["templating"]["list"]] == ["datasource", "job", "instance", "database", "lock"]
     titles = " | ".join(p["title"] for p in board["panels"])
     for needle in ("Holders and waiters", "Hold age against max_hold", "Longest wait", "Probe", "Acquisitions",
-                   "Who holds what now", "Polls succeed"):
+                   "Who holds what now", "Polls succeed", "Family: keys held", "Family: oldest hold",
+                   "Keys nobody named"):
         assert needle in titles
 
 
 def test_dashboard_uses_only_metrics_the_exporter_exports(server, sessions, tmp_path: Path) -> None:
-    sessions.open().execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(77)")
-    locks = [{"name": "leader", "key": 4242, "max_hold": "1m", "probe": {"expect": "held", "interval": "100ms"}}]
-    proc = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "200ms", "locks": locks})
+    sessions.open().execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(77), pg_advisory_lock(42, 1)")
+    locks = [{"name": "leader", "key": 4242, "max_hold": "1m", "probe": {"expect": "held", "interval": "100ms"}},
+             {"name": "tenants", "key": {"namespace": 42}, "max_hold": "1h"}]
+    proc = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "200ms", "locks": locks,
+                                      "unnamed_max_hold": "1h"})
     try:
         text = proc.metrics_when(lambda t: ("pg_advisory_lock_probe_ok", (("database", "postgres"), ("lock", "leader"))) in parse(t)
                                  and ("pg_advisory_lock_exporter_up", ()) in parse(t) and parse(t)[("pg_advisory_lock_exporter_up", ())] == 1)

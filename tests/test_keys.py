@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from exporter import keys
+from exporter.resolve import resolve_string_keys
 from exporter.keys import INT4_MAX, INT4_MIN, INT64_MAX, INT64_MIN, LockTag
 
 
@@ -76,7 +77,7 @@ TEXTS = ["hourly-digest", "billing", "", "ünïcödé", "a'quote", "x" * 300]
 def test_string_keys_resolve_to_what_the_server_locks(sessions) -> None:
     conn = sessions.open()
     specs = [keys.HashtextKey(t) for t in TEXTS if t] + [keys.HashtextExtendedKey(t) for t in TEXTS if t]
-    resolved = keys.resolve_string_keys(conn, specs)
+    resolved = resolve_string_keys(conn, specs)
     negatives = 0
     for spec in specs:
         call = "pg_advisory_lock(hashtext(%s))" if isinstance(spec, keys.HashtextKey) else "pg_advisory_lock(hashtextextended(%s, 0))"

@@ -61,10 +61,15 @@ def test_each_key_form_is_seen_held(make_poller, sessions, name: str) -> None:
         expected = 1 if other == name else 0
         assert value(snap, "pg_advisory_lock_holders", **lock_ids(other), mode="exclusive") == expected, other
     info = series(render(snap).decode(), "pg_advisory_lock_holder_info")
+    key = holder.execute(
+        "SELECT CASE objsubid WHEN 2 THEN classid::int4::text || ',' || objid::int4::text "
+        "ELSE ((classid::int8 << 32) | objid::int8)::text END FROM pg_locks WHERE pid = pg_backend_pid() "
+        "AND locktype = 'advisory'"
+    ).fetchone()[0]
     assert info == [{
-        "lock": name, "database": "postgres", "pid": str(holder.info.backend_pid),
+        "lock": name, "database": "postgres", "key": key, "pid": str(holder.info.backend_pid),
         "application_name": f"holder-{name}", "usename": "postgres", "client_addr": "127.0.0.1", "state": "idle",
-        "source": "config",
+        "source": "config", "pooler": "",
     }]
 
 

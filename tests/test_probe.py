@@ -151,7 +151,7 @@ def test_the_poller_never_counts_the_probes_hold(make_poller, make_prober, serve
         for _ in range(100):
             snap = poller.poll_once()
             cron = next(s for s in snap.locks if s.name == "cron")
-            assert cron.holders == () and cron.acquisitions == 0
+            assert cron.holds == 0 and cron.acquisitions == 0
             assert snap.unnamed == ()
     finally:
         stop.set()

@@ -1,33 +1,64 @@
-"""Hold tracking over polls (pure logic; the real-server side is in test_poller)."""
+"""Hold tracking over polls (the logic production calls; the real-server side is in test_poller)."""
 
-from exporter.tracker import HoldTracker, Sighting
+from exporter.tracker import HoldTracker
+
+
+def poll(t: HoldTracker, now: float, holds: list[tuple], proven: float = 0.0) -> list[tuple[float, bool]]:
+    t.begin(now)
+    seen = [t.see(h, proven) for h in holds]
+    t.end()
+    return seen
 
 
 def test_first_poll_is_a_baseline_and_later_holders_count() -> None:
     t = HoldTracker()
-    t.observe(100.0, [Sighting("a", 1, 10.0, 0.0)])
+    poll(t, 100.0, [("a", 1, 10.0, 7)])
     assert t.acquisitions("a") == 0
-    t.observe(101.0, [Sighting("a", 1, 10.0, 0.0), Sighting("a", 2, 11.0, 0.0)])
+    poll(t, 101.0, [("a", 1, 10.0, 7), ("a", 2, 11.0, 7)])
     assert t.acquisitions("a") == 1
-    # Released and taken again by the same session between polls is seen only if a poll misses it.
-    t.observe(102.0, [])
-    t.observe(103.0, [Sighting("a", 1, 10.0, 0.0)])
+    # Released and taken again between polls is seen only if a poll misses it.
+    poll(t, 102.0, [])
+    poll(t, 103.0, [("a", 1, 10.0, 7)])
     assert t.acquisitions("a") == 2
+
+
+def test_a_family_counts_each_key_a_worker_moves_to() -> None:
+    t = HoldTracker()
+    poll(t, 0.0, [])
+    for second, key in enumerate((7, 8, 9), start=1):
+        poll(t, float(second), [("tenants", 1, 10.0, key)])
+    assert t.acquisitions("tenants") == 3
 
 
 def test_a_reused_pid_with_a_new_backend_start_is_a_new_holder() -> None:
     t = HoldTracker()
-    t.observe(0.0, [Sighting("a", 7, 1.0, 0.0)])
-    t.observe(5.0, [Sighting("a", 7, 2.0, 0.0)])
-    assert t.acquisitions("a") == 1
-    assert t.held_seconds(5.0, "a", 7, 2.0) == 0.0
+    poll(t, 0.0, [("a", 7, 1.0, 1)])
+    ((held, _),) = poll(t, 5.0, [("a", 7, 2.0, 1)])
+    assert t.acquisitions("a") == 1 and held == 0.0
 
 
 def test_the_earliest_proven_start_wins() -> None:
     t = HoldTracker()
-    t.observe(100.0, [Sighting("a", 1, None, 0.0)])  # active: nothing proven
-    assert t.held_seconds(100.0, "a", 1, None) == 0.0
-    t.observe(110.0, [Sighting("a", 1, None, 30.0)])  # now idle for 30 s: started by 80
-    assert t.held_seconds(110.0, "a", 1, None) == 30.0
-    t.observe(120.0, [Sighting("a", 1, None, 1.0)])  # a later, weaker proof changes nothing
-    assert t.held_seconds(120.0, "a", 1, None) == 40.0
+    assert poll(t, 100.0, [("a", 1, None, 1)]) == [(0.0, False)]  # active: nothing proven
+    assert poll(t, 110.0, [("a", 1, None, 1)], proven=30.0) == [(30.0, False)]  # idle 30 s: since 80
+    assert poll(t, 120.0, [("a", 1, None, 1)], proven=1.0) == [(40.0, False)]  # a weaker proof changes nothing
+
+
+def test_the_same_hold_in_both_modes_is_seen_again_not_anew() -> None:
+    t = HoldTracker()
+    poll(t, 0.0, [])
+    assert poll(t, 1.0, [("a", 1, 1.0, 5), ("a", 1, 1.0, 5)]) == [(0.0, False), (0.0, True)]
+    assert t.acquisitions("a") == 1
+
+
+def test_tracking_is_bounded_and_old_holds_keep_their_age() -> None:
+    t = HoldTracker(max_tracked=2)
+    poll(t, 0.0, [("a", 1, 1.0, 1), ("a", 1, 1.0, 2)])
+    assert t.tracked == 2
+    # Two new holds arrive first: there is no room for them, and the old two keep their start.
+    seen = poll(t, 10.0, [("a", 1, 1.0, 3), ("a", 1, 1.0, 4), ("a", 1, 1.0, 1), ("a", 1, 1.0, 2)])
+    assert [held for held, _ in seen] == [0.0, 0.0, 10.0, 10.0]
+    assert t.dropped == 2 and t.tracked == 2
+    # Holds that end are dropped from tracking.
+    poll(t, 11.0, [])
+    assert t.tracked == 0

@@ -1,0 +1,246 @@
+"""One poll's rows -> the locks' states: which lock each key belongs to, and the figures of each.
+
+The poll returns about one row per holding session, with its keys as an array; this module names
+every key (a configured key wins over a family, a family over unnamed), tracks every hold, and
+builds the immutable LockStates and UnnamedLocks of a Snapshot. Pure but for the tracker it is
+handed, so it can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import keys, queries
+from .resolve import SOURCE_PRESET, ResolvedLock
+from .snapshot import (
+    BOTH_MODES, MODE_EXCLUSIVE, ONLY_EXCLUSIVE, ONLY_SHARED, Holder, LockState, UnnamedLocks,
+)
+from .tracker import HoldTracker
+
+UNNAMED = ""  # the lock slot name of keys nobody named: ("", database)
+
+
+@dataclass(frozen=True)
+class Caps:
+    """How many holder_info series may be shown."""
+
+    per_lock: int
+    total: int
+    unnamed_per_database: int
+
+
+class KeyMatcher:
+    """Which resolved lock a (database, objsubid, key) belongs to.
+
+    Keys are (classid << 32) | objid as signed bigints, as the poll returns them.
+    """
+
+    def __init__(self, locks: Iterable[ResolvedLock]) -> None:
+        # database -> objsubid -> key -> lock indices (two configured names may resolve to one lock)
+        self._named: dict[str, dict[int, dict[int, tuple[int, ...]]]] = {}
+        # database -> namespace (as the unsigned classid) -> family index
+        self._namespaces: dict[str, dict[int, int]] = {}
+        # database -> [(low, high, family index)]
+        self._ranges: dict[str, list[tuple[int, int, int]]] = {}
+        for lock in locks:
+            family = lock.family
+            if isinstance(family, keys.NamespaceFamily):
+                self._namespaces.setdefault(lock.database, {})[family.namespace & 0xFFFFFFFF] = lock.index
+            elif isinstance(family, keys.RangeFamily):
+                self._ranges.setdefault(lock.database, []).append((family.low, family.high, lock.index))
+            elif lock.tag is not None:
+                key = keys.signed64(keys.tag_key64(lock.tag))
+                by_key = self._named.setdefault(lock.database, {}).setdefault(lock.tag.objsubid, {})
+                by_key[key] = (*by_key.get(key, ()), lock.index)
+
+    def named(self, database: str, objsubid: int) -> dict[int, tuple[int, ...]]:
+        return self._named.get(database, {}).get(objsubid, {})
+
+    def family(self, database: str, objsubid: int, key: int) -> int | None:
+        """The family a key not named on its own belongs to, if any."""
+        if objsubid == keys.OBJSUBID_INT4_PAIR:
+            namespaces = self._namespaces.get(database)
+            return namespaces.get((key >> 32) & 0xFFFFFFFF) if namespaces else None
+        for low, high, index in self._ranges.get(database, ()):
+            if low <= key <= high:
+                return index
+        return None
+
+    def has_families(self, database: str) -> bool:
+        return database in self._namespaces or database in self._ranges
+
+
+@dataclass
+class _Figures:
+    """One lock's (or one database's unnamed keys') figures, gathered over the rows of a poll."""
+
+    exclusive: int = 0
+    shared: int = 0
+    holds: int = 0
+    oldest: float = 0.0
+    waiters: int = 0
+    longest_wait: float = 0.0
+    # (held seconds, pid, key, objsubid, shared, row) of each hold, for holder_info
+    candidates: list[tuple[float, int, int, int, bool, Any]] = field(default_factory=list)
+    keys: set[int] = field(default_factory=set)
+    both: set[tuple[int, int]] = field(default_factory=set)  # (pid, key) held in both modes
+
+
+def _holder(candidate: tuple[float, int, int, int, bool, Any], modes: frozenset[str]) -> Holder:
+    held, pid, key, objsubid, _, row = candidate
+    return Holder(
+        pid, row.backend_start, modes, row.application_name or "", row.usename or "", row.client_addr or "",
+        row.state or "", round(held, 3), keys.key_label(objsubid, key),
+    )
+
+
+def _oldest(candidates: list[Any], limit: int) -> list[Any]:
+    if limit <= 0:
+        return []
+    if len(candidates) <= limit:
+        return candidates
+    return heapq.nlargest(limit, candidates, key=lambda c: c[0])
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """What one poll's rows became."""
+
+    locks: tuple[LockState, ...]
+    unnamed: tuple[UnnamedLocks, ...]
+    holder_info_dropped: int
+    seen_presets: frozenset[tuple[str, str]]
+
+
+def assemble(
+    rows: Iterable[Any],
+    locks: tuple[ResolvedLock, ...],
+    matcher: KeyMatcher,
+    tracker: HoldTracker,
+    now: float,
+    caps: Caps,
+    seen_presets: frozenset[tuple[str, str]] = frozenset(),
+    exclude_pids: frozenset[int] = frozenset(),
+    unnamed_max_hold: float | None = None,
+) -> Assembled:
+    """Name, track and count every hold and wait of a poll's rows.
+
+    rows have the columns of queries.POLL, read by name. A preset lock is shown from the first
+    poll that sees it held or awaited (seen_presets carries that over polls).
+    """
+    figures: list[_Figures | None] = [None] * len(locks)
+    unnamed: dict[str, _Figures] = {}
+    slots = [lock.key for lock in locks]
+    tracker.begin(now)
+    see = tracker.see
+    for row in rows:
+        pid = row.pid
+        # The exporter's own sessions (by pid), and other exporters' probes (by name), are in no figure.
+        if pid in exclude_pids or row.application_name == queries.PROBE_APPLICATION_NAME:
+            continue
+        database, objsubid, shared = row.datname, row.objsubid, row.shared
+        named = matcher.named(database, objsubid)
+        with_families = matcher.has_families(database)
+        if not row.granted:
+            for key in row.keys:
+                indices = named.get(key) or ((matcher.family(database, objsubid, key),) if with_families else (None,))
+                for index in indices:
+                    fig = (figures[index] or _new(figures, index)) if index is not None else unnamed.setdefault(database, _Figures())
+                    fig.waiters += 1
+                    wait = row.wait_seconds or 0.0
+                    if wait > fig.longest_wait:
+                        fig.longest_wait = wait
+            continue
+        proven = row.idle_seconds or 0.0
+        bstart = row.backend_start
+        for key in row.keys:
+            indices = named.get(key)
+            if indices is None:
+                family = matcher.family(database, objsubid, key) if with_families else None
+                if family is None:
+                    fig = unnamed.get(database)
+                    if fig is None:
+                        fig = unnamed[database] = _Figures()
+                    held, _ = see(((UNNAMED, database), pid, bstart, key), proven)
+                    fig.holds += 1
+                    if held > fig.oldest:
+                        fig.oldest = held
+                    fig.candidates.append((held, pid, key, objsubid, shared, row))
+                    continue
+                indices = (family,)
+            for index in indices:
+                fig = figures[index] or _new(figures, index)
+                held, again = see((slots[index], pid, bstart, key), proven)
+                if shared:
+                    fig.shared += 1
+                else:
+                    fig.exclusive += 1
+                if again:
+                    fig.both.add((pid, key))
+                    continue
+                fig.holds += 1
+                if held > fig.oldest:
+                    fig.oldest = held
+                fig.candidates.append((held, pid, key, objsubid, shared, row))
+                if locks[index].family is not None:
+                    fig.keys.add(key)
+    tracker.end()
+    return _states(locks, figures, unnamed, tracker, caps, seen_presets, unnamed_max_hold)
+
+
+def _new(figures: list[_Figures | None], index: int) -> _Figures:
+    fig = figures[index] = _Figures()
+    return fig
+
+
+def _states(
+    locks: tuple[ResolvedLock, ...],
+    figures: list[_Figures | None],
+    unnamed: dict[str, _Figures],
+    tracker: HoldTracker,
+    caps: Caps,
+    seen_presets: frozenset[tuple[str, str]],
+    unnamed_max_hold: float | None,
+) -> Assembled:
+    states = []
+    room = caps.total
+    dropped = 0
+    seen = set(seen_presets)
+    empty = _Figures()
+    for lock, fig in zip(locks, figures, strict=True):
+        if lock.source == SOURCE_PRESET:
+            if fig is None and lock.key not in seen:
+                continue  # a preset lock nobody has taken: no series until someone does
+            seen.add(lock.key)
+        fig = fig or empty
+        shown = _oldest(fig.candidates, min(caps.per_lock, room))
+        room -= len(shown)
+        dropped += fig.holds - len(shown)
+        info = tuple(sorted(
+            (_holder(c, BOTH_MODES if (c[1], c[2]) in fig.both else ONLY_SHARED if c[4] else ONLY_EXCLUSIVE)
+             for c in shown),
+            key=lambda h: (h.pid, h.key),
+        ))
+        family = lock.family
+        states.append(LockState(
+            lock.config.name, lock.database, fig.exclusive, fig.shared, round(fig.oldest, 3), fig.waiters,
+            round(fig.longest_wait, 3), tracker.acquisitions(lock.key), lock.config.max_hold, info, fig.holds,
+            lock.source,
+            family.describe() if family is not None else keys.key_label(lock.tag.objsubid, keys.tag_key64(lock.tag)),  # type: ignore[union-attr]
+            len(fig.keys) if family is not None else None,
+        ))
+    unnamed_states = []
+    for database in sorted(unnamed):
+        fig = unnamed[database]
+        shown = _oldest(fig.candidates, caps.unnamed_per_database)
+        info = tuple(sorted(
+            (_holder(c, ONLY_SHARED if c[4] else ONLY_EXCLUSIVE) for c in shown),
+            key=lambda h: (h.pid, h.key, MODE_EXCLUSIVE in h.modes),
+        ))
+        unnamed_states.append(UnnamedLocks(
+            database, fig.holds, fig.waiters, round(fig.oldest, 3), round(fig.longest_wait, 3), info, unnamed_max_hold,
+        ))
+    return Assembled(tuple(states), tuple(unnamed_states), dropped, frozenset(seen))
