@@ -143,7 +143,7 @@ class Poller:
         if self._conn is None:
             self._conn = self._open()
         with self._conn.cursor(row_factory=namedtuple_row) as cur:
-            cur.execute(self._query)
+            cur.execute(self._query, binary=True)
             return cur.fetchall()
 
     def _build(self, rows: list[Any], now: float) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...]]:
