@@ -9,7 +9,7 @@ handed, so it can be tested without a server.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,26 +83,47 @@ class _Figures:
     oldest: float = 0.0
     waiters: int = 0
     longest_wait: float = 0.0
-    # (held seconds, pid, key, objsubid, shared, row) of each hold, for holder_info
-    candidates: list[tuple[float, int, int, int, bool, Any]] = field(default_factory=list)
+    # (ages, keys, objsubid, shared, row): the holds of one session in one row, for holder_info
+    groups: list[tuple[list[float], Sequence[int], int, bool, Any]] = field(default_factory=list)
     keys: set[int] = field(default_factory=set)
     both: set[tuple[int, int]] = field(default_factory=set)  # (pid, key) held in both modes
 
+    def add(self, ages: list[float], again: set[int], keys: Sequence[int], objsubid: int, shared: bool, row: Any) -> None:
+        """One session's holds of keys (all seen by the tracker) in one mode."""
+        count = len(keys)
+        if shared:
+            self.shared += count
+        else:
+            self.exclusive += count
+        if again:
+            # The same key in the other mode: counted in both modes, but one hold with two modes.
+            self.both.update((row.pid, key) for key in again)
+            kept = [(age, key) for age, key in zip(ages, keys) if key not in again]
+            ages, keys = [age for age, _ in kept], [key for _, key in kept]
+            count = len(keys)
+        if not count:
+            return
+        self.holds += count
+        oldest = max(ages)
+        if oldest > self.oldest:
+            self.oldest = oldest
+        self.groups.append((ages, keys, objsubid, shared, row))
 
-def _holder(candidate: tuple[float, int, int, int, bool, Any], modes: frozenset[str]) -> Holder:
-    held, pid, key, objsubid, _, row = candidate
+    def oldest_holds(self, limit: int) -> list[tuple[float, int, int, bool, Any]]:
+        """(age, key, objsubid, shared, row) of the `limit` longest-held holds."""
+        if limit <= 0:
+            return []
+        every = ((age, key, objsubid, shared, row)
+                 for ages, keys, objsubid, shared, row in self.groups for age, key in zip(ages, keys))
+        return heapq.nlargest(limit, every, key=lambda hold: hold[0])
+
+
+def _holder(hold: tuple[float, int, int, bool, Any], modes: frozenset[str]) -> Holder:
+    held, key, objsubid, _, row = hold
     return Holder(
-        pid, row.backend_start, modes, row.application_name or "", row.usename or "", row.client_addr or "",
+        row.pid, row.backend_start, modes, row.application_name or "", row.usename or "", row.client_addr or "",
         row.state or "", round(held, 3), keys.key_label(objsubid, key),
     )
-
-
-def _oldest(candidates: list[Any], limit: int) -> list[Any]:
-    if limit <= 0:
-        return []
-    if len(candidates) <= limit:
-        return candidates
-    return heapq.nlargest(limit, candidates, key=lambda c: c[0])
 
 
 @dataclass(frozen=True)
@@ -134,59 +155,44 @@ def assemble(
     figures: list[_Figures | None] = [None] * len(locks)
     unnamed: dict[str, _Figures] = {}
     slots = [lock.key for lock in locks]
+    families = [lock.family is not None for lock in locks]
     tracker.begin(now)
-    see = tracker.see
     for row in rows:
         pid = row.pid
         # The exporter's own sessions (by pid), and other exporters' probes (by name), are in no figure.
         if pid in exclude_pids or row.application_name == queries.PROBE_APPLICATION_NAME:
             continue
-        database, objsubid, shared = row.datname, row.objsubid, row.shared
+        database, objsubid = row.datname, row.objsubid
+        # Each key's lock: a configured key first, then a family; None: nobody named it.
+        by_lock: dict[int | None, list[int]] = {}
         named = matcher.named(database, objsubid)
         with_families = matcher.has_families(database)
-        if not row.granted:
-            for key in row.keys:
-                indices = named.get(key) or ((matcher.family(database, objsubid, key),) if with_families else (None,))
-                for index in indices:
-                    fig = (figures[index] or _new(figures, index)) if index is not None else unnamed.setdefault(database, _Figures())
-                    fig.waiters += 1
-                    wait = row.wait_seconds or 0.0
-                    if wait > fig.longest_wait:
-                        fig.longest_wait = wait
-            continue
-        proven = row.idle_seconds or 0.0
-        bstart = row.backend_start
         for key in row.keys:
             indices = named.get(key)
             if indices is None:
-                family = matcher.family(database, objsubid, key) if with_families else None
-                if family is None:
-                    fig = unnamed.get(database)
-                    if fig is None:
-                        fig = unnamed[database] = _Figures()
-                    held, _ = see(((UNNAMED, database), pid, bstart, key), proven)
-                    fig.holds += 1
-                    if held > fig.oldest:
-                        fig.oldest = held
-                    fig.candidates.append((held, pid, key, objsubid, shared, row))
-                    continue
-                indices = (family,)
+                indices = (matcher.family(database, objsubid, key) if with_families else None,)
             for index in indices:
-                fig = figures[index] or _new(figures, index)
-                held, again = see((slots[index], pid, bstart, key), proven)
-                if shared:
-                    fig.shared += 1
+                group = by_lock.get(index)
+                if group is None:
+                    by_lock[index] = [key]
                 else:
-                    fig.exclusive += 1
-                if again:
-                    fig.both.add((pid, key))
-                    continue
-                fig.holds += 1
-                if held > fig.oldest:
-                    fig.oldest = held
-                fig.candidates.append((held, pid, key, objsubid, shared, row))
-                if locks[index].family is not None:
-                    fig.keys.add(key)
+                    group.append(key)
+        for index, group in by_lock.items():
+            if index is None:
+                fig = unnamed.get(database) or unnamed.setdefault(database, _Figures())
+            else:
+                fig = figures[index] or _new(figures, index)
+            if not row.granted:
+                fig.waiters += len(group)
+                wait = row.wait_seconds or 0.0
+                if wait > fig.longest_wait:
+                    fig.longest_wait = wait
+                continue
+            slot = (UNNAMED, database) if index is None else slots[index]
+            ages, again = tracker.see(slot, pid, row.backend_start, group, row.idle_seconds or 0.0)
+            fig.add(ages, again, group, objsubid, row.shared, row)
+            if index is not None and families[index]:
+                fig.keys.update(group)
     tracker.end()
     return _states(locks, figures, unnamed, tracker, caps, seen_presets, unnamed_max_hold)
 
@@ -216,12 +222,12 @@ def _states(
                 continue  # a preset lock nobody has taken: no series until someone does
             seen.add(lock.key)
         fig = fig or empty
-        shown = _oldest(fig.candidates, min(caps.per_lock, room))
+        shown = fig.oldest_holds(min(caps.per_lock, room))
         room -= len(shown)
         dropped += fig.holds - len(shown)
         info = tuple(sorted(
-            (_holder(c, BOTH_MODES if (c[1], c[2]) in fig.both else ONLY_SHARED if c[4] else ONLY_EXCLUSIVE)
-             for c in shown),
+            (_holder(hold, BOTH_MODES if (hold[4].pid, hold[1]) in fig.both else ONLY_SHARED if hold[3] else ONLY_EXCLUSIVE)
+             for hold in shown),
             key=lambda h: (h.pid, h.key),
         ))
         family = lock.family
@@ -235,12 +241,13 @@ def _states(
     unnamed_states = []
     for database in sorted(unnamed):
         fig = unnamed[database]
-        shown = _oldest(fig.candidates, caps.unnamed_per_database)
+        shown = fig.oldest_holds(caps.unnamed_per_database)
         info = tuple(sorted(
-            (_holder(c, ONLY_SHARED if c[4] else ONLY_EXCLUSIVE) for c in shown),
+            (_holder(hold, BOTH_MODES if (hold[4].pid, hold[1]) in fig.both else ONLY_SHARED if hold[3] else ONLY_EXCLUSIVE)
+             for hold in shown),
             key=lambda h: (h.pid, h.key, MODE_EXCLUSIVE in h.modes),
         ))
         unnamed_states.append(UnnamedLocks(
-            database, fig.holds, fig.waiters, round(fig.oldest, 3), round(fig.longest_wait, 3), info, unnamed_max_hold,
+            database, fig.exclusive + fig.shared, fig.waiters, round(fig.oldest, 3), round(fig.longest_wait, 3), info, unnamed_max_hold,
         ))
     return Assembled(tuple(states), tuple(unnamed_states), dropped, frozenset(seen))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import math
 import os
 import random
 import re
+from collections.abc import Iterator
 
 import psycopg
 from psycopg import conninfo
@@ -62,11 +64,14 @@ def server_name(dsn: str) -> str:
 
 
 def connect(
-    dsn: str, application_name: str, timeout_seconds: float, database: str | None = None, password_file: str | None = None
+    dsn: str, application_name: str, timeout_seconds: float, database: str | None = None, password_file: str | None = None,
+    session_timeouts: bool = True,
 ) -> psycopg.Connection:
-    """An autocommit connection with connect_timeout, application_name, statement_timeout and
-    lock_timeout; to database instead of the dsn's, if given; with the password read from
-    password_file at each connect, if given (a rotated Kubernetes secret is picked up)."""
+    """An autocommit connection with connect_timeout and application_name (and, with
+    session_timeouts, statement_timeout and lock_timeout for the whole session); to database
+    instead of the dsn's, if given; with the password read from password_file at each connect, if
+    given (a rotated Kubernetes secret is picked up). Without session_timeouts the caller bounds
+    each transaction itself (local_timeouts), so nothing stays on a pooled backend."""
     extra: dict[str, str] = {}
     if database:
         extra["dbname"] = database
@@ -84,12 +89,22 @@ def connect(
         connect_timeout=max(2, math.ceil(timeout_seconds)),
         prepare_threshold=None,
     )
-    try:
-        conn.execute(queries.SESSION_SETUP, {"ms": str(max(1, int(timeout_seconds * 1000)))})
-    except BaseException:
-        conn.close()
-        raise
+    if session_timeouts:
+        try:
+            conn.execute(queries.SESSION_SETUP, {"ms": str(max(1, int(timeout_seconds * 1000)))})
+        except BaseException:
+            conn.close()
+            raise
     return conn
+
+
+@contextlib.contextmanager
+def local_timeouts(conn: psycopg.Connection, timeout_seconds: float) -> Iterator[psycopg.Connection]:
+    """A transaction whose statements are bounded by statement_timeout and lock_timeout set LOCAL
+    to it: they end with it, and never outlive it on a backend a pooler hands to someone else."""
+    with conn.transaction():
+        conn.execute(queries.LOCAL_TIMEOUTS, {"ms": str(max(1, int(timeout_seconds * 1000)))})
+        yield conn
 
 
 def database_name(dsn: str) -> str:

@@ -15,6 +15,7 @@ from . import keys, queries
 from .ages import age
 from .assemble import KeyMatcher
 from .config import Config
+from .dsn import local_timeouts
 from .poller import connect_poller
 from .resolve import SOURCE_PRESET, resolve_on_server
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED
@@ -47,7 +48,8 @@ class LockRow:
 
 def read_locks(config: Config) -> list[LockRow]:
     """One read of pg_locks, names attached."""
-    with connect_poller(config) as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+    with connect_poller(config) as conn, local_timeouts(conn, config.poll_interval), \
+            conn.cursor(row_factory=namedtuple_row) as cur:
         server = cur.execute(queries.SERVER_INFO).fetchone()
         assert server is not None
         locks = resolve_on_server(conn, config, server.database)

@@ -18,7 +18,7 @@ from psycopg.rows import class_row, namedtuple_row
 from . import queries
 from .config import Config
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, error_line, reconnect_delay, server_name
+from .dsn import connect, error_line, local_timeouts, reconnect_delay, server_name
 from .assemble import Caps, KeyMatcher, assemble
 from .resolve import ResolvedLock, find_collisions, resolve_on_server
 from .snapshot import KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
@@ -54,8 +54,9 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 def connect_poller(config: Config) -> psycopg.Connection:
-    """The poller's connection: statement_timeout = the poll interval."""
-    return connect(config.dsn, queries.APPLICATION_NAME, config.poll_interval, password_file=config.password_file)
+    """The poller's connection: every transaction on it sets its own timeouts (the poll interval)."""
+    return connect(config.dsn, queries.APPLICATION_NAME, config.poll_interval, password_file=config.password_file,
+                   session_timeouts=False)
 
 
 class Poller:
@@ -78,7 +79,7 @@ class Poller:
         self._own_pids = own_pids
         self._pid = 0  # the poller's own backend
         self._conn: psycopg.Connection | None = None
-        self._query = queries.POLL
+        self._query = ""
         self._locks: tuple[ResolvedLock, ...] = ()
         self._matcher = KeyMatcher(())
         self._seen_presets: frozenset[tuple[str, str]] = frozenset()
@@ -101,15 +102,15 @@ class Poller:
     def _open(self) -> psycopg.Connection:
         conn = self._connect(self._config)
         try:
-            with conn.cursor(row_factory=class_row(ServerInfo)) as cur:
+            with local_timeouts(conn, self._config.poll_interval), conn.cursor(row_factory=class_row(ServerInfo)) as cur:
                 info = cur.execute(queries.SERVER_INFO).fetchone()
-            assert info is not None
-            locks = resolve_on_server(conn, self._config, info.database)
+                assert info is not None
+                locks = resolve_on_server(conn, self._config, info.database)
         except BaseException:
             conn.close()
             raise
         self.server = info
-        self._query = queries.poll_query(info.version_num)
+        self._query = queries.poll_query(info.version_num, self._config.poll_interval)
         self._locks = locks
         self._matcher = KeyMatcher(locks)
         self._pid = conn.info.backend_pid
@@ -142,9 +143,22 @@ class Poller:
     def _read(self) -> list[Any]:
         if self._conn is None:
             self._conn = self._open()
-        with self._conn.cursor(row_factory=namedtuple_row) as cur:
-            cur.execute(self._query, binary=True)
-            return cur.fetchall()
+        conn = self._conn
+        try:
+            with conn.cursor(row_factory=namedtuple_row) as cur:
+                cur.execute(self._query)
+                for _ in range(queries.POLL_RESULT_INDEX):
+                    cur.nextset()
+                return cur.fetchall()
+        except psycopg.Error:
+            # A statement that failed inside the transaction left it open (aborted): end it, so
+            # the next poll starts clean on the same connection.
+            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                try:
+                    conn.execute("ROLLBACK")
+                except psycopg.Error:
+                    conn.close()
+            raise
 
     def _build(self, rows: list[Any], now: float) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...]]:
         config = self._config

@@ -5,17 +5,19 @@ pg_stat_activity can prove an earlier start (an idle session took its lock no la
 last state change), and the tracker keeps the earliest start any poll has proven.
 
 A hold is one session (pid + backend_start, so a reused pid is a new session) on one key of one
-lock. The number of holds remembered is bounded: beyond the bound a hold gets the proven lower
-bound only, and the drop is counted.
+lock. Holds are kept per (lock, session) in a dict keyed by the bare key: at 50,000 held keys a
+tuple per hold cost twice the memory and a third more CPU. The number of holds remembered is
+bounded: beyond the bound a new hold gets the proven lower bound only, and the drop is counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
-# (lock slot, pid, backend_start, key): a lock slot is whatever the caller identifies a lock by
-# over time (the poller: name and database; for unnamed keys, "" and the database).
-HoldKey = tuple[Hashable, int, "float | None", int]
+# (lock slot, pid, backend_start): a lock slot is whatever the caller identifies a lock by over
+# time (the poller: name and database; for unnamed keys, "" and the database).
+SessionKey = tuple[Hashable, int, "float | None"]
+_EMPTY: dict[int, float] = {}
 
 
 class HoldTracker:
@@ -23,56 +25,72 @@ class HoldTracker:
 
     def __init__(self, max_tracked: int = 100_000) -> None:
         self.max_tracked = max_tracked
-        self._since: dict[HoldKey, float] = {}
-        self._current: dict[HoldKey, float] = {}
+        self._since: dict[SessionKey, dict[int, float]] = {}
+        self._current: dict[SessionKey, dict[int, float]] = {}
         self._acquisitions: dict[Hashable, int] = {}
         self._first_poll = True
         self._now = 0.0
-        self._admitted = 0  # new holds remembered by this poll
+        self._tracked = 0  # holds in _since
+        self._room = 0  # new holds this poll may still remember
         self.dropped = 0  # holds not remembered because of max_tracked, summed over polls
 
     def begin(self, now: float) -> None:
         """Start recording a successful poll; now is a monotonic clock reading."""
         self._now = now
         self._current = {}
-        self._admitted = 0
+        # Every hold remembered so far stays remembered while it lasts; new ones fill the rest,
+        # so a flood of new holds never makes an old hold look new.
+        self._room = max(self.max_tracked - self._tracked, 0)
 
-    def see(self, hold: HoldKey, proven_seconds: float) -> tuple[float, bool]:
-        """One hold seen by this poll: (how long it has been held at least, whether this poll had
-        already seen it: the same session holding the same key in the other mode)."""
+    def see(self, slot: Hashable, pid: int, backend_start: float | None, keys: Sequence[int],
+            proven_seconds: float) -> tuple[list[float], set[int]]:
+        """Holds of one session on keys of one lock, seen by this poll: how long each has been held
+        at least, and the keys this poll had already seen (the same key held in the other mode)."""
+        session = (slot, pid, backend_start)
+        earlier = self._since.get(session, _EMPTY)
+        current = self._current.get(session)
+        if current is None:
+            current = self._current[session] = {}
         now = self._now
-        current = self._current
-        start = current.get(hold)
-        if start is not None:
-            return now - start, True
         proven_start = now - proven_seconds if proven_seconds > 0 else now
-        earlier = self._since.get(hold)
-        if earlier is None:
-            start = proven_start
-            # Holders already there at the first poll were not seen taking the lock.
-            if not self._first_poll:
-                slot = hold[0]
-                self._acquisitions[slot] = self._acquisitions.get(slot, 0) + 1
-            # A new hold is remembered while there is room; one already remembered always is,
-            # so a flood of new holds never makes an old hold look new.
-            if len(self._since) + self._admitted < self.max_tracked:
-                current[hold] = start
-                self._admitted += 1
+        ages: list[float] = []
+        again: set[int] = set()
+        new = 0
+        for key in keys:
+            start = current.get(key)
+            if start is not None:
+                again.add(key)
+                ages.append(now - start)
+                continue
+            start = earlier.get(key)
+            if start is None:
+                start = proven_start
+                new += 1
+                if self._room > 0:
+                    self._room -= 1
+                    current[key] = start
+                else:
+                    self.dropped += 1
             else:
-                self.dropped += 1
-        else:
-            start = earlier if earlier < proven_start else proven_start
-            current[hold] = start
-        return now - start, False
+                if proven_start < start:
+                    start = proven_start
+                current[key] = start
+            ages.append(now - start)
+        # Holders already there at the first poll were not seen taking the lock.
+        if new and not self._first_poll:
+            self._acquisitions[slot] = self._acquisitions.get(slot, 0) + new
+        return ages, again
 
     def end(self) -> None:
         """Finish the poll: holds not seen in it are forgotten."""
-        self._since, self._current = self._current, {}
+        self._since = {session: held for session, held in self._current.items() if held}
+        self._current = {}
+        self._tracked = sum(map(len, self._since.values()))
         self._first_poll = False
 
     @property
     def tracked(self) -> int:
-        return len(self._since)
+        return self._tracked
 
     def acquisitions(self, slot: Hashable) -> int:
         return self._acquisitions.get(slot, 0)

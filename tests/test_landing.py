@@ -28,12 +28,13 @@ def chromium(url: str, tmp_path: Path, *args: str) -> str:
 @pytest.mark.slow
 def test_landing_page_shows_names_and_holders_in_a_browser(tmp_path, server, sessions) -> None:
     leader = sessions.open(application_name="billing-leader-7")
-    leader.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(99)")
+    leader.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(99), pg_advisory_lock(77, 1), pg_advisory_lock(77, 2)")
     stuck = stuck_with_waiter(sessions, server, "shard <worker> & co", "shard-worker-b")
     config = {"dsn": server.dsn(), "poll_interval": "200ms", "locks": [
         {"name": "billing-leader", "key": 4242, "probe": {"expect": "held", "interval": "200ms"}},
         {"name": "shard-7", "key": [42, 7], "max_hold": "1s"},
         {"name": "nightly-export", "key": {"hashtext": "nightly-export"}},
+        {"name": "tenants", "key": {"namespace": 77}},
     ]}
     proc = ExporterProcess(tmp_path, config)
     try:
@@ -50,5 +51,8 @@ def test_landing_page_shows_names_and_holders_in_a_browser(tmp_path, server, ses
     assert "1 (longest" in dom  # shard-7's waiter
     assert "Named locks free (1)" in dom and "nightly-export" in dom
     assert '<table id="unnamed">' in dom  # key 99
+    assert "key 99, exclusive: pid" in dom  # who holds the oldest key nobody named
+    assert "<td>tenants</td><td>(77, *)</td>" in dom and "2 keys held" in dom  # a family, with its keys
+    assert f"key 77,1, exclusive: pid {leader.info.backend_pid}" in dom
     assert 'href="/metrics"' in dom and 'http-equiv="refresh"' in dom
     assert (tmp_path / "landing.png").stat().st_size > 10_000

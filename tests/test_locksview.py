@@ -22,12 +22,13 @@ def run_locks(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedP
 
 def test_locks_shows_names_holders_waiters_and_raw_keys(tmp_path, server, sessions) -> None:
     leader = sessions.open(application_name="billing-leader-with-a-long-application-name")
-    leader.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(-7, 8)")
+    leader.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(-7, 8), pg_advisory_lock(-9, 1)")
     shard = stuck_with_waiter(sessions, server, "shard-worker-a", "shard-worker-b")
     stuck, waiter = shard.holder, shard.waiter
     sessions.open(OTHER_DB, application_name="prisma").execute("SELECT pg_advisory_lock(72707369)")
     config = {"dsn": server.dsn(), "presets": ["prisma"],
-              "locks": [{"name": "billing-leader", "key": 4242}, {"name": "shard-7", "key": [42, 7]}]}
+              "locks": [{"name": "billing-leader", "key": 4242}, {"name": "shard-7", "key": [42, 7]},
+                        {"name": "tenants", "key": {"namespace": -9}}]}
 
     result = run_locks(tmp_path, config)
     assert result.returncode == 0, result.stderr
@@ -37,6 +38,7 @@ def test_locks_shows_names_holders_waiters_and_raw_keys(tmp_path, server, sessio
     assert all(len(line) <= 80 for line in lines), max(lines, key=len)
     assert "billing-leader  [4242]  in postgres" in lines
     assert "(-7, 8)  in postgres" in lines  # nobody named it: the decoded key
+    assert "tenants  [(-9, 1) of (-9, *)]  in postgres" in lines  # a family's key: the family and the key
     assert "prisma:migrations  [72707369, preset]  in other_db" in lines
     at = lines.index("shard-7  [(42, 7)]  in postgres")
     holder, waiting, blocked = lines[at + 1], lines[at + 2], lines[at + 3]
@@ -44,12 +46,13 @@ def test_locks_shows_names_holders_waiters_and_raw_keys(tmp_path, server, sessio
     assert waiting.split()[:3] == ["waits", str(waiter.info.backend_pid), "shard-worker-b"]
     assert blocked.strip() == f"blocked by pid {stuck.info.backend_pid}"
     assert "billing-leader-wi… " in out  # long values are cut, not wrapped
-    assert lines[-1] == "4 held, 1 waiting"
+    assert lines[-1] == "5 held, 1 waiting"
 
     as_json = json.loads(run_locks(tmp_path, config, "--json").stdout)
     shard_rows = [r for r in as_json if r["name"] == "shard-7"]
     assert [(r["granted"], r["blocked_by"]) for r in shard_rows] == [(True, []), (False, [stuck.info.backend_pid])]
     assert {r["source"] for r in as_json} == {"config", "preset", "unnamed"}
+    assert [(r["name"], r["key"], r["family"]) for r in as_json if r["family"]] == [("tenants", "(-9, 1)", "(-9, *)")]
     assert all(r["held_at_least_seconds"] is not None for r in as_json if r["granted"] and r["state"].startswith("idle"))
     shard.release()
 

@@ -3,22 +3,23 @@
 from exporter.tracker import HoldTracker
 
 
-def poll(t: HoldTracker, now: float, holds: list[tuple], proven: float = 0.0) -> list[tuple[float, bool]]:
+def poll(t: HoldTracker, now: float, holds: list[tuple], proven: float = 0.0) -> list[tuple[list[float], set[int]]]:
+    """holds: (slot, pid, backend_start, [keys]) of one poll."""
     t.begin(now)
-    seen = [t.see(h, proven) for h in holds]
+    seen = [t.see(slot, pid, bstart, keys, proven) for slot, pid, bstart, keys in holds]
     t.end()
     return seen
 
 
 def test_first_poll_is_a_baseline_and_later_holders_count() -> None:
     t = HoldTracker()
-    poll(t, 100.0, [("a", 1, 10.0, 7)])
+    poll(t, 100.0, [("a", 1, 10.0, [7])])
     assert t.acquisitions("a") == 0
-    poll(t, 101.0, [("a", 1, 10.0, 7), ("a", 2, 11.0, 7)])
+    poll(t, 101.0, [("a", 1, 10.0, [7]), ("a", 2, 11.0, [7])])
     assert t.acquisitions("a") == 1
     # Released and taken again between polls is seen only if a poll misses it.
     poll(t, 102.0, [])
-    poll(t, 103.0, [("a", 1, 10.0, 7)])
+    poll(t, 103.0, [("a", 1, 10.0, [7])])
     assert t.acquisitions("a") == 2
 
 
@@ -26,38 +27,38 @@ def test_a_family_counts_each_key_a_worker_moves_to() -> None:
     t = HoldTracker()
     poll(t, 0.0, [])
     for second, key in enumerate((7, 8, 9), start=1):
-        poll(t, float(second), [("tenants", 1, 10.0, key)])
+        poll(t, float(second), [("tenants", 1, 10.0, [key])])
     assert t.acquisitions("tenants") == 3
 
 
 def test_a_reused_pid_with_a_new_backend_start_is_a_new_holder() -> None:
     t = HoldTracker()
-    poll(t, 0.0, [("a", 7, 1.0, 1)])
-    ((held, _),) = poll(t, 5.0, [("a", 7, 2.0, 1)])
-    assert t.acquisitions("a") == 1 and held == 0.0
+    poll(t, 0.0, [("a", 7, 1.0, [1])])
+    ((ages, _),) = poll(t, 5.0, [("a", 7, 2.0, [1])])
+    assert t.acquisitions("a") == 1 and ages == [0.0]
 
 
 def test_the_earliest_proven_start_wins() -> None:
     t = HoldTracker()
-    assert poll(t, 100.0, [("a", 1, None, 1)]) == [(0.0, False)]  # active: nothing proven
-    assert poll(t, 110.0, [("a", 1, None, 1)], proven=30.0) == [(30.0, False)]  # idle 30 s: since 80
-    assert poll(t, 120.0, [("a", 1, None, 1)], proven=1.0) == [(40.0, False)]  # a weaker proof changes nothing
+    assert poll(t, 100.0, [("a", 1, None, [1])]) == [([0.0], set())]  # active: nothing proven
+    assert poll(t, 110.0, [("a", 1, None, [1])], proven=30.0) == [([30.0], set())]  # idle 30 s: since 80
+    assert poll(t, 120.0, [("a", 1, None, [1])], proven=1.0) == [([40.0], set())]  # a weaker proof changes nothing
 
 
 def test_the_same_hold_in_both_modes_is_seen_again_not_anew() -> None:
     t = HoldTracker()
     poll(t, 0.0, [])
-    assert poll(t, 1.0, [("a", 1, 1.0, 5), ("a", 1, 1.0, 5)]) == [(0.0, False), (0.0, True)]
-    assert t.acquisitions("a") == 1
+    assert poll(t, 1.0, [("a", 1, 1.0, [5, 6]), ("a", 1, 1.0, [5])]) == [([0.0, 0.0], set()), ([0.0], {5})]
+    assert t.acquisitions("a") == 2
 
 
 def test_tracking_is_bounded_and_old_holds_keep_their_age() -> None:
     t = HoldTracker(max_tracked=2)
-    poll(t, 0.0, [("a", 1, 1.0, 1), ("a", 1, 1.0, 2)])
+    poll(t, 0.0, [("a", 1, 1.0, [1, 2])])
     assert t.tracked == 2
     # Two new holds arrive first: there is no room for them, and the old two keep their start.
-    seen = poll(t, 10.0, [("a", 1, 1.0, 3), ("a", 1, 1.0, 4), ("a", 1, 1.0, 1), ("a", 1, 1.0, 2)])
-    assert [held for held, _ in seen] == [0.0, 0.0, 10.0, 10.0]
+    ((ages, _),) = poll(t, 10.0, [("a", 1, 1.0, [3, 4, 1, 2])])
+    assert ages == [0.0, 0.0, 10.0, 10.0]
     assert t.dropped == 2 and t.tracked == 2
     # Holds that end are dropped from tracking.
     poll(t, 11.0, [])
