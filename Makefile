@@ -12,13 +12,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian's prometheus (promtool, prometheus) and chromium, for the alert-rule, end-to-end and
-# landing-page tests: installed when missing and run as root on Debian/Ubuntu.
-TOOLS_PACKAGES := prometheus chromium
+# Debian's prometheus (promtool, prometheus), chromium and pgbouncer, for the alert-rule,
+# end-to-end, landing-page and pooler tests: installed when missing and run as root on Debian/Ubuntu.
 tools:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	{ command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer; } || missing="$$missing pgbouncer"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian packages:$$missing"; \

@@ -1,7 +1,8 @@
 """make demo: the exporter over a throwaway PostgreSQL with a sample workload.
 
 Three cron contenders race for hourly-digest, a leader holds billing-leader, a crashed-but-connected
-worker sits on shard-7 inside an open transaction, and a second worker waits for it. Ctrl-C stops
+worker sits on shard-7 inside an open transaction, and a second worker waits for it; where Debian's
+pgbouncer is installed, a migration runner leaves a session lock stranded on a transaction pool. Ctrl-C stops
 and removes all of it. DEMO_DSN=... uses your server instead of a throwaway one.
 """
 
@@ -21,6 +22,7 @@ import urllib.request
 
 import psycopg
 
+from tests.pgbouncer import PgBouncer, PgBouncerError
 from tests.pgcluster import Cluster, ClusterError, free_port
 
 DEMO_DB = "app"
@@ -36,6 +38,13 @@ locks:
     key: [42, 7]
   - name: nightly-export
     key: {{hashtextextended: nightly-export}}
+  - name: schema-migration
+    key: 777
+{poolers}"""
+POOLERS = """poolers:
+  - name: pgbouncer
+    type: pgbouncer
+    dsn: "{console}"
 """
 
 
@@ -66,6 +75,13 @@ def waiter(dsn: str, stop: threading.Event) -> None:
             conn.execute("SELECT pg_advisory_lock(42, 7)")
         except psycopg.errors.QueryCanceled:
             pass
+
+
+def strand_a_session_lock(bouncer_dsn: str) -> None:
+    """A migration runner, through the transaction-mode PgBouncer, takes a session lock and exits:
+    the lock stays on the pooled server connection, owned by nobody."""
+    with psycopg.connect(bouncer_dsn, autocommit=True, application_name="migration-runner", prepare_threshold=None) as conn:
+        conn.execute("SELECT pg_advisory_lock(777)")
 
 
 def start_workload(dsn: str, stop: threading.Event) -> list[threading.Thread]:
@@ -106,10 +122,21 @@ def main() -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    bouncer = None
+    poolers = ""
+    if cluster is not None:
+        try:
+            bouncer = PgBouncer(cluster.port, pool_mode="transaction").start()
+            strand_a_session_lock(bouncer.dsn(DEMO_DB))
+            poolers = POOLERS.format(console=bouncer.console_dsn())
+            print("a PgBouncer in transaction mode holds a stranded session lock (schema-migration)", flush=True)
+        except PgBouncerError as exc:
+            print(f"no PgBouncer in this demo ({exc})", flush=True)
+            bouncer = None
     workdir = tempfile.mkdtemp(prefix="pgale-demo-")
     config_path = os.path.join(workdir, "config.yaml")
     with open(config_path, "w") as handle:
-        handle.write(CONFIG.format(dsn=dsn))
+        handle.write(CONFIG.format(dsn=dsn, poolers=poolers))
     port = args.port
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
@@ -127,7 +154,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             lines = [l for l in response.read().decode().splitlines() if l.startswith("pg_advisory_lock_") and "_bucket" not in l]
-        print("\n".join(lines[:60]))
+        print("\n".join(lines[:80]))
         print(f"\nlanding page: http://127.0.0.1:{port}/   metrics: {url}")
         print(f"try:  curl -s {url} | grep -E 'holders|held_seconds|waiters|holder_info'")
         print(f"      {sys.executable} -m exporter locks --config.file={config_path}")
@@ -142,6 +169,8 @@ def main() -> int:
         if exporter is not None:
             exporter.terminate()
             exporter.wait(10)
+        if bouncer is not None:
+            bouncer.stop()
         if cluster is not None:
             cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)

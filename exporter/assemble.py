@@ -11,9 +11,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import keys, queries
+from .poolers import EMPTY_VIEW, HAZARD_MODES, PoolerView
 from .resolve import SOURCE_PRESET, ResolvedLock
 from .snapshot import (
     BOTH_MODES, MODE_EXCLUSIVE, ONLY_EXCLUSIVE, ONLY_SHARED, Holder, LockState, UnnamedLocks,
@@ -73,6 +74,39 @@ class KeyMatcher:
         return database in self._namespaces or database in self._ranges
 
 
+class Who(NamedTuple):
+    """Who holds a row's locks: the session, or through a pooler the client it serves now."""
+
+    pid: int
+    backend_start: float | None
+    application_name: str
+    usename: str
+    client_addr: str
+    state: str
+    pooler: str
+    stranded: bool  # a session-level hold on a transaction-pool backend: owned by nobody
+
+
+def who_holds(row: Any, view: PoolerView) -> Who:
+    """The holder of a row's locks. Through a pooler: the linked client when the pool is in
+    session mode or the backend is inside that client's transaction; nobody when the backend of a
+    transaction or statement pool is outside any transaction (its locks are session-level, left by
+    some earlier borrower: application_name is then the last borrower's and not trusted)."""
+    link = view.lookup(row.pid, row.client_port, row.client_addr) if view is not EMPTY_VIEW else None
+    if link is None:
+        return Who(row.pid, row.backend_start, row.application_name or "", row.usename or "", row.client_addr or "",
+                   row.state or "", "", False)
+    outside = bool(row.outside_transaction)
+    if outside and link.pool_mode in HAZARD_MODES:
+        return Who(row.pid, row.backend_start, "", row.usename or "", "", row.state or "", link.pooler, True)
+    client = link.client
+    if client is not None and (link.pool_mode == "session" or not outside):
+        return Who(row.pid, row.backend_start, client.application_name, client.user, client.addr, row.state or "",
+                   link.pooler, False)
+    return Who(row.pid, row.backend_start, row.application_name or "", row.usename or "", row.client_addr or "",
+               row.state or "", link.pooler, False)
+
+
 @dataclass
 class _Figures:
     """One lock's (or one database's unnamed keys') figures, gathered over the rows of a poll."""
@@ -80,15 +114,16 @@ class _Figures:
     exclusive: int = 0
     shared: int = 0
     holds: int = 0
+    stranded: int = 0  # holds stranded on a transaction-pool backend
     oldest: float = 0.0
     waiters: int = 0
     longest_wait: float = 0.0
-    # (ages, keys, objsubid, shared, row): the holds of one session in one row, for holder_info
-    groups: list[tuple[list[float], Sequence[int], int, bool, Any]] = field(default_factory=list)
+    # (ages, keys, objsubid, shared, who): the holds of one session in one row, for holder_info
+    groups: list[tuple[list[float], Sequence[int], int, bool, Who]] = field(default_factory=list)
     keys: set[int] = field(default_factory=set)
     both: set[tuple[int, int]] = field(default_factory=set)  # (pid, key) held in both modes
 
-    def add(self, ages: list[float], again: set[int], keys: Sequence[int], objsubid: int, shared: bool, row: Any) -> None:
+    def add(self, ages: list[float], again: set[int], keys: Sequence[int], objsubid: int, shared: bool, who: Who) -> None:
         """One session's holds of keys (all seen by the tracker) in one mode."""
         count = len(keys)
         if shared:
@@ -97,32 +132,34 @@ class _Figures:
             self.exclusive += count
         if again:
             # The same key in the other mode: counted in both modes, but one hold with two modes.
-            self.both.update((row.pid, key) for key in again)
+            self.both.update((who.pid, key) for key in again)
             kept = [(age, key) for age, key in zip(ages, keys) if key not in again]
             ages, keys = [age for age, _ in kept], [key for _, key in kept]
             count = len(keys)
         if not count:
             return
         self.holds += count
+        if who.stranded:
+            self.stranded += count
         oldest = max(ages)
         if oldest > self.oldest:
             self.oldest = oldest
-        self.groups.append((ages, keys, objsubid, shared, row))
+        self.groups.append((ages, keys, objsubid, shared, who))
 
-    def oldest_holds(self, limit: int) -> list[tuple[float, int, int, bool, Any]]:
-        """(age, key, objsubid, shared, row) of the `limit` longest-held holds."""
+    def oldest_holds(self, limit: int) -> list[tuple[float, int, int, bool, Who]]:
+        """(age, key, objsubid, shared, who) of the `limit` longest-held holds."""
         if limit <= 0:
             return []
-        every = ((age, key, objsubid, shared, row)
-                 for ages, keys, objsubid, shared, row in self.groups for age, key in zip(ages, keys))
+        every = ((age, key, objsubid, shared, who)
+                 for ages, keys, objsubid, shared, who in self.groups for age, key in zip(ages, keys))
         return heapq.nlargest(limit, every, key=lambda hold: hold[0])
 
 
-def _holder(hold: tuple[float, int, int, bool, Any], modes: frozenset[str]) -> Holder:
-    held, key, objsubid, _, row = hold
+def _holder(hold: tuple[float, int, int, bool, Who], modes: frozenset[str]) -> Holder:
+    held, key, objsubid, _, who = hold
     return Holder(
-        row.pid, row.backend_start, modes, row.application_name or "", row.usename or "", row.client_addr or "",
-        row.state or "", round(held, 3), keys.key_label(objsubid, key),
+        who.pid, who.backend_start, modes, who.application_name, who.usename, who.client_addr, who.state,
+        round(held, 3), keys.key_label(objsubid, key), who.pooler, who.stranded,
     )
 
 
@@ -146,6 +183,7 @@ def assemble(
     seen_presets: frozenset[tuple[str, str]] = frozenset(),
     exclude_pids: frozenset[int] = frozenset(),
     unnamed_max_hold: float | None = None,
+    view: PoolerView | None = None,
 ) -> Assembled:
     """Name, track and count every hold and wait of a poll's rows.
 
@@ -156,6 +194,8 @@ def assemble(
     unnamed: dict[str, _Figures] = {}
     slots = [lock.key for lock in locks]
     families = [lock.family is not None for lock in locks]
+    pooled = view is not None
+    view = view or EMPTY_VIEW
     tracker.begin(now)
     for row in rows:
         pid = row.pid
@@ -177,6 +217,7 @@ def assemble(
                     by_lock[index] = [key]
                 else:
                     group.append(key)
+        who = who_holds(row, view) if row.granted else None
         for index, group in by_lock.items():
             if index is None:
                 fig = unnamed.get(database) or unnamed.setdefault(database, _Figures())
@@ -190,11 +231,11 @@ def assemble(
                 continue
             slot = (UNNAMED, database) if index is None else slots[index]
             ages, again = tracker.see(slot, pid, row.backend_start, group, row.idle_seconds or 0.0)
-            fig.add(ages, again, group, objsubid, row.shared, row)
+            fig.add(ages, again, group, objsubid, row.shared, who)  # type: ignore[arg-type]
             if index is not None and families[index]:
                 fig.keys.update(group)
     tracker.end()
-    return _states(locks, figures, unnamed, tracker, caps, seen_presets, unnamed_max_hold)
+    return _states(locks, figures, unnamed, tracker, caps, seen_presets, unnamed_max_hold, pooled)
 
 
 def _new(figures: list[_Figures | None], index: int) -> _Figures:
@@ -210,6 +251,7 @@ def _states(
     caps: Caps,
     seen_presets: frozenset[tuple[str, str]],
     unnamed_max_hold: float | None,
+    pooled: bool,
 ) -> Assembled:
     states = []
     room = caps.total
@@ -230,13 +272,14 @@ def _states(
              for hold in shown),
             key=lambda h: (h.pid, h.key),
         ))
+        stranded = fig.stranded if pooled else None
         family = lock.family
         states.append(LockState(
             lock.config.name, lock.database, fig.exclusive, fig.shared, round(fig.oldest, 3), fig.waiters,
             round(fig.longest_wait, 3), tracker.acquisitions(lock.key), lock.config.max_hold, info, fig.holds,
             lock.source,
             family.describe() if family is not None else keys.key_label(lock.tag.objsubid, keys.tag_key64(lock.tag)),  # type: ignore[union-attr]
-            len(fig.keys) if family is not None else None,
+            len(fig.keys) if family is not None else None, stranded,
         ))
     unnamed_states = []
     for database in sorted(unnamed):
@@ -249,5 +292,6 @@ def _states(
         ))
         unnamed_states.append(UnnamedLocks(
             database, fig.exclusive + fig.shared, fig.waiters, round(fig.oldest, 3), round(fig.longest_wait, 3), info, unnamed_max_hold,
+            fig.stranded if pooled else None,
         ))
     return Assembled(tuple(states), tuple(unnamed_states), dropped, frozenset(seen))

@@ -34,8 +34,11 @@ DEFAULT_MAX_TRACKED_HOLDS = 100_000
 
 _TOP_FIELDS = (
     "dsn", "password_file", "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info",
-    "max_unnamed_holder_info", "max_tracked_holds", "unnamed_max_hold", "presets", "locks",
+    "max_unnamed_holder_info", "max_tracked_holds", "unnamed_max_hold", "presets", "locks", "poolers",
 )
+_POOLER_FIELDS = ("name", "type", "dsn", "password_file", "addresses", "pool_mode")
+POOLER_TYPES = ("pgbouncer",)
+POOL_MODES = ("session", "transaction", "statement")
 # Caps: field -> default.
 _LIMITS = {
     "max_holder_info_per_lock": DEFAULT_MAX_HOLDER_INFO_PER_LOCK,
@@ -80,6 +83,19 @@ class LockConfig:
 
 
 @dataclass(frozen=True)
+class PoolerConfig:
+    """A connection pooler in front of the server: read through its console (type pgbouncer, dsn),
+    or known only by the addresses its server connections come from (addresses, pool_mode)."""
+
+    name: str
+    type: str | None = None  # "pgbouncer"; None: known by address only
+    dsn: str | None = None  # its admin console
+    password_file: str | None = None
+    addresses: tuple[str, ...] = ()
+    pool_mode: str | None = None  # for a pooler known by address only
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated config file."""
 
@@ -94,6 +110,7 @@ class Config:
     max_unnamed_holder_info: int = DEFAULT_MAX_UNNAMED_HOLDER_INFO
     max_tracked_holds: int = DEFAULT_MAX_TRACKED_HOLDS
     unnamed_max_hold: float | None = None
+    poolers: tuple[PoolerConfig, ...] = ()
 
     @property
     def probed(self) -> tuple[LockConfig, ...]:
@@ -114,6 +131,7 @@ class Config:
             f"{len(self.locks) - families} locks ({form_text or 'none'}), {families} families, "
             f"{len(self.probed)} probed, "
             f"presets: {', '.join(self.presets) or 'none'}, "
+            f"poolers: {', '.join(p.name for p in self.poolers) or 'none'}, "
             f"poll_interval {format_duration(self.poll_interval)}, "
             f"dsn {describe_dsn(self.dsn)}"
         )
@@ -365,6 +383,88 @@ def _check_literal_collisions(locks: list[tuple[int, LockConfig]], errors: list[
             )
 
 
+def _password_file(value: Any, where: str, errors: list[str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        errors.append(f"{where}: expected a file path, got {_show(value)}")
+        return None
+    path = expand_env(value, where, errors)
+    if not os.access(path, os.R_OK):
+        errors.append(f"{where}: cannot read {path!r}")
+    return path
+
+
+def _dsn_field(value: Any, where: str, errors: list[str]) -> str:
+    if not isinstance(value, str):
+        errors.append(f"{where}: expected a connection string, got {_show(value)}")
+        return ""
+    dsn = expand_env(value, where, errors)
+    try:
+        describe_dsn(dsn)
+    except DsnError as exc:
+        errors.append(f"{where}: {exc}")
+    return dsn
+
+
+def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | None:
+    if not isinstance(entry, dict):
+        errors.append(f"{where}: expected a mapping with name and dsn (or addresses), got {_show(entry)}")
+        return None
+    errors.extend(_unknown_fields(entry, _POOLER_FIELDS, where))
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        errors.append(f"{where}.name: expected a non-empty string, got {_show(name)}")
+        name = None
+    kind = entry.get("type")
+    if kind is not None and kind not in POOLER_TYPES:
+        errors.append(f"{where}.type: expected one of {', '.join(POOLER_TYPES)}, got {_show(kind)}")
+        kind = None
+    dsn = _dsn_field(entry["dsn"], f"{where}.dsn", errors) if "dsn" in entry else None
+    password_file = _password_file(entry.get("password_file"), f"{where}.password_file", errors)
+    addresses: tuple[str, ...] = ()
+    if "addresses" in entry:
+        raw = entry["addresses"]
+        if not isinstance(raw, list) or not raw or not all(isinstance(a, str) and a for a in raw):
+            errors.append(f"{where}.addresses: expected a list of IP addresses or host names, got {_show(raw)}")
+        else:
+            addresses = tuple(raw)
+    mode = entry.get("pool_mode")
+    if mode is not None and mode not in POOL_MODES:
+        errors.append(f"{where}.pool_mode: expected one of {', '.join(POOL_MODES)}, got {_show(mode)}")
+        mode = None
+    if kind == "pgbouncer" and dsn is None:
+        errors.append(f"{where}.dsn: required with type pgbouncer: the dsn of its admin console (dbname=pgbouncer)")
+    if "type" not in entry:
+        if dsn is not None:
+            errors.append(f"{where}.type: required with dsn: the console's kind (pgbouncer)")
+        if "addresses" not in entry:
+            errors.append(f"{where}.addresses: required for a pooler without a console (or give type and dsn)")
+        if "pool_mode" not in entry:
+            errors.append(f"{where}.pool_mode: required for a pooler without a console: {', '.join(POOL_MODES)}")
+    if name is None:
+        return None
+    return PoolerConfig(name, kind, dsn, password_file, addresses, mode)
+
+
+def _parse_poolers(value: Any, errors: list[str]) -> tuple[PoolerConfig, ...]:
+    if not isinstance(value, list):
+        errors.append(f"poolers: expected a list, got {_show(value)}")
+        return ()
+    poolers: list[PoolerConfig] = []
+    first: dict[str, int] = {}
+    for index, entry in enumerate(value):
+        pooler = _parse_pooler(entry, f"poolers[{index}]", errors)
+        if pooler is None:
+            continue
+        if pooler.name in first:
+            errors.append(f"poolers[{index}].name: duplicate name {pooler.name!r} (first at poolers[{first[pooler.name]}])")
+            continue
+        first[pooler.name] = index
+        poolers.append(pooler)
+    return tuple(poolers)
+
+
 def _check_family_overlaps(locks: list[tuple[int, LockConfig]], default_database: str, errors: list[str]) -> None:
     """Two families that share a key in one database: which name would it go to?"""
     families = [(index, lock) for index, lock in locks if keys.is_family(lock.key)]
@@ -389,15 +489,7 @@ def parse_config(data: Any, source: str) -> Config:
         raise ConfigError(source, [f"expected a mapping at the top level, got {_show(data)}"])
     errors.extend(_unknown_fields(data, _TOP_FIELDS, ""))
 
-    dsn = data.get("dsn", "")
-    if not isinstance(dsn, str):
-        errors.append(f"dsn: expected a connection string, got {_show(dsn)}")
-        dsn = ""
-    dsn = expand_env(dsn, "dsn", errors)
-    try:
-        describe_dsn(dsn)
-    except DsnError as exc:
-        errors.append(f"dsn: {exc}")
+    dsn = _dsn_field(data.get("dsn", ""), "dsn", errors)
 
     poll_interval = DEFAULT_POLL_INTERVAL
     if "poll_interval" in data:
@@ -413,15 +505,8 @@ def parse_config(data: Any, source: str) -> Config:
     unnamed_max_hold = None
     if "unnamed_max_hold" in data:
         unnamed_max_hold = _duration_field(data["unnamed_max_hold"], "unnamed_max_hold", 0.001, errors)
-    password_file = data.get("password_file")
-    if password_file is not None:
-        if not isinstance(password_file, str) or not password_file:
-            errors.append(f"password_file: expected a file path, got {_show(password_file)}")
-            password_file = None
-        else:
-            password_file = expand_env(password_file, "password_file", errors)
-            if not os.access(password_file, os.R_OK):
-                errors.append(f"password_file: cannot read {password_file!r}")
+    password_file = _password_file(data.get("password_file"), "password_file", errors)
+    poolers = _parse_poolers(data["poolers"], errors) if "poolers" in data else ()
 
     chosen_presets = _parse_presets(data.get("presets", []), errors)
 
@@ -445,7 +530,7 @@ def parse_config(data: Any, source: str) -> Config:
         dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed), probe_interval=probe_interval,
         max_holder_info_per_lock=limits["max_holder_info_per_lock"] or 0, max_holder_info=limits["max_holder_info"] or 0,
         max_unnamed_holder_info=limits["max_unnamed_holder_info"] or 0, max_tracked_holds=limits["max_tracked_holds"] or 0,
-        unnamed_max_hold=unnamed_max_hold, password_file=password_file, presets=chosen_presets,
+        unnamed_max_hold=unnamed_max_hold, password_file=password_file, presets=chosen_presets, poolers=poolers,
     )
 
 

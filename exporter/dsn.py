@@ -107,6 +107,15 @@ def local_timeouts(conn: psycopg.Connection, timeout_seconds: float) -> Iterator
         yield conn
 
 
+def dsn_port(dsn: str) -> int | None:
+    """The port the dsn names (or $PGPORT), None when neither says or it is not one number."""
+    try:
+        port = _parse(dsn).get("port") or os.environ.get("PGPORT") or ""
+    except DsnError:
+        return None
+    return int(port) if str(port).isdigit() else None
+
+
 def database_name(dsn: str) -> str:
     """The database the dsn connects to, by libpq's rule: dbname, $PGDATABASE, the user name."""
     try:

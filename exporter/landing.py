@@ -24,11 +24,18 @@ th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}.muted{col
 
 def _holder_line(h: Holder, with_key: bool) -> str:
     mode = "exclusive" if MODE_EXCLUSIVE in h.modes else "shared"
-    return escape(
+    line = escape(
         f"{'key ' + h.key + ', ' if with_key else ''}{mode}: pid {h.pid} "
         f"{h.application_name or '-'} {h.usename}{'@' + h.client_addr if h.client_addr else ''} "
         f"({h.state or 'state hidden'}), held {age(h.held_seconds, at_least=True)}"
     )
+    if h.stranded:
+        return line + (f' <span class="bad">STRANDED: backend {h.pid} &rarr; pooler {escape(h.pooler)} &rarr; no client. '
+                       "A session-level lock left on a transaction-pool connection: nobody owns it, and whoever "
+                       "borrows that connection next silently &ldquo;has&rdquo; it too.</span>")
+    if h.pooler:
+        return line + f" (backend {h.pid} &rarr; pooler {escape(h.pooler)} &rarr; this client)"
+    return line
 
 
 def _lock_row(lock: LockState, probe: ProbeResult | None) -> str:
@@ -75,6 +82,18 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
         f"<a href=\"/-/ready\">ready</a> &middot; refreshes every {REFRESH_SECONDS}s</p>",
         health,
     ]
+    stranded = [lock for lock in snapshot.locks if lock.pooled_session_holders]
+    stranded_unnamed = [u for u in snapshot.unnamed if u.pooled_session_holders]
+    if snapshot.up and (stranded or stranded_unnamed):
+        names = [f"{lock.name} ({lock.database})" for lock in stranded] + [f"a key nobody named ({u.database})" for u in stranded_unnamed]
+        parts.append(
+            '<p class="bad" id="stranded">Session locks stranded on a transaction pool: '
+            + escape(", ".join(names))
+            + ". Through transaction pooling a session-level advisory lock stays on the server connection after "
+            "the client's transaction and passes to whoever borrows it next: mutual exclusion is gone. Fix: take "
+            "the lock on a direct connection or a session-mode pool, or use the transaction-level lock "
+            "(pg_advisory_xact_lock).</p>"
+        )
     if not snapshot.up:
         parts.append("<p class=\"bad\">The last poll failed: no lock data is shown rather than stale data. "
                      "The exporter's log says why.</p>")

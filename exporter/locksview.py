@@ -13,9 +13,10 @@ from psycopg.rows import namedtuple_row
 
 from . import keys, queries
 from .ages import age
-from .assemble import KeyMatcher
+from .assemble import KeyMatcher, who_holds
 from .config import Config
 from .dsn import local_timeouts
+from .poolers import PoolerReader
 from .poller import connect_poller
 from .resolve import SOURCE_PRESET, resolve_on_server
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED
@@ -44,6 +45,8 @@ class LockRow:
     held_at_least_seconds: float | None  # what pg_stat_activity proves; None when nothing is
     waiting_seconds: float | None
     blocked_by: list[int]
+    pooler: str = ""  # the pooler whose server connection this session is; "" for a direct one
+    stranded: bool = False  # a session lock left on a transaction-pool connection: nobody owns it
 
 
 def read_locks(config: Config) -> list[LockRow]:
@@ -57,6 +60,11 @@ def read_locks(config: Config) -> list[LockRow]:
                            {"probe_app": queries.PROBE_APPLICATION_NAME}).fetchall()
     names = {(r.database, r.tag): r for r in locks if r.tag is not None}
     matcher = KeyMatcher(locks)
+    reader = PoolerReader(config)
+    try:
+        view = reader.read()
+    finally:
+        reader.close()
     result = []
     for row in rows:
         tag = keys.LockTag(row.classid, row.objid, row.objsubid)
@@ -68,9 +76,11 @@ def read_locks(config: Config) -> list[LockRow]:
             lock = locks[index] if index is not None else None
             family = lock.config.key.describe() if lock is not None else ""
         name, source = (lock.config.name, lock.source) if lock is not None else (key, "unnamed")
+        who = who_holds(row, view)
         result.append(LockRow(name, source, row.datname or "", key, family, _MODES.get(row.mode, row.mode), row.granted,
-                              row.pid, row.application_name or "", row.usename or "", row.client_addr or "",
-                              row.state or "", row.held_at_least, row.waiting, list(row.blocked_by or [])))
+                              row.pid, who.application_name, who.usename, who.client_addr, row.state or "",
+                              row.held_at_least, row.waiting, list(row.blocked_by or []), who.pooler,
+                              row.granted and who.stranded))
     return result
 
 
@@ -100,6 +110,11 @@ def format_table(rows: list[LockRow]) -> str:
         state = _STATES.get(r.state, r.state)
         lines.append(f"  {role:<6} {r.pid:>7} {_fit(r.application_name or '-', 18):<18} {_fit(who or '-', 21):<21} "
                      f"{_fit(state or '?', 9):<9} {held:>8}")
+        if r.stranded:
+            lines.append(_fit(f"         STRANDED on pooler {r.pooler}: a session lock left on a pooled connection", WIDTH))
+            lines.append(_fit("         nobody owns it; whoever borrows that connection next also 'has' it", WIDTH))
+        elif r.pooler:
+            lines.append(_fit(f"         via pooler {r.pooler} (the client shown is the one it serves now)", WIDTH))
         if r.blocked_by:
             lines.append(_fit(f"         blocked by pid {', '.join(map(str, r.blocked_by))}", WIDTH))
     held = sum(r.granted for r in rows)

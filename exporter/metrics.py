@@ -83,6 +83,13 @@ def _lock_text(snapshot: Snapshot) -> Iterator[str]:
         ),
     )
     yield from _family(
+        f"{PREFIX}_pooled_session_holders", "gauge",
+        "Holders proven to hold the lock at session level (the backend is idle, outside any transaction) on a "
+        "server connection of a transaction- or statement-mode pool: the lock outlives the client's transaction "
+        "and passes to whoever borrows that connection next.",
+        (("", i, lock.pooled_session_holders) for lock, i in pairs if lock.pooled_session_holders is not None),
+    )
+    yield from _family(
         f"{PREFIX}_keys_held", "gauge", "Key families: how many distinct keys of the family are held now.",
         (("", i, lock.keys_held) for lock, i in pairs if lock.keys_held is not None),
     )
@@ -128,19 +135,37 @@ def _unnamed_text(snapshot: Snapshot) -> Iterator[str]:
         ),
     )
     yield from _family(
+        f"{PREFIX}_unnamed_pooled_session_holders", "gauge",
+        "As pooled_session_holders, for keys nobody named.",
+        (("", i, u.pooled_session_holders) for u, i in pairs if u.pooled_session_holders is not None),
+    )
+    yield from _family(
         f"{PREFIX}_unnamed_max_hold_seconds", "gauge",
         "unnamed_max_hold from the config: the longest any hold of a key nobody named should last.",
         (("", i, u.max_hold) for u, i in pairs if u.max_hold is not None),
     )
 
 
+def _pooler_text(snapshot: Snapshot) -> Iterator[str]:
+    pairs = [(c, labels(pooler=c.pooler, address=c.address)) for c in snapshot.consoles]
+    yield from _family(f"{PREFIX}_pooler_up", "gauge", "1 if the last read of the pooler's console at this address worked.",
+                       (("", i, int(c.up)) for c, i in pairs))
+    yield from _family(f"{PREFIX}_pooler_read_duration_seconds", "gauge",
+                       "How long the last read of the pooler's console at this address took.",
+                       (("", i, c.seconds) for c, i in pairs))
+
+
 def _probe_text(probes: tuple[ProbeResult, ...]) -> Iterator[str]:
     pairs = [(p, labels(lock=p.lock, database=p.database)) for p in probes]
     yield from _family(f"{PREFIX}_probe_acquirable", "gauge", "1 if the last try got the lock.",
-                       (("", i, int(p.acquirable)) for p, i in pairs if p.acquirable is not None))
+                       (("", i, int(p.acquirable)) for p, i in pairs if p.acquirable is not None and p.trusted))
     yield from _family(f"{PREFIX}_probe_ok", "gauge",
                        "1 if the last try matched the configured expectation (any: the try ran).",
-                       (("", i, int(p.ok)) for p, i in pairs))
+                       (("", i, int(p.ok)) for p, i in pairs if p.trusted))
+    yield from _family(f"{PREFIX}_probe_trusted", "gauge",
+                       "0 when the probe's connection goes through a transaction-mode pooler, whose tries cannot "
+                       "be trusted (acquirable and ok are then left out); 1 otherwise.",
+                       (("", i, int(p.trusted)) for p, i in pairs))
     yield from _family(f"{PREFIX}_probe_duration_seconds", "gauge", "Duration of the last try.",
                        (("", i, p.duration) for p, i in pairs))
     yield from _family(f"{PREFIX}_probe_errors_total", "counter", "Tries that failed (timeout, connection).",
@@ -199,6 +224,7 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = (), reload: Rel
     parts: list[str] = []
     if snapshot.up:
         parts.extend(_lock_text(snapshot))
+        parts.extend(_pooler_text(snapshot))
     if probes:
         parts.extend(_probe_text(probes))
     parts.extend(_exporter_text(snapshot, reload))

@@ -21,7 +21,8 @@ from .deadline import OneAtATime, StuckCall
 from .dsn import connect, error_line, local_timeouts, reconnect_delay, server_name
 from .assemble import Caps, KeyMatcher, assemble
 from .resolve import ResolvedLock, find_collisions, resolve_on_server
-from .snapshot import KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
+from .poolers import PoolerReader
+from .snapshot import ConsoleStatus, KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
 from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class ServerInfo:
     """Who and what the poller is connected to (queries.SERVER_INFO, by column name)."""
 
     version_num: int
+    backend_pid: int
+    server_port: int | None
     database: str
     username: str
     is_superuser: bool
@@ -85,6 +88,8 @@ class Poller:
         self._seen_presets: frozenset[tuple[str, str]] = frozenset()
         self._collisions: tuple[KeyCollision, ...] = ()
         self._tracker = HoldTracker(config.max_tracked_holds)
+        self._poolers = PoolerReader(config, clock)
+        self._consoles: tuple[ConsoleStatus, ...] = ()
         self._polls = 0
         self._errors = 0
         self._bucket_counts = [0] * len(DURATION_BUCKETS)
@@ -113,7 +118,7 @@ class Poller:
         self._query = queries.poll_query(info.version_num, self._config.poll_interval)
         self._locks = locks
         self._matcher = KeyMatcher(locks)
-        self._pid = conn.info.backend_pid
+        self._pid = info.backend_pid
         messages, self._collisions = find_collisions(self._locks)
         for message in messages:
             log.warning("key collision: %s", message)
@@ -132,6 +137,7 @@ class Poller:
         return conn
 
     def close(self) -> None:
+        self._poolers.close()
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -162,10 +168,13 @@ class Poller:
 
     def _build(self, rows: list[Any], now: float) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...]]:
         config = self._config
+        # The consoles right after pg_locks, so both describe the same moment as nearly as can be.
+        view = self._poolers.read() if self._poolers.configured else None
+        self._consoles = view.consoles if view is not None else ()
         result = assemble(
             rows, self._locks, self._matcher, self._tracker, now,
             Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
-            self._seen_presets, self._own_pids() | {self._pid}, config.unnamed_max_hold,
+            self._seen_presets, self._own_pids() | {self._pid}, config.unnamed_max_hold, view,
         )
         self._seen_presets = result.seen_presets
         if result.holder_info_dropped:
@@ -214,7 +223,8 @@ class Poller:
         if self._last_error is not None:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
-        return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=stats)
+        return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=stats,
+                        consoles=self._consoles)
 
     def _fail(self, message: str) -> None:
         # One warning per distinct failure, not one per interval.
@@ -240,6 +250,7 @@ class Poller:
             self.close()
             self._config = config
             self._tracker.max_tracked = config.max_tracked_holds
+            self._poolers.reconfigure(config)
 
     def _poll_with_deadline(self) -> Snapshot:
         """poll_once, or up=0 if it does not return within an interval (a hung server)."""

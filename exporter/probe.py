@@ -19,7 +19,7 @@ from psycopg.rows import namedtuple_row
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, database_name, error_line, reconnect_delay
+from .dsn import connect, database_name, dsn_port, error_line, reconnect_delay, server_name
 from .snapshot import ProbeResult
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class Prober:
         # One connection per database with probed locks (None: the dsn's own database).
         self._conns: dict[str | None, psycopg.Connection] = {}
         self._pids: dict[str | None, int] = {}
+        self._pooled: set[str | None] = set()  # connections seen moving between backends
         self._databases: dict[str | None, str] = {}
         self._retry_at: dict[str | None, float] = {}
         self._failures: dict[str | None, int] = {}
@@ -125,8 +126,10 @@ class Prober:
             raise
         self._failures[database] = 0
         self._databases[database] = row.database if row else (database or "")
-        self._pids[database] = conn.info.backend_pid
+        self._pids[database] = row.backend_pid if row else 0
+        self._pooled.discard(database)
         self._conns[database] = conn
+        self._check_port(row)
         return conn
 
     def backend_pids(self) -> frozenset[int]:
@@ -146,15 +149,38 @@ class Prober:
         try:
             conn = self._connection(lock.database)
             started = self._clock()
-            row = conn.execute(sql, params).fetchone()
+            with conn.cursor(row_factory=namedtuple_row) as cur:
+                row = cur.execute(sql, params).fetchone()
         except (psycopg.Error, ProbeUnavailable) as exc:
             conn = self._conns.get(lock.database)
             if conn is not None and (conn.closed or isinstance(exc, psycopg.OperationalError)):
                 self._drop(lock.database)
             return self._record(lock, None, self._clock() - started, error_line(exc, self._config.dsn))
-        return self._record(lock, bool(row and row[0]), self._clock() - started, None)
+        duration = self._clock() - started
+        self._check_backend(lock.database, row.backend_pid if row else 0)
+        return self._record(lock, bool(row and row.got), duration, None, trusted=lock.database not in self._pooled)
 
-    def _record(self, lock: LockConfig, acquirable: bool | None, duration: float, error: str | None) -> ProbeResult:
+    def _check_backend(self, database: str | None, backend_pid: int) -> None:
+        """A connection whose backend changed between tries goes through a transaction pooler."""
+        if database in self._pooled or backend_pid == self._pids.get(database, backend_pid):
+            return
+        self._pooled.add(database)
+        log.warning(
+            "the probe's connection to %s goes through a transaction-mode pooler (its backend changed from pid %s "
+            "to %s between tries): a try on a backend that holds a stranded session lock succeeds, so its results "
+            "are marked untrusted (pg_advisory_lock_probe_trusted 0). Point the dsn at PostgreSQL itself, or at a "
+            "session-mode pool", server_name(self._config.dsn), self._pids.get(database), backend_pid,
+        )
+
+    def _check_port(self, row: Any) -> None:
+        """A server port other than the dsn's: a pooler or a proxy (or NAT) is in between."""
+        expected = dsn_port(self._config.dsn)
+        if row is not None and row.server_port is not None and expected and row.server_port != expected:
+            log.info("the server reports port %s, the dsn says %s: a pooler, proxy or NAT is in between; "
+                     "the probe watches for a transaction-mode pooler", row.server_port, expected)
+
+    def _record(self, lock: LockConfig, acquirable: bool | None, duration: float, error: str | None,
+                trusted: bool = True) -> ProbeResult:
         assert lock.probe is not None
         with self._results_lock:
             if error is not None:
@@ -172,6 +198,7 @@ class Prober:
                 duration=duration,
                 errors=self._errors.get(lock.name, 0),
                 last_run=self._wall_clock(),
+                trusted=trusted,
             )
             self._results[lock.name] = result
             return result

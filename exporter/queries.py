@@ -12,6 +12,8 @@ PROBE_APPLICATION_NAME = "pg-advisory-lock-exporter-probe"
 
 SERVER_INFO = """
 SELECT current_setting('server_version_num')::int AS version_num,
+       pg_backend_pid() AS backend_pid,
+       inet_server_port() AS server_port,
        current_database() AS database,
        current_user AS username,
        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS is_superuser,
@@ -97,17 +99,24 @@ POLL_RESULT_INDEX = 4  # the poll's rows are the fifth result of the transaction
 # gets the lock, the lock is released when the statement ends, and a crash of the exporter
 # can never leave it held. A try never waits: pg_try_* returns at once, and lock_timeout and
 # statement_timeout bound anything else.
-PROBE_TRY_BIGINT = "SELECT pg_try_advisory_xact_lock(%(key)s::int8)"
-PROBE_TRY_INT4_PAIR = "SELECT pg_try_advisory_xact_lock(%(first)s::int4, %(second)s::int4)"
+# Each try also says which backend ran it: through a transaction-mode pooler the backend changes
+# between tries, and a try on a backend holding a stranded session lock would succeed (advisory
+# locks are re-entrant per backend), so such results are not trusted.
+PROBE_TRY_BIGINT = "SELECT pg_try_advisory_xact_lock(%(key)s::int8) AS got, pg_backend_pid() AS backend_pid"
+PROBE_TRY_INT4_PAIR = ("SELECT pg_try_advisory_xact_lock(%(first)s::int4, %(second)s::int4) AS got, "
+                       "pg_backend_pid() AS backend_pid")
 # The server hashes the name itself, exactly as the application's own call does.
-PROBE_TRY_HASHTEXT = "SELECT pg_try_advisory_xact_lock(hashtext(%(text)s)::int8)"
-PROBE_TRY_HASHTEXTEXTENDED = "SELECT pg_try_advisory_xact_lock(hashtextextended(%(text)s, 0))"
+PROBE_TRY_HASHTEXT = "SELECT pg_try_advisory_xact_lock(hashtext(%(text)s)::int8) AS got, pg_backend_pid() AS backend_pid"
+PROBE_TRY_HASHTEXTEXTENDED = ("SELECT pg_try_advisory_xact_lock(hashtextextended(%(text)s, 0)) AS got, "
+                              "pg_backend_pid() AS backend_pid")
 
 # `pg-advisory-lock-exporter locks`: every advisory lock in the cluster now, one row per session
 # and lock. pg_blocking_pids() is costly: it runs only for the rows of waiting sessions.
 _LOCKS_NOW_TEMPLATE = """
 SELECT d.datname, l.classid::int8 AS classid, l.objid::int8 AS objid, l.objsubid::int AS objsubid, l.mode,
        l.granted, l.pid, a.application_name, a.usename::text AS usename, host(a.client_addr) AS client_addr, a.state,
+       a.client_port, extract(epoch FROM a.backend_start)::float8 AS backend_start,
+       a.xact_start IS NULL AND a.state = 'idle' AS outside_transaction,
        CASE WHEN l.granted AND a.state LIKE 'idle%%'
             THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS held_at_least,
        CASE WHEN NOT l.granted

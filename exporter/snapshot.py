@@ -25,6 +25,7 @@ class Holder(NamedTuple):
     held_seconds: float
     key: str = ""  # the decoded key: '4242', or '42,7' for an int4 pair
     pooler: str = ""  # the pooler the session came through; "" for a direct connection
+    stranded: bool = False  # session-level, on a transaction-pool backend outside any transaction
 
 
 class LockState(NamedTuple):
@@ -45,6 +46,9 @@ class LockState(NamedTuple):
     source: str = "config"  # or "preset"
     key: str = ""  # the key ('4242', '42,7') or, for a family, its key set ('(42, *)')
     keys_held: int | None = None  # families only: how many distinct keys are held now
+    # Holds proven session-level (the backend is outside a transaction) on a server connection of
+    # a transaction- or statement-mode pool; None when no pooler is configured.
+    pooled_session_holders: int | None = None
 
     def holders_in(self, mode: str) -> int:
         return self.exclusive if mode == MODE_EXCLUSIVE else self.shared
@@ -65,6 +69,17 @@ class UnnamedLocks:
     wait_seconds: float = 0.0
     info_holders: tuple[Holder, ...] = ()  # the oldest holds, within max_unnamed_holder_info
     max_hold: float | None = None
+    pooled_session_holders: int | None = None  # as LockState's
+
+
+@dataclass(frozen=True)
+class ConsoleStatus:
+    """The last read of one pooler console address."""
+
+    pooler: str
+    address: str
+    up: bool
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,9 @@ class ProbeResult:
     duration: float
     errors: int
     last_run: float  # epoch seconds
+    # False when the probe's connection goes through a transaction-mode pooler: its backend
+    # changes between tries, so a try may land on a backend holding the lock itself and succeed.
+    trusted: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,3 +138,4 @@ class Snapshot:
     unnamed: tuple[UnnamedLocks, ...] = ()
     collisions: tuple[KeyCollision, ...] = ()
     stats: PollStats = field(default_factory=PollStats)
+    consoles: tuple[ConsoleStatus, ...] = ()  # the pooler consoles read with this poll

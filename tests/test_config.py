@@ -142,7 +142,7 @@ def test_families_and_presets_only() -> None:
     ]}, "x")
     assert [lock.key for lock in config.locks[:2]] == [keys.NamespaceFamily(-42), keys.RangeFamily(-(2**63), 2**63 - 1)]
     assert config.unnamed_max_hold == 600.0 and config.max_unnamed_holder_info == 10 and config.max_tracked_holds == 100_000
-    assert config.summary().startswith("1 locks (1 int4 pair), 3 families, 0 probed, presets: rails")
+    assert config.summary().startswith("1 locks (1 int4 pair), 3 families, 0 probed, presets: rails, poolers: none")
     # presets and no locks: a user who wants only the presets writes only that.
     assert parse_config({"presets": "all"}, "x").locks == ()
 
@@ -213,7 +213,7 @@ def test_check_config_ok_prints_summary_without_password(tmp_path: Path) -> None
     """)
     result = run_cli("--check-config", f"--config.file={path}")
     assert result.returncode == 0, result.stderr
-    assert "ok: 3 locks (1 bigint, 1 hashtext, 1 int4 pair), 0 families, 0 probed, presets: none, poll_interval 2s" in result.stdout
+    assert "ok: 3 locks (1 bigint, 1 hashtext, 1 int4 pair), 0 families, 0 probed, presets: none, poolers: none, poll_interval 2s" in result.stdout
     assert "host=db port=5432 dbname=app user=exp" in result.stdout
     assert "hunter2" not in result.stdout + result.stderr
 

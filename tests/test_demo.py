@@ -23,6 +23,8 @@ def test_demo_shows_the_sample_workload_and_cleans_up() -> None:
     assert 'pg_advisory_lock_waiters{lock="shard-7",database="app"} 1' in out
     assert 'state="idle in transaction"' in out and 'application_name="shard-7-worker-a"' in out
     assert 'pg_advisory_lock_unnamed_holders{database="app"} 2' in out
+    # The transaction-pool hazard, flagged (make test installs pgbouncer, so the demo has one).
+    assert 'pg_advisory_lock_pooled_session_holders{lock="schema-migration",database="app"} 1' in out
     assert "demo stopped and cleaned up" in out
     after = subprocess.run(["pgrep", "-c", "-x", "postgres"], capture_output=True, text=True).stdout.strip()
     assert after == before

@@ -70,7 +70,10 @@ ALL_ON = {
                "locks": [{"name": "billing-leader", "key": 4242, "probe": {"expect": "held"}},
                          {"name": "shard-7", "key": [42, 7], "max_hold": "15m"},
                          {"name": "tenants", "key": {"namespace": 42}, "max_hold": "5m"},
-                         {"name": "accounts", "key": {"range": [1000000, 1999999]}}]},
+                         {"name": "accounts", "key": {"range": [1000000, 1999999]}}],
+               "poolers": [{"name": "pgbouncer-main", "type": "pgbouncer",
+                            "dsn": "postgresql://lock_exporter@pgbouncer:6432/pgbouncer"},
+                           {"name": "rds-proxy", "addresses": ["10.1.2.3"], "pool_mode": "transaction"}]},
     "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
     "prometheusRule": {"enabled": True},
     "grafanaDashboard": {"enabled": True, "label": "grafana_dashboard", "labelValue": "1"},
@@ -207,7 +210,7 @@ def test_bad_values_are_rejected_by_the_schema(values: dict, message: str) -> No
 def test_alert_rules_check_clean() -> None:
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests() -> None:
@@ -269,8 +272,10 @@ def test_dashboard_uses_only_metrics_the_exporter_exports(server, sessions, tmp_
     sessions.open().execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(77), pg_advisory_lock(42, 1)")
     locks = [{"name": "leader", "key": 4242, "max_hold": "1m", "probe": {"expect": "held", "interval": "100ms"}},
              {"name": "tenants", "key": {"namespace": 42}, "max_hold": "1h"}]
+    # A pooler known by address only (nothing is there): its series exist all the same.
+    poolers = [{"name": "proxy", "addresses": ["192.0.2.1"], "pool_mode": "transaction"}]
     proc = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "200ms", "locks": locks,
-                                      "unnamed_max_hold": "1h"})
+                                      "unnamed_max_hold": "1h", "poolers": poolers})
     try:
         text = proc.metrics_when(lambda t: ("pg_advisory_lock_probe_ok", (("database", "postgres"), ("lock", "leader"))) in parse(t)
                                  and ("pg_advisory_lock_exporter_up", ()) in parse(t) and parse(t)[("pg_advisory_lock_exporter_up", ())] == 1)

@@ -1,0 +1,267 @@
+"""Behind a real PgBouncer: who really holds a lock, and session locks stranded by transaction pooling."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from exporter.config import parse_config
+from exporter.metrics import render
+from exporter.probe import Prober, connect_probe
+from tests.conftest import wait_until
+from tests.exporter_proc import ExporterProcess
+from tests.metrics_util import parse, series, value
+from tests.pgbouncer import PgBouncer, PgBouncerError
+
+LOCKS = [{"name": "answer", "key": 42}, {"name": "other", "key": 43}, {"name": "tenants", "key": {"namespace": 7}}]
+
+
+@pytest.fixture
+def bouncers(server):
+    cluster = server.require_cluster()
+    started: list[PgBouncer] = []
+
+    def start(**kwargs) -> PgBouncer:
+        try:
+            bouncer = PgBouncer(cluster.port, **kwargs).start()
+        except PgBouncerError as exc:
+            pytest.fail(str(exc))
+        started.append(bouncer)
+        return bouncer
+
+    yield start
+    for bouncer in started:
+        bouncer.stop()
+
+
+def through(bouncer: PgBouncer, app: str, **extra) -> psycopg.Connection:
+    return psycopg.connect(bouncer.dsn(application_name=app, **extra), autocommit=True, prepare_threshold=None)
+
+
+def pooled_config(bouncer: PgBouncer, **extra) -> dict:
+    return {"locks": LOCKS, "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": bouncer.console_dsn()}], **extra}
+
+
+def answer(snap, name: str = "answer") -> dict[str, float | None]:
+    ids = {"lock": name, "database": "postgres"}
+    return {
+        "holders": value(snap, "pg_advisory_lock_holders", **ids, mode="exclusive"),
+        "stranded": value(snap, "pg_advisory_lock_pooled_session_holders", **ids),
+    }
+
+
+def holder_info(snap, name: str = "answer") -> list[dict[str, str]]:
+    return [h for h in series(render(snap).decode(), "pg_advisory_lock_holder_info") if h["lock"] == name]
+
+
+def test_the_transaction_pool_story_step_by_step(bouncers, make_poller) -> None:
+    bouncer = bouncers(pool_mode="transaction", pool_size=2)
+    poller = make_poller(pooled_config(bouncer))
+    a, b, c = through(bouncer, "client-a"), through(bouncer, "client-b"), through(bouncer, "client-c")
+    try:
+        # 1. A takes a session lock and goes on: the lock stays on server backend P.
+        p = a.execute("SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(42)) AS taken").fetchone()[0]
+        snap = poller.poll_once()
+        assert answer(snap) == {"holders": 1, "stranded": 1}
+        assert holder_info(snap) == [{
+            "lock": "answer", "database": "postgres", "key": "42", "pid": str(p), "application_name": "",
+            "usename": "postgres", "client_addr": "", "state": "idle", "source": "config", "pooler": "pgb",
+        }]
+        # 2. B, handed P for its next transaction, "gets" the same lock: mutual exclusion is gone.
+        got, on = b.execute("SELECT pg_try_advisory_lock(42), pg_backend_pid()").fetchone()
+        assert (got, on) == (True, p)
+        assert b.execute("SELECT pg_advisory_unlock(42)").fetchone()[0] is True
+        # 3. While C is inside a transaction on P, C is the one holding it (not flagged: not idle).
+        c.execute("BEGIN")
+        assert c.execute("SELECT pg_backend_pid()").fetchone()[0] == p
+        snap = poller.poll_once()
+        assert answer(snap) == {"holders": 1, "stranded": 0}
+        (info,) = holder_info(snap)
+        assert (info["application_name"], info["client_addr"], info["pooler"]) == ("client-c", "127.0.0.1", "pgb")
+        # 4. A's unlock lands on another backend: a warning and false; the lock stays on P.
+        notices: list[str] = []
+        a.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        released, elsewhere = a.execute("SELECT pg_advisory_unlock(42), pg_backend_pid()").fetchone()
+        assert released is False and elsewhere != p
+        assert any("you don't own a lock of type ExclusiveLock" in n for n in notices), notices
+        c.execute("COMMIT")
+    finally:
+        for conn in (a, b, c):
+            conn.close()
+    # 5. Every client is gone; P still holds the lock until the pooler closes it.
+    snap = poller.poll_once()
+    assert answer(snap) == {"holders": 1, "stranded": 1}
+    assert holder_info(snap)[0]["pid"] == str(p)
+    with psycopg.connect(bouncer.dsn(), autocommit=True, prepare_threshold=None) as cleanup:
+        cleanup.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_the_locks_command_shows_the_chain_and_the_hazard(bouncers, tmp_path) -> None:
+    from tests.test_locksview import run_locks
+
+    bouncer = bouncers(pool_mode="transaction")
+    with through(bouncer, "runner") as client:
+        pid = client.execute("SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(42)) AS taken").fetchone()[0]
+    try:
+        config = {"dsn": bouncer.dsn().replace(f"port={bouncer.port}", f"port={bouncer.server_port}"), **pooled_config(bouncer)}
+        result = run_locks(tmp_path, config)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        at = lines.index("answer  [42]  in postgres")
+        assert lines[at + 1].split()[:2] == ["holds", str(pid)]
+        assert lines[at + 2].strip() == "STRANDED on pooler pgb: a session lock left on a pooled connection"
+        assert all(len(line) <= 80 for line in lines)
+    finally:
+        with psycopg.connect(bouncer.dsn(), autocommit=True, prepare_threshold=None) as cleanup:
+            cleanup.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_a_session_pool_raises_no_hazard_and_names_the_client(bouncers, make_poller) -> None:
+    bouncer = bouncers(pool_mode="session")
+    with through(bouncer, "session-client") as client:
+        pid = client.execute("SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(42)) AS taken").fetchone()[0]
+        snap = make_poller(pooled_config(bouncer)).poll_once()
+        assert answer(snap) == {"holders": 1, "stranded": 0}
+        (info,) = holder_info(snap)
+        assert (info["pid"], info["application_name"], info["client_addr"], info["pooler"]) == (
+            str(pid), "session-client", "127.0.0.1", "pgb")
+
+
+def test_a_pool_with_another_server_user_shows_the_clients_user(bouncers, make_poller, server) -> None:
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        for role in ("app", "pool_user"):
+            admin.execute(f"DROP ROLE IF EXISTS {role}")
+            admin.execute(f"CREATE ROLE {role} LOGIN")
+    bouncer = bouncers(pool_mode="session", force_user="pool_user")
+    with through(bouncer, "as-app", user="app") as client:
+        client.execute("SELECT pg_advisory_lock(43)")
+        (info,) = holder_info(make_poller(pooled_config(bouncer)).poll_once(), "other")
+        assert info["usename"] == "app"  # the server sees pool_user; the console knows the client
+
+
+def test_a_transaction_lock_inside_an_open_transaction_is_not_flagged(bouncers, make_poller) -> None:
+    bouncer = bouncers(pool_mode="transaction")
+    with through(bouncer, "xact-client") as client:
+        client.execute("BEGIN")
+        client.execute("SELECT pg_advisory_xact_lock(7, 1)")
+        snap = make_poller(pooled_config(bouncer)).poll_once()
+        assert answer(snap, "tenants") == {"holders": 1, "stranded": 0}
+        (info,) = holder_info(snap, "tenants")
+        assert (info["application_name"], info["pooler"], info["key"]) == ("xact-client", "pgb", "7,1")
+        client.execute("ROLLBACK")
+
+
+def test_unnamed_stranded_locks_are_counted(bouncers, make_poller) -> None:
+    bouncer = bouncers(pool_mode="transaction")
+    with through(bouncer, "legacy") as client:
+        client.execute("SELECT pg_advisory_lock(999)")
+        snap = make_poller(pooled_config(bouncer)).poll_once()
+        assert value(snap, "pg_advisory_lock_unnamed_pooled_session_holders", database="postgres") == 1
+        (info,) = series(render(snap).decode(), "pg_advisory_lock_unnamed_holder_info")
+        assert (info["key"], info["pooler"], info["client_addr"]) == ("999", "pgb", "")
+        client.execute("SELECT pg_advisory_unlock_all()")
+
+
+@pytest.mark.parametrize("problem", ["down", "wrong password"])
+def test_a_console_that_cannot_be_read_never_fails_the_poll(bouncers, make_poller, sessions, caplog, problem) -> None:
+    bouncer = bouncers(pool_mode="transaction")
+    console = bouncer.console_dsn(password="wrong") if problem == "wrong password" else bouncer.console_dsn()
+    config = {"locks": LOCKS, "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": console}]}
+    sessions.open().execute("SELECT pg_advisory_lock(42)")
+    if problem == "down":
+        bouncer.stop()
+    poller = make_poller(config)
+    with caplog.at_level("WARNING"):
+        first, second = poller.poll_once(), poller.poll_once()
+    for snap in (first, second):
+        assert snap.up
+        assert value(snap, "pg_advisory_lock_holders", lock="answer", database="postgres", mode="exclusive") == 1
+        (status,) = snap.consoles
+        assert status.pooler == "pgb" and status.up is False
+        assert value(snap, "pg_advisory_lock_pooler_up", pooler="pgb", address=status.address) == 0
+    lines = [r.getMessage() for r in caplog.records if "console" in r.getMessage()]
+    assert len(lines) == 1 and "pooler pgb console at 127.0.0.1" in lines[0], lines  # once, not per poll
+    assert "wrong" not in lines[0] or problem == "down"  # never the password
+
+
+def test_a_pooler_known_only_by_address(make_poller, sessions) -> None:
+    holder = sessions.open(application_name="via-proxy")
+    holder.execute("SELECT pg_advisory_lock(42)")
+    config = {"locks": LOCKS, "poolers": [{"name": "proxy", "addresses": ["127.0.0.1"], "pool_mode": "transaction"}]}
+    snap = make_poller(config).poll_once()
+    assert answer(snap) == {"holders": 1, "stranded": 1}
+    (info,) = holder_info(snap)
+    assert (info["pooler"], info["client_addr"], info["application_name"]) == ("proxy", "", "")
+    # Without poolers configured, the series is not there at all.
+    assert answer(make_poller({"locks": LOCKS}).poll_once())["stranded"] is None
+
+
+def test_the_exporters_own_polls_leave_no_setting_on_pooled_backends(bouncers) -> None:
+    bouncer = bouncers(pool_mode="transaction", pool_size=1)
+    from exporter.poller import Poller, connect_poller
+
+    config = parse_config({"dsn": bouncer.dsn(), "poll_interval": "1s", "locks": LOCKS}, "t")
+    poller = Poller(config, connect=connect_poller, publish=lambda s: None)
+    try:
+        for _ in range(5):  # more polls than psycopg's prepare threshold
+            assert poller.poll_once().up
+    finally:
+        poller.close()
+    with through(bouncer, "app") as app:  # the same (only) server connection
+        settings = app.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
+                               "current_setting('enable_sort'), (SELECT count(*) FROM pg_prepared_statements)").fetchone()
+    assert settings == ("0", "0", "on", 0)
+
+
+def test_the_probe_through_a_transaction_pool_is_marked_untrusted(bouncers, caplog) -> None:
+    bouncer = bouncers(pool_mode="transaction", pool_size=2)
+    config = parse_config({"dsn": bouncer.dsn(), "locks": [{"name": "answer", "key": 42, "probe": {"expect": "free"}}]}, "t")
+    prober = Prober(config, connect=connect_probe, publish=lambda r: None)
+    stop = threading.Event()
+
+    def rotate() -> None:  # another client keeps both server connections busy in turn
+        with through(bouncer, "rotator") as conn:
+            while not stop.is_set():
+                with conn.transaction():
+                    conn.execute("SELECT pg_sleep(0.003)")
+
+    rotators = [threading.Thread(target=rotate, daemon=True) for _ in range(2)]
+    for thread in rotators:
+        thread.start()
+    try:
+        with caplog.at_level("WARNING"):
+            result = wait_until(lambda: (r := prober.try_lock(config.locks[0])).trusted is False and r, timeout=30,
+                                interval=0.001)
+    finally:
+        stop.set()
+        for thread in rotators:
+            thread.join(5)
+        prober.close()
+    samples = parse(render(__import__("exporter.snapshot", fromlist=["Snapshot"]).Snapshot(up=False), (result,)).decode())
+    ids = (("database", "postgres"), ("lock", "answer"))
+    assert samples[("pg_advisory_lock_probe_trusted", ids)] == 0
+    assert ("pg_advisory_lock_probe_ok", ids) not in samples and ("pg_advisory_lock_probe_acquirable", ids) not in samples
+    assert any("goes through a transaction-mode pooler" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_the_exporter_behind_a_pooler_end_to_end(bouncers, server, tmp_path) -> None:
+    bouncer = bouncers(pool_mode="transaction")
+    with through(bouncer, "stranding-client") as client:
+        client.execute("SELECT pg_advisory_lock(42)")
+    proc = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "200ms", **pooled_config(bouncer)})
+    try:
+        text = proc.metrics_when(lambda t: parse(t).get(
+            ("pg_advisory_lock_pooled_session_holders", (("database", "postgres"), ("lock", "answer")))) == 1)
+        assert parse(text)[("pg_advisory_lock_pooler_up", (("address", "127.0.0.1"), ("pooler", "pgb")))] == 1
+        status, page = proc.get("/")
+        assert status == 200 and "stranded" in page
+    finally:
+        proc.stop()
+        with psycopg.connect(bouncer.dsn(), autocommit=True, prepare_threshold=None) as cleanup:
+            cleanup.execute("SELECT pg_advisory_unlock_all()")
+    assert "console-secret" not in proc.log()
+    time.sleep(0)
