@@ -43,13 +43,14 @@ class PgBouncer:
     pool_mode: str = "transaction"
     pool_size: int = 2
     force_user: str | None = None  # the server user of every pool, whoever the client is
+    listen_addr: str = "127.0.0.1"
     extra: dict[str, str] = field(default_factory=dict)
     port: int = 0
     root: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     def dsn(self, dbname: str = "postgres", user: str = "postgres", **extra: str) -> str:
-        params = {"host": "127.0.0.1", "port": str(self.port), "dbname": dbname, "user": user, **extra}
+        params = {"host": self.listen_addr, "port": str(self.port), "dbname": dbname, "user": user, **extra}
         return " ".join(f"{k}={v}" for k, v in params.items())
 
     def console_dsn(self, password: str = CONSOLE_PASSWORD) -> str:
@@ -57,7 +58,7 @@ class PgBouncer:
 
     def start(self) -> "PgBouncer":
         self.root = tempfile.mkdtemp(prefix="pgale-bouncer-")
-        self.port = free_port()
+        self.port = self.port or free_port()
         users = os.path.join(self.root, "userlist.txt")
         with open(users, "w") as handle:
             # trust still needs the user listed; the server itself trusts loopback.
@@ -66,9 +67,9 @@ class PgBouncer:
         with open(hba, "w") as handle:
             handle.write(f"host pgbouncer {CONSOLE_USER} 127.0.0.1/32 md5\nhost all all 127.0.0.1/32 trust\n")
         settings = {
-            "listen_addr": "127.0.0.1",
+            "listen_addr": self.listen_addr,
             "listen_port": str(self.port),
-            "unix_socket_dir": "",
+            "unix_socket_dir": self.root,  # its own: two replicas may share a port
             "auth_type": "hba",
             "auth_file": users,
             "auth_hba_file": hba,

@@ -187,6 +187,29 @@ def test_a_console_that_cannot_be_read_never_fails_the_poll(bouncers, make_polle
     assert "wrong" not in lines[0] or problem == "down"  # never the password
 
 
+def test_replicas_behind_one_name_are_each_read(bouncers, make_poller, monkeypatch) -> None:
+    """Two real PgBouncers on one port of two loopback addresses, one name resolving to both (the
+    name's resolution is the only thing made up here, as a headless Service's DNS would give it)."""
+    first = bouncers(pool_mode="transaction")
+    second = bouncers(pool_mode="transaction", listen_addr="127.0.0.2", port=first.port)
+    real = __import__("socket").getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        if host == "pgbouncer-replicas":
+            return [info for address in ("127.0.0.1", "127.0.0.2") for info in real(address, *args, **kwargs)]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr("exporter.poolers.socket.getaddrinfo", resolve)
+    with through(second, "via-replica-2") as client:
+        client.execute("SELECT pg_advisory_lock(42)")
+        console = first.console_dsn().replace("host=127.0.0.1", "host=pgbouncer-replicas")
+        snap = make_poller({"locks": LOCKS, "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": console}]}).poll_once()
+        client.execute("SELECT pg_advisory_unlock_all()")
+    assert {(c.address, c.up) for c in snap.consoles} == {("127.0.0.1", True), ("127.0.0.2", True)}
+    assert answer(snap) == {"holders": 1, "stranded": 1}
+    assert holder_info(snap)[0]["pooler"] == "pgb"
+
+
 def test_a_pooler_known_only_by_address(make_poller, sessions) -> None:
     holder = sessions.open(application_name="via-proxy")
     holder.execute("SELECT pg_advisory_lock(42)")
