@@ -9,6 +9,7 @@ handed, so it can be tested without a server.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -73,6 +74,33 @@ class KeyMatcher:
     def has_families(self, database: str) -> bool:
         return database in self._namespaces or database in self._ranges
 
+    def partition(self, database: str, objsubid: int, row_keys: Sequence[int]) -> dict[int | None, Sequence[int]]:
+        """A row's keys by the lock they belong to: a configured key first, then a family; None:
+        nobody named it. Set operations first, so keys nobody names cost next to nothing."""
+        named = self.named(database, objsubid)
+        with_families = self.has_families(database)
+        hits = named.keys() & row_keys if named else ()
+        if not hits and not with_families:
+            return {None: row_keys}
+        by_lock: dict[int | None, list[int]] = {}
+        for key in hits:
+            for index in named[key]:
+                by_lock.setdefault(index, []).append(key)
+        rest = [key for key in row_keys if key not in hits] if hits else row_keys
+        if not with_families:
+            if rest:
+                by_lock[None] = list(rest)
+            return by_lock
+        family = self.family
+        for key in rest:
+            index = family(database, objsubid, key)
+            group = by_lock.get(index)
+            if group is None:
+                by_lock[index] = [key]
+            else:
+                group.append(key)
+        return by_lock
+
 
 class Who(NamedTuple):
     """Who holds a row's locks: the session, or through a pooler the client it serves now."""
@@ -115,16 +143,16 @@ class _Figures:
     shared: int = 0
     holds: int = 0
     stranded: int = 0  # holds stranded on a transaction-pool backend
-    oldest: float = 0.0
     waiters: int = 0
     longest_wait: float = 0.0
-    # (ages, keys, objsubid, shared, who): the holds of one session in one row, for holder_info
+    # (starts, keys, objsubid, shared, who): the holds of one session in one row, for holder_info
     groups: list[tuple[list[float], Sequence[int], int, bool, Who]] = field(default_factory=list)
+    earliest: float = math.inf  # the earliest start of a hold
     keys: set[int] = field(default_factory=set)
     both: set[tuple[int, int]] = field(default_factory=set)  # (pid, key) held in both modes
 
-    def add(self, ages: list[float], again: set[int], keys: Sequence[int], objsubid: int, shared: bool, who: Who) -> None:
-        """One session's holds of keys (all seen by the tracker) in one mode."""
+    def add(self, starts: list[float], again: set[int], keys: Sequence[int], objsubid: int, shared: bool, who: Who) -> None:
+        """One session's holds of keys (all seen by the tracker, with their starts) in one mode."""
         count = len(keys)
         if shared:
             self.shared += count
@@ -133,33 +161,36 @@ class _Figures:
         if again:
             # The same key in the other mode: counted in both modes, but one hold with two modes.
             self.both.update((who.pid, key) for key in again)
-            kept = [(age, key) for age, key in zip(ages, keys) if key not in again]
-            ages, keys = [age for age, _ in kept], [key for _, key in kept]
+            kept = [(start, key) for start, key in zip(starts, keys) if key not in again]
+            starts, keys = [start for start, _ in kept], [key for _, key in kept]
             count = len(keys)
         if not count:
             return
         self.holds += count
         if who.stranded:
             self.stranded += count
-        oldest = max(ages)
-        if oldest > self.oldest:
-            self.oldest = oldest
-        self.groups.append((ages, keys, objsubid, shared, who))
+        earliest = min(starts)
+        if earliest < self.earliest:
+            self.earliest = earliest
+        self.groups.append((starts, keys, objsubid, shared, who))
 
     def oldest_holds(self, limit: int) -> list[tuple[float, int, int, bool, Who]]:
-        """(age, key, objsubid, shared, who) of the `limit` longest-held holds."""
+        """(start, key, objsubid, shared, who) of the `limit` longest-held holds."""
         if limit <= 0:
             return []
-        every = ((age, key, objsubid, shared, who)
-                 for ages, keys, objsubid, shared, who in self.groups for age, key in zip(ages, keys))
-        return heapq.nlargest(limit, every, key=lambda hold: hold[0])
+        if self.holds <= limit:
+            return [(start, key, objsubid, shared, who)
+                    for starts, keys, objsubid, shared, who in self.groups for start, key in zip(starts, keys)]
+        every = ((start, key, objsubid, shared, who)
+                 for starts, keys, objsubid, shared, who in self.groups for start, key in zip(starts, keys))
+        return heapq.nsmallest(limit, every, key=lambda hold: hold[0])
 
 
-def _holder(hold: tuple[float, int, int, bool, Who], modes: frozenset[str]) -> Holder:
-    held, key, objsubid, _, who = hold
+def _holder(hold: tuple[float, int, int, bool, Who], modes: frozenset[str], now: float) -> Holder:
+    start, key, objsubid, _, who = hold
     return Holder(
         who.pid, who.backend_start, modes, who.application_name, who.usename, who.client_addr, who.state,
-        round(held, 3), keys.key_label(objsubid, key), who.pooler, who.stranded,
+        round(max(now - start, 0.0), 3), keys.key_label(objsubid, key), who.pooler, who.stranded,
     )
 
 
@@ -203,20 +234,7 @@ def assemble(
         if pid in exclude_pids or row.application_name == queries.PROBE_APPLICATION_NAME:
             continue
         database, objsubid = row.datname, row.objsubid
-        # Each key's lock: a configured key first, then a family; None: nobody named it.
-        by_lock: dict[int | None, list[int]] = {}
-        named = matcher.named(database, objsubid)
-        with_families = matcher.has_families(database)
-        for key in row.keys:
-            indices = named.get(key)
-            if indices is None:
-                indices = (matcher.family(database, objsubid, key) if with_families else None,)
-            for index in indices:
-                group = by_lock.get(index)
-                if group is None:
-                    by_lock[index] = [key]
-                else:
-                    group.append(key)
+        by_lock = matcher.partition(database, objsubid, row.keys)
         who = who_holds(row, view) if row.granted else None
         for index, group in by_lock.items():
             if index is None:
@@ -230,12 +248,25 @@ def assemble(
                     fig.longest_wait = wait
                 continue
             slot = (UNNAMED, database) if index is None else slots[index]
-            ages, again = tracker.see(slot, pid, row.backend_start, group, row.idle_seconds or 0.0)
-            fig.add(ages, again, group, objsubid, row.shared, who)  # type: ignore[arg-type]
+            starts, again = tracker.see(slot, pid, row.backend_start, group, row.idle_seconds or 0.0)
+            fig.add(starts, again, group, objsubid, row.shared, who)  # type: ignore[arg-type]
             if index is not None and families[index]:
                 fig.keys.update(group)
     tracker.end()
-    return _states(locks, figures, unnamed, tracker, caps, seen_presets, unnamed_max_hold, pooled)
+    return _states(locks, figures, unnamed, tracker, now, caps, seen_presets, unnamed_max_hold, pooled)
+
+
+def _free_state(lock: ResolvedLock, tracker: HoldTracker, pooled: bool) -> LockState:
+    family = lock.family
+    return LockState(
+        lock.config.name, lock.database, 0, 0, 0.0, 0, 0.0, tracker.acquisitions(lock.key), lock.config.max_hold, (), 0,
+        lock.source, lock.display_key, 0 if family is not None else None, 0 if pooled else None,
+    )
+
+
+def _age(fig: _Figures, now: float) -> float:
+    """The oldest hold's age; 0 when nothing is held."""
+    return round(max(now - fig.earliest, 0.0), 3) if fig.holds else 0.0
 
 
 def _new(figures: list[_Figures | None], index: int) -> _Figures:
@@ -248,6 +279,7 @@ def _states(
     figures: list[_Figures | None],
     unnamed: dict[str, _Figures],
     tracker: HoldTracker,
+    now: float,
     caps: Caps,
     seen_presets: frozenset[tuple[str, str]],
     unnamed_max_hold: float | None,
@@ -259,6 +291,10 @@ def _states(
     seen = set(seen_presets)
     empty = _Figures()
     for lock, fig in zip(locks, figures, strict=True):
+        if fig is None and lock.source != SOURCE_PRESET:
+            # Free: its series are all zero (a lock's state with nothing held, awaited or seen).
+            states.append(_free_state(lock, tracker, pooled))
+            continue
         if lock.source == SOURCE_PRESET:
             if fig is None and lock.key not in seen:
                 continue  # a preset lock nobody has taken: no series until someone does
@@ -268,17 +304,17 @@ def _states(
         room -= len(shown)
         dropped += fig.holds - len(shown)
         info = tuple(sorted(
-            (_holder(hold, BOTH_MODES if (hold[4].pid, hold[1]) in fig.both else ONLY_SHARED if hold[3] else ONLY_EXCLUSIVE)
+            (_holder(hold, BOTH_MODES if (hold[4].pid, hold[1]) in fig.both else ONLY_SHARED if hold[3] else ONLY_EXCLUSIVE, now)
              for hold in shown),
             key=lambda h: (h.pid, h.key),
         ))
         stranded = fig.stranded if pooled else None
         family = lock.family
         states.append(LockState(
-            lock.config.name, lock.database, fig.exclusive, fig.shared, round(fig.oldest, 3), fig.waiters,
+            lock.config.name, lock.database, fig.exclusive, fig.shared, _age(fig, now), fig.waiters,
             round(fig.longest_wait, 3), tracker.acquisitions(lock.key), lock.config.max_hold, info, fig.holds,
             lock.source,
-            family.describe() if family is not None else keys.key_label(lock.tag.objsubid, keys.tag_key64(lock.tag)),  # type: ignore[union-attr]
+            lock.display_key,
             len(fig.keys) if family is not None else None, stranded,
         ))
     unnamed_states = []
@@ -286,12 +322,13 @@ def _states(
         fig = unnamed[database]
         shown = fig.oldest_holds(caps.unnamed_per_database)
         info = tuple(sorted(
-            (_holder(hold, BOTH_MODES if (hold[4].pid, hold[1]) in fig.both else ONLY_SHARED if hold[3] else ONLY_EXCLUSIVE)
+            (_holder(hold, BOTH_MODES if (hold[4].pid, hold[1]) in fig.both else ONLY_SHARED if hold[3] else ONLY_EXCLUSIVE,
+                     now)
              for hold in shown),
             key=lambda h: (h.pid, h.key, MODE_EXCLUSIVE in h.modes),
         ))
         unnamed_states.append(UnnamedLocks(
-            database, fig.exclusive + fig.shared, fig.waiters, round(fig.oldest, 3), round(fig.longest_wait, 3), info, unnamed_max_hold,
+            database, fig.exclusive + fig.shared, fig.waiters, _age(fig, now), round(fig.longest_wait, 3), info, unnamed_max_hold,
             fig.stranded if pooled else None,
         ))
     return Assembled(tuple(states), tuple(unnamed_states), dropped, frozenset(seen))

@@ -4,6 +4,7 @@ resolved them), the configured key families, and the presets' locks."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,9 +37,18 @@ class ResolvedLock:
         """What identifies the lock over time: its name in its database."""
         return (self.config.name, self.database)
 
-    @property
+    @functools.cached_property  # asked for every key of every poll
     def family(self) -> keys.FamilySpec | None:
         return self.config.key if keys.is_family(self.config.key) else None
+
+    @functools.cached_property
+    def display_key(self) -> str:
+        """'4242', '42,7', or a family's key set: '(42, *)'."""
+        family = self.family
+        if family is not None:
+            return family.describe()
+        assert self.tag is not None
+        return keys.key_label(self.tag.objsubid, keys.tag_key64(self.tag))
 
 
 def resolve_string_keys(conn: psycopg.Connection, wanted_keys: Iterable[keys.StringKey]) -> dict[keys.StringKey, keys.LockTag]:

@@ -44,23 +44,31 @@ class HoldTracker:
 
     def see(self, slot: Hashable, pid: int, backend_start: float | None, keys: Sequence[int],
             proven_seconds: float) -> tuple[list[float], set[int]]:
-        """Holds of one session on keys of one lock, seen by this poll: how long each has been held
-        at least, and the keys this poll had already seen (the same key held in the other mode)."""
+        """Holds of one session on keys of one lock, seen by this poll: since when each has been
+        held at least (a monotonic clock reading, in the order of keys), and the keys this poll had
+        already seen (the same key held in the other mode)."""
         session = (slot, pid, backend_start)
         earlier = self._since.get(session, _EMPTY)
         current = self._current.get(session)
+        proven_start = self._now - proven_seconds if proven_seconds > 0 else self._now
+        if current is None and earlier and all(map(earlier.__contains__, keys)):
+            # The steady state: every key was seen before. Done at C speed (map, max, zip): this
+            # path is most of a poll's CPU at 10,000 held locks.
+            starts = list(map(earlier.__getitem__, keys))
+            if proven_start < max(starts):
+                starts = [start if start < proven_start else proven_start for start in starts]
+            self._current[session] = dict(zip(keys, starts))
+            return starts, set()
         if current is None:
             current = self._current[session] = {}
-        now = self._now
-        proven_start = now - proven_seconds if proven_seconds > 0 else now
-        ages: list[float] = []
+        starts = []
         again: set[int] = set()
         new = 0
         for key in keys:
             start = current.get(key)
             if start is not None:
                 again.add(key)
-                ages.append(now - start)
+                starts.append(start)
                 continue
             start = earlier.get(key)
             if start is None:
@@ -75,11 +83,11 @@ class HoldTracker:
                 if proven_start < start:
                     start = proven_start
                 current[key] = start
-            ages.append(now - start)
+            starts.append(start)
         # Holders already there at the first poll were not seen taking the lock.
         if new and not self._first_poll:
             self._acquisitions[slot] = self._acquisitions.get(slot, 0) + new
-        return ages, again
+        return starts, again
 
     def end(self) -> None:
         """Finish the poll: holds not seen in it are forgotten."""

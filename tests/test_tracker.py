@@ -4,9 +4,12 @@ from exporter.tracker import HoldTracker
 
 
 def poll(t: HoldTracker, now: float, holds: list[tuple], proven: float = 0.0) -> list[tuple[list[float], set[int]]]:
-    """holds: (slot, pid, backend_start, [keys]) of one poll."""
+    """holds: (slot, pid, backend_start, [keys]) of one poll -> (ages, keys seen again) of each."""
     t.begin(now)
-    seen = [t.see(slot, pid, bstart, keys, proven) for slot, pid, bstart, keys in holds]
+    seen = []
+    for slot, pid, bstart, keys in holds:
+        starts, again = t.see(slot, pid, bstart, keys, proven)
+        seen.append(([now - start for start in starts], again))
     t.end()
     return seen
 
