@@ -186,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reload_requested = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
 
+    exposition.start()
     server.start()
     log.info(
         "pg-advisory-lock-exporter %s listening on %s%s; %s",
@@ -202,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("received SIGHUP, reloading %s", args.config_file)
             reload()
     server.stop()
+    exposition.stop()
     # A poll or probe stuck on a hung server is not waited for: its threads are daemons,
     # and the process exit closes their sockets.
     poll_thread.join(timeout=0.4)

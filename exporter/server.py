@@ -73,10 +73,18 @@ def make_handler(
             self.wfile.write(b"unauthorized\n")
             return False
 
-        def _send(self, status: int, body: bytes, content_type: str, head: bool = False) -> None:
+        def _wants_gzip(self) -> bool:
+            accepted = self.headers.get("Accept-Encoding", "")
+            return any(part.split(";")[0].strip().lower() == "gzip" and "q=0" not in part.replace(" ", "")
+                       for part in accepted.split(","))
+
+        def _send(self, status: int, body: bytes, content_type: str, head: bool = False, encoding: str | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            if encoding:
+                self.send_header("Content-Encoding", encoding)
+                self.send_header("Vary", "Accept-Encoding")
             if status == 405:
                 self.send_header("Allow", "GET, HEAD")
             self.end_headers()
@@ -88,7 +96,8 @@ def make_handler(
                 return
             path = self.path.split("?", 1)[0]
             if path == telemetry_path:
-                self._send(200, exposition.body(), CONTENT_TYPE, head)
+                gzipped = self._wants_gzip()
+                self._send(200, exposition.body(gzipped), CONTENT_TYPE, head, "gzip" if gzipped else None)
             elif path == "/":
                 page = landing.render(exposition.snapshot, exposition.probes, exposition.reload, telemetry_path)
                 self._send(200, page, "text/html; charset=utf-8", head)
