@@ -15,13 +15,15 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psycopg
 
 from bench.load import Load
-from bench.measure import RESET, cpu_seconds, rss_mb, scrape, server_time
+from bench.coverage import measure_coverage
+from bench.measure import RESET, cpu_seconds, lock_status_scan_ms, rss_mb, scrape, server_time
 from bench.subjects import Floor, Ours, QueryExporter, create_roles
 from tests.pgcluster import Cluster
 
@@ -108,11 +110,15 @@ def pgbench_tps(cluster: Cluster, workdir: Path, seconds: int) -> float:
 
 
 def measure_pgbench(cluster: Cluster, args: argparse.Namespace, workdir: Path) -> dict[str, list[float]]:
-    """TPS with no exporter, with the exporter polling every 1 s and every 5 s, interleaved."""
+    """TPS with no exporter, with the exporter polling every 5 s and every 1 s: short runs in
+    rounds, each round one run of each in a rotating order, so drift hits all three alike and
+    each round gives a paired difference."""
     keys = list(range(1, args.named + 1))
-    tps: dict[str, list[float]] = {"none": [], "1s": [], "5s": []}
-    for _ in range(args.repeats):
-        for label in ("none", "1s", "5s"):
+    labels = ("none", "5s", "1s")
+    tps: dict[str, list[float]] = {label: [] for label in labels}
+    for round_ in range(args.pgbench_rounds):
+        order = labels[round_ % 3:] + labels[:round_ % 3]
+        for label in order:
             exporter = None
             if label != "none":
                 exporter = Ours(workdir).start(cluster.dsn(user=Ours.role), keys, float(label[:-1]))
@@ -123,6 +129,36 @@ def measure_pgbench(cluster: Cluster, args: argparse.Namespace, workdir: Path) -
                 if exporter:
                     exporter.stop()
     return tps
+
+
+def measure_databases(cluster: Cluster, admin: psycopg.Connection, args: argparse.Namespace,
+                      workdir: Path) -> list[dict[str, object]]:
+    """A cluster with many databases, presets: all, nothing held: database time against the floor,
+    and how many series the exposition has."""
+    for n in range(args.databases - 1):
+        admin.execute(f"CREATE DATABASE bench_db_{n}")
+    try:
+        floor = Floor(cluster.dsn(user=Floor.role), args.interval).start()
+        time.sleep(args.warmup)
+        floor_ms, floor_polls, _ = measure_window(admin, floor, max(5.0, args.window / 2), None)
+        floor.stop()
+        ours = Ours(workdir).start(cluster.dsn(user=Ours.role), [], args.interval, presets="all")
+        try:
+            time.sleep(args.warmup)
+            ms, polls, cpu = measure_window(admin, ours, max(5.0, args.window / 2), ours.pid)
+            with urllib.request.urlopen(ours.url, timeout=30) as response:
+                text = response.read().decode()
+            series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+            lock_series = sum(1 for line in text.splitlines() if line.startswith("pg_advisory_lock_")
+                              and not line.startswith("pg_advisory_lock_exporter_"))
+        finally:
+            ours.stop()
+    finally:
+        for n in range(args.databases - 1):
+            admin.execute(f"DROP DATABASE IF EXISTS bench_db_{n}")
+    return [{"subject": "floor", "databases": args.databases, "db_ms_per_poll": floor_ms, "polls": floor_polls},
+            {"subject": "this exporter", "databases": args.databases, "db_ms_per_poll": ms, "polls": polls,
+             "cpu_ms_per_poll": cpu, "series": series, "lock_series": lock_series}]
 
 
 def measure_interference(cluster: Cluster, probes: int) -> float:
@@ -172,7 +208,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--scrapes", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pgbench-seconds", type=int, default=15)
+    parser.add_argument("--pgbench-seconds", type=int, default=10)
+    parser.add_argument("--pgbench-rounds", type=int, default=20)
+    parser.add_argument("--coverage-seconds", type=float, default=90.0)
+    parser.add_argument("--databases", type=int, default=200)
     parser.add_argument("--no-query-exporter", action="store_true")
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
@@ -201,6 +240,8 @@ def main() -> int:
                 print(f"run {r + 1}: {p}", flush=True)
         results["default"] = runs
         if not args.smoke:
+            results["lock_status_scan_ms"] = lock_status_scan_ms(admin)
+            print(f"pg_lock_status() scan: {results['lock_status_scan_ms']:.2f} ms", flush=True)
             results["pgbench"] = measure_pgbench(cluster, args, workdir)
             print(f"pgbench: {results['pgbench']}", flush=True)
             results["interference"] = [measure_interference(cluster, 1000) for _ in range(args.repeats)]
@@ -224,6 +265,10 @@ def main() -> int:
             results["family"] = [asdict(p) for p in measure_point(cluster, admin, 50_000, 0, short, workdir, (42,))]
             load.stop()
             print(f"family: {results['family']}", flush=True)
+            results["databases"] = measure_databases(cluster, admin, args, workdir)
+            print(f"databases: {results['databases']}", flush=True)
+            results["coverage"] = measure_coverage(cluster.dsn(), workdir, args.coverage_seconds)
+            print(f"coverage: {results['coverage']}", flush=True)
         admin.close()
     finally:
         cluster.destroy()

@@ -52,12 +52,47 @@ class Scrapes:
 
 
 def scrape(url: str, count: int) -> Scrapes:
-    """count sequential scrapes; latency percentiles and the size of the last one."""
+    """count sequential scrapes asking for gzip, as Prometheus does; latency percentiles and the
+    bytes on the wire of the last one."""
     latencies, size = [], 0
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
     for _ in range(count):
         started = time.perf_counter()
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             size = len(response.read())
         latencies.append((time.perf_counter() - started) * 1000)
     latencies.sort()
     return Scrapes(statistics.median(latencies), latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))], size)
+
+
+# How long one read of pg_locks holds the lock manager's partition locks: the Function Scan of
+# pg_lock_status() (GetLockStatusData takes all 16 partition locks while it copies the table).
+LOCK_STATUS_SCAN = "EXPLAIN (ANALYZE, FORMAT JSON) SELECT count(*) FROM pg_lock_status() AS l"
+
+
+def lock_status_scan_ms(admin: psycopg.Connection, repeats: int = 5) -> float:
+    """The median time of the pg_lock_status() scan, in ms."""
+    times = []
+    for _ in range(repeats):
+        plan = admin.execute(LOCK_STATUS_SCAN).fetchone()[0][0]["Plan"]
+        node = plan
+        while node.get("Node Type") != "Function Scan":
+            node = node["Plans"][0]
+        times.append(float(node["Actual Total Time"]))
+    return statistics.median(times)
+
+
+# Two-sided 95% t quantiles by degrees of freedom (a confidence interval of a mean of paired runs).
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+        14: 2.14, 16: 2.12, 18: 2.10, 19: 2.09, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00}
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) of the mean's 95% confidence interval."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    df = len(values) - 1
+    t = _T95.get(df) or next((_T95[k] for k in sorted(_T95) if k >= df), 1.96)
+    half = t * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half

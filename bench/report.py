@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 COLORS = {"floor": "tab:gray", "this exporter": "tab:blue", "query-exporter": "tab:orange"}
-BUDGET = {"db_ratio": 1.5, "scrape_p95_ms": 10.0, "rss_mb": 60.0, "tps_loss_5s": 1.0}
+BUDGET = {"db_ratio": 1.2, "scaling_db_ratio": 1.3, "cpu_vs_qe": 0.5, "scrape_p95_ms": 5.0, "tps_loss_5s": 1.0}
 
 
 def _by_subject(run: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -38,14 +38,14 @@ def default_table(results: dict[str, Any]) -> tuple[list[str], dict[str, float]]
         f"| database time per poll (ms) | {_cell(col('floor', 'db_ms_per_poll'))} | {_cell(col('this exporter', 'db_ms_per_poll'))} | "
         f"{_cell(col('query-exporter', 'db_ms_per_poll')) if qe else '-'} | {_cell(ratio_db)} | "
         + (_cell([r['this exporter']['db_ms_per_poll'] / r['query-exporter']['db_ms_per_poll'] for r in runs]) if qe else "-")
-        + " | at most 1.5x the floor |",
+        + " | at most 1.2x the floor, below query-exporter's |",
     ]
     for field, label, budget, key in (
-        ("cpu_ms_per_poll", "exporter CPU per poll (ms)", "below query-exporter's", "cpu"),
+        ("cpu_ms_per_poll", "exporter CPU per poll (ms), rendering included", "at most 0.5x query-exporter's", "cpu"),
         ("scrape_p50_ms", "scrape latency p50 (ms)", "report", "p50"),
-        ("scrape_p95_ms", "scrape latency p95 (ms)", "under 10 ms", "p95"),
-        ("rss_mb", "resident memory (MB)", "under 60 MB and below query-exporter's", "rss"),
-        ("size_bytes", "exposition size (bytes)", "report", "size"),
+        ("scrape_p95_ms", "scrape latency p95 (ms)", "under 5 ms", "p95"),
+        ("rss_mb", "resident memory (MB)", "report", "rss"),
+        ("size_bytes", "bytes on the wire per scrape (gzip asked)", "below query-exporter's", "size"),
     ):
         ours = col("this exporter", field)
         verdict[key] = _med(ours)
@@ -60,19 +60,31 @@ def default_table(results: dict[str, Any]) -> tuple[list[str], dict[str, float]]
 
 
 def pgbench_lines(results: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
+    from bench.measure import mean_ci95
+
     tps = results.get("pgbench")
     if not tps:
         return [], {}
-    base = _med(tps["none"])
-    loss = {k: (1 - _med(tps[k]) / base) * 100 for k in ("1s", "5s")}
     lines = [
-        "| exporter | TPS, median (min-max) | loss vs none |",
+        "| exporter | TPS, median (min-max) | loss vs none, mean of paired rounds (95% CI) |",
         "|---|---|---|",
         f"| none | {_cell(tps['none'], '{:.0f}')} | - |",
-        f"| polling every 1 s | {_cell(tps['1s'], '{:.0f}')} | {loss['1s']:.2f}% |",
-        f"| polling every 5 s | {_cell(tps['5s'], '{:.0f}')} | {loss['5s']:.2f}% |",
     ]
-    return lines, {"tps_loss_1s": loss["1s"], "tps_loss_5s": loss["5s"]}
+    verdict: dict[str, float] = {}
+    for label, text in (("5s", "polling every 5 s"), ("1s", "polling every 1 s")):
+        losses = [(1 - t / base) * 100 for t, base in zip(tps[label], tps["none"])]
+        mean, low, high = mean_ci95(losses)
+        verdict[f"tps_loss_{label}"], verdict[f"tps_loss_{label}_high"] = mean, high
+        lines.append(f"| {text} | {_cell(tps[label], '{:.0f}')} | {mean:+.2f}% ({low:+.2f}% .. {high:+.2f}%) |")
+    scan = results.get("lock_status_scan_ms")
+    if scan is not None:
+        verdict["bound_5s"] = scan / 5000 * 100
+        verdict["bound_1s"] = scan / 1000 * 100
+        lines += ["", f"The bound from first principles: one `pg_lock_status()` scan holds the 16 lock-manager "
+                      f"partition locks for {scan:.2f} ms (median of 5, the load above); a lock-taking workload can "
+                      f"be delayed at most that long per poll: {verdict['bound_5s']:.3f}% of the time at 5 s polls, "
+                      f"{verdict['bound_1s']:.3f}% at 1 s."]
+    return lines, verdict
 
 
 def scaling_lines(results: dict[str, Any]) -> list[str]:
@@ -105,6 +117,33 @@ def family_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"| resident memory (MB) | - | {ours['rss_mb']:.1f} | under 60 MB |")
         lines.append(f"| scrape p95 (ms) | - | {ours['scrape_p95_ms']:.2f} | |")
         lines.append(f"| exposition (bytes) | - | {ours['size_bytes']} | as with 5 keys, but for holder_info |")
+    return lines
+
+
+def databases_lines(results: dict[str, Any]) -> list[str]:
+    rows = results.get("databases") or []
+    if not rows:
+        return ["(not measured in this run)"]
+    by = {p["subject"]: p for p in rows}
+    floor, ours = by["floor"], by["this exporter"]
+    return [
+        "| figure | floor | this exporter | budget |",
+        "|---|---|---|---|",
+        f"| database time per poll (ms) | {floor['db_ms_per_poll']:.2f} | {ours['db_ms_per_poll']:.2f} "
+        f"({ours['db_ms_per_poll'] / floor['db_ms_per_poll']:.2f}x the floor) | within 1.2x the floor |",
+        f"| series in all (lock series) | - | {ours['series']} ({ours['lock_series']}) | under 200 |",
+    ]
+
+
+def coverage_lines(results: dict[str, Any]) -> list[str]:
+    rows = results.get("coverage") or []
+    if not rows:
+        return ["(not measured in this run)"]
+    lines = ["| poll interval | hold | holds seen (fresh key each hold) | acquisitions counted (one session, same key) | a random poll phase predicts |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['interval']:g} s | {r['hold'] * 1000:g} ms | {r['seen_share'] * 100:.0f}% of {r['seen_holds']} "
+                     f"| {r['counted_share'] * 100:.0f}% of {r['counted_holds']} | {r['expected_seen'] * 100:.0f}% |")
     return lines
 
 
@@ -171,8 +210,11 @@ def write_report(results: dict[str, Any], md_path: Path, png_path: Path) -> None
         "",
         "## Cost to the database's own work",
         "",
-        "pgbench, 8 clients, a script of two `pg_advisory_xact_lock` calls per transaction, the load above in place; "
-        "runs interleaved none / 1 s / 5 s.",
+        f"pgbench, 8 clients, a script of two `pg_advisory_xact_lock` calls per transaction, the load above in place; "
+        f"{args.get('pgbench_rounds', '?')} rounds of {args.get('pgbench_seconds', '?')} s runs, each round one run with "
+        "no exporter, one polling every 5 s and one every 1 s, in a rotating order; the loss is each round's "
+        "difference against its own no-exporter run, averaged. The exporter and the server share the machine's "
+        "two cores, as a sidecar shares a node, so the exporter's own CPU is part of this cost.",
         "",
         *pg_lines,
         "",
@@ -196,16 +238,33 @@ def write_report(results: dict[str, Any], md_path: Path, png_path: Path) -> None
         "",
         *family_lines(results),
         "",
+        "## A cluster with many databases",
+        "",
+        f"{results.get('args', {}).get('databases', '200')} databases, `presets: all`, nothing held: preset series "
+        "appear only once a tool takes its lock.",
+        "",
+        *databases_lines(results),
+        "",
+        "## What polling can see",
+        "",
+        "Workers holding a key for a fixed time, then a random gap of 0.5-1.5x that time, against two exporters "
+        "polling every 1 s and every 5 s (bench/coverage.py).",
+        "",
+        *coverage_lines(results),
+        "",
         "## Budget",
         "",
-        f"- database time per poll: {verdict['db_ratio']:.2f}x the floor (budget 1.5x)",
-        f"- scrape p95: {verdict['p95']:.2f} ms (budget 10 ms)",
-        f"- resident memory: {verdict['rss']:.1f} MB (budget 60 MB)"
+        f"- database time per poll: {verdict['db_ratio']:.2f}x the floor (budget 1.2x)",
+        f"- scrape p95: {verdict['p95']:.2f} ms (budget 5 ms)",
+        f"- resident memory: {verdict['rss']:.1f} MB"
         + (f", {verdict['rss_vs_qe']:.2f}x query-exporter's" if "rss_vs_qe" in verdict else ""),
-        f"- CPU per poll: {verdict['cpu']:.2f} ms" + (f", {verdict['cpu_vs_qe']:.2f}x query-exporter's" if "cpu_vs_qe" in verdict else ""),
+        f"- CPU per poll: {verdict['cpu']:.2f} ms" + (f", {verdict['cpu_vs_qe']:.2f}x query-exporter's (budget 0.5x)" if "cpu_vs_qe" in verdict else ""),
+        f"- bytes on the wire: {verdict['size']:.0f}" + (f", {verdict['size_vs_qe']:.2f}x query-exporter's (budget below 1x)" if "size_vs_qe" in verdict else ""),
     ]
     if pg_verdict:
-        text.append(f"- pgbench TPS loss: {pg_verdict['tps_loss_5s']:.2f}% at 5 s (budget 1%), {pg_verdict['tps_loss_1s']:.2f}% at 1 s")
+        text.append(f"- pgbench TPS loss at 5 s polls: {pg_verdict['tps_loss_5s']:+.2f}% (95% CI upper end "
+                    f"{pg_verdict['tps_loss_5s_high']:+.2f}%); bound from first principles "
+                    f"{pg_verdict.get('bound_5s', float('nan')):.3f}% (budget: either under 1%)")
     md_path.write_text("\n".join(text) + "\n")
     plot(results, png_path)
 

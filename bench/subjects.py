@@ -109,9 +109,11 @@ class Ours(Process):
     role = "bench_ours"
     marker = OURS_MARKER
 
-    def start(self, dsn: str, named: list[int], interval: float, namespaces: tuple[int, ...] = ()) -> "Ours":
+    def start(self, dsn: str, named: list[int], interval: float, namespaces: tuple[int, ...] = (),
+              presets: str | None = None) -> "Ours":
         config = {
             "dsn": dsn,
+            **({"presets": presets} if presets else {}),
             "poll_interval": f"{int(interval * 1000)}ms",
             "locks": [{"name": f"key-{k}", "key": k} for k in named]
             + [{"name": f"family-{n}", "key": {"namespace": n}} for n in namespaces],

@@ -242,9 +242,9 @@ class Rendered(NamedTuple):
     gzipped: bytes
 
 
-# gzip level 6 (the zlib default): a 650 KB exposition of 1,000 locks compresses to ~8% in a few ms,
+# gzip level 3: a 630 KB exposition of 1,000 locks compresses to 35 KB in 1.2 ms (level 6: 33 KB in 2.8 ms),
 # once per snapshot, off the scrape path.
-GZIP_LEVEL = 6
+GZIP_LEVEL = 3
 
 
 def process_registry() -> CollectorRegistry:
