@@ -116,6 +116,7 @@ def main() -> int:
         except ClusterError as exc:
             print(f"demo: {exc}\nor run with DEMO_DSN='postgresql://user@host/db' to use your own server", file=sys.stderr)
             return 1
+        print(f"throwaway PostgreSQL on port {cluster.port}, data dir {cluster.datadir}", flush=True)
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DEMO_DB}")
         dsn = cluster.dsn(DEMO_DB)

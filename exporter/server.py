@@ -12,7 +12,7 @@ from typing import Callable
 
 from . import __version__, landing
 from .metrics import CONTENT_TYPE, Exposition
-from .webconfig import WebConfig
+from .webconfig import AuthBusy, WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,17 @@ def make_handler(
                     user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
                 except (ValueError, UnicodeDecodeError):
                     user, password = "", ""
-                if user and web.auth.check(user, password):
-                    return True
+                try:
+                    if user and web.auth.check(user, password):
+                        return True
+                except AuthBusy:
+                    self.send_response(429)
+                    self.send_header("Retry-After", "1")
+                    self.send_header("Content-Type", "text/plain; charset=utf-8")
+                    self.send_header("Content-Length", "18")
+                    self.end_headers()
+                    self.wfile.write(b"too many requests\n")
+                    return False
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="pg-advisory-lock-exporter", charset="UTF-8"')
             self.send_header("Content-Type", "text/plain; charset=utf-8")

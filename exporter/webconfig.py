@@ -38,30 +38,60 @@ TLS_VERSIONS = {
 }
 
 
+class AuthBusy(Exception):
+    """A password check is already running: this request is answered 429, not queued for long."""
+
+
+# How long a request may wait for the one bcrypt check at a time before it is answered 429.
+CHECK_QUEUE_SECONDS = 0.25
+
+
+def bcrypt_cost(hashed: bytes) -> int:
+    """The cost (log2 rounds) a bcrypt hash was made with: $2b$10$... -> 10."""
+    return int(hashed.split(b"$")[2])
+
+
 @dataclass
 class BasicAuth:
     """Checks user:password against bcrypt hashes; a good pair is remembered (as a digest), so
-    bcrypt's deliberate slowness is paid once per client, not once per scrape."""
+    bcrypt's deliberate slowness is paid once per client, not once per scrape.
+
+    An unknown user's password is checked against a dummy hash of the highest cost among the
+    configured ones, so the time of a refusal does not tell users apart. Beyond the remembered
+    pairs, one bcrypt check runs at a time: a flood of bad logins costs at most one core of bcrypt,
+    and the requests that cannot get a turn soon are answered 429, so polls and authorised scrapes
+    keep their pace on a sidecar that shares the database's node.
+    """
 
     users: dict[str, bytes]
     _good: set[bytes] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _one_check: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
+    dummy_hash: bytes = b""
+    bcrypt_checks: int = 0  # how many bcrypt checks ran (the remembered pairs need none)
+
+    def __post_init__(self) -> None:
+        cost = max((bcrypt_cost(hashed) for hashed in self.users.values()), default=10)
+        self.dummy_hash = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=cost))
 
     def check(self, user: str, password: str) -> bool:
+        """Whether user:password is good; AuthBusy when no bcrypt turn came within CHECK_QUEUE_SECONDS."""
         digest = hashlib.sha256(f"{user}\0{password}".encode()).digest()
         with self._lock:
             if digest in self._good:
                 return True
         hashed = self.users.get(user)
-        # Compare against a hash even for an unknown user, so timing does not tell users apart.
-        ok = bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
+        if not self._one_check.acquire(timeout=CHECK_QUEUE_SECONDS):
+            raise AuthBusy("a password check is already running")
+        try:
+            self.bcrypt_checks += 1
+            ok = bcrypt.checkpw(password.encode(), hashed or self.dummy_hash) and hashed is not None
+        finally:
+            self._one_check.release()
         if ok:
             with self._lock:
                 self._good.add(digest)
         return ok
-
-
-_DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=4))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,23 @@ from exporter.snapshot import Snapshot
 from tests.pgcluster import Cluster, ClusterError
 
 OTHER_DB = "other_db"
+# CI (which runs .ci/run with CI=true) must prove everything: a test skipped there fails instead.
+UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if UNDER_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where everything must run: {report.longrepr}"
+
+
+def needs_own_clusters() -> None:
+    """Tests that start, stop or restart clusters of their own: skipped with PG_TEST_DSN."""
+    if os.environ.get("PG_TEST_DSN"):
+        pytest.skip("starts clusters of its own (PG_TEST_DSN is set)")
 
 
 @dataclass
@@ -52,6 +69,7 @@ def _warm(dsn: str) -> None:
         except psycopg.OperationalError:
             if time.monotonic() > deadline:
                 raise
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

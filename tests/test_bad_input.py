@@ -119,3 +119,22 @@ def test_holder_info_is_capped_and_the_drop_counted(make_poller, sessions) -> No
     assert samples[("pg_advisory_lock_exporter_holder_info_dropped_total", ())] == 6
     text = render(poller.poll_once()).decode()
     assert parse(text)[("pg_advisory_lock_exporter_holder_info_dropped_total", ())] == 12
+
+
+def test_the_caps_keep_the_longest_held_holders(make_poller, sessions) -> None:
+    now = [100.0]
+    poller = make_poller({"max_holder_info_per_lock": 2, "locks": [{"name": "one", "key": 1}]}, clock=lambda: now[0])
+    oldest = sessions.open(application_name="oldest")
+    oldest.execute("SELECT pg_advisory_lock_shared(1), pg_sleep(0)")  # active at the call: seen from the first poll
+    poller.poll_once()
+    now[0] += 50.0
+    middle = sessions.open(application_name="middle")
+    middle.execute("SELECT pg_advisory_lock_shared(1), pg_sleep(0)")
+    poller.poll_once()
+    now[0] += 50.0
+    newest = sessions.open(application_name="newest")
+    newest.execute("SELECT pg_advisory_lock_shared(1), pg_sleep(0)")
+    text = render(poller.poll_once()).decode()
+    shown = {i["application_name"] for i in series(text, "pg_advisory_lock_holder_info")}
+    assert shown == {"oldest", "middle"}
+    assert parse(text)[("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "one"), ("mode", "shared")))] == 3

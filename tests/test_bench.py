@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_own_clusters
+
 
 @pytest.mark.slow
 def test_bench_smoke(tmp_path: Path) -> None:
+    needs_own_clusters()
     result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

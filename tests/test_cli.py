@@ -30,8 +30,11 @@ LOCKS = [{"name": "billing-leader", "key": 4242}, {"name": "hourly-digest", "key
 def test_end_to_end_scrape_shows_holder_and_stops_on_sigterm(exporter, sessions, server) -> None:
     holder = sessions.open(application_name="billing-worker")
     holder.execute("SELECT pg_advisory_lock(4242)")
-    proc = exporter({"dsn": server.dsn(password="hunter2"), "locks": LOCKS})
-    text = proc.metrics_when(lambda t: up(t) == 1)
+    # Probes on, trying every 10 ms: the exporter's own sessions take locks, and must be in no figure.
+    locks = [{**LOCKS[0], "probe": {"expect": "held", "interval": "10ms"}},
+             {**LOCKS[1], "probe": {"expect": "free", "interval": "10ms"}}, {"name": "spare", "key": 77, "probe": {"interval": "100ms"}}]
+    proc = exporter({"dsn": server.dsn(password="hunter2"), "locks": locks})
+    text = proc.metrics_when(lambda t: up(t) == 1 and ("pg_advisory_lock_probe_ok", (("database", "postgres"), ("lock", "spare"))) in parse(t))
     samples = parse(text)
     assert samples[("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "billing-leader"), ("mode", "exclusive")))] == 1
     assert samples[("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "hourly-digest"), ("mode", "exclusive")))] == 0
@@ -39,11 +42,14 @@ def test_end_to_end_scrape_shows_holder_and_stops_on_sigterm(exporter, sessions,
     assert [(h["lock"], h["application_name"], h["pid"]) for h in holders] == [
         ("billing-leader", "billing-worker", str(holder.info.backend_pid))
     ]
-    # The exporter's own session is in no figure.
-    assert ("pg_advisory_lock_unnamed_holders", (("database", "postgres"),)) not in samples
-    started = time.monotonic()
+    # The exporter's own sessions (the probe's try-locks included) are in no figure, scrape after scrape.
+    for _ in range(30):
+        samples = parse(proc.get()[1])
+        assert ("pg_advisory_lock_unnamed_holders", (("database", "postgres"),)) not in samples
+        assert samples[("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "spare"), ("mode", "exclusive")))] == 0
+        assert samples[("pg_advisory_lock_acquisitions_total", (("database", "postgres"), ("lock", "hourly-digest")))] == 0
+        time.sleep(0.02)
     assert proc.stop() == 0
-    assert time.monotonic() - started < 1.0
     log = proc.log()
     assert "hunter2" not in log and "hunter2" not in text
     assert "listening on 127.0.0.1:" in log and "stopped" in log
@@ -90,7 +96,9 @@ def test_http_routes(exporter) -> None:
     proc = exporter({"locks": LOCKS}, "--web.telemetry-path=/custom")
     proc.wait_ready()
     status, body = proc.get("/custom")
-    assert status == 200 and "pg_advisory_lock_exporter_build_info" in body
+    from exporter import __version__
+
+    assert status == 200 and series(body, "pg_advisory_lock_exporter_build_info") == [{"version": __version__}]
     assert proc.get("/metrics")[0] == 404
     assert proc.get("/-/healthy") == (200, "OK\n")
     status, body = proc.get("/")

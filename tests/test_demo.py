@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import needs_own_clusters
+
 from tests.pgcluster import free_port
+
+
+def demo_clusters() -> set[str]:
+    """Data folders of running demo clusters (their folders are pgale-*; the demo prints its own)."""
+    out = subprocess.run(["pgrep", "-a", "-x", "postgres"], capture_output=True, text=True).stdout
+    return {part for line in out.splitlines() for part in line.split() if "/pgale-" in part and part.endswith("/data")}
 
 
 @pytest.mark.slow
 def test_demo_shows_the_sample_workload_and_cleans_up() -> None:
-    before = subprocess.run(["pgrep", "-c", "-x", "postgres"], capture_output=True, text=True).stdout.strip()
+    needs_own_clusters()
     result = subprocess.run(
         [sys.executable, "-m", "demo", "--seconds", "1", "--port", str(free_port())],
         capture_output=True, text=True, timeout=120,
@@ -26,5 +35,7 @@ def test_demo_shows_the_sample_workload_and_cleans_up() -> None:
     # The transaction-pool hazard, flagged (make test installs pgbouncer, so the demo has one).
     assert 'pg_advisory_lock_pooled_session_holders{lock="schema-migration",database="app"} 1' in out
     assert "demo stopped and cleaned up" in out
-    after = subprocess.run(["pgrep", "-c", "-x", "postgres"], capture_output=True, text=True).stdout.strip()
-    assert after == before
+    # The demo's own cluster (the data folder it printed) is stopped and gone; other clusters are not its business.
+    data_dir = next(line.split("data dir ", 1)[1].strip() for line in out.splitlines() if "data dir " in line)
+    assert data_dir not in demo_clusters()
+    assert not os.path.exists(data_dir)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -77,11 +79,19 @@ def test_watch_refreshes(tmp_path, server, sessions) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"dsn": server.dsn(), "locks": [{"name": "leader", "key": 4242}]}))
     proc = subprocess.Popen([sys.executable, "-m", "exporter", "locks", "--watch", "0.2", f"--config.file={path}"],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE)
     try:
+        # Every read has a deadline and stops at end of file: a crash fails the test, never hangs it.
         frames = ""
-        while frames.count("\033[H\033[2J") < 3:
-            frames += proc.stdout.readline()
+        deadline = time.monotonic() + 30
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while frames.count("\033[H\033[2J") < 3:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0 and selector.select(remaining), f"no third frame in 30 s: {frames!r}"
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, f"the locks command ended: {proc.wait(10)}, {frames!r}"
+                frames += chunk.decode()
     finally:
         proc.send_signal(subprocess.signal.SIGINT)
         assert proc.wait(10) == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import binascii
-
 import pytest
 
 from exporter import presets
@@ -12,23 +10,28 @@ from tests.conftest import OTHER_DB
 from tests.metrics_util import series, value
 
 
-def crc32(text: str) -> int:
-    return binascii.crc32(text.encode())
+# Keys of the database-dependent tools, pinned as literals computed outside this codebase: with
+# OpenJDK 17's java.util.zip.CRC32 and each tool's formula as its source writes it (Rails
+# MIGRATOR_SALT * Zlib.crc32(db); golang-migrate uint32(crc32(schema\0table\0db) * salt) and its
+# older / Grafana's form over the database alone; sqlx 0x3d32ad9e * crc32(db) as i64), so a wrong
+# formula or CRC in exporter/presets.py cannot pass by being written again here.
+PINNED = {
+    "postgres": {"rails": 737815420147457505, "golang-migrate": 143310882, "grafana": 3057848503,
+                 "sqlx": 368907709894077238},
+    OTHER_DB: {"rails": 6795571841085100605, "golang-migrate": 4061107334, "grafana": 3459305211,
+               "sqlx": 3397785918887888798},
+}
 
 
 def take_as_the_tool(database: str) -> dict[str, tuple[str, bool]]:
     """preset lock name -> (the tool's own SQL with its key, whether it is transaction-level)."""
+    pinned = PINNED.get(database, PINNED["postgres"])
     return {
         # ActiveRecord::Migrator: pg_try_advisory_lock(MIGRATOR_SALT * Zlib.crc32(current_database))
-        "rails:migrations": (f"SELECT pg_try_advisory_lock({2053462845 * crc32(database)})", False),
-        # golang-migrate postgres driver: pg_advisory_lock($1), $1 = uint32(crc32(schema\0table\0db) * salt)
-        "golang-migrate:migrations": (
-            f"SELECT pg_advisory_lock({(crc32(chr(0).join(['public', 'schema_migrations', database])) * 1486364155) & 0xFFFFFFFF})",
-            False,
-        ),
-        "grafana|golang-migrate-v4.14:migrations": (
-            f"SELECT pg_try_advisory_lock({(crc32(database) * 1486364155) & 0xFFFFFFFF})", False,
-        ),
+        "rails:migrations": (f"SELECT pg_try_advisory_lock({pinned['rails']})", False),
+        # golang-migrate postgres driver: pg_advisory_lock($1)
+        "golang-migrate:migrations": (f"SELECT pg_advisory_lock({pinned['golang-migrate']})", False),
+        "grafana|golang-migrate-v4.14:migrations": (f"SELECT pg_try_advisory_lock({pinned['grafana']})", False),
         # Flyway: 0x466C79776179 + '"public"."flyway_schema_history"'.hashCode(); the hash is
         # 2125624436, as OpenJDK 17 computes it (java.lang.String.hashCode).
         "flyway:migrations": ("SELECT pg_try_advisory_xact_lock(77431708279161 + 2125624436)", True),
@@ -36,8 +39,8 @@ def take_as_the_tool(database: str) -> dict[str, tuple[str, bool]]:
         "node-pg-migrate:migrations": ("SELECT pg_try_advisory_lock(7241865325823964)", False),
         "goose:migrations": ("SELECT pg_try_advisory_lock(4097083626)", False),
         "goose:migrations-crc64": ("SELECT pg_try_advisory_lock(5887940537704921958)", False),
-        # sqlx: 0x3d32ad9e * crc32(current_database()) as i64
-        "sqlx:migrations": (f"SELECT pg_advisory_lock({0x3D32AD9E * crc32(database)})", False),
+        # sqlx Migrator::run: pg_advisory_lock($1)
+        "sqlx:migrations": (f"SELECT pg_advisory_lock({pinned['sqlx']})", False),
         "sqitch:deploy": ("SELECT pg_try_advisory_lock(75474063)", False),
         "atlas:migrate-execute": ("SELECT pg_try_advisory_lock(2686470616)", False),
         "pgroll:migrations": ("SELECT pg_advisory_xact_lock(12388221127840347)", True),

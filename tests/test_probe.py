@@ -92,9 +92,10 @@ def test_probe_never_queues_behind_a_holder(make_prober, sessions, server) -> No
     holder.execute("SELECT pg_advisory_lock(4242)")
     prober = make_prober({"locks": LOCKS})
     lock = lock_config("leader")
-    durations = [prober.try_lock(lock).duration for _ in range(50)]
+    results = [prober.try_lock(lock) for _ in range(50)]
     # Returned, false, every time: it never waited for the holder (the bench has the timings).
-    assert max(durations) < 1.0
+    assert [r.acquirable for r in results] == [False] * 50
+    assert max(r.duration for r in results) < 10.0
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         waiting = conn.execute(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
@@ -209,5 +210,7 @@ def test_probe_interference_stays_small_and_the_worker_never_waits(make_prober, 
     lost_per_thousand = counts["lost"] * 1000 / probes
     print(f"worker tries {counts['tries']}, lost to the probe {counts['lost']} ({lost_per_thousand:.1f} per 1000 probes)")
     assert counts["tries"] > 100, counts
-    assert counts["slowest"] < 1.0, counts  # a try-lock returns at once: it never waited
-    assert lost_per_thousand < 100, counts
+    assert counts["slowest"] < 10.0, counts  # a try-lock returns at once: it never waited
+    # The README's claim: fewer than 30 lost worker tries per 1,000 back-to-back probes (the
+    # benchmark gives the measured figures).
+    assert lost_per_thousand < 30, counts

@@ -10,7 +10,7 @@ import pytest
 
 from exporter.config import parse_config
 from exporter.poller import Poller, connect_poller
-from tests.conftest import wait_until
+from tests.conftest import needs_own_clusters, wait_until
 from tests.metrics_util import series, value
 from exporter.metrics import render
 from tests.pgcluster import Cluster
@@ -35,6 +35,7 @@ TAKE = (
 
 @pytest.fixture(scope="module", params=sorted(VERSIONS), ids=lambda m: f"pg{m}")
 def versioned(request):
+    needs_own_clusters()
     try:
         bindir, libdir = binaries(request.param)
     except FetchError as exc:
