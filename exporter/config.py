@@ -213,7 +213,7 @@ def expand_env(text: str, where: str, errors: list[str]) -> str:
     return _ENV_REF.sub(sub, text)
 
 
-def _unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
+def unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
     return [
         f"{where}{'.' if where else ''}{field}: unknown field (allowed: {', '.join(allowed)})"
         for field in sorted(map(str, data))
@@ -285,7 +285,7 @@ def _parse_lock(entry: Any, default_interval: float, where: str, errors: list[st
     if not isinstance(entry, dict):
         errors.append(f"{where}: expected a mapping with name and key, got {_show(entry)}")
         return None
-    errors.extend(_unknown_fields(entry, _LOCK_FIELDS, where))
+    errors.extend(unknown_fields(entry, _LOCK_FIELDS, where))
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
         errors.append(f"{where}.name: expected a non-empty string, got {_show(name)}")
@@ -327,7 +327,7 @@ def _parse_probe(value: Any, default_interval: float, where: str, errors: list[s
     if not isinstance(value, dict):
         errors.append(f"{where}: expected a mapping such as {{expect: held}}, got {_show(value)}")
         return None
-    errors.extend(_unknown_fields(value, _PROBE_FIELDS, where))
+    errors.extend(unknown_fields(value, _PROBE_FIELDS, where))
     expect = value.get("expect", EXPECT_ANY)
     if expect not in _EXPECTATIONS:
         errors.append(f"{where}.expect: expected one of {', '.join(_EXPECTATIONS)}, got {_show(expect)}")
@@ -411,7 +411,7 @@ def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | N
     if not isinstance(entry, dict):
         errors.append(f"{where}: expected a mapping with name and dsn (or addresses), got {_show(entry)}")
         return None
-    errors.extend(_unknown_fields(entry, _POOLER_FIELDS, where))
+    errors.extend(unknown_fields(entry, _POOLER_FIELDS, where))
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
         errors.append(f"{where}.name: expected a non-empty string, got {_show(name)}")
@@ -487,7 +487,7 @@ def parse_config(data: Any, source: str) -> Config:
         raise ConfigError(source, ["the file is empty: it needs at least dsn and locks"])
     if not isinstance(data, dict):
         raise ConfigError(source, [f"expected a mapping at the top level, got {_show(data)}"])
-    errors.extend(_unknown_fields(data, _TOP_FIELDS, ""))
+    errors.extend(unknown_fields(data, _TOP_FIELDS, ""))
 
     dsn = _dsn_field(data.get("dsn", ""), "dsn", errors)
 

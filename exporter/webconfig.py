@@ -21,7 +21,7 @@ from typing import Any
 
 import bcrypt
 
-from .config import ConfigError, load_yaml_text
+from .config import ConfigError, load_yaml_text, unknown_fields
 
 _TOP_FIELDS = ("tls_server_config", "basic_auth_users", "http_server_config")
 _TLS_FIELDS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version")
@@ -100,15 +100,11 @@ class WebConfig:
     auth: BasicAuth | None = None
 
 
-def _unknown(data: dict[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
-    return [f"{where}{f}: unknown field (allowed: {', '.join(allowed)})" for f in sorted(map(str, data)) if f not in allowed]
-
-
 def _tls(data: Any, base: str, errors: list[str]) -> ssl.SSLContext | None:
     if not isinstance(data, dict):
         errors.append("tls_server_config: expected a mapping")
         return None
-    errors.extend(_unknown(data, _TLS_FIELDS, "tls_server_config."))
+    errors.extend(unknown_fields(data, _TLS_FIELDS, "tls_server_config"))
     paths = {}
     for name in ("cert_file", "key_file", "client_ca_file"):
         value = data.get(name)
@@ -179,7 +175,7 @@ def load_web_config(path: str) -> WebConfig:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(path, ["expected a mapping at the top level"])
-    errors = _unknown(data, _TOP_FIELDS, "")
+    errors = unknown_fields(data, _TOP_FIELDS, "")
     base = os.path.dirname(os.path.abspath(path))
     tls = _tls(data["tls_server_config"], base, errors) if "tls_server_config" in data else None
     auth = _users(data["basic_auth_users"], errors) if "basic_auth_users" in data else None

@@ -253,3 +253,21 @@ def test_a_database_that_does_not_exist_matches_nothing(make_poller, sessions) -
     assert snap.up
     assert value(snap, "pg_advisory_lock_holders", lock="ghost", database="no_such_db", mode="exclusive") == 0
     assert value(snap, "pg_advisory_lock_unnamed_holders", database="postgres") == 1
+
+
+def test_a_reload_carries_hold_tracking_and_counters_over_by_name(make_poller, sessions) -> None:
+    from exporter.config import parse_config
+
+    now = [100.0]
+    poller = make_poller({"locks": LOCKS}, clock=lambda: now[0])
+    poller.poll_once()
+    sessions.open().execute("SELECT pg_advisory_lock(4242), pg_sleep(0)")
+    assert value(poller.poll_once(), "pg_advisory_lock_acquisitions_total", **lock_ids("leader")) == 1
+    now[0] += 30.0
+    reloaded = parse_config({"dsn": poller._config.dsn, "locks": [*LOCKS, {"name": "new", "key": 5}]}, "t")  # noqa: SLF001
+    poller.reconfigure(reloaded)
+    poller._apply_pending_config()  # noqa: SLF001 - what the poll loop does between polls
+    snap = poller.poll_once()  # a new connection, the same tracking
+    assert value(snap, "pg_advisory_lock_acquisitions_total", **lock_ids("leader")) == 1
+    assert 30.0 <= value(snap, "pg_advisory_lock_held_seconds", **lock_ids("leader")) < 31.0
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("new"), mode="exclusive") == 0

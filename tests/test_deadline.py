@@ -1,0 +1,38 @@
+"""Calls that may hang: the caller stops waiting at a deadline, and no second call starts meanwhile."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from exporter.deadline import OneAtATime, StuckCall
+from exporter.dsn import BACKOFF_FIRST, reconnect_delay
+
+
+def test_a_call_that_returns_in_time_gives_its_value_or_its_error() -> None:
+    worker = OneAtATime("poll")
+    assert worker.call(lambda: 42, timeout=5) == 42
+    with pytest.raises(ZeroDivisionError):
+        worker.call(lambda: 1 / 0, timeout=5)
+    assert not worker.busy
+
+
+def test_a_stuck_call_is_not_waited_for_and_blocks_the_next_until_it_returns() -> None:
+    worker = OneAtATime("poll")
+    release = threading.Event()
+    with pytest.raises(StuckCall, match="poll did not return within"):
+        worker.call(release.wait, timeout=0.05)
+    assert worker.busy
+    with pytest.raises(StuckCall, match="the previous poll has not returned yet"):
+        worker.call(lambda: 1, timeout=5)  # never a second call (connection) behind a hung one
+    release.set()
+    worker._thread.join(5)  # noqa: SLF001 - the stuck call ends once the server answers
+    assert worker.call(lambda: 2, timeout=5) == 2
+
+
+def test_the_reconnect_backoff_doubles_with_jitter_and_is_capped() -> None:
+    for failures in range(1, 40):
+        delay = reconnect_delay(failures, cap=1.0)
+        expected = min(1.0, BACKOFF_FIRST * 2 ** (failures - 1))
+        assert expected * 0.5 <= delay <= expected
