@@ -12,13 +12,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian's prometheus (promtool, prometheus), chromium and pgbouncer, for the alert-rule,
-# end-to-end, landing-page and pooler tests: installed when missing and run as root on Debian/Ubuntu.
+# Debian's prometheus (promtool, prometheus), chromium, pgbouncer, buildah and mmdebstrap, for the
+# alert-rule, end-to-end, landing-page, pooler and image tests: installed when missing, as root on Debian/Ubuntu.
 tools:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	{ command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer; } || missing="$$missing pgbouncer"; \
+	command -v buildah >/dev/null 2>&1 || missing="$$missing buildah"; \
+	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian packages:$$missing"; \

@@ -225,6 +225,12 @@ def write_report(results: dict[str, Any], md_path: Path, png_path: Path) -> None
         + (", ".join(f"{v:.1f}" for v in interference) + f" (median {_med(interference):.1f})" if interference else "-")
         + ".",
         "",
+        "## Basic auth",
+        "",
+        ("A refused login (bcrypt cost 10), median of 15: a known user with a wrong password "
+         f"{results['auth']['known_ms']:.1f} ms, an unknown user {results['auth']['unknown_ms']:.1f} ms: "
+         "the time does not tell users apart." if results.get("auth") else "(not measured in this run)"),
+        "",
         "## Scaling",
         "",
         "![cost as the load grows](../docs/bench.png)",

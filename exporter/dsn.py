@@ -124,8 +124,16 @@ def database_name(dsn: str) -> str:
         params = {}
     return (
         params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user")
-        or os.environ.get("PGUSER") or getpass.getuser()
+        or os.environ.get("PGUSER") or _login_name()
     )
+
+
+def _login_name() -> str:
+    """libpq's last resort: the operating-system user, which a container's numeric user may lack."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
 
 
 def error_line(error: BaseException, dsn: str) -> str:

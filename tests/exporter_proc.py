@@ -20,10 +20,11 @@ from tests.pgcluster import free_port
 class ExporterProcess:
     """python -m exporter with a config written from a dict; stopped by stop() or at exit."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, config: dict[str, Any], *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
         self.config_path = tmp_path / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = tmp_path / "exporter.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(

@@ -35,3 +35,23 @@ def unpacked(package: str, version: str) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return home / "package"
+
+
+def installed(package: str, version: str) -> Path:
+    """A folder whose node_modules holds package@version and its dependencies, installed once."""
+    home = CACHE / f"installed-{package.replace('/', '+')}-{version}"
+    if not (home / "node_modules" / package / "package.json").exists():
+        if shutil.which("npm") is None:
+            raise RuntimeError(f"npm is not installed: it fetches {package}@{version}")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="install-", dir=CACHE))
+        try:
+            (staging / "package.json").write_text('{"private": true}\n')
+            subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", f"{package}@{version}"],
+                           cwd=staging, check=True, capture_output=True, text=True, timeout=600)
+            if home.exists():
+                shutil.rmtree(home)
+            staging.rename(home)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return home

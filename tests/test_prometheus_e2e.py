@@ -1,22 +1,35 @@
-"""End to end: a real Prometheus scrapes a running exporter and evaluates the alert rules."""
+"""End to end: a real Prometheus scrapes running exporters, evaluates every alert rule the chart
+ships, and answers every dashboard panel's query, each from a real situation on a real cluster.
+
+The rules run from a copy whose `for:` durations and thresholds are shortened to seconds (the
+expressions otherwise unchanged), so the whole test takes about a minute; promtool's unit tests
+(alerts/tests.yml) keep covering the shipped durations.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
 import yaml
 
+from tests.conftest import needs_own_clusters, wait_until
 from tests.exporter_proc import ExporterProcess
-from tests.pgcluster import free_port
+from tests.pgbouncer import PgBouncer
+from tests.pgcluster import Cluster, free_port
+from tests.test_deploy import DASHBOARD, RULES, concrete
 
-RULES = Path(__file__).resolve().parent.parent / "alerts" / "pg-advisory-lock-exporter.rules.yml"
+JOB = "pg-advisory-lock-exporter"
+ALERTS = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
 
 
 def api(port: int, path: str, **params: str) -> dict:
@@ -25,60 +38,169 @@ def api(port: int, path: str, **params: str) -> dict:
         return json.loads(response.read())["data"]
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+def shortened_rules(path: Path) -> None:
+    """The shipped rules with every `for:` at 1s, range windows and the 5-minute wait at seconds."""
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = "1s"
+            rule["expr"] = re.sub(r"\[10m\]", "[10s]", rule["expr"]).replace("> 300", "> 1")
+    path.write_text(yaml.safe_dump(rules))
+
+
+def firing(port: int) -> dict[str, list[dict]]:
+    alerts: dict[str, list[dict]] = {}
+    for alert in api(port, "alerts")["alerts"]:
+        if alert["state"] == "firing":
+            alerts.setdefault(alert["labels"]["alertname"], []).append(alert)
+    return alerts
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    board = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", [])]
 
 
 @pytest.mark.slow
-def test_series_arrive_and_the_long_held_alert_fires_then_resolves(server, sessions, tmp_path: Path) -> None:
+@pytest.mark.timeout(600)
+def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_has_data(server, sessions, tmp_path) -> None:
+    needs_own_clusters()
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("prometheus not found: `make test` installs Debian's prometheus package")
-    locks = [{"name": "leader", "key": 4242, "max_hold": "2s"}]
-    exporter = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "500ms", "locks": locks})
-    port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "pg-advisory-lock-exporter",
-                            "static_configs": [{"targets": [f"127.0.0.1:{exporter.port}"]}]}],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "prometheus.log", "wb")
-    prometheus = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    cluster = server.require_cluster()
+    bouncer = PgBouncer(cluster.port, pool_mode="transaction", pool_size=1).start()
+    down_db = Cluster().init()  # a server that is not up yet: PollsFailing
+    gone_port = free_port()  # nothing listens here yet: ExporterDown
+    started: list[ExporterProcess] = []
+    prometheus = None
     try:
-        exporter.wait_ready()
-        # The series arrive.
-        wait_for(lambda: api(port, "query", query='pg_advisory_lock_holders{lock="leader",mode="exclusive"}')["result"],
-                 60, "the holders series")
-        assert len(api(port, "rules")["groups"]) == 3
+        main_config = {
+            "dsn": server.dsn(), "poll_interval": "300ms", "probe_interval": "300ms", "unnamed_max_hold": "1s",
+            "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": bouncer.console_dsn()}],
+            "locks": [
+                {"name": "leader", "key": 4242, "max_hold": "1s"},
+                {"name": "shard-7", "key": [42, 7]},
+                {"name": "must-be-held", "key": 5555, "probe": {"expect": "held"}},
+                {"name": "ghost", "key": 6666, "database": "not_yet_db", "probe": {"expect": "any"}},
+                {"name": "tenants", "key": {"namespace": 77}, "max_hold": "1h"},
+                {"name": "migrations", "key": 777},
+            ],
+        }
+        (tmp_path / "main").mkdir()
+        (tmp_path / "down").mkdir()
+        main = ExporterProcess(tmp_path / "main", main_config)
+        started.append(main)
+        down = ExporterProcess(tmp_path / "down", {"dsn": down_db.dsn(), "poll_interval": "300ms", "locks": []})
+        started.append(down)
+
+        # The situations, on a real cluster.
         holder = sessions.open(application_name="stuck-worker")
-        holder.execute("SELECT pg_advisory_lock(4242)")
+        holder.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(42, 7), pg_advisory_lock(77, 1), "
+                       "pg_advisory_lock(999001)")
+        waiter = sessions.open(application_name="shard-7-waiter")
+        waiting = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(42, 7)"), daemon=True)
+        waiting.start()
+        with psycopg.connect(bouncer.dsn(application_name="migrator"), autocommit=True, prepare_threshold=None) as migrator:
+            migrator.execute("SELECT pg_advisory_lock(777)")  # stranded on the pool's only server connection
 
-        def firing():
-            alerts = api(port, "alerts")["alerts"]
-            return [a for a in alerts if a["labels"]["alertname"] == "PgAdvisoryLockHeldTooLong" and a["state"] == "firing"]
+        port = free_port()
+        rules = tmp_path / "rules.yml"
+        shortened_rules(rules)
+        prometheus_config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [
+                {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{main.port}"]}]},
+                {"job_name": f"{JOB}-down-db", "static_configs": [{"targets": [f"127.0.0.1:{down.port}"]}]},
+                {"job_name": f"{JOB}-gone", "static_configs": [{"targets": [f"127.0.0.1:{gone_port}"]}]},
+            ],
+        }
+        config_path = tmp_path / "prometheus.yml"
+        # First no exporter is scraped at all: absent fires. (Reloads here only add jobs: this
+        # Prometheus keeps scraping a job a reload removes.)
+        unrelated = [{"job_name": "unrelated", "static_configs": [{"targets": [f"127.0.0.1:{free_port()}"]}]}]
+        config_path.write_text(yaml.safe_dump({**prometheus_config, "scrape_configs": unrelated}))
+        log = open(tmp_path / "prometheus.log", "wb")
+        prometheus = subprocess.Popen(
+            [binary, f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
 
-        alert = wait_for(firing, 60, "PgAdvisoryLockHeldTooLong to fire")[0]
-        assert alert["labels"]["lock"] == "leader" and alert["labels"]["severity"] == "warning"
-        assert "stuck-worker" in alert["annotations"]["description"]  # who holds it, from holder_info
-        holder.execute("SELECT pg_advisory_unlock(4242)")
-        wait_for(lambda: not firing(), 60, "the alert to resolve")
+        wait_until(lambda: _safe(lambda: "PgAdvisoryLockExporterAbsent" in firing(port)), timeout=60, interval=0.5)
+        config_path.write_text(yaml.safe_dump(prometheus_config))
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/-/reload", method="POST"), timeout=10)
+
+        # Every rule but "absent" fires, each from its situation; absent resolves.
+        everything_but_absent = ALERTS - {"PgAdvisoryLockExporterAbsent"}
+        seen: dict[str, list[dict]] = {}
+
+        def all_firing() -> dict[str, list[dict]] | None:
+            seen.clear()
+            seen.update(_safe(lambda: firing(port)) or {})
+            return dict(seen) if everything_but_absent <= set(seen) else None
+
+        try:
+            alerts = wait_until(all_firing, timeout=90, interval=0.5)
+        except AssertionError:
+            raise AssertionError(f"not firing: {sorted(everything_but_absent - set(seen))}; main log: {main.log()[-3000:]}")
+        held = alerts["PgAdvisoryLockHeldTooLong"][0]
+        assert held["labels"]["lock"] == "leader" and "stuck-worker" in held["annotations"]["description"]
+        assert "key 999001" in alerts["PgAdvisoryLockUnnamedHeldTooLong"][0]["annotations"]["description"]
+        stranded = alerts["PgAdvisoryLockStrandedOnTransactionPool"][0]
+        assert stranded["labels"]["lock"] == "migrations" and "pooler pgb" in stranded["annotations"]["description"]
+        assert "free: nobody holds it" in alerts["PgAdvisoryLockProbeExpectationFailed"][0]["annotations"]["description"]
+        assert alerts["PgAdvisoryLockProbeErrors"][0]["labels"]["lock"] == "ghost"
+        assert alerts["PgAdvisoryLockWaitersPilingUp"][0]["labels"]["lock"] == "shard-7"
+
+        # Every dashboard panel answers while the situations are on.
+        empty = []
+        for title, expr in panel_queries():
+            query = concrete(expr).replace("[1m]", "[10s]")
+            if not _safe(lambda q=query: api(port, "query", query=q)["result"]):
+                empty.append((title, query))
+        assert not empty, empty
+
+        # Each situation ends, and its alert resolves.
+        holder.execute("SELECT pg_advisory_unlock_all()")  # leader, unnamed; the waiter gets shard-7 and goes on
+        waiting.join(10)
+        waiter.execute("SELECT pg_advisory_unlock_all()")
+        sessions.open(application_name="leader").execute("SELECT pg_advisory_lock(5555)")  # now held, as expected
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE not_yet_db")  # the ghost's probe can connect now
+        with psycopg.connect(bouncer.dsn(), autocommit=True, prepare_threshold=None) as cleanup:
+            cleanup.execute("SELECT pg_advisory_unlock_all()")  # the same (only) server connection
+        down_db.pg_ctl_start()
+        (tmp_path / "gone").mkdir()
+        started.append(ExporterProcess(tmp_path / "gone", {"dsn": server.dsn(), "poll_interval": "300ms", "locks": []},
+                                       port=gone_port))
+        def all_resolved() -> bool:
+            seen.clear()
+            seen.update(_safe(lambda: firing(port)) or {"(prometheus did not answer)": []})
+            return not (everything_but_absent & set(seen))
+
+        try:
+            wait_until(all_resolved, timeout=90, interval=0.5)
+        except AssertionError:
+            raise AssertionError(f"still firing: {sorted(set(seen))}; main log: {main.log()[-3000:]}")
+        assert "PgAdvisoryLockExporterAbsent" not in seen
+
     finally:
-        prometheus.terminate()
-        prometheus.wait(10)
-        log.close()
-        exporter.stop()
+        if prometheus is not None:
+            prometheus.terminate()
+            prometheus.wait(10)
+        for proc in started:
+            proc.stop()
+        bouncer.stop()
+        down_db.destroy()
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("DROP DATABASE IF EXISTS not_yet_db")
+
+
+def _safe(check):
+    try:
+        return check()
+    except OSError:
+        return None

@@ -1,0 +1,100 @@
+"""Every manifest the chart renders, validated against the API that will receive it: core kinds
+against the Kubernetes OpenAPI schemas (kubernetes-validate) of the oldest version the chart claims
+and the newest it carries, ServiceMonitor and PrometheusRule against the Prometheus Operator's own
+CRD schemas (the validators of @kubernetes-models/prometheus-operator, run with node)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.npmpack import installed
+from tests.test_deploy import ALL_ON, CHART, render
+
+pytestmark = pytest.mark.helm
+
+OPERATOR_MODELS = ("@kubernetes-models/prometheus-operator", "6.0.0")
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+NEWEST = kubernetes_validate.latest_version()
+
+
+def oldest_claimed() -> str:
+    """The lowest Kubernetes version Chart.yaml's kubeVersion admits."""
+    claim = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    return re.fullmatch(r">=\s*(\d+\.\d+\.\d+)(-0)?", claim).group(1)
+
+
+def sidecar_pod() -> dict:
+    """The sidecar snippet of the chart's README, in the Deployment a user pastes it into."""
+    text = (CHART / "README.md").read_text()
+    snippet = text.split("## As a sidecar", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    spec = yaml.safe_load("\n".join(line[6:] for line in snippet.splitlines() if line.strip()))
+    spec["containers"][0] = {"name": "app", "image": "example/app:1.0"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "app"},
+            "spec": {"selector": {"matchLabels": {"app": "app"}},
+                     "template": {"metadata": {"labels": {"app": "app"}}, "spec": spec}}}
+
+
+VALUE_SETS = {
+    "defaults": {},
+    "everything on": {**ALL_ON, "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
+                      "dsn": {"existingSecret": "app-db", "secretKey": "uri"}},
+}
+
+
+def documents(name: str) -> list[dict]:
+    return render(VALUE_SETS[name])
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+@pytest.mark.parametrize("version", ["oldest", "newest"])
+def test_core_objects_validate_against_the_kubernetes_api(name: str, version: str) -> None:
+    wanted = oldest_claimed() if version == "oldest" else NEWEST
+    core = [d for d in documents(name) if (d["apiVersion"], d["kind"]) not in CRD_KINDS]
+    assert core
+    for doc in core:
+        kubernetes_validate.validate(doc, wanted, strict=True)
+
+
+@pytest.mark.parametrize("version", ["oldest", "newest"])
+def test_the_readmes_sidecar_snippet_validates(version: str) -> None:
+    kubernetes_validate.validate(sidecar_pod(), oldest_claimed() if version == "oldest" else NEWEST, strict=True)
+
+
+VALIDATE_CRDS = """
+import * as models from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1';
+let input = '';
+process.stdin.on('data', (chunk) => { input += chunk; });
+process.stdin.on('end', () => {
+  const results = JSON.parse(input).map((doc) => {
+    try { new models[doc.kind](doc).validate(); return null; } catch (e) { return `${doc.kind}: ${e.message}`; }
+  });
+  console.log(JSON.stringify(results));
+});
+"""
+
+
+def validate_crds(docs: list[dict]) -> list[str | None]:
+    home = installed(*OPERATOR_MODELS)
+    script = home / "validate.mjs"
+    script.write_text(VALIDATE_CRDS)
+    out = subprocess.run(["node", str(script)], input=json.dumps(docs), capture_output=True, text=True,
+                         check=True, timeout=120, cwd=home).stdout
+    return json.loads(out)
+
+
+def test_service_monitor_and_prometheus_rule_validate_against_the_operators_crds() -> None:
+    crds = [d for d in documents("everything on") if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    assert {d["kind"] for d in crds} == {"ServiceMonitor", "PrometheusRule"}
+    assert validate_crds(crds) == [None] * len(crds)
+    # The validator does refuse a bad one: an interval the operator cannot parse.
+    broken = json.loads(json.dumps(next(d for d in crds if d["kind"] == "ServiceMonitor")))
+    broken["spec"]["endpoints"][0]["interval"] = "half a minute"
+    (error,) = validate_crds([broken])
+    assert error and "interval" in error
