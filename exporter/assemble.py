@@ -215,11 +215,13 @@ def assemble(
     exclude_pids: frozenset[int] = frozenset(),
     unnamed_max_hold: float | None = None,
     view: PoolerView | None = None,
+    databases: frozenset[str] = frozenset(),
 ) -> Assembled:
     """Name, track and count every hold and wait of a poll's rows.
 
     rows have the columns of queries.POLL, read by name. A preset lock is shown from the first
-    poll that sees it held or awaited (seen_presets carries that over polls).
+    poll that sees it held or awaited (seen_presets carries that over polls). With databases,
+    rows of other databases are left out.
     """
     figures: list[_Figures | None] = [None] * len(locks)
     unnamed: dict[str, _Figures] = {}
@@ -234,6 +236,8 @@ def assemble(
         if pid in exclude_pids or row.application_name == queries.PROBE_APPLICATION_NAME:
             continue
         database, objsubid = row.datname, row.objsubid
+        if databases and database not in databases:
+            continue
         by_lock = matcher.partition(database, objsubid, row.keys)
         who = who_holds(row, view) if row.granted else None
         for index, group in by_lock.items():

@@ -8,19 +8,15 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
 import psycopg
 
 from . import __version__, locksview, logs
-from .config import Config, ConfigError, load_config
+from .config import ConfigError, Fleet, load_fleet
 from .dsn import error_line, server_name
-from .metrics import Exposition
-from .poller import Poller, connect_poller
-from .probe import Prober, connect_probe
+from .fleet import Runtime
 from .server import ListenAddressError, MetricsServer
-from .snapshot import ReloadStatus
 from .webconfig import WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
@@ -77,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="with locks: print JSON, for scripts")
     parser.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                         help="with locks: refresh every SECONDS (default 2) until Ctrl-C")
+    parser.add_argument("--target", metavar="NAME", help="with locks and a config of targets: the target to show")
     parser.add_argument("--version", action="version", version=f"pg-advisory-lock-exporter {__version__}")
     return parser
 
@@ -86,8 +83,16 @@ def _check_choice(parser: argparse.ArgumentParser, flag: str, value: str, choice
         parser.error(f"{flag}: {value!r} is not one of {', '.join(choices)}")
 
 
-def show_locks(config: Config, as_json: bool, watch: float | None) -> int:
+def show_locks(fleet: Fleet, target: str | None, as_json: bool, watch: float | None) -> int:
     """The locks command: one line of error (naming the server) and exit 1 if it cannot read."""
+    if fleet.single:
+        config = fleet.targets[0]
+    else:
+        config = fleet.target(target or "")  # type: ignore[assignment]
+        if config is None:
+            print(f"locks: {'unknown target ' + repr(target) if target else 'name a target'} "
+                  f"(--target NAME; known: {', '.join(fleet.names)})", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         return locksview.run(config, as_json, watch)
     except KeyboardInterrupt:
@@ -103,78 +108,45 @@ def print_config_error(exc: ConfigError) -> None:
         print(f"{exc.source}: {detail}", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_choice(parser, "--log.level", args.log_level, logs.LEVELS)
-    _check_choice(parser, "--log.format", args.log_format, logs.FORMATS)
-    if args.command != "locks" and (args.json or args.watch is not None):
-        parser.error("--json and --watch go with the locks command: pg-advisory-lock-exporter locks --json")
-    if not args.telemetry_path.startswith("/"):
-        parser.error(f"--web.telemetry-path: {args.telemetry_path!r} must start with /")
-    logs.setup(args.log_level, args.log_format)
+class Reloader:
+    """Loads the config file again (SIGHUP, POST /-/reload): a bad one is refused, every problem
+    logged, and the running one kept. One reload at a time: the signal and HTTP both ask."""
 
-    try:
-        config = load_config(args.config_file)
-    except ConfigError as exc:
-        print_config_error(exc)
-        return EXIT_CONFIG
-    web = WebConfig()
-    if args.web_config_file:
-        try:
-            web = load_web_config(args.web_config_file)
-        except ConfigError as exc:
-            print_config_error(exc)
-            return EXIT_CONFIG
-    if args.check_config:
-        print(f"{args.config_file}: ok: {config.summary()}")
-        return EXIT_OK
-    if args.command == "locks":
-        return show_locks(config, args.json, args.watch)
+    def __init__(self, path: str, runtime: Runtime) -> None:
+        self._path = path
+        self._runtime = runtime
+        self._lock = threading.Lock()
 
-    # A poll runs a few ms of Python per 1,000 locks; handing the GIL over every 1 ms instead of
-    # 5 ms keeps a scrape that arrives meanwhile from waiting for it (the benchmark's p95).
-    sys.setswitchinterval(0.001)
-    exposition = Exposition()
-    first_poll = threading.Event()
-
-    def publish(snapshot: object) -> None:
-        exposition.publish(snapshot)  # type: ignore[arg-type]
-        first_poll.set()
-
-    prober = Prober(config, connect=connect_probe, publish=exposition.publish_probes)
-    poller = Poller(config, connect=connect_poller, publish=publish, own_pids=prober.backend_pids)
-    reload_lock = threading.Lock()  # SIGHUP (main thread) and /-/reload (an HTTP thread)
-
-    def reload() -> bool:
-        """Load the config again; a bad one is refused and the running one kept."""
-        with reload_lock:
+    def __call__(self) -> bool:
+        with self._lock:
             try:
-                new = load_config(args.config_file)
+                fleet = load_fleet(self._path)
             except ConfigError as exc:
                 for detail in exc.details:
                     log.error("config reload refused: %s: %s", exc.source, detail)
-                exposition.publish_reload(ReloadStatus(False, reload_status[0].last_success_timestamp))
+                self._runtime.reload_result(False)
                 return False
-            poller.reconfigure(new)
-            prober.reconfigure(new)
-            reload_status[0] = ReloadStatus(True, time.time())
-            exposition.publish_reload(reload_status[0])
-            log.info("config reloaded: %s", new.summary())
+            self._runtime.apply(fleet)
+            self._runtime.reload_result(True)
+            log.info("config reloaded: %s", fleet.summary())
             return True
 
-    reload_status = [ReloadStatus(True, time.time())]
-    exposition.publish_reload(reload_status[0])
+
+def serve(args: argparse.Namespace, fleet: Fleet, web: WebConfig) -> int:
+    """Run until SIGTERM/SIGINT: the targets' pollers and probes, the HTTP server, reloads."""
+    # A poll runs a few ms of Python per 1,000 locks; handing the GIL over every 1 ms instead of
+    # 5 ms keeps a scrape that arrives meanwhile from waiting for it (the benchmark's p95).
+    sys.setswitchinterval(0.001)
+    runtime = Runtime(fleet, args.telemetry_path)
+    reloader = Reloader(args.config_file, runtime)
     try:
-        server = MetricsServer(
-            args.listen_address, exposition, args.telemetry_path, first_poll.is_set,
-            reload if args.enable_lifecycle else None, web,
-        )
+        server = MetricsServer(args.listen_address, runtime, args.telemetry_path,
+                               reloader if args.enable_lifecycle else None, web)
     except ListenAddressError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-
     stop = threading.Event()
+    reload_requested = threading.Event()  # SIGHUP only asks; the main loop reloads
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -182,31 +154,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # SIGHUP only asks; the main loop reloads, outside the signal handler.
-    reload_requested = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
-
-    exposition.start()
+    runtime.start()
     server.start()
-    log.info(
-        "pg-advisory-lock-exporter %s listening on %s%s; %s",
-        __version__, args.listen_address, args.telemetry_path, config.summary(),
-    )
-    poll_thread = threading.Thread(target=poller.run, args=(stop,), name="poller", daemon=True)
-    poll_thread.start()
-    probe_thread = threading.Thread(target=prober.run, args=(stop,), name="probe", daemon=True)
-    probe_thread.start()
+    log.info("pg-advisory-lock-exporter %s listening on %s%s; %s",
+             __version__, args.listen_address, args.telemetry_path, fleet.summary())
     while not stop.is_set():
         stop.wait(0.2)
         if reload_requested.is_set():
             reload_requested.clear()
             log.info("received SIGHUP, reloading %s", args.config_file)
-            reload()
+            reloader()
     server.stop()
-    exposition.stop()
-    # A poll or probe stuck on a hung server is not waited for: its threads are daemons,
-    # and the process exit closes their sockets.
-    poll_thread.join(timeout=0.4)
-    probe_thread.join(timeout=0.4)
+    runtime.stop()
     log.info("stopped")
     return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_choice(parser, "--log.level", args.log_level, logs.LEVELS)
+    _check_choice(parser, "--log.format", args.log_format, logs.FORMATS)
+    if args.command != "locks" and (args.json or args.watch is not None or args.target):
+        parser.error("--json, --watch and --target go with the locks command: pg-advisory-lock-exporter locks --json")
+    if not args.telemetry_path.startswith("/"):
+        parser.error(f"--web.telemetry-path: {args.telemetry_path!r} must start with /")
+    logs.setup(args.log_level, args.log_format)
+    try:
+        fleet = load_fleet(args.config_file)
+        web = load_web_config(args.web_config_file) if args.web_config_file else WebConfig()
+    except ConfigError as exc:
+        print_config_error(exc)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"{args.config_file}: ok: {fleet.summary()}")
+        return EXIT_OK
+    if args.command == "locks":
+        return show_locks(fleet, args.target, args.json, args.watch)
+    return serve(args, fleet, web)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -34,8 +34,17 @@ DEFAULT_MAX_TRACKED_HOLDS = 100_000
 
 _TOP_FIELDS = (
     "dsn", "password_file", "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info",
-    "max_unnamed_holder_info", "max_tracked_holds", "unnamed_max_hold", "presets", "locks", "poolers",
+    "max_unnamed_holder_info", "max_tracked_holds", "unnamed_max_hold", "presets", "locks", "poolers", "databases",
 )
+# With targets: fields a target may override (the top level holds their defaults), fields that
+# belong to a target only, and what a target may hold.
+DEFAULTABLE_FIELDS = (
+    "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info", "max_unnamed_holder_info",
+    "max_tracked_holds", "unnamed_max_hold", "presets",
+)
+TARGET_ONLY_FIELDS = ("dsn", "password_file", "poolers", "locks", "databases")
+_TARGET_FIELDS = (*TARGET_ONLY_FIELDS, *DEFAULTABLE_FIELDS)
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _POOLER_FIELDS = ("name", "type", "dsn", "password_file", "addresses", "pool_mode")
 POOLER_TYPES = ("pgbouncer",)
 POOL_MODES = ("session", "transaction", "statement")
@@ -111,6 +120,8 @@ class Config:
     max_tracked_holds: int = DEFAULT_MAX_TRACKED_HOLDS
     unnamed_max_hold: float | None = None
     poolers: tuple[PoolerConfig, ...] = ()
+    databases: tuple[str, ...] = ()  # limit the figures to these databases; () = every database
+    name: str = ""  # the target's name; "" in single-server mode
 
     @property
     def probed(self) -> tuple[LockConfig, ...]:
@@ -480,6 +491,69 @@ def _check_family_overlaps(locks: list[tuple[int, LockConfig]], default_database
                 )
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """What a config file configures: one server (single-server mode), or named targets."""
+
+    targets: tuple[Config, ...]
+    single: bool = True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(target.name for target in self.targets)
+
+    def target(self, name: str) -> Config | None:
+        return next((target for target in self.targets if target.name == name), None)
+
+    def summary(self) -> str:
+        if self.single:
+            return self.targets[0].summary()
+        return f"{len(self.targets)} targets: " + "; ".join(f"{t.name}: {t.summary()}" for t in self.targets)
+
+
+def parse_fleet(data: Any, source: str) -> Fleet:
+    """Validate loaded YAML, in single-server mode or with targets; ConfigError lists every problem."""
+    if not isinstance(data, dict) or "targets" not in data:
+        return Fleet((parse_config(data, source),), single=True)
+    errors: list[str] = []
+    for field in sorted(map(str, data)):
+        if field in TARGET_ONLY_FIELDS:
+            errors.append(f"{field}: with targets, {field} belongs to each target (targets.NAME.{field}); "
+                          "a config has either a top-level dsn (one server) or targets")
+        elif field not in (*DEFAULTABLE_FIELDS, "targets"):
+            errors.append(f"{field}: unknown field (allowed with targets: {', '.join((*DEFAULTABLE_FIELDS, 'targets'))})")
+    defaults = {field: data[field] for field in DEFAULTABLE_FIELDS if field in data}
+    try:
+        parse_config(defaults, source)
+    except ConfigError as exc:
+        errors.extend(exc.details)
+    raw_targets = data["targets"]
+    targets: list[Config] = []
+    if not isinstance(raw_targets, dict) or not raw_targets:
+        errors.append(f"targets: expected a mapping of target names to their dsn and locks, got {_show(raw_targets)}")
+        raw_targets = {}
+    for name, raw in raw_targets.items():
+        where = f"targets.{name}"
+        if not isinstance(name, str) or not _TARGET_NAME.fullmatch(name):
+            errors.append(f"{where}: a target name is letters, digits, '_', '.' and '-' (it goes in URLs and labels)")
+            continue
+        if not isinstance(raw, dict):
+            errors.append(f"{where}: expected a mapping with dsn and locks, got {_show(raw)}")
+            continue
+        errors.extend(unknown_fields(raw, _TARGET_FIELDS, where))
+        try:
+            config = parse_config({**defaults, **{k: v for k, v in raw.items() if k in _TARGET_FIELDS}}, source)
+        except ConfigError as exc:
+            # A default's own problem is reported once, above; the target's own, under its name.
+            errors.extend(f"{where}.{detail}" for detail in exc.details
+                          if re.split(r"[.\[:]", detail, maxsplit=1)[0] in raw)
+            continue
+        targets.append(replace(config, name=name))
+    if errors:
+        raise ConfigError(source, errors)
+    return Fleet(tuple(targets), single=False)
+
+
 def parse_config(data: Any, source: str) -> Config:
     """Validate loaded YAML; raise ConfigError listing every problem."""
     errors: list[str] = []
@@ -507,6 +581,13 @@ def parse_config(data: Any, source: str) -> Config:
         unnamed_max_hold = _duration_field(data["unnamed_max_hold"], "unnamed_max_hold", 0.001, errors)
     password_file = _password_file(data.get("password_file"), "password_file", errors)
     poolers = _parse_poolers(data["poolers"], errors) if "poolers" in data else ()
+    databases: tuple[str, ...] = ()
+    if "databases" in data:
+        raw_databases = data["databases"]
+        if not isinstance(raw_databases, list) or not raw_databases or not all(isinstance(d, str) and d for d in raw_databases):
+            errors.append(f"databases: expected a list of database names, got {_show(raw_databases)}")
+        else:
+            databases = tuple(raw_databases)
 
     chosen_presets = _parse_presets(data.get("presets", []), errors)
 
@@ -531,6 +612,7 @@ def parse_config(data: Any, source: str) -> Config:
         max_holder_info_per_lock=limits["max_holder_info_per_lock"] or 0, max_holder_info=limits["max_holder_info"] or 0,
         max_unnamed_holder_info=limits["max_unnamed_holder_info"] or 0, max_tracked_holds=limits["max_tracked_holds"] or 0,
         unnamed_max_hold=unnamed_max_hold, password_file=password_file, presets=chosen_presets, poolers=poolers,
+        databases=databases,
     )
 
 
@@ -552,7 +634,15 @@ def load_yaml_text(text: bytes, source: str) -> Any:
 
 
 def load_config(path: str) -> Config:
-    """Read, parse and validate a config file."""
+    """Read, parse and validate a single-server config file."""
+    fleet = load_fleet(path)
+    if not fleet.single:
+        raise ConfigError(path, ["targets: this needs a single-server config (one top-level dsn)"])
+    return fleet.targets[0]
+
+
+def load_fleet(path: str) -> Fleet:
+    """Read, parse and validate a config file, with or without targets."""
     try:
         with open(path, "rb") as handle:
             text = handle.read(MAX_CONFIG_BYTES + 1)
@@ -560,4 +650,4 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, [f"cannot read: {exc.strerror or exc}"]) from None
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(path, [f"larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB: not a config file"])
-    return parse_config(load_yaml_text(text, path), path)
+    return parse_fleet(load_yaml_text(text, path), path)

@@ -59,7 +59,43 @@ def _lock_row(lock: LockState, probe: ProbeResult | None) -> str:
     )
 
 
-def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadStatus, telemetry_path: str) -> bytes:
+def _head(title: str) -> list[str]:
+    return [
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\">",
+        f"<meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">",
+        f"<title>{escape(title)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+    ]
+
+
+def render_targets(targets: dict[str, Snapshot], reload: ReloadStatus, telemetry_path: str) -> bytes:
+    """A fleet's landing page: each target, its poll health and what it holds, linked to its view."""
+    rows = []
+    for name, snap in targets.items():
+        link = escape(name, quote=True)
+        held = sum(1 for lock in snap.locks if lock.holds)
+        stranded = sum(1 for lock in snap.locks if lock.pooled_session_holders)
+        rows.append(
+            f"<tr><td><a href=\"/?target={link}\">{escape(name)}</a></td>"
+            f"<td class=\"{'ok' if snap.up else 'bad'}\">{'UP' if snap.up else 'DOWN'}</td>"
+            f"<td>{held} of {len(snap.locks)}</td><td>{sum(u.holders for u in snap.unnamed)}</td>"
+            f"<td class=\"{'bad' if stranded else ''}\">{stranded or ''}</td>"
+            f"<td><a href=\"/probe?target={link}\">/probe?target={escape(name)}</a></td></tr>"
+        )
+    parts = [
+        *_head("pg-advisory-lock-exporter: targets"),
+        f"<h1>pg-advisory-lock-exporter {escape(__version__)}: {len(targets)} targets</h1>",
+        f"<p><a href=\"{escape(telemetry_path, quote=True)}\">Exporter metrics</a> &middot; "
+        f"config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>",
+        "<table id=\"targets\"><tr><th>target</th><th>polls</th><th>named locks held</th><th>unnamed holds</th>"
+        "<th>stranded on a pool</th><th>figures</th></tr>",
+        *rows, "</table></body></html>",
+    ]
+    return "".join(parts).encode()
+
+
+def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadStatus, telemetry_path: str,
+           target: str = "") -> bytes:
     path = escape(telemetry_path, quote=True)
     stats = snapshot.stats
     last = "never" if stats.last_success_timestamp is None else \
@@ -77,7 +113,8 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
         f"<meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">",
         "<title>pg-advisory-lock-exporter</title>",
         f"<style>{_STYLE}</style></head><body>",
-        f"<h1>pg-advisory-lock-exporter {escape(__version__)}</h1>",
+        f"<h1>pg-advisory-lock-exporter {escape(__version__)}{': target ' + escape(target) if target else ''}</h1>",
+        '<p><a href="/">all targets</a></p>' if target else "",
         f"<p><a href=\"{path}\">Metrics</a> &middot; <a href=\"/-/healthy\">healthy</a> &middot; "
         f"<a href=\"/-/ready\">ready</a> &middot; refreshes every {REFRESH_SECONDS}s</p>",
         health,

@@ -261,12 +261,14 @@ class Exposition:
     """The latest snapshot, probe results and reload status, and their rendering (text and gzip),
     made by a renderer thread after each change, so a scrape only ever writes bytes already made."""
 
-    def __init__(self, snapshot: Snapshot | None = None, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, snapshot: Snapshot | None = None, registry: CollectorRegistry | None = None,
+                 with_process: bool = True) -> None:
         self._lock = threading.Lock()
         self._snapshot = snapshot or Snapshot(up=False)
         self._probes: tuple[ProbeResult, ...] = ()
         self._reload = ReloadStatus()
-        self._registry = registry if registry is not None else process_registry()
+        # A fleet's targets serve lock figures only: the process figures are the exporter's (/metrics).
+        self._registry = registry if registry is not None else process_registry() if with_process else None
         self._changed = threading.Event()
         self._version = 0  # bumped by every publish
         self._rendered = self._render()
@@ -276,7 +278,7 @@ class Exposition:
     def _render(self) -> Rendered:
         with self._lock:
             state = (self._snapshot, self._probes, self._reload)
-        plain = render(*state) + generate_latest(self._registry)
+        plain = render(*state) + (generate_latest(self._registry) if self._registry is not None else b"")
         return Rendered(plain, gzip.compress(plain, compresslevel=GZIP_LEVEL, mtime=0))
 
     def _changed_now(self) -> None:
@@ -336,3 +338,53 @@ class Exposition:
         self._changed.set()  # wakes the renderer now
         if self._thread is not None:
             self._thread.join(2)
+
+
+def render_fleet(targets: dict[str, Snapshot], reload: ReloadStatus) -> bytes:
+    """/metrics of a fleet: the exporter's own figures and each target's health, under names that
+    /probe never serves (so no alert on /probe's figures fires twice)."""
+    pairs = [(labels(target=name), snap) for name, snap in sorted(targets.items())]
+    parts = list(_family(f"{PREFIX}_exporter_target_up", "gauge", "1 if the target's last poll succeeded.",
+                         (("", i, int(snap.up)) for i, snap in pairs)))
+    samples: list[_Sample] = []
+    for i, snap in pairs:
+        stats = snap.stats
+        samples += [("_bucket", f'{i},le="{format_value(bound)}"', count) for bound, count in stats.duration_buckets]
+        samples += [("_bucket", f'{i},le="+Inf"', stats.polls), ("_count", i, stats.polls), ("_sum", i, stats.duration_sum)]
+    parts += _family(f"{PREFIX}_exporter_target_poll_duration_seconds", "histogram",
+                     "Time of each poll of the target, failed ones included.", samples)
+    parts += _family(f"{PREFIX}_exporter_target_poll_errors_total", "counter", "Failed polls of the target.",
+                     (("", i, snap.stats.errors) for i, snap in pairs))
+    parts += _family(f"{PREFIX}_exporter_build_info", "gauge", "The exporter's version.",
+                     [("", labels(version=__version__), 1)])
+    parts += _family(f"{PREFIX}_exporter_config_last_reload_successful", "gauge",
+                     "1 if the last config load (start-up, SIGHUP or /-/reload) succeeded.", [("", "", int(reload.successful))])
+    if reload.last_success_timestamp is not None:
+        parts += _family(f"{PREFIX}_exporter_config_last_reload_success_timestamp_seconds", "gauge",
+                         "When the config was last loaded successfully, in seconds since the epoch.",
+                         [("", "", reload.last_success_timestamp)])
+    return "".join(parts).encode()
+
+
+class FleetExposition(Exposition):
+    """/metrics of a fleet: the targets' health and the process figures, rendered after each change."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, Snapshot] = {}
+        super().__init__()
+
+    def publish_target(self, name: str, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._targets = {**self._targets, name: snapshot}
+            self._changed_now()
+
+    def forget_target(self, name: str) -> None:
+        with self._lock:
+            self._targets = {k: v for k, v in self._targets.items() if k != name}
+            self._changed_now()
+
+    def _render(self) -> Rendered:
+        with self._lock:
+            targets, reload = self._targets, self._reload
+        plain = render_fleet(targets, reload) + (generate_latest(self._registry) if self._registry is not None else b"")
+        return Rendered(plain, gzip.compress(plain, compresslevel=GZIP_LEVEL, mtime=0))

@@ -174,7 +174,7 @@ class Poller:
         result = assemble(
             rows, self._locks, self._matcher, self._tracker, now,
             Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
-            self._seen_presets, self._own_pids() | {self._pid}, config.unnamed_max_hold, view,
+            self._seen_presets, self._own_pids() | {self._pid}, config.unnamed_max_hold, view, frozenset(config.databases),
         )
         self._seen_presets = result.seen_presets
         if result.holder_info_dropped:

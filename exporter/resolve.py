@@ -113,6 +113,8 @@ def resolve_on_server(conn: psycopg.Connection, config: Config, default_database
     string_keys = [lock.key for lock in config.locks if isinstance(lock.key, (keys.HashtextKey, keys.HashtextExtendedKey))]
     string_tags = resolve_string_keys(conn, string_keys)
     databases = tuple(row[0] for row in conn.execute(queries.DATABASES).fetchall()) if config.presets else ()
+    if config.databases:
+        databases = tuple(d for d in databases if d in config.databases)
     return resolve_locks(config, default_database, string_tags, databases)
 
 

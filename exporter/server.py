@@ -8,7 +8,8 @@ import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+import urllib.parse
+from typing import Callable, Protocol
 
 from . import __version__, landing
 from .metrics import CONTENT_TYPE, Exposition
@@ -33,10 +34,42 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class Site(Protocol):
+    """What the server serves: byte strings made before any request (fleet.Runtime)."""
+
+    def ready(self) -> bool: ...
+    def metrics(self, gzipped: bool) -> bytes: ...
+    def probe(self, name: str, gzipped: bool) -> bytes | None: ...
+    def names(self) -> list[str]: ...
+    def landing(self, name: str | None) -> bytes | None: ...
+
+
+class ExpositionSite:
+    """One exposition as a site (tests, and anything that serves a single snapshot)."""
+
+    def __init__(self, exposition: Exposition, is_ready: Callable[[], bool], telemetry_path: str = "/metrics") -> None:
+        self._exposition, self._is_ready, self._path = exposition, is_ready, telemetry_path
+
+    def ready(self) -> bool:
+        return self._is_ready()
+
+    def metrics(self, gzipped: bool) -> bytes:
+        return self._exposition.body(gzipped)
+
+    def probe(self, name: str, gzipped: bool) -> bytes | None:
+        return None
+
+    def names(self) -> list[str]:
+        return []
+
+    def landing(self, name: str | None) -> bytes | None:
+        e = self._exposition
+        return landing.render(e.snapshot, e.probes, e.reload, self._path) if not name else None
+
+
 def make_handler(
-    exposition: Exposition,
+    site: Site,
     telemetry_path: str,
-    is_ready: Callable[[], bool],
     reload: Callable[[], bool] | None,
     web: WebConfig,
 ) -> type[BaseHTTPRequestHandler]:
@@ -103,17 +136,32 @@ def make_handler(
         def _route(self, head: bool) -> None:
             if not self._authorized():
                 return
-            path = self.path.split("?", 1)[0]
+            parsed = urllib.parse.urlsplit(self.path)
+            path, query = parsed.path, urllib.parse.parse_qs(parsed.query)
+            target = (query.get("target") or [""])[0]
             if path == telemetry_path:
                 gzipped = self._wants_gzip()
-                self._send(200, exposition.body(gzipped), CONTENT_TYPE, head, "gzip" if gzipped else None)
+                self._send(200, site.metrics(gzipped), CONTENT_TYPE, head, "gzip" if gzipped else None)
+            elif path == "/probe":
+                gzipped = self._wants_gzip()
+                body = site.probe(target, gzipped)
+                if body is None:
+                    known = ", ".join(site.names()) or "none: this exporter watches one server, at " + telemetry_path
+                    self._send(404, f"unknown target {target!r}; known targets: {known}\n".encode(),
+                               "text/plain; charset=utf-8", head)
+                else:
+                    self._send(200, body, CONTENT_TYPE, head, "gzip" if gzipped else None)
             elif path == "/":
-                page = landing.render(exposition.snapshot, exposition.probes, exposition.reload, telemetry_path)
-                self._send(200, page, "text/html; charset=utf-8", head)
+                page = site.landing(target or None)
+                if page is None:
+                    self._send(404, f"unknown target {target!r}; known targets: {', '.join(site.names())}\n".encode(),
+                               "text/plain; charset=utf-8", head)
+                else:
+                    self._send(200, page, "text/html; charset=utf-8", head)
             elif path == "/-/healthy":
                 self._send(200, b"OK\n", "text/plain; charset=utf-8", head)
             elif path == "/-/ready":
-                ready = is_ready()
+                ready = site.ready()
                 self._send(200 if ready else 503, b"OK\n" if ready else b"not ready\n", "text/plain; charset=utf-8", head)
             else:
                 self._send(404, b"not found\n", "text/plain; charset=utf-8", head)
@@ -166,14 +214,13 @@ class MetricsServer:
     def __init__(
         self,
         address: str,
-        exposition: Exposition,
-        telemetry_path: str,
-        is_ready: Callable[[], bool],
+        site: Site,
+        telemetry_path: str = "/metrics",
         reload: Callable[[], bool] | None = None,
         web: WebConfig = WebConfig(),
     ) -> None:
         host, port = parse_listen_address(address)
-        handler = make_handler(exposition, telemetry_path, is_ready, reload, web)
+        handler = make_handler(site, telemetry_path, reload, web)
         server_class = _IPv6Server if ":" in host else _Server
         try:
             self._httpd = server_class((host, port), handler)

@@ -138,4 +138,4 @@ def test_probe_series_are_served(exporter, sessions) -> None:
 def test_json_and_watch_need_the_locks_command(tmp_path) -> None:
     proc = ExporterProcess(tmp_path, {"locks": []}, "--json")
     assert proc.wait() == 2
-    assert "--json and --watch go with the locks command" in proc.log()
+    assert "--json, --watch and --target go with the locks command" in proc.log()

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from exporter.metrics import Exposition
-from exporter.server import MetricsServer
+from exporter.server import ExpositionSite, MetricsServer
 from tests.test_metrics import SNAPSHOT
 
 
@@ -18,7 +18,7 @@ def served():
     exposition = Exposition(SNAPSHOT)
     exposition.render_now()
     ready = threading.Event()
-    server = MetricsServer("127.0.0.1:0", exposition, "/metrics", ready.is_set)
+    server = MetricsServer("127.0.0.1:0", ExpositionSite(exposition, ready.is_set), "/metrics")
     server.start()
     yield server, exposition, ready
     server.stop()
@@ -65,3 +65,9 @@ def test_ready_is_503_until_the_first_poll_is_published(served) -> None:
     ready.set()
     assert request(server.port, "GET", "/-/ready")[0] == 200
     assert request(server.port, "GET", "/nope")[0] == 404
+
+
+def test_probe_names_the_known_targets_when_asked_for_another(served) -> None:
+    server, _, _ = served
+    status, _, body = request(server.port, "GET", "/probe?target=orders")
+    assert status == 404 and b"unknown target 'orders'" in body

@@ -1,0 +1,194 @@
+"""The running exporter: one target (single-server mode) or many, each with its own poller,
+prober, connections, deadlines and snapshot; the server picks the snapshot a request names.
+
+A reload adds, removes and changes targets without disturbing the others; a target whose dsn
+keeps its host, port and database keeps its hold tracking and counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from psycopg import conninfo
+
+from . import landing
+from .config import Config, Fleet
+from .metrics import Exposition, FleetExposition
+from .poller import Poller, connect_poller
+from .probe import Prober, connect_probe
+from .snapshot import ReloadStatus, Snapshot
+
+log = logging.getLogger(__name__)
+
+# How long stop() waits for a poll or probe thread: one stuck on a hung server is not waited for
+# (its threads are daemons, and the process exit closes their sockets).
+JOIN_SECONDS = 0.4
+
+
+def server_identity(dsn: str) -> tuple[str, str, str]:
+    """(host, port, database) of a dsn: what decides whether a changed target is the same server."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - a dsn the config accepted; any doubt means "another server"
+        return (dsn, "", "")
+    return (str(params.get("host") or params.get("hostaddr") or ""), str(params.get("port") or ""),
+            str(params.get("dbname") or ""))
+
+
+class Target:
+    """One monitored server: its poller and prober threads and its own exposition."""
+
+    def __init__(self, config: Config, with_process: bool, on_snapshot: "callable[[str, Snapshot], None] | None" = None) -> None:
+        self.config = config
+        self.exposition = Exposition(with_process=with_process)
+        self.first_poll = threading.Event()
+        self._on_snapshot = on_snapshot
+        self._stop = threading.Event()
+        self.prober = Prober(config, connect=connect_probe, publish=self.exposition.publish_probes)
+        self.poller = Poller(config, connect=connect_poller, publish=self._publish, own_pids=self.prober.backend_pids)
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        self.exposition.publish(snapshot)
+        self.first_poll.set()
+        if self._on_snapshot is not None:
+            self._on_snapshot(self.name, snapshot)
+
+    def start(self) -> None:
+        self.exposition.start()
+        label = f"-{self.name}" if self.name else ""
+        self._threads = [
+            threading.Thread(target=self.poller.run, args=(self._stop,), name=f"poller{label}", daemon=True),
+            threading.Thread(target=self.prober.run, args=(self._stop,), name=f"probe{label}", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def reconfigure(self, config: Config) -> None:
+        """The same server, a new config: from the next poll and try on, tracking kept."""
+        self.config = config
+        self.poller.reconfigure(config)
+        self.prober.reconfigure(config)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.exposition.stop()
+        for thread in self._threads:
+            thread.join(timeout=JOIN_SECONDS)
+
+
+class Runtime:
+    """Every target of the config, and what the HTTP server asks of them."""
+
+    def __init__(self, fleet: Fleet, telemetry_path: str) -> None:
+        self.single = fleet.single
+        self.telemetry_path = telemetry_path
+        self.health = None if fleet.single else FleetExposition()
+        self._targets: dict[str, Target] = {}
+        self._lock = threading.Lock()
+        self.reload_status = ReloadStatus(True, time.time())
+        for config in fleet.targets:
+            self._targets[config.name] = self._make(config)
+        self._publish_reload()
+
+    def _make(self, config: Config) -> Target:
+        health = self.health
+        return Target(config, with_process=self.single,
+                      on_snapshot=health.publish_target if health is not None else None)
+
+    @property
+    def targets(self) -> dict[str, Target]:
+        return self._targets
+
+    def start(self) -> None:
+        if self.health is not None:
+            self.health.start()
+        for target in self._targets.values():
+            target.start()
+
+    def stop(self) -> None:
+        for target in self._targets.values():
+            target.stop()
+        if self.health is not None:
+            self.health.stop()
+
+    # -- reload -------------------------------------------------------------------------
+
+    def apply(self, fleet: Fleet) -> None:
+        """A reloaded config: targets added, removed, or changed in place (same server: tracking kept)."""
+        with self._lock:
+            if fleet.single != self.single:
+                log.warning("config reload: switching between one server and targets needs a restart; "
+                            "the targets' configs are applied, the mode stays")
+            targets = dict(self._targets)
+            wanted = {config.name: config for config in fleet.targets}
+            if self.single:
+                wanted = {"": fleet.targets[0]} if fleet.single else {"": targets[""].config}
+            for name in [n for n in targets if n not in wanted]:
+                targets.pop(name).stop()
+                if self.health is not None:
+                    self.health.forget_target(name)
+                log.info("target %s removed", name)
+            for name, config in wanted.items():
+                current = targets.get(name)
+                if current is not None and server_identity(current.config.dsn) == server_identity(config.dsn):
+                    current.reconfigure(config)
+                    continue
+                if current is not None:
+                    current.stop()
+                    log.info("target %s now watches another server: its tracking starts anew", name)
+                else:
+                    log.info("target %s added", name)
+                targets[name] = self._make(config)
+                targets[name].start()
+            self._targets = targets
+
+    def reload_result(self, ok: bool) -> None:
+        self.reload_status = ReloadStatus(ok, time.time() if ok else self.reload_status.last_success_timestamp)
+        self._publish_reload()
+
+    def _publish_reload(self) -> None:
+        for target in self._targets.values():
+            target.exposition.publish_reload(self.reload_status)
+        if self.health is not None:
+            self.health.publish_reload(self.reload_status)
+
+    # -- what the server asks -----------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Every target's first poll (good or failed) has been published."""
+        return all(target.first_poll.is_set() for target in self._targets.values())
+
+    def metrics(self, gzipped: bool) -> bytes:
+        if self.health is not None:
+            return self.health.body(gzipped)
+        return next(iter(self._targets.values())).exposition.body(gzipped)
+
+    def probe(self, name: str, gzipped: bool) -> bytes | None:
+        """A target's figures, or None for a name that is no target."""
+        target = None if self.single else self._targets.get(name)
+        return None if target is None else target.exposition.body(gzipped)
+
+    def names(self) -> list[str]:
+        return [] if self.single else sorted(self._targets)
+
+    def landing(self, name: str | None) -> bytes | None:
+        """The landing page: the one server's, a target's, or the list of targets."""
+        if self.single:
+            exposition = next(iter(self._targets.values())).exposition
+            return landing.render(exposition.snapshot, exposition.probes, exposition.reload, self.telemetry_path)
+        if name:
+            target = self._targets.get(name)
+            if target is None:
+                return None
+            exposition = target.exposition
+            return landing.render(exposition.snapshot, exposition.probes, exposition.reload,
+                                  f"/probe?target={name}", target=name)
+        return landing.render_targets({n: t.exposition.snapshot for n, t in sorted(self._targets.items())},
+                                      self.reload_status, self.telemetry_path)
