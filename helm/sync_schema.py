@@ -31,6 +31,11 @@ def chart_config_schema(config_schema: dict) -> dict:
     part = copy.deepcopy({k: v for k, v in config_schema.items() if k not in ("$schema", "$id", "title", "definitions")})
     part = inline(part)
     del part["properties"]["dsn"]
+    # The chart sets each target's dsn too (targets.NAME in the values names its Secret).
+    part["properties"]["targets"]["patternProperties"] = {
+        pattern: {**target, "properties": {k: v for k, v in target["properties"].items() if k != "dsn"}}
+        for pattern, target in part["properties"]["targets"]["patternProperties"].items()
+    }
     part["description"] = "config.yaml without dsn (the chart sets it from the Secret); generated from config.schema.json"
     part["not"] = {"required": ["dsn"]}
     return part

@@ -40,8 +40,16 @@ def sidecar_pod() -> dict:
                      "template": {"metadata": {"labels": {"app": "app"}}, "spec": spec}}}
 
 
+TARGETS_MODE = {
+    "targets": {"orders": {"existingSecret": "orders-db", "secretKey": "uri"}, "billing-eu": {"existingSecret": "billing-db"}},
+    "config": {"poll_interval": "5s", "targets": {
+        "orders": {"presets": ["rails"], "locks": [{"name": "leader", "key": 4242}]},
+        "billing-eu": {"locks": [{"name": "tenants", "key": {"namespace": 42}}], "databases": ["billing"]}}},
+    "serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+}
 VALUE_SETS = {
     "defaults": {},
+    "targets": TARGETS_MODE,
     "everything on": {**ALL_ON, "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
                       "dsn": {"existingSecret": "app-db", "secretKey": "uri"}},
 }
@@ -97,3 +105,26 @@ def test_service_monitor_and_prometheus_rule_validate_against_the_operators_crds
     broken["spec"]["endpoints"][0]["interval"] = "half a minute"
     (error,) = validate_crds([broken])
     assert error and "interval" in error
+
+
+def test_the_targets_mode_scrapes_each_target_and_gives_each_its_secret(tmp_path) -> None:
+    import sys
+
+    docs = documents("targets")
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    probes = [e for e in monitor["spec"]["endpoints"] if e["path"] == "/probe"]
+    assert sorted((e["params"]["target"][0], e["relabelings"][0]["replacement"]) for e in probes) == [
+        ("billing-eu", "billing-eu"), ("orders", "orders")]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in next(
+        d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env == {"PG_ADVISORY_LOCK_DSN_ORDERS": {"name": "orders-db", "key": "uri"},
+                   "PG_ADVISORY_LOCK_DSN_BILLING_EU": {"name": "billing-db", "key": "dsn"}}
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"]
+    path = tmp_path / "config.yaml"
+    path.write_text(config)
+    check = subprocess.run([sys.executable, "-m", "exporter", "--check-config", f"--config.file={path}"], capture_output=True,
+                           text=True, env={"PG_ADVISORY_LOCK_DSN_ORDERS": "host=o", "PG_ADVISORY_LOCK_DSN_BILLING_EU": "host=b",
+                                           "PATH": "/usr/bin:/bin"})
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.split(": ok: ")[1].startswith("2 targets: billing-eu: ")
+    assert validate_crds([monitor]) == [None]

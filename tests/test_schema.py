@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from exporter.config import ConfigError, parse_config
+from exporter.config import ConfigError, parse_fleet
 from tests import test_bad_input, test_config, test_families, test_poller, test_probe
 from tests.test_poolers import LOCKS as POOLER_LOCKS
 
@@ -36,6 +36,16 @@ VALID = [
         {"name": "pgb", "type": "pgbouncer", "dsn": "host=pgb port=6432 dbname=pgbouncer user=console",
          "password_file": "/etc/hostname"},
         {"name": "proxy", "addresses": ["10.1.2.3", "10.1.2.4"], "pool_mode": "transaction"}]},
+    {"poll_interval": "2s", "presets": ["rails"], "targets": {
+        "orders": {"dsn": "host=o dbname=orders", "locks": test_poller.LOCKS[:2], "databases": ["orders"]},
+        "billing-eu": {"dsn": "host=billing.example dbname=billing", "poll_interval": "1s", "unnamed_max_hold": "5m"}}},
+]
+REFUSED_TARGETS = [
+    ({"dsn": "host=x", "targets": {"a": {"dsn": "host=a"}}}, "dsn: with targets, dsn belongs to each target"),
+    ({"locks": [], "targets": {"a": {"dsn": "host=a"}}}, "locks: with targets, locks belongs to each target"),
+    ({"targets": {"a": {"dsn": "host=a", "colour": 1}}}, "targets.a.colour: unknown field"),
+    ({"targets": {}}, "targets: expected a mapping of target names"),
+    ({"targets": {"a b": {}}}, "targets.a b: a target name is letters"),
 ]
 
 
@@ -56,12 +66,12 @@ def test_the_schema_is_draft_07_and_the_example_points_at_it() -> None:
 
 @pytest.mark.parametrize("config", VALID, ids=range(len(VALID)))
 def test_every_valid_config_is_valid_to_the_schema_too(config: dict) -> None:
-    parse_config(config, "t")  # the exporter takes it
+    parse_fleet(config, "t")  # the exporter takes it
     assert not list(VALIDATOR.iter_errors(config)), [e.message for e in VALIDATOR.iter_errors(config)]
 
 
 def refused_configs() -> list[tuple[object, str]]:
-    cases = [(raw, message) for raw, message in test_config.CASES]
+    cases = [(raw, message) for raw, message in [*test_config.CASES, *REFUSED_TARGETS]]
     for content, message in test_bad_input.MALFORMED:
         try:
             data = yaml.safe_load(content.decode("utf-8"))
@@ -75,6 +85,7 @@ def refused_configs() -> list[tuple[object, str]]:
 def test_every_refused_config_is_refused_by_the_schema_where_it_can_say_so(raw: object, message: str) -> None:
     if any(reason in message for reason in NOT_EXPRESSIBLE):
         return  # the exporter's own check is the only one (test_config and test_bad_input assert it)
-    with pytest.raises(ConfigError):
-        parse_config(raw, "t")
+    with pytest.raises(ConfigError) as info:
+        parse_fleet(raw, "t")
+    assert any(message in detail for detail in info.value.details), info.value.details
     assert list(VALIDATOR.iter_errors(raw)), f"the schema takes a config the exporter refuses: {message}"

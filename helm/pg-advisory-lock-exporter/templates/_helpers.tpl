@@ -24,9 +24,30 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
-{{/* The config file the ConfigMap carries: the values' config, with the dsn from the Secret. */}}
+{{/* The environment variable holding a target's dsn: PG_ADVISORY_LOCK_DSN_ORDERS_DB for orders-db. */}}
+{{- define "pgale.dsnEnv" -}}
+PG_ADVISORY_LOCK_DSN_{{ regexReplaceAll "[^A-Z0-9]" (upper .) "_" }}
+{{- end -}}
+
+{{/* The config file the ConfigMap carries: the values' config, with the dsn (or each target's)
+     from the Secret, through the environment. */}}
 {{- define "pgale.config" -}}
 {{- $config := deepCopy .Values.config -}}
+{{- if .Values.targets -}}
+{{- $targets := default dict (get $config "targets") -}}
+{{- range $name, $_ := $targets -}}
+{{- if not (hasKey $.Values.targets $name) -}}
+{{- fail (printf "config.targets.%s: no Secret for its dsn: add targets.%s.existingSecret" $name $name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $secret := .Values.targets -}}
+{{- $target := default dict (get $targets $name) -}}
+{{- $_ := set $target "dsn" (printf "${%s}" (include "pgale.dsnEnv" $name)) -}}
+{{- $_ := set $targets $name $target -}}
+{{- end -}}
+{{- $_ := set $config "targets" $targets -}}
+{{- else -}}
 {{- $_ := set $config "dsn" "${PG_ADVISORY_LOCK_DSN}" -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
