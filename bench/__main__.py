@@ -23,6 +23,7 @@ import psycopg
 
 from bench.load import Load
 from bench.coverage import measure_coverage
+from bench.fleet import measure_fleet
 from bench.measure import RESET, cpu_seconds, lock_status_scan_ms, rss_mb, scrape, server_time
 from bench.subjects import Floor, Ours, QueryExporter, create_roles
 from tests.pgcluster import Cluster
@@ -231,6 +232,7 @@ def main() -> int:
     parser.add_argument("--pgbench-rounds", type=int, default=20)
     parser.add_argument("--coverage-seconds", type=float, default=90.0)
     parser.add_argument("--databases", type=int, default=200)
+    parser.add_argument("--fleet-seconds", type=float, default=600.0)
     parser.add_argument("--no-query-exporter", action="store_true")
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
@@ -293,6 +295,10 @@ def main() -> int:
         admin.close()
     finally:
         cluster.destroy()
+    if not args.smoke and not args.no_scaling:
+        # Its own clusters: four of them, after the main one is gone.
+        results["fleet"] = measure_fleet(workdir, args.fleet_seconds)
+        print(f"fleet: {results['fleet']}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / ("results-smoke.json" if args.smoke else "results.json")).write_text(json.dumps(results, indent=1))
