@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from tests.pgcluster import free_port
+from tests.pgcluster import free_port, terminate
 
 BENCH_DIR = Path(__file__).resolve().parent
 QE_VENV = BENCH_DIR / ".venv-query-exporter"
@@ -96,13 +96,8 @@ class Process:
         wait_http(self.url)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 class Ours(Process):

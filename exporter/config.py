@@ -292,15 +292,23 @@ def _parse_range(value: Any, where: str, errors: list[str]) -> keys.RangeFamily 
     return keys.RangeFamily(low, high)
 
 
-def _parse_lock(entry: Any, default_interval: float, where: str, errors: list[str]) -> LockConfig | None:
+def _named_entry(entry: Any, allowed: tuple[str, ...], what: str, where: str, errors: list[str]) -> tuple[bool, str | None]:
+    """(whether entry is a mapping, its name or None): a list entry's common checks, located."""
     if not isinstance(entry, dict):
-        errors.append(f"{where}: expected a mapping with name and key, got {_show(entry)}")
-        return None
-    errors.extend(unknown_fields(entry, _LOCK_FIELDS, where))
+        errors.append(f"{where}: expected a mapping with {what}, got {_show(entry)}")
+        return False, None
+    errors.extend(unknown_fields(entry, allowed, where))
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
         errors.append(f"{where}.name: expected a non-empty string, got {_show(name)}")
-        name = None
+        return True, None
+    return True, name
+
+
+def _parse_lock(entry: Any, default_interval: float, where: str, errors: list[str]) -> LockConfig | None:
+    is_mapping, name = _named_entry(entry, _LOCK_FIELDS, "name and key", where, errors)
+    if not is_mapping:
+        return None
     key = None
     if "key" not in entry:
         errors.append(f"{where}.key: required")
@@ -419,14 +427,9 @@ def _dsn_field(value: Any, where: str, errors: list[str]) -> str:
 
 
 def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | None:
-    if not isinstance(entry, dict):
-        errors.append(f"{where}: expected a mapping with name and dsn (or addresses), got {_show(entry)}")
+    is_mapping, name = _named_entry(entry, _POOLER_FIELDS, "name and dsn (or addresses)", where, errors)
+    if not is_mapping:
         return None
-    errors.extend(unknown_fields(entry, _POOLER_FIELDS, where))
-    name = entry.get("name")
-    if not isinstance(name, str) or not name.strip():
-        errors.append(f"{where}.name: expected a non-empty string, got {_show(name)}")
-        name = None
     kind = entry.get("type")
     if kind is not None and kind not in POOLER_TYPES:
         errors.append(f"{where}.type: expected one of {', '.join(POOLER_TYPES)}, got {_show(kind)}")

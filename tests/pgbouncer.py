@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from tests.pgcluster import SERVER_USER, free_port
+from tests.pgcluster import SERVER_USER, free_port, terminate
 
 CONSOLE_USER = "console"
 CONSOLE_PASSWORD = "console-secret"
@@ -117,13 +117,8 @@ class PgBouncer:
             return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
         if self.root:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = ""

@@ -58,6 +58,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(proc: "subprocess.Popen[bytes]", grace: float = 10.0) -> None:
+    """SIGTERM a child process, and SIGKILL it if it has not gone within grace seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
