@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import statistics
 import subprocess
@@ -293,12 +294,13 @@ def main() -> int:
             results["coverage"] = measure_coverage(cluster.dsn(), workdir, args.coverage_seconds)
             print(f"coverage: {results['coverage']}", flush=True)
         admin.close()
+        cluster.destroy()  # the fleet point starts four clusters of its own
+        if not args.smoke and not args.no_scaling:
+            results["fleet"] = measure_fleet(workdir, args.fleet_seconds)
+            print(f"fleet: {results['fleet']}", flush=True)
     finally:
         cluster.destroy()
-    if not args.smoke and not args.no_scaling:
-        # Its own clusters: four of them, after the main one is gone.
-        results["fleet"] = measure_fleet(workdir, args.fleet_seconds)
-        print(f"fleet: {results['fleet']}", flush=True)
+        shutil.rmtree(workdir, ignore_errors=True)  # the subjects' configs and logs
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / ("results-smoke.json" if args.smoke else "results.json")).write_text(json.dumps(results, indent=1))
