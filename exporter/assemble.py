@@ -121,18 +121,16 @@ def who_holds(row: Any, view: PoolerView) -> Who:
     transaction or statement pool is outside any transaction (its locks are session-level, left by
     some earlier borrower: application_name is then the last borrower's and not trusted)."""
     link = view.lookup(row.pid, row.client_port, row.client_addr) if view is not EMPTY_VIEW else None
-    if link is None:
-        return Who(row.pid, row.backend_start, row.application_name or "", row.usename or "", row.client_addr or "",
-                   row.state or "", "", False)
-    outside = bool(row.outside_transaction)
-    if outside and link.pool_mode in HAZARD_MODES:
-        return Who(row.pid, row.backend_start, "", row.usename or "", "", row.state or "", link.pooler, True)
-    client = link.client
-    if client is not None and (link.pool_mode == "session" or not outside):
-        return Who(row.pid, row.backend_start, client.application_name, client.user, client.addr, row.state or "",
-                   link.pooler, False)
+    if link is not None:
+        outside = bool(row.outside_transaction)
+        if outside and link.pool_mode in HAZARD_MODES:
+            return Who(row.pid, row.backend_start, "", row.usename or "", "", row.state or "", link.pooler, True)
+        client = link.client
+        if client is not None and (link.pool_mode == "session" or not outside):
+            return Who(row.pid, row.backend_start, client.application_name, client.user, client.addr, row.state or "",
+                       link.pooler, False)
     return Who(row.pid, row.backend_start, row.application_name or "", row.usename or "", row.client_addr or "",
-               row.state or "", link.pooler, False)
+               row.state or "", link.pooler if link is not None else "", False)
 
 
 @dataclass
@@ -174,24 +172,22 @@ class _Figures:
             self.earliest = earliest
         self.groups.append((starts, keys, objsubid, shared, who))
 
-    def oldest_holds(self, limit: int) -> list[tuple[float, int, int, bool, Who]]:
-        """(start, key, objsubid, shared, who) of the `limit` longest-held holds."""
+    def oldest_holders(self, limit: int, now: float) -> list[Holder]:
+        """Holders of the `limit` longest-held holds (every hold when there are no more)."""
         if limit <= 0:
             return []
-        if self.holds <= limit:
-            return [(start, key, objsubid, shared, who)
-                    for starts, keys, objsubid, shared, who in self.groups for start, key in zip(starts, keys)]
         every = ((start, key, objsubid, shared, who)
                  for starts, keys, objsubid, shared, who in self.groups for start, key in zip(starts, keys))
-        return heapq.nsmallest(limit, every, key=lambda hold: hold[0])
+        holds = list(every) if self.holds <= limit else heapq.nsmallest(limit, every, key=lambda hold: hold[0])
+        return [self._holder(hold, now) for hold in holds]
 
-
-def _holder(hold: tuple[float, int, int, bool, Who], modes: frozenset[str], now: float) -> Holder:
-    start, key, objsubid, _, who = hold
-    return Holder(
-        who.pid, who.backend_start, modes, who.application_name, who.usename, who.client_addr, who.state,
-        round(max(now - start, 0.0), 3), keys.key_label(objsubid, key), who.pooler, who.stranded,
-    )
+    def _holder(self, hold: tuple[float, int, int, bool, Who], now: float) -> Holder:
+        start, key, objsubid, shared, who = hold
+        modes = BOTH_MODES if (who.pid, key) in self.both else ONLY_SHARED if shared else ONLY_EXCLUSIVE
+        return Holder(
+            who.pid, who.backend_start, modes, who.application_name, who.usename, who.client_addr, who.state,
+            round(max(now - start, 0.0), 3), keys.key_label(objsubid, key), who.pooler, who.stranded,
+        )
 
 
 @dataclass(frozen=True)
@@ -293,25 +289,18 @@ def _states(
     room = caps.total
     dropped = 0
     seen = set(seen_presets)
-    empty = _Figures()
     for lock, fig in zip(locks, figures, strict=True):
-        if fig is None and lock.source != SOURCE_PRESET:
-            # Free: its series are all zero (a lock's state with nothing held, awaited or seen).
-            states.append(_free_state(lock, tracker, pooled))
-            continue
         if lock.source == SOURCE_PRESET:
             if fig is None and lock.key not in seen:
                 continue  # a preset lock nobody has taken: no series until someone does
             seen.add(lock.key)
-        fig = fig or empty
-        shown = fig.oldest_holds(min(caps.per_lock, room))
-        room -= len(shown)
-        dropped += fig.holds - len(shown)
-        info = tuple(sorted(
-            (_holder(hold, BOTH_MODES if (hold[4].pid, hold[1]) in fig.both else ONLY_SHARED if hold[3] else ONLY_EXCLUSIVE, now)
-             for hold in shown),
-            key=lambda h: (h.pid, h.key),
-        ))
+        if fig is None:
+            # Free: its series are all zero (a lock's state with nothing held or awaited).
+            states.append(_free_state(lock, tracker, pooled))
+            continue
+        info = tuple(sorted(fig.oldest_holders(min(caps.per_lock, room), now), key=lambda h: (h.pid, h.key)))
+        room -= len(info)
+        dropped += fig.holds - len(info)
         stranded = fig.stranded if pooled else None
         family = lock.family
         states.append(LockState(
@@ -324,13 +313,8 @@ def _states(
     unnamed_states = []
     for database in sorted(unnamed):
         fig = unnamed[database]
-        shown = fig.oldest_holds(caps.unnamed_per_database)
-        info = tuple(sorted(
-            (_holder(hold, BOTH_MODES if (hold[4].pid, hold[1]) in fig.both else ONLY_SHARED if hold[3] else ONLY_EXCLUSIVE,
-                     now)
-             for hold in shown),
-            key=lambda h: (h.pid, h.key, MODE_EXCLUSIVE in h.modes),
-        ))
+        info = tuple(sorted(fig.oldest_holders(caps.unnamed_per_database, now),
+                            key=lambda h: (h.pid, h.key, MODE_EXCLUSIVE in h.modes)))
         unnamed_states.append(UnnamedLocks(
             database, fig.exclusive + fig.shared, fig.waiters, _age(fig, now), round(fig.longest_wait, 3), info, unnamed_max_hold,
             fig.stranded if pooled else None,

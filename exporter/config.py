@@ -426,6 +426,14 @@ def _dsn_field(value: Any, where: str, errors: list[str]) -> str:
     return dsn
 
 
+def _names(value: Any, where: str, what: str, errors: list[str]) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings, or () after appending the reason to errors."""
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
+        errors.append(f"{where}: expected a list of {what}, got {_show(value)}")
+        return ()
+    return tuple(value)
+
+
 def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | None:
     is_mapping, name = _named_entry(entry, _POOLER_FIELDS, "name and dsn (or addresses)", where, errors)
     if not is_mapping:
@@ -438,11 +446,7 @@ def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | N
     password_file = _password_file(entry.get("password_file"), f"{where}.password_file", errors)
     addresses: tuple[str, ...] = ()
     if "addresses" in entry:
-        raw = entry["addresses"]
-        if not isinstance(raw, list) or not raw or not all(isinstance(a, str) and a for a in raw):
-            errors.append(f"{where}.addresses: expected a list of IP addresses or host names, got {_show(raw)}")
-        else:
-            addresses = tuple(raw)
+        addresses = _names(entry["addresses"], f"{where}.addresses", "IP addresses or host names", errors)
     mode = entry.get("pool_mode")
     if mode is not None and mode not in POOL_MODES:
         errors.append(f"{where}.pool_mode: expected one of {', '.join(POOL_MODES)}, got {_show(mode)}")
@@ -584,13 +588,7 @@ def parse_config(data: Any, source: str) -> Config:
         unnamed_max_hold = _duration_field(data["unnamed_max_hold"], "unnamed_max_hold", 0.001, errors)
     password_file = _password_file(data.get("password_file"), "password_file", errors)
     poolers = _parse_poolers(data["poolers"], errors) if "poolers" in data else ()
-    databases: tuple[str, ...] = ()
-    if "databases" in data:
-        raw_databases = data["databases"]
-        if not isinstance(raw_databases, list) or not raw_databases or not all(isinstance(d, str) and d for d in raw_databases):
-            errors.append(f"databases: expected a list of database names, got {_show(raw_databases)}")
-        else:
-            databases = tuple(raw_databases)
+    databases = _names(data["databases"], "databases", "database names", errors) if "databases" in data else ()
 
     chosen_presets = _parse_presets(data.get("presets", []), errors)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from psycopg import conninfo
 
@@ -40,7 +41,8 @@ def server_identity(dsn: str) -> tuple[str, str, str]:
 class Target:
     """One monitored server: its poller and prober threads and its own exposition."""
 
-    def __init__(self, config: Config, with_process: bool, on_snapshot: "callable[[str, Snapshot], None] | None" = None) -> None:
+    def __init__(self, config: Config, with_process: bool,
+                 on_snapshot: Callable[[str, Snapshot], None] | None = None) -> None:
         self.config = config
         self.exposition = Exposition(with_process=with_process)
         self.first_poll = threading.Event()
@@ -165,10 +167,15 @@ class Runtime:
         """Every target's first poll (good or failed) has been published."""
         return all(target.first_poll.is_set() for target in self._targets.values())
 
+    @property
+    def _only(self) -> Target:
+        """The one target of single-server mode."""
+        return self._targets[""]
+
     def metrics(self, gzipped: bool) -> bytes:
         if self.health is not None:
             return self.health.body(gzipped)
-        return next(iter(self._targets.values())).exposition.body(gzipped)
+        return self._only.exposition.body(gzipped)
 
     def probe(self, name: str, gzipped: bool) -> bytes | None:
         """A target's figures, or None for a name that is no target."""
@@ -181,7 +188,7 @@ class Runtime:
     def landing(self, name: str | None) -> bytes | None:
         """The landing page: the one server's, a target's, or the list of targets."""
         if self.single:
-            exposition = next(iter(self._targets.values())).exposition
+            exposition = self._only.exposition
             return landing.render(exposition.snapshot, exposition.probes, exposition.reload, self.telemetry_path)
         if name:
             target = self._targets.get(name)

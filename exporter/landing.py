@@ -109,10 +109,7 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
     busy = [lock for lock in snapshot.locks if lock.holds or lock.waiters]
     free = [lock for lock in snapshot.locks if not lock.holds and not lock.waiters]
     parts = [
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\">",
-        f"<meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">",
-        "<title>pg-advisory-lock-exporter</title>",
-        f"<style>{_STYLE}</style></head><body>",
+        *_head("pg-advisory-lock-exporter"),
         f"<h1>pg-advisory-lock-exporter {escape(__version__)}{': target ' + escape(target) if target else ''}</h1>",
         '<p><a href="/">all targets</a></p>' if target else "",
         f"<p><a href=\"{path}\">Metrics</a> &middot; <a href=\"/-/healthy\">healthy</a> &middot; "

@@ -209,6 +209,11 @@ def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
             f"{PREFIX}_exporter_last_poll_timestamp_seconds", "gauge",
             "End of the last successful poll, in seconds since the epoch.", [("", "", stats.last_success_timestamp)],
         )
+    yield from _identity_text(reload)
+
+
+def _identity_text(reload: ReloadStatus) -> Iterator[str]:
+    """The exporter's version and its last config load: in single-server mode and a fleet's /metrics."""
     yield from _family(f"{PREFIX}_exporter_build_info", "gauge", "The exporter's version.",
                        [("", labels(version=__version__), 1)])
     yield from _family(f"{PREFIX}_exporter_config_last_reload_successful", "gauge",
@@ -261,44 +266,42 @@ class Exposition:
     """The latest snapshot, probe results and reload status, and their rendering (text and gzip),
     made by a renderer thread after each change, so a scrape only ever writes bytes already made."""
 
-    def __init__(self, snapshot: Snapshot | None = None, registry: CollectorRegistry | None = None,
-                 with_process: bool = True) -> None:
+    def __init__(self, snapshot: Snapshot | None = None, with_process: bool = True) -> None:
         self._lock = threading.Lock()
         self._snapshot = snapshot or Snapshot(up=False)
         self._probes: tuple[ProbeResult, ...] = ()
         self._reload = ReloadStatus()
         # A fleet's targets serve lock figures only: the process figures are the exporter's (/metrics).
-        self._registry = registry if registry is not None else process_registry() if with_process else None
+        self._registry = process_registry() if with_process else None
         self._changed = threading.Event()
-        self._version = 0  # bumped by every publish
         self._rendered = self._render()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def _render(self) -> Rendered:
+    def _text(self) -> bytes:
+        """The figures of what was last published (the process figures are added to them)."""
         with self._lock:
             state = (self._snapshot, self._probes, self._reload)
-        plain = render(*state) + (generate_latest(self._registry) if self._registry is not None else b"")
-        return Rendered(plain, gzip.compress(plain, compresslevel=GZIP_LEVEL, mtime=0))
+        return render(*state)
 
-    def _changed_now(self) -> None:
-        self._version += 1
-        self._changed.set()
+    def _render(self) -> Rendered:
+        plain = self._text() + (generate_latest(self._registry) if self._registry is not None else b"")
+        return Rendered(plain, gzip.compress(plain, compresslevel=GZIP_LEVEL, mtime=0))
 
     def publish(self, snapshot: Snapshot) -> None:
         with self._lock:
             self._snapshot = snapshot
-            self._changed_now()
+            self._changed.set()
 
     def publish_probes(self, probes: tuple[ProbeResult, ...]) -> None:
         with self._lock:
             self._probes = probes
-            self._changed_now()
+            self._changed.set()
 
     def publish_reload(self, reload: ReloadStatus) -> None:
         with self._lock:
             self._reload = reload
-            self._changed_now()
+            self._changed.set()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -355,14 +358,7 @@ def render_fleet(targets: dict[str, Snapshot], reload: ReloadStatus) -> bytes:
                      "Time of each poll of the target, failed ones included.", samples)
     parts += _family(f"{PREFIX}_exporter_target_poll_errors_total", "counter", "Failed polls of the target.",
                      (("", i, snap.stats.errors) for i, snap in pairs))
-    parts += _family(f"{PREFIX}_exporter_build_info", "gauge", "The exporter's version.",
-                     [("", labels(version=__version__), 1)])
-    parts += _family(f"{PREFIX}_exporter_config_last_reload_successful", "gauge",
-                     "1 if the last config load (start-up, SIGHUP or /-/reload) succeeded.", [("", "", int(reload.successful))])
-    if reload.last_success_timestamp is not None:
-        parts += _family(f"{PREFIX}_exporter_config_last_reload_success_timestamp_seconds", "gauge",
-                         "When the config was last loaded successfully, in seconds since the epoch.",
-                         [("", "", reload.last_success_timestamp)])
+    parts += _identity_text(reload)
     return "".join(parts).encode()
 
 
@@ -376,15 +372,14 @@ class FleetExposition(Exposition):
     def publish_target(self, name: str, snapshot: Snapshot) -> None:
         with self._lock:
             self._targets = {**self._targets, name: snapshot}
-            self._changed_now()
+            self._changed.set()
 
     def forget_target(self, name: str) -> None:
         with self._lock:
             self._targets = {k: v for k, v in self._targets.items() if k != name}
-            self._changed_now()
+            self._changed.set()
 
-    def _render(self) -> Rendered:
+    def _text(self) -> bytes:
         with self._lock:
             targets, reload = self._targets, self._reload
-        plain = render_fleet(targets, reload) + (generate_latest(self._registry) if self._registry is not None else b"")
-        return Rendered(plain, gzip.compress(plain, compresslevel=GZIP_LEVEL, mtime=0))
+        return render_fleet(targets, reload)

@@ -89,7 +89,6 @@ class Poller:
         self._collisions: tuple[KeyCollision, ...] = ()
         self._tracker = HoldTracker(config.max_tracked_holds)
         self._poolers = PoolerReader(config, clock)
-        self._consoles: tuple[ConsoleStatus, ...] = ()
         self._polls = 0
         self._errors = 0
         self._bucket_counts = [0] * len(DURATION_BUCKETS)
@@ -166,11 +165,12 @@ class Poller:
                     conn.close()
             raise
 
-    def _build(self, rows: list[Any], now: float) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...]]:
+    def _build(
+        self, rows: list[Any], now: float,
+    ) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...], tuple[ConsoleStatus, ...]]:
         config = self._config
         # The consoles right after pg_locks, so both describe the same moment as nearly as can be.
         view = self._poolers.read() if self._poolers.configured else None
-        self._consoles = view.consoles if view is not None else ()
         result = assemble(
             rows, self._locks, self._matcher, self._tracker, now,
             Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
@@ -180,7 +180,7 @@ class Poller:
         if result.holder_info_dropped:
             with self._stats_lock:
                 self._holder_info_dropped += result.holder_info_dropped
-        return result.locks, result.unnamed
+        return result.locks, result.unnamed, view.consoles if view is not None else ()
 
     def _stats(self) -> PollStats:
         cumulative, total = [], 0
@@ -212,7 +212,7 @@ class Poller:
             rows = self._read()
             now = self._clock()
             with _no_cyclic_gc():
-                locks, unnamed = self._build(rows, now)
+                locks, unnamed, consoles = self._build(rows, now)
         except psycopg.Error as exc:
             stats = self._record(self._clock() - started, failed=True)
             self._fail(error_line(exc, self._config.dsn))
@@ -224,7 +224,7 @@ class Poller:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
         return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=stats,
-                        consoles=self._consoles)
+                        consoles=consoles)
 
     def _fail(self, message: str) -> None:
         # One warning per distinct failure, not one per interval.

@@ -18,6 +18,7 @@ from .webconfig import AuthBusy, WebConfig
 log = logging.getLogger(__name__)
 
 HEALTH_PATHS = ("/-/healthy", "/-/ready")
+TEXT = "text/plain; charset=utf-8"
 # A client that sends nothing for this long is dropped, so it holds only its own thread.
 CLIENT_TIMEOUT_SECONDS = 10.0
 
@@ -100,19 +101,10 @@ def make_handler(
                     if user and web.auth.check(user, password):
                         return True
                 except AuthBusy:
-                    self.send_response(429)
-                    self.send_header("Retry-After", "1")
-                    self.send_header("Content-Type", "text/plain; charset=utf-8")
-                    self.send_header("Content-Length", "18")
-                    self.end_headers()
-                    self.wfile.write(b"too many requests\n")
+                    self._send(429, b"too many requests\n", TEXT, headers={"Retry-After": "1"})
                     return False
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="pg-advisory-lock-exporter", charset="UTF-8"')
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", "13")
-            self.end_headers()
-            self.wfile.write(b"unauthorized\n")
+            self._send(401, b"unauthorized\n", TEXT,
+                       headers={"WWW-Authenticate": 'Basic realm="pg-advisory-lock-exporter", charset="UTF-8"'})
             return False
 
         def _wants_gzip(self) -> bool:
@@ -120,15 +112,16 @@ def make_handler(
             return any(part.split(";")[0].strip().lower() == "gzip" and "q=0" not in part.replace(" ", "")
                        for part in accepted.split(","))
 
-        def _send(self, status: int, body: bytes, content_type: str, head: bool = False, encoding: str | None = None) -> None:
+        def _send(self, status: int, body: bytes, content_type: str, head: bool = False, encoding: str | None = None,
+                  headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             if encoding:
                 self.send_header("Content-Encoding", encoding)
                 self.send_header("Vary", "Accept-Encoding")
-            if status == 405:
-                self.send_header("Allow", "GET, HEAD")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             if not head:
                 self.wfile.write(body)
@@ -148,23 +141,23 @@ def make_handler(
                 if body is None:
                     known = ", ".join(site.names()) or "none: this exporter watches one server, at " + telemetry_path
                     self._send(404, f"unknown target {target!r}; known targets: {known}\n".encode(),
-                               "text/plain; charset=utf-8", head)
+                               TEXT, head)
                 else:
                     self._send(200, body, CONTENT_TYPE, head, "gzip" if gzipped else None)
             elif path == "/":
                 page = site.landing(target or None)
                 if page is None:
                     self._send(404, f"unknown target {target!r}; known targets: {', '.join(site.names())}\n".encode(),
-                               "text/plain; charset=utf-8", head)
+                               TEXT, head)
                 else:
                     self._send(200, page, "text/html; charset=utf-8", head)
             elif path == "/-/healthy":
-                self._send(200, b"OK\n", "text/plain; charset=utf-8", head)
+                self._send(200, b"OK\n", TEXT, head)
             elif path == "/-/ready":
                 ready = site.ready()
-                self._send(200 if ready else 503, b"OK\n" if ready else b"not ready\n", "text/plain; charset=utf-8", head)
+                self._send(200 if ready else 503, b"OK\n" if ready else b"not ready\n", TEXT, head)
             else:
-                self._send(404, b"not found\n", "text/plain; charset=utf-8", head)
+                self._send(404, b"not found\n", TEXT, head)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             self._route(head=False)
@@ -173,7 +166,7 @@ def make_handler(
             self._route(head=True)
 
         def _not_allowed(self) -> None:
-            self._send(405, b"method not allowed\n", "text/plain; charset=utf-8")
+            self._send(405, b"method not allowed\n", TEXT, headers={"Allow": "GET, HEAD"})
 
         def do_POST(self) -> None:  # noqa: N802
             if not self._authorized():
@@ -181,11 +174,11 @@ def make_handler(
             if self.path.split("?", 1)[0] != "/-/reload":
                 self._not_allowed()
             elif reload is None:
-                self._send(403, b"lifecycle API is not enabled (--web.enable-lifecycle)\n", "text/plain; charset=utf-8")
+                self._send(403, b"lifecycle API is not enabled (--web.enable-lifecycle)\n", TEXT)
             elif reload():
-                self._send(200, b"config reloaded\n", "text/plain; charset=utf-8")
+                self._send(200, b"config reloaded\n", TEXT)
             else:
-                self._send(500, b"config refused; the previous config stays in force (see the log)\n", "text/plain; charset=utf-8")
+                self._send(500, b"config refused; the previous config stays in force (see the log)\n", TEXT)
 
         do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
