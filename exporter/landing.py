@@ -22,12 +22,12 @@ th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}.muted{col
 """
 
 
-def _holder_line(h: Holder, with_key: bool) -> str:
+def _holder_line(h: Holder, with_key: bool, snapshot: Snapshot) -> str:
     mode = "exclusive" if MODE_EXCLUSIVE in h.modes else "shared"
     line = escape(
         f"{'key ' + h.key + ', ' if with_key else ''}{mode}: pid {h.pid} "
         f"{h.application_name or '-'} {h.usename}{'@' + h.client_addr if h.client_addr else ''} "
-        f"({h.state or 'state hidden'}), held {age(h.held_seconds, at_least=True)}"
+        f"({h.state or 'state hidden'}), held {age(snapshot.held_seconds(h), at_least=True)}"
     )
     if h.stranded:
         return line + (f' <span class="bad">STRANDED: backend {h.pid} &rarr; pooler {escape(h.pooler)} &rarr; no client. '
@@ -38,14 +38,15 @@ def _holder_line(h: Holder, with_key: bool) -> str:
     return line
 
 
-def _lock_row(lock: LockState, probe: ProbeResult | None) -> str:
-    holders = "<br>".join(_holder_line(h, lock.is_family) for h in lock.info_holders) or '<span class="muted">none</span>'
+def _lock_row(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> str:
+    holders = "<br>".join(_holder_line(h, lock.is_family, snapshot) for h in lock.info_holders) or '<span class="muted">none</span>'
     if lock.is_family:
         holders = f"{lock.keys_held} key{'s' if lock.keys_held != 1 else ''} held<br>" + holders
     hidden = lock.holds - len(lock.info_holders)
     if hidden:
         holders += f"<br><span class=\"muted\">and {hidden} more</span>"
-    over = lock.max_hold is not None and lock.held_seconds > lock.max_hold
+    held_seconds = snapshot.held_seconds(lock)
+    over = lock.max_hold is not None and held_seconds > lock.max_hold
     max_hold = "" if lock.max_hold is None else age(lock.max_hold)
     waits = f"{lock.waiters} (longest {age(lock.wait_seconds)})" if lock.waiters else "0"
     probe_cell = "" if probe is None else (
@@ -54,7 +55,7 @@ def _lock_row(lock: LockState, probe: ProbeResult | None) -> str:
     return (
         f"<tr><td>{escape(lock.name)}</td><td>{escape(lock.key)}</td><td>{escape(lock.database)}</td>"
         f"<td>{escape(lock.source)}</td>"
-        f"<td>{holders}</td><td class=\"{'bad' if over else ''}\">{age(lock.held_seconds)}</td>"
+        f"<td>{holders}</td><td class=\"{'bad' if over else ''}\">{age(held_seconds)}</td>"
         f"<td>{max_hold}</td><td class=\"{'bad' if lock.waiters else ''}\">{waits}</td><td>{probe_cell}</td></tr>"
     )
 
@@ -136,7 +137,7 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
         if busy:
             parts.append("<table id=\"locks\"><tr><th>lock</th><th>key</th><th>database</th><th>source</th><th>holders</th>"
                          "<th>held for</th><th>max_hold</th><th>waiters</th><th>probe</th></tr>")
-            parts += [_lock_row(lock, by_name.get(lock.name)) for lock in busy]
+            parts += [_lock_row(lock, by_name.get(lock.name), snapshot) for lock in busy]
             parts.append("</table>")
         else:
             parts.append("<p class=\"muted\">none</p>")
@@ -154,10 +155,10 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
             parts.append("<table id=\"unnamed\"><tr><th>database</th><th>held</th><th>oldest hold</th>"
                          "<th>waiting</th><th>oldest holders</th></tr>" + "".join(
                 f"<tr><td>{escape(u.database)}</td><td>{u.holders}</td>"
-                f"<td class=\"{'bad' if u.max_hold is not None and u.held_seconds > u.max_hold else ''}\">"
-                f"{age(u.held_seconds)}</td><td>{u.waiters}"
+                f"<td class=\"{'bad' if u.max_hold is not None and snapshot.held_seconds(u) > u.max_hold else ''}\">"
+                f"{age(snapshot.held_seconds(u))}</td><td>{u.waiters}"
                 f"{f' (longest {age(u.wait_seconds)})' if u.waiters else ''}</td>"
-                f"<td>{'<br>'.join(_holder_line(h, True) for h in u.info_holders)}</td></tr>"
+                f"<td>{'<br>'.join(_holder_line(h, True, snapshot) for h in u.info_holders)}</td></tr>"
                 for u in snapshot.unnamed) + "</table>")
         else:
             parts.append("<p class=\"muted\">none</p>")

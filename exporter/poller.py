@@ -19,7 +19,7 @@ from . import queries
 from .config import Config
 from .deadline import OneAtATime, StuckCall
 from .dsn import connect, error_line, local_timeouts, reconnect_delay, server_name
-from .assemble import Caps, KeyMatcher, assemble
+from .assemble import Assembler, Caps, KeyMatcher
 from .resolve import ResolvedLock, find_collisions, resolve_on_server
 from .poolers import PoolerReader
 from .snapshot import ConsoleStatus, KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
@@ -84,10 +84,10 @@ class Poller:
         self._conn: psycopg.Connection | None = None
         self._query = ""
         self._locks: tuple[ResolvedLock, ...] = ()
-        self._matcher = KeyMatcher(())
+        self._tracker = HoldTracker(config.max_tracked_holds)
+        self._assembler = Assembler((), KeyMatcher(()), self._tracker)
         self._seen_presets: frozenset[tuple[str, str]] = frozenset()
         self._collisions: tuple[KeyCollision, ...] = ()
-        self._tracker = HoldTracker(config.max_tracked_holds)
         self._poolers = PoolerReader(config, clock)
         self._polls = 0
         self._errors = 0
@@ -116,7 +116,7 @@ class Poller:
         self.server = info
         self._query = queries.poll_query(info.version_num, self._config.poll_interval)
         self._locks = locks
-        self._matcher = KeyMatcher(locks)
+        self._assembler = Assembler(locks, KeyMatcher(locks), self._tracker)
         self._pid = info.backend_pid
         messages, self._collisions = find_collisions(self._locks)
         for message in messages:
@@ -171,9 +171,8 @@ class Poller:
         config = self._config
         # The consoles right after pg_locks, so both describe the same moment as nearly as can be.
         view = self._poolers.read() if self._poolers.configured else None
-        result = assemble(
-            rows, self._locks, self._matcher, self._tracker, now,
-            Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
+        result = self._assembler.run(
+            rows, now, Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
             self._seen_presets, self._own_pids() | {self._pid}, config.unnamed_max_hold, view, frozenset(config.databases),
         )
         self._seen_presets = result.seen_presets
@@ -224,7 +223,7 @@ class Poller:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
         return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=stats,
-                        consoles=consoles)
+                        consoles=consoles, taken_at=now)
 
     def _fail(self, message: str) -> None:
         # One warning per distinct failure, not one per interval.

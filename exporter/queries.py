@@ -41,6 +41,8 @@ FROM unnest(%(texts)s::text[]) AS t
 # database's: the statement is the same whatever the config names, and costs what the floor costs.
 # keys are (classid << 32) | objid as a signed bigint: the bigint itself for pg_advisory_lock(bigint),
 # the two int4 halves for pg_advisory_lock(int4, int4) (objsubid tells which).
+# idle_seconds comes last: it is the one column of a holder's row that grows with time, and the
+# exporter compares the rest with the last poll's to skip what did not change (assemble.Assembler).
 _POLL_TEMPLATE = """
 WITH held AS (
     SELECT l.database, l.pid, l.objsubid, l.granted, l.mode = 'ShareLock' AS shared,
@@ -55,11 +57,11 @@ SELECT coalesce(d.datname, h.database::text) AS datname, h.pid, h.objsubid::int 
        extract(epoch FROM a.backend_start)::float8 AS backend_start,
        a.application_name, a.usename::text AS usename, host(a.client_addr) AS client_addr,
        a.client_port, a.state,
-       CASE WHEN a.state LIKE 'idle%'
-            THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS idle_seconds,
+       a.xact_start IS NULL AND a.state = 'idle' AS outside_transaction,
        CASE WHEN NOT h.granted
             THEN greatest(extract(epoch FROM now() - coalesce(h.waitstart, a.query_start))::float8, 0) END AS wait_seconds,
-       a.xact_start IS NULL AND a.state = 'idle' AS outside_transaction
+       CASE WHEN a.state LIKE 'idle%'
+            THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS idle_seconds
 FROM held AS h
 LEFT JOIN pg_stat_activity AS a ON a.pid = h.pid
 LEFT JOIN pg_database AS d ON d.oid = h.database

@@ -22,7 +22,9 @@ class Holder(NamedTuple):
     usename: str
     client_addr: str
     state: str
-    held_seconds: float
+    # When the hold began at the latest (the poller's monotonic clock, as Snapshot.taken_at): a
+    # start, not an age, so an unchanged holder is the same value at every poll.
+    held_since: float
     key: str = ""  # the decoded key: '4242', or '42,7' for an int4 pair
     pooler: str = ""  # the pooler the session came through; "" for a direct connection
     stranded: bool = False  # session-level, on a transaction-pool backend outside any transaction
@@ -35,7 +37,9 @@ class LockState(NamedTuple):
     database: str
     exclusive: int  # holding sessions in exclusive mode, summed over the keys of a family
     shared: int
-    held_seconds: float  # the oldest current hold (a proven lower bound); 0 when free
+    # When the oldest current hold began at the latest (Snapshot.taken_at's clock; None when free):
+    # a start, not an age, so a lock whose holders did not change is the same value at every poll.
+    held_since: float | None
     waiters: int
     wait_seconds: float
     acquisitions: int
@@ -65,7 +69,7 @@ class UnnamedLocks:
     database: str
     holders: int  # one per session, key and mode
     waiters: int
-    held_seconds: float = 0.0
+    held_since: float | None = None  # as LockState's
     wait_seconds: float = 0.0
     info_holders: tuple[Holder, ...] = ()  # the oldest holds, within max_unnamed_holder_info
     max_hold: float | None = None
@@ -139,3 +143,10 @@ class Snapshot:
     collisions: tuple[KeyCollision, ...] = ()
     stats: PollStats = field(default_factory=PollStats)
     consoles: tuple[ConsoleStatus, ...] = ()  # the pooler consoles read with this poll
+    taken_at: float = 0.0  # the poller's monotonic clock when the rows were read
+
+    def held_seconds(self, held: Holder | LockState | UnnamedLocks) -> float:
+        """How long a holder, or the oldest holder of a lock, has held it at least, as of this poll
+        (a proven lower bound); 0 when nothing is held."""
+        since = held.held_since
+        return 0.0 if since is None else round(max(self.taken_at - since, 0.0), 3)

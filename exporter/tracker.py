@@ -89,6 +89,15 @@ class HoldTracker:
             self._acquisitions[slot] = self._acquisitions.get(slot, 0) + new
         return starts, again
 
+    def carry(self, sessions: list[SessionKey]) -> None:
+        """Holds of sessions whose rows are the same as the last poll's: remembered as they were,
+        without looking at each key again (their starts, modes and counts cannot have changed)."""
+        since, current = self._since, self._current
+        for session in sessions:
+            held = since.get(session)
+            if held is not None:
+                current[session] = held
+
     def end(self) -> None:
         """Finish the poll: holds not seen in it are forgotten."""
         self._since = {session: held for session, held in self._current.items() if held}

@@ -11,12 +11,13 @@ from exporter.metrics import Exposition, render
 from exporter.snapshot import Holder, LockState, PollStats, ProbeResult, Snapshot, UnnamedLocks
 from tests.metrics_util import parse
 
-HOLDER = Holder(7, 1.0, frozenset({"exclusive", "shared"}), "app", "u", "10.0.0.1", "idle", 3.5, "42,7")
+HOLDER = Holder(7, 1.0, frozenset({"exclusive", "shared"}), "app", "u", "10.0.0.1", "idle", 6.5, "42,7")
 SNAPSHOT = Snapshot(
     up=True,
-    locks=(LockState("tenants", "app", 1, 1, 3.5, 0, 0.0, 2, 60.0, (HOLDER,), 1, "config", "(42, *)", 1, None),),
-    unnamed=(UnnamedLocks("app", 1, 0, 9.0, 0.0, (HOLDER._replace(key="5"),), 30.0),),
+    locks=(LockState("tenants", "app", 1, 1, 6.5, 0, 0.0, 2, 60.0, (HOLDER,), 1, "config", "(42, *)", 1, None),),
+    unnamed=(UnnamedLocks("app", 1, 0, 1.0, 0.0, (HOLDER._replace(key="5"),), 30.0),),
     stats=PollStats(polls=2, errors=1, duration_buckets=((0.005, 1), (0.01, 2)), duration_sum=0.2),
+    taken_at=10.0,  # the lock held 3.5 s, the unnamed key 9 s
 )
 
 
@@ -32,7 +33,11 @@ def test_a_scrape_returns_bytes_made_before_it_and_never_renders() -> None:
     exposition.render_now()
     after = exposition.body()
     assert after is not before and exposition.body() is after  # the same bytes for every scrape
-    assert parse(after.decode())[("pg_advisory_lock_keys_held", (("database", "app"), ("lock", "tenants")))] == 1
+    samples = parse(after.decode())
+    assert samples[("pg_advisory_lock_keys_held", (("database", "app"), ("lock", "tenants")))] == 1
+    # Ages are the snapshot's time less the hold's start.
+    assert samples[("pg_advisory_lock_held_seconds", (("database", "app"), ("lock", "tenants")))] == 3.5
+    assert samples[("pg_advisory_lock_unnamed_held_seconds", (("database", "app"),))] == 9.0
 
 
 def test_gzip_is_made_with_the_text_and_says_the_same() -> None:
