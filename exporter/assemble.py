@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -244,7 +244,6 @@ class _Session:
     rows: tuple[tuple[Any, ...], ...] | None  # None: never reused (some hold was not tracked)
     who: Who
     parts: dict[Target, _Figures]
-    tracked: list[tuple[Hashable, int, float | None]]  # its tracker sessions, to carry over
 
 
 class Assembler:
@@ -328,7 +327,7 @@ class Assembler:
             stable = tuple(row[_STABLE] for row in session_rows)
             before = earlier.get(session_id)
             if before is not None and before.rows == stable and before.who == who:
-                tracker.carry(before.tracked)
+                tracker.carry(session_id)
                 sessions[session_id] = before
                 continue
             session = sessions[session_id] = self._session(session_rows, stable, who)
@@ -358,25 +357,19 @@ class Assembler:
         """One session's held figures, every key named and seen by the tracker."""
         tracker, slots = self._tracker, self._slots
         parts: dict[Target, _Figures] = {}
-        tracked: list[tuple[Hashable, int, float | None]] = []
         dropped = tracker.dropped
         for row in session_rows:
             database, objsubid = row.datname, row.objsubid
             for index, group in self._matcher.partition(database, objsubid, row.keys).items():
                 target = database if index is None else index
-                fig = parts.get(target)
-                if fig is None:
-                    fig = parts[target] = _Figures()
-                    slot = (UNNAMED, database) if index is None else slots[index]
-                    tracked.append((slot, row.pid, row.backend_start))
-                else:
-                    slot = (UNNAMED, database) if index is None else slots[index]
+                fig = parts.get(target) or parts.setdefault(target, _Figures())
+                slot = (UNNAMED, database) if index is None else slots[index]
                 starts, again = tracker.see(slot, row.pid, row.backend_start, group, row.idle_seconds or 0.0)
                 fig.add(starts, again, group, objsubid, row.shared, who)
                 if index is not None and self._is_family[index]:
                     fig.keys.update(group)
         # A hold the tracker had no room for gets a new start at each poll: never reuse such figures.
-        return _Session(stable if tracker.dropped == dropped else None, who, parts, tracked)
+        return _Session(stable if tracker.dropped == dropped else None, who, parts)
 
     def _merge(self, changed: set[Target]) -> None:
         """Merge the figures of every session holding a changed target."""

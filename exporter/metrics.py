@@ -13,15 +13,14 @@ import operator
 import struct
 import threading
 import zlib
-from itertools import repeat
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
-from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, LockState, ProbeResult, ReloadStatus, Snapshot
+from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, Holder, LockState, ProbeResult, ReloadStatus, Snapshot
 
 PREFIX = "pg_advisory_lock"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -39,14 +38,16 @@ def labels(**pairs: str) -> str:
 
 
 def format_value(value: float) -> str:
+    if type(value) is int:  # most values: counts
+        return str(value)
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
     if value == math.inf:
         return "+Inf"
     if value == -math.inf:
         return "-Inf"
     if value != value:
         return "NaN"
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
     return repr(float(value))
 
 
@@ -62,6 +63,7 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[_Sample]) ->
 # The fields of a LockState each per-lock family is made of.
 _NAME_AND_DATABASE = operator.attrgetter("name", "database")
 _HOLDERS = operator.attrgetter("exclusive", "shared")
+_HELD_SINCE = operator.attrgetter("held_since")
 _WAITERS = operator.attrgetter("waiters")
 _WAIT_SECONDS = operator.attrgetter("wait_seconds")
 _ACQUISITIONS = operator.attrgetter("acquisitions")
@@ -71,82 +73,95 @@ _KEYS_HELD = operator.attrgetter("keys_held")
 _POOLED = operator.attrgetter("pooled_session_holders")
 
 
+_CHUNK = 100  # locks per cached piece of a family
+
+
 class FamilyTexts:
-    """The per-lock families' texts of the last rendering, each reused while the values it was
-    made from are the same (one C-level tuple comparison): between two polls most figures of most
-    locks do not change, and writing 1,000 locks' ~8,000 lines anew at every poll was most of the
-    exporter's CPU at the benchmark's default point (13 ms of 22)."""
+    """The per-lock families' texts of the last rendering, in pieces of 100 locks, each piece
+    reused while the values it was made from are the same (one C-level tuple comparison): between
+    two polls most figures of most locks do not change, and writing 1,000 locks' ~8,000 lines anew
+    at every poll was most of the exporter's CPU at the benchmark's default point (13 ms of 22)."""
 
     def __init__(self) -> None:
         self._locks: tuple[tuple[str, str], ...] = ()
         self._ids: tuple[str, ...] = ()
-        self._texts: dict[str, tuple[tuple[object, ...], str]] = {}
+        self._pieces: dict[str, tuple[list[tuple[tuple[object, ...], str]], str]] = {}  # name -> (pieces, text)
 
     def ids(self, locks: tuple[LockState, ...]) -> tuple[str, ...]:
-        """Each lock's label text (lock, database); every cached text is dropped when they change."""
+        """Each lock's label text (lock, database); every cached piece is dropped when they change."""
         key = tuple(map(_NAME_AND_DATABASE, locks))
         if key != self._locks:
             self._locks = key
             self._ids = tuple(labels(lock=name, database=database) for name, database in key)
-            self._texts.clear()
+            self._pieces.clear()
         return self._ids
 
-    def text(self, name: str, values: tuple[object, ...], make: Callable[[], Iterable[str]]) -> str:
-        cached = self._texts.get(name)
-        if cached is not None and cached[0] == values:
-            return cached[1]
-        text = "".join(make())
-        self._texts[name] = (values, text)
+    def family(self, name: str, kind: str, help_text: str, values: tuple[object, ...],
+               lines: Callable[[str, Any], str]) -> str:
+        """A family's text: its HELP and TYPE, then lines(label text, value) of each lock in order
+        (values: one per lock of the last ids())."""
+        before, text = self._pieces.get(name, ([], ""))
+        pieces = []
+        for n, first in enumerate(range(0, len(values), _CHUNK)):
+            part = values[first:first + _CHUNK]
+            if n < len(before) and before[n][0] == part:
+                pieces.append(before[n])
+            else:
+                pieces.append((part, "".join(map(lines, self._ids[first:first + _CHUNK], part))))
+        if len(pieces) != len(before) or any(now is not then for now, then in zip(pieces, before)):
+            metric = f"{PREFIX}_{name}"
+            text = "".join((f"# HELP {metric} {help_text}\n# TYPE {metric} {kind}\n", *(piece for _, piece in pieces)))
+        # Unchanged, the very same string: the gzip step then finds its deflate without reading it.
+        self._pieces[name] = (pieces, text)
         return text
 
 
+def _holder_labels(h: Holder, source: str) -> str:
+    return labels(key=h.key, pid=str(h.pid), application_name=h.application_name, usename=h.usename,
+                  client_addr=h.client_addr, state=h.state, source=source, pooler=h.pooler)
+
+
 def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
-    locks = snapshot.locks
-    ids = texts.ids(locks)
+    locks, taken_at = snapshot.locks, snapshot.taken_at
+    texts.ids(locks)
 
-    def each(name: str, kind: str, help_text: str, field: operator.attrgetter, present: bool = False) -> str:
-        """A family with one sample per lock (with present: per lock whose value is not None)."""
-        values = tuple(map(field, locks))
-        return texts.text(name, values, lambda: _family(
-            f"{PREFIX}_{name}", kind, help_text,
-            (("", i, value) for i, value in zip(ids, values, strict=True) if not present or value is not None)))
+    def each(name: str, kind: str, help_text: str, values: tuple[object, ...]) -> str:
+        """A family with one sample per lock whose value is not None."""
+        metric = f"{PREFIX}_{name}"
+        return texts.family(name, kind, help_text, values,
+                            lambda i, value: "" if value is None else f"{metric}{{{i}}} {format_value(value)}\n")
 
-    holders = tuple(map(_HOLDERS, locks))
-    yield texts.text("holders", holders, lambda: _family(
-        f"{PREFIX}_holders", "gauge", "Sessions holding the lock now, by mode.",
-        (s for i, (exclusive, shared) in zip(ids, holders, strict=True) for s in (
-            ("", f'{i},mode="{MODE_EXCLUSIVE}"', exclusive),
-            ("", f'{i},mode="{MODE_SHARED}"', shared),
-        )),
-    ))
-    yield each("waiters", "gauge", "Sessions waiting for the lock now.", _WAITERS)
-    held_seconds = tuple(map(snapshot.held_seconds, locks))
-    yield texts.text("held_seconds", held_seconds, lambda: _family(
-        f"{PREFIX}_held_seconds", "gauge",
-        "How long the longest current holder has held the lock (a proven lower bound); 0 when free.",
-        zip(repeat(""), ids, held_seconds)))
-    yield each("wait_seconds", "gauge", "The longest current wait for the lock; 0 when none.", _WAIT_SECONDS)
-    yield each("acquisitions_total", "counter", "New holders observed since the exporter started.", _ACQUISITIONS)
-    info = tuple(map(_HOLDER_INFO, locks))
-    yield texts.text("holder_info", info, lambda: _family(
-        f"{PREFIX}_holder_info", "gauge",
+    holders = f"{PREFIX}_holders"
+    yield texts.family(
+        "holders", "gauge", "Sessions holding the lock now, by mode.", tuple(map(_HOLDERS, locks)),
+        lambda i, v: f'{holders}{{{i},mode="{MODE_EXCLUSIVE}"}} {v[0]}\n{holders}{{{i},mode="{MODE_SHARED}"}} {v[1]}\n',
+    )
+    yield each("waiters", "gauge", "Sessions waiting for the lock now.", tuple(map(_WAITERS, locks)))
+    yield each("held_seconds", "gauge",
+               "How long the longest current holder has held the lock (a proven lower bound); 0 when free.",
+               tuple([0.0 if since is None else round(age, 3) if (age := taken_at - since) > 0 else 0.0
+                      for since in map(_HELD_SINCE, locks)]))  # snapshot.held_seconds, inline: 1,000 calls
+    yield each("wait_seconds", "gauge", "The longest current wait for the lock; 0 when none.",
+               tuple(map(_WAIT_SECONDS, locks)))
+    yield each("acquisitions_total", "counter", "New holders observed since the exporter started.",
+               tuple(map(_ACQUISITIONS, locks)))
+    info = f"{PREFIX}_holder_info"
+    yield texts.family(
+        "holder_info", "gauge",
         "One series per current holder of the lock (per key held, for a family), the longest-held within the caps.",
-        (
-            ("", i + "," + labels(key=h.key, pid=str(h.pid), application_name=h.application_name, usename=h.usename,
-                                  client_addr=h.client_addr, state=h.state, source=source, pooler=h.pooler), 1)
-            for i, (holders_shown, source) in zip(ids, info, strict=True) for h in holders_shown
-        ),
-    ))
+        tuple(map(_HOLDER_INFO, locks)),
+        lambda i, v: "".join(f"{info}{{{i},{_holder_labels(h, v[1])}}} 1\n" for h in v[0]),
+    )
     yield each(
         "pooled_session_holders", "gauge",
         "Holders proven to hold the lock at session level (the backend is idle, outside any transaction) on a "
         "server connection of a transaction- or statement-mode pool: the lock outlives the client's transaction "
-        "and passes to whoever borrows that connection next.", _POOLED, present=True,
+        "and passes to whoever borrows that connection next.", tuple(map(_POOLED, locks)),
     )
-    yield each("keys_held", "gauge", "Key families: how many distinct keys of the family are held now.", _KEYS_HELD,
-               present=True)
+    yield each("keys_held", "gauge", "Key families: how many distinct keys of the family are held now.",
+               tuple(map(_KEYS_HELD, locks)))
     yield each("max_hold_seconds", "gauge", "max_hold from the config: the longest a holder should hold the lock.",
-               _MAX_HOLD, present=True)
+               tuple(map(_MAX_HOLD, locks)))
     yield from _unnamed_text(snapshot)
     yield from _family(
         f"{PREFIX}_key_collision", "gauge", "1 for each pair of configured names that resolve to the same lock.",

@@ -5,7 +5,7 @@ pg_stat_activity can prove an earlier start (an idle session took its lock no la
 last state change), and the tracker keeps the earliest start any poll has proven.
 
 A hold is one session (pid + backend_start, so a reused pid is a new session) on one key of one
-lock. Holds are kept per (lock, session) in a dict keyed by the bare key: at 50,000 held keys a
+lock. Holds are kept per session, then per lock, in a dict keyed by the bare key: at 50,000 held keys a
 tuple per hold cost twice the memory and a third more CPU. The number of holds remembered is
 bounded: beyond the bound a new hold gets the proven lower bound only, and the drop is counted.
 """
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-# (lock slot, pid, backend_start): a lock slot is whatever the caller identifies a lock by over
-# time (the poller: name and database; for unnamed keys, "" and the database).
-SessionKey = tuple[Hashable, int, "float | None"]
+# (pid, backend_start): a session; holds are kept per session, then per lock slot (whatever the
+# caller identifies a lock by over time: the poller's name and database; for unnamed keys, "" and
+# the database), then per key.
+SessionKey = tuple[int, "float | None"]
 _EMPTY: dict[int, float] = {}
 
 
@@ -25,8 +26,8 @@ class HoldTracker:
 
     def __init__(self, max_tracked: int = 100_000) -> None:
         self.max_tracked = max_tracked
-        self._since: dict[SessionKey, dict[int, float]] = {}
-        self._current: dict[SessionKey, dict[int, float]] = {}
+        self._since: dict[SessionKey, dict[Hashable, dict[int, float]]] = {}
+        self._current: dict[SessionKey, dict[Hashable, dict[int, float]]] = {}
         self._acquisitions: dict[Hashable, int] = {}
         self._first_poll = True
         self._now = 0.0
@@ -47,20 +48,22 @@ class HoldTracker:
         """Holds of one session on keys of one lock, seen by this poll: since when each has been
         held at least (a monotonic clock reading, in the order of keys), and the keys this poll had
         already seen (the same key held in the other mode)."""
-        session = (slot, pid, backend_start)
-        earlier = self._since.get(session, _EMPTY)
-        current = self._current.get(session)
+        session = (pid, backend_start)
+        earlier = self._since.get(session, {}).get(slot, _EMPTY)
+        slots = self._current.get(session)
+        if slots is None:
+            slots = self._current[session] = {}
+        current = slots.get(slot)
         proven_start = self._now - proven_seconds if proven_seconds > 0 else self._now
         if current is None and earlier and all(map(earlier.__contains__, keys)):
-            # The steady state: every key was seen before. Done at C speed (map, max, zip): this
-            # path is most of a poll's CPU at 10,000 held locks.
+            # The steady state: every key was seen before. Done at C speed (map, max, zip).
             starts = list(map(earlier.__getitem__, keys))
             if proven_start < max(starts):
                 starts = [start if start < proven_start else proven_start for start in starts]
-            self._current[session] = dict(zip(keys, starts))
+            slots[slot] = dict(zip(keys, starts))
             return starts, set()
         if current is None:
-            current = self._current[session] = {}
+            current = slots[slot] = {}
         starts = []
         again: set[int] = set()
         new = 0
@@ -89,20 +92,17 @@ class HoldTracker:
             self._acquisitions[slot] = self._acquisitions.get(slot, 0) + new
         return starts, again
 
-    def carry(self, sessions: list[SessionKey]) -> None:
-        """Holds of sessions whose rows are the same as the last poll's: remembered as they were,
+    def carry(self, session: SessionKey) -> None:
+        """Holds of a session whose rows are the same as the last poll's: remembered as they were,
         without looking at each key again (their starts, modes and counts cannot have changed)."""
-        since, current = self._since, self._current
-        for session in sessions:
-            held = since.get(session)
-            if held is not None:
-                current[session] = held
+        held = self._since.get(session)
+        if held is not None:
+            self._current[session] = held
 
     def end(self) -> None:
         """Finish the poll: holds not seen in it are forgotten."""
-        self._since = {session: held for session, held in self._current.items() if held}
-        self._current = {}
-        self._tracked = sum(map(len, self._since.values()))
+        self._since, self._current = self._current, {}
+        self._tracked = sum(sum(map(len, slots.values())) for slots in self._since.values())
         self._first_poll = False
 
     @property

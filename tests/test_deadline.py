@@ -27,7 +27,7 @@ def test_a_stuck_call_is_not_waited_for_and_blocks_the_next_until_it_returns() -
     with pytest.raises(StuckCall, match="the previous poll has not returned yet"):
         worker.call(lambda: 1, timeout=5)  # never a second call (connection) behind a hung one
     release.set()
-    worker._thread.join(5)  # noqa: SLF001 - the stuck call ends once the server answers
+    assert worker.wait_idle(5)  # the stuck call ends once the server answers
     assert worker.call(lambda: 2, timeout=5) == 2
 
 
@@ -36,3 +36,16 @@ def test_the_reconnect_backoff_doubles_with_jitter_and_is_capped() -> None:
         delay = reconnect_delay(failures, cap=1.0)
         expected = min(1.0, BACKOFF_FIRST * 2 ** (failures - 1))
         assert expected * 0.5 <= delay <= expected
+
+
+def test_the_worker_is_kept_between_calls_and_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = OneAtATime("poll")
+    assert worker.call(threading.get_ident, timeout=5) == worker.call(threading.get_ident, timeout=5)
+    monkeypatch.setattr(OneAtATime, "IDLE_SECONDS", 0.05)
+    first = worker.call(threading.get_ident, timeout=5)  # the worker now waits 0.05 s for the next call
+    thread = worker._thread  # noqa: SLF001
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive()  # idle: it ended, and a discarded caller leaves no thread behind
+    assert worker.call(lambda: 3, timeout=5) == 3  # a new worker for the next call
+    assert first != 0
