@@ -14,6 +14,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import Any, NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, GCCollector, PlatformCollector, ProcessCollector, generate_latest
@@ -86,6 +87,7 @@ class FamilyTexts:
         self._locks: tuple[tuple[str, str], ...] = ()
         self._ids: tuple[str, ...] = ()
         self._pieces: dict[str, tuple[list[tuple[tuple[object, ...], str]], str]] = {}  # name -> (pieces, text)
+        self._templates: dict[str, list[str]] = {}  # name -> a %-template per piece
 
     def ids(self, locks: tuple[LockState, ...]) -> tuple[str, ...]:
         """Each lock's label text (lock, database); every cached piece is dropped when they change."""
@@ -94,12 +96,39 @@ class FamilyTexts:
             self._locks = key
             self._ids = tuple(labels(lock=name, database=database) for name, database in key)
             self._pieces.clear()
+            self._templates.clear()
         return self._ids
 
     def family(self, name: str, kind: str, help_text: str, values: tuple[object, ...],
                lines: Callable[[str, Any], str]) -> str:
         """A family's text: its HELP and TYPE, then lines(label text, value) of each lock in order
         (values: one per lock of the last ids())."""
+        ids = self._ids
+        return self._text(name, kind, help_text, values,
+                          lambda first, part: "".join(map(lines, ids[first:first + _CHUNK], part)))
+
+    def samples(self, name: str, kind: str, help_text: str, values: tuple[float, ...],
+                labels_of: Callable[[str], tuple[str, ...]] = lambda i: (i,)) -> str:
+        """A family with a sample per lock, or one per label text labels_of gives for it (values then
+        in that order, flat): lines made by one %-format of a piece's values into a template
+        made once per set of locks, at C speed. held_seconds changes for every held lock at every
+        poll: line by line, writing it took 25 ms of CPU per poll at 10,000 named locks."""
+        templates = self._templates.get(name)
+        if templates is None:
+            metric = f"{PREFIX}_{name}"
+            escaped = [i.replace("%", "%%") for i in self._ids]
+            templates = self._templates[name] = [
+                "".join(f"{metric}{{{text}}} %s\n" for i in escaped[first:first + _CHUNK] for text in labels_of(i))
+                for first in range(0, len(escaped), _CHUNK)
+            ]
+        per_lock = len(labels_of(""))
+        if per_lock == 1:
+            return self._text(name, kind, help_text, values, lambda first, part: templates[first // _CHUNK] % part)
+        return self._text(name, kind, help_text, values,
+                          lambda first, part: templates[first // _CHUNK] % tuple(chain.from_iterable(part)))
+
+    def _text(self, name: str, kind: str, help_text: str, values: tuple[object, ...],
+              piece_of: Callable[[int, tuple[object, ...]], str]) -> str:
         before, text = self._pieces.get(name, ([], ""))
         pieces = []
         for n, first in enumerate(range(0, len(values), _CHUNK)):
@@ -107,7 +136,7 @@ class FamilyTexts:
             if n < len(before) and before[n][0] == part:
                 pieces.append(before[n])
             else:
-                pieces.append((part, "".join(map(lines, self._ids[first:first + _CHUNK], part))))
+                pieces.append((part, piece_of(first, part)))
         if len(pieces) != len(before) or any(now is not then for now, then in zip(pieces, before)):
             metric = f"{PREFIX}_{name}"
             text = "".join((f"# HELP {metric} {help_text}\n# TYPE {metric} {kind}\n", *(piece for _, piece in pieces)))
@@ -131,20 +160,21 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
         return texts.family(name, kind, help_text, values,
                             lambda i, value: "" if value is None else f"{metric}{{{i}}} {format_value(value)}\n")
 
-    holders = f"{PREFIX}_holders"
-    yield texts.family(
+    yield texts.samples(
         "holders", "gauge", "Sessions holding the lock now, by mode.", tuple(map(_HOLDERS, locks)),
-        lambda i, v: f'{holders}{{{i},mode="{MODE_EXCLUSIVE}"}} {v[0]}\n{holders}{{{i},mode="{MODE_SHARED}"}} {v[1]}\n',
+        lambda i: (f'{i},mode="{MODE_EXCLUSIVE}"', f'{i},mode="{MODE_SHARED}"'),
     )
-    yield each("waiters", "gauge", "Sessions waiting for the lock now.", tuple(map(_WAITERS, locks)))
-    yield each("held_seconds", "gauge",
-               "How long the longest current holder has held the lock (a proven lower bound); 0 when free.",
-               tuple([0.0 if since is None else round(age, 3) if (age := taken_at - since) > 0 else 0.0
-                      for since in map(_HELD_SINCE, locks)]))  # snapshot.held_seconds, inline: 1,000 calls
-    yield each("wait_seconds", "gauge", "The longest current wait for the lock; 0 when none.",
-               tuple(map(_WAIT_SECONDS, locks)))
-    yield each("acquisitions_total", "counter", "New holders observed since the exporter started.",
-               tuple(map(_ACQUISITIONS, locks)))
+    yield texts.samples("waiters", "gauge", "Sessions waiting for the lock now.", tuple(map(_WAITERS, locks)))
+    yield texts.samples(
+        "held_seconds", "gauge",
+        "How long the longest current holder has held the lock (a proven lower bound); 0 when free.",
+        tuple([0 if since is None else round(age, 3) if (age := taken_at - since) > 0 else 0
+               for since in map(_HELD_SINCE, locks)]),  # snapshot.held_seconds, inline: a call per lock cost more
+    )
+    yield texts.samples("wait_seconds", "gauge", "The longest current wait for the lock; 0 when none.",
+                        tuple(map(_WAIT_SECONDS, locks)))
+    yield texts.samples("acquisitions_total", "counter", "New holders observed since the exporter started.",
+                        tuple(map(_ACQUISITIONS, locks)))
     info = f"{PREFIX}_holder_info"
     yield texts.family(
         "holder_info", "gauge",

@@ -80,3 +80,23 @@ def test_while_polls_fail_no_lock_unnamed_or_collision_series_are_served() -> No
     assert not any(n.startswith(("pg_advisory_lock_holders", "pg_advisory_lock_unnamed", "pg_advisory_lock_key_collision"))
                    for n in names)
     assert parse(text)[("pg_advisory_lock_exporter_up", ())] == 0
+
+
+def test_every_per_lock_family_survives_a_percent_sign_and_changes_only_where_values_change() -> None:
+    locks = tuple(LockState(f"{n}% done", "app", n % 2, 0, None if n % 2 == 0 else 5.0, 0, 0.0, n, None)
+                  for n in range(250))
+    exposition = Exposition(Snapshot(up=True, locks=locks, taken_at=10.0))
+    exposition.render_now()
+    first = parse(exposition.body().decode())
+    assert first[("pg_advisory_lock_held_seconds", (("database", "app"), ("lock", "7% done")))] == 5.0
+    assert first[("pg_advisory_lock_acquisitions_total", (("database", "app"), ("lock", "249% done")))] == 249
+    # One lock changes (in the third piece of 100): the re-rendering says so, and the rest stays.
+    changed = locks[:220] + (locks[220]._replace(exclusive=3),) + locks[221:]
+    exposition.publish(Snapshot(up=True, locks=changed, taken_at=12.0))
+    exposition.render_now()
+    second = parse(exposition.body().decode())
+    assert gzip.decompress(exposition.body(gzipped=True)) == exposition.body()
+    assert second[("pg_advisory_lock_holders", (("database", "app"), ("lock", "220% done"), ("mode", "exclusive")))] == 3
+    assert second[("pg_advisory_lock_held_seconds", (("database", "app"), ("lock", "7% done")))] == 7.0
+    assert {k: v for k, v in second.items() if "holders" in k[0] and k[1][1][1] != "220% done"} == \
+        {k: v for k, v in first.items() if "holders" in k[0] and k[1][1][1] != "220% done"}
