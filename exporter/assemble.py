@@ -197,7 +197,9 @@ class _Figures:
         else:
             every = ((start, key, objsubid, shared, who)
                      for starts, keys, objsubid, shared, who in self.groups for start, key in zip(starts, keys))
-            holds = list(every) if self.holds <= limit else heapq.nsmallest(limit, every, key=lambda hold: hold[0])
+            # The oldest first; among equally old ones the lowest pid and key, whatever the order of rows.
+            holds = list(every) if self.holds <= limit else heapq.nsmallest(
+                limit, every, key=lambda hold: (hold[0], hold[4].pid, hold[1], hold[2]))
             chosen = tuple(sorted(map(self._holder, holds), key=order))
         self.chosen = (limit, chosen)
         return chosen
@@ -233,7 +235,9 @@ class Assembled:
 Target = int | str
 SessionId = tuple[int, "float | None"]  # (pid, backend_start): a reused pid is another session
 # A poll row without its last column (idle_seconds, which grows with time): equal over two polls
-# when nothing about the row changed (queries.POLL puts idle_seconds last for this).
+# when nothing about the row changed (queries.POLL puts idle_seconds last for this). Leaving it out
+# loses nothing: with the state unchanged, state_change can only stay or move later, so the start
+# it proves for the session's holds cannot move earlier.
 _STABLE = slice(0, -1)
 
 
@@ -381,9 +385,7 @@ class Assembler:
                 self._holding.pop(target, None)
                 continue
             fig = merged[target] = _Figures()
-            # In pid order, so which of equally old holds gets a holder_info series does not
-            # depend on the order of a set.
-            for session_id in sorted(holders, key=_pid):
+            for session_id in holders:
                 fig.merge(sessions[session_id].parts[target])
 
     def _states(
@@ -413,7 +415,10 @@ class Assembler:
                 state = last[1]  # the same holders, no waiters: the same state (ages are taken from it)
             else:
                 state = self._state(lock, fig or _Figures(), wait, made_from[1], limit, pooled)
-                made[index] = (made_from, state)
+                if wait is None:
+                    made[index] = (made_from, state)
+                else:
+                    made.pop(index, None)  # a wait's age grows: never reused
             states.append(state)
             room -= len(state.info_holders)
             dropped += state.holds - len(state.info_holders)
@@ -438,10 +443,6 @@ class Assembler:
             lock.config.max_hold, info, fig.holds, lock.source, lock.display_key,
             len(fig.keys) if lock.family is not None else None, fig.stranded if pooled else None,
         )
-
-
-def _pid(session_id: SessionId) -> int:
-    return session_id[0]
 
 
 def _since(fig: _Figures) -> float | None:
