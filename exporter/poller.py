@@ -18,7 +18,7 @@ from psycopg.rows import class_row, namedtuple_row
 from . import queries
 from .config import Config
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, error_line, local_timeouts, reconnect_delay, server_name
+from .dsn import connect, dsn_port, error_line, local_timeouts, reconnect_delay, server_name
 from .assemble import Assembler, Caps, KeyMatcher
 from .resolve import ResolvedLock, find_collisions, resolve_on_server
 from .poolers import PoolerReader
@@ -27,6 +27,7 @@ from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PORT = 5432  # libpq's, when neither the dsn nor $PGPORT names one
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -114,7 +115,7 @@ class Poller:
             conn.close()
             raise
         self.server = info
-        self._query = queries.poll_query(info.version_num, self._config.poll_interval)
+        self._query = queries.poll_query(info.version_num, self._config.poll_interval, self._prepare(conn, info))
         self._locks = locks
         self._assembler = Assembler(locks, KeyMatcher(locks), self._tracker)
         self._pid = info.backend_pid
@@ -135,6 +136,32 @@ class Poller:
         )
         return conn
 
+    def _prepare(self, conn: psycopg.Connection, info: ServerInfo) -> bool:
+        """Prepare the poll statement on this connection, if it reaches PostgreSQL itself (the
+        server's port is the dsn's: no pooler in between, where the statement would stay on a
+        server connection the application borrows next). False otherwise, or if the server
+        refuses: the poll is then planned at every poll."""
+        port = dsn_port(self._config.dsn) or DEFAULT_PORT
+        if info.server_port != port:
+            log.info("the server reports port %s, the dsn says %s: a pooler, proxy or NAT may be in between, so "
+                     "the poll statement is not prepared (it is planned at every poll)", info.server_port, port)
+            return False
+        try:
+            with local_timeouts(conn, self._config.poll_interval):
+                conn.execute(queries.prepare_poll(info.version_num))
+        except psycopg.Error as exc:
+            log.info("poll statement not prepared (%s): it is planned at every poll", error_line(exc, self._config.dsn))
+            return False
+        return True
+
+    def _unprepare(self) -> None:
+        """The prepared poll statement is not there (a transaction-mode pooler handed the poll to
+        another server connection): plan it at every poll from now on, on this connection."""
+        assert self.server is not None
+        log.info("poll statement not found on the server connection (a transaction-mode pooler?): "
+                 "it is planned at every poll from now on")
+        self._query = queries.poll_query(self.server.version_num, self._config.poll_interval)
+
     def close(self) -> None:
         self._poolers.close()
         if self._conn is not None:
@@ -148,7 +175,13 @@ class Poller:
     def _read(self) -> list[Any]:
         if self._conn is None:
             self._conn = self._open()
-        conn = self._conn
+        try:
+            return self._run_poll(self._conn)
+        except psycopg.errors.InvalidSqlStatementName:
+            self._unprepare()
+            return self._run_poll(self._conn)
+
+    def _run_poll(self, conn: psycopg.Connection) -> list[Any]:
         try:
             with conn.cursor(row_factory=namedtuple_row) as cur:
                 cur.execute(self._query)

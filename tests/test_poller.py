@@ -271,3 +271,22 @@ def test_a_reload_carries_hold_tracking_and_counters_over_by_name(make_poller, s
     assert value(snap, "pg_advisory_lock_acquisitions_total", **lock_ids("leader")) == 1
     assert 30.0 <= value(snap, "pg_advisory_lock_held_seconds", **lock_ids("leader")) < 31.0
     assert value(snap, "pg_advisory_lock_holders", **lock_ids("new"), mode="exclusive") == 0
+
+
+def test_the_poll_statement_is_prepared_on_a_direct_connection_and_planned_when_it_is_gone(
+        make_poller, sessions, caplog) -> None:
+    poller = make_poller({"locks": LOCKS})
+    assert poller.poll_once().up
+    conn = poller._conn  # noqa: SLF001 - the poller's own session is the only one that can see its statements
+    assert conn is not None
+    prepared = {row[0] for row in conn.execute("SELECT name FROM pg_prepared_statements").fetchall()}
+    assert prepared == {queries.POLL_STATEMENT_NAME}
+    # As if a transaction-mode pooler had handed the poll to a server connection that never saw it.
+    conn.execute(f"DEALLOCATE {queries.POLL_STATEMENT_NAME}")
+    holder = sessions.open()
+    holder.execute(f"SELECT {TAKE['leader']}")
+    with caplog.at_level("INFO", logger="exporter.poller"):
+        snap = poller.poll_once()
+    assert snap.up and value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
+    assert "planned at every poll from now on" in caplog.text
+    assert poller.poll_once().up and poller.poll_once().stats.errors == 0
