@@ -284,6 +284,11 @@ def main() -> int:
                 load.stop()
                 print(f"scaling: held {held} done", flush=True)
             results["scaling"] = scaling
+            # The churn point: the default load, with most sessions changing at every poll.
+            load = Load(cluster.dsn(), sessions=args.sessions, locks=args.held, churn=True).start()
+            results["churn"] = [asdict(p) for p in measure_point(cluster, admin, args.held, args.named, short, workdir)]
+            load.stop()
+            print(f"churn: {results['churn']}", flush=True)
             # The key-family point: 50,000 held keys in one namespace, named by one family entry.
             load = Load(cluster.dsn(), sessions=args.sessions, locks=50_000, namespace=42).start()
             results["family"] = [asdict(p) for p in measure_point(cluster, admin, 50_000, 0, short, workdir, (42,))]

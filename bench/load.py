@@ -11,6 +11,7 @@ import psycopg
 # Keys 1..locks are held; the first `named` keys are the ones the exporters name.
 SHARED_EVERY = 5        # every 5th key is taken shared, by two sessions
 XACT_EVERY = 4          # every 4th session holds its locks inside an open transaction
+CHURN_KEYS = 900_000_000  # the churning sessions' own keys start here
 
 
 @dataclass
@@ -20,7 +21,12 @@ class Load:
     locks: int = 10_000
     waiters: int = 10
     namespace: int | None = None  # take pg_advisory_lock(namespace, k) instead of pg_advisory_lock(k)
+    # Every session outside a transaction takes or lets go of a key of its own every half second,
+    # so every poll sees most sessions changed (the exporter's dearest case: nothing to reuse).
+    churn: bool = False
     _conns: list[psycopg.Connection] = field(default_factory=list)
+    _churning: list[threading.Thread] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
     _waiting: list[tuple[psycopg.Connection, threading.Thread]] = field(default_factory=list)
 
     def start(self) -> "Load":
@@ -44,6 +50,11 @@ class Load:
             f"SELECT count(pg_advisory_lock_shared({arg})) FROM generate_series(%s::int8, %s::int8, %s::int8) AS k",
             [SHARED_EVERY, self.locks, SHARED_EVERY],
         )
+        if self.churn:
+            movers = [conn for s, conn in enumerate(self._conns[:sessions]) if s % XACT_EVERY != 1]
+            thread = threading.Thread(target=self._churn, args=(movers,), daemon=True)
+            thread.start()
+            self._churning.append(thread)
         for w in range(self.waiters):
             key = 1 + w if (1 + w) % SHARED_EVERY else 2 + w  # an exclusively held key
             conn = psycopg.connect(self.dsn, autocommit=True, application_name=f"bench-waiter-{w}")
@@ -62,7 +73,20 @@ class Load:
         except psycopg.Error:
             pass
 
+    def _churn(self, movers: list[psycopg.Connection]) -> None:
+        held = [False] * len(movers)
+        while not self._stop.is_set():
+            for n, conn in enumerate(movers):
+                spare = CHURN_KEYS + n  # a key no other session takes
+                conn.execute("SELECT pg_advisory_unlock(%s::int8)" if held[n] else "SELECT pg_advisory_lock(%s::int8)",
+                             [spare])
+                held[n] = not held[n]
+            self._stop.wait(0.5)
+
     def stop(self) -> None:
+        self._stop.set()
+        for thread in self._churning:
+            thread.join(10)
         for conn, thread in self._waiting:
             conn.cancel()
             thread.join(5)
