@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import psycopg
 
@@ -52,8 +56,16 @@ class Scrapes:
 
 
 def scrape(url: str, count: int) -> Scrapes:
-    """count sequential scrapes asking for gzip, as Prometheus does; latency percentiles and the
-    bytes on the wire of the last one."""
+    """count sequential scrapes asking for gzip, as Prometheus does, from a process of their own (the
+    benchmark's own threads, the churning load's above all, would otherwise hold the scraper's
+    interpreter and add their time to the scrape's): latency percentiles and the bytes on the
+    wire of the last one."""
+    out = subprocess.run([sys.executable, "-m", "bench.measure", url, str(count)], capture_output=True, text=True,
+                         check=True, timeout=max(60, count * 30), cwd=Path(__file__).resolve().parent.parent).stdout
+    return Scrapes(**json.loads(out))
+
+
+def _scrape_here(url: str, count: int) -> Scrapes:
     latencies, size = [], 0
     request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
     for _ in range(count):
@@ -96,3 +108,8 @@ def mean_ci95(values: list[float]) -> tuple[float, float, float]:
     t = _T95.get(df) or next((_T95[k] for k in sorted(_T95) if k >= df), 1.96)
     half = t * statistics.stdev(values) / len(values) ** 0.5
     return mean, mean - half, mean + half
+
+
+if __name__ == "__main__":
+    # python -m bench.measure URL COUNT: the scrapes of scrape(), printed as JSON.
+    print(json.dumps(asdict(_scrape_here(sys.argv[1], int(sys.argv[2])))))

@@ -229,7 +229,7 @@ def write_report(results: dict[str, Any], md_path: Path, png_path: Path) -> None
         f"`make bench` on this machine: {args['sessions']} sessions holding {args['held']} advisory locks "
         f"(session- and transaction-level, exclusive and shared, 10 waiters), {args['named']} named keys, "
         f"polls every {args['interval']} s; a {args['window']} s window per subject with no scrapes, "
-        f"{args['scrapes']} sequential scrapes, {args['repeats']} runs. Cells: median (min-max over runs); "
+        f"{args['scrapes']} sequential scrapes (asking for gzip, from a process of their own), {args['repeats']} runs. Cells: median (min-max over runs); "
         "ratios are taken within each run, then the median.",
         "",
         "The floor is one read of pg_locks' advisory rows plus one of pg_stat_activity per poll, selecting only "
