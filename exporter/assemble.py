@@ -2,8 +2,8 @@
 
 The poll returns about one row per holding session, with its keys as an array; this module names
 every key (a configured key wins over a family, a family over unnamed), tracks every hold, and
-builds the immutable LockStates and UnnamedLocks of a Snapshot. Pure but for the tracker it is
-handed, so it can be tested without a server.
+builds the immutable LockStates and UnnamedLocks of a Snapshot. It needs no server (tests hand it
+rows), and keeps only the last poll's results, to reuse what did not change.
 """
 
 from __future__ import annotations
@@ -449,20 +449,3 @@ def _since(fig: _Figures) -> float | None:
     """When the oldest hold began at the latest; None when nothing is held."""
     return fig.earliest if fig.holds else None
 
-
-def assemble(
-    rows: Iterable[Any],
-    locks: tuple[ResolvedLock, ...],
-    matcher: KeyMatcher,
-    tracker: HoldTracker,
-    now: float,
-    caps: Caps,
-    seen_presets: frozenset[tuple[str, str]] = frozenset(),
-    exclude_pids: frozenset[int] = frozenset(),
-    unnamed_max_hold: float | None = None,
-    view: PoolerView | None = None,
-    databases: frozenset[str] = frozenset(),
-) -> Assembled:
-    """One poll's rows assembled on their own (nothing remembered but what the tracker keeps)."""
-    return Assembler(locks, matcher, tracker).run(rows, now, caps, seen_presets, exclude_pids, unnamed_max_hold, view,
-                                                  databases)

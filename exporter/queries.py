@@ -1,7 +1,7 @@
 """Every SQL statement the exporter runs, as named constants.
 
 Reading pg_locks takes all 16 lock-manager partition locks, so a poll reads it exactly once
-(the MATERIALIZED CTE) and pg_stat_activity once, and matches names to keys on the server.
+(the CTE, which the plan materialises) and pg_stat_activity once; the exporter names the keys.
 """
 
 from __future__ import annotations

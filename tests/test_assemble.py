@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections import namedtuple
 
-from exporter.assemble import Assembler, Caps, KeyMatcher, assemble
+from exporter.assemble import Assembler, Caps, KeyMatcher
 from exporter.config import parse_config
 from exporter.resolve import resolve_locks
 from exporter.tracker import HoldTracker
@@ -106,7 +106,7 @@ def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives() ->
         for n, rows in enumerate(_random_polls(rng, 100)):
             now = 100.0 + n  # as _random_polls' clock
             remembered = assembler.run(rows, now, CAPS)
-            scratch = assemble(rows, locks, KeyMatcher(locks), scratch_tracker, now, CAPS)
+            scratch = Assembler(locks, KeyMatcher(locks), scratch_tracker).run(rows, now, CAPS)  # remembers nothing
             assert remembered == scratch, f"seed {seed}, poll {n}"
             assert (remembering_tracker.tracked, remembering_tracker.dropped) == \
                 (scratch_tracker.tracked, scratch_tracker.dropped)
