@@ -87,17 +87,21 @@ def pgbench_lines(results: dict[str, Any]) -> tuple[list[str], dict[str, float]]
     return lines, verdict
 
 
+def _measured(value: float | None, form: str = "{:.2f}") -> str:
+    """A table cell: the value in form, or '-' when not measured."""
+    return "-" if value is None else form.format(value)
+
+
 def scaling_lines(results: dict[str, Any]) -> list[str]:
     rows = results.get("scaling") or []
     lines = [
         "| held locks | named keys | subject | DB ms/poll | CPU ms/poll | scrape p95 ms | RSS MB | bytes |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     for p in rows:
         lines.append(
-            f"| {p['held']} | {p['named']} | {p['subject']} | {fmt(p['db_ms_per_poll'])} | {fmt(p['cpu_ms_per_poll'])} | "
-            f"{fmt(p['scrape_p95_ms'])} | {fmt(p['rss_mb'], '{:.1f}')} | {fmt(p['size_bytes'], '{:.0f}')} |"
+            f"| {p['held']} | {p['named']} | {p['subject']} | {_measured(p['db_ms_per_poll'])} | {_measured(p['cpu_ms_per_poll'])} | "
+            f"{_measured(p['scrape_p95_ms'])} | {_measured(p['rss_mb'], '{:.1f}')} | {_measured(p['size_bytes'], '{:.0f}')} |"
         )
     return lines
 
@@ -126,16 +130,15 @@ def churn_lines(results: dict[str, Any]) -> list[str]:
         return ["(not measured in this run)"]
     by = {p["subject"]: p for p in rows}
     floor, ours, qe = by.get("floor"), by.get("this exporter"), by.get("query-exporter")
-    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     lines = ["| figure | floor | this exporter | query-exporter |", "|---|---|---|---|"]
     if floor and ours:
         lines.append(f"| database time per poll (ms) | {floor['db_ms_per_poll']:.2f} | {ours['db_ms_per_poll']:.2f} "
                      f"({ours['db_ms_per_poll'] / floor['db_ms_per_poll']:.2f}x the floor) | "
-                     f"{fmt(qe['db_ms_per_poll'] if qe else None)} |")
+                     f"{_measured(qe['db_ms_per_poll'] if qe else None)} |")
         lines.append(f"| exporter CPU per poll (ms) | - | {ours['cpu_ms_per_poll']:.1f}"
                      + (f" ({ours['cpu_ms_per_poll'] / qe['cpu_ms_per_poll']:.2f}x query-exporter's)" if qe else "")
-                     + f" | {fmt(qe['cpu_ms_per_poll'] if qe else None, '{:.1f}')} |")
-        lines.append(f"| scrape p95 (ms) | - | {ours['scrape_p95_ms']:.2f} | {fmt(qe['scrape_p95_ms'] if qe else None)} |")
+                     + f" | {_measured(qe['cpu_ms_per_poll'] if qe else None, '{:.1f}')} |")
+        lines.append(f"| scrape p95 (ms) | - | {ours['scrape_p95_ms']:.2f} | {_measured(qe['scrape_p95_ms'] if qe else None)} |")
     return lines
 
 

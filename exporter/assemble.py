@@ -322,7 +322,7 @@ class Assembler:
     def _track(self, held_rows: dict[SessionId, list[Any]], view: PoolerView, now: float) -> set[Target]:
         """Every holding session's figures, from the last poll's where its rows are the same; the
         targets whose holders changed."""
-        tracker = self._tracker
+        tracker, holding = self._tracker, self._holding
         tracker.begin(now)
         earlier, sessions = self._sessions, {}
         changed: set[Target] = set()
@@ -335,27 +335,22 @@ class Assembler:
                 sessions[session_id] = before
                 continue
             session = sessions[session_id] = self._session(session_rows, stable, who)
-            changed.update(session.parts)
             if before is not None:
-                changed.update(before.parts)
-        for session_id in earlier.keys() - sessions.keys():
-            changed.update(earlier[session_id].parts)
-        tracker.end()
-        holding = self._holding
-        for session_id, session in sessions.items():
-            before = earlier.get(session_id)
-            if before is session:
-                continue
-            if before is not None:
-                for target in before.parts:
-                    holding[target].discard(session_id)
+                self._let_go(session_id, before, changed)
             for target in session.parts:
                 holding.setdefault(target, set()).add(session_id)
+            changed.update(session.parts)
         for session_id in earlier.keys() - sessions.keys():
-            for target in earlier[session_id].parts:
-                holding[target].discard(session_id)
+            self._let_go(session_id, earlier[session_id], changed)
+        tracker.end()
         self._sessions = sessions
         return changed
+
+    def _let_go(self, session_id: SessionId, before: _Session, changed: set[Target]) -> None:
+        """A session's last-poll figures are gone (it changed or ended): the targets it held change."""
+        for target in before.parts:
+            self._holding[target].discard(session_id)
+        changed.update(before.parts)
 
     def _session(self, session_rows: list[Any], stable: tuple[tuple[Any, ...], ...], who: Who) -> _Session:
         """One session's held figures, every key named and seen by the tracker."""
@@ -432,7 +427,6 @@ class Assembler:
                 round(wait[1], 3) if wait else 0.0, info, unnamed_max_hold, fig.stranded if pooled else None,
             ))
         return Assembled(tuple(states), tuple(unnamed_states), dropped, frozenset(seen))
-
 
     def _state(self, lock: ResolvedLock, fig: _Figures, wait: list[float] | None, acquisitions: int, limit: int,
                pooled: bool) -> LockState:

@@ -107,6 +107,9 @@ def local_timeouts(conn: psycopg.Connection, timeout_seconds: float) -> Iterator
         yield conn
 
 
+LIBPQ_DEFAULT_PORT = 5432  # what libpq connects to when neither the dsn nor $PGPORT names a port
+
+
 def dsn_port(dsn: str) -> int | None:
     """The port the dsn names (or $PGPORT), None when neither says or it is not one number."""
     try:

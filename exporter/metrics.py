@@ -64,7 +64,6 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[_Sample]) ->
 # The fields of a LockState each per-lock family is made of.
 _NAME_AND_DATABASE = operator.attrgetter("name", "database")
 _HOLDERS = operator.attrgetter("exclusive", "shared")
-_HELD_SINCE = operator.attrgetter("held_since")
 _WAITERS = operator.attrgetter("waiters")
 _WAIT_SECONDS = operator.attrgetter("wait_seconds")
 _ACQUISITIONS = operator.attrgetter("acquisitions")
@@ -151,7 +150,7 @@ def _holder_labels(h: Holder, source: str) -> str:
 
 
 def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
-    locks, taken_at = snapshot.locks, snapshot.taken_at
+    locks = snapshot.locks
     texts.ids(locks)
 
     def each(name: str, kind: str, help_text: str, values: tuple[object, ...]) -> str:
@@ -168,8 +167,7 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
     yield texts.samples(
         "held_seconds", "gauge",
         "How long the longest current holder has held the lock (a proven lower bound); 0 when free.",
-        tuple([0 if since is None else round(age, 3) if (age := taken_at - since) > 0 else 0
-               for since in map(_HELD_SINCE, locks)]),  # snapshot.held_seconds, inline: a call per lock cost more
+        snapshot.ages(locks),
     )
     yield texts.samples("wait_seconds", "gauge", "The longest current wait for the lock; 0 when none.",
                         tuple(map(_WAIT_SECONDS, locks)))

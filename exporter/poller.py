@@ -18,7 +18,7 @@ from psycopg.rows import class_row, namedtuple_row
 from . import queries
 from .config import Config
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, dsn_port, error_line, local_timeouts, reconnect_delay, server_name
+from .dsn import LIBPQ_DEFAULT_PORT, connect, dsn_port, error_line, local_timeouts, reconnect_delay, server_name
 from .assemble import Assembler, Caps, KeyMatcher
 from .resolve import ResolvedLock, find_collisions, resolve_on_server
 from .poolers import PoolerReader
@@ -27,7 +27,6 @@ from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 5432  # libpq's, when neither the dsn nor $PGPORT names one
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -141,7 +140,7 @@ class Poller:
         server's port is the dsn's: no pooler in between, where the statement would stay on a
         server connection the application borrows next). False otherwise, or if the server
         refuses: the poll is then planned at every poll."""
-        port = dsn_port(self._config.dsn) or DEFAULT_PORT
+        port = dsn_port(self._config.dsn) or LIBPQ_DEFAULT_PORT
         if info.server_port != port:
             log.info("the server reports port %s, the dsn says %s: a pooler, proxy or NAT may be in between, so "
                      "the poll statement is not prepared (it is planned at every poll)", info.server_port, port)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+_HELD_SINCE = operator.attrgetter("held_since")
 MODE_EXCLUSIVE = "exclusive"
 MODE_SHARED = "shared"
 BOTH_MODES = frozenset({MODE_EXCLUSIVE, MODE_SHARED})
@@ -148,5 +151,11 @@ class Snapshot:
     def held_seconds(self, held: Holder | LockState | UnnamedLocks) -> float:
         """How long a holder, or the oldest holder of a lock, has held it at least, as of this poll
         (a proven lower bound); 0 when nothing is held."""
-        since = held.held_since
-        return 0.0 if since is None else round(max(self.taken_at - since, 0.0), 3)
+        return self.ages((held,))[0]
+
+    def ages(self, held: Iterable[Holder | LockState | UnnamedLocks]) -> tuple[float, ...]:
+        """held_seconds of each, in one comprehension: the exposition asks for every lock's at every
+        poll, and a call per lock cost more than the ages themselves at 10,000 named locks."""
+        taken_at = self.taken_at
+        return tuple([0 if since is None else round(age, 3) if (age := taken_at - since) > 0 else 0
+                      for since in map(_HELD_SINCE, held)])

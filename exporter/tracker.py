@@ -5,8 +5,8 @@ pg_stat_activity can prove an earlier start (an idle session took its lock no la
 last state change), and the tracker keeps the earliest start any poll has proven.
 
 A hold is one session (pid + backend_start, so a reused pid is a new session) on one key of one
-lock. Holds are kept per session, then per lock, in a dict keyed by the bare key: at 50,000 held keys a
-tuple per hold cost twice the memory and a third more CPU. The number of holds remembered is
+lock. Holds are kept per session, then per lock, in a dict keyed by the bare key: at 50,000 held
+keys a tuple per hold cost twice the memory and a third more CPU. The number of holds remembered is
 bounded: beyond the bound a new hold gets the proven lower bound only, and the drop is counted.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Hashable, Sequence
 # the database), then per key.
 SessionKey = tuple[int, "float | None"]
 _EMPTY: dict[int, float] = {}
+_NO_SLOTS: dict[Hashable, dict[int, float]] = {}
 
 
 class HoldTracker:
@@ -49,7 +50,7 @@ class HoldTracker:
         held at least (a monotonic clock reading, in the order of keys), and the keys this poll had
         already seen (the same key held in the other mode)."""
         session = (pid, backend_start)
-        earlier = self._since.get(session, {}).get(slot, _EMPTY)
+        earlier = self._since.get(session, _NO_SLOTS).get(slot, _EMPTY)
         slots = self._current.get(session)
         if slots is None:
             slots = self._current[session] = {}

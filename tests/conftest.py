@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -209,3 +210,23 @@ def make_prober(server: Server) -> Iterator[Callable[..., Any]]:
     yield factory
     for prober in made:
         prober.close()
+
+
+@pytest.fixture
+def exporters(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """`python -m exporter` processes over configs given as dicts, each in a folder of its own (its
+    config and log), all stopped when the test ends."""
+    from tests.exporter_proc import ExporterProcess
+
+    started: list[ExporterProcess] = []
+
+    def start(config: dict[str, Any], *args: str) -> ExporterProcess:
+        folder = tmp_path / str(len(started))
+        folder.mkdir()
+        proc = ExporterProcess(folder, config, *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from tests.conftest import needs_own_clusters, wait_until
-from tests.exporter_proc import ExporterProcess
 from tests.metrics_util import parse, up
 from tests.pgcluster import Cluster
 
@@ -31,20 +30,6 @@ def cluster():
     made = Cluster().init()
     yield made
     made.destroy()
-
-
-@pytest.fixture
-def exporters(tmp_path):
-    started: list[ExporterProcess] = []
-
-    def start(config: dict, *args: str) -> ExporterProcess:
-        proc = ExporterProcess(tmp_path, config, *args)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 @pytest.mark.slow

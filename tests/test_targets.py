@@ -35,22 +35,6 @@ def probe(proc: ExporterProcess, target: str) -> tuple[int, str]:
         return 0, ""
 
 
-@pytest.fixture
-def exporters(tmp_path):
-    started: list[ExporterProcess] = []
-
-    def start(config: dict, *args: str) -> ExporterProcess:
-        folder = tmp_path / str(len(started))
-        folder.mkdir()
-        proc = ExporterProcess(folder, config, *args)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
 def test_targets_config_rules() -> None:
     fleet = parse_fleet({"poll_interval": "2s", "presets": ["rails"], "targets": {
         "orders": {"dsn": "host=o dbname=orders", "locks": LEADER},
