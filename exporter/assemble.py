@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import keys, queries
-from .poolers import EMPTY_VIEW, HAZARD_MODES, PoolerView
+from .pooled import EMPTY_VIEW, HAZARD_MODES, PoolerView
 from .resolve import SOURCE_PRESET, ResolvedLock
 from .snapshot import (
     BOTH_MODES, MODE_EXCLUSIVE, ONLY_EXCLUSIVE, ONLY_SHARED, Holder, LockState, UnnamedLocks,
 )
-from .tracker import HoldTracker
+from .tracker import HoldTracker, SessionId
 
-UNNAMED = ""  # the lock slot name of keys nobody named: ("", database)
+UNNAMED = ""  # the tracker slot name of keys nobody named: ("", database, objsubid)
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,10 @@ class KeyMatcher:
 
 
 class Who(NamedTuple):
-    """Who holds a row's locks: the session, or through a pooler the client it serves now."""
+    """Who holds a row's locks: the session, or through a pooler the client it serves now; or a
+    prepared transaction (pid None, known by its transaction id; application_name is its gid)."""
 
-    pid: int
+    pid: int | None
     backend_start: float | None
     application_name: str
     usename: str
@@ -113,6 +115,18 @@ class Who(NamedTuple):
     state: str
     pooler: str
     stranded: bool  # a session-level hold on a transaction-pool backend: owned by nobody
+    prepared_xid: int | None = None
+
+    @property
+    def order(self) -> tuple[bool, int, int]:
+        """Sessions by pid, then prepared transactions by transaction id: a total order without None."""
+        return (self.pid is None, self.pid or 0, self.prepared_xid or 0)
+
+
+def session_id(row: Any) -> SessionId:
+    """(pid, backend_start, prepared transaction id): a reused pid is another session, and each
+    prepared transaction is a holder of its own."""
+    return (row.pid, row.backend_start, row.prepared_xid)
 
 
 def who_holds(row: Any, view: PoolerView) -> Who:
@@ -120,7 +134,8 @@ def who_holds(row: Any, view: PoolerView) -> Who:
     session mode or the backend is inside that client's transaction; nobody when the backend of a
     transaction or statement pool is outside any transaction (its locks are session-level, left by
     some earlier borrower: application_name is then the last borrower's and not trusted)."""
-    link = view.lookup(row.pid, row.client_port, row.client_addr) if view is not EMPTY_VIEW else None
+    link = view.lookup(row.pid, row.client_port, row.client_addr) \
+        if view is not EMPTY_VIEW and row.pid is not None else None
     if link is not None:
         outside = bool(row.outside_transaction)
         if outside and link.pool_mode in HAZARD_MODES:
@@ -130,7 +145,7 @@ def who_holds(row: Any, view: PoolerView) -> Who:
             return Who(row.pid, row.backend_start, client.application_name, client.user, client.addr, row.state or "",
                        link.pooler, False)
     return Who(row.pid, row.backend_start, row.application_name or "", row.usename or "", row.client_addr or "",
-               row.state or "", link.pooler if link is not None else "", False)
+               row.state or "", link.pooler if link is not None else "", False, row.prepared_xid)
 
 
 @dataclass(eq=False)  # compared by identity: "the same merged figures as the last poll's"
@@ -146,7 +161,8 @@ class _Figures:
     groups: list[tuple[list[float], Sequence[int], int, bool, Who]] = field(default_factory=list)
     earliest: float = math.inf  # the earliest start of a hold
     keys: set[int] = field(default_factory=set)
-    both: set[tuple[int, int]] = field(default_factory=set)  # (pid, key) held in both modes
+    # (Who.order, objsubid, key) held in both modes: a bigint and an int4 pair may share a key value
+    both: set[tuple[tuple[bool, int, int], int, int]] = field(default_factory=set)
     # The holder_info holders last chosen from these figures, and under which limit.
     chosen: tuple[int, tuple[Holder, ...]] | None = None
 
@@ -159,7 +175,8 @@ class _Figures:
             self.exclusive += count
         if again:
             # The same key in the other mode: counted in both modes, but one hold with two modes.
-            self.both.update((who.pid, key) for key in again)
+            order = who.order
+            self.both.update((order, objsubid, key) for key in again)
             kept = [(start, key) for start, key in zip(starts, keys) if key not in again]
             starts, keys = [start for start, _ in kept], [key for _, key in kept]
             count = len(keys)
@@ -199,26 +216,26 @@ class _Figures:
                      for starts, keys, objsubid, shared, who in self.groups for start, key in zip(starts, keys))
             # The oldest first; among equally old ones the lowest pid and key, whatever the order of rows.
             holds = list(every) if self.holds <= limit else heapq.nsmallest(
-                limit, every, key=lambda hold: (hold[0], hold[4].pid, hold[1], hold[2]))
+                limit, every, key=lambda hold: (hold[0], hold[4].order, hold[1], hold[2]))
             chosen = tuple(sorted(map(self._holder, holds), key=order))
         self.chosen = (limit, chosen)
         return chosen
 
     def _holder(self, hold: tuple[float, int, int, bool, Who]) -> Holder:
         start, key, objsubid, shared, who = hold
-        modes = BOTH_MODES if (who.pid, key) in self.both else ONLY_SHARED if shared else ONLY_EXCLUSIVE
+        modes = BOTH_MODES if (who.order, objsubid, key) in self.both else ONLY_SHARED if shared else ONLY_EXCLUSIVE
         return Holder(
             who.pid, who.backend_start, modes, who.application_name, who.usename, who.client_addr, who.state,
-            start, keys.key_label(objsubid, key), who.pooler, who.stranded,
+            start, keys.key_label(objsubid, key), who.pooler, who.stranded, who.prepared_xid,
         )
 
 
-def _by_pid_and_key(holder: Holder) -> tuple[int, str]:
-    return holder.pid, holder.key
+def _by_pid_and_key(holder: Holder) -> tuple[tuple[bool, int, int], str]:
+    return holder.order, holder.key
 
 
-def _by_pid_key_and_mode(holder: Holder) -> tuple[int, str, bool]:
-    return holder.pid, holder.key, MODE_EXCLUSIVE in holder.modes
+def _by_pid_key_and_mode(holder: Holder) -> tuple[tuple[bool, int, int], str, bool]:
+    return holder.order, holder.key, MODE_EXCLUSIVE in holder.modes
 
 
 @dataclass(frozen=True)
@@ -233,19 +250,34 @@ class Assembled:
 
 # What a session's held figures belong to: a lock's index, or a database's name for its unnamed keys.
 Target = int | str
-SessionId = tuple[int, "float | None"]  # (pid, backend_start): a reused pid is another session
-# A poll row without its last column (idle_seconds, which grows with time): equal over two polls
-# when nothing about the row changed (queries.POLL puts idle_seconds last for this). Leaving it out
-# loses nothing: with the state unchanged, state_change can only stay or move later, so the start
-# it proves for the session's holds cannot move earlier.
-_STABLE = slice(0, -1)
+# A poll row's columns that stay the same while nothing about the row changed (every one but
+# idle_seconds: queries.STABLE_COLUMNS), as one C-level tuple.
+_stable = operator.attrgetter(*queries.STABLE_COLUMNS)
+_KEYS = queries.STABLE_COLUMNS.index("keys")
+# What tells a session's rows apart: the grouping of the poll (database, key form, grant, mode).
+_ROW_ORDER = operator.itemgetter(*(queries.STABLE_COLUMNS.index(name) for name in ("datname", "objsubid", "granted", "shared")))
+
+
+def _same_rows(before: tuple[tuple[Any, ...], ...], now: tuple[tuple[Any, ...], ...]) -> bool:
+    """Whether two polls' rows of one session say the same, in whatever order the server sent the
+    rows and the keys inside each row's array (it promises neither)."""
+    if before == now:
+        return True
+    if len(before) != len(now):
+        return False
+    return _canonical(before) == _canonical(now)
+
+
+def _canonical(rows: tuple[tuple[Any, ...], ...]) -> list[tuple[tuple[Any, ...], frozenset[int]]]:
+    # A session's keys are distinct within one row (one pg_locks row per key), so a set loses nothing.
+    return [(row[:_KEYS] + row[_KEYS + 1:], frozenset(row[_KEYS])) for row in sorted(rows, key=_ROW_ORDER)]
 
 
 @dataclass
 class _Session:
     """One holding session's rows of the last poll, and the figures they made."""
 
-    rows: tuple[tuple[Any, ...], ...] | None  # None: never reused (some hold was not tracked)
+    rows: tuple[tuple[Any, ...], ...] | None  # the stable columns; None: never reused (a hold was not tracked)
     who: Who
     parts: dict[Target, _Figures]
 
@@ -279,29 +311,27 @@ class Assembler:
         now: float,
         caps: Caps,
         seen_presets: frozenset[tuple[str, str]] = frozenset(),
-        exclude_pids: frozenset[int] = frozenset(),
         unnamed_max_hold: float | None = None,
         view: PoolerView | None = None,
         databases: frozenset[str] = frozenset(),
     ) -> Assembled:
         """Name, track and count every hold and wait of a poll's rows.
 
-        rows have the columns of queries.POLL, read by name. A preset lock is shown from the first
-        poll that sees it held or awaited (seen_presets carries that over polls). With databases,
-        rows of other databases are left out.
+        rows have the columns of queries.POLL, read by name, in any order. A preset lock is shown
+        from the first poll that sees it held or awaited (seen_presets carries that over polls).
+        With databases, rows of other databases are left out. No row is left out for whom it
+        seems to be: the exporter's own connections hold no advisory lock while a poll runs, and
+        a pooled backend's pid and application_name belong to whoever borrowed it.
         """
         pooled = view is not None
         view = view or EMPTY_VIEW
         waits: dict[Target, list[float]] = {}  # target -> [waiters, longest wait]
         held_rows: dict[SessionId, list[Any]] = {}
         for row in rows:
-            # The exporter's own sessions (by pid), and other exporters' probes (by name), are in no figure.
-            if row.pid in exclude_pids or row.application_name == queries.PROBE_APPLICATION_NAME:
-                continue
             if databases and row.datname not in databases:
                 continue
             if row.granted:
-                session = (row.pid, row.backend_start)
+                session = session_id(row)
                 group = held_rows.get(session)
                 if group is None:
                     held_rows[session] = [row]
@@ -328,10 +358,11 @@ class Assembler:
         changed: set[Target] = set()
         for session_id, session_rows in held_rows.items():
             who = who_holds(session_rows[0], view)
-            stable = tuple(row[_STABLE] for row in session_rows)
+            stable = tuple(map(_stable, session_rows))
             before = earlier.get(session_id)
-            if before is not None and before.rows == stable and before.who == who:
+            if before is not None and before.rows is not None and before.who == who and _same_rows(before.rows, stable):
                 tracker.carry(session_id)
+                before.rows = stable  # the order of this poll: the next one most likely comes in it again
                 sessions[session_id] = before
                 continue
             session = sessions[session_id] = self._session(session_rows, stable, who)
@@ -357,13 +388,18 @@ class Assembler:
         tracker, slots = self._tracker, self._slots
         parts: dict[Target, _Figures] = {}
         dropped = tracker.dropped
+        session = session_id(session_rows[0])
         for row in session_rows:
             database, objsubid = row.datname, row.objsubid
             for index, group in self._matcher.partition(database, objsubid, row.keys).items():
                 target = database if index is None else index
                 fig = parts.get(target) or parts.setdefault(target, _Figures())
-                slot = (UNNAMED, database) if index is None else slots[index]
-                starts, again = tracker.see(slot, row.pid, row.backend_start, group, row.idle_seconds or 0.0)
+                # Unnamed keys of both forms share a database: the form keeps a bigint and an int4
+                # pair with the same 64 bits apart (a named lock or family has one form).
+                slot = (UNNAMED, database, objsubid) if index is None else slots[index]
+                # A PREPARE moves a session's holds to the prepared transaction: no new acquisition.
+                starts, again = tracker.see(slot, session, group, row.idle_seconds or 0.0,
+                                            counts=row.prepared_xid is None)
                 fig.add(starts, again, group, objsubid, row.shared, who)
                 if index is not None and self._is_family[index]:
                     fig.keys.update(group)

@@ -16,6 +16,7 @@ from . import __version__, locksview, logs
 from .config import ConfigError, Fleet, load_fleet
 from .dsn import error_line, server_name
 from .fleet import Runtime
+from .logs import describe_exception
 from .server import ListenAddressError, MetricsServer
 from .webconfig import WebConfig, load_web_config
 
@@ -126,7 +127,14 @@ class Reloader:
                     log.error("config reload refused: %s: %s", exc.source, detail)
                 self._runtime.reload_result(False)
                 return False
-            self._runtime.apply(fleet)
+            try:
+                self._runtime.apply(fleet)
+            except Exception as exc:  # noqa: BLE001 - a reload that breaks is a refused reload, seen
+                log.error("config reload failed: %s; the targets already changed keep the new config",
+                          describe_exception(exc))
+                log.debug("config reload failed", exc_info=exc)
+                self._runtime.reload_result(False)
+                return False
             self._runtime.reload_result(True)
             log.info("config reloaded: %s", fleet.summary())
             return True

@@ -10,22 +10,57 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from psycopg import conninfo
 
 from . import landing
 from .config import Config, Fleet
+from .logs import LoopErrors
 from .metrics import Exposition, FleetExposition
 from .poller import Poller, connect_poller
 from .probe import Prober, connect_probe
-from .snapshot import ReloadStatus, Snapshot
+from .snapshot import PollStats, ReloadStatus, Snapshot
 
 log = logging.getLogger(__name__)
 
 # How long stop() waits for a poll or probe thread: one stuck on a hung server is not waited for
 # (its threads are daemons, and the process exit closes their sockets).
 JOIN_SECONDS = 0.4
+# The watchdog serves up 0 once the last good poll is this many intervals old.
+STALE_INTERVALS = 3
+WATCHDOG_SECONDS = 0.5
+
+
+class Watchdog:
+    """A thread of its own (none of the loops it watches) that looks at every target's last good
+    poll twice a second and serves up 0 for one whose poller is stuck or gone."""
+
+    def __init__(self, targets: Callable[[], Iterable[Target]], clock: Callable[[], float] = time.monotonic) -> None:
+        self._targets = targets
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unexpected = LoopErrors(log, "watchdog")
+
+    def check(self) -> None:
+        for target in list(self._targets()):
+            target.check_stale(self._clock())
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(WATCHDOG_SECONDS):
+                try:
+                    self.check()
+                except Exception as exc:  # noqa: BLE001 - the watchdog survives what it watches for
+                    self._unexpected.report(exc)
+        self._thread = threading.Thread(target=loop, name="watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(JOIN_SECONDS)
 
 
 def server_identity(dsn: str) -> tuple[str, str, str]:
@@ -44,13 +79,16 @@ class Target:
     def __init__(self, config: Config, with_process: bool,
                  on_snapshot: Callable[[str, Snapshot], None] | None = None) -> None:
         self.config = config
-        self.exposition = Exposition(with_process=with_process)
+        self.exposition = Exposition(Snapshot(up=False, stats=PollStats(interval=config.poll_interval)),
+                                     with_process=with_process)
         self.first_poll = threading.Event()
         self._on_snapshot = on_snapshot
         self._stop = threading.Event()
-        self.prober = Prober(config, connect=connect_probe, publish=self.exposition.publish_probes)
-        self.poller = Poller(config, connect=connect_poller, publish=self._publish, own_pids=self.prober.backend_pids)
+        turn = threading.Lock()  # one statement of ours at a time on this server: probe or poll
+        self.prober = Prober(config, connect=connect_probe, publish=self.exposition.publish_probes, turn=turn)
+        self.poller = Poller(config, connect=connect_poller, publish=self._publish, turn=turn)
         self._threads: list[threading.Thread] = []
+        self._stale_since: float | None = None
 
     @property
     def name(self) -> str:
@@ -61,6 +99,24 @@ class Target:
         self.first_poll.set()
         if self._on_snapshot is not None:
             self._on_snapshot(self.name, snapshot)
+
+    def check_stale(self, now: float) -> bool:
+        """The watchdog's look (now: the poller's clock): when the last good poll is older than
+        STALE_INTERVALS intervals while the exposition still says up, the poller is stuck or gone;
+        publish the failed-poll exposition in its place, so exporter_up turns 0 without a scrape
+        rendering anything. True when it did."""
+        snapshot = self.exposition.snapshot
+        interval = snapshot.stats.interval or self.config.poll_interval
+        if not snapshot.up or now - snapshot.taken_at <= STALE_INTERVALS * interval:
+            return False
+        stale = Snapshot(up=False, stats=snapshot.stats)
+        if not self.exposition.publish_instead_of(snapshot, stale):
+            return False  # a poll published meanwhile: not stale after all
+        log.error("target %s: no poll has finished for %.0fs (%d poll intervals): the poller is stuck or gone; "
+                  "serving up 0", self.name or "(single)", now - snapshot.taken_at, STALE_INTERVALS)
+        if self._on_snapshot is not None:
+            self._on_snapshot(self.name, stale)
+        return True
 
     def start(self) -> None:
         self.exposition.start()
@@ -98,6 +154,7 @@ class Runtime:
         for config in fleet.targets:
             self._targets[config.name] = self._make(config)
         self._publish_reload()
+        self.watchdog = Watchdog(lambda: self._targets.values())
 
     def _make(self, config: Config) -> Target:
         health = self.health
@@ -113,8 +170,10 @@ class Runtime:
             self.health.start()
         for target in self._targets.values():
             target.start()
+        self.watchdog.start()
 
     def stop(self) -> None:
+        self.watchdog.stop()
         for target in self._targets.values():
             target.stop()
         if self.health is not None:

@@ -22,8 +22,24 @@ th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}.muted{col
 """
 
 
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _prepared_line(h: Holder, with_key: bool, mode: str, snapshot: Snapshot) -> str:
+    gid = _sql_literal(h.application_name)
+    return escape(
+        f"{'key ' + h.key + ', ' if with_key else ''}{mode}: prepared transaction {gid} of {h.usename or '?'}, "
+        f"prepared {age(snapshot.held_seconds(h), at_least=True)} ago"
+    ) + (' <span class="bad">A prepared transaction keeps its locks until someone ends it: '
+         f"<code>COMMIT PREPARED {escape(gid)}</code> or <code>ROLLBACK PREPARED {escape(gid)}</code>"
+         "</span>")
+
+
 def _holder_line(h: Holder, with_key: bool, snapshot: Snapshot) -> str:
     mode = "exclusive" if MODE_EXCLUSIVE in h.modes else "shared"
+    if h.is_prepared:
+        return _prepared_line(h, with_key, mode, snapshot)
     line = escape(
         f"{'key ' + h.key + ', ' if with_key else ''}{mode}: pid {h.pid} "
         f"{h.application_name or '-'} {h.usename}{'@' + h.client_addr if h.client_addr else ''} "

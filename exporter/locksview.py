@@ -37,7 +37,7 @@ class LockRow:
     family: str  # for a key of a configured family, the family's key set: (42, *); else ""
     mode: str
     granted: bool
-    pid: int
+    pid: int | None  # None: a prepared transaction (application_name is its gid)
     application_name: str
     usename: str
     client_addr: str
@@ -56,13 +56,12 @@ def read_locks(config: Config) -> list[LockRow]:
         server = cur.execute(queries.SERVER_INFO).fetchone()
         assert server is not None
         locks = resolve_on_server(conn, config, server.database)
-        rows = cur.execute(queries.locks_now_query(server.version_num),
-                           {"probe_app": queries.PROBE_APPLICATION_NAME}).fetchall()
+        rows = cur.execute(queries.locks_now_query(server.version_num)).fetchall()
     names = {(r.database, r.tag): r for r in locks if r.tag is not None}
     matcher = KeyMatcher(locks)
     reader = PoolerReader(config)
     try:
-        view = reader.read()
+        view = reader.read(server.port_setting)
     finally:
         reader.close()
     result = []
@@ -108,6 +107,13 @@ def format_table(rows: list[LockRow]) -> str:
         who = r.usename + (f"@{r.client_addr}" if r.client_addr else "")
         held = age(r.held_at_least_seconds, at_least=True) if r.granted else age(r.waiting_seconds)
         state = _STATES.get(r.state, r.state)
+        if r.pid is None:
+            gid = "'" + r.application_name.replace("'", "''") + "'"
+            lines.append(f"  {role:<6} {'prepared':>7} {_fit(gid, 18):<18} {_fit(r.usename or '-', 21):<21} "
+                         f"{'prepared':<9} {held:>8}")
+            lines.append(_fit(f"         a prepared transaction: COMMIT PREPARED {gid} or ROLLBACK PREPARED {gid}",
+                              WIDTH))
+            continue
         lines.append(f"  {role:<6} {r.pid:>7} {_fit(r.application_name or '-', 18):<18} {_fit(who or '-', 21):<21} "
                      f"{_fit(state or '?', 9):<9} {held:>8}")
         if r.stranded:

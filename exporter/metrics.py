@@ -8,6 +8,7 @@ come from prometheus_client's own collectors and generate_latest.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 import struct
@@ -21,7 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, GCCollector, PlatformCollecto
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
+from .logs import LoopErrors
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, Holder, LockState, ProbeResult, ReloadStatus, Snapshot
+
+log = logging.getLogger(__name__)
 
 PREFIX = "pg_advisory_lock"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -144,8 +148,13 @@ class FamilyTexts:
         return text
 
 
+def _pid(h: Holder) -> str:
+    """The pid label: "" for a prepared transaction (its gid is the application_name label)."""
+    return "" if h.pid is None else str(h.pid)
+
+
 def _holder_labels(h: Holder, source: str) -> str:
-    return labels(key=h.key, pid=str(h.pid), application_name=h.application_name, usename=h.usename,
+    return labels(key=h.key, pid=_pid(h), application_name=h.application_name, usename=h.usename,
                   client_addr=h.client_addr, state=h.state, source=source, pooler=h.pooler)
 
 
@@ -222,7 +231,7 @@ def _unnamed_text(snapshot: Snapshot) -> Iterator[str]:
         "The oldest holds of keys nobody named, within max_unnamed_holder_info per database.",
         (
             ("", i + "," + labels(key=h.key, mode=MODE_EXCLUSIVE if MODE_EXCLUSIVE in h.modes else MODE_SHARED,
-                                  pid=str(h.pid), application_name=h.application_name, usename=h.usename,
+                                  pid=_pid(h), application_name=h.application_name, usename=h.usename,
                                   client_addr=h.client_addr, state=h.state, pooler=h.pooler), 1)
             for u, i in pairs for h in u.info_holders
         ),
@@ -292,6 +301,10 @@ def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
         "Holds not remembered because max_tracked_holds was reached (they got the proven lower bound only), "
         "summed over polls.",
         [("", "", stats.tracked_holds_dropped)],
+    )
+    yield from _family(
+        f"{PREFIX}_exporter_poll_interval_seconds", "gauge",
+        "The poll interval in force: how often pg_locks is read.", [("", "", stats.interval)],
     )
     if stats.last_success_timestamp is not None:
         yield from _family(
@@ -437,6 +450,16 @@ class Exposition:
             self._snapshot = snapshot
             self._changed.set()
 
+    def publish_instead_of(self, current: Snapshot, replacement: Snapshot) -> bool:
+        """Publish replacement only if current is still the latest snapshot (the watchdog: a poll
+        that publishes meanwhile wins); whether it did."""
+        with self._lock:
+            if self._snapshot is not current:
+                return False
+            self._snapshot = replacement
+            self._changed.set()
+            return True
+
     def publish_probes(self, probes: tuple[ProbeResult, ...]) -> None:
         with self._lock:
             self._probes = probes
@@ -471,13 +494,21 @@ class Exposition:
             self._rendered = self._render()
 
     def start(self) -> None:
-        """Render after every change, on a thread of its own, until stop()."""
+        """Render after every change, on a thread of its own, until stop(). A rendering that fails
+        keeps the last one served (and is logged); the loop goes on."""
+        unexpected = LoopErrors(log, "renderer")
+
         def loop() -> None:
             while True:
                 self._changed.wait()
                 if self._stop.is_set():
                     return
-                self.render_now()
+                try:
+                    self.render_now()
+                except Exception as exc:  # noqa: BLE001 - every loop survives: the last rendering stays
+                    unexpected.report(exc)
+                    self._stop.wait(1.0)
+                    self._changed.set()  # what was published is not rendered yet: try again
         self._thread = threading.Thread(target=loop, name="render", daemon=True)
         self._thread.start()
 

@@ -18,7 +18,8 @@ from psycopg.rows import class_row, namedtuple_row
 from . import queries
 from .config import Config
 from .deadline import OneAtATime, StuckCall
-from .dsn import LIBPQ_DEFAULT_PORT, connect, dsn_port, error_line, local_timeouts, reconnect_delay, server_name
+from .dsn import connect, error_line, local_timeouts, proven_direct, reconnect_delay, result_rows, server_name
+from .logs import LoopErrors
 from .assemble import Assembler, Caps, KeyMatcher
 from .resolve import ResolvedLock, find_collisions, resolve_on_server
 from .poolers import PoolerReader
@@ -26,6 +27,10 @@ from .snapshot import ConsoleStatus, KeyCollision, LockState, PollStats, Snapsho
 from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
+
+
+class PollTurnTaken(Exception):
+    """The probe's try on the same server has not finished within a poll interval."""
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -36,7 +41,11 @@ class ServerInfo:
 
     version_num: int
     backend_pid: int
-    server_port: int | None
+    server_port: int | None  # inet_server_port(): None over a Unix socket
+    server_addr: str | None
+    client_port: int | None  # the port the server sees our end at (-1 over a Unix socket)
+    client_addr: str | None
+    port_setting: int  # the server's own port setting, whatever the connection came through
     database: str
     username: str
     is_superuser: bool
@@ -58,8 +67,7 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 def connect_poller(config: Config) -> psycopg.Connection:
     """The poller's connection: every transaction on it sets its own timeouts (the poll interval)."""
-    return connect(config.dsn, queries.APPLICATION_NAME, config.poll_interval, password_file=config.password_file,
-                   session_timeouts=False)
+    return connect(config.dsn, queries.APPLICATION_NAME, config.poll_interval, password_file=config.password_file)
 
 
 class Poller:
@@ -72,15 +80,17 @@ class Poller:
         publish: Callable[[Snapshot], None],
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        own_pids: Callable[[], frozenset[int]] = frozenset,
+        turn: threading.Lock | None = None,
     ) -> None:
         self._config = config
         self._connect = connect
         self._publish = publish
         self._clock = clock
         self._wall_clock = wall_clock
-        self._own_pids = own_pids
-        self._pid = 0  # the poller's own backend
+        # Shared with the probe of the same server: no try runs while the poll reads pg_locks, so
+        # the poll never sees the probe's own hold (and needs to leave out no backend for it).
+        self._turn = turn or threading.Lock()
+        self._unexpected = LoopErrors(log, f"poller of {server_name(config.dsn)}")
         self._conn: psycopg.Connection | None = None
         self._query = ""
         self._locks: tuple[ResolvedLock, ...] = ()
@@ -117,7 +127,6 @@ class Poller:
         self._query = queries.poll_query(info.version_num, self._config.poll_interval, self._prepare(conn, info))
         self._locks = locks
         self._assembler = Assembler(locks, KeyMatcher(locks), self._tracker)
-        self._pid = info.backend_pid
         messages, self._collisions = find_collisions(self._locks)
         for message in messages:
             log.warning("key collision: %s", message)
@@ -136,14 +145,19 @@ class Poller:
         return conn
 
     def _prepare(self, conn: psycopg.Connection, info: ServerInfo) -> bool:
-        """Prepare the poll statement on this connection, if it reaches PostgreSQL itself (the
-        server's port is the dsn's: no pooler in between, where the statement would stay on a
-        server connection the application borrows next). False otherwise, or if the server
-        refuses: the poll is then planned at every poll."""
-        port = dsn_port(self._config.dsn) or LIBPQ_DEFAULT_PORT
-        if info.server_port != port:
-            log.info("the server reports port %s, the dsn says %s: a pooler, proxy or NAT may be in between, so "
-                     "the poll statement is not prepared (it is planned at every poll)", info.server_port, port)
+        """Prepare the poll statement on this connection, if it is proven to reach PostgreSQL
+        itself: a statement prepared through a pooler would stay on a server connection the
+        application borrows next. False otherwise, or if the server refuses: the poll is then
+        planned at every poll."""
+        pooler = self._poolers.fronting(self._config.dsn)
+        if pooler is not None:
+            log.info("the dsn points at pooler %s: the poll statement is not prepared (it is planned at every poll)",
+                     pooler)
+            return False
+        if not proven_direct(conn, info.server_addr, info.server_port, info.client_addr, info.client_port):
+            log.info("the connection is not proven to reach PostgreSQL itself (a Unix socket, or the server sees "
+                     "other addresses or ports than ours: a pooler, proxy or NAT in between), so the poll statement "
+                     "is not prepared (it is planned at every poll)")
             return False
         try:
             with local_timeouts(conn, self._config.poll_interval):
@@ -181,12 +195,12 @@ class Poller:
             return self._run_poll(self._conn)
 
     def _run_poll(self, conn: psycopg.Connection) -> list[Any]:
+        if not self._turn.acquire(timeout=self._config.poll_interval):
+            raise PollTurnTaken("the probe's try on this server has not finished: no turn to poll")
         try:
             with conn.cursor(row_factory=namedtuple_row) as cur:
                 cur.execute(self._query)
-                for _ in range(queries.POLL_RESULT_INDEX):
-                    cur.nextset()
-                return cur.fetchall()
+                return result_rows(cur, queries.POLL_COLUMN_NAMES)
         except psycopg.Error:
             # A statement that failed inside the transaction left it open (aborted): end it, so
             # the next poll starts clean on the same connection.
@@ -196,16 +210,19 @@ class Poller:
                 except psycopg.Error:
                     conn.close()
             raise
+        finally:
+            self._turn.release()
 
     def _build(
         self, rows: list[Any], now: float,
     ) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...], tuple[ConsoleStatus, ...]]:
         config = self._config
         # The consoles right after pg_locks, so both describe the same moment as nearly as can be.
-        view = self._poolers.read() if self._poolers.configured else None
+        view = self._poolers.read(self.server.port_setting if self.server else None) \
+            if self._poolers.configured else None
         result = self._assembler.run(
             rows, now, Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
-            self._seen_presets, self._own_pids() | {self._pid}, config.unnamed_max_hold, view, frozenset(config.databases),
+            self._seen_presets, config.unnamed_max_hold, view, frozenset(config.databases),
         )
         self._seen_presets = result.seen_presets
         if result.holder_info_dropped:
@@ -220,7 +237,7 @@ class Poller:
             cumulative.append((bound, total))
         return PollStats(
             self._polls, self._errors, tuple(cumulative), self._duration_sum, self._last_success, self._holder_info_dropped,
-            self._tracker.tracked, self._tracker.dropped,
+            self._tracker.tracked, self._tracker.dropped, self._config.poll_interval,
         )
 
     def _record(self, seconds: float, failed: bool) -> PollStats:
@@ -237,18 +254,23 @@ class Poller:
             return self._stats()
 
     def poll_once(self) -> Snapshot:
-        """Poll once; a failure becomes up=0 in the snapshot, never an exception."""
+        """Poll once; a failure, whatever it is, becomes up=0 in the snapshot, never an exception."""
         started = self._clock()
         try:
             rows = self._read()
             now = self._clock()
             with _no_cyclic_gc():
                 locks, unnamed, consoles = self._build(rows, now)
-        except psycopg.Error as exc:
+        except (psycopg.Error, PollTurnTaken) as exc:
             stats = self._record(self._clock() - started, failed=True)
             self._fail(error_line(exc, self._config.dsn))
             if self._conn is not None and (self._conn.closed or isinstance(exc, psycopg.OperationalError)):
                 self.close()
+            return Snapshot(up=False, stats=stats)
+        except Exception as exc:  # noqa: BLE001 - a bug, or rows no one foresaw: a failed poll, seen
+            stats = self._record(self._clock() - started, failed=True)
+            self._last_error = self._unexpected.report(exc)
+            self._restart()
             return Snapshot(up=False, stats=stats)
         stats = self._record(now - started, failed=False)
         if self._last_error is not None:
@@ -256,6 +278,16 @@ class Poller:
             self._last_error = None
         return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=stats,
                         consoles=consoles, taken_at=now)
+
+    def _restart(self) -> None:
+        """After an unexpected error: a new connection and assembler (its memory of the last poll
+        may be half updated); the tracker's first sightings are kept."""
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001 - closing must not fail the recovery
+            self._unexpected.report(exc)
+            self._conn = None
+        self._assembler = Assembler((), KeyMatcher(()), self._tracker)
 
     def _fail(self, message: str) -> None:
         # One warning per distinct failure, not one per interval.
@@ -293,17 +325,19 @@ class Poller:
             return Snapshot(up=False, stats=self._record(interval, failed=True))
 
     def run(self, stop: threading.Event) -> None:
-        """Poll every interval until stop is set; publishes after every attempt."""
+        """Poll every interval until stop is set; publishes after every attempt. Nothing ends the
+        loop but stop: whatever goes wrong is a failed poll, published, and the loop goes on."""
         failures = 0
         next_at = self._clock()
         try:
             while not stop.is_set():
-                if not self._worker.busy:
-                    self._apply_pending_config()
-                snapshot = self._poll_with_deadline()
-                self._publish(snapshot)
+                try:
+                    up = self._poll_and_publish()
+                except Exception as exc:  # noqa: BLE001 - publishing failed: logged, and on
+                    self._unexpected.report(exc)
+                    up = False
                 now = self._clock()
-                if snapshot.up:
+                if up:
                     failures = 0
                     next_at += self._config.poll_interval
                     if next_at <= now:  # overran: skip the missed ticks
@@ -317,3 +351,10 @@ class Poller:
         finally:
             if not self._worker.busy:
                 self.close()
+
+    def _poll_and_publish(self) -> bool:
+        if not self._worker.busy:
+            self._apply_pending_config()
+        snapshot = self._poll_with_deadline()
+        self._publish(snapshot)
+        return snapshot.up

@@ -24,7 +24,8 @@ from psycopg.rows import dict_row
 
 from .config import Config, PoolerConfig
 from .deadline import OneAtATime, StuckCall
-from .dsn import error_line
+from .dsn import describe_hosts, dsn_endpoints, error_line, redact, resolve_host
+from .pooled import EMPTY_VIEW, Client, PoolerView, ServerLink
 from .snapshot import ConsoleStatus
 
 log = logging.getLogger(__name__)
@@ -34,66 +35,43 @@ SHOW_CLIENTS = "SHOW CLIENTS"
 SHOW_POOLS = "SHOW POOLS"
 SHOW_DATABASES = "SHOW DATABASES"
 SHOW_CONFIG = "SHOW CONFIG"
-CONSOLE_TIMEOUT = 2.0  # seconds for one console's read, connect included
-HAZARD_MODES = frozenset({"transaction", "statement"})
+CONSOLE_TIMEOUT = 2.0  # seconds for one console's read (name resolution and connect included)
+UNIX_ADDR = "unix"  # SHOW SERVERS' local_addr of a server connection over a Unix socket
 
 
 @dataclass(frozen=True)
-class Client:
-    """A pooler's client connection, as its console shows it."""
+class ConsoleAddress:
+    """One address to read a console at: the dsn's host and port, and one address it resolves to."""
 
-    addr: str
-    user: str
-    application_name: str
-
-
-@dataclass(frozen=True)
-class ServerLink:
-    """A server connection of a pooler: which pooler, in which pool mode, borrowed by whom now."""
-
-    pooler: str
-    pool_mode: str
-    client: Client | None  # None: nobody borrows it now (or the console is not known)
+    host: str
+    port: int
+    address: str
+    label: str  # the address label of pooler_up: the address, with the port where one address has several
 
 
-@dataclass(frozen=True)
-class PoolerView:
-    """Every pooler's server connections, as one poll sees them."""
-
-    by_backend: dict[tuple[int, int], ServerLink] = field(default_factory=dict)  # (pid, local_port)
-    by_address: dict[str, ServerLink] = field(default_factory=dict)  # poolers known by address only
-    consoles: tuple[ConsoleStatus, ...] = ()
-
-    def lookup(self, pid: int, client_port: int | None, client_addr: str | None) -> ServerLink | None:
-        """The pooler a backend is a server connection of, if any."""
-        if client_port is not None:
-            link = self.by_backend.get((pid, client_port))
-            if link is not None:
-                return link
-        return self.by_address.get(client_addr or "")
-
-
-EMPTY_VIEW = PoolerView()
-
-
-def _addresses(dsn: str) -> tuple[str, list[str]]:
-    """(host as written, every address it resolves to now)."""
-    params = conninfo.conninfo_to_dict(dsn)
-    host = str(params.get("hostaddr") or params.get("host") or "localhost")
-    if host.startswith("/"):
-        return host, [host]
-    port = int(params.get("port") or 5432)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return host, [host]
-    return host, sorted({info[4][0] for info in infos})
+def resolve_console(dsn: str) -> list[ConsoleAddress]:
+    """Every address of every host of a console dsn (host=a,b port=6432,6433 lists several),
+    resolved now; a Unix socket directory is its own address. Blocks on DNS: call it under a deadline."""
+    found = []
+    for host, port in dsn_endpoints(dsn):
+        if host.startswith("/"):
+            found.append((host, port, host))
+            continue
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            found.append((host, port, host))  # connecting says why, once
+            continue
+        found += [(host, port, address) for address in sorted({info[4][0] for info in infos})]
+    shared = {address for _, _, address in found if sum(a == address for _, _, a in found) > 1}
+    return [ConsoleAddress(host, port, address, f"{address}:{port}" if address in shared else address)
+            for host, port, address in dict.fromkeys(found)]
 
 
-def _connect(pooler: PoolerConfig, address: str) -> psycopg.Connection:
-    extra: dict[str, Any] = {}
-    if not address.startswith("/"):
-        extra["hostaddr"] = address
+def _connect(pooler: PoolerConfig, where: ConsoleAddress) -> psycopg.Connection:
+    extra: dict[str, Any] = {"host": where.host, "port": str(where.port)}
+    if not where.address.startswith("/"):
+        extra["hostaddr"] = where.address
     if pooler.password_file:
         with open(pooler.password_file, encoding="utf-8") as handle:
             extra["password"] = handle.read().rstrip("\r\n")
@@ -110,30 +88,49 @@ def _rows(conn: psycopg.Connection, command: str) -> list[dict[str, Any]]:
         return cur.fetchall()
 
 
-def read_console(conn: psycopg.Connection, pooler: str) -> dict[tuple[int, int], ServerLink]:
-    """One console's server connections, by (backend pid, local port)."""
-    servers = _rows(conn, SHOW_SERVERS)
-    clients = {row.get("ptr"): row for row in _rows(conn, SHOW_CLIENTS)}
+@dataclass
+class ConsoleLinks:
+    """One console's server connections: over TCP by (backend pid, local port), over a Unix
+    socket by (backend pid, the server's port)."""
+
+    tcp: dict[tuple[int, int], ServerLink] = field(default_factory=dict)
+    unix: dict[tuple[int, int], ServerLink] = field(default_factory=dict)
+
+
+def _pool_modes(conn: psycopg.Connection) -> tuple[dict[tuple[Any, Any], str], str]:
+    """Each (database, user) pool's mode, and the mode of a pool not listed."""
     pools = {(row.get("database"), row.get("user")): row.get("pool_mode") for row in _rows(conn, SHOW_POOLS)}
-    if any(mode is None for mode in pools.values()) or not pools:
+    if not pools or any(mode is None for mode in pools.values()):
         # Before pool_mode was a column of SHOW POOLS: per database, else the default.
         databases = {row.get("name"): row.get("pool_mode") for row in _rows(conn, SHOW_DATABASES)}
         default = next((row.get("value") for row in _rows(conn, SHOW_CONFIG) if row.get("key") == "pool_mode"), "session")
-        pools = {key: mode or databases.get(key[0]) or default for key, mode in pools.items()}
-        fallback = default
-    else:
-        fallback = "session"
-    links: dict[tuple[int, int], ServerLink] = {}
+        return {key: mode or databases.get(key[0]) or default for key, mode in pools.items()}, str(default)
+    return pools, "session"  # type: ignore[return-value]
+
+
+def read_console(conn: psycopg.Connection, pooler: str) -> ConsoleLinks:
+    """One console's server connections (SHOW SERVERS), with the client borrowing each (SHOW
+    CLIENTS) and its pool's mode (SHOW POOLS)."""
+    servers = _rows(conn, SHOW_SERVERS)
+    clients = {row.get("ptr"): row for row in _rows(conn, SHOW_CLIENTS)}
+    pools, fallback = _pool_modes(conn)
+    links = ConsoleLinks()
     for row in servers:
-        pid, port = row.get("remote_pid"), row.get("local_port")
-        if not pid or port is None:
+        pid = row.get("remote_pid")
+        if not pid:
             continue
         client_row = clients.get(row.get("link")) if row.get("link") else None
         client = None if client_row is None else Client(
             str(client_row.get("addr") or ""), str(client_row.get("user") or ""), str(client_row.get("application_name") or "")
         )
-        mode = pools.get((row.get("database"), row.get("user"))) or fallback
-        links[(int(pid), int(port))] = ServerLink(pooler, str(mode), client)
+        link = ServerLink(pooler, str(pools.get((row.get("database"), row.get("user"))) or fallback), client)
+        # Over a Unix socket local_port is PgBouncer's own listen port and the backend's client_port
+        # is -1: the backend is known by its pid on the server whose port the connection names.
+        if row.get("local_addr") == UNIX_ADDR or row.get("addr") == UNIX_ADDR:
+            if row.get("port") is not None:
+                links.unix[(int(pid), int(row["port"]))] = link
+        elif row.get("local_port") is not None:
+            links.tcp[(int(pid), int(row["local_port"]))] = link
     return links
 
 
@@ -159,37 +156,68 @@ class PoolerReader:
     def configured(self) -> bool:
         return bool(self._poolers)
 
-    def read(self) -> PoolerView:
-        """The view of every pooler now; a console that fails is logged once and left out."""
+    def fronting(self, dsn: str) -> str | None:
+        """The configured pooler the dsn points at, if any: a console pooler listening on one of
+        the dsn's addresses and ports (its console shares the pool's listener), or a pooler known
+        by address at one of the dsn's addresses. Resolves names: call it under a deadline."""
+        ours = {(address, port) for host, port in dsn_endpoints(dsn) for address in resolve_host(host, port)}
+        for pooler in self._poolers:
+            if pooler.dsn is not None:
+                theirs = {(address, port) for host, port in dsn_endpoints(pooler.dsn)
+                          for address in resolve_host(host, port)}
+                if ours & theirs:
+                    return pooler.name
+            if any(address in resolve_host(host) for host in pooler.addresses for address, _ in ours):
+                return pooler.name
+        return None
+
+    def read(self, server_port: int | None = None) -> PoolerView:
+        """The view of every pooler now (server_port: the monitored server's port setting, which
+        names it in a pooler's Unix-socket connections); a console that fails, for whatever
+        reason, is logged once and left out: it never fails the poll."""
         if not self._poolers:
             return EMPTY_VIEW
-        by_backend: dict[tuple[int, int], ServerLink] = {}
+        links = ConsoleLinks()
         statuses: list[ConsoleStatus] = []
         for pooler in self._poolers:
-            if pooler.type is None or pooler.dsn is None:
-                continue
-            host, addresses = _addresses(pooler.dsn)
-            for address in addresses:
-                slot = (pooler.name, address)
-                started = self._clock()
-                worker = self._workers.setdefault(slot, OneAtATime(f"pooler {pooler.name} {address}"))
-                try:
-                    links = worker.call(lambda p=pooler, a=address: self._read_one(p, a), timeout=CONSOLE_TIMEOUT)
-                except (psycopg.Error, OSError, StuckCall) as exc:
-                    self._fail(slot, host, exc, pooler)
-                    statuses.append(ConsoleStatus(pooler.name, address, False, self._clock() - started))
-                    continue
-                if self._last_error.pop(slot, None) is not None:
-                    log.info("pooler %s console at %s (%s) is read again", pooler.name, host, address)
-                by_backend.update(links)
-                statuses.append(ConsoleStatus(pooler.name, address, True, self._clock() - started))
-        return PoolerView(by_backend, self._by_address, tuple(statuses))
+            if pooler.type is not None and pooler.dsn is not None:
+                self._read_pooler(pooler, links, statuses)
+        return PoolerView(links.tcp, links.unix, self._by_address, server_port, tuple(statuses))
 
-    def _read_one(self, pooler: PoolerConfig, address: str) -> dict[tuple[int, int], ServerLink]:
-        slot = (pooler.name, address)
+    def _read_pooler(self, pooler: PoolerConfig, links: ConsoleLinks, statuses: list[ConsoleStatus]) -> None:
+        assert pooler.dsn is not None
+        started = self._clock()
+        slot = (pooler.name, "")
+        try:
+            # Name resolution may hang like a console: it runs under the same deadline.
+            resolver = self._workers.setdefault(slot, OneAtATime(f"pooler {pooler.name} name resolution"))
+            addresses = resolver.call(lambda: resolve_console(pooler.dsn or ""), timeout=CONSOLE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - a console that cannot be read never fails the poll
+            self._fail(slot, describe_hosts(pooler.dsn), exc, pooler)
+            statuses.append(ConsoleStatus(pooler.name, describe_hosts(pooler.dsn), False, self._clock() - started))
+            return
+        self._last_error.pop(slot, None)
+        for where in addresses:
+            slot = (pooler.name, where.label)
+            started = self._clock()
+            worker = self._workers.setdefault(slot, OneAtATime(f"pooler {pooler.name} {where.label}"))
+            try:
+                found = worker.call(lambda p=pooler, w=where: self._read_one(p, w), timeout=CONSOLE_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - psycopg, OS, a stuck call or a bug: one console down
+                self._fail(slot, where.host, exc, pooler)
+                statuses.append(ConsoleStatus(pooler.name, where.label, False, self._clock() - started))
+                continue
+            if self._last_error.pop(slot, None) is not None:
+                log.info("pooler %s console at %s (%s) is read again", pooler.name, where.host, where.label)
+            links.tcp.update(found.tcp)
+            links.unix.update(found.unix)
+            statuses.append(ConsoleStatus(pooler.name, where.label, True, self._clock() - started))
+
+    def _read_one(self, pooler: PoolerConfig, where: ConsoleAddress) -> ConsoleLinks:
+        slot = (pooler.name, where.label)
         conn = self._conns.get(slot)
         if conn is None or conn.closed:
-            conn = self._conns[slot] = _connect(pooler, address)
+            conn = self._conns[slot] = _connect(pooler, where)
         try:
             return read_console(conn, pooler.name)
         except BaseException:
@@ -198,10 +226,14 @@ class PoolerReader:
             raise
 
     def _fail(self, slot: tuple[str, str], host: str, exc: BaseException, pooler: PoolerConfig) -> None:
-        message = error_line(exc, pooler.dsn or "") if isinstance(exc, psycopg.Error) else str(exc)
+        if isinstance(exc, psycopg.Error):
+            message = error_line(exc, pooler.dsn or "")
+        else:
+            message = redact(f"{type(exc).__name__}: {exc}" if not isinstance(exc, (OSError, StuckCall)) else str(exc),
+                             pooler.dsn or "")
         if self._last_error.get(slot) != message:
             log.warning("pooler %s console at %s (%s) cannot be read: %s; lock figures are still served, "
-                        "without who borrows its connections", pooler.name, host, slot[1], message)
+                        "without who borrows its connections", pooler.name, host, slot[1] or "resolving", message)
         self._last_error[slot] = message
 
     def close(self) -> None:

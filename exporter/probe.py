@@ -1,8 +1,10 @@
 """The liveness probe: its own connection(s), one transaction-level try-lock per try.
 
-A try is one autocommit statement of pg_try_advisory_xact_lock: it never waits, and even when
-it gets the lock the lock is gone when the statement ends, so the exporter can never leave a
-lock held. Tries are spread over each lock's interval rather than fired all at once.
+A try is one transaction of pg_try_advisory_xact_lock, sent as one string: it never waits, and
+even when it gets the lock the lock is gone when that transaction commits, so the exporter can
+never leave a lock held. Its timeouts are LOCAL to it: nothing stays on a pooled backend. Tries
+are spread over each lock's interval rather than fired all at once, and never run while the poll
+of the same server runs (they share a turn), so a poll never sees the probe's own hold.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import namedtuple_row
 
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, database_name, dsn_port, error_line, reconnect_delay, server_name
+from .dsn import connect, database_name, dsn_port, error_line, reconnect_delay, result_rows, server_name, timeout_ms
+from .logs import LoopErrors
 from .snapshot import ProbeResult
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ def probe_timeout(config: Config) -> float:
 
 
 class ProbeUnavailable(Exception):
-    """No connection to try with right now (a recent connect failed)."""
+    """No connection to try with right now (a recent connect failed), or no turn on the server."""
 
 
 def connect_probe(config: Config, database: str | None) -> psycopg.Connection:
@@ -46,15 +50,21 @@ def connect_probe(config: Config, database: str | None) -> psycopg.Connection:
     )
 
 
-def try_statement(key: keys.KeySpec) -> tuple[str, dict[str, Any]]:
-    """The try-lock statement and parameters for a key, in the form the application uses."""
+def _lock_arguments(key: keys.KeySpec) -> sql.Composable:
+    """pg_try_advisory_xact_lock's arguments for a key, in the form the application uses."""
     if isinstance(key, keys.BigintKey):
-        return queries.PROBE_TRY_BIGINT, {"key": key.value}
+        return sql.SQL(queries.PROBE_LOCK_BIGINT).format(key=sql.Literal(key.value))
     if isinstance(key, keys.Int4PairKey):
-        return queries.PROBE_TRY_INT4_PAIR, {"first": key.first, "second": key.second}
+        return sql.SQL(queries.PROBE_LOCK_INT4_PAIR).format(first=sql.Literal(key.first), second=sql.Literal(key.second))
     if isinstance(key, keys.HashtextKey):
-        return queries.PROBE_TRY_HASHTEXT, {"text": key.text}
-    return queries.PROBE_TRY_HASHTEXTEXTENDED, {"text": key.text}
+        return sql.SQL(queries.PROBE_LOCK_HASHTEXT).format(text=sql.Literal(key.text))
+    return sql.SQL(queries.PROBE_LOCK_HASHTEXTEXTENDED).format(text=sql.Literal(key.text))
+
+
+def try_statement(key: keys.KeySpec, timeout_seconds: float) -> sql.Composed:
+    """One try of a key: its transaction, as one string."""
+    return sql.SQL(queries.PROBE_TRANSACTION).format(ms=sql.Literal(timeout_ms(timeout_seconds)),
+                                                     lock=_lock_arguments(key))
 
 
 def matches(expect: str, acquirable: bool) -> bool:
@@ -82,9 +92,13 @@ class Prober:
         publish: Callable[[tuple[ProbeResult, ...]], None],
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        turn: threading.Lock | None = None,
     ) -> None:
         self._config = config
         self._locks = config.probed
+        # Shared with the poller of the same server: a try never runs while a poll reads pg_locks.
+        self._turn = turn or threading.Lock()
+        self._unexpected = LoopErrors(log, "probe")
         self._connect = connect
         self._publish = publish
         self._clock = clock
@@ -143,19 +157,30 @@ class Prober:
             conn.close()
 
     def try_lock(self, lock: LockConfig) -> ProbeResult:
-        """One try of one lock; a failure is counted and reported, never raised."""
-        sql, params = try_statement(lock.key)
+        """One try of one lock; a failure, whatever it is, is counted and reported, never raised."""
+        timeout = probe_timeout(self._config)
         started = self._clock()
         try:
+            statement = try_statement(lock.key, timeout)
             conn = self._connection(lock.database)
-            started = self._clock()
-            with conn.cursor(row_factory=namedtuple_row) as cur:
-                row = cur.execute(sql, params).fetchone()
+            if not self._turn.acquire(timeout=timeout):
+                raise ProbeUnavailable("the poll of this server has not finished: no turn to try")
+            try:
+                started = self._clock()
+                with conn.cursor(row_factory=namedtuple_row) as cur:
+                    cur.execute(statement)
+                    rows = result_rows(cur, queries.PROBE_RESULT_COLUMNS)
+            finally:
+                self._turn.release()
+            row = rows[0] if rows else None
         except (psycopg.Error, ProbeUnavailable) as exc:
             conn = self._conns.get(lock.database)
             if conn is not None and (conn.closed or isinstance(exc, psycopg.OperationalError)):
                 self._drop(lock.database)
             return self._record(lock, None, self._clock() - started, error_line(exc, self._config.dsn))
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the probe: a failed try, seen
+            self._drop(lock.database)
+            return self._record(lock, None, self._clock() - started, self._unexpected.report(exc))
         duration = self._clock() - started
         self._check_backend(lock.database, row.backend_pid if row else 0)
         return self._record(lock, bool(row and row.got), duration, None, trusted=lock.database not in self._pooled)
@@ -225,37 +250,48 @@ class Prober:
         return True
 
     def run(self, stop: threading.Event) -> None:
-        """Try every probed lock on its interval until stop is set."""
+        """Try every probed lock on its interval until stop is set. Nothing ends the loop but
+        stop: an unexpected error is logged and the loop goes on after a pause."""
         due: list[float] = []
         try:
             while not stop.is_set():
-                if not self._worker.busy and self._apply_pending_config():
-                    due = []
-                    self._publish(self.results())
-                if not self._locks:
-                    stop.wait(0.5)  # a reload may add probes
-                    continue
-                if not due:
-                    due = first_due(self._clock(), self._locks)
-                index = min(range(len(due)), key=due.__getitem__)
-                delay = due[index] - self._clock()
-                if delay > 0 and stop.wait(min(delay, 0.5)):
-                    break
-                if delay > 0.5:
-                    continue
-                lock = self._locks[index]
                 try:
-                    self._worker.call(lambda lock=lock: self.try_lock(lock), timeout=probe_timeout(self._config) + 1.0)
-                except StuckCall as exc:
-                    self._record(lock, None, probe_timeout(self._config) + 1.0, f"{exc}: is the server hung?")
-                self._publish(self.results())
-                interval = lock.probe.interval  # type: ignore[union-attr]
-                due[index] += interval
-                if due[index] <= self._clock():  # overran: skip the missed tries
-                    due[index] = self._clock() + interval
+                    due = self._step(stop, due)
+                except Exception as exc:  # noqa: BLE001 - every loop survives: logged, then on
+                    self._unexpected.report(exc)
+                    due = []
+                    stop.wait(1.0)
         finally:
             if not self._worker.busy:
                 self.close()
+
+    def _step(self, stop: threading.Event, due: list[float]) -> list[float]:
+        """Wait for the next try that is due (at most half a second) and run it; the new due times."""
+        if not self._worker.busy and self._apply_pending_config():
+            due = []
+            self._publish(self.results())
+        if not self._locks:
+            stop.wait(0.5)  # a reload may add probes
+            return []
+        if not due:
+            due = first_due(self._clock(), self._locks)
+        index = min(range(len(due)), key=due.__getitem__)
+        delay = due[index] - self._clock()
+        if delay > 0 and (stop.wait(min(delay, 0.5)) or delay > 0.5):
+            return due
+        lock = self._locks[index]
+        # A try may wait its timeout for the poll's turn, then run for its timeout.
+        deadline = 2 * probe_timeout(self._config) + 1.0
+        try:
+            self._worker.call(lambda lock=lock: self.try_lock(lock), timeout=deadline)
+        except StuckCall as exc:
+            self._record(lock, None, deadline, f"{exc}: is the server hung?")
+        self._publish(self.results())
+        interval = lock.probe.interval  # type: ignore[union-attr]
+        due[index] += interval
+        if due[index] <= self._clock():  # overran: skip the missed tries
+            due[index] = self._clock() + interval
+        return due
 
     def close(self) -> None:
         for database in list(self._conns):

@@ -14,15 +14,19 @@ SERVER_INFO = """
 SELECT current_setting('server_version_num')::int AS version_num,
        pg_backend_pid() AS backend_pid,
        inet_server_port() AS server_port,
+       host(inet_server_addr()) AS server_addr,
+       inet_client_port() AS client_port,
+       host(inet_client_addr()) AS client_addr,
+       current_setting('port')::int AS port_setting,
        current_database() AS database,
        current_user AS username,
        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS is_superuser,
        pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') AS can_read_all_stats
 """
 
-# Every statement of every exporter connection is bounded; none may queue on a lock.
-SESSION_SETUP = "SELECT set_config('statement_timeout', %(ms)s, false), set_config('lock_timeout', %(ms)s, false)"
-# The same, for one transaction only (the poller's connections: see poll_query).
+# Every statement of every exporter connection is bounded, and none may queue on a lock; the
+# settings are LOCAL to the transaction they bound, so nothing of ours stays on a backend that a
+# transaction-mode pooler hands to the application next.
 LOCAL_TIMEOUTS = "SELECT set_config('statement_timeout', %(ms)s, true), set_config('lock_timeout', %(ms)s, true)"
 
 # The databases presets are computed for: every one that takes connections.
@@ -34,43 +38,86 @@ SELECT t AS text, hashtext(t)::int8 AS hashtext, hashtextextended(t, 0) AS hasht
 FROM unnest(%(texts)s::text[]) AS t
 """
 
-# pg_locks is read once (advisory rows only) and pg_stat_activity once. The server does only what
-# it must: it folds the rows of one session, database, key form, mode and grant into one row with
-# the keys as an array, so a poll returns about one row per holding session, not one per lock.
-# Naming keys (configured, families, presets) is done by the exporter, whose CPU is not the
-# database's: the statement is the same whatever the config names, and costs what the floor costs.
+# pg_locks is read once and pg_stat_activity once. The server does only what it must: it folds
+# the rows of one session, database, key form, mode and grant into one row with the keys as an
+# array, so a poll returns about one row per holding session, not one per lock. Naming keys
+# (configured, families, presets) is done by the exporter, whose CPU is not the database's: the
+# statement is the same whatever the config names, and costs what the floor costs.
 # keys are (classid << 32) | objid as a signed bigint: the bigint itself for pg_advisory_lock(bigint),
 # the two int4 halves for pg_advisory_lock(int4, int4) (objsubid tells which).
-# idle_seconds comes last: it is the one column of a holder's row that grows with time, and the
-# exporter compares the rest with the last poll's to skip what did not change (assemble.Assembler).
+#
+# A prepared transaction (PREPARE TRANSACTION) keeps its locks with pid NULL. Its advisory rows and
+# its transactionid row share one virtualtransaction, so the same scan also takes the
+# transactionid rows of pid NULL (a handful), grouped on their own; the groups (a few hundred
+# rows, not the locks) are materialised so that pg_prepared_xacts, joined on those transaction
+# ids, names each prepared holder (its gid, owner and since when) without a second scan.
+# A prepared transaction is its own holder, known by its transaction id.
+#
+# Through a transaction-mode pooler the backend this poll runs on may hold someone else's session
+# lock (our own connections never hold one while a poll runs: the probe waits its turn). Such a
+# lock is session-level by proof (its backend is inside our transaction), so its row says idle,
+# outside any transaction, with no proven idle time.
 _POLL_TEMPLATE = """
-WITH held AS (
-    SELECT l.database, l.pid, l.objsubid, l.granted, l.mode = 'ShareLock' AS shared,
-           array_agg((l.classid::int8 << 32) | l.objid::int8) AS keys,
+WITH held AS MATERIALIZED (
+    SELECT l.locktype = 'advisory' AS advisory, l.database, l.pid,
+           CASE WHEN l.pid IS NULL THEN l.virtualtransaction END AS vxact,
+           l.objsubid, l.granted, l.mode = 'ShareLock' AS shared,
+           array_agg(coalesce((l.classid::int8 << 32) | l.objid::int8, l.transactionid::text::int8)) AS keys,
            min({waitstart}) AS waitstart
     FROM pg_locks AS l
-    WHERE l.locktype = 'advisory'
-    GROUP BY l.database, l.pid, l.objsubid, l.granted, l.mode
+    WHERE l.locktype = 'advisory' OR (l.pid IS NULL AND l.locktype = 'transactionid')
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+), prepared AS (
+    SELECT h.vxact, p.transaction::text::int8 AS xid, p.gid, p.owner::text AS owner, p.prepared
+    FROM held AS h JOIN pg_prepared_xacts AS p ON p.transaction::text::int8 = h.keys[1]
+    WHERE NOT h.advisory
 )
-SELECT coalesce(d.datname, h.database::text) AS datname, h.pid, h.objsubid::int AS objsubid, h.granted,
-       h.shared, h.keys,
-       extract(epoch FROM a.backend_start)::float8 AS backend_start,
-       a.application_name, a.usename::text AS usename, host(a.client_addr) AS client_addr,
-       a.client_port, a.state,
-       a.xact_start IS NULL AND a.state = 'idle' AS outside_transaction,
-       CASE WHEN NOT h.granted
-            THEN greatest(extract(epoch FROM now() - coalesce(h.waitstart, a.query_start))::float8, 0) END AS wait_seconds,
-       CASE WHEN a.state LIKE 'idle%'
-            THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS idle_seconds
+SELECT {columns}
 FROM held AS h
+LEFT JOIN prepared AS px ON h.pid IS NULL AND px.vxact = h.vxact
 LEFT JOIN pg_stat_activity AS a ON a.pid = h.pid
 LEFT JOIN pg_database AS d ON d.oid = h.database
+WHERE h.advisory
 """
+
+# The poll's columns, declared once: (name, type, expression). Code and tests read them by name
+# (Row = namedtuple("Row", POLL_COLUMN_NAMES)); STABLE_COLUMNS are the ones compared with the last
+# poll's to skip a session that did not change (assemble.Assembler): every column but
+# idle_seconds, which grows with time. Leaving it out loses nothing: with the state unchanged,
+# state_change can only stay or move later, so the start it proves cannot move earlier.
+POLL_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("datname", "text", "coalesce(d.datname, h.database::text)"),
+    ("pid", "int4", "h.pid"),  # NULL for a prepared transaction
+    ("prepared_xid", "int8", "px.xid"),  # a prepared transaction's id; NULL for a session
+    ("objsubid", "int4", "h.objsubid::int"),
+    ("granted", "bool", "h.granted"),
+    ("shared", "bool", "h.shared"),
+    ("keys", "int8[]", "h.keys"),
+    ("backend_start", "float8", "extract(epoch FROM a.backend_start)::float8"),
+    ("application_name", "text", "CASE WHEN h.pid IS NULL THEN px.gid ELSE a.application_name END"),
+    ("usename", "text", "CASE WHEN h.pid IS NULL THEN px.owner ELSE a.usename::text END"),
+    ("client_addr", "text", "host(a.client_addr)"),
+    ("client_port", "int4", "a.client_port"),
+    ("state", "text",
+     "CASE WHEN h.pid IS NULL THEN 'prepared' WHEN h.pid = pg_backend_pid() THEN 'idle' ELSE a.state END"),
+    ("outside_transaction", "bool",
+     "CASE WHEN h.pid = pg_backend_pid() THEN true ELSE a.xact_start IS NULL AND a.state = 'idle' END"),
+    ("wait_seconds", "float8",
+     "CASE WHEN NOT h.granted "
+     "THEN greatest(extract(epoch FROM now() - coalesce(h.waitstart, a.query_start))::float8, 0) END"),
+    ("idle_seconds", "float8",
+     "CASE WHEN h.pid IS NULL THEN greatest(extract(epoch FROM now() - px.prepared)::float8, 0) "
+     "WHEN a.state LIKE 'idle%%' AND h.pid <> pg_backend_pid() "
+     "THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END"),
+)
+POLL_COLUMN_NAMES = tuple(name for name, _, _ in POLL_COLUMNS)
+STABLE_COLUMNS = tuple(name for name in POLL_COLUMN_NAMES if name != "idle_seconds")
+_SELECT_LIST = ",\n       ".join(f"{expression} AS {name}" for name, _, expression in POLL_COLUMNS).replace("%%", "%")
 
 # PostgreSQL 14 added pg_locks.waitstart; before it, a waiter's wait began no earlier than
 # its query_start, since a waiter is blocked inside its lock call.
-POLL = _POLL_TEMPLATE.format(waitstart="l.waitstart")
-POLL_PG13 = _POLL_TEMPLATE.format(waitstart="NULL::timestamptz")
+POLL = _POLL_TEMPLATE.format(waitstart="l.waitstart", columns=_SELECT_LIST)
+POLL_PG13 = _POLL_TEMPLATE.format(waitstart="NULL::timestamptz", columns=_SELECT_LIST)
 WAITSTART_MIN_VERSION = 140000
 
 # A poll is its own transaction, sent as one simple-protocol string (one round trip), with its
@@ -81,10 +128,10 @@ WAITSTART_MIN_VERSION = 140000
 #   groups them by sorting; at 50,000 held locks that sort spilled to disk and cost 86 ms against
 #   51 ms for the hash aggregate this setting leaves it.
 # The poll statement itself is prepared once per connection (PREPARE, under a name of its own, so
-# it never meets another client's statements) and run with EXECUTE: planning it cost more than
-# running it when little is held (0.2 ms of 0.4 ms with 200 databases and nothing held). Through a
-# transaction-mode pooler the EXECUTE may reach a server connection that never saw the PREPARE;
-# the poller then plans the statement at every poll instead (poll_query with prepared=False).
+# it never meets another client's statements) and run with EXECUTE, but only on a connection
+# proven to reach PostgreSQL itself (poller.Poller._proven_direct): planning it cost more than
+# running it when little is held (0.2 ms of 0.4 ms with 200 databases and nothing held), and a
+# statement prepared through a pooler would stay on a backend the application borrows next.
 POLL_STATEMENT_NAME = "pg_advisory_lock_exporter_poll"
 _POLL_TRANSACTION = """BEGIN;
 SET LOCAL statement_timeout = {ms};
@@ -105,48 +152,68 @@ def prepare_poll(server_version_num: int) -> str:
 
 def poll_query(server_version_num: int, timeout_seconds: float, prepared: bool = False) -> str:
     """The poll transaction for a server of this version (prepared: EXECUTE the statement that
-    prepare_poll made); its statements' results come in order: BEGIN, three SETs, the poll's rows,
-    COMMIT."""
+    prepare_poll made). Its rows are the one result whose columns are POLL_COLUMN_NAMES."""
     poll = f"EXECUTE {POLL_STATEMENT_NAME}" if prepared else _poll_statement(server_version_num)
     return _POLL_TRANSACTION.format(ms=max(1, int(timeout_seconds * 1000)), poll=poll)
 
 
-POLL_RESULT_INDEX = 4  # the poll's rows are the fifth result of the transaction
-
-# The probe: one autocommit statement of a transaction-level try-lock per try. Even when it
-# gets the lock, the lock is released when the statement ends, and a crash of the exporter
-# can never leave it held. A try never waits: pg_try_* returns at once, and lock_timeout and
-# statement_timeout bound anything else.
+# The probe: one transaction per try, sent as one simple-protocol string (one round trip), its
+# timeouts LOCAL to it so nothing stays on a pooled backend, around a transaction-level try-lock.
+# Even when it gets the lock, the lock is released at that COMMIT, inside the same message, and a
+# crash of the exporter can never leave it held. A try never waits: pg_try_* returns at once, and
+# lock_timeout and statement_timeout bound anything else. The key goes in as a literal (the simple
+# protocol takes no parameters), quoted by psycopg.sql.
 # Each try also says which backend ran it: through a transaction-mode pooler the backend changes
 # between tries, and a try on a backend holding a stranded session lock would succeed (advisory
 # locks are re-entrant per backend), so such results are not trusted.
-PROBE_TRY_BIGINT = "SELECT pg_try_advisory_xact_lock(%(key)s::int8) AS got, pg_backend_pid() AS backend_pid"
-PROBE_TRY_INT4_PAIR = ("SELECT pg_try_advisory_xact_lock(%(first)s::int4, %(second)s::int4) AS got, "
-                       "pg_backend_pid() AS backend_pid")
+PROBE_TRANSACTION = """BEGIN;
+SET LOCAL statement_timeout = {ms};
+SET LOCAL lock_timeout = {ms};
+SELECT pg_try_advisory_xact_lock({lock}) AS got, pg_backend_pid() AS backend_pid;
+COMMIT"""
+PROBE_RESULT_COLUMNS = ("got", "backend_pid")
+PROBE_LOCK_BIGINT = "{key}::int8"
+PROBE_LOCK_INT4_PAIR = "{first}::int4, {second}::int4"
 # The server hashes the name itself, exactly as the application's own call does.
-PROBE_TRY_HASHTEXT = "SELECT pg_try_advisory_xact_lock(hashtext(%(text)s)::int8) AS got, pg_backend_pid() AS backend_pid"
-PROBE_TRY_HASHTEXTEXTENDED = ("SELECT pg_try_advisory_xact_lock(hashtextextended(%(text)s, 0)) AS got, "
-                              "pg_backend_pid() AS backend_pid")
+PROBE_LOCK_HASHTEXT = "hashtext({text})::int8"
+PROBE_LOCK_HASHTEXTEXTENDED = "hashtextextended({text}, 0)"
 
 # `pg-advisory-lock-exporter locks`: every advisory lock in the cluster now, one row per session
-# and lock. pg_blocking_pids() is costly: it runs only for the rows of waiting sessions.
+# (or prepared transaction) and lock, nobody's left out. pg_locks is read once (materialised: its
+# transactionid rows of pid NULL name the prepared transactions). pg_blocking_pids() is costly: it
+# runs only for the rows of waiting sessions.
 _LOCKS_NOW_TEMPLATE = """
+WITH l AS MATERIALIZED (
+    SELECT locktype, database, classid, objid, objsubid, mode, granted, pid, virtualtransaction, transactionid,
+           {waitstart} AS waitstart
+    FROM pg_locks
+    WHERE locktype = 'advisory' OR (pid IS NULL AND locktype = 'transactionid')
+), prepared AS (
+    SELECT l.virtualtransaction, p.transaction::text::int8 AS xid, p.gid, p.owner::text AS owner, p.prepared
+    FROM l JOIN pg_prepared_xacts AS p ON p.transaction = l.transactionid
+    WHERE l.locktype = 'transactionid'
+)
 SELECT d.datname, l.classid::int8 AS classid, l.objid::int8 AS objid, l.objsubid::int AS objsubid, l.mode,
-       l.granted, l.pid, a.application_name, a.usename::text AS usename, host(a.client_addr) AS client_addr, a.state,
+       l.granted, l.pid, px.xid AS prepared_xid,
+       CASE WHEN l.pid IS NULL THEN px.gid ELSE a.application_name END AS application_name,
+       CASE WHEN l.pid IS NULL THEN px.owner ELSE a.usename::text END AS usename,
+       host(a.client_addr) AS client_addr, CASE WHEN l.pid IS NULL THEN 'prepared' ELSE a.state END AS state,
        a.client_port, extract(epoch FROM a.backend_start)::float8 AS backend_start,
        a.xact_start IS NULL AND a.state = 'idle' AS outside_transaction,
-       CASE WHEN l.granted AND a.state LIKE 'idle%%'
+       CASE WHEN l.pid IS NULL THEN greatest(extract(epoch FROM now() - px.prepared)::float8, 0)
+            WHEN l.granted AND a.state LIKE 'idle%'
             THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS held_at_least,
        CASE WHEN NOT l.granted
-            THEN greatest(extract(epoch FROM now() - coalesce({waitstart}, a.query_start))::float8, 0) END AS waiting,
+            THEN greatest(extract(epoch FROM now() - coalesce(l.waitstart, a.query_start))::float8, 0) END AS waiting,
        CASE WHEN NOT l.granted THEN pg_blocking_pids(l.pid) END AS blocked_by
-FROM pg_locks AS l
-LEFT JOIN pg_stat_activity AS a USING (pid)
+FROM l
+LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+LEFT JOIN prepared AS px ON l.pid IS NULL AND px.virtualtransaction = l.virtualtransaction
 LEFT JOIN pg_database AS d ON d.oid = l.database
-WHERE l.locktype = 'advisory' AND a.application_name IS DISTINCT FROM %(probe_app)s
-ORDER BY d.datname, l.classid, l.objid, l.objsubid, l.granted DESC, l.pid
+WHERE l.locktype = 'advisory'
+ORDER BY d.datname, l.classid, l.objid, l.objsubid, l.granted DESC, l.pid NULLS LAST, px.gid
 """
-LOCKS_NOW = _LOCKS_NOW_TEMPLATE.format(waitstart="l.waitstart")
+LOCKS_NOW = _LOCKS_NOW_TEMPLATE.format(waitstart="waitstart")
 LOCKS_NOW_PG13 = _LOCKS_NOW_TEMPLATE.format(waitstart="NULL::timestamptz")
 
 

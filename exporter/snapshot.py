@@ -15,10 +15,15 @@ ONLY_EXCLUSIVE = frozenset({MODE_EXCLUSIVE})
 ONLY_SHARED = frozenset({MODE_SHARED})
 
 
-class Holder(NamedTuple):
-    """A session holding one key of a lock. (A NamedTuple: made for every holder shown.)"""
+STATE_PREPARED = "prepared"  # the state of a prepared transaction's holds
 
-    pid: int
+
+class Holder(NamedTuple):
+    """A session, or a prepared transaction, holding one key of a lock. (A NamedTuple: made for
+    every holder shown.) A prepared transaction has pid None, state "prepared", its gid as
+    application_name and its owner as usename."""
+
+    pid: int | None
     backend_start: float | None  # epoch seconds; None without the rights to see it
     modes: frozenset[str]
     application_name: str
@@ -31,6 +36,16 @@ class Holder(NamedTuple):
     key: str = ""  # the decoded key: '4242', or '42,7' for an int4 pair
     pooler: str = ""  # the pooler the session came through; "" for a direct connection
     stranded: bool = False  # session-level, on a transaction-pool backend outside any transaction
+    prepared_xid: int | None = None  # a prepared transaction's id
+
+    @property
+    def order(self) -> tuple[bool, int, int]:
+        """Sessions by pid, then prepared transactions by transaction id: a total order without None."""
+        return (self.pid is None, self.pid or 0, self.prepared_xid or 0)
+
+    @property
+    def is_prepared(self) -> bool:
+        return self.pid is None
 
 
 class LockState(NamedTuple):
@@ -134,6 +149,7 @@ class PollStats:
     holder_info_dropped: int = 0
     tracked_holds: int = 0
     tracked_holds_dropped: int = 0
+    interval: float = 0.0  # the poll interval in force
 
 
 @dataclass(frozen=True)

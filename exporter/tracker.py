@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-# (pid, backend_start): a session; holds are kept per session, then per lock slot (whatever the
-# caller identifies a lock by over time: the poller's name and database; for unnamed keys, "" and
-# the database), then per key.
-SessionKey = tuple[int, "float | None"]
+# (pid, backend_start, prepared transaction id): a session, or a prepared transaction (pid None);
+# holds are kept per session, then per lock slot (whatever the caller identifies a lock by over
+# time: the poller's name and database; for unnamed keys, "" and the database), then per key.
+SessionId = tuple["int | None", "float | None", "int | None"]
 _EMPTY: dict[int, float] = {}
 _NO_SLOTS: dict[Hashable, dict[int, float]] = {}
 
@@ -27,8 +27,8 @@ class HoldTracker:
 
     def __init__(self, max_tracked: int = 100_000) -> None:
         self.max_tracked = max_tracked
-        self._since: dict[SessionKey, dict[Hashable, dict[int, float]]] = {}
-        self._current: dict[SessionKey, dict[Hashable, dict[int, float]]] = {}
+        self._since: dict[SessionId, dict[Hashable, dict[int, float]]] = {}
+        self._current: dict[SessionId, dict[Hashable, dict[int, float]]] = {}
         self._acquisitions: dict[Hashable, int] = {}
         self._first_poll = True
         self._now = 0.0
@@ -44,12 +44,12 @@ class HoldTracker:
         # so a flood of new holds never makes an old hold look new.
         self._room = max(self.max_tracked - self._tracked, 0)
 
-    def see(self, slot: Hashable, pid: int, backend_start: float | None, keys: Sequence[int],
-            proven_seconds: float) -> tuple[list[float], set[int]]:
+    def see(self, slot: Hashable, session: SessionId, keys: Sequence[int], proven_seconds: float,
+            counts: bool = True) -> tuple[list[float], set[int]]:
         """Holds of one session on keys of one lock, seen by this poll: since when each has been
         held at least (a monotonic clock reading, in the order of keys), and the keys this poll had
-        already seen (the same key held in the other mode)."""
-        session = (pid, backend_start)
+        already seen (the same key held in the other mode). counts: a new hold is an acquisition
+        (not so for a prepared transaction, which took its holds over from its session)."""
         earlier = self._since.get(session, _NO_SLOTS).get(slot, _EMPTY)
         slots = self._current.get(session)
         if slots is None:
@@ -89,11 +89,11 @@ class HoldTracker:
                 current[key] = start
             starts.append(start)
         # Holders already there at the first poll were not seen taking the lock.
-        if new and not self._first_poll:
+        if new and counts and not self._first_poll:
             self._acquisitions[slot] = self._acquisitions.get(slot, 0) + new
         return starts, again
 
-    def carry(self, session: SessionKey) -> None:
+    def carry(self, session: SessionId) -> None:
         """Holds of a session whose rows are the same as the last poll's: remembered as they were,
         without looking at each key again (their starts, modes and counts cannot have changed)."""
         held = self._since.get(session)

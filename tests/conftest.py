@@ -84,7 +84,7 @@ def server() -> Iterator[Server]:
         yield Server(external, None)
         return
     try:
-        cluster = Cluster().start()
+        cluster = Cluster(settings={"max_prepared_transactions": "10"}).start()
     except ClusterError as exc:
         pytest.exit(f"cannot start a throwaway PostgreSQL: {exc}", returncode=3)
     try:
@@ -171,7 +171,7 @@ def make_poller(server: Server) -> Iterator[Callable[..., Poller]]:
     made: list[Poller] = []
 
     def factory(raw: dict[str, Any], clock: Callable[[], float] = time.monotonic,
-                own_pids: Callable[[], frozenset[int]] = frozenset) -> Poller:
+                turn: threading.Lock | None = None) -> Poller:
         raw = {"dsn": server.dsn(), "poll_interval": "1s", **raw}
         config = parse_config(raw, "test")
         published: list[Snapshot] = []
@@ -180,7 +180,7 @@ def make_poller(server: Server) -> Iterator[Callable[..., Poller]]:
             connect=connect_poller,
             publish=published.append,
             clock=clock,
-            own_pids=own_pids,
+            turn=turn,
         )
         made.append(poller)
         return poller
@@ -197,12 +197,14 @@ def make_prober(server: Server) -> Iterator[Callable[..., Any]]:
 
     made: list[Any] = []
 
-    def factory(raw: dict[str, Any], publish: Callable[..., None] = lambda results: None) -> Prober:
+    def factory(raw: dict[str, Any], publish: Callable[..., None] = lambda results: None,
+                turn: threading.Lock | None = None) -> Prober:
         config = parse_config({"dsn": server.dsn(), **raw}, "test")
         prober = Prober(
             config,
             connect=connect_probe,
             publish=publish,
+            turn=turn,
         )
         made.append(prober)
         return prober

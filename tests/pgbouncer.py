@@ -44,6 +44,7 @@ class PgBouncer:
     pool_size: int = 2
     force_user: str | None = None  # the server user of every pool, whoever the client is
     listen_addr: str = "127.0.0.1"
+    server_host: str = "127.0.0.1"  # or the server's Unix socket directory
     extra: dict[str, str] = field(default_factory=dict)
     port: int = 0
     root: str = ""
@@ -84,7 +85,7 @@ class PgBouncer:
             "pidfile": os.path.join(self.root, "pgbouncer.pid"),
             **self.extra,
         }
-        target = f"host=127.0.0.1 port={self.server_port}" + (f" user={self.force_user}" if self.force_user else "")
+        target = f"host={self.server_host} port={self.server_port}" + (f" user={self.force_user}" if self.force_user else "")
         lines = ["[databases]", f"* = {target}", "[pgbouncer]"]
         lines += [f"{k} = {v}" for k, v in settings.items() if v != ""]
         ini = os.path.join(self.root, "pgbouncer.ini")

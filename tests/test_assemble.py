@@ -6,16 +6,16 @@ from __future__ import annotations
 import random
 from collections import namedtuple
 
+from exporter import queries
 from exporter.assemble import Assembler, Caps, KeyMatcher
 from exporter.config import parse_config
+from exporter.pooled import Client, PoolerView, ServerLink
 from exporter.resolve import resolve_locks
 from exporter.tracker import HoldTracker
 from tests.metrics_util import value
 
 CAPS = Caps(per_lock=3, total=40, unnamed_per_database=4)
-# The columns of queries.POLL, in its order (idle_seconds last).
-Row = namedtuple("Row", "datname pid objsubid granted shared keys backend_start application_name usename client_addr "
-                        "client_port state outside_transaction wait_seconds idle_seconds")
+Row = namedtuple("Row", queries.POLL_COLUMN_NAMES)  # the poll's columns, by the names queries.py declares
 
 
 def ids(name: str) -> dict[str, str]:
@@ -38,10 +38,15 @@ def test_an_unchanged_lock_is_the_same_state_and_a_changed_one_is_new(make_polle
     again = {lock.name: lock for lock in second.locks}
     # No session holding "steady" changed: the very same state, its age taken from the snapshot's time.
     assert again["steady"] is by_name["steady"]
-    assert 10.0 <= value(second, "pg_advisory_lock_held_seconds", **ids("steady")) < 11.0  # (idle: proven a bit earlier)
+    # Its age is taken at each snapshot's time from the same start: 5 s of the poller's clock more.
+    # (Not "10 s since the first poll": the idle lower bound proves an earlier start, by however
+    # long the machine took between taking the lock and the first poll.)
+    steady_age = value(second, "pg_advisory_lock_held_seconds", **ids("steady"))
+    assert steady_age >= 10.0
+    assert abs(steady_age - value(first, "pg_advisory_lock_held_seconds", **ids("steady")) - 5.0) < 0.002
     # A changed session's locks are assembled anew, the unchanged session's holds keep their start.
     assert again["tenants"] is not by_name["tenants"] and again["tenants"].holds == 2
-    assert 10.0 <= value(second, "pg_advisory_lock_held_seconds", **ids("tenants")) < 11.0
+    assert value(second, "pg_advisory_lock_held_seconds", **ids("tenants")) == steady_age
     assert value(second, "pg_advisory_lock_acquisitions_total", **ids("tenants")) == 1
     assert value(second, "pg_advisory_lock_holders", **ids("moving"), mode="exclusive") == 1
     # A session that ends takes its holds with it.
@@ -52,44 +57,96 @@ def test_an_unchanged_lock_is_the_same_state_and_a_changed_one_is_new(make_polle
     assert value(third, "pg_advisory_lock_keys_held", **ids("tenants")) == 1
 
 
-def _random_polls(rng: random.Random, polls: int) -> list[list[Row]]:
-    """Polls of a few sessions that keep, drop, take and re-mode keys, go idle and come back,
-    some waiting; keys named, in a family and unnamed, in two databases."""
-    sessions = {pid: (float(pid), {}) for pid in range(1, 9)}
-    states = {pid: ("active", 0.0) for pid in sessions}  # (state, state_change)
+class _Holder:
+    """One holder of the random workload: a session (pid, backend_start) or a prepared transaction."""
+
+    def __init__(self, pid: int | None, start: float | None, xid: int | None = None) -> None:
+        self.pid, self.start, self.xid = pid, start, xid
+        self.held: dict[tuple[str, int, int], str] = {}  # (database, objsubid, key) -> mode
+        self.state, self.changed_at = "active", 0.0
+        self.app, self.client = f"app-{pid}", "10.0.0.1"
+
+
+KEYS = [5, 6, 7, 1000, 1001, (42 << 32) | 3, (42 << 32) | 4]
+
+
+def _change(rng: random.Random, holder: _Holder, now: float) -> None:
+    """A session's state, identity or keys change since the last poll, or not."""
+    if rng.random() < 0.3:
+        holder.state, holder.changed_at = rng.choice(["idle", "active", "idle in transaction"]), now - rng.uniform(0, 0.9)
+    if rng.random() < 0.1:  # the same rows under another name or client (a pooler's rewrite)
+        holder.app, holder.client = rng.choice([f"app-{holder.pid}", "renamed"]), rng.choice(["10.0.0.1", "10.0.0.2"])
+    if rng.random() < 0.4:
+        for _ in range(rng.randint(1, 3)):
+            key = (rng.choice(["postgres", "other"]), rng.choice([1, 2]), rng.choice(KEYS))
+            if key in holder.held and rng.random() < 0.5:
+                del holder.held[key]
+            else:
+                holder.held[key] = rng.choice(["exclusive", "shared", "both"])
+
+
+def _rows_of(rng: random.Random, holder: _Holder, now: float) -> list[Row]:
+    """The poll's rows of one holder: one per database, key form and mode, keys in any order."""
+    groups: dict[tuple[str, int, bool], list[int]] = {}
+    for (database, objsubid, key), mode in sorted(holder.held.items()):
+        for shared in ((False, True) if mode == "both" else (mode == "shared",)):
+            groups.setdefault((database, objsubid, shared), []).append(key)
+    rows = []
+    for (database, objsubid, shared), keys in groups.items():
+        rng.shuffle(keys)  # the server promises no order inside array_agg
+        if holder.pid is None:  # a prepared transaction: no session, its gid and owner
+            rows.append(Row(database, None, holder.xid, objsubid, True, shared, keys, None, f"gid-{holder.xid}", "u",
+                            None, None, "prepared", None, None, now - holder.changed_at))
+            continue
+        idle = now - holder.changed_at if holder.state.startswith("idle") else None
+        rows.append(Row(database, holder.pid, None, objsubid, True, shared, keys, holder.start, holder.app, "u",
+                        holder.client, 5000 + holder.pid, holder.state, holder.state == "idle", None, idle))
+    if holder.pid is not None and rng.random() < 0.2:
+        rows.append(Row("postgres", holder.pid, None, 1, False, False, [rng.choice([5, 1000])], holder.start, holder.app,
+                        "u", holder.client, 5000 + holder.pid, "active", False, rng.choice([0.5, 2.0]), None))
+    return rows
+
+
+def _view(rng: random.Random, holders: list[_Holder]) -> PoolerView | None:
+    """A pooler console's view, or none configured: links come and go, clients change."""
+    if rng.random() < 0.3:
+        return None
+    links = {}
+    for holder in holders:
+        if holder.pid is not None and rng.random() < 0.5:
+            client = rng.choice([None, Client("10.9.9.9", "app", "real-client"), Client("10.9.9.8", "app", "other")])
+            links[(holder.pid, 5000 + holder.pid)] = ServerLink("pgb", rng.choice(["session", "transaction"]), client)
+    return PoolerView(by_backend=links)
+
+
+def _random_polls(rng: random.Random, polls: int) -> list[tuple[list[Row], PoolerView | None, Caps]]:
+    """Polls of sessions that keep, drop, take and re-mode keys, go idle and come back, change name
+    or client with the same keys, prepare transactions (pid NULL, a holder of its own until it
+    ends), some without backend_start (no pg_read_all_stats), some waiting; keys named, in a
+    family and unnamed, in two databases; rows and keys in any order; pooler views and holder_info
+    caps that change from poll to poll."""
+    sessions = [_Holder(pid, float(pid) if pid % 3 else None) for pid in range(1, 9)]
+    prepared: list[_Holder] = []
+    xids = iter(range(700, 10_000))
     out = []
     for n in range(polls):
         now = 100.0 + n
-        for pid, (start, held) in list(sessions.items()):
-            if rng.random() < 0.3:  # the session's state changed since the last poll
-                states[pid] = (rng.choice(["idle", "active", "idle in transaction"]), now - rng.uniform(0.0, 0.9))
+        for index, holder in enumerate(sessions):
             roll = rng.random()
-            if roll < 0.1:  # the session ends; a new one takes its pid
-                sessions[pid] = (start + 100.0, {})
+            if roll < 0.05 and holder.held:  # PREPARE TRANSACTION: its holds move to the prepared transaction
+                moved = _Holder(None, None, next(xids))
+                moved.held, moved.changed_at = dict(holder.held), now - rng.uniform(0, 0.9)
+                prepared.append(moved)
+                holder.held = {}
+            elif roll < 0.12:  # the session ends; a new one takes its pid
+                sessions[index] = _Holder(holder.pid, None if holder.start is None else holder.start + 100.0)
                 continue
-            if roll < 0.5:  # some keys change
-                for _ in range(rng.randint(1, 3)):
-                    key = (rng.choice(["postgres", "other"]), rng.choice([1, 2]), rng.choice([5, 6, 7, 1000, 1001, (42 << 32) | 3, (42 << 32) | 4]))
-                    if key in held and rng.random() < 0.5:
-                        del held[key]
-                    else:
-                        held[key] = rng.choice(["exclusive", "shared", "both"])
-        rows = []
-        for pid, (start, held) in sessions.items():
-            state, changed_at = states[pid]
-            idle = now - changed_at if state.startswith("idle") else None
-            groups: dict[tuple[str, int, bool], list[int]] = {}
-            for (database, objsubid, key), mode in sorted(held.items()):
-                for shared in ((False, True) if mode == "both" else (mode == "shared",)):
-                    groups.setdefault((database, objsubid, shared), []).append(key)
-            for (database, objsubid, shared), keys in groups.items():
-                rows.append(Row(database, pid, objsubid, True, shared, keys, start, f"app-{pid}", "u", "10.0.0.1", 5000 + pid,
-                                state, state == "idle", None, idle))
-            if rng.random() < 0.2:
-                rows.append(Row("postgres", pid, 1, False, False, [rng.choice([5, 1000])], start, f"app-{pid}", "u",
-                                "10.0.0.1", 5000 + pid, "active", False, rng.choice([0.5, 2.0]), None))
+            _change(rng, holder, now)
+        prepared = [p for p in prepared if rng.random() > 0.1]  # COMMIT / ROLLBACK PREPARED
+        rows = [row for holder in sessions + prepared for row in _rows_of(rng, holder, now)]
         rng.shuffle(rows)
-        out.append(rows)
+        caps = Caps(per_lock=rng.choice([1, 2, 3]), total=rng.choice([2, 5, 40]), unnamed_per_database=rng.choice([1, 4]))
+        out.append((rows, _view(rng, sessions), caps))
     return out
 
 
@@ -99,14 +156,14 @@ def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives() ->
         {"name": "tenants", "key": {"namespace": 42}}, {"name": "low", "key": {"range": [1000, 1001]}},
     ]}, "test")
     locks = resolve_locks(config, "postgres", {}, ())  # integer keys and families: nothing to ask a server
-    for seed in range(3):
+    for seed in range(5):
         rng = random.Random(seed)
         remembering_tracker, scratch_tracker = HoldTracker(max_tracked=30), HoldTracker(max_tracked=30)
         assembler = Assembler(locks, KeyMatcher(locks), remembering_tracker)
-        for n, rows in enumerate(_random_polls(rng, 100)):
+        for n, (rows, view, caps) in enumerate(_random_polls(rng, 150)):
             now = 100.0 + n  # as _random_polls' clock
-            remembered = assembler.run(rows, now, CAPS)
-            scratch = Assembler(locks, KeyMatcher(locks), scratch_tracker).run(rows, now, CAPS)  # remembers nothing
+            remembered = assembler.run(rows, now, caps, view=view)
+            scratch = Assembler(locks, KeyMatcher(locks), scratch_tracker).run(rows, now, caps, view=view)  # remembers nothing
             assert remembered == scratch, f"seed {seed}, poll {n}"
             assert (remembering_tracker.tracked, remembering_tracker.dropped) == \
                 (scratch_tracker.tracked, scratch_tracker.dropped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -288,3 +289,216 @@ def test_the_exporter_behind_a_pooler_end_to_end(bouncers, server, tmp_path) -> 
             cleanup.execute("SELECT pg_advisory_unlock_all()")
     assert "console-secret" not in proc.log()
     time.sleep(0)
+
+
+# -- nothing of ours on a pooled backend, and every holder seen ------------------------------------
+
+
+class Forwarder:
+    """A TCP forwarder on a free loopback port in front of the server: a proxy the exporter
+    cannot see, as a Kubernetes Service or a cloud proxy would be."""
+
+    def __init__(self, target_port: int) -> None:
+        import socketserver
+
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                upstream = socket.create_connection(("127.0.0.1", target_port))
+                done = threading.Event()
+
+                def pump(src, dst) -> None:
+                    try:
+                        while data := src.recv(65536):
+                            dst.sendall(data)
+                    except OSError:
+                        pass
+                    finally:
+                        done.set()
+
+                threading.Thread(target=pump, args=(upstream, self.request), daemon=True).start()
+                pump(self.request, upstream)
+                done.wait(5)
+                upstream.close()
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Pipe)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def own_statements(poller) -> set[str]:
+    """The prepared statements of the poller's own backend (a direct or forwarded connection)."""
+    return {row[0] for row in poller._conn.execute("SELECT name FROM pg_prepared_statements").fetchall()}  # noqa: SLF001
+
+
+@pytest.mark.parametrize("path", ["direct", "unix socket", "tcp forwarder"])
+def test_the_poll_statement_is_prepared_only_where_the_connection_is_proven_direct(server, path) -> None:
+    from exporter.poller import Poller, connect_poller
+
+    cluster = server.require_cluster()
+    forwarder = Forwarder(cluster.port) if path == "tcp forwarder" else None
+    dsn = {"direct": server.dsn(), "unix socket": f"host={cluster.root} port={cluster.port} dbname=postgres user=postgres",
+           "tcp forwarder": f"host=127.0.0.1 port={forwarder.port if forwarder else 0} dbname=postgres user=postgres"}[path]
+    poller = Poller(parse_config({"dsn": dsn, "poll_interval": "1s", "locks": LOCKS}, "t"), connect=connect_poller,
+                    publish=lambda s: None)
+    try:
+        assert poller.poll_once().up and poller.poll_once().up
+        assert own_statements(poller) == ({"pg_advisory_lock_exporter_poll"} if path == "direct" else set())
+    finally:
+        poller.close()
+        if forwarder:
+            forwarder.close()
+
+
+def test_a_configured_pooler_at_the_dsns_address_means_pooled(server, caplog) -> None:
+    from exporter.poller import Poller, connect_poller
+
+    config = parse_config({"dsn": server.dsn(), "poll_interval": "1s", "locks": LOCKS,
+                           "poolers": [{"name": "proxy", "addresses": ["127.0.0.1"], "pool_mode": "transaction"}]}, "t")
+    poller = Poller(config, connect=connect_poller, publish=lambda s: None)
+    try:
+        with caplog.at_level("INFO"):
+            assert poller.poll_once().up
+        assert own_statements(poller) == set()
+        assert "points at pooler proxy" in caplog.text
+    finally:
+        poller.close()
+
+
+def test_a_pooler_on_the_same_port_number_gets_no_prepared_statement(bouncers, server) -> None:
+    from exporter.poller import Poller, connect_poller
+
+    cluster = server.require_cluster()
+    # PgBouncer on 127.0.0.2:P in front of PostgreSQL on 127.0.0.1:P, as a pooler Service on 5432
+    # in front of a server on 5432: the server reports the dsn's port, yet a pooler is in between.
+    bouncer = bouncers(pool_mode="transaction", pool_size=1, listen_addr="127.0.0.2", port=cluster.port)
+    poller = Poller(parse_config({"dsn": bouncer.dsn(), "poll_interval": "1s", "locks": LOCKS}, "t"),
+                    connect=connect_poller, publish=lambda s: None)
+    try:
+        for _ in range(5):
+            assert poller.poll_once().up
+    finally:
+        poller.close()
+    with through(bouncer, "app") as app:  # the same (only) server connection
+        assert app.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] == 0
+
+
+@pytest.mark.slow
+def test_nothing_of_ours_stays_on_a_pooled_backend_over_many_polls_and_tries(bouncers) -> None:
+    from exporter.fleet import Target
+
+    bouncer = bouncers(pool_mode="transaction", pool_size=2)
+    config = parse_config({"dsn": bouncer.dsn(), "poll_interval": "200ms", "locks": [
+        {"name": "a", "key": 42, "probe": {"expect": "free", "interval": "1s"}},
+        {"name": "b", "key": 43, "probe": {"expect": "free", "interval": "1s"}},
+    ]}, "t")
+    target = Target(config, with_process=False)
+    seen: list[tuple] = []
+    stop = threading.Event()
+
+    def rotate() -> None:  # another client of the pool, borrowing both server connections in turn
+        with through(bouncer, "rotator") as conn:
+            while not stop.is_set():
+                with conn.transaction():
+                    seen.append(conn.execute(
+                        "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
+                        "current_setting('enable_sort'), (SELECT count(*) FROM pg_prepared_statements)").fetchone())
+                time.sleep(0.01)
+
+    rotator = threading.Thread(target=rotate, daemon=True)
+    tries: set[tuple[str, float]] = set()  # (lock, when tried): each try of the probe once
+
+    def enough() -> bool:
+        tries.update((p.lock, p.last_run) for p in target.exposition.probes if p.errors == 0)
+        return target.exposition.snapshot.stats.polls >= 20 and len(tries) >= 20
+
+    target.start()
+    rotator.start()
+    try:
+        wait_until(enough, timeout=60, interval=0.2)
+    finally:
+        stop.set()
+        rotator.join(5)
+        target.stop()
+    assert seen and set(seen) == {("0", "0", "on", 0)}, set(seen)
+
+
+def test_a_stranded_lock_is_seen_at_every_poll_whoever_borrowed_its_backend_last(bouncers) -> None:
+    from exporter.poller import Poller, connect_poller
+
+    bouncer = bouncers(pool_mode="transaction", pool_size=1)
+    with through(bouncer, "stranding-client") as client:
+        client.execute("SELECT pg_advisory_lock(8201)")  # left on the only server connection
+    config = parse_config({"dsn": bouncer.dsn(), "poll_interval": "1s", "locks": [
+        {"name": "stranded", "key": 8201}, {"name": "probed", "key": 8300, "probe": {"expect": "free", "interval": "1s"}},
+    ], "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": bouncer.console_dsn()}]}, "t")
+    turn = threading.Lock()  # as every target's poller and probe share one
+    prober = Prober(config, connect=connect_probe, publish=lambda r: None, turn=turn)
+    poller = Poller(config, connect=connect_poller, publish=lambda s: None, turn=turn)
+    stop = threading.Event()
+
+    def hammer() -> None:  # the probe borrows the backend between polls, leaving its name on it
+        while not stop.is_set():
+            prober.try_lock(config.locks[1])
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    try:
+        for _ in range(30):
+            snap = poller.poll_once()
+            assert snap.up
+            assert answer(snap, "stranded") == {"holders": 1, "stranded": 1}
+            probed = next(lock for lock in snap.locks if lock.name == "probed")
+            assert (probed.holds, probed.acquisitions) == (0, 0)
+            assert snap.unnamed == ()
+    finally:
+        stop.set()
+        thread.join(5)
+        prober.close()
+        poller.close()
+        with through(bouncer, "cleanup") as cleanup:
+            cleanup.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_a_unix_socket_pgbouncer_is_matched_to_its_backends(bouncers, make_poller, server) -> None:
+    cluster = server.require_cluster()
+    bouncer = bouncers(pool_mode="transaction", pool_size=1, server_host=cluster.root)
+    poller = make_poller(pooled_config(bouncer))
+    with through(bouncer, "stranding-client") as client:
+        p = client.execute("SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(42)) AS taken").fetchone()[0]
+    try:
+        snap = poller.poll_once()
+        assert answer(snap) == {"holders": 1, "stranded": 1}
+        assert [(h["pid"], h["pooler"], h["client_addr"]) for h in holder_info(snap)] == [(str(p), "pgb", "")]
+        with through(bouncer, "the-real-client") as inside:  # inside its transaction, the client owns it
+            inside.execute("BEGIN")
+            assert inside.execute("SELECT pg_backend_pid()").fetchone()[0] == p
+            snap = poller.poll_once()
+            assert answer(snap) == {"holders": 1, "stranded": 0}
+            assert [(h["application_name"], h["pooler"]) for h in holder_info(snap)] == [("the-real-client", "pgb")]
+            inside.execute("ROLLBACK")
+    finally:
+        with through(bouncer, "cleanup") as cleanup:
+            cleanup.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_a_console_dsn_with_several_hosts_is_read_at_each(bouncers, make_poller) -> None:
+    bouncer = bouncers(pool_mode="transaction", pool_size=1)
+    console = f"host=127.0.0.1,localhost port={bouncer.port},{bouncer.port} dbname=pgbouncer user=console password=console-secret"
+    poller = make_poller({"locks": LOCKS, "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": console}]})
+    with through(bouncer, "stranding-client") as client:
+        client.execute("SELECT pg_advisory_lock(42)")
+    try:
+        snap = poller.poll_once()
+        assert snap.up and snap.consoles and all(c.up for c in snap.consoles)
+        assert answer(snap) == {"holders": 1, "stranded": 1}
+    finally:
+        with through(bouncer, "cleanup") as cleanup:
+            cleanup.execute("SELECT pg_advisory_unlock_all()")

@@ -135,9 +135,11 @@ def test_probe_counts_errors_and_recovers(server) -> None:
 
 
 def test_the_poller_never_counts_the_probes_hold(make_poller, make_prober, server) -> None:
-    """Race the probe against the poller: the probe's momentary holds never show up."""
-    prober = make_prober({"locks": LOCKS})
-    poller = make_poller({"locks": LOCKS})
+    """Race the probe against the poller: the probe's momentary holds never show up (they take
+    turns on the server, as every target's poller and probe do)."""
+    turn = threading.Lock()
+    prober = make_prober({"locks": LOCKS}, turn=turn)
+    poller = make_poller({"locks": LOCKS}, turn=turn)
     lock = lock_config("cron")
     stop = threading.Event()
 

@@ -8,7 +8,7 @@ def poll(t: HoldTracker, now: float, holds: list[tuple], proven: float = 0.0) ->
     t.begin(now)
     seen = []
     for slot, pid, bstart, keys in holds:
-        starts, again = t.see(slot, pid, bstart, keys, proven)
+        starts, again = t.see(slot, (pid, bstart, None), keys, proven)
         seen.append(([now - start for start in starts], again))
     t.end()
     return seen

@@ -15,6 +15,7 @@ from tests.metrics_util import series, value
 from exporter.metrics import render
 from tests.pgcluster import Cluster
 from tests.pgversions import VERSIONS, FetchError, binaries
+from tests.test_prepared import check_prepared_transactions_are_holders
 
 pytestmark = pytest.mark.versions
 
@@ -40,7 +41,7 @@ def versioned(request):
         bindir, libdir = binaries(request.param)
     except FetchError as exc:
         pytest.fail(f"PostgreSQL {request.param}: {exc}")
-    cluster = Cluster(bindir=bindir, lib_dir=libdir).start()
+    cluster = Cluster(bindir=bindir, lib_dir=libdir, settings={"max_prepared_transactions": "10"}).start()
     yield request.param, cluster
     cluster.destroy()
 
@@ -82,3 +83,7 @@ def test_core_behaviour(versioned) -> None:
         assert value(snap, "pg_advisory_lock_acquisitions_total", lock="pair", database="postgres") == 1
         assert value(snap, "pg_advisory_lock_waiters", lock="pair", database="postgres") == 0
     poller.close()
+
+
+def test_prepared_transactions_are_holders_on_every_major(versioned) -> None:
+    check_prepared_transactions_are_holders(versioned[1].dsn())

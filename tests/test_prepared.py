@@ -1,0 +1,92 @@
+"""Prepared transactions (PREPARE TRANSACTION) hold their locks with pid NULL: each is a holder of
+its own, known by its transaction id, named by its gid, aged from when it was prepared."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+from exporter import landing, locksview
+from exporter.config import parse_config
+from exporter.metrics import render
+from exporter.poller import Poller, connect_poller
+from exporter.snapshot import ReloadStatus
+from tests.metrics_util import series, value
+
+LOCKS = [{"name": "session", "key": 78}, {"name": "prepared", "key": 77}, {"name": "shared", "key": 79}]
+
+
+def ids(name: str) -> dict[str, str]:
+    return {"lock": name, "database": "postgres"}
+
+
+def prepare(dsn: str, gid: str, take: str) -> None:
+    """A transaction that takes locks and is prepared: its session ends, its locks stay."""
+    with psycopg.connect(dsn, application_name=f"preparer-{gid}") as conn:
+        conn.execute(f"SELECT {take}")
+        conn.execute(f"PREPARE TRANSACTION '{gid}'")
+
+
+def end_prepared(dsn: str, *gids: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for gid in gids:
+            conn.execute(f"ROLLBACK PREPARED '{gid}'")
+
+
+def check_prepared_transactions_are_holders(dsn: str) -> None:
+    """The issue's reproduction, then what a prepared holder must look like (any major)."""
+    config = parse_config({"dsn": dsn, "poll_interval": "1s", "locks": LOCKS}, "t")
+    poller = Poller(config, connect=connect_poller, publish=lambda s: None)
+    with psycopg.connect(dsn, autocommit=True, application_name="session-holder") as holder:
+        try:
+            holder.execute("SELECT pg_advisory_lock(78)")
+            assert poller.poll_once().up  # a baseline: holders at the first poll are not acquisitions
+            with psycopg.connect(dsn, application_name="preparer") as preparer:
+                preparer.execute("SELECT pg_advisory_xact_lock(77)")
+                seen = poller.poll_once()  # the session takes it: one acquisition
+                assert value(seen, "pg_advisory_lock_acquisitions_total", **ids("prepared")) == 1
+                preparer.execute("PREPARE TRANSACTION 'x'")
+            prepare(dsn, "reader-1", "pg_advisory_xact_lock_shared(79)")
+            prepare(dsn, "reader-2", "pg_advisory_xact_lock_shared(79)")
+            time.sleep(1.0)
+            snap = poller.poll_once()
+            assert snap.up, "a prepared transaction's lock (pid NULL) must not fail the poll"
+            assert value(snap, "pg_advisory_lock_holders", **ids("session"), mode="exclusive") == 1
+            assert value(snap, "pg_advisory_lock_holders", **ids("prepared"), mode="exclusive") == 1
+            # A PREPARE moves the hold: it is not a new acquisition.
+            assert value(snap, "pg_advisory_lock_acquisitions_total", **ids("prepared")) == 1
+            # Each prepared transaction is a holder of its own, never merged with another.
+            assert value(snap, "pg_advisory_lock_holders", **ids("shared"), mode="shared") == 2
+            # Its age is proven from pg_prepared_xacts.prepared: a poller that started after the PREPARE knows it too.
+            fresh = Poller(config, connect=connect_poller, publish=lambda s: None)
+            try:
+                late = fresh.poll_once()
+            finally:
+                fresh.close()
+            assert value(late, "pg_advisory_lock_held_seconds", **ids("shared")) >= 1.0
+            info = {h["lock"] + ":" + h["application_name"]: h for h in series(render(snap).decode(),
+                                                                               "pg_advisory_lock_holder_info")}
+            assert info["prepared:x"] == {
+                "lock": "prepared", "database": "postgres", "key": "77", "pid": "", "application_name": "x",
+                "usename": "postgres", "client_addr": "", "state": "prepared", "source": "config", "pooler": "",
+            }
+            assert {"shared:reader-1", "shared:reader-2"} <= info.keys()
+            page = landing.render(snap, (), ReloadStatus(), "/metrics").decode()
+            assert "ROLLBACK PREPARED &#x27;x&#x27;" in page and "COMMIT PREPARED &#x27;reader-1&#x27;" in page
+            rows = [r for r in locksview.read_locks(config) if r.pid is None]
+            assert sorted((r.name, r.application_name, r.state) for r in rows) == [
+                ("prepared", "x", "prepared"), ("shared", "reader-1", "prepared"), ("shared", "reader-2", "prepared")]
+            assert "ROLLBACK PREPARED 'x'" in locksview.format_table(rows)
+        finally:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for (gid,) in conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall():
+                    conn.execute(f"ROLLBACK PREPARED '{gid}'")
+        after = poller.poll_once()
+        assert value(after, "pg_advisory_lock_holders", **ids("prepared"), mode="exclusive") == 0
+        assert value(after, "pg_advisory_lock_holders", **ids("shared"), mode="shared") == 0
+    poller.close()
+
+
+def test_prepared_transactions_are_holders(server) -> None:
+    check_prepared_transactions_are_holders(server.dsn())

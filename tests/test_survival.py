@@ -1,0 +1,233 @@
+"""No loop of the exporter ends on an unexpected exception: each becomes a failure people can see
+(a failed poll, a failed try, a refused reload, the last rendering kept), logged once, and the
+loop goes on. A poller that is stuck or gone anyway is caught by the watchdog."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from exporter import dsn as dsn_module
+from exporter.assemble import Assembler
+from exporter.cli import Reloader
+from exporter.config import parse_config, parse_fleet
+from exporter.fleet import STALE_INTERVALS, Runtime
+from exporter.metrics import Exposition, render
+from exporter.poller import Poller
+from exporter.poolers import PoolerReader
+from exporter.probe import Prober
+from exporter.snapshot import PollStats, Snapshot
+from tests.conftest import wait_until
+from tests.metrics_util import parse, up, value
+
+LOCKS = [{"name": "leader", "key": 4242, "probe": {"expect": "any", "interval": "50ms"}}]
+THE_BUG = "'<' not supported between instances of 'int' and 'NoneType'"
+
+
+def fail_once(monkeypatch, cls: type, name: str, error: Exception) -> list[int]:
+    """cls.name raises error at its first call, then works: how many calls failed."""
+    original, failed = getattr(cls, name), []
+
+    def broken(self, *args, **kwargs):
+        if not failed:
+            failed.append(1)
+            raise error
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, broken)
+    return failed
+
+
+def test_an_unexpected_error_in_a_poll_is_a_failed_poll_and_the_next_poll_works(
+        make_poller, sessions, monkeypatch, caplog) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(4242)")
+    poller = make_poller({"locks": LOCKS})
+    assert poller.poll_once().up
+    fail_once(monkeypatch, Assembler, "run", TypeError(THE_BUG))
+    with caplog.at_level(logging.DEBUG, logger="exporter.poller"):
+        failed = poller.poll_once()
+    assert not failed.up and failed.stats.errors == 1
+    text = render(failed).decode()
+    assert up(text) == 0 and parse(text)[("pg_advisory_lock_exporter_poll_errors_total", ())] == 1
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "TypeError" in errors[0].getMessage() and "poller.py" in errors[0].getMessage()  # what, and where
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)  # the traceback, at debug
+    again = poller.poll_once()
+    assert again.up and value(again, "pg_advisory_lock_holders", lock="leader", database="postgres", mode="exclusive") == 1
+
+
+def test_the_same_unexpected_error_is_logged_once_a_minute(make_poller, monkeypatch, caplog) -> None:
+    poller = make_poller({"locks": LOCKS})
+    monkeypatch.setattr(Assembler, "run", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad row")))
+    with caplog.at_level(logging.ERROR, logger="exporter.poller"):
+        for _ in range(5):
+            assert not poller.poll_once().up
+    assert len([r for r in caplog.records if "ValueError: bad row" in r.getMessage()]) == 1
+
+
+def test_the_poll_loop_survives_whatever_its_iteration_raises(server, monkeypatch) -> None:
+    published: list[Snapshot] = []
+    calls = []
+
+    def publish(snapshot: Snapshot) -> None:
+        calls.append(snapshot)
+        if len(calls) == 1:
+            raise RuntimeError("a publish that breaks")
+        published.append(snapshot)
+
+    config = parse_config({"dsn": server.dsn(), "poll_interval": "100ms", "locks": LOCKS}, "t")
+    from exporter.poller import connect_poller
+
+    poller = Poller(config, connect=connect_poller, publish=publish)
+    stop = threading.Event()
+    thread = threading.Thread(target=poller.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(published) >= 3, timeout=20)
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(5)
+    assert any(s.up for s in published)
+
+
+def test_an_unexpected_error_in_a_try_is_a_failed_try_and_the_probe_goes_on(server, monkeypatch) -> None:
+    from exporter import probe as probe_module
+    from exporter.probe import connect_probe
+
+    original = probe_module.try_statement
+    calls = []
+
+    def broken(key, timeout):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("no such form")
+        return original(key, timeout)
+
+    monkeypatch.setattr(probe_module, "try_statement", broken)
+    results = []
+    config = parse_config({"dsn": server.dsn(), "locks": LOCKS}, "t")
+    prober = Prober(config, connect=connect_probe, publish=results.append)
+    stop = threading.Event()
+    thread = threading.Thread(target=prober.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: results and results[-1] and results[-1][0].acquirable is True, timeout=20)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert results[-1][0].errors == 1  # the broken try, counted in probe_errors_total
+
+
+def test_a_rendering_that_fails_keeps_the_last_one_and_the_renderer_goes_on(monkeypatch) -> None:
+    exposition = Exposition(with_process=False)
+    exposition.start()
+    try:
+        fail_once(monkeypatch, Exposition, "_parts", RuntimeError("a family that cannot be written"))
+        exposition.publish(Snapshot(up=True, stats=PollStats(polls=1)))
+        exposition.publish(Snapshot(up=True, stats=PollStats(polls=2)))
+        wait_until(lambda: parse(exposition.body().decode()).get(
+            ("pg_advisory_lock_exporter_poll_duration_seconds_count", ())) == 2, timeout=10)
+    finally:
+        exposition.stop()
+
+
+class _BrokenRuntime:
+    """A runtime whose apply breaks half-way."""
+
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+
+    def apply(self, fleet) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'dsn'")
+
+    def reload_result(self, ok: bool) -> None:
+        self.results.append(ok)
+
+
+def test_a_reload_that_breaks_is_a_refused_reload(tmp_path, caplog) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("dsn: 'host=x'\nlocks: []\n")
+    runtime = _BrokenRuntime()
+    with caplog.at_level(logging.ERROR):
+        assert Reloader(str(path), runtime)() is False  # type: ignore[arg-type]
+    assert runtime.results == [False]
+    assert "AttributeError" in caplog.text
+
+
+def test_the_watchdog_serves_up_0_when_the_poller_is_stuck(server, monkeypatch) -> None:
+    # The poller publishes once, then its loop hangs: no exception, no failed poll, just silence.
+    hang = threading.Event()
+    original = Poller._poll_and_publish
+
+    def once_then_hang(self):
+        if hang.is_set():
+            hang.wait(60)  # stuck until the test ends
+            return False
+        hang.set()
+        return original(self)
+
+    monkeypatch.setattr(Poller, "_poll_and_publish", once_then_hang)
+    fleet = parse_fleet({"dsn": server.dsn(), "poll_interval": "200ms", "locks": LOCKS}, "t")
+    runtime = Runtime(fleet, "/metrics")
+    runtime.start()
+    try:
+        wait_until(lambda: up(runtime.metrics(False).decode()) == 1, timeout=20)
+        started = time.monotonic()
+        wait_until(lambda: up(runtime.metrics(False).decode()) == 0, timeout=20)
+        # Not before the last good poll is STALE_INTERVALS intervals old.
+        assert time.monotonic() - started >= (STALE_INTERVALS - 1) * 0.2
+        text = runtime.metrics(False).decode()
+        assert parse(text)[("pg_advisory_lock_exporter_poll_interval_seconds", ())] == 0.2
+        assert ("pg_advisory_lock_exporter_last_poll_timestamp_seconds", ()) in parse(text)
+    finally:
+        hang.clear()
+        runtime.stop()
+
+
+def test_the_watchdog_leaves_a_fresh_poll_alone() -> None:
+    fleet = parse_fleet({"dsn": "host=127.0.0.1 port=1", "poll_interval": "1s", "locks": []}, "t")
+    runtime = Runtime(fleet, "/metrics")
+    target = runtime.targets[""]
+    fresh = Snapshot(up=True, stats=PollStats(interval=1.0), taken_at=100.0)
+    target.exposition.publish(fresh)
+    assert not target.check_stale(100.0 + STALE_INTERVALS - 0.1)
+    assert target.exposition.snapshot is fresh
+    assert target.check_stale(100.0 + STALE_INTERVALS + 0.1)
+    assert not target.exposition.snapshot.up
+
+
+def test_console_name_resolution_runs_under_the_read_deadline(monkeypatch, caplog) -> None:
+    real = socket.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        if host == "slow-dns.example":
+            time.sleep(10)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(dsn_module.socket, "getaddrinfo", slow)
+    config = parse_config({"dsn": "host=127.0.0.1", "locks": [], "poolers": [
+        {"name": "pgb", "type": "pgbouncer", "dsn": "host=slow-dns.example port=6432 dbname=pgbouncer"}]}, "t")
+    reader = PoolerReader(config)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        view = reader.read()
+    assert time.monotonic() - started < 5  # the console deadline (2 s), not the resolver's 10 s
+    assert [(c.pooler, c.up) for c in view.consoles] == [("pgb", False)]
+    assert "cannot be read" in caplog.text
+    reader.close()
+
+
+@pytest.mark.parametrize("console_dsn", ["host=127.0.0.1 port=6432,6432 dbname=pgbouncer",
+                                         "host=a.invalid,b.invalid port=1,2,3 dbname=pgbouncer"])
+def test_a_console_dsn_of_several_hosts_never_fails_a_poll(make_poller, console_dsn) -> None:
+    poller = make_poller({"locks": [], "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": console_dsn}]})
+    for _ in range(2):
+        snap = poller.poll_once()
+        assert snap.up and snap.consoles and not any(c.up for c in snap.consoles)
+
