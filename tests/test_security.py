@@ -276,3 +276,16 @@ def test_a_password_over_72_bytes_is_refused_with_401_never_dropped_nor_prefix_m
         assert status(PASSWORD_72 + "x")[0] == 401  # nor once the 72 bytes are remembered
     assert PASSWORD_72 not in caplog.text and "Basic " not in caplog.text
 
+
+def test_a_refused_head_has_no_body_so_the_connection_stays_usable(guarded) -> None:
+    """Two requests on one connection, the second closing it: nothing between the HEAD's headers
+    and the next status line (a stray body there would be read as the next answer)."""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as conn:
+        conn.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ") and rest.startswith(b"HTTP/1.1 401 ")
+    assert rest.endswith(b"\r\n\r\nunauthorized\n")
