@@ -1,24 +1,34 @@
-"""HTTP: /metrics from the cached rendering, a landing page, health. Never touches the database."""
+"""HTTP: /metrics from the cached rendering, a landing page, health. Never touches the database.
+
+Read it in the order a request meets it, one piece at a time: negotiate_gzip (which encoding),
+webconfig.authorize (who may ask), App (the routing table: a request -> a Response, no socket in
+sight, every route only picks bytes the Site already made), and _Handler (reads the request,
+writes the Response, decides nothing).
+"""
 
 from __future__ import annotations
 
-import base64
 import logging
+import re
 import socket
+import ssl
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import urllib.parse
-from typing import Callable, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 from . import __version__, landing
 from .metrics import CONTENT_TYPE, Exposition
-from .webconfig import AuthBusy, WebConfig
+from .webconfig import BasicAuth, Decision, WebConfig, authorize
 
 log = logging.getLogger(__name__)
 
 HEALTH_PATHS = ("/-/healthy", "/-/ready")
 TEXT = "text/plain; charset=utf-8"
+HTML = "text/html; charset=utf-8"
 # A client that sends nothing for this long is dropped, so it holds only its own thread.
 CLIENT_TIMEOUT_SECONDS = 10.0
 
@@ -68,124 +78,224 @@ class ExpositionSite:
         return landing.render(e.snapshot, e.probes, e.reload, self._path) if not name else None
 
 
+# -- encoding: RFC 9110 12.5.3 Accept-Encoding ------------------------------------------
+
+# RFC 9110 12.4.2: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
+_QVALUE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+
+
+def _weight(params: list[str]) -> float:
+    """The weight of one list element from its parameters (['q=0.5'] -> 0.5); 1 without any.
+
+    Whitespace around ';' and '=' is allowed, and 'q' in either case. Anything else -- a malformed
+    q-value (q=.5, q=2, q=1.5, q=0.0001, q=abc, q=), a parameter without '=', or one other than q
+    (the grammar has none) -- makes the element "not acceptable" (0). That is what nginx does
+    (ngx_http_gzip_quantity answers 0 for a malformed q-value, and any other parameter makes
+    ngx_http_gzip_accept_encoding decline: no gzip), and what Prometheus's client_golang does (its
+    negotiation, gddo's httputil, drops an element whose parameter is not a good q: gzip is not
+    chosen). Go's net/http has no server-side Accept-Encoding negotiation of its own. Plain text
+    is acceptable to every client, so a doubt means plain.
+    """
+    weight = 1.0
+    for param in params:
+        name, sep, value = (part.strip() for part in param.partition("="))
+        if name.lower() != "q" or not sep or not _QVALUE.fullmatch(value):
+            return 0.0
+        weight = float(value)
+    return weight
+
+
+def parse_accept_encoding(header: str) -> dict[str, float]:
+    """'gzip;q=0.8, *;q=0' -> {'gzip': 0.8, '*': 0.0}: each listed coding and its weight.
+
+    Coding names are lowercased and x-gzip is gzip (RFC 9110 8.4.1.3); a coding listed twice keeps
+    its highest weight (as client_golang's negotiation does); empty list elements are skipped.
+    """
+    weights: dict[str, float] = {}
+    for element in header.split(","):
+        coding, *params = (part.strip() for part in element.split(";"))
+        if not coding:
+            continue
+        coding = "gzip" if coding.lower() == "x-gzip" else coding.lower()
+        weights[coding] = max(weights.get(coding, 0.0), _weight(params))
+    return weights
+
+
+def negotiate_gzip(accept_encoding: str) -> bool:
+    """Whether to answer in gzip: gzip's weight, or '*''s when gzip is not listed, is above 0.
+
+    q=0 is "not acceptable"; identity's weight does not matter (plain text is what we send
+    otherwise); no header at all means plain.
+    """
+    weights = parse_accept_encoding(accept_encoding)
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
+
+
+# -- what a request is, and what an answer is -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a route reads of a request: the path, ?target= and whether the answer may be gzip."""
+
+    path: str
+    target: str = ""
+    gzip: bool = False
+
+    @classmethod
+    def parse(cls, raw_path: str, accept_encoding: str = "") -> Request:
+        """'/probe?target=orders' and an Accept-Encoding header -> Request('/probe', 'orders', ...)."""
+        parsed = urllib.parse.urlsplit(raw_path)
+        target = (urllib.parse.parse_qs(parsed.query).get("target") or [""])[0]
+        return cls(parsed.path, target, negotiate_gzip(accept_encoding))
+
+
+@dataclass(frozen=True)
+class Response:
+    """A whole answer, made before a byte is written: the handler only writes it."""
+
+    status: int
+    body: bytes
+    content_type: str = TEXT
+    encoding: str | None = None  # sent as Content-Encoding, with Vary: Accept-Encoding
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def header_lines(self) -> list[tuple[str, str]]:
+        """The headers this answer is sent with (http.server adds Server and Date)."""
+        lines = [("Content-Type", self.content_type), ("Content-Length", str(len(self.body)))]
+        if self.encoding:
+            lines += [("Content-Encoding", self.encoding), ("Vary", "Accept-Encoding")]
+        return lines + list(self.headers)
+
+
+UNAUTHORIZED = Response(401, b"unauthorized\n", headers=(
+    ("WWW-Authenticate", 'Basic realm="pg-advisory-lock-exporter", charset="UTF-8"'),))
+TOO_MANY_REQUESTS = Response(429, b"too many requests\n", headers=(("Retry-After", "1"),))
+REFUSALS = {Decision.UNAUTHORIZED: UNAUTHORIZED, Decision.BUSY: TOO_MANY_REQUESTS}
+NOT_FOUND = Response(404, b"not found\n")
+METHOD_NOT_ALLOWED = Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),))
+INTERNAL_ERROR = Response(500, b"internal server error\n")
+
+
+def exposition(body: bytes, gzipped: bool) -> Response:
+    """Figures the Site already rendered (gzipped or not, as asked)."""
+    return Response(200, body, CONTENT_TYPE, "gzip" if gzipped else None)
+
+
+# -- routing: a request -> a Response ----------------------------------------------------
+
+
+class App:
+    """Requests -> Responses, with no socket in sight; a route only picks bytes the Site made."""
+
+    def __init__(self, site: Site, telemetry_path: str = "/metrics", reload: Callable[[], bool] | None = None,
+                 auth: BasicAuth | None = None) -> None:
+        self.site, self.telemetry_path, self.reload, self.auth = site, telemetry_path, reload, auth
+        # GET and HEAD. The telemetry path last, so it wins over a fixed path of the same name.
+        self.routes: dict[str, Callable[[Request], Response]] = {
+            "/probe": self.probe, "/": self.landing, "/-/healthy": self.healthy, "/-/ready": self.ready,
+            telemetry_path: self.metrics,
+        }
+
+    def respond(self, method: str, raw_path: str, authorization: str = "", accept_encoding: str = "") -> Response:
+        """The answer to a request. Never raises: an unexpected exception is a 500 and one log line
+        (its type and message, never a header or a traceback)."""
+        try:
+            return self._respond(method, raw_path, authorization, accept_encoding)
+        except Exception as exc:  # noqa: BLE001 - a bug costs one answer, not the connection
+            log.error("http: %s %s failed: %r", method, urllib.parse.urlsplit(raw_path).path, exc)
+            return INTERNAL_ERROR
+
+    def _respond(self, method: str, raw_path: str, authorization: str, accept_encoding: str) -> Response:
+        if method not in ("GET", "HEAD", "POST"):
+            return METHOD_NOT_ALLOWED  # before auth, as it always was: it tells nothing
+        decision = authorize(self.auth, authorization)
+        if decision is not Decision.OK:
+            return REFUSALS[decision]
+        request = Request.parse(raw_path, accept_encoding)
+        if method == "POST":
+            return self.post(request)
+        return self.routes.get(request.path, lambda _: NOT_FOUND)(request)
+
+    def metrics(self, request: Request) -> Response:
+        return exposition(self.site.metrics(request.gzip), request.gzip)
+
+    def probe(self, request: Request) -> Response:
+        body = self.site.probe(request.target, request.gzip)
+        if body is None:
+            known = ", ".join(self.site.names()) or "none: this exporter watches one server, at " + self.telemetry_path
+            return Response(404, f"unknown target {request.target!r}; known targets: {known}\n".encode())
+        return exposition(body, request.gzip)
+
+    def landing(self, request: Request) -> Response:
+        page = self.site.landing(request.target or None)
+        if page is None:
+            known = ", ".join(self.site.names())
+            return Response(404, f"unknown target {request.target!r}; known targets: {known}\n".encode())
+        return Response(200, page, HTML)
+
+    def healthy(self, request: Request) -> Response:
+        return Response(200, b"OK\n")
+
+    def ready(self, request: Request) -> Response:
+        return Response(200, b"OK\n") if self.site.ready() else Response(503, b"not ready\n")
+
+    def post(self, request: Request) -> Response:
+        """POST /-/reload (with --web.enable-lifecycle); POST elsewhere is 405."""
+        if request.path != "/-/reload":
+            return METHOD_NOT_ALLOWED
+        if self.reload is None:
+            return Response(403, b"lifecycle API is not enabled (--web.enable-lifecycle)\n")
+        if self.reload():
+            return Response(200, b"config reloaded\n")
+        return Response(500, b"config refused; the previous config stays in force (see the log)\n")
+
+
+# -- the socket side ---------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Reads a request and writes App's Response; decides nothing. make_handler sets app and tls."""
+
+    server_version = f"pg-advisory-lock-exporter/{__version__}"
+    timeout = CLIENT_TIMEOUT_SECONDS
+    protocol_version = "HTTP/1.1"
+    app: App
+    tls: ssl.SSLContext | None = None
+
+    def setup(self) -> None:
+        if self.tls is not None:
+            # The TLS handshake runs here, on this connection's thread, so a slow or silent
+            # client never holds up the accept loop and other scrapes.
+            self.request.settimeout(CLIENT_TIMEOUT_SECONDS)
+            self.request = self.tls.wrap_socket(self.request, server_side=True)
+        super().setup()
+
+    def _serve(self) -> None:
+        response = self.app.respond(self.command, self.path, self.headers.get("Authorization", ""),
+                                    self.headers.get("Accept-Encoding", ""))
+        self.send_response(response.status)
+        for name, value in response.header_lines():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve  # noqa: N815
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        log.debug("http: " + format, *args)
+
+
 def make_handler(
     site: Site,
     telemetry_path: str,
     reload: Callable[[], bool] | None,
     web: WebConfig,
 ) -> type[BaseHTTPRequestHandler]:
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = f"pg-advisory-lock-exporter/{__version__}"
-        timeout = CLIENT_TIMEOUT_SECONDS
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            if web.tls is not None:
-                # The TLS handshake runs here, on this connection's thread, so a slow or silent
-                # client never holds up the accept loop and other scrapes.
-                self.request.settimeout(CLIENT_TIMEOUT_SECONDS)
-                self.request = web.tls.wrap_socket(self.request, server_side=True)
-            super().setup()
-
-        def _authorized(self) -> bool:
-            if web.auth is None:
-                return True
-            header = self.headers.get("Authorization", "")
-            if header.startswith("Basic "):
-                try:
-                    user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-                except (ValueError, UnicodeDecodeError):
-                    user, password = "", ""
-                try:
-                    if user and web.auth.check(user, password):
-                        return True
-                except AuthBusy:
-                    self._send(429, b"too many requests\n", TEXT, headers={"Retry-After": "1"})
-                    return False
-            self._send(401, b"unauthorized\n", TEXT,
-                       headers={"WWW-Authenticate": 'Basic realm="pg-advisory-lock-exporter", charset="UTF-8"'})
-            return False
-
-        def _wants_gzip(self) -> bool:
-            accepted = self.headers.get("Accept-Encoding", "")
-            return any(part.split(";")[0].strip().lower() == "gzip" and "q=0" not in part.replace(" ", "")
-                       for part in accepted.split(","))
-
-        def _send(self, status: int, body: bytes, content_type: str, head: bool = False, encoding: str | None = None,
-                  headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            if encoding:
-                self.send_header("Content-Encoding", encoding)
-                self.send_header("Vary", "Accept-Encoding")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
-
-        def _route(self, head: bool) -> None:
-            if not self._authorized():
-                return
-            parsed = urllib.parse.urlsplit(self.path)
-            path, query = parsed.path, urllib.parse.parse_qs(parsed.query)
-            target = (query.get("target") or [""])[0]
-            if path == telemetry_path:
-                gzipped = self._wants_gzip()
-                self._send(200, site.metrics(gzipped), CONTENT_TYPE, head, "gzip" if gzipped else None)
-            elif path == "/probe":
-                gzipped = self._wants_gzip()
-                body = site.probe(target, gzipped)
-                if body is None:
-                    known = ", ".join(site.names()) or "none: this exporter watches one server, at " + telemetry_path
-                    self._send(404, f"unknown target {target!r}; known targets: {known}\n".encode(),
-                               TEXT, head)
-                else:
-                    self._send(200, body, CONTENT_TYPE, head, "gzip" if gzipped else None)
-            elif path == "/":
-                page = site.landing(target or None)
-                if page is None:
-                    self._send(404, f"unknown target {target!r}; known targets: {', '.join(site.names())}\n".encode(),
-                               TEXT, head)
-                else:
-                    self._send(200, page, "text/html; charset=utf-8", head)
-            elif path == "/-/healthy":
-                self._send(200, b"OK\n", TEXT, head)
-            elif path == "/-/ready":
-                ready = site.ready()
-                self._send(200 if ready else 503, b"OK\n" if ready else b"not ready\n", TEXT, head)
-            else:
-                self._send(404, b"not found\n", TEXT, head)
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            self._route(head=False)
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._route(head=True)
-
-        def _not_allowed(self) -> None:
-            self._send(405, b"method not allowed\n", TEXT, headers={"Allow": "GET, HEAD"})
-
-        def do_POST(self) -> None:  # noqa: N802
-            if not self._authorized():
-                return
-            if self.path.split("?", 1)[0] != "/-/reload":
-                self._not_allowed()
-            elif reload is None:
-                self._send(403, b"lifecycle API is not enabled (--web.enable-lifecycle)\n", TEXT)
-            elif reload():
-                self._send(200, b"config reloaded\n", TEXT)
-            else:
-                self._send(500, b"config refused; the previous config stays in force (see the log)\n", TEXT)
-
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            log.debug("http: " + format, *args)
-
-    return Handler
+    """The handler class for one server: _Handler bound to its App and TLS context."""
+    app = App(site, telemetry_path, reload, web.auth)
+    return type("Handler", (_Handler,), {"app": app, "tls": web.tls})
 
 
 class _Server(ThreadingHTTPServer):

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import base64
+import enum
 import hashlib
 import os
 import ssl
@@ -45,6 +47,11 @@ class AuthBusy(Exception):
 # How long a request may wait for the one bcrypt check at a time before it is answered 429.
 CHECK_QUEUE_SECONDS = 0.25
 
+# bcrypt reads at most 72 bytes of a password: bcrypt 5 raises ValueError beyond that, and older
+# versions ignored the rest, so a longer password matched on its first 72 bytes. A longer password
+# is simply a wrong one (401, as exporter-toolkit answers every failed check), before any bcrypt.
+BCRYPT_MAX_PASSWORD_BYTES = 72
+
 
 def bcrypt_cost(hashed: bytes) -> int:
     """The cost (log2 rounds) a bcrypt hash was made with: $2b$10$... -> 10."""
@@ -76,6 +83,9 @@ class BasicAuth:
 
     def check(self, user: str, password: str) -> bool:
         """Whether user:password is good; AuthBusy when no bcrypt turn came within CHECK_QUEUE_SECONDS."""
+        secret = password.encode()
+        if len(secret) > BCRYPT_MAX_PASSWORD_BYTES:
+            return False  # the same answer for every user, so it tells none apart
         digest = hashlib.sha256(f"{user}\0{password}".encode()).digest()
         with self._lock:
             if digest in self._good:
@@ -85,7 +95,7 @@ class BasicAuth:
             raise AuthBusy("a password check is already running")
         try:
             self.bcrypt_checks += 1
-            ok = bcrypt.checkpw(password.encode(), hashed or self.dummy_hash) and hashed is not None
+            ok = bcrypt.checkpw(secret, hashed or self.dummy_hash) and hashed is not None
         finally:
             self._one_check.release()
         if ok:
@@ -98,6 +108,42 @@ class BasicAuth:
 class WebConfig:
     tls: ssl.SSLContext | None = None
     auth: BasicAuth | None = None
+
+
+def parse_basic_auth(header: str) -> tuple[str, str] | None:
+    """'Basic dXNlcjpwdw==' -> ('user', 'pw'); None for another scheme or undecodable credentials.
+
+    The password may hold ':' (only the first one ends the user name, RFC 7617).
+    """
+    if not header.startswith("Basic "):
+        return None
+    try:
+        decoded = base64.b64decode(header[6:], validate=True).decode()
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 (UnicodeDecodeError)
+        return None
+    user, _, password = decoded.partition(":")
+    return user, password
+
+
+class Decision(enum.Enum):
+    """What basic auth says of a request."""
+
+    OK = "ok"
+    UNAUTHORIZED = "401"  # no, unknown or wrong credentials
+    BUSY = "429"  # no bcrypt turn soon enough (AuthBusy): try again in a second
+
+
+def authorize(auth: BasicAuth | None, header: str) -> Decision:
+    """The Authorization header against the configured users (every request passes without any)."""
+    if auth is None:
+        return Decision.OK
+    credentials = parse_basic_auth(header)
+    if credentials is None or not credentials[0]:
+        return Decision.UNAUTHORIZED
+    try:
+        return Decision.OK if auth.check(*credentials) else Decision.UNAUTHORIZED
+    except AuthBusy:
+        return Decision.BUSY
 
 
 def _tls(data: Any, base: str, errors: list[str]) -> ssl.SSLContext | None:

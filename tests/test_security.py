@@ -230,3 +230,62 @@ def test_password_file_is_read_at_connect_and_a_rotated_secret_is_picked_up(tmp_
         assert "first-secret" not in proc.log() + text and "second-secret" not in proc.log() + text
     finally:
         cluster.destroy()
+
+
+
+PASSWORD_72 = "p" * 72  # bcrypt's most
+
+
+@pytest.fixture
+def guarded():
+    """A real MetricsServer (free port) behind basic auth: prometheus / PASSWORD_72."""
+    from exporter.metrics import Exposition
+    from exporter.server import ExpositionSite, MetricsServer
+    from exporter.webconfig import BasicAuth, WebConfig
+    from tests.test_metrics import SNAPSHOT
+
+    exposition = Exposition(SNAPSHOT)
+    exposition.render_now()
+    auth = BasicAuth({"prometheus": bcrypt.hashpw(PASSWORD_72.encode(), bcrypt.gensalt(rounds=4))})
+    server = MetricsServer("127.0.0.1:0", ExpositionSite(exposition, lambda: True), web=WebConfig(auth=auth))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_password_over_72_bytes_is_refused_with_401_never_dropped_nor_prefix_matched(guarded, caplog) -> None:
+    """bcrypt reads 72 bytes at most (bcrypt 5 raises beyond; older ones truncated): a longer
+    password is a wrong password, as exporter-toolkit answers it."""
+
+    def status(candidate: str) -> tuple[int, str | None]:
+        token = base64.b64encode(f"prometheus:{candidate}".encode()).decode()
+        conn = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics", headers={"Authorization": f"Basic {token}"})
+            response = conn.getresponse()
+            response.read()
+            return response.status, response.getheader("WWW-Authenticate")
+        finally:
+            conn.close()
+
+    with caplog.at_level("DEBUG", logger="exporter"):
+        assert status(PASSWORD_72 + "x")[0] == 401  # never a prefix match
+        assert status(PASSWORD_72 + "x")[1].startswith("Basic ")
+        assert status("é" * 40)[0] == 401  # 80 bytes in 40 characters
+        assert status(PASSWORD_72)[0] == 200
+        assert status(PASSWORD_72 + "x")[0] == 401  # nor once the 72 bytes are remembered
+    assert PASSWORD_72 not in caplog.text and "Basic " not in caplog.text
+
+
+def test_a_refused_head_has_no_body_so_the_connection_stays_usable(guarded) -> None:
+    """Two requests on one connection, the second closing it: nothing between the HEAD's headers
+    and the next status line (a stray body there would be read as the next answer)."""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as conn:
+        conn.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ") and rest.startswith(b"HTTP/1.1 401 ")
+    assert rest.endswith(b"\r\n\r\nunauthorized\n")

@@ -71,3 +71,37 @@ def test_probe_names_the_known_targets_when_asked_for_another(served) -> None:
     server, _, _ = served
     status, _, body = request(server.port, "GET", "/probe?target=orders")
     assert status == 404 and b"unknown target 'orders'" in body
+
+
+def test_a_weighted_gzip_is_gzip_and_a_refusal_in_capitals_is_a_refusal(served) -> None:
+    """RFC 9110 12.5.3: a q-value is a number (0.8 accepts) and names are case-insensitive (Q=0 refuses)."""
+    server, exposition, _ = served
+    status, headers, body = request(server.port, "GET", "/metrics", {"Accept-Encoding": "gzip;q=0.8"})
+    assert status == 200 and headers.get("content-encoding") == "gzip"
+    assert gzip.decompress(body) == exposition.body()
+    status, headers, body = request(server.port, "GET", "/metrics", {"Accept-Encoding": "GZIP;Q=0"})
+    assert status == 200 and "content-encoding" not in headers and body == exposition.body()
+
+
+class BrokenSite(ExpositionSite):
+    """A site whose /metrics fails: stands for any bug on the request path."""
+
+    def metrics(self, gzipped: bool) -> bytes:
+        raise RuntimeError("the site broke")
+
+
+def test_an_unexpected_error_is_a_500_with_one_log_line_not_a_dropped_connection(caplog, capfd) -> None:
+    exposition = Exposition(SNAPSHOT)
+    exposition.render_now()
+    server = MetricsServer("127.0.0.1:0", BrokenSite(exposition, lambda: True), "/metrics")
+    server.start()
+    try:
+        with caplog.at_level("DEBUG", logger="exporter"):
+            status, _, body = request(server.port, "GET", "/metrics")
+            assert status == 500 and body == b"internal server error\n"
+            assert request(server.port, "GET", "/-/healthy")[0] == 200  # and the server goes on
+    finally:
+        server.stop()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "the site broke" in errors[0].getMessage() and errors[0].exc_info is None
+    assert "Traceback" not in capfd.readouterr().err

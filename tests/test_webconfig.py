@@ -93,3 +93,13 @@ def _answers(url: str) -> bool:
         return status_of(url + "/-/healthy", {}) in (200, 401)
     except OSError:
         return False
+
+
+def test_a_password_over_72_bytes_is_wrong_without_a_bcrypt_check() -> None:
+    """bcrypt 5 raises on it, older bcrypts matched its first 72 bytes: neither may happen."""
+    auth = BasicAuth({"prometheus": hashed(b"p" * 72, 4)})
+    assert auth.check("prometheus", "p" * 72 + "x") is False
+    assert auth.check("prometheus", "é" * 37) is False  # 74 bytes, 37 characters
+    assert auth.bcrypt_checks == 0
+    assert auth.check("prometheus", "p" * 72) is True
+    assert auth.check("prometheus", "p" * 72 + "x") is False
