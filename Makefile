@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian's prometheus (promtool, prometheus), chromium, pgbouncer, buildah and mmdebstrap, for the
-# alert-rule, end-to-end, landing-page, pooler and image tests: installed when missing, as root on Debian/Ubuntu.
+# alert-rule, end-to-end, landing-page, pooler and image tests, and pg_partman, pg_repack and erlang-base
+# (erl, to check Ecto's phash2) for the preset tests: installed when missing, as root on Debian/Ubuntu.
 tools:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
@@ -21,6 +22,9 @@ tools:
 	{ command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer; } || missing="$$missing pgbouncer"; \
 	command -v buildah >/dev/null 2>&1 || missing="$$missing buildah"; \
 	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
+	test -f /usr/share/postgresql/15/extension/pg_partman.control || missing="$$missing postgresql-15-partman"; \
+	test -x /usr/lib/postgresql/15/bin/pg_repack || missing="$$missing postgresql-15-repack"; \
+	command -v erl >/dev/null 2>&1 || missing="$$missing erlang-base"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian packages:$$missing"; \

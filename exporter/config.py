@@ -60,7 +60,10 @@ _PROBE_FIELDS = ("expect", "interval")
 EXPECT_HELD, EXPECT_FREE, EXPECT_ANY = "held", "free", "any"
 _EXPECTATIONS = (EXPECT_HELD, EXPECT_FREE, EXPECT_ANY)
 _STRING_KEY_FORMS = {"hashtext": keys.HashtextKey, "hashtextextended": keys.HashtextExtendedKey}
-_MAPPING_KEY_FORMS = (*_STRING_KEY_FORMS, "namespace", "range")
+_MAPPING_KEY_FORMS = (*_STRING_KEY_FORMS, "namespace", "range", "with_advisory_lock")
+_WITH_ADVISORY_LOCK_FIELDS = ("name", "prefix")
+# An Elixir alias (MyApp.Repo), as Ecto's repo module is written.
+_ELIXIR_MODULE = re.compile(r"[A-Z][A-Za-z0-9_]*(\.[A-Z][A-Za-z0-9_]*)*")
 
 
 class ConfigError(Exception):
@@ -115,7 +118,7 @@ class Config:
     max_holder_info_per_lock: int = DEFAULT_MAX_HOLDER_INFO_PER_LOCK
     max_holder_info: int = DEFAULT_MAX_HOLDER_INFO
     password_file: str | None = None
-    presets: tuple[str, ...] = ()
+    presets: tuple[presets.Chosen, ...] = ()
     max_unnamed_holder_info: int = DEFAULT_MAX_UNNAMED_HOLDER_INFO
     max_tracked_holds: int = DEFAULT_MAX_TRACKED_HOLDS
     unnamed_max_hold: float | None = None
@@ -141,7 +144,7 @@ class Config:
         return (
             f"{len(self.locks) - families} locks ({form_text or 'none'}), {families} families, "
             f"{len(self.probed)} probed, "
-            f"presets: {', '.join(self.presets) or 'none'}, "
+            f"presets: {', '.join(map(str, self.presets)) or 'none'}, "
             f"poolers: {', '.join(p.name for p in self.poolers) or 'none'}, "
             f"poll_interval {format_duration(self.poll_interval)}, "
             f"dsn {describe_dsn(self.dsn)}"
@@ -255,10 +258,13 @@ def parse_key(value: Any, where: str, errors: list[str]) -> keys.KeySpec | None:
         if len(value) != 1 or next(iter(value)) not in _MAPPING_KEY_FORMS:
             errors.append(
                 f"{where}: a key mapping has one field: hashtext or hashtextextended (a string key), "
-                f"namespace or range (a key family), got {', '.join(sorted(map(str, value))) or 'an empty mapping'}"
+                f"namespace or range (a key family), with_advisory_lock (the gem's lock name), "
+                f"got {', '.join(sorted(map(str, value))) or 'an empty mapping'}"
             )
             return None
         form, text = next(iter(value.items()))
+        if form == "with_advisory_lock":
+            return _parse_with_advisory_lock(text, f"{where}.with_advisory_lock", errors)
         if form == "namespace":
             namespace = _int_in(text, keys.INT4_MIN, keys.INT4_MAX, "int4", f"{where}.namespace", errors)
             return None if namespace is None else keys.NamespaceFamily(namespace)
@@ -276,6 +282,25 @@ def parse_key(value: Any, where: str, errors: list[str]) -> keys.KeySpec | None:
         f"({{hashtext: name}}), got {_show(value)}"
     )
     return None
+
+
+def _parse_with_advisory_lock(value: Any, where: str, errors: list[str]) -> keys.Int4PairKey | None:
+    """{with_advisory_lock: NAME} or {with_advisory_lock: {name: NAME, prefix: N}}: the gem's int4 pair."""
+    prefix: Any = 0
+    if isinstance(value, dict):
+        errors.extend(unknown_fields(value, _WITH_ADVISORY_LOCK_FIELDS, where))
+        prefix = value.get("prefix", 0)
+        if isinstance(prefix, bool) or not isinstance(prefix, int):
+            errors.append(f"{where}.prefix: expected an integer (WITH_ADVISORY_LOCK_PREFIX), got {_show(prefix)}")
+            return None
+        if "name" not in value:
+            errors.append(f"{where}.name: required")
+            return None
+        value, where = value["name"], f"{where}.name"
+    if not isinstance(value, str) or not value:
+        errors.append(f"{where}: expected the lock name, a non-empty string, got {_show(value)}")
+        return None
+    return keys.Int4PairKey(*presets.with_advisory_lock(value, prefix))
 
 
 def _parse_range(value: Any, where: str, errors: list[str]) -> keys.RangeFamily | None:
@@ -359,20 +384,41 @@ def _parse_probe(value: Any, default_interval: float, where: str, errors: list[s
     return ProbeConfig(expect=expect, interval=interval)
 
 
-def _parse_presets(value: Any, errors: list[str]) -> tuple[str, ...]:
+def _parse_presets(value: Any, errors: list[str]) -> tuple[presets.Chosen, ...]:
     known = [*presets.PRESETS, presets.ALL]
     if value == presets.ALL:
         return (presets.ALL,)
     if not isinstance(value, list):
         errors.append(f"presets: expected a list of tool names or 'all', got {_show(value)}")
         return ()
-    chosen = []
+    chosen: list[presets.Chosen] = []
     for index, name in enumerate(value):
-        if name not in known:
-            errors.append(f"presets[{index}]: unknown preset {name!r} (known: {', '.join(known)})")
+        where = f"presets[{index}]"
+        if isinstance(name, dict):
+            choice = _parse_parameterised_preset(name, where, errors)
+            if choice is not None:
+                chosen.append(choice)
+        elif isinstance(name, str) and name in presets.PARAMETERISED:
+            errors.append(f"{where}: {name} takes a parameter ({presets.PARAMETERISED[name][0]}): write {{{name}: ...}}")
+        elif name not in known:
+            errors.append(f"{where}: unknown preset {name!r} (known: {', '.join(known)}; "
+                          f"with a parameter: {', '.join(presets.PARAMETERISED)})")
         else:
             chosen.append(name)
     return tuple(chosen)
+
+
+def _parse_parameterised_preset(entry: dict, where: str, errors: list[str]) -> presets.WithParameter | None:
+    """{ecto: MyApp.Repo}: a preset that takes its parameter."""
+    if len(entry) != 1 or next(iter(entry)) not in presets.PARAMETERISED:
+        errors.append(f"{where}: a preset with a parameter is a mapping of one field "
+                      f"({', '.join(presets.PARAMETERISED)}), got {', '.join(sorted(map(str, entry))) or 'an empty mapping'}")
+        return None
+    name, parameter = next(iter(entry.items()))
+    if not isinstance(parameter, str) or not _ELIXIR_MODULE.fullmatch(parameter):
+        errors.append(f"{where}.{name}: expected {presets.PARAMETERISED[name][0]}, got {_show(parameter)}")
+        return None
+    return presets.WithParameter(name, parameter)
 
 
 def _check_duplicate_names(entries: list[Any], errors: list[str]) -> None:

@@ -7,18 +7,18 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from psycopg.rows import namedtuple_row
 
-from . import keys, queries
+from . import keys, presets, queries
 from .ages import age
 from .assemble import KeyMatcher, who_holds
 from .config import Config
 from .dsn import local_timeouts
 from .poolers import PoolerReader
 from .poller import connect_poller
-from .resolve import SOURCE_PRESET, resolve_on_server
+from .resolve import SOURCE_PRESET, ResolvedLock, resolve_on_server
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED
 
 WIDTH = 80
@@ -47,6 +47,7 @@ class LockRow:
     blocked_by: list[int]
     pooler: str = ""  # the pooler whose server connection this session is; "" for a direct one
     stranded: bool = False  # a session lock left on a transaction-pool connection: nobody owns it
+    detail: str = ""  # what the key stands for, where a preset says: the table a pg_repack key repacks
 
 
 def read_locks(config: Config) -> list[LockRow]:
@@ -57,8 +58,9 @@ def read_locks(config: Config) -> list[LockRow]:
         assert server is not None
         locks = resolve_on_server(conn, config, server.database)
         rows = cur.execute(queries.locks_now_query(server.version_num)).fetchall()
+        matcher = KeyMatcher(locks)
+        tables = _repacked_tables(cur, rows, locks, matcher, server.database)
     names = {(r.database, r.tag): r for r in locks if r.tag is not None}
-    matcher = KeyMatcher(locks)
     reader = PoolerReader(config)
     try:
         view = reader.read(server.port_setting)
@@ -75,12 +77,37 @@ def read_locks(config: Config) -> list[LockRow]:
             lock = locks[index] if index is not None else None
             family = lock.config.key.describe() if lock is not None else ""
         name, source = (lock.config.name, lock.source) if lock is not None else (key, "unnamed")
+        detail = ""
+        if lock is not None and lock.family == PG_REPACK_FAMILY:
+            oid = presets.pg_repack_table_oid(keys.decode_tag(tag).second)  # type: ignore[union-attr]
+            detail = tables.get((row.datname, oid), f"table oid {oid}")
         who = who_holds(row, view)
         result.append(LockRow(name, source, row.datname or "", key, family, _MODES.get(row.mode, row.mode), row.granted,
                               row.pid, who.application_name, who.usename, who.client_addr, row.state or "",
                               row.held_at_least, row.waiting, list(row.blocked_by or []), who.pooler,
-                              row.granted and who.stranded))
+                              row.granted and who.stranded, detail))
     return result
+
+
+# pg_repack's keys, named by its preset or by a configured family on its namespace (with a max_hold).
+PG_REPACK_FAMILY = keys.NamespaceFamily(presets.PG_REPACK_NAMESPACE)
+
+
+def _repacked_tables(cur: Any, rows: list[Any], locks: tuple[ResolvedLock, ...], matcher: KeyMatcher,
+                     database: str) -> dict[tuple[str, int], str]:
+    """(database, oid) -> table name, for the pg_repack keys held in the dsn's database: only there
+    can this connection read the catalog."""
+    oids = set()
+    for row in rows:
+        if row.datname != database or row.objsubid != keys.OBJSUBID_INT4_PAIR:
+            continue
+        tag = keys.LockTag(row.classid, row.objid, row.objsubid)
+        index = matcher.family(database, row.objsubid, keys.signed64(keys.tag_key64(tag)))
+        if index is not None and locks[index].family == PG_REPACK_FAMILY:
+            oids.add(presets.pg_repack_table_oid(keys.decode_tag(tag).second))  # type: ignore[union-attr]
+    if not oids:
+        return {}
+    return {(database, r.oid): r.relation for r in cur.execute(queries.RELATION_NAMES, {"oids": sorted(oids)}).fetchall()}
 
 
 def _fit(text: str, width: int) -> str:
@@ -99,7 +126,7 @@ def format_table(rows: list[LockRow]) -> str:
             if r.source == "unnamed":
                 label = r.name
             elif r.family:
-                label = f"{r.name}  [{r.key} of {r.family}]"
+                label = f"{r.name}{' ' + r.detail if r.detail else ''}  [{r.key} of {r.family}]"
             else:
                 label = f"{r.name}  [{r.key}{', preset' if r.source == SOURCE_PRESET else ''}]"
             lines.append(_fit(f"{label}  in {r.database}", WIDTH))

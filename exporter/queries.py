@@ -219,3 +219,11 @@ LOCKS_NOW_PG13 = _LOCKS_NOW_TEMPLATE.format(waitstart="NULL::timestamptz")
 
 def locks_now_query(server_version_num: int) -> str:
     return LOCKS_NOW if server_version_num >= WAITSTART_MIN_VERSION else LOCKS_NOW_PG13
+
+# The `locks` command names the table a pg_repack key stands for: a catalog lookup, so only in the
+# database the dsn connects to. An oid dropped meanwhile has no row.
+RELATION_NAMES = """
+SELECT c.oid::int8 AS oid, c.oid::regclass::text AS relation
+FROM pg_class AS c
+WHERE c.oid = ANY(%(oids)s::oid[])
+"""

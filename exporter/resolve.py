@@ -70,16 +70,47 @@ def resolve_string_keys(conn: psycopg.Connection, wanted_keys: Iterable[keys.Str
     }
 
 
+def preset_string_keys(chosen: Iterable[presets.Chosen]) -> set[keys.StringKey]:
+    """The string keys the chosen presets need the server to hash (pg_partman's hashtext names);
+    they do not depend on the database."""
+    wanted: set[keys.StringKey] = set()
+    for preset in presets.expand(chosen):
+        key = preset.key("")
+        if isinstance(key, keys.HashtextKey):
+            wanted.add(key)
+        elif isinstance(key, presets.HashtextNamespace):
+            wanted.add(keys.HashtextKey(key.text))
+    return wanted
+
+
+def _preset_key(
+    key: presets.PresetKey, string_tags: dict[keys.StringKey, keys.LockTag]
+) -> tuple[keys.KeySpec, keys.LockTag | None] | None:
+    """A preset's key as a lock's (key, pg_locks triple; None for a family), or None when the server
+    was not asked its hash (resolve_locks without a server)."""
+    if isinstance(key, keys.HashtextKey):
+        tag = string_tags.get(key)
+        return None if tag is None else (key, tag)
+    if isinstance(key, presets.HashtextNamespace):
+        tag = string_tags.get(keys.HashtextKey(key.text))
+        # hashtext() is an int4, sign-extended to the bigint the tag was made from.
+        return None if tag is None else (keys.NamespaceFamily(keys.signed64(keys.tag_key64(tag))), None)
+    if isinstance(key, keys.NamespaceFamily):
+        return key, None
+    return key, keys.literal_tag(key)
+
+
 def resolve_locks(
     config: Config,
     default_database: str,
     string_tags: dict[keys.StringKey, keys.LockTag],
     databases: tuple[str, ...] = (),
 ) -> tuple[ResolvedLock, ...]:
-    """Configured locks first, in config order, then preset locks for each of databases.
+    """Configured locks first, in config order, then preset locks and families for each of databases.
 
-    A preset lock on a (database, key) a configured lock already names is left out: the
-    config's name wins. Two presets on one (database, key) share one lock, both names in it.
+    A preset lock on a (database, key) a configured lock already names is left out, and a preset
+    family whose namespace a configured family covers: the config's name wins. Two presets on one
+    (database, key) share one lock, both names in it.
     """
     resolved: list[ResolvedLock] = []
     for lock in config.locks:
@@ -89,12 +120,23 @@ def resolve_locks(
             tag = keys.literal_tag(lock.key) if keys.is_literal(lock.key) else string_tags[lock.key]  # type: ignore[index]
         resolved.append(ResolvedLock(lock, len(resolved), lock.database or default_database, tag))
     taken = {(r.database, r.tag) for r in resolved if r.tag} | {(r.database, r.config.name) for r in resolved}
+    families = [(r.database, r.family) for r in resolved if r.family is not None]
     preset_slots: dict[tuple[str, keys.LockTag], int] = {}
+    chosen = presets.expand(config.presets)
     for database in databases:
-        for preset in presets.expand(config.presets):
-            key = preset.key(database)
-            tag = keys.literal_tag(key)
-            if (database, tag) in taken or (database, preset.name) in taken:
+        for preset in chosen:
+            found = _preset_key(preset.key(database), string_tags)
+            if found is None or (database, preset.name) in taken:
+                continue
+            key, tag = found
+            if tag is None:
+                family = key
+                if any(d == database and f.overlaps(family) for d, f in families):  # type: ignore[arg-type]
+                    continue
+                families.append((database, family))  # type: ignore[arg-type]
+                resolved.append(ResolvedLock(LockConfig(preset.name, key, database), len(resolved), database, None, SOURCE_PRESET))
+                continue
+            if (database, tag) in taken:
                 continue
             slot = preset_slots.get((database, tag))
             if slot is not None:
@@ -108,10 +150,10 @@ def resolve_locks(
 
 
 def resolve_on_server(conn: psycopg.Connection, config: Config, default_database: str) -> tuple[ResolvedLock, ...]:
-    """resolve_locks with what only the server knows: its hashes of the string keys, and (for
-    presets) the databases it has."""
+    """resolve_locks with what only the server knows: its hashes of the string keys (the config's
+    and the presets'), and (for presets) the databases it has."""
     string_keys = [lock.key for lock in config.locks if isinstance(lock.key, (keys.HashtextKey, keys.HashtextExtendedKey))]
-    string_tags = resolve_string_keys(conn, string_keys)
+    string_tags = resolve_string_keys(conn, [*string_keys, *preset_string_keys(config.presets)])
     databases = tuple(row[0] for row in conn.execute(queries.DATABASES).fetchall()) if config.presets else ()
     if config.databases:
         databases = tuple(d for d in databases if d in config.databases)

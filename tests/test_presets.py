@@ -44,6 +44,16 @@ def take_as_the_tool(database: str) -> dict[str, tuple[str, bool]]:
         "sqitch:deploy": ("SELECT pg_try_advisory_lock(75474063)", False),
         "atlas:migrate-execute": ("SELECT pg_try_advisory_lock(2686470616)", False),
         "pgroll:migrations": ("SELECT pg_advisory_xact_lock(12388221127840347)", True),
+        # Read only here (run for real in test_preset_tools.py where the tool installs):
+        # Sequel::Migrator.run(use_advisory_lock: true): "sequel-migration".codepoints.reduce(:*) % 2**63
+        "sequel:migrations": ("SELECT pg_try_advisory_lock(4966325471869609408)", False),
+        # tern migrate/migrate.go: select pg_advisory_lock($1) with lockNum
+        "tern:migrations": ("SELECT pg_advisory_lock(9628173550095224)", False),
+        # pg_partman 5.x run_maintenance_proc and undo_partition (4.7 takes other names: run for real)
+        "pg_partman:run_maintenance_proc": ("SELECT pg_try_advisory_lock(hashtext('pg_partman run_maintenance procedure'))", False),
+        "pg_partman:undo_partition": ("SELECT pg_try_advisory_xact_lock(hashtext('pg_partman undo_partition'))", True),
+        "pg_partman:undo_partition_proc": (
+            "SELECT pg_try_advisory_xact_lock(hashtext('pg_partman undo_partition_proc'), hashtext('public.events'))", True),
     }
 
 
@@ -57,6 +67,7 @@ def test_each_preset_lock_is_named(make_poller, sessions, database: str, name: s
     assert value(snap, "pg_advisory_lock_holders", lock=name, database=database, mode="exclusive") == 1, name
     holders = series(render(snap).decode(), "pg_advisory_lock_holder_info")
     assert [(h["lock"], h["database"], h["source"]) for h in holders] == [(name, database, "preset")]
+    assert [(s.name, s.database) for s in snap.locks] == [(name, database)]  # no other preset's series
     assert value(snap, "pg_advisory_lock_unnamed_holders", database=database) is None
     if transactional:
         conn.rollback()
@@ -86,7 +97,7 @@ def test_a_configured_name_wins_over_a_preset(make_poller, sessions) -> None:
 def test_a_preset_locks_series_appear_once_taken_and_stay(make_poller, sessions) -> None:
     poller = make_poller({"presets": "all"})
     snap = poller.poll_once()
-    assert snap.locks == ()  # 21 preset locks in 2 databases, none taken: no series at all
+    assert snap.locks == ()  # 37 preset locks and families in 2 databases, none taken: no series at all
     holder = sessions.open(OTHER_DB)
     holder.execute("SELECT pg_advisory_lock(72707369)")
     snap = poller.poll_once()
@@ -159,3 +170,61 @@ def test_java_string_hash_matches_java() -> None:
     assert presets.java_string_hash("hello") == 99162322
     assert presets.java_string_hash('"public"."flyway_schema_history"') == 2125624436
     assert presets.java_string_hash("ü€") == 252 * 31 + 8364
+
+
+# Ecto's key is :erlang.phash2({:ecto, prefix, repo}): checked against real Erlang (erl), for
+# several repo names, the one case the table of make_hash2 has for a Latin-1 letter included.
+ECTO_REPOS = ["MyApp.Repo", "Repo", "Billing.Infra.ReadOnlyRepo", "A_1.B2.Repo", "Ünïcode.Repo"]
+
+
+def erl(expression: str) -> str:
+    import subprocess
+
+    return subprocess.run(["erl", "-noshell", "-eval", f"io:format(\"~p~n\", [{expression}]), halt()."],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
+def test_ecto_key_is_erlangs_phash2() -> None:
+    atoms = ", ".join(f"binary_to_atom(<<\"Elixir.{repo}\"/utf8>>, utf8)" for repo in ECTO_REPOS)
+    out = erl(f"[erlang:phash2({{ecto, nil, A}}) || A <- [{atoms}]]")
+    assert out == "[" + ",".join(str(presets.ecto(repo)) for repo in ECTO_REPOS) + "]"
+    assert presets.ecto("MyApp.Repo") == presets.ecto("Elixir.MyApp.Repo") == 41811489
+
+
+def test_with_advisory_lock_key_is_crc32_as_erlang_computes_it() -> None:
+    names = ["invoice-run", "x", "naïve lock", "a" * 300]
+    binaries = ", ".join(f"<<\"{name}\"/utf8>>" for name in names)
+    out = erl(f"[erlang:crc32(B) band 16#7fffffff || B <- [{binaries}]]")
+    assert out == "[" + ",".join(str(presets.with_advisory_lock(name)[0]) for name in names) + "]"
+    assert presets.with_advisory_lock("invoice-run", 7)[1] == 7
+    assert presets.with_advisory_lock("x", -1)[1] == 0x7FFFFFFF  # Ruby: "-1".to_i & 0x7fffffff
+
+
+def test_ecto_and_with_advisory_lock_locks_are_named(make_poller, sessions) -> None:
+    repo_key = int(erl("erlang:phash2({ecto, nil, 'Elixir.Billing.Repo'})"))
+    gem_key = [int(half) for half in erl("[erlang:crc32(<<\"invoice-run\">>) band 16#7fffffff, 7]").strip("[]").split(",")]
+    # Ecto (postgres.ex advisory_lock): SELECT pg_try_advisory_lock(#{lock}); the gem: its two ints.
+    sessions.open(OTHER_DB, application_name="ecto").execute(f"SELECT pg_try_advisory_lock({repo_key})")
+    sessions.open(OTHER_DB, application_name="rails").execute(f"SELECT pg_try_advisory_lock({gem_key[0]}, {gem_key[1]})")
+    poller = make_poller({"presets": ["all", {"ecto": "Billing.Repo"}], "locks": [
+        {"name": "invoices", "key": {"with_advisory_lock": {"name": "invoice-run", "prefix": 7}}, "database": OTHER_DB}]})
+    snap = poller.poll_once()
+    assert value(snap, "pg_advisory_lock_holders", lock="ecto:Billing.Repo:migrations", database=OTHER_DB, mode="exclusive") == 1
+    assert value(snap, "pg_advisory_lock_holders", lock="invoices", database=OTHER_DB, mode="exclusive") == 1
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database=OTHER_DB) is None
+    # "all" alone never guesses a repo: the key is unnamed without the parameter.
+    snap = make_poller({"presets": "all"}).poll_once()
+    assert value(snap, "pg_advisory_lock_unnamed_holders", database=OTHER_DB) == 2
+
+
+def test_a_configured_family_wins_over_a_preset_family(make_poller, sessions) -> None:
+    sessions.open().execute("SELECT pg_advisory_lock(16185446, -2147483000)")
+    sessions.open(OTHER_DB).execute("SELECT pg_advisory_lock(16185446, -2147483000)")
+    snap = make_poller({"presets": ["pg_repack"], "locks": [
+        {"name": "repacks", "key": {"namespace": 16185446}, "max_hold": "1h"}]}).poll_once()
+    assert value(snap, "pg_advisory_lock_holders", lock="repacks", database="postgres", mode="exclusive") == 1
+    assert value(snap, "pg_advisory_lock_max_hold_seconds", lock="repacks", database="postgres") == 3600
+    assert value(snap, "pg_advisory_lock_holders", lock="pg_repack:table", database="postgres", mode="exclusive") is None
+    # ... in its database only: elsewhere the preset family still names the key.
+    assert [(s.name, s.database) for s in snap.locks] == [("repacks", "postgres"), ("pg_repack:table", OTHER_DB)]
+    assert value(snap, "pg_advisory_lock_keys_held", lock="pg_repack:table", database=OTHER_DB) == 1

@@ -31,3 +31,20 @@ def test_string_keys_and_databases_come_from_the_server(sessions) -> None:
     assert {lock.database for lock in locks if lock.source == SOURCE_PRESET} >= {"postgres", OTHER_DB}
     messages, pairs = find_collisions(locks)
     assert messages == [] and pairs == ()  # the same key in two databases is two locks
+
+
+def test_presets_all_on_200_databases_resolve_once_per_database_with_families() -> None:
+    from exporter import presets
+    from exporter.resolve import preset_string_keys
+
+    config = parse_config({"presets": "all"}, "t")
+    wanted = preset_string_keys(config.presets)
+    assert {k.text for k in wanted} == {text for _, text in (*presets.PG_PARTMAN_KEYS, *presets.PG_PARTMAN_FAMILIES)}
+    tags = {k: keys.bigint_tag(-5 - i) for i, k in enumerate(sorted(wanted, key=lambda k: k.text))}  # as a server would hash
+    databases = tuple(f"db{i}" for i in range(200))
+    locks = resolve_locks(config, "db0", tags, databases)
+    families = [lock for lock in locks if lock.family is not None]
+    assert len(locks) == 200 * len(presets.expand(["all"])) and len(families) == 200 * 3
+    assert {lock.family for lock in families} >= {keys.NamespaceFamily(presets.PG_REPACK_NAMESPACE)}
+    # Without the server's hashes (no connection), pg_partman's locks are left out, nothing fails.
+    assert len(resolve_locks(config, "db0", {}, ("db0",))) == len(presets.expand(["all"])) - 10

@@ -29,6 +29,10 @@ VALID = [
     yaml.safe_load((ROOT / "config.yaml").read_text()),
     test_config.GOOD,
     {"dsn": "dbname=app", "presets": "all"},
+    {"dsn": "dbname=app", "presets": ["all", {"ecto": "MyApp.Repo"}, {"ecto": "Billing.Repo"}, "pg_repack"], "locks": [
+        {"name": "invoices", "key": {"with_advisory_lock": "invoice-run"}},
+        {"name": "invoices-eu", "key": {"with_advisory_lock": {"name": "invoice-run", "prefix": 7}}, "probe": {"expect": "free"}},
+        {"name": "repacks", "key": {"namespace": 16185446}}]},
     {"locks": test_poller.LOCKS},
     {"locks": test_families.FAMILIES, "unnamed_max_hold": "1h", "max_unnamed_holder_info": 3, "max_tracked_holds": 5},
     {"locks": test_probe.LOCKS, "probe_interval": "200ms", "max_holder_info": 3, "max_holder_info_per_lock": 1},
