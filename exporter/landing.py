@@ -54,8 +54,14 @@ def _holder_line(h: Holder, with_key: bool, snapshot: Snapshot) -> str:
     return line
 
 
+def _noted(line: str, note: str | None) -> str:
+    """A holder line with what its key stands for (a table being repacked), where known."""
+    return line if note is None else f"{line} &mdash; {escape(note)}"
+
+
 def _lock_row(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> str:
-    holders = "<br>".join(_holder_line(h, lock.is_family, snapshot) for h in lock.info_holders) or '<span class="muted">none</span>'
+    holders = "<br>".join(_noted(_holder_line(h, lock.is_family, snapshot), snapshot.key_notes.get((lock.database, h.key)))
+                          for h in lock.info_holders) or '<span class="muted">none</span>'
     if lock.is_family:
         holders = f"{lock.keys_held} key{'s' if lock.keys_held != 1 else ''} held<br>" + holders
     hidden = lock.holds - len(lock.info_holders)

@@ -18,6 +18,7 @@ from .config import Config
 from .dsn import local_timeouts
 from .poolers import PoolerReader
 from .poller import connect_poller
+from .relations import PG_REPACK_FAMILY
 from .resolve import SOURCE_PRESET, ResolvedLock, resolve_on_server
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED
 
@@ -90,7 +91,6 @@ def read_locks(config: Config) -> list[LockRow]:
 
 
 # pg_repack's keys, named by its preset or by a configured family on its namespace (with a max_hold).
-PG_REPACK_FAMILY = keys.NamespaceFamily(presets.PG_REPACK_NAMESPACE)
 
 
 def _repacked_tables(cur: Any, rows: list[Any], locks: tuple[ResolvedLock, ...], matcher: KeyMatcher,

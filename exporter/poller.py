@@ -23,6 +23,7 @@ from .logs import LoopErrors
 from .assemble import Assembler, Caps, KeyMatcher
 from .resolve import ResolvedLock, find_collisions, resolve_on_server
 from .poolers import PoolerReader
+from .relations import RelationNames
 from .snapshot import ConsoleStatus, KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
 from .tracker import HoldTracker
 
@@ -99,6 +100,7 @@ class Poller:
         self._seen_presets: frozenset[tuple[str, str]] = frozenset()
         self._collisions: tuple[KeyCollision, ...] = ()
         self._poolers = PoolerReader(config, clock)
+        self._relations = RelationNames()
         self._polls = 0
         self._errors = 0
         self._bucket_counts = [0] * len(DURATION_BUCKETS)
@@ -261,6 +263,8 @@ class Poller:
             now = self._clock()
             with _no_cyclic_gc():
                 locks, unnamed, consoles = self._build(rows, now)
+            notes = self._relations.notes(self._conn, self.server.database, self._config.poll_interval, locks) \
+                if self._conn is not None and self.server is not None else {}
         except (psycopg.Error, PollTurnTaken) as exc:
             stats = self._record(self._clock() - started, failed=True)
             self._fail(error_line(exc, self._config.dsn))
@@ -277,7 +281,7 @@ class Poller:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
         return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=stats,
-                        consoles=consoles, taken_at=now)
+                        consoles=consoles, taken_at=now, key_notes=notes)
 
     def _restart(self) -> None:
         """After an unexpected error: a new connection and assembler (its memory of the last poll

@@ -163,6 +163,8 @@ class Snapshot:
     stats: PollStats = field(default_factory=PollStats)
     consoles: tuple[ConsoleStatus, ...] = ()  # the pooler consoles read with this poll
     taken_at: float = 0.0  # the poller's monotonic clock when the rows were read
+    # What a held key stands for, where the exporter knows: (database, key label) -> 'table public.orders'.
+    key_notes: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def held_seconds(self, held: Holder | LockState | UnnamedLocks) -> float:
         """How long a holder, or the oldest holder of a lock, has held it at least, as of this poll

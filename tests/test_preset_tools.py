@@ -18,7 +18,9 @@ import psycopg
 import pytest
 from psycopg import conninfo
 
+from exporter import landing
 from exporter.config import parse_config
+from exporter.snapshot import ReloadStatus
 from exporter.locksview import format_table, read_locks
 from tests.conftest import Server, wait_until
 from tests.metrics_util import value
@@ -195,6 +197,13 @@ def test_pg_repack_names_the_table(make_poller, server, own_database, tmp_path: 
             snap = make_poller({"presets": ["pg_repack"]}).poll_once()
             assert value(snap, "pg_advisory_lock_keys_held", lock="pg_repack:table", database=database) == 1
             assert value(snap, "pg_advisory_lock_held_seconds", lock="pg_repack:table", database=database) is not None
+            # The landing page, from a poller connected to that database, names the table too.
+            here = make_poller({"dsn": server.dsn(database), "presets": ["pg_repack"]}).poll_once()
+            key = f"16185446,{oid - 2**31}"
+            assert here.key_notes == {(database, key): "table orders"}
+            assert "&mdash; table orders" in landing.render(here, (), ReloadStatus(), "/metrics").decode()
+            # From another database the catalog is out of reach: the oid.
+            assert snap.key_notes == {(database, key): f"table oid {oid}"}
             # The locks command, connected to that database, names the table.
             config = parse_config({"dsn": server.dsn(database), "presets": ["pg_repack"]}, "t")
             (row,) = [r for r in read_locks(config) if r.source == "preset"]
