@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from . import keys, queries
 from .pooled import EMPTY_VIEW, HAZARD_MODES, PoolerView
-from .resolve import SOURCE_PRESET, ResolvedLock
+from .naming import SOURCE_PRESET, ResolvedLock
 from .snapshot import (
     BOTH_MODES, MODE_EXCLUSIVE, ONLY_EXCLUSIVE, ONLY_SHARED, Holder, LockState, UnnamedLocks,
 )

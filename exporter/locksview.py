@@ -15,11 +15,12 @@ from . import keys, presets, queries
 from .ages import age
 from .assemble import KeyMatcher, who_holds
 from .config import Config
-from .dsn import local_timeouts
+from .connection import local_timeouts
 from .poolers import PoolerReader
 from .poller import connect_poller
 from .relations import PG_REPACK_FAMILY
-from .resolve import SOURCE_PRESET, ResolvedLock, resolve_on_server
+from .naming import SOURCE_PRESET, ResolvedLock
+from .resolve import resolve_on_server
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED
 
 WIDTH = 80

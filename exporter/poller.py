@@ -18,10 +18,12 @@ from psycopg.rows import class_row, namedtuple_row
 from . import queries
 from .config import Config
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, error_line, local_timeouts, proven_direct, reconnect_delay, result_rows, server_name
+from .connection import connect, local_timeouts, proven_direct, result_rows
+from .dsn import error_line, reconnect_delay, server_name
 from .logs import LoopErrors
 from .assemble import Assembler, Caps, KeyMatcher
-from .resolve import ResolvedLock, find_collisions, resolve_on_server
+from .naming import ResolvedLock, find_collisions
+from .resolve import resolve_on_server
 from .poolers import PoolerReader
 from .relations import RelationNames
 from .snapshot import ConsoleStatus, KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks

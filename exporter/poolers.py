@@ -24,7 +24,8 @@ from psycopg.rows import dict_row
 
 from .config import Config, PoolerConfig
 from .deadline import OneAtATime, StuckCall
-from .dsn import describe_hosts, dsn_endpoints, error_line, redact, resolve_host
+from .connection import resolve_host
+from .dsn import describe_hosts, dsn_endpoints, error_line, redact
 from .pooled import EMPTY_VIEW, Client, PoolerView, ServerLink
 from .snapshot import ConsoleStatus
 

@@ -22,7 +22,8 @@ from psycopg.rows import namedtuple_row
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
 from .deadline import OneAtATime, StuckCall
-from .dsn import connect, database_name, dsn_port, error_line, reconnect_delay, result_rows, server_name, timeout_ms
+from .connection import connect, result_rows
+from .dsn import database_name, dsn_port, error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
 from .snapshot import ProbeResult
 

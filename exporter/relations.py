@@ -13,7 +13,7 @@ import psycopg
 from psycopg.rows import namedtuple_row
 
 from . import keys, presets, queries
-from .dsn import local_timeouts
+from .connection import local_timeouts
 from .snapshot import LockState
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from exporter import queries
 from exporter.assemble import Assembler, Caps, KeyMatcher
 from exporter.config import parse_config
 from exporter.pooled import Client, PoolerView, ServerLink
-from exporter.resolve import resolve_locks
+from exporter.naming import resolve_locks
 from exporter.tracker import HoldTracker
 from tests.metrics_util import value
 

@@ -106,7 +106,7 @@ def test_probe_never_queues_behind_a_holder(make_prober, sessions, server) -> No
 
 def test_probe_counts_errors_and_recovers(server) -> None:
     from exporter.config import parse_config
-    from exporter.dsn import connect
+    from exporter.connection import connect
     from exporter.probe import Prober
     from exporter.snapshot import Snapshot
     from tests.pgcluster import free_port

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from exporter import keys
 from exporter.config import parse_config
-from exporter.resolve import SOURCE_CONFIG, SOURCE_PRESET, find_collisions, resolve_locks, resolve_on_server
+from exporter.naming import SOURCE_CONFIG, SOURCE_PRESET, find_collisions, resolve_locks
+from exporter.resolve import resolve_on_server
 from tests.conftest import OTHER_DB
 
 
@@ -35,7 +36,7 @@ def test_string_keys_and_databases_come_from_the_server(sessions) -> None:
 
 def test_presets_all_on_200_databases_resolve_once_per_database_with_families() -> None:
     from exporter import presets
-    from exporter.resolve import preset_string_keys
+    from exporter.naming import preset_string_keys
 
     config = parse_config({"presets": "all"}, "t")
     wanted = preset_string_keys(config.presets)

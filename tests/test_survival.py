@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from exporter import dsn as dsn_module
+from exporter import connection
 from exporter.assemble import Assembler
 from exporter.cli import Reloader
 from exporter.config import parse_config, parse_fleet
@@ -210,7 +210,7 @@ def test_console_name_resolution_runs_under_the_read_deadline(monkeypatch, caplo
             time.sleep(10)
         return real(host, *args, **kwargs)
 
-    monkeypatch.setattr(dsn_module.socket, "getaddrinfo", slow)
+    monkeypatch.setattr(connection.socket, "getaddrinfo", slow)
     config = parse_config({"dsn": "host=127.0.0.1", "locks": [], "poolers": [
         {"name": "pgb", "type": "pgbouncer", "dsn": "host=slow-dns.example port=6432 dbname=pgbouncer"}]}, "t")
     reader = PoolerReader(config)

@@ -1,0 +1,91 @@
+"""The exporter's connections: open them (setting nothing on the session), bound each transaction
+with LOCAL timeouts, prove a connection reaches PostgreSQL itself, resolve host names, and find a
+result among those of a multi-statement string. Everything here talks to a server or the network."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+
+from . import queries
+from .dsn import LIBPQ_DEFAULT_PORT, normal_address, timeout_ms
+
+
+def connect(
+    dsn: str, application_name: str, timeout_seconds: float, database: str | None = None, password_file: str | None = None,
+) -> psycopg.Connection:
+    """An autocommit connection with connect_timeout and application_name; to database instead of
+    the dsn's, if given; with the password read from password_file at each connect, if given (a
+    rotated Kubernetes secret is picked up). It sets nothing on the session: every caller bounds
+    its own transactions with settings LOCAL to them (local_timeouts, the poll and the probe's
+    one-string transactions), so nothing of ours stays on a backend a pooler hands to someone else."""
+    extra: dict[str, str] = {}
+    if database:
+        extra["dbname"] = database
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as handle:
+                extra["password"] = handle.read().rstrip("\r\n")
+        except OSError as exc:
+            raise psycopg.OperationalError(f"password_file: cannot read {password_file!r}: {exc.strerror}") from None
+    return psycopg.connect(
+        conninfo.make_conninfo(dsn, **extra) if extra else dsn,
+        autocommit=True,
+        application_name=application_name,
+        # libpq takes whole seconds and treats anything below 2 as 2.
+        connect_timeout=max(2, math.ceil(timeout_seconds)),
+        prepare_threshold=None,  # psycopg never prepares a statement on its own
+    )
+
+
+@contextlib.contextmanager
+def local_timeouts(conn: psycopg.Connection, timeout_seconds: float) -> Iterator[psycopg.Connection]:
+    """A transaction whose statements are bounded by statement_timeout and lock_timeout set LOCAL
+    to it: they end with it, and never outlive it on a backend a pooler hands to someone else."""
+    with conn.transaction():
+        conn.execute(queries.LOCAL_TIMEOUTS, {"ms": str(timeout_ms(timeout_seconds))})
+        yield conn
+
+
+def proven_direct(conn: psycopg.Connection, server_addr: str | None, server_port: int | None,
+                  client_addr: str | None, client_port: int | None) -> bool:
+    """Whether the connection reaches PostgreSQL itself: both ends of our TCP socket are what the
+    server sees (inet_client_addr/port for our end, inet_server_addr/port for its end). A pooler,
+    a proxy, a TCP forwarder or NAT in between changes one of the four, even on the same port
+    number. Over a Unix socket nothing can be proven (a pooler's backend sees -1 as well)."""
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return False
+            local, peer = sock.getsockname()[:2], sock.getpeername()[:2]
+    except (OSError, psycopg.Error):
+        return False
+    return (normal_address(local[0]), local[1]) == (normal_address(client_addr), client_port) and \
+        (normal_address(peer[0]), peer[1]) == (normal_address(server_addr), server_port)
+
+
+def resolve_host(host: str, port: int = LIBPQ_DEFAULT_PORT) -> set[object]:
+    """The addresses a host name (or address) stands for now; itself when it cannot be resolved."""
+    if host.startswith("/"):
+        return {host}
+    try:
+        return {normal_address(str(info[4][0])) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError:
+        return {normal_address(host)}
+
+
+def result_rows(cur: psycopg.Cursor[Any], columns: tuple[str, ...]) -> list[Any]:
+    """The rows of the one result, among those of a multi-statement string, whose columns are
+    these: found by name, not by counting the statements before it."""
+    while True:
+        if cur.description is not None and tuple(column.name for column in cur.description) == columns:
+            return cur.fetchall()
+        if not cur.nextset():
+            raise psycopg.ProgrammingError(f"no result with the columns {', '.join(columns)}")
