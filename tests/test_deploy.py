@@ -242,6 +242,7 @@ def test_every_rule_has_a_firing_and_a_quiet_case() -> None:
         for rule in group["rules"]:
             assert rule["labels"]["severity"] in ("warning", "critical")
             assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+            assert rule["annotations"]["runbook_url"]  # its section of docs/runbooks.md: tests/test_runbooks.py
 
 
 # -- dashboard ----------------------------------------------------------------------------
