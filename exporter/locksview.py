@@ -13,7 +13,8 @@ from psycopg.rows import namedtuple_row
 
 from . import keys, presets, queries
 from .ages import age
-from .assemble import KeyMatcher, who_holds
+from .holders import who_holds
+from .matching import KeyMatcher
 from .config import Config
 from .connection import local_timeouts
 from .poolers import PoolerReader

@@ -21,7 +21,8 @@ from .deadline import OneAtATime, StuckCall
 from .connection import connect, local_timeouts, proven_direct, result_rows
 from .dsn import error_line, reconnect_delay, server_name
 from .logs import LoopErrors
-from .assemble import Assembler, Caps, KeyMatcher
+from .assemble import Assembler, Caps
+from .matching import KeyMatcher
 from .naming import ResolvedLock, find_collisions
 from .resolve import resolve_on_server
 from .poolers import PoolerReader
@@ -95,7 +96,7 @@ class Poller:
         self._turn = turn or threading.Lock()
         self._unexpected = LoopErrors(log, f"poller of {server_name(config.dsn)}")
         self._conn: psycopg.Connection | None = None
-        self._query = ""
+        self._prepared = False  # the poll statement is prepared on this connection
         self._locks: tuple[ResolvedLock, ...] = ()
         self._tracker = HoldTracker(config.max_tracked_holds)
         self._assembler = Assembler((), KeyMatcher(()), self._tracker)
@@ -128,7 +129,7 @@ class Poller:
             conn.close()
             raise
         self.server = info
-        self._query = queries.poll_query(info.version_num, self._config.poll_interval, self._prepare(conn, info))
+        self._prepared = self._prepare(conn, info)
         self._locks = locks
         self._assembler = Assembler(locks, KeyMatcher(locks), self._tracker)
         messages, self._collisions = find_collisions(self._locks)
@@ -177,7 +178,7 @@ class Poller:
         assert self.server is not None
         log.info("poll statement not found on the server connection (a transaction-mode pooler?): "
                  "it is planned at every poll from now on")
-        self._query = queries.poll_query(self.server.version_num, self._config.poll_interval)
+        self._prepared = False
 
     def close(self) -> None:
         self._poolers.close()
@@ -203,7 +204,8 @@ class Poller:
             raise PollTurnTaken("the probe's try on this server has not finished: no turn to poll")
         try:
             with conn.cursor(row_factory=namedtuple_row) as cur:
-                cur.execute(self._query)
+                assert self.server is not None
+                cur.execute(queries.poll_query(self.server.version_num, self._config.poll_interval, self._prepared))
                 return result_rows(cur, queries.POLL_COLUMN_NAMES)
         except psycopg.Error:
             # A statement that failed inside the transaction left it open (aborted): end it, so

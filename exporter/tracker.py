@@ -15,71 +15,77 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 # (pid, backend_start, prepared transaction id): a session, or a prepared transaction (pid None);
-# holds are kept per session, then per lock slot (whatever the caller identifies a lock by over
-# time: the poller's name and database; for unnamed keys, "" and the database), then per key.
+# holds are kept per session, then per lock id (whatever the caller identifies a lock by over
+# time: the assembler's name and database; for unnamed keys, "", the database and the key form),
+# then per key.
 SessionId = tuple["int | None", "float | None", "int | None"]
 _EMPTY: dict[int, float] = {}
-_NO_SLOTS: dict[Hashable, dict[int, float]] = {}
+_NO_LOCKS: dict[Hashable, dict[int, float]] = {}
 
 
 class HoldTracker:
-    """First-seen times of holds and acquisition counts across polls."""
+    """First-seen times of holds and acquisition counts across polls.
+
+    Between two polls (after end()): _remembered holds exactly the holds of the last successful
+    poll that had room (session -> lock id -> key -> start), tracked is how many, and _this_poll
+    is empty; a start never moves later. check() verifies it (tests).
+    """
 
     def __init__(self, max_tracked: int = 100_000) -> None:
         self.max_tracked = max_tracked
-        self._since: dict[SessionId, dict[Hashable, dict[int, float]]] = {}
-        self._current: dict[SessionId, dict[Hashable, dict[int, float]]] = {}
+        self._remembered: dict[SessionId, dict[Hashable, dict[int, float]]] = {}
+        self._this_poll: dict[SessionId, dict[Hashable, dict[int, float]]] = {}
         self._acquisitions: dict[Hashable, int] = {}
         self._first_poll = True
         self._now = 0.0
-        self._tracked = 0  # holds in _since
-        self._room = 0  # new holds this poll may still remember
+        self._tracked = 0  # holds in _remembered
+        self._room_for_new = 0  # new holds this poll may still remember
         self.dropped = 0  # holds not remembered because of max_tracked, summed over polls
 
     def begin(self, now: float) -> None:
         """Start recording a successful poll; now is a monotonic clock reading."""
         self._now = now
-        self._current = {}
+        self._this_poll = {}
         # Every hold remembered so far stays remembered while it lasts; new ones fill the rest,
         # so a flood of new holds never makes an old hold look new.
-        self._room = max(self.max_tracked - self._tracked, 0)
+        self._room_for_new = max(self.max_tracked - self._tracked, 0)
 
-    def see(self, slot: Hashable, session: SessionId, keys: Sequence[int], proven_seconds: float,
+    def see(self, lock_id: Hashable, session: SessionId, keys: Sequence[int], proven_seconds: float,
             counts: bool = True) -> tuple[list[float], set[int]]:
         """Holds of one session on keys of one lock, seen by this poll: since when each has been
         held at least (a monotonic clock reading, in the order of keys), and the keys this poll had
         already seen (the same key held in the other mode). counts: a new hold is an acquisition
         (not so for a prepared transaction, which took its holds over from its session)."""
-        earlier = self._since.get(session, _NO_SLOTS).get(slot, _EMPTY)
-        slots = self._current.get(session)
-        if slots is None:
-            slots = self._current[session] = {}
-        current = slots.get(slot)
+        earlier = self._remembered.get(session, _NO_LOCKS).get(lock_id, _EMPTY)
+        by_lock = self._this_poll.get(session)
+        if by_lock is None:
+            by_lock = self._this_poll[session] = {}
+        current = by_lock.get(lock_id)
         proven_start = self._now - proven_seconds if proven_seconds > 0 else self._now
         if current is None and earlier and all(map(earlier.__contains__, keys)):
             # The steady state: every key was seen before. Done at C speed (map, max, zip).
             starts = list(map(earlier.__getitem__, keys))
             if proven_start < max(starts):
                 starts = [start if start < proven_start else proven_start for start in starts]
-            slots[slot] = dict(zip(keys, starts))
+            by_lock[lock_id] = dict(zip(keys, starts))
             return starts, set()
         if current is None:
-            current = slots[slot] = {}
+            current = by_lock[lock_id] = {}
         starts = []
-        again: set[int] = set()
+        in_both_modes: set[int] = set()
         new = 0
         for key in keys:
             start = current.get(key)
             if start is not None:
-                again.add(key)
+                in_both_modes.add(key)
                 starts.append(start)
                 continue
             start = earlier.get(key)
             if start is None:
                 start = proven_start
                 new += 1
-                if self._room > 0:
-                    self._room -= 1
+                if self._room_for_new > 0:
+                    self._room_for_new -= 1
                     current[key] = start
                 else:
                     self.dropped += 1
@@ -90,25 +96,34 @@ class HoldTracker:
             starts.append(start)
         # Holders already there at the first poll were not seen taking the lock.
         if new and counts and not self._first_poll:
-            self._acquisitions[slot] = self._acquisitions.get(slot, 0) + new
-        return starts, again
+            self._acquisitions[lock_id] = self._acquisitions.get(lock_id, 0) + new
+        return starts, in_both_modes
 
-    def carry(self, session: SessionId) -> None:
+    def keep_unchanged(self, session: SessionId) -> None:
         """Holds of a session whose rows are the same as the last poll's: remembered as they were,
-        without looking at each key again (their starts, modes and counts cannot have changed)."""
-        held = self._since.get(session)
+        without looking at each key in_both_modes (their starts, modes and counts cannot have changed)."""
+        held = self._remembered.get(session)
         if held is not None:
-            self._current[session] = held
+            self._this_poll[session] = held
 
     def end(self) -> None:
         """Finish the poll: holds not seen in it are forgotten."""
-        self._since, self._current = self._current, {}
-        self._tracked = sum(sum(map(len, slots.values())) for slots in self._since.values())
+        self._remembered, self._this_poll = self._this_poll, {}
+        self._tracked = sum(sum(map(len, by_lock.values())) for by_lock in self._remembered.values())
         self._first_poll = False
 
     @property
     def tracked(self) -> int:
         return self._tracked
 
-    def acquisitions(self, slot: Hashable) -> int:
-        return self._acquisitions.get(slot, 0)
+    def sessions(self) -> set[SessionId]:
+        """The sessions whose holds are remembered."""
+        return set(self._remembered)
+
+    def check(self) -> None:
+        """Verify what the class docstring says is true between two polls (tests)."""
+        if self._this_poll or self._tracked != sum(sum(map(len, ids.values())) for ids in self._remembered.values()):
+            raise AssertionError("the tracker's count of remembered holds is wrong, or a poll did not end")
+
+    def acquisitions(self, lock_id: Hashable) -> int:
+        return self._acquisitions.get(lock_id, 0)

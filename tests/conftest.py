@@ -18,7 +18,11 @@ import psycopg
 import pytest
 from psycopg import conninfo
 
-from exporter.config import parse_config
+# Every owner of remembered state checks its invariants after every poll, in every test (and in
+# the exporter processes the tests start, which inherit the environment); production never does.
+os.environ["PG_ADVISORY_LOCK_EXPORTER_CHECK_INVARIANTS"] = "1"
+
+from exporter.config import parse_config  # noqa: E402 - after the environment it reads
 from exporter.poller import Poller, connect_poller
 from exporter.snapshot import Snapshot
 from tests.pgcluster import Cluster, ClusterError

@@ -7,7 +7,8 @@ import random
 from collections import namedtuple
 
 from exporter import queries
-from exporter.assemble import Assembler, Caps, KeyMatcher
+from exporter.assemble import Assembler, Caps
+from exporter.matching import KeyMatcher
 from exporter.config import parse_config
 from exporter.pooled import Client, PoolerView, ServerLink
 from exporter.naming import resolve_locks
