@@ -12,6 +12,7 @@ Assembler; check() verifies it, after every poll when PG_ADVISORY_LOCK_EXPORTER_
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections.abc import Callable, Iterable
@@ -95,6 +96,12 @@ class _Session:
     rows: StableRows | None  # None: never reused (a hold of it was not tracked: its start is new at each poll)
     who: Who
     parts: dict[Tally, Figures]
+    latest_start: float  # the latest start among its holds: a proof earlier than this moves some start
+
+
+def _proven_start(row: Any, now: float) -> float:
+    """The start a row proves for its session's holds (as HoldTracker.see takes it): its idle time back."""
+    return now - row.idle_seconds if row.idle_seconds else now
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,11 @@ class Assembler:
             who = who_holds(session_rows[0], view)
             stable = tuple(map(_stable, session_rows))
             before = earlier.get(sid)
-            if before is not None and before.rows is not None and before.who == who and same_rows(before.rows, stable):
+            # Unchanged: the same rows, the same holder, and no proof of an earlier start for a hold
+            # (the idle time back from now moves by a poll's latency, and a backend that ran this
+            # exporter's own poll last proves nothing, then a real idle time at the next poll).
+            if before is not None and before.rows is not None and before.who == who and same_rows(before.rows, stable) \
+                    and min(_proven_start(row, now) for row in session_rows) >= before.latest_start:
                 tracker.keep_unchanged(sid)
                 before.rows = stable  # the order of this poll: the next one most likely comes in it again
                 sessions[sid] = before
@@ -240,6 +251,7 @@ class Assembler:
         tracker, lock_ids = self._tracker, self._lock_ids
         parts: dict[Tally, Figures] = {}
         dropped = tracker.dropped
+        latest = -math.inf
         for row in session_rows:
             database, objsubid = row.datname, row.objsubid
             for index, group in self._matcher.partition(database, objsubid, row.keys).items():
@@ -252,10 +264,11 @@ class Assembler:
                 starts, in_both_modes = tracker.see(lock_id, sid, group, row.idle_seconds or 0.0,
                                                     counts=row.prepared_xid is None)
                 figures.add(starts, in_both_modes, group, objsubid, row.shared, who)
+                latest = max(latest, *starts)
                 if index is not None and self._is_family[index]:
                     figures.keys.update(group)
         # A hold the tracker had no room for gets a new start at each poll: never reuse such figures.
-        return _Session(stable if tracker.dropped == dropped else None, who, parts)
+        return _Session(stable if tracker.dropped == dropped else None, who, parts, latest)
 
     def _merge(self, changed: set[Tally]) -> None:
         """A new total for every tally whose holders changed (and no total for one held by nobody)."""

@@ -88,6 +88,9 @@ def _change(rng: random.Random, holder: _Holder, now: float) -> None:
 
 def _rows_of(rng: random.Random, holder: _Holder, now: float) -> list[Row]:
     """The poll's rows of one holder: one per database, key form and mode, keys in any order."""
+    # The idle time back from the poller's clock moves by each poll's latency: a few ms either way
+    # (the same for every row of a holder: one pg_stat_activity row, one prepared transaction).
+    latency = rng.uniform(-0.005, 0.005)
     groups: dict[tuple[str, int, bool], list[int]] = {}
     for (database, objsubid, key), mode in sorted(holder.held.items()):
         for shared in ((False, True) if mode == "both" else (mode == "shared",)):
@@ -97,9 +100,9 @@ def _rows_of(rng: random.Random, holder: _Holder, now: float) -> list[Row]:
         rng.shuffle(keys)  # the server promises no order inside array_agg
         if holder.pid is None:  # a prepared transaction: no session, its gid and owner
             rows.append(Row(database, None, holder.xid, objsubid, True, shared, keys, None, f"gid-{holder.xid}", "u",
-                            None, None, "prepared", None, None, now - holder.changed_at))
+                            None, None, "prepared", None, None, now - holder.changed_at + latency))
             continue
-        idle = now - holder.changed_at if holder.state.startswith("idle") else None
+        idle = now - holder.changed_at + latency if holder.state.startswith("idle") else None
         rows.append(Row(database, holder.pid, None, objsubid, True, shared, keys, holder.start, holder.app, "u",
                         holder.client, 5000 + holder.pid, holder.state, holder.state == "idle", None, idle))
     if holder.pid is not None and rng.random() < 0.2:

@@ -24,14 +24,17 @@ import pytest
 from psycopg.rows import class_row, namedtuple_row
 
 from exporter import queries
-from exporter.assemble import Assembled, Assembler, Caps, KeyMatcher, who_holds
+from exporter.assemble import Assembled, Assembler, Caps
 from exporter.config import parse_config
-from exporter.dsn import result_rows
+from exporter.connection import result_rows
+from exporter.holders import who_holds
+from exporter.matching import KeyMatcher
 from exporter.metrics import render
 from exporter.poller import DURATION_BUCKETS, ServerInfo, connect_poller
 from exporter.pooled import PoolerView
 from exporter.poolers import PoolerReader
-from exporter.resolve import find_collisions, resolve_on_server
+from exporter.naming import find_collisions
+from exporter.resolve import resolve_on_server
 from exporter.snapshot import PollStats, Snapshot
 from exporter.tracker import HoldTracker
 from tests.conftest import OTHER_DB, wait_until
@@ -74,14 +77,6 @@ KEY_ARGS: tuple[str, ...] = (
 # change, and keeps the start proved when its rows last changed. queries.STABLE_COLUMNS assumes
 # "the start it proves cannot move earlier": true only while now runs ahead of the server's clock
 # (the fake clock's second a poll does; a real clock does not).
-POLLER_CLOCK_DIFFERS = (
-    "issue 19: with the poller's own clock, an unchanged idle session's hold keeps the start proved when its rows "
-    "last changed (assemble.Assembler._track carries it), while from scratch the tracker keeps the earliest start "
-    "any poll proved (now - idle_seconds moves earlier by a quicker poll's latency): held_seconds differ by ms, e.g. "
-    "seed 19, poll 1: pg_advisory_lock_unnamed_held_seconds{database=other_db} incremental 0.012, fresh 0.014"
-)
-
-
 def lock_sql(args: str, shared: bool, xact: bool = False, try_: bool = True) -> str:
     return f"pg{'_try' if try_ else ''}_advisory{'_xact' if xact else ''}_lock{'_shared' if shared else ''}({args})"
 
@@ -400,9 +395,9 @@ class CountingTracker(HoldTracker):
 
     carried = 0
 
-    def carry(self, session) -> None:
+    def keep_unchanged(self, session) -> None:
         self.carried += 1
-        super().carry(session)
+        super().keep_unchanged(session)
 
 
 class Side:
@@ -478,10 +473,7 @@ REQUIRED_SHAPES = {"prepared holder", "stranded pooled holder", "waiter", "idle-
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("clock", [
-    "fake",
-    pytest.param("poller", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=POLLER_CLOCK_DIFFERS)),
-])
+@pytest.mark.parametrize("clock", ["fake", "poller"])
 def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives_on_a_real_server(
         server, bouncer, clock: str) -> None:
     config = parse_config({
