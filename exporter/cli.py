@@ -28,6 +28,7 @@ ENV_PREFIX = "PG_ADVISORY_LOCK_EXPORTER_"
 EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_USAGE = 2
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def env_name(flag: str) -> str:
@@ -153,35 +154,20 @@ def serve(args: argparse.Namespace, fleet: Fleet, web: WebConfig) -> int:
     except ListenAddressError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    stop = threading.Event()
-    reload_requested = threading.Event()  # SIGHUP only asks; the main loop reloads
-    # The main loop sleeps until a signal sets this (a signal interrupts the wait), rather than
-    # waking every 0.2 s to look: that cost 0.5 ms of CPU a second.
-    wake = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-        wake.set()
-
-    def on_hangup(_signum: int, _frame: object) -> None:
-        reload_requested.set()
-        wake.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
+    # Signals are taken by the main loop with sigwait, not by handlers: a handler runs in the middle
+    # of whatever the main thread is doing, and one that sets a threading.Event there can deadlock
+    # on the event's own lock (the main loop waiting on it), after which no signal, not even
+    # SIGTERM, is ever handled. Blocked here, before any thread starts, they stay blocked in every
+    # thread, so they are only ever delivered to this sigwait.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     runtime.start()
     server.start()
     log.info("pg-advisory-lock-exporter %s listening on %s%s; %s",
              __version__, args.listen_address, args.telemetry_path, fleet.summary())
-    while not stop.is_set():
-        wake.wait(60)
-        wake.clear()
-        if reload_requested.is_set():
-            reload_requested.clear()
-            log.info("received SIGHUP, reloading %s", args.config_file)
-            reloader()
+    while (signum := signal.sigwait(SIGNALS)) == signal.SIGHUP:
+        log.info("received SIGHUP, reloading %s", args.config_file)
+        reloader()
+    log.info("received %s, stopping", signal.Signals(signum).name)
     server.stop()
     runtime.stop()
     log.info("stopped")
