@@ -17,7 +17,7 @@ from psycopg import conninfo
 from . import landing
 from .config import Config, Fleet
 from .logs import LoopErrors
-from .metrics import Exposition, FleetExposition
+from .exposition import Exposition, FleetExposition
 from .poller import Poller, connect_poller
 from .probe import Prober, connect_probe
 from .snapshot import PollStats, ReloadStatus, Snapshot

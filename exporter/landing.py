@@ -119,70 +119,92 @@ def render_targets(targets: dict[str, Snapshot], reload: ReloadStatus, telemetry
 
 def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadStatus, telemetry_path: str,
            target: str = "") -> bytes:
+    """The landing page of one server: its poll health, then what it sees now."""
     path = escape(telemetry_path, quote=True)
-    stats = snapshot.stats
-    last = "never" if stats.last_success_timestamp is None else \
-        f"{age(max(time.time() - stats.last_success_timestamp, 0))} ago"
-    health = (
-        f"<p>Polls: <span class=\"{'ok' if snapshot.up else 'bad'}\">{'UP' if snapshot.up else 'DOWN'}</span>"
-        f" &middot; last good poll {last} &middot; {stats.polls} polls, {stats.errors} failed"
-        f" &middot; config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>"
-    )
-    by_name = {p.lock: p for p in probes}
-    busy = [lock for lock in snapshot.locks if lock.holds or lock.waiters]
-    free = [lock for lock in snapshot.locks if not lock.holds and not lock.waiters]
     parts = [
         *_head("pg-advisory-lock-exporter"),
         f"<h1>pg-advisory-lock-exporter {escape(__version__)}{': target ' + escape(target) if target else ''}</h1>",
         '<p><a href="/">all targets</a></p>' if target else "",
         f"<p><a href=\"{path}\">Metrics</a> &middot; <a href=\"/-/healthy\">healthy</a> &middot; "
         f"<a href=\"/-/ready\">ready</a> &middot; refreshes every {REFRESH_SECONDS}s</p>",
-        health,
+        _health(snapshot, reload),
     ]
-    stranded = [lock for lock in snapshot.locks if lock.pooled_session_holders]
-    stranded_unnamed = [u for u in snapshot.unnamed if u.pooled_session_holders]
-    if snapshot.up and (stranded or stranded_unnamed):
-        names = [f"{lock.name} ({lock.database})" for lock in stranded] + [f"a key nobody named ({u.database})" for u in stranded_unnamed]
-        parts.append(
-            '<p class="bad" id="stranded">Session locks stranded on a transaction pool: '
-            + escape(", ".join(names))
-            + ". Through transaction pooling a session-level advisory lock stays on the server connection after "
-            "the client's transaction and passes to whoever borrows it next: mutual exclusion is gone. Fix: take "
-            "the lock on a direct connection or a session-mode pool, or use the transaction-level lock "
-            "(pg_advisory_xact_lock).</p>"
-        )
     if not snapshot.up:
         parts.append("<p class=\"bad\">The last poll failed: no lock data is shown rather than stale data. "
                      "The exporter's log says why.</p>")
     else:
-        parts.append(f"<h2>Named locks held or awaited ({len(busy)})</h2>")
-        if busy:
-            parts.append("<table id=\"locks\"><tr><th>lock</th><th>key</th><th>database</th><th>source</th><th>holders</th>"
-                         "<th>held for</th><th>max_hold</th><th>waiters</th><th>probe</th></tr>")
-            parts += [_lock_row(lock, by_name.get(lock.name), snapshot) for lock in busy]
-            parts.append("</table>")
-        else:
-            parts.append("<p class=\"muted\">none</p>")
-        shown = ", ".join(escape(lock.name) for lock in free[:FREE_NAMES_SHOWN])
-        more = f" and {len(free) - FREE_NAMES_SHOWN} more" if len(free) > FREE_NAMES_SHOWN else ""
-        parts.append(f"<h2>Named locks free ({len(free)})</h2><p>{shown or '-'}{more}</p>")
-        failing = [p for p in probes if not p.ok]
-        if failing:
-            parts.append("<h2>Probes not as expected</h2><ul>" + "".join(
-                f"<li>{escape(p.lock)} ({escape(p.database)}): "
-                f"{'try failed' if p.acquirable is None else 'acquirable' if p.acquirable else 'held'}</li>"
-                for p in failing) + "</ul>")
-        parts.append("<h2>Locks nobody named</h2>")
-        if snapshot.unnamed:
-            parts.append("<table id=\"unnamed\"><tr><th>database</th><th>held</th><th>oldest hold</th>"
-                         "<th>waiting</th><th>oldest holders</th></tr>" + "".join(
-                f"<tr><td>{escape(u.database)}</td><td>{u.holders}</td>"
-                f"<td class=\"{'bad' if u.max_hold is not None and snapshot.held_seconds(u) > u.max_hold else ''}\">"
-                f"{age(snapshot.held_seconds(u))}</td><td>{u.waiters}"
-                f"{f' (longest {age(u.wait_seconds)})' if u.waiters else ''}</td>"
-                f"<td>{'<br>'.join(_holder_line(h, True, snapshot) for h in u.info_holders)}</td></tr>"
-                for u in snapshot.unnamed) + "</table>")
-        else:
-            parts.append("<p class=\"muted\">none</p>")
+        parts += [_stranded(snapshot), *_named(snapshot, probes), _failing_probes(probes), *_unnamed(snapshot)]
     parts.append("</body></html>")
     return "".join(parts).encode()
+
+
+def _health(snapshot: Snapshot, reload: ReloadStatus) -> str:
+    stats = snapshot.stats
+    last = "never" if stats.last_success_timestamp is None else \
+        f"{age(max(time.time() - stats.last_success_timestamp, 0))} ago"
+    return (
+        f"<p>Polls: <span class=\"{'ok' if snapshot.up else 'bad'}\">{'UP' if snapshot.up else 'DOWN'}</span>"
+        f" &middot; last good poll {last} &middot; {stats.polls} polls, {stats.errors} failed"
+        f" &middot; config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>"
+    )
+
+
+def _stranded(snapshot: Snapshot) -> str:
+    """The warning about session locks stranded on a transaction pool, if any."""
+    names = [f"{lock.name} ({lock.database})" for lock in snapshot.locks if lock.pooled_session_holders]
+    names += [f"a key nobody named ({u.database})" for u in snapshot.unnamed if u.pooled_session_holders]
+    if not names:
+        return ""
+    return (
+        '<p class="bad" id="stranded">Session locks stranded on a transaction pool: '
+        + escape(", ".join(names))
+        + ". Through transaction pooling a session-level advisory lock stays on the server connection after "
+        "the client's transaction and passes to whoever borrows it next: mutual exclusion is gone. Fix: take "
+        "the lock on a direct connection or a session-mode pool, or use the transaction-level lock "
+        "(pg_advisory_xact_lock).</p>"
+    )
+
+
+def _named(snapshot: Snapshot, probes: tuple[ProbeResult, ...]) -> list[str]:
+    """The named locks held or awaited (a table), then the free ones (names)."""
+    by_name = {p.lock: p for p in probes}
+    busy = [lock for lock in snapshot.locks if lock.holds or lock.waiters]
+    free = [lock for lock in snapshot.locks if not lock.holds and not lock.waiters]
+    parts = [f"<h2>Named locks held or awaited ({len(busy)})</h2>"]
+    if busy:
+        parts.append("<table id=\"locks\"><tr><th>lock</th><th>key</th><th>database</th><th>source</th><th>holders</th>"
+                     "<th>held for</th><th>max_hold</th><th>waiters</th><th>probe</th></tr>")
+        parts += [_lock_row(lock, by_name.get(lock.name), snapshot) for lock in busy]
+        parts.append("</table>")
+    else:
+        parts.append("<p class=\"muted\">none</p>")
+    shown = ", ".join(escape(lock.name) for lock in free[:FREE_NAMES_SHOWN])
+    more = f" and {len(free) - FREE_NAMES_SHOWN} more" if len(free) > FREE_NAMES_SHOWN else ""
+    parts.append(f"<h2>Named locks free ({len(free)})</h2><p>{shown or '-'}{more}</p>")
+    return parts
+
+
+def _failing_probes(probes: tuple[ProbeResult, ...]) -> str:
+    failing = [p for p in probes if not p.ok]
+    if not failing:
+        return ""
+    return "<h2>Probes not as expected</h2><ul>" + "".join(
+        f"<li>{escape(p.lock)} ({escape(p.database)}): "
+        f"{'try failed' if p.acquirable is None else 'acquirable' if p.acquirable else 'held'}</li>"
+        for p in failing) + "</ul>"
+
+
+def _unnamed(snapshot: Snapshot) -> list[str]:
+    """Per database, the locks nobody named: how many, the oldest hold, the waits, the oldest holders."""
+    if not snapshot.unnamed:
+        return ["<h2>Locks nobody named</h2>", "<p class=\"muted\">none</p>"]
+    rows = "".join(
+        f"<tr><td>{escape(u.database)}</td><td>{u.holders}</td>"
+        f"<td class=\"{'bad' if u.max_hold is not None and snapshot.held_seconds(u) > u.max_hold else ''}\">"
+        f"{age(snapshot.held_seconds(u))}</td><td>{u.waiters}"
+        f"{f' (longest {age(u.wait_seconds)})' if u.waiters else ''}</td>"
+        f"<td>{'<br>'.join(_holder_line(h, True, snapshot) for h in u.info_holders)}</td></tr>"
+        for u in snapshot.unnamed)
+    return ["<h2>Locks nobody named</h2>",
+            "<table id=\"unnamed\"><tr><th>database</th><th>held</th><th>oldest hold</th>"
+            "<th>waiting</th><th>oldest holders</th></tr>" + rows + "</table>"]

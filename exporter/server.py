@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
 
 from . import __version__, landing
-from .metrics import CONTENT_TYPE, Exposition
+from .exposition import CONTENT_TYPE, Exposition
 from .webconfig import BasicAuth, Decision, WebConfig, authorize
 
 log = logging.getLogger(__name__)

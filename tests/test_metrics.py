@@ -7,7 +7,8 @@ import gzip
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.metrics import Exposition, render
+from exporter.exposition import Exposition
+from exporter.metrics import render
 from exporter.snapshot import Holder, LockState, PollStats, ProbeResult, Snapshot, UnnamedLocks
 from tests.metrics_util import parse
 

@@ -239,7 +239,7 @@ PASSWORD_72 = "p" * 72  # bcrypt's most
 @pytest.fixture
 def guarded():
     """A real MetricsServer (free port) behind basic auth: prometheus / PASSWORD_72."""
-    from exporter.metrics import Exposition
+    from exporter.exposition import Exposition
     from exporter.server import ExpositionSite, MetricsServer
     from exporter.webconfig import BasicAuth, WebConfig
     from tests.test_metrics import SNAPSHOT

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from exporter.metrics import Exposition
+from exporter.exposition import Exposition
 from exporter.server import ExpositionSite, MetricsServer
 from tests.test_metrics import SNAPSHOT
 

@@ -16,7 +16,8 @@ from exporter.assemble import Assembler
 from exporter.cli import Reloader
 from exporter.config import parse_config, parse_fleet
 from exporter.fleet import STALE_INTERVALS, Runtime
-from exporter.metrics import Exposition, render
+from exporter.exposition import Exposition
+from exporter.metrics import render
 from exporter.poller import Poller
 from exporter.poolers import PoolerReader
 from exporter.probe import Prober
