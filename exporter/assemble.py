@@ -16,7 +16,7 @@ import math
 import operator
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import queries
@@ -25,11 +25,12 @@ from .holders import Who, by_pid_and_key, by_pid_key_and_mode, session_id, who_h
 from .matching import KeyMatcher
 from .naming import SOURCE_PRESET, ResolvedLock
 from .pooled import EMPTY_VIEW, PoolerView
-from .snapshot import Holder, LockState, UnnamedLocks
+from .snapshot import Holder, LockState, OwnWait, UnnamedLocks
 from .tracker import HoldTracker, SessionId
 
 CHECK_INVARIANTS_ENV = "PG_ADVISORY_LOCK_EXPORTER_CHECK_INVARIANTS"
 UNNAMED = ""  # the tracker's lock id of keys nobody named: ("", database, objsubid)
+ADVISORY = "advisory"  # the locktype of an advisory row of the poll; others are a session's own waits
 
 # What a set of figures counts for: a lock (its index among the resolved locks), or a database
 # (its keys nobody named).
@@ -62,6 +63,8 @@ class Assembled:
     unnamed: tuple[UnnamedLocks, ...]
     holder_info_dropped: int
     seen_presets: frozenset[tuple[str, str]]
+    blocked: tuple[OwnWait, ...] = ()  # the holders that wait themselves, and for what
+    waiting_pids: frozenset[int] = frozenset()  # every session that waits for a lock of any type
 
 
 # A poll row's columns that stay the same while nothing about the row changed (every one but
@@ -186,8 +189,11 @@ class Assembler:
         pooled = view is not None
         waits: dict[Tally, list[float]] = {}  # tally -> [waiters, longest wait]
         held_rows: dict[SessionId, list[Any]] = {}
+        own_waits: dict[SessionId, Any] = {}  # a session's wait, for a lock of any type
         for row in rows:
-            if databases and row.datname not in databases:
+            if not row.granted:
+                own_waits[session_id(row)] = row
+            if row.locktype != ADVISORY or databases and row.datname not in databases:
                 continue
             if row.granted:
                 held_rows.setdefault(session_id(row), []).append(row)
@@ -195,10 +201,32 @@ class Assembler:
                 self._count_wait(row, waits)
         changed = self._track(held_rows, view or EMPTY_VIEW, now)
         self._merge(changed)
-        assembled = self._states(caps, waits, seen_presets, unnamed_max_hold, pooled)
+        blocked, blocked_waits = self._blocked(own_waits)
+        assembled = self._states(caps, waits, blocked, seen_presets, unnamed_max_hold, pooled)
+        assembled = replace(assembled, blocked=blocked_waits,
+                            waiting_pids=frozenset(row.pid for row in own_waits.values() if row.pid is not None))
         if self._check:
             self.check()
         return assembled
+
+    def _blocked(self, own_waits: dict[SessionId, Any]) -> tuple[dict[Tally, list[float]], tuple[OwnWait, ...]]:
+        """Per tally, its holders that wait themselves [how many, the longest wait]; and those waits.
+        In proportion to the waiting sessions, which are few."""
+        blocked: dict[Tally, list[float]] = {}
+        found = []
+        for sid, row in own_waits.items():
+            session = self._sessions.get(sid)
+            if session is None:
+                continue  # waits, holds nothing: a waiter, counted as one
+            for tally in session.parts:
+                figure = blocked.setdefault(tally, [0, 0.0])
+                figure[0] += 1
+                figure[1] = max(figure[1], row.wait_seconds or 0.0)
+            advisory = row.locktype == ADVISORY
+            found.append(OwnWait(row.pid, row.datname or "", row.locktype or "", row.wait_mode or "", row.wait_relation,
+                                 row.keys[0] if row.keys else None, row.objsubid if advisory else None,
+                                 round(row.wait_seconds or 0.0, 3)))
+        return blocked, tuple(sorted(found))
 
     def _count_wait(self, row: Any, waits: dict[Tally, list[float]]) -> None:
         for index, group in self._matcher.partition(row.datname, row.objsubid, row.keys).items():
@@ -295,8 +323,8 @@ class Assembler:
             shown = self._shown[tally] = _Shown(figures, limit, oldest_holders(figures, limit, order))
         return shown.holders
 
-    def _states(self, caps: Caps, waits: dict[Tally, list[float]], seen_presets: frozenset[tuple[str, str]],
-                unnamed_max_hold: float | None, pooled: bool) -> Assembled:
+    def _states(self, caps: Caps, waits: dict[Tally, list[float]], blocked: dict[Tally, list[float]],
+                seen_presets: frozenset[tuple[str, str]], unnamed_max_hold: float | None, pooled: bool) -> Assembled:
         states = []
         info_budget = caps.total  # holder_info series the remaining locks may still have
         dropped = 0
@@ -307,21 +335,22 @@ class Assembler:
                 if total is None and wait is None and lock_id not in seen:
                     continue  # a preset lock nobody has taken: no series until someone does
                 seen.add(lock_id)
-            state = self._lock_state(index, lock, total, wait, min(caps.per_lock, info_budget), pooled)
+            state = self._lock_state(index, lock, total, wait, blocked.get(index), min(caps.per_lock, info_budget), pooled)
             states.append(state)
             info_budget -= len(state.info_holders)
             dropped += state.holds - len(state.info_holders)
-        unnamed = [self._unnamed_state(database, caps, waits.get(database), unnamed_max_hold, pooled)
+        unnamed = [self._unnamed_state(database, caps, waits.get(database), blocked.get(database), unnamed_max_hold, pooled)
                    for database in sorted({t for t in (*self._totals, *waits) if isinstance(t, str)})]
         return Assembled(tuple(states), tuple(unnamed), dropped, frozenset(seen))
 
-    def _lock_state(self, index: int, lock: ResolvedLock, total: Figures | None, wait: list[float] | None, limit: int,
-                    pooled: bool) -> LockState:
+    def _lock_state(self, index: int, lock: ResolvedLock, total: Figures | None, wait: list[float] | None,
+                    blocked: list[float] | None, limit: int, pooled: bool) -> LockState:
         """A lock's state: the last one while its total, acquisitions, limit and pooling are the same
-        and nobody waits (ages are taken from it at render), else a new one."""
+        and nobody waits for it or in it (ages are taken from it at render), else a new one."""
         acquisitions = self._tracker.acquisitions(self._lock_ids[index])
         made = self._made.get(index)
-        if wait is None and made is not None and made.made_from(total, acquisitions, limit, pooled):
+        still = wait is None and blocked is None
+        if still and made is not None and made.made_from(total, acquisitions, limit, pooled):
             return made.state
         figures = total or EMPTY
         state = LockState(
@@ -329,22 +358,23 @@ class Assembler:
             int(wait[0]) if wait else 0, round(wait[1], 3) if wait else 0.0, acquisitions,
             lock.config.max_hold, self._oldest(index, total, limit, by_pid_and_key), figures.holds, lock.source,
             lock.display_key, len(figures.keys) if lock.family is not None else None,
-            figures.stranded if pooled else None,
+            figures.stranded if pooled else None, int(blocked[0]) if blocked else 0, round(blocked[1], 3) if blocked else 0.0,
         )
-        if wait is None:
+        if still:
             self._made[index] = _Made(total, acquisitions, limit, pooled, state)
         else:
             self._made.pop(index, None)
         return state
 
-    def _unnamed_state(self, database: str, caps: Caps, wait: list[float] | None, unnamed_max_hold: float | None,
-                       pooled: bool) -> UnnamedLocks:
+    def _unnamed_state(self, database: str, caps: Caps, wait: list[float] | None, blocked: list[float] | None,
+                       unnamed_max_hold: float | None, pooled: bool) -> UnnamedLocks:
         total = self._totals.get(database)
         figures = total or EMPTY
         return UnnamedLocks(
             database, figures.exclusive + figures.shared, int(wait[0]) if wait else 0, figures.since,
             round(wait[1], 3) if wait else 0.0, self._oldest(database, total, caps.unnamed_per_database, by_pid_key_and_mode),
             unnamed_max_hold, figures.stranded if pooled else None,
+            int(blocked[0]) if blocked else 0, round(blocked[1], 3) if blocked else 0.0,
         )
 
     # -- invariants -------------------------------------------------------------------------

@@ -35,12 +35,13 @@ DEFAULT_MAX_TRACKED_HOLDS = 100_000
 _TOP_FIELDS = (
     "dsn", "password_file", "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info",
     "max_unnamed_holder_info", "max_tracked_holds", "unnamed_max_hold", "presets", "locks", "poolers", "databases",
+    "show_queries",
 )
 # With targets: fields a target may override (the top level holds their defaults), fields that
 # belong to a target only, and what a target may hold.
 DEFAULTABLE_FIELDS = (
     "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info", "max_unnamed_holder_info",
-    "max_tracked_holds", "unnamed_max_hold", "presets",
+    "max_tracked_holds", "unnamed_max_hold", "presets", "show_queries",
 )
 TARGET_ONLY_FIELDS = ("dsn", "password_file", "poolers", "locks", "databases")
 _TARGET_FIELDS = (*TARGET_ONLY_FIELDS, *DEFAULTABLE_FIELDS)
@@ -125,6 +126,9 @@ class Config:
     poolers: tuple[PoolerConfig, ...] = ()
     databases: tuple[str, ...] = ()  # limit the figures to these databases; () = every database
     name: str = ""  # the target's name; "" in single-server mode
+    # Show the query text of blocking sessions on the landing page and in `locks` (never in a metric):
+    # off by default, since a page that needs no login must not leak literals.
+    show_queries: bool = False
 
     @property
     def probed(self) -> tuple[LockConfig, ...]:
@@ -637,6 +641,9 @@ def parse_config(data: Any, source: str) -> Config:
     databases = _names(data["databases"], "databases", "database names", errors) if "databases" in data else ()
 
     chosen_presets = _parse_presets(data.get("presets", []), errors)
+    show_queries = data.get("show_queries", False)
+    if not isinstance(show_queries, bool):
+        errors.append(f"show_queries: expected true or false, got {_show(show_queries)}")
 
     raw_locks = data.get("locks", [])
     parsed: list[tuple[int, LockConfig]] = []
@@ -659,7 +666,7 @@ def parse_config(data: Any, source: str) -> Config:
         max_holder_info_per_lock=limits["max_holder_info_per_lock"] or 0, max_holder_info=limits["max_holder_info"] or 0,
         max_unnamed_holder_info=limits["max_unnamed_holder_info"] or 0, max_tracked_holds=limits["max_tracked_holds"] or 0,
         unnamed_max_hold=unnamed_max_hold, password_file=password_file, presets=chosen_presets, poolers=poolers,
-        databases=databases,
+        databases=databases, show_queries=show_queries is True,
     )
 
 

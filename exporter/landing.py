@@ -40,6 +40,12 @@ def _holder_line(h: Holder, with_key: bool, snapshot: Snapshot) -> str:
     mode = "exclusive" if MODE_EXCLUSIVE in h.modes else "shared"
     if h.is_prepared:
         return _prepared_line(h, with_key, mode, snapshot)
+    chain = snapshot.chain_of(h.pid)
+    waits = f' <span class="bad chain">which {escape(chain.describe())}</span>' if chain is not None else ""
+    return _session_line(h, with_key, mode, snapshot) + waits
+
+
+def _session_line(h: Holder, with_key: bool, mode: str, snapshot: Snapshot) -> str:
     line = escape(
         f"{'key ' + h.key + ', ' if with_key else ''}{mode}: pid {h.pid} "
         f"{h.application_name or '-'} {h.usename}{'@' + h.client_addr if h.client_addr else ''} "

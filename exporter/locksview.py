@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
+import psycopg
 from psycopg.rows import namedtuple_row
 
 from . import keys, presets, queries
@@ -19,10 +21,11 @@ from .config import Config
 from .connection import local_timeouts
 from .poolers import PoolerReader
 from .poller import connect_poller
-from .relations import PG_REPACK_FAMILY
+from .chains import read_chains
+from .relations import PG_REPACK_FAMILY, RelationNames
 from .naming import SOURCE_PRESET, ResolvedLock
 from .resolve import resolve_on_server
-from .snapshot import MODE_EXCLUSIVE, MODE_SHARED
+from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, Chain, OwnWait
 
 WIDTH = 80
 _MODES = {"ExclusiveLock": MODE_EXCLUSIVE, "ShareLock": MODE_SHARED}
@@ -51,6 +54,8 @@ class LockRow:
     pooler: str = ""  # the pooler whose server connection this session is; "" for a direct one
     stranded: bool = False  # a session lock left on a transaction-pool connection: nobody owns it
     detail: str = ""  # what the key stands for, where a preset says: the table a pg_repack key repacks
+    waits: str = ""  # a holder that waits itself: for what, and who blocks it down to the root
+    chain: dict[str, Any] | None = None  # the same, for scripts: waits_for, mode, wait_seconds, blockers
 
 
 def read_locks(config: Config) -> list[LockRow]:
@@ -63,6 +68,7 @@ def read_locks(config: Config) -> list[LockRow]:
         rows = cur.execute(queries.locks_now_query(server.version_num)).fetchall()
         matcher = KeyMatcher(locks)
         tables = _repacked_tables(cur, rows, locks, matcher, server.database)
+        chains = _chains(conn, config, server, {row.pid for row in rows if row.granted and row.pid is not None})
     names = {(r.database, r.tag): r for r in locks if r.tag is not None}
     reader = PoolerReader(config)
     try:
@@ -85,11 +91,34 @@ def read_locks(config: Config) -> list[LockRow]:
             oid = presets.pg_repack_table_oid(keys.decode_tag(tag).second)  # type: ignore[union-attr]
             detail = tables.get((row.datname, oid), f"table oid {oid}")
         who = who_holds(row, view)
+        chain = chains.get(row.pid) if row.granted else None
         result.append(LockRow(name, source, row.datname or "", key, family, _MODES.get(row.mode, row.mode), row.granted,
                               row.pid, who.application_name, who.usename, who.client_addr, row.state or "",
                               row.held_at_least, row.waiting, list(row.blocked_by or []), who.pooler,
-                              row.granted and who.stranded, detail))
+                              row.granted and who.stranded, detail, chain.describe() if chain else "",
+                              _chain_json(chain) if chain else None))
     return result
+
+
+def _chains(conn: psycopg.Connection, config: Config, server: Any, holders: set[int]) -> dict[int, Chain]:
+    """The chain of every holder of an advisory lock that waits itself, by its pid."""
+    with conn.cursor(row_factory=namedtuple_row) as cur:
+        waiting = cur.execute(queries.waiting_now_query(server.version_num)).fetchall()
+    blocked = tuple(sorted(OwnWait(w.pid, w.datname, w.locktype, w.mode, w.relation, w.key,
+                                   w.objsubid if w.locktype == "advisory" else None, round(w.wait_seconds, 3))
+                           for w in waiting if w.pid in holders))
+    if not blocked:
+        return {}
+    tables = {w.relation for w in blocked if w.relation is not None and w.database == server.database}
+    names = RelationNames().names(conn, config.poll_interval, tables)
+    found = read_chains(conn, config.poll_interval, blocked, frozenset(w.pid for w in waiting), config.show_queries,
+                        server.database, names)
+    return {chain.wait.pid: chain for chain in found}
+
+
+def _chain_json(chain: Chain) -> dict[str, Any]:
+    return {"waits_for": chain.waits_for, "mode": chain.wait.mode, "wait_seconds": chain.wait.wait_seconds,
+            "blockers": [b._asdict() for b in chain.blockers], "roots": [b.pid for b in chain.roots]}
 
 
 # pg_repack's keys, named by its preset or by a configured family on its namespace (with a max_hold).
@@ -152,6 +181,8 @@ def format_table(rows: list[LockRow]) -> str:
             lines.append(_fit(f"         via pooler {r.pooler} (the client shown is the one it serves now)", WIDTH))
         if r.blocked_by:
             lines.append(_fit(f"         blocked by pid {', '.join(map(str, r.blocked_by))}", WIDTH))
+        if r.waits:
+            lines += [f"         {line}" for line in textwrap.wrap("which " + r.waits, WIDTH - 9)]
     held = sum(r.granted for r in rows)
     lines.append(f"{held} held, {len(rows) - held} waiting")
     return "\n".join(lines) + "\n"

@@ -24,6 +24,8 @@ _MAX_HOLD = operator.attrgetter("max_hold")
 _HOLDER_INFO = operator.attrgetter("info_holders", "source")
 _KEYS_HELD = operator.attrgetter("keys_held")
 _POOLED = operator.attrgetter("pooled_session_holders")
+_BLOCKED = operator.attrgetter("blocked_holders")
+_BLOCKED_WAIT = operator.attrgetter("blocked_holder_wait_seconds")
 
 
 def _pid(h: Holder) -> str:
@@ -60,6 +62,12 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
                         tuple(map(_WAIT_SECONDS, locks)))
     yield texts.samples("acquisitions_total", "counter", "New holders observed since the exporter started.",
                         tuple(map(_ACQUISITIONS, locks)))
+    yield texts.samples("blocked_holders", "gauge",
+                        "Holders of the lock that wait themselves for another lock now (of any type: a table, a "
+                        "transaction, another advisory lock).", tuple(map(_BLOCKED, locks)))
+    yield texts.samples("blocked_holder_wait_seconds", "gauge",
+                        "The longest current wait of a holder of the lock for another lock; 0 when none.",
+                        tuple(map(_BLOCKED_WAIT, locks)))
     info = f"{PREFIX}_holder_info"
     yield texts.lines(
         "holder_info", "gauge",
@@ -86,6 +94,16 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
 
 def _unnamed_text(snapshot: Snapshot) -> Iterator[str]:
     pairs = [(u, labels(database=u.database)) for u in snapshot.unnamed]
+    yield from family(
+        f"{PREFIX}_unnamed_blocked_holders", "gauge",
+        "Holders of keys nobody named that wait themselves for another lock now.",
+        (("", i, u.blocked_holders) for u, i in pairs),
+    )
+    yield from family(
+        f"{PREFIX}_unnamed_blocked_holder_wait_seconds", "gauge",
+        "The longest current wait of a holder of a key nobody named for another lock; 0 when none.",
+        (("", i, u.blocked_holder_wait_seconds) for u, i in pairs),
+    )
     yield from family(
         f"{PREFIX}_unnamed_holders", "gauge",
         "Advisory locks held on keys no configured lock, family or preset names (one per session, key and mode).",

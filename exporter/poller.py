@@ -21,13 +21,14 @@ from .deadline import OneAtATime, StuckCall
 from .connection import connect, local_timeouts, proven_direct, result_rows
 from .dsn import error_line, reconnect_delay, server_name
 from .logs import LoopErrors
-from .assemble import Assembler, Caps
+from .assemble import Assembled, Assembler, Caps
+from .chains import read_chains, waits_for
 from .matching import KeyMatcher
 from .naming import ResolvedLock, find_collisions
 from .resolve import resolve_on_server
 from .poolers import PoolerReader
 from .relations import RelationNames
-from .snapshot import ConsoleStatus, KeyCollision, LockState, PollStats, Snapshot, UnnamedLocks
+from .snapshot import Chain, ConsoleStatus, KeyCollision, PollStats, Snapshot
 from .tracker import HoldTracker
 
 log = logging.getLogger(__name__)
@@ -219,9 +220,7 @@ class Poller:
         finally:
             self._turn.release()
 
-    def _build(
-        self, rows: list[Any], now: float,
-    ) -> tuple[tuple[LockState, ...], tuple[UnnamedLocks, ...], tuple[ConsoleStatus, ...]]:
+    def _build(self, rows: list[Any], now: float) -> tuple[Assembled, tuple[ConsoleStatus, ...]]:
         config = self._config
         # The consoles right after pg_locks, so both describe the same moment as nearly as can be.
         view = self._poolers.read(self.server.port_setting if self.server else None) \
@@ -234,7 +233,24 @@ class Poller:
         if result.holder_info_dropped:
             with self._stats_lock:
                 self._holder_info_dropped += result.holder_info_dropped
-        return result.locks, result.unnamed, view.consoles if view is not None else ()
+        return result, view.consoles if view is not None else ()
+
+    def _explain(self, result: Assembled) -> tuple[dict[tuple[str, str], str], tuple[Chain, ...]]:
+        """What the figures alone do not say: the tables pg_repack keys stand for, and for each
+        holder that waits itself, for what and who blocks it (a second statement, only then)."""
+        conn, server = self._conn, self.server
+        if conn is None or server is None:
+            return {}, ()
+        tables = {w.relation for w in result.blocked if w.relation is not None and w.database == server.database}
+        notes, names = self._relations.notes(conn, server.database, self._config.poll_interval, result.locks, tables)
+        if not result.blocked:
+            return notes, ()
+        try:
+            return notes, read_chains(conn, self._config.poll_interval, result.blocked, result.waiting_pids,
+                                      self._config.show_queries, server.database, names)
+        except psycopg.Error as exc:  # the blocked figures stand without who blocks them
+            log.debug("who blocks the waiting holders not read: %s", error_line(exc, self._config.dsn))
+            return notes, tuple(Chain(wait, waits_for(wait, server.database, names), ()) for wait in result.blocked)
 
     def _stats(self) -> PollStats:
         cumulative, total = [], 0
@@ -266,9 +282,8 @@ class Poller:
             rows = self._read()
             now = self._clock()
             with _no_cyclic_gc():
-                locks, unnamed, consoles = self._build(rows, now)
-            notes = self._relations.notes(self._conn, self.server.database, self._config.poll_interval, locks) \
-                if self._conn is not None and self.server is not None else {}
+                result, consoles = self._build(rows, now)
+            notes, chains = self._explain(result)
         except (psycopg.Error, PollTurnTaken) as exc:
             stats = self._record(self._clock() - started, failed=True)
             self._fail(error_line(exc, self._config.dsn))
@@ -284,8 +299,8 @@ class Poller:
         if self._last_error is not None:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
-        return Snapshot(up=True, locks=locks, unnamed=unnamed, collisions=self._collisions, stats=stats,
-                        consoles=consoles, taken_at=now, key_notes=notes)
+        return Snapshot(up=True, locks=result.locks, unnamed=result.unnamed, collisions=self._collisions, stats=stats,
+                        consoles=consoles, taken_at=now, key_notes=notes, chains=chains)
 
     def _restart(self) -> None:
         """After an unexpected error: a new connection and assembler (its memory of the last poll

@@ -53,6 +53,12 @@ FROM unnest(%(texts)s::text[]) AS t
 # ids, names each prepared holder (its gid, owner and since when) without a second scan.
 # A prepared transaction is its own holder, known by its transaction id.
 #
+# The same scan takes every waiting row of any lock type (a backend waits for one lock at a time,
+# so a waiting group is one row, and the three FILTERed aggregates read only those rows): a holder
+# of an advisory lock that itself waits (for a table a report reads, for another advisory lock) is
+# a blocked holder, and the poll says for what, in which mode, since when. Who blocks it is asked
+# by a second statement only when some holder waits (CHAIN).
+#
 # Through a transaction-mode pooler the backend this poll runs on may hold someone else's session
 # lock (our own connections never hold one while a poll runs: the probe waits its turn). Such a
 # lock is session-level by proof (its backend is inside our transaction), so its row says idle,
@@ -63,21 +69,24 @@ WITH held AS MATERIALIZED (
            CASE WHEN l.pid IS NULL THEN l.virtualtransaction END AS vxact,
            l.objsubid, l.granted, l.mode = 'ShareLock' AS shared,
            array_agg(coalesce((l.classid::int8 << 32) | l.objid::int8, l.transactionid::text::int8)) AS keys,
-           min({waitstart}) AS waitstart
+           min({waitstart}) AS waitstart,
+           min(l.locktype) FILTER (WHERE NOT l.granted) AS wait_locktype,
+           min(l.mode) FILTER (WHERE NOT l.granted) AS wait_mode,
+           min(l.relation) FILTER (WHERE NOT l.granted) AS wait_relation
     FROM pg_locks AS l
-    WHERE l.locktype = 'advisory' OR (l.pid IS NULL AND l.locktype = 'transactionid')
+    WHERE l.locktype = 'advisory' OR NOT l.granted OR (l.pid IS NULL AND l.locktype = 'transactionid')
     GROUP BY 1, 2, 3, 4, 5, 6, 7
 ), prepared AS (
     SELECT h.vxact, p.transaction::text::int8 AS xid, p.gid, p.owner::text AS owner, p.prepared
     FROM held AS h JOIN pg_prepared_xacts AS p ON p.transaction::text::int8 = h.keys[1]
-    WHERE NOT h.advisory
+    WHERE NOT h.advisory AND h.pid IS NULL
 )
 SELECT {columns}
 FROM held AS h
 LEFT JOIN prepared AS px ON h.pid IS NULL AND px.vxact = h.vxact
 LEFT JOIN pg_stat_activity AS a ON a.pid = h.pid
 LEFT JOIN pg_database AS d ON d.oid = h.database
-WHERE h.advisory
+WHERE h.advisory OR NOT h.granted
 """
 
 # The poll's columns, declared once: (name, type, expression). Code and tests read them by name
@@ -92,7 +101,10 @@ POLL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("objsubid", "int4", "h.objsubid::int"),
     ("granted", "bool", "h.granted"),
     ("shared", "bool", "h.shared"),
-    ("keys", "int8[]", "h.keys"),
+    ("keys", "int8[]", "h.keys"),  # a transactionid wait: the transaction waited for
+    ("locktype", "text", "CASE WHEN h.advisory THEN 'advisory' ELSE h.wait_locktype END"),  # advisory, or what a waiter waits for
+    ("wait_mode", "text", "h.wait_mode"),  # the mode a waiter asks for
+    ("wait_relation", "int8", "h.wait_relation::int8"),  # the table a relation (or tuple, page) waiter waits for
     ("backend_start", "float8", "extract(epoch FROM a.backend_start)::float8"),
     ("application_name", "text", "CASE WHEN h.pid IS NULL THEN px.gid ELSE a.application_name END"),
     ("usename", "text", "CASE WHEN h.pid IS NULL THEN px.owner ELSE a.usename::text END"),
@@ -220,10 +232,54 @@ LOCKS_NOW_PG13 = _LOCKS_NOW_TEMPLATE.format(waitstart="NULL::timestamptz")
 def locks_now_query(server_version_num: int) -> str:
     return LOCKS_NOW if server_version_num >= WAITSTART_MIN_VERSION else LOCKS_NOW_PG13
 
-# The `locks` command names the table a pg_repack key stands for: a catalog lookup, so only in the
-# database the dsn connects to. An oid dropped meanwhile has no row.
+# The tables keys stand for (pg_repack's) and holders wait for, schema and all: a catalog lookup,
+# so only in the database the dsn connects to. An oid dropped meanwhile has no row.
 RELATION_NAMES = """
-SELECT c.oid::int8 AS oid, c.oid::regclass::text AS relation
+SELECT c.oid::int8 AS oid, format('%%I.%%I', n.nspname, c.relname) AS relation
 FROM pg_class AS c
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE c.oid = ANY(%(oids)s::oid[])
 """
+
+# Who blocks each holder that waits itself, down to the root: pg_blocking_pids() of those holders,
+# then of each blocker that waits too (the poll knows who waits: no call for a session that does
+# not). A prepared transaction blocks as pid 0: its gid comes from pg_prepared_xacts. Only run in a
+# poll where some holder waits, so the common poll stays one statement.
+CHAIN = """
+WITH RECURSIVE chain(blocks, blocker, depth) AS (
+    SELECT w.pid, b.pid, 1
+    FROM unnest(%(pids)s::int[]) AS w(pid), unnest(pg_blocking_pids(w.pid)) AS b(pid)
+  UNION
+    SELECT c.blocker, b.pid, c.depth + 1
+    FROM chain AS c, unnest(pg_blocking_pids(c.blocker)) AS b(pid)
+    WHERE c.depth < 8 AND c.blocker = ANY(%(waiting)s::int[])
+)
+SELECT c.blocks, c.blocker, c.depth, coalesce(a.application_name, '') AS application_name,
+       coalesce(a.usename::text, '') AS usename, coalesce(host(a.client_addr), '') AS client_addr,
+       coalesce(a.state, '') AS state, extract(epoch FROM now() - a.state_change)::float8 AS state_seconds,
+       c.blocker = ANY(%(waiting)s::int[]) AS waiting,
+       CASE WHEN %(show_queries)s THEN left(a.query, 200) END AS query,
+       CASE WHEN c.blocker = 0
+            THEN (SELECT string_agg(quote_literal(gid), ', ' ORDER BY prepared) FROM pg_prepared_xacts) END AS prepared
+FROM chain AS c
+LEFT JOIN pg_stat_activity AS a ON a.pid = c.blocker
+ORDER BY c.blocks, c.depth, c.blocker
+"""
+
+# The `locks` command: every session that waits now, for a lock of any type, and for what (its
+# holders of advisory locks that wait themselves get their chain from CHAIN). A second read of
+# pg_locks, in a command a person runs, not in a poll.
+_WAITING_NOW_TEMPLATE = """
+SELECT l.pid, coalesce(d.datname, '') AS datname, l.locktype, l.mode, l.relation::int8 AS relation,
+       coalesce(l.transactionid::text::int8, (l.classid::int8 << 32) | l.objid::int8) AS key, l.objsubid::int AS objsubid,
+       greatest(extract(epoch FROM now() - coalesce({waitstart}, a.query_start))::float8, 0) AS wait_seconds
+FROM pg_locks AS l
+LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+LEFT JOIN pg_database AS d ON d.oid = l.database
+WHERE NOT l.granted AND l.pid IS NOT NULL
+"""
+
+
+def waiting_now_query(server_version_num: int) -> str:
+    waitstart = "l.waitstart" if server_version_num >= WAITSTART_MIN_VERSION else "NULL::timestamptz"
+    return _WAITING_NOW_TEMPLATE.format(waitstart=waitstart)

@@ -35,20 +35,16 @@ def repacked_oids(locks: Iterable[LockState]) -> dict[tuple[str, str], int]:
 
 
 class RelationNames:
-    """Table names by oid in the connection's database, remembered while their keys are held."""
+    """Table names by oid in the connection's database, remembered while something shows them
+    (a held pg_repack key, a holder waiting for a table); looked up once per new oid."""
 
     def __init__(self) -> None:
         self._names: dict[int, str] = {}
 
-    def notes(self, conn: psycopg.Connection, database: str, timeout: float,
-              locks: Iterable[LockState]) -> dict[tuple[str, str], str]:
-        """(database, key label) -> 'table public.orders' (or 'table oid 16384' elsewhere)."""
-        oids = repacked_oids(locks)
-        if not oids:
-            self._names.clear()
-            return {}
-        here = {oid for (db, _), oid in oids.items() if db == database}
-        missing = sorted(here - self._names.keys())
+    def names(self, conn: psycopg.Connection, timeout: float, oids: Iterable[int]) -> dict[int, str]:
+        """oid -> name for those of oids the connection's database has; the others are forgotten."""
+        wanted = set(oids)
+        missing = sorted(wanted - self._names.keys())
         if missing:
             try:
                 with local_timeouts(conn, timeout), conn.cursor(row_factory=namedtuple_row) as cur:
@@ -56,5 +52,14 @@ class RelationNames:
                 self._names.update((row.oid, row.relation) for row in rows)
             except psycopg.Error as exc:  # a name is a nicety: the figures stand without it
                 log.debug("table names not read: %s", exc)
-        self._names = {oid: name for oid, name in self._names.items() if oid in here}
-        return {slot: f"table {self._names.get(oid) or f'oid {oid}'}" for slot, oid in oids.items()}
+        self._names = {oid: name for oid, name in self._names.items() if oid in wanted}
+        return dict(self._names)
+
+    def notes(self, conn: psycopg.Connection, database: str, timeout: float,
+              locks: Iterable[LockState], also: Iterable[int] = ()) -> tuple[dict[tuple[str, str], str], dict[int, str]]:
+        """(database, key label) -> 'table public.orders' (or 'table oid 16384' elsewhere), and the
+        names of also (other oids of the connection's database to name)."""
+        oids = repacked_oids(locks)
+        here = {oid for (db, _), oid in oids.items() if db == database}
+        names = self.names(conn, timeout, here | set(also)) if here or also else self.names(conn, timeout, ())
+        return {slot: f"table {names.get(oid) or f'oid {oid}'}" for slot, oid in oids.items()}, names

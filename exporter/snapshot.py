@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .ages import age
+
 _HELD_SINCE = operator.attrgetter("held_since")
 MODE_EXCLUSIVE = "exclusive"
 MODE_SHARED = "shared"
@@ -71,6 +73,10 @@ class LockState(NamedTuple):
     # Holds proven session-level (the backend is outside a transaction) on a server connection of
     # a transaction- or statement-mode pool; None when no pooler is configured.
     pooled_session_holders: int | None = None
+    # Holders (sessions) of the lock that wait themselves for another lock now, of any type, and
+    # the longest such wait: a migration holding its lock while it waits for a table.
+    blocked_holders: int = 0
+    blocked_holder_wait_seconds: float = 0.0
 
     def holders_in(self, mode: str) -> int:
         return self.exclusive if mode == MODE_EXCLUSIVE else self.shared
@@ -92,6 +98,72 @@ class UnnamedLocks:
     info_holders: tuple[Holder, ...] = ()  # the oldest holds, within max_unnamed_holder_info
     max_hold: float | None = None
     pooled_session_holders: int | None = None  # as LockState's
+    blocked_holders: int = 0  # as LockState's
+    blocked_holder_wait_seconds: float = 0.0
+
+
+class OwnWait(NamedTuple):
+    """What a holder of an advisory lock waits for itself, as the poll saw it."""
+
+    pid: int
+    database: str  # "" for a wait that belongs to no database (a transaction id)
+    locktype: str  # relation, transactionid, tuple, advisory, ...
+    mode: str  # the mode asked for: AccessExclusiveLock, ShareLock...
+    relation: int | None  # the table's oid, for relation, tuple and page waits
+    key: int | None  # the transaction id of a transactionid wait, the key of an advisory one
+    objsubid: int | None  # the form of an advisory key
+    wait_seconds: float
+
+
+class Blocker(NamedTuple):
+    """A session that blocks a waiting holder, or blocks its blocker, to the root of the chain."""
+
+    pid: int  # 0: a prepared transaction (pg_blocking_pids says so; prepared names them)
+    depth: int  # 1: blocks the holder; 2: blocks a blocker of depth 1; ...
+    blocks: int  # the pid it blocks
+    application_name: str
+    usename: str
+    client_addr: str
+    state: str
+    state_seconds: float | None  # for how long it has been in that state
+    waiting: bool  # waits itself for a lock: not the root
+    query: str = ""  # its query, cut to 200 characters, only with show_queries
+    prepared: str = ""  # for pid 0: the gids of the prepared transactions
+
+    def describe(self) -> str:
+        """'pid 9 (report-runner, app@10.0.0.7, active 2h03m)', or a prepared transaction's gids."""
+        if self.pid == 0:
+            return f"a prepared transaction ({self.prepared or 'gid unknown'}: COMMIT or ROLLBACK PREPARED ends it)"
+        who = self.usename + (f"@{self.client_addr}" if self.client_addr else "")
+        since = f" {age(self.state_seconds)}" if self.state_seconds is not None else ""
+        query = f', running "{self.query}"' if self.query else ""
+        return f"pid {self.pid} ({self.application_name or '-'}, {who or '?'}, {self.state or 'state hidden'}{since}{query})"
+
+
+class Chain(NamedTuple):
+    """A holder of an advisory lock that waits for another lock: for what, and who blocks it, down
+    to the root blocker (who waits for nothing)."""
+
+    wait: OwnWait
+    waits_for: str  # 'relation public.users', 'transaction 1234', 'advisory lock 42,7 in app'
+    blockers: tuple[Blocker, ...]
+
+    @property
+    def roots(self) -> tuple[Blocker, ...]:
+        return tuple(b for b in self.blockers if not b.waiting)
+
+    def describe(self) -> str:
+        """'waits for relation public.users (AccessExclusiveLock) for 38m02s, blocked by pid 9
+        (report-runner, app@10.0.0.7, active 2h03m)', each level of blockers after the last."""
+        text = f"waits for {self.waits_for} ({self.wait.mode}) for {age(self.wait.wait_seconds)}"
+        depth = 0
+        for blocker in self.blockers:
+            joiner = ", blocked by " if blocker.depth != depth else " and "
+            if blocker.depth != depth and depth:
+                joiner = ", which is blocked by "
+            depth = blocker.depth
+            text += joiner + blocker.describe()
+        return text if self.blockers else text + ", blocked by nobody the server names (it may have just ended)"
 
 
 @dataclass(frozen=True)
@@ -165,6 +237,11 @@ class Snapshot:
     taken_at: float = 0.0  # the poller's monotonic clock when the rows were read
     # What a held key stands for, where the exporter knows: (database, key label) -> 'table public.orders'.
     key_notes: dict[tuple[str, str], str] = field(default_factory=dict)
+    chains: tuple[Chain, ...] = ()  # the holders that wait themselves, and who blocks them
+
+    def chain_of(self, pid: int | None) -> Chain | None:
+        """The chain of a holder that waits, if it does."""
+        return next((chain for chain in self.chains if chain.wait.pid == pid), None) if self.chains else None
 
     def held_seconds(self, held: Holder | LockState | UnnamedLocks) -> float:
         """How long a holder, or the oldest holder of a lock, has held it at least, as of this poll

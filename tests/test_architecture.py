@@ -16,12 +16,12 @@ from exporter.config import parse_config
 from exporter.matching import KeyMatcher
 from exporter.naming import resolve_locks
 from exporter.tracker import HoldTracker
-from tests.test_assemble import Row
+from tests.test_assemble import row
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 PURE = {"ages", "assemble", "config", "dsn", "figures", "format", "holders", "keys", "logs", "matching", "metrics",
         "naming", "pieces", "pooled", "presets", "queries", "snapshot", "tracker"}
-TALKS = {"cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations",
+TALKS = {"chains", "cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations",
          "resolve", "server", "webconfig", "deadline"}
 OUTSIDE = {"socket", "threading", "http", "urllib", "ssl", "subprocess"}  # and no psycopg.connect (dsn parses with psycopg)
 
@@ -77,8 +77,9 @@ def test_a_broken_memory_of_the_last_poll_is_caught() -> None:
     config = parse_config({"dsn": "host=x dbname=postgres", "locks": [{"name": "five", "key": 5}]}, "t")
     locks = resolve_locks(config, "postgres", {}, ())
     assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
-    row = Row("postgres", 7, None, 1, True, False, [5, 6], 1.0, "app", "u", "10.0.0.1", 5007, "idle", True, None, 3.0)
-    assembler.run([row], 100.0, Caps(10, 10, 10))
+    held = row(datname="postgres", pid=7, objsubid=1, granted=True, shared=False, keys=[5, 6], backend_start=1.0,
+               application_name="app", usename="u", state="idle", outside_transaction=True, idle_seconds=3.0)
+    assembler.run([held], 100.0, Caps(10, 10, 10))
     assembler.check()  # as it is: true
     assembler._holding[0] = set()  # noqa: SLF001 - as a bug would leave it
     with pytest.raises(InvariantBroken, match="_holding"):

@@ -19,6 +19,11 @@ CAPS = Caps(per_lock=3, total=40, unnamed_per_database=4)
 Row = namedtuple("Row", queries.POLL_COLUMN_NAMES)  # the poll's columns, by the names queries.py declares
 
 
+def row(**columns) -> Row:
+    """A poll row, its columns by name (an advisory one unless locktype says otherwise)."""
+    return Row(**{**dict.fromkeys(queries.POLL_COLUMN_NAMES), "locktype": "advisory", **columns})
+
+
 def ids(name: str) -> dict[str, str]:
     return {"lock": name, "database": "postgres"}
 
@@ -99,15 +104,25 @@ def _rows_of(rng: random.Random, holder: _Holder, now: float) -> list[Row]:
     for (database, objsubid, shared), keys in groups.items():
         rng.shuffle(keys)  # the server promises no order inside array_agg
         if holder.pid is None:  # a prepared transaction: no session, its gid and owner
-            rows.append(Row(database, None, holder.xid, objsubid, True, shared, keys, None, f"gid-{holder.xid}", "u",
-                            None, None, "prepared", None, None, now - holder.changed_at + latency))
+            rows.append(row(datname=database, prepared_xid=holder.xid, objsubid=objsubid, granted=True, shared=shared,
+                            keys=keys, application_name=f"gid-{holder.xid}", usename="u", state="prepared",
+                            idle_seconds=now - holder.changed_at + latency))
             continue
         idle = now - holder.changed_at + latency if holder.state.startswith("idle") else None
-        rows.append(Row(database, holder.pid, None, objsubid, True, shared, keys, holder.start, holder.app, "u",
-                        holder.client, 5000 + holder.pid, holder.state, holder.state == "idle", None, idle))
-    if holder.pid is not None and rng.random() < 0.2:
-        rows.append(Row("postgres", holder.pid, None, 1, False, False, [rng.choice([5, 1000])], holder.start, holder.app,
-                        "u", holder.client, 5000 + holder.pid, "active", False, rng.choice([0.5, 2.0]), None))
+        rows.append(row(datname=database, pid=holder.pid, objsubid=objsubid, granted=True, shared=shared, keys=keys,
+                        backend_start=holder.start, application_name=holder.app, usename="u", client_addr=holder.client,
+                        client_port=5000 + holder.pid, state=holder.state, outside_transaction=holder.state == "idle",
+                        idle_seconds=idle))
+    if holder.pid is not None:  # it waits (a backend waits for one lock at a time): for an advisory key or a table
+        who = dict(pid=holder.pid, backend_start=holder.start, application_name=holder.app, usename="u",
+                   client_addr=holder.client, client_port=5000 + holder.pid, state="active", outside_transaction=False,
+                   granted=False, shared=False, wait_seconds=rng.choice([0.5, 2.0]))
+        roll = rng.random()
+        if roll < 0.15:
+            rows.append(row(datname="postgres", objsubid=1, keys=[rng.choice([5, 1000])], wait_mode="ExclusiveLock", **who))
+        elif roll < 0.25:
+            rows.append(row(datname=rng.choice(["postgres", None]), locktype=rng.choice(["relation", "transactionid"]),
+                            keys=[rng.choice([None, 731])], wait_mode="AccessExclusiveLock", wait_relation=16384, **who))
     return rows
 
 
@@ -160,6 +175,7 @@ def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives() ->
         {"name": "tenants", "key": {"namespace": 42}}, {"name": "low", "key": {"range": [1000, 1001]}},
     ]}, "test")
     locks = resolve_locks(config, "postgres", {}, ())  # integer keys and families: nothing to ask a server
+    shapes: set[str] = set()
     for seed in range(5):
         rng = random.Random(seed)
         remembering_tracker, scratch_tracker = HoldTracker(max_tracked=30), HoldTracker(max_tracked=30)
@@ -171,3 +187,22 @@ def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives() ->
             assert remembered == scratch, f"seed {seed}, poll {n}"
             assert (remembering_tracker.tracked, remembering_tracker.dropped) == \
                 (scratch_tracker.tracked, scratch_tracker.dropped)
+            shapes.update(_shapes(remembered, rows, view))
+    # The random polls really made every shape the assembler must agree on.
+    assert shapes >= {"prepared", "blocked holder", "blocked unnamed", "pooled", "stranded", "waiter", "family",
+                      "capped", "no backend_start", "both modes"}, shapes
+
+
+def _shapes(result, rows, view) -> set[str]:
+    found = {"prepared" for r in rows if r.pid is None} | {"no backend_start" for r in rows if r.backend_start is None
+                                                               and r.pid is not None}
+    found |= {"blocked holder" for lock in result.locks if lock.blocked_holders}
+    found |= {"blocked unnamed" for u in result.unnamed if u.blocked_holders}
+    found |= {"waiter" for lock in result.locks if lock.waiters}
+    found |= {"family" for lock in result.locks if lock.keys_held}
+    found |= {"capped" for lock in result.locks if len(lock.info_holders) < lock.holds}
+    found |= {"both modes" for lock in result.locks for h in lock.info_holders if len(h.modes) == 2}
+    if view is not None:
+        found.add("pooled")
+        found |= {"stranded" for lock in result.locks if lock.pooled_session_holders}
+    return found

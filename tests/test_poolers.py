@@ -502,3 +502,35 @@ def test_a_console_dsn_with_several_hosts_is_read_at_each(bouncers, make_poller)
     finally:
         with through(bouncer, "cleanup") as cleanup:
             cleanup.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_a_chain_through_a_transaction_pool(bouncers, make_poller, sessions, server) -> None:
+    """A client of a transaction pool holds an advisory lock inside its transaction and waits for a
+    table a direct reader holds: the holder is the pool's client, blocked, and the chain names the reader."""
+    bouncer = bouncers(pool_mode="transaction", pool_size=1)
+    sessions.open().execute("DROP TABLE IF EXISTS invoices; CREATE TABLE invoices (id int)")
+    reader = sessions.open(autocommit=False, application_name="report")
+    reader.execute("SELECT * FROM invoices")
+    client = through(bouncer, "billing-job")
+    client.execute("BEGIN")
+    backend = client.execute("SELECT pg_backend_pid() FROM (SELECT pg_advisory_xact_lock(42)) AS taken").fetchone()[0]
+    thread = threading.Thread(target=client.execute, args=("LOCK TABLE invoices",), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: _waits(server, backend))
+        snap = make_poller(pooled_config(bouncer)).poll_once()
+        assert value(snap, "pg_advisory_lock_blocked_holders", lock="answer", database="postgres") == 1
+        assert [(h["application_name"], h["pooler"]) for h in holder_info(snap)] == [("billing-job", "pgb")]
+        (chain,) = snap.chains
+        assert chain.waits_for == "relation public.invoices"
+        assert [(b.pid, b.application_name) for b in chain.roots] == [(reader.info.backend_pid, "report")]
+    finally:
+        reader.rollback()
+        thread.join(10)
+        client.execute("ROLLBACK")
+        client.close()
+
+
+def _waits(server, pid: int) -> bool:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        return bool(conn.execute("SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", [pid]).fetchone())

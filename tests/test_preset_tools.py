@@ -200,15 +200,15 @@ def test_pg_repack_names_the_table(make_poller, server, own_database, tmp_path: 
             # The landing page, from a poller connected to that database, names the table too.
             here = make_poller({"dsn": server.dsn(database), "presets": ["pg_repack"]}).poll_once()
             key = f"16185446,{oid - 2**31}"
-            assert here.key_notes == {(database, key): "table orders"}
-            assert "&mdash; table orders" in landing.render(here, (), ReloadStatus(), "/metrics").decode()
+            assert here.key_notes == {(database, key): "table public.orders"}
+            assert "&mdash; table public.orders" in landing.render(here, (), ReloadStatus(), "/metrics").decode()
             # From another database the catalog is out of reach: the oid.
             assert snap.key_notes == {(database, key): f"table oid {oid}"}
             # The locks command, connected to that database, names the table.
             config = parse_config({"dsn": server.dsn(database), "presets": ["pg_repack"]}, "t")
             (row,) = [r for r in read_locks(config) if r.source == "preset"]
-            assert (row.name, row.detail, row.key) == ("pg_repack:table", "orders", f"(16185446, {oid - 2**31})")
-            assert "pg_repack:table orders  [(16185446, " in format_table([row])
+            assert (row.name, row.detail, row.key) == ("pg_repack:table", "public.orders", f"(16185446, {oid - 2**31})")
+            assert "pg_repack:table public.orders  [(16185446, " in format_table([row])
             # From another database the catalog is out of reach: the oid is shown.
             config = parse_config({"dsn": server.dsn(), "presets": ["pg_repack"]}, "t")
             (row,) = [r for r in read_locks(config) if r.source == "preset"]
