@@ -86,6 +86,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
                 {"name": "ghost", "key": 6666, "database": "not_yet_db", "probe": {"expect": "any"}},
                 {"name": "tenants", "key": {"namespace": 77}, "max_hold": "1h"},
                 {"name": "migrations", "key": 777},
+                {"name": "deploy", "key": 8888},
             ],
         }
         (tmp_path / "main").mkdir()
@@ -104,6 +105,17 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         waiter = sessions.open(application_name="shard-7-waiter")
         waiting = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(42, 7)"), daemon=True)
         waiting.start()
+        # A deploy's migration holds its lock and waits for a table a report reads; a pod waits for the lock.
+        sessions.open().execute("DROP TABLE IF EXISTS e2e_users; CREATE TABLE e2e_users (id int)")
+        report = sessions.open(autocommit=False, application_name="report-runner")
+        report.execute("SELECT * FROM e2e_users")
+        deploy = sessions.open(autocommit=False, application_name="migrate")
+        deploy.execute("SELECT pg_advisory_lock(8888)")
+        pod = sessions.open(application_name="pod-2")
+        blocked = [threading.Thread(target=deploy.execute, args=("LOCK TABLE e2e_users",), daemon=True),
+                   threading.Thread(target=pod.execute, args=("SELECT pg_advisory_lock(8888)",), daemon=True)]
+        for thread in blocked:
+            thread.start()
         with psycopg.connect(bouncer.dsn(application_name="migrator"), autocommit=True, prepare_threshold=None) as migrator:
             migrator.execute("SELECT pg_advisory_lock(777)")  # stranded on the pool's only server connection
 
@@ -155,7 +167,9 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         assert stranded["labels"]["lock"] == "migrations" and "pooler pgb" in stranded["annotations"]["description"]
         assert "free: nobody holds it" in alerts["PgAdvisoryLockProbeExpectationFailed"][0]["annotations"]["description"]
         assert alerts["PgAdvisoryLockProbeErrors"][0]["labels"]["lock"] == "ghost"
-        assert alerts["PgAdvisoryLockWaitersPilingUp"][0]["labels"]["lock"] == "shard-7"
+        assert alerts["PgAdvisoryLockWaitersPilingUp"][0]["labels"]["lock"] in ("shard-7", "deploy")
+        blocked_alert = alerts["PgAdvisoryLockHolderBlocked"][0]
+        assert blocked_alert["labels"]["lock"] == "deploy" and "migrate" in blocked_alert["annotations"]["description"]
 
         # Every dashboard panel answers while the situations are on.
         empty = []
@@ -167,6 +181,13 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
 
         # Each situation ends, and its alert resolves.
         holder.execute("SELECT pg_advisory_unlock_all()")  # leader, unnamed; the waiter gets shard-7 and goes on
+        report.rollback()  # the migration gets its table and lets go; the pod gets the lock and lets go
+        blocked[0].join(10)
+        deploy.rollback()
+        deploy.execute("SELECT pg_advisory_unlock_all()")
+        deploy.commit()
+        blocked[1].join(10)
+        pod.execute("SELECT pg_advisory_unlock_all()")
         waiting.join(10)
         waiter.execute("SELECT pg_advisory_unlock_all()")
         sessions.open(application_name="leader").execute("SELECT pg_advisory_lock(5555)")  # now held, as expected
