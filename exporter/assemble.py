@@ -16,7 +16,7 @@ import math
 import operator
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import queries
@@ -24,7 +24,7 @@ from .figures import EMPTY, Figures, oldest_holders
 from .holders import Who, by_pid_and_key, by_pid_key_and_mode, session_id, who_holds
 from .matching import KeyMatcher
 from .naming import SOURCE_PRESET, ResolvedLock
-from .pooled import EMPTY_VIEW, PoolerView
+from .pooled import EMPTY_VIEW, PoolerView, Release
 from .snapshot import Holder, LockState, OwnWait, UnnamedLocks
 from .tracker import HoldTracker, SessionId
 
@@ -65,6 +65,9 @@ class Assembled:
     seen_presets: frozenset[tuple[str, str]]
     blocked: tuple[OwnWait, ...] = ()  # the holders that wait themselves, and for what
     waiting_pids: frozenset[int] = frozenset()  # every session that waits for a lock of any type
+    # When the pooler frees each stranded session lock by itself: per tally the soonest, per backend its own.
+    releases: dict[Tally, Release] = field(default_factory=dict)
+    backend_releases: dict[int, Release] = field(default_factory=dict)
 
 
 # A poll row's columns that stay the same while nothing about the row changed (every one but
@@ -100,6 +103,7 @@ class _Session:
     who: Who
     parts: dict[Tally, Figures]
     latest_start: float  # the latest start among its holds: a proof earlier than this moves some start
+    backend: tuple[Any, Any, Any]  # (pid, client_port, client_addr): how a pooler's console knows it
 
 
 def _proven_start(row: Any, now: float) -> float:
@@ -204,7 +208,8 @@ class Assembler:
         blocked, blocked_waits = self._blocked(own_waits)
         assembled = self._states(caps, waits, blocked, seen_presets, unnamed_max_hold, pooled)
         assembled = replace(assembled, blocked=blocked_waits,
-                            waiting_pids=frozenset(row.pid for row in own_waits.values() if row.pid is not None))
+                            waiting_pids=frozenset(row.pid for row in own_waits.values() if row.pid is not None),
+                            **(self._releases(view) if view is not None else {}))
         if self._check:
             self.check()
         return assembled
@@ -227,6 +232,24 @@ class Assembler:
                                  row.keys[0] if row.keys else None, row.objsubid if advisory else None,
                                  round(row.wait_seconds or 0.0, 3)))
         return blocked, tuple(sorted(found))
+
+    def _releases(self, view: PoolerView) -> dict[str, Any]:
+        """When the pooler frees each stranded session lock by itself: the stranded sessions' server
+        connections, as its console read them in this poll (few; never remembered)."""
+        by_tally: dict[Tally, Release] = {}
+        by_backend: dict[int, Release] = {}
+        for tally, total in self._totals.items():
+            if not total.stranded:
+                continue
+            for sid in self._holding[tally]:
+                session = self._sessions[sid]
+                link = view.lookup(*session.backend) if session.who.stranded else None
+                if link is None or link.release is None:
+                    continue
+                by_backend[link.release.backend] = link.release
+                if tally not in by_tally or link.release.seconds < by_tally[tally].seconds:
+                    by_tally[tally] = link.release
+        return {"releases": by_tally, "backend_releases": by_backend}
 
     def _count_wait(self, row: Any, waits: dict[Tally, list[float]]) -> None:
         for index, group in self._matcher.partition(row.datname, row.objsubid, row.keys).items():
@@ -296,7 +319,9 @@ class Assembler:
                 if index is not None and self._is_family[index]:
                     figures.keys.update(group)
         # A hold the tracker had no room for gets a new start at each poll: never reuse such figures.
-        return _Session(stable if tracker.dropped == dropped else None, who, parts, latest)
+        first = session_rows[0]
+        return _Session(stable if tracker.dropped == dropped else None, who, parts, latest,
+                        (first.pid, first.client_port, first.client_addr))
 
     def _merge(self, changed: set[Tally]) -> None:
         """A new total for every tally whose holders changed (and no total for one held by nobody)."""

@@ -52,9 +52,13 @@ def _session_line(h: Holder, with_key: bool, mode: str, snapshot: Snapshot) -> s
         f"({h.state or 'state hidden'}), held {age(snapshot.held_seconds(h), at_least=True)}"
     )
     if h.stranded:
+        release = snapshot.backend_releases.get(h.pid) if h.pid is not None else None
+        frees = "" if release is None else (
+            f" It frees itself in about {age(release.seconds)}, when {escape(h.pooler)} closes server connection "
+            f"{release.backend} ({release.reason}), unless a client borrows it meanwhile.")
         return line + (f' <span class="bad">STRANDED: backend {h.pid} &rarr; pooler {escape(h.pooler)} &rarr; no client. '
                        "A session-level lock left on a transaction-pool connection: nobody owns it, and whoever "
-                       "borrows that connection next silently &ldquo;has&rdquo; it too.</span>")
+                       f"borrows that connection next silently &ldquo;has&rdquo; it too.{frees}</span>")
     if h.pooler:
         return line + f" (backend {h.pid} &rarr; pooler {escape(h.pooler)} &rarr; this client)"
     return line

@@ -144,6 +144,17 @@ def _unnamed_text(snapshot: Snapshot) -> Iterator[str]:
     )
 
 
+def _release_text(snapshot: Snapshot) -> Iterator[str]:
+    yield from family(
+        f"{PREFIX}_pooled_session_release_seconds", "gauge",
+        "For a lock stranded on a PgBouncer transaction-pool connection: the soonest PgBouncer closes such a "
+        "connection by itself while it stays unused (server_lifetime, server_idle_timeout), freeing the lock; a "
+        "lower bound, since a connection lent to a client is not closed.",
+        (("", labels(lock=name, database=database), release.seconds)
+         for (name, database), release in sorted(snapshot.releases.items())),
+    )
+
+
 def _pooler_text(snapshot: Snapshot) -> Iterator[str]:
     pairs = [(c, labels(pooler=c.pooler, address=c.address)) for c in snapshot.consoles]
     yield from family(f"{PREFIX}_pooler_up", "gauge", "1 if the last read of the pooler's console at this address worked.",
@@ -239,6 +250,7 @@ def render_parts(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = (), reloa
     if snapshot.up:
         parts.extend(_lock_text(snapshot, texts or FamilyTexts()))
         parts.extend(_pooler_text(snapshot))
+        parts.extend(_release_text(snapshot))
     if probes:
         parts.extend(_probe_text(probes))
     parts.extend(_exporter_text(snapshot, reload))

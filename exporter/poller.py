@@ -299,8 +299,10 @@ class Poller:
         if self._last_error is not None:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
+        releases = {self._locks[tally].key: release for tally, release in result.releases.items() if isinstance(tally, int)}
         return Snapshot(up=True, locks=result.locks, unnamed=result.unnamed, collisions=self._collisions, stats=stats,
-                        consoles=consoles, taken_at=now, key_notes=notes, chains=chains)
+                        consoles=consoles, taken_at=now, key_notes=notes, chains=chains, releases=releases,
+                        backend_releases=result.backend_releases)
 
     def _restart(self) -> None:
         """After an unexpected error: a new connection and assembler (its memory of the last poll

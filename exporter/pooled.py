@@ -20,12 +20,35 @@ class Client:
 
 
 @dataclass(frozen=True)
+class Release:
+    """When the pooler closes an unused server connection by itself, as of the console's read."""
+
+    seconds: float  # from the read on; a lower bound: a connection lent to a client is not closed
+    reason: str  # server_lifetime or server_idle_timeout
+    backend: int  # the server connection's backend pid
+
+
+def release_after(age: float, idle: float, lifetime: float, idle_timeout: float, min_pool_size: int) -> tuple[float, str]:
+    """Seconds until PgBouncer closes an unused server connection, by its own rules (janitor.c,
+    check_unused_servers): idle longer than server_idle_timeout (0 disables it; not while the pool
+    is at min_pool_size, which this does not count, so it is left out when min_pool_size is set),
+    or connected longer than server_lifetime (0: the connection is used once, then closed).
+    PgBouncer spaces lifetime closes in a pool (life_over), so this is the soonest, not the time."""
+    soonest = (max(lifetime - age, 0.0), "server_lifetime")
+    if idle_timeout > 0 and min_pool_size == 0:
+        soonest = min(soonest, (max(idle_timeout - idle, 0.0), "server_idle_timeout"))
+    return soonest
+
+
+@dataclass(frozen=True)
 class ServerLink:
-    """A server connection of a pooler: which pooler, in which pool mode, borrowed by whom now."""
+    """A server connection of a pooler: which pooler, in which pool mode, borrowed by whom now,
+    and when the pooler would close it, unused."""
 
     pooler: str
     pool_mode: str
     client: Client | None  # None: nobody borrows it now (or the console is not known)
+    release: Release | None = None  # None: not known (a pooler known by address only)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ name resolved again at every read. A console that cannot be read never fails the
 
 from __future__ import annotations
 
+import datetime
 import logging
 import socket
 import time
@@ -26,7 +27,7 @@ from .config import Config, PoolerConfig
 from .deadline import OneAtATime, StuckCall
 from .connection import resolve_host
 from .dsn import describe_hosts, dsn_endpoints, error_line, redact
-from .pooled import EMPTY_VIEW, Client, PoolerView, ServerLink
+from .pooled import EMPTY_VIEW, Client, PoolerView, Release, ServerLink, release_after
 from .snapshot import ConsoleStatus
 
 log = logging.getLogger(__name__)
@@ -98,23 +99,60 @@ class ConsoleLinks:
     unix: dict[tuple[int, int], ServerLink] = field(default_factory=dict)
 
 
-def _pool_modes(conn: psycopg.Connection) -> tuple[dict[tuple[Any, Any], str], str]:
+def _pool_modes(pools: list[dict[str, Any]], databases: dict[Any, dict[str, Any]],
+                settings: dict[str, str]) -> tuple[dict[tuple[Any, Any], str], str]:
     """Each (database, user) pool's mode, and the mode of a pool not listed."""
-    pools = {(row.get("database"), row.get("user")): row.get("pool_mode") for row in _rows(conn, SHOW_POOLS)}
-    if not pools or any(mode is None for mode in pools.values()):
+    modes = {(row.get("database"), row.get("user")): row.get("pool_mode") for row in pools}
+    if not modes or any(mode is None for mode in modes.values()):
         # Before pool_mode was a column of SHOW POOLS: per database, else the default.
-        databases = {row.get("name"): row.get("pool_mode") for row in _rows(conn, SHOW_DATABASES)}
-        default = next((row.get("value") for row in _rows(conn, SHOW_CONFIG) if row.get("key") == "pool_mode"), "session")
-        return {key: mode or databases.get(key[0]) or default for key, mode in pools.items()}, str(default)
-    return pools, "session"  # type: ignore[return-value]
+        default = settings.get("pool_mode") or "session"
+        return {key: mode or (databases.get(key[0]) or {}).get("pool_mode") or default
+                for key, mode in modes.items()}, str(default)
+    return modes, "session"  # type: ignore[return-value]
+
+
+def _seconds(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _timestamp(value: Any) -> float | None:
+    """A console timestamp ('2026-11-30 18:02:11 UTC', PgBouncer's local time, to the second) as
+    seconds on PgBouncer's own clock: only differences of two of them are meaningful."""
+    try:
+        return datetime.datetime.strptime(str(value)[:19], "%Y-%m-%d %H:%M:%S").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+def _release(server: dict[str, Any], database: dict[str, Any], settings: dict[str, str], now: float | None) -> Release | None:
+    """When PgBouncer closes this server connection, unused: from its connect and last request
+    times against the console's own latest request (now, on PgBouncer's clock)."""
+    connected, requested = _timestamp(server.get("connect_time")), _timestamp(server.get("request_time"))
+    if now is None or connected is None or requested is None:
+        return None
+    lifetime = _seconds(database.get("server_lifetime") or settings.get("server_lifetime", 3600))
+    min_pool = int(_seconds(database.get("min_pool_size") or settings.get("min_pool_size", 0)))
+    seconds, reason = release_after(now - connected, now - requested, lifetime,
+                                    _seconds(settings.get("server_idle_timeout", 600)), min_pool)
+    return Release(seconds, reason, int(server["remote_pid"]))
 
 
 def read_console(conn: psycopg.Connection, pooler: str) -> ConsoleLinks:
     """One console's server connections (SHOW SERVERS), with the client borrowing each (SHOW
-    CLIENTS) and its pool's mode (SHOW POOLS)."""
+    CLIENTS), its pool's mode (SHOW POOLS) and when PgBouncer would close it unused (SHOW CONFIG,
+    SHOW DATABASES)."""
     servers = _rows(conn, SHOW_SERVERS)
-    clients = {row.get("ptr"): row for row in _rows(conn, SHOW_CLIENTS)}
-    pools, fallback = _pool_modes(conn)
+    client_rows = _rows(conn, SHOW_CLIENTS)
+    clients = {row.get("ptr"): row for row in client_rows}
+    settings = {str(row.get("key")): str(row.get("value")) for row in _rows(conn, SHOW_CONFIG)}
+    databases = {row.get("name"): row for row in _rows(conn, SHOW_DATABASES)}
+    pools, fallback = _pool_modes(_rows(conn, SHOW_POOLS), databases, settings)
+    # The console's "now" on PgBouncer's clock: the latest client request, our own SHOW CLIENTS.
+    now = max(filter(None, (_timestamp(row.get("request_time")) for row in client_rows)), default=None)
     links = ConsoleLinks()
     for row in servers:
         pid = row.get("remote_pid")
@@ -124,7 +162,8 @@ def read_console(conn: psycopg.Connection, pooler: str) -> ConsoleLinks:
         client = None if client_row is None else Client(
             str(client_row.get("addr") or ""), str(client_row.get("user") or ""), str(client_row.get("application_name") or "")
         )
-        link = ServerLink(pooler, str(pools.get((row.get("database"), row.get("user"))) or fallback), client)
+        link = ServerLink(pooler, str(pools.get((row.get("database"), row.get("user"))) or fallback), client,
+                          _release(row, databases.get(row.get("database")) or {}, settings, now))
         # Over a Unix socket local_port is PgBouncer's own listen port and the backend's client_port
         # is -1: the backend is known by its pid on the server whose port the connection names.
         if row.get("local_addr") == UNIX_ADDR or row.get("addr") == UNIX_ADDR:

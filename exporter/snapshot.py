@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .ages import age
+from .pooled import Release
 
 _HELD_SINCE = operator.attrgetter("held_since")
 MODE_EXCLUSIVE = "exclusive"
@@ -238,6 +239,10 @@ class Snapshot:
     # What a held key stands for, where the exporter knows: (database, key label) -> 'table public.orders'.
     key_notes: dict[tuple[str, str], str] = field(default_factory=dict)
     chains: tuple[Chain, ...] = ()  # the holders that wait themselves, and who blocks them
+    # When a pooler frees a stranded session lock by itself, as its console said at this poll:
+    # per (lock, database) the soonest, and per server connection (its backend pid) its own.
+    releases: dict[tuple[str, str], Release] = field(default_factory=dict)
+    backend_releases: dict[int, Release] = field(default_factory=dict)
 
     def chain_of(self, pid: int | None) -> Chain | None:
         """The chain of a holder that waits, if it does."""

@@ -300,4 +300,8 @@ def test_dashboard_uses_only_metrics_the_exporter_exports(server, sessions, tmp_
     used = {m for e in dashboard_exprs() + [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
             for m in re.findall(r"\bpg_advisory_lock_[a-z_]+", e)}
     assert used, "no metric names found"
-    assert used <= exported, used - exported
+    # A release time needs a PgBouncer console and a lock stranded on it: the family is here (its HELP),
+    # its samples are in tests/test_prometheus_e2e.py, which makes every panel answer over a real PgBouncer.
+    needs_a_console = {"pg_advisory_lock_pooled_session_release_seconds"}
+    assert all(f"# HELP {name} " in text for name in needs_a_console)
+    assert used - needs_a_console <= exported, used - needs_a_console - exported

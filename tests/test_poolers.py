@@ -9,7 +9,9 @@ import time
 import psycopg
 import pytest
 
+from exporter import landing
 from exporter.config import parse_config
+from exporter.snapshot import ReloadStatus
 from exporter.metrics import render
 from exporter.probe import Prober, connect_probe
 from tests.conftest import wait_until
@@ -534,3 +536,38 @@ def test_a_chain_through_a_transaction_pool(bouncers, make_poller, sessions, ser
 def _waits(server, pid: int) -> bool:
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         return bool(conn.execute("SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", [pid]).fetchone())
+
+
+@pytest.mark.parametrize("settings, reason, low, high", [
+    ({}, "server_idle_timeout", 590, 600),  # PgBouncer's defaults: idle 600 s comes before lifetime 3600 s
+    ({"server_idle_timeout": "0"}, "server_lifetime", 3590, 3600),  # 0 disables the idle timeout
+    ({"server_lifetime": "30", "server_idle_timeout": "120"}, "server_lifetime", 20, 30),
+])
+def test_when_a_stranded_lock_frees_itself(bouncers, make_poller, settings, reason, low, high) -> None:
+    bouncer = bouncers(pool_mode="transaction", pool_size=1, extra=settings)
+    with through(bouncer, "stranding-client") as client:
+        backend = client.execute("SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(42)) AS taken").fetchone()[0]
+    try:
+        snap = make_poller(pooled_config(bouncer)).poll_once()
+        release = snap.releases[("answer", "postgres")]
+        assert (release.reason, release.backend) == (reason, backend)
+        assert low <= release.seconds <= high
+        assert value(snap, "pg_advisory_lock_pooled_session_release_seconds", lock="answer", database="postgres") == \
+            release.seconds
+        page = landing.render(snap, (), ReloadStatus(), "/metrics").decode()
+        assert f"when pgb closes server connection {backend} ({reason})" in page
+    finally:
+        with through(bouncer, "cleanup") as cleanup:
+            cleanup.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_pgbouncers_own_rules_for_closing_an_unused_server_connection() -> None:
+    from exporter.pooled import release_after
+
+    assert release_after(age=100, idle=10, lifetime=3600, idle_timeout=600, min_pool_size=0) == (590, "server_idle_timeout")
+    assert release_after(age=3500, idle=10, lifetime=3600, idle_timeout=600, min_pool_size=0) == (100, "server_lifetime")
+    assert release_after(age=100, idle=10, lifetime=3600, idle_timeout=0, min_pool_size=0) == (3500, "server_lifetime")
+    assert release_after(age=5, idle=5, lifetime=0, idle_timeout=600, min_pool_size=0) == (0, "server_lifetime")  # used once
+    # A pool at min_pool_size keeps its idle connections: only the lifetime counts.
+    assert release_after(age=100, idle=10, lifetime=3600, idle_timeout=600, min_pool_size=2) == (3500, "server_lifetime")
+    assert release_after(age=4000, idle=700, lifetime=3600, idle_timeout=600, min_pool_size=0)[0] == 0
