@@ -1,9 +1,11 @@
 """make demo: the exporter over a throwaway PostgreSQL with a sample workload.
 
 Three cron contenders race for hourly-digest, a leader holds billing-leader, a crashed-but-connected
-worker sits on shard-7 inside an open transaction, and a second worker waits for it; where Debian's
-pgbouncer is installed, a migration runner leaves a session lock stranded on a transaction pool. Ctrl-C stops
-and removes all of it. DEMO_DSN=... uses your server instead of a throwaway one.
+worker sits on shard-7 inside an open transaction, and a second worker waits for it; a deploy's
+migration holds its lock and waits for a table a report reads, and another pod waits for the
+migration's lock (a chain to a root blocker); where Debian's pgbouncer is installed, a migration
+runner leaves a session lock stranded on a transaction pool. Ctrl-C stops and removes all of it.
+DEMO_DSN=... uses your server instead of a throwaway one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ locks:
     key: {{hashtextextended: nightly-export}}
   - name: schema-migration
     key: 777
+  - name: deploy-migrations
+    key: 8888
 {poolers}"""
 POOLERS = """poolers:
   - name: pgbouncer
@@ -77,6 +81,28 @@ def waiter(dsn: str, stop: threading.Event) -> None:
             pass
 
 
+def blocked_migration(dsn: str, stop: threading.Event) -> None:
+    """A report reads users in an open transaction; a deploy's migration takes its advisory lock,
+    then waits for ACCESS EXCLUSIVE on users; another pod waits for the migration's lock."""
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        setup.execute("CREATE TABLE IF NOT EXISTS demo_users (id int)")
+    with psycopg.connect(dsn, application_name="report-runner") as report, \
+            psycopg.connect(dsn, application_name="deploy-migrate") as migration, \
+            psycopg.connect(dsn, autocommit=True, application_name="deploy-pod-2") as pod:
+        report.execute("SELECT count(*) FROM demo_users")
+        migration.execute("SELECT pg_advisory_lock(8888)")
+        threading.Thread(target=lambda: (stop.wait(), migration.cancel(), pod.cancel()), daemon=True).start()
+        threading.Thread(target=_quietly, args=(pod, "SELECT pg_advisory_lock(8888)"), daemon=True).start()
+        _quietly(migration, "LOCK TABLE demo_users IN ACCESS EXCLUSIVE MODE")
+
+
+def _quietly(conn: psycopg.Connection, sql: str) -> None:
+    try:
+        conn.execute(sql)
+    except psycopg.errors.QueryCanceled:
+        pass
+
+
 def strand_a_session_lock(bouncer_dsn: str) -> None:
     """A migration runner, through the transaction-mode PgBouncer, takes a session lock and exits:
     the lock stays on the pooled server connection, owned by nobody."""
@@ -91,6 +117,7 @@ def start_workload(dsn: str, stop: threading.Event) -> list[threading.Thread]:
         (hold_forever, (dsn, "billing-leader", "SELECT pg_advisory_lock(4242)", stop)),
         (hold_forever, (dsn, "shard-7-worker-a", "SELECT pg_advisory_lock(42, 7)", stop, False)),
         (hold_forever, (dsn, "legacy-job", "SELECT pg_advisory_lock(900001), pg_advisory_lock(900002)", stop)),
+        (blocked_migration, (dsn, stop)),
     ]
     threads = [threading.Thread(target=fn, args=args, daemon=True) for fn, args in jobs]
     for t in threads:
@@ -155,7 +182,10 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             lines = [l for l in response.read().decode().splitlines() if l.startswith("pg_advisory_lock_") and "_bucket" not in l]
-        print("\n".join(lines[:80]))
+        print("\n".join(lines[:120]))
+        locks = subprocess.run([sys.executable, "-m", "exporter", "locks", f"--config.file={config_path}"],
+                               capture_output=True, text=True, timeout=30)
+        print("\n$ pg-advisory-lock-exporter locks\n" + locks.stdout.rstrip())
         print(f"\nlanding page: http://127.0.0.1:{port}/   metrics: {url}")
         print(f"try:  curl -s {url} | grep -E 'holders|held_seconds|waiters|holder_info'")
         print(f"      {sys.executable} -m exporter locks --config.file={config_path}")

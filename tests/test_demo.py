@@ -34,6 +34,11 @@ def test_demo_shows_the_sample_workload_and_cleans_up() -> None:
     assert 'pg_advisory_lock_unnamed_holders{database="app"} 2' in out
     # The transaction-pool hazard, flagged (make test installs pgbouncer, so the demo has one).
     assert 'pg_advisory_lock_pooled_session_holders{lock="schema-migration",database="app"} 1' in out
+    # Why is it stuck: the migration holds its lock and waits for a table; the chain names the report.
+    assert 'pg_advisory_lock_blocked_holders{lock="deploy-migrations",database="app"} 1' in out
+    words = " ".join(out.split())  # the locks command wraps the chain at 80 columns
+    assert "which waits for relation public.demo_users (AccessExclusiveLock)" in words
+    assert "(report-runner, postgres@127.0.0.1, idle in transaction" in words
     assert "demo stopped and cleaned up" in out
     # The demo's own cluster (the data folder it printed) is stopped and gone; other clusters are not its business.
     data_dir = next(line.split("data dir ", 1)[1].strip() for line in out.splitlines() if "data dir " in line)
