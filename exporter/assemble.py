@@ -372,7 +372,9 @@ class Assembler:
                     blocked: list[float] | None, limit: int, pooled: bool) -> LockState:
         """A lock's state: the last one while its total, acquisitions, limit and pooling are the same
         and nobody waits for it or in it (ages are taken from it at render), else a new one."""
-        acquisitions = self._tracker.acquisitions(self._lock_ids[index])
+        lock_id = self._lock_ids[index]
+        acquisitions = self._tracker.acquisitions(lock_id)
+        last_acquired = self._tracker.last_acquired(lock_id)
         made = self._made.get(index)
         still = wait is None and blocked is None
         if still and made is not None and made.made_from(total, acquisitions, limit, pooled):
@@ -384,6 +386,7 @@ class Assembler:
             lock.config.max_hold, self._oldest(index, total, limit, by_pid_and_key), figures.holds, lock.source,
             lock.display_key, len(figures.keys) if lock.family is not None else None,
             figures.stranded if pooled else None, int(blocked[0]) if blocked else 0, round(blocked[1], 3) if blocked else 0.0,
+            last_acquired, lock.config.expect_every,
         )
         if still:
             self._made[index] = _Made(total, acquisitions, limit, pooled, state)

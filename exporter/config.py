@@ -14,11 +14,20 @@ from typing import Any
 import yaml
 
 from . import keys, presets
+from .interval import AutoInterval
 from .dsn import DsnError, database_name, describe_dsn
 
 MAX_CONFIG_BYTES = 1024 * 1024
-DEFAULT_POLL_INTERVAL = 5.0
+AUTO = "auto"
+DEFAULT_POLL_INTERVAL = 5.0  # a fixed interval's starting point in the docs; the default is auto
 MIN_POLL_INTERVAL = 0.1
+DEFAULT_MAX_DB_TIME_SHARE = 0.005  # 0.5% of one server core
+DEFAULT_MIN_POLL_INTERVAL = 0.1
+DEFAULT_MAX_POLL_INTERVAL = 30.0
+# With poll_interval auto, the statements outside the poll (resolving keys, the chain, the locks
+# command) and the poll itself are bounded by at least this, whatever the interval in force.
+AUTO_TIMEOUT_FLOOR = 2.0
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
@@ -35,13 +44,14 @@ DEFAULT_MAX_TRACKED_HOLDS = 100_000
 _TOP_FIELDS = (
     "dsn", "password_file", "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info",
     "max_unnamed_holder_info", "max_tracked_holds", "unnamed_max_hold", "presets", "locks", "poolers", "databases",
-    "show_queries",
+    "show_queries", "max_db_time_share", "min_poll_interval", "max_poll_interval",
 )
 # With targets: fields a target may override (the top level holds their defaults), fields that
 # belong to a target only, and what a target may hold.
 DEFAULTABLE_FIELDS = (
     "poll_interval", "probe_interval", "max_holder_info_per_lock", "max_holder_info", "max_unnamed_holder_info",
-    "max_tracked_holds", "unnamed_max_hold", "presets", "show_queries",
+    "max_tracked_holds", "unnamed_max_hold", "presets", "show_queries", "max_db_time_share", "min_poll_interval",
+    "max_poll_interval",
 )
 TARGET_ONLY_FIELDS = ("dsn", "password_file", "poolers", "locks", "databases")
 _TARGET_FIELDS = (*TARGET_ONLY_FIELDS, *DEFAULTABLE_FIELDS)
@@ -56,7 +66,7 @@ _LIMITS = {
     "max_unnamed_holder_info": DEFAULT_MAX_UNNAMED_HOLDER_INFO,
     "max_tracked_holds": DEFAULT_MAX_TRACKED_HOLDS,
 }
-_LOCK_FIELDS = ("name", "key", "database", "probe", "max_hold")
+_LOCK_FIELDS = ("name", "key", "database", "probe", "max_hold", "expect_every")
 _PROBE_FIELDS = ("expect", "interval")
 EXPECT_HELD, EXPECT_FREE, EXPECT_ANY = "held", "free", "any"
 _EXPECTATIONS = (EXPECT_HELD, EXPECT_FREE, EXPECT_ANY)
@@ -93,6 +103,7 @@ class LockConfig:
     database: str | None = None  # None: the database the dsn connects to
     probe: ProbeConfig | None = None  # None: not probed
     max_hold: float | None = None
+    expect_every: float | None = None  # a new holder is expected at least this often
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,31 @@ class Config:
     # Show the query text of blocking sessions on the landing page and in `locks` (never in a metric):
     # off by default, since a page that needs no login must not leak literals.
     show_queries: bool = False
+    # poll_interval auto (the default): the interval follows the polls' cost within this share of
+    # one server core, inside these bounds; poll_interval is then min_poll_interval, the start.
+    poll_auto: bool = False
+    max_db_time_share: float = DEFAULT_MAX_DB_TIME_SHARE
+    min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL
+    max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL
+
+    @property
+    def interval_budget(self) -> AutoInterval:
+        """What the poller's interval controller follows: the share and bounds, or, with a fixed
+        interval, bounds that leave it nothing to choose."""
+        if self.poll_auto:
+            return AutoInterval(self.max_db_time_share, self.min_poll_interval, self.max_poll_interval)
+        return AutoInterval(1.0, self.poll_interval, self.poll_interval)
+
+    def _interval_text(self) -> str:
+        if not self.poll_auto:
+            return format_duration(self.poll_interval)
+        return (f"auto ({self.max_db_time_share * 100:g}% of a core, {format_duration(self.min_poll_interval)}"
+                f"..{format_duration(self.max_poll_interval)})")
+
+    @property
+    def timeout_seconds(self) -> float:
+        """statement_timeout of the statements outside the poll, and of the poll at least."""
+        return max(self.poll_interval, AUTO_TIMEOUT_FLOOR) if self.poll_auto else self.poll_interval
 
     @property
     def probed(self) -> tuple[LockConfig, ...]:
@@ -150,7 +186,7 @@ class Config:
             f"{len(self.probed)} probed, "
             f"presets: {', '.join(map(str, self.presets)) or 'none'}, "
             f"poolers: {', '.join(p.name for p in self.poolers) or 'none'}, "
-            f"poll_interval {format_duration(self.poll_interval)}, "
+            f"poll_interval {self._interval_text()}, "
             f"dsn {describe_dsn(self.dsn)}"
         )
 
@@ -354,9 +390,47 @@ def _parse_lock(entry: Any, default_interval: float, where: str, errors: list[st
     max_hold = None
     if "max_hold" in entry:
         max_hold = _duration_field(entry["max_hold"], f"{where}.max_hold", 0.001, errors)
+    expect_every = None
+    if "expect_every" in entry:
+        expect_every = _duration_field(entry["expect_every"], f"{where}.expect_every", 0.001, errors)
+        if key is not None and keys.is_family(key):
+            errors.append(f"{where}.expect_every: a key family cannot expect_every: its keys are taken by many, not "
+                          "one job on a schedule (give the job's own key a name)")
+            expect_every = None
     if name is None or key is None:
         return None
-    return LockConfig(name=name, key=key, database=database, probe=probe, max_hold=max_hold)
+    return LockConfig(name=name, key=key, database=database, probe=probe, max_hold=max_hold, expect_every=expect_every)
+
+
+def _parse_interval(data: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """poll_interval (auto, the default, or a duration) and auto's share and bounds."""
+    share = DEFAULT_MAX_DB_TIME_SHARE
+    if "max_db_time_share" in data:
+        share = _share(data["max_db_time_share"], errors) or share
+    bounds = {}
+    for field, default in (("min_poll_interval", DEFAULT_MIN_POLL_INTERVAL), ("max_poll_interval", DEFAULT_MAX_POLL_INTERVAL)):
+        bounds[field] = default
+        if field in data:
+            bounds[field] = _duration_field(data[field], field, MIN_POLL_INTERVAL, errors) or default
+    if bounds["min_poll_interval"] > bounds["max_poll_interval"]:
+        errors.append(f"min_poll_interval: {format_duration(bounds['min_poll_interval'])} is above max_poll_interval "
+                      f"{format_duration(bounds['max_poll_interval'])}")
+    value = data.get("poll_interval", AUTO)
+    if value == AUTO:
+        return {"poll_auto": True, "poll_interval": bounds["min_poll_interval"], "max_db_time_share": share, **bounds}
+    fixed = _duration_field(value, "poll_interval", MIN_POLL_INTERVAL, errors)
+    return {"poll_auto": False, "poll_interval": fixed or DEFAULT_POLL_INTERVAL, "max_db_time_share": share, **bounds}
+
+
+def _share(value: Any, errors: list[str]) -> float | None:
+    """max_db_time_share: a percentage of one core in (0, 100%], written '0.5%'."""
+    match = _PERCENT.fullmatch(value) if isinstance(value, str) else None
+    share = float(match.group(1)) / 100 if match else None
+    if share is None or not 0 < share <= 1:
+        errors.append(f"max_db_time_share: expected a percentage of one core above 0% and at most 100%, such as 0.5%, "
+                      f"got {_show(value)}")
+        return None
+    return share
 
 
 def _duration_field(value: Any, where: str, minimum: float, errors: list[str]) -> float | None:
@@ -622,9 +696,7 @@ def parse_config(data: Any, source: str) -> Config:
 
     dsn = _dsn_field(data.get("dsn", ""), "dsn", errors)
 
-    poll_interval = DEFAULT_POLL_INTERVAL
-    if "poll_interval" in data:
-        poll_interval = _duration_field(data["poll_interval"], "poll_interval", MIN_POLL_INTERVAL, errors) or poll_interval
+    interval = _parse_interval(data, errors)
     probe_interval = DEFAULT_PROBE_INTERVAL
     if "probe_interval" in data:
         probe_interval = _duration_field(data["probe_interval"], "probe_interval", MIN_PROBE_INTERVAL, errors) or probe_interval
@@ -662,7 +734,7 @@ def parse_config(data: Any, source: str) -> Config:
     if errors:
         raise ConfigError(source, errors)
     return Config(
-        dsn=dsn, poll_interval=poll_interval, locks=tuple(lock for _, lock in parsed), probe_interval=probe_interval,
+        dsn=dsn, locks=tuple(lock for _, lock in parsed), probe_interval=probe_interval, **interval,
         max_holder_info_per_lock=limits["max_holder_info_per_lock"] or 0, max_holder_info=limits["max_holder_info"] or 0,
         max_unnamed_holder_info=limits["max_unnamed_holder_info"] or 0, max_tracked_holds=limits["max_tracked_holds"] or 0,
         unnamed_max_hold=unnamed_max_hold, password_file=password_file, presets=chosen_presets, poolers=poolers,

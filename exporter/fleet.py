@@ -79,7 +79,7 @@ class Target:
     def __init__(self, config: Config, with_process: bool,
                  on_snapshot: Callable[[str, Snapshot], None] | None = None) -> None:
         self.config = config
-        self.exposition = Exposition(Snapshot(up=False, stats=PollStats(interval=config.poll_interval)),
+        self.exposition = Exposition(Snapshot(up=False, stats=PollStats(interval=config.interval_budget.minimum)),
                                      with_process=with_process)
         self.first_poll = threading.Event()
         self._on_snapshot = on_snapshot
@@ -106,7 +106,7 @@ class Target:
         publish the failed-poll exposition in its place, so exporter_up turns 0 without a scrape
         rendering anything. True when it did."""
         snapshot = self.exposition.snapshot
-        interval = snapshot.stats.interval or self.config.poll_interval
+        interval = max(snapshot.stats.interval or self.config.poll_interval, self.config.timeout_seconds)
         if not snapshot.up or now - snapshot.taken_at <= STALE_INTERVALS * interval:
             return False
         stale = Snapshot(up=False, stats=snapshot.stats)

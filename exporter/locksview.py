@@ -60,7 +60,7 @@ class LockRow:
 
 def read_locks(config: Config) -> list[LockRow]:
     """One read of pg_locks, names attached."""
-    with connect_poller(config) as conn, local_timeouts(conn, config.poll_interval), \
+    with connect_poller(config) as conn, local_timeouts(conn, config.timeout_seconds), \
             conn.cursor(row_factory=namedtuple_row) as cur:
         server = cur.execute(queries.SERVER_INFO).fetchone()
         assert server is not None
@@ -110,8 +110,8 @@ def _chains(conn: psycopg.Connection, config: Config, server: Any, holders: set[
     if not blocked:
         return {}
     tables = {w.relation for w in blocked if w.relation is not None and w.database == server.database}
-    names = RelationNames().names(conn, config.poll_interval, tables)
-    found = read_chains(conn, config.poll_interval, blocked, frozenset(w.pid for w in waiting), config.show_queries,
+    names = RelationNames().names(conn, config.timeout_seconds, tables)
+    found = read_chains(conn, config.timeout_seconds, blocked, frozenset(w.pid for w in waiting), config.show_queries,
                         server.database, names)
     return {chain.wait.pid: chain for chain in found}
 

@@ -25,6 +25,8 @@ _HOLDER_INFO = operator.attrgetter("info_holders", "source")
 _KEYS_HELD = operator.attrgetter("keys_held")
 _POOLED = operator.attrgetter("pooled_session_holders")
 _BLOCKED = operator.attrgetter("blocked_holders")
+_LAST_ACQUIRED = operator.attrgetter("last_acquired_at")
+_EXPECT_EVERY = operator.attrgetter("expect_every")
 _BLOCKED_WAIT = operator.attrgetter("blocked_holder_wait_seconds")
 
 
@@ -62,6 +64,11 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
                         tuple(map(_WAIT_SECONDS, locks)))
     yield texts.samples("acquisitions_total", "counter", "New holders observed since the exporter started.",
                         tuple(map(_ACQUISITIONS, locks)))
+    offset = snapshot.wall_at - snapshot.taken_at  # the poller's clock -> seconds since the epoch
+    yield texts.samples("last_acquired_timestamp_seconds", "gauge",
+                        "When a new holder of the lock was last seen, in seconds since the epoch; until one is, when the "
+                        "exporter began watching the lock.",
+                        tuple([round(offset + at, 3) for at in map(_LAST_ACQUIRED, locks)]))
     yield texts.samples("blocked_holders", "gauge",
                         "Holders of the lock that wait themselves for another lock now (of any type: a table, a "
                         "transaction, another advisory lock).", tuple(map(_BLOCKED, locks)))
@@ -85,6 +92,9 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
                tuple(map(_KEYS_HELD, locks)))
     yield each("max_hold_seconds", "gauge", "max_hold from the config: the longest a holder should hold the lock.",
                tuple(map(_MAX_HOLD, locks)))
+    yield each("expect_every_seconds", "gauge",
+               "expect_every from the config: a new holder is expected at least this often (a cron's lock).",
+               tuple(map(_EXPECT_EVERY, locks)))
     yield from _unnamed_text(snapshot)
     yield from family(
         f"{PREFIX}_key_collision", "gauge", "1 for each pair of configured names that resolve to the same lock.",
@@ -211,7 +221,14 @@ def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
     )
     yield from family(
         f"{PREFIX}_exporter_poll_interval_seconds", "gauge",
-        "The poll interval in force: how often pg_locks is read.", [("", "", stats.interval)],
+        "The poll interval in force: how often pg_locks is read (with poll_interval auto, it follows the polls' cost).",
+        [("", "", stats.interval)],
+    )
+    yield from family(
+        f"{PREFIX}_exporter_db_time_ratio", "gauge",
+        "The polls' time on the server over the last minute, as a fraction of that minute (a round trip bounds the "
+        "server's time from above): with poll_interval auto, at most max_db_time_share unless the bounds win.",
+        [("", "", stats.db_time_ratio)],
     )
     if stats.last_success_timestamp is not None:
         yield from family(

@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import class_row, namedtuple_row
 
 from . import queries
-from .config import Config
+from .config import AUTO_TIMEOUT_FLOOR, Config
 from .deadline import OneAtATime, StuckCall
 from .connection import connect, local_timeouts, proven_direct, result_rows
 from .dsn import error_line, reconnect_delay, server_name
@@ -27,6 +27,7 @@ from .matching import KeyMatcher
 from .naming import ResolvedLock, find_collisions
 from .resolve import resolve_on_server
 from .poolers import PoolerReader
+from .interval import IntervalController
 from .relations import RelationNames
 from .snapshot import Chain, ConsoleStatus, KeyCollision, PollStats, Snapshot
 from .tracker import HoldTracker
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 class PollTurnTaken(Exception):
     """The probe's try on the same server has not finished within a poll interval."""
 
+BACKOFF_FLOOR = 5.0  # with poll_interval auto, a server that is down is retried no faster than this
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -72,7 +74,7 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 def connect_poller(config: Config) -> psycopg.Connection:
     """The poller's connection: every transaction on it sets its own timeouts (the poll interval)."""
-    return connect(config.dsn, queries.APPLICATION_NAME, config.poll_interval, password_file=config.password_file)
+    return connect(config.dsn, queries.APPLICATION_NAME, config.timeout_seconds, password_file=config.password_file)
 
 
 class Poller:
@@ -100,6 +102,8 @@ class Poller:
         self._prepared = False  # the poll statement is prepared on this connection
         self._locks: tuple[ResolvedLock, ...] = ()
         self._tracker = HoldTracker(config.max_tracked_holds)
+        self._controller = IntervalController(config.interval_budget)
+        self._server_seconds = 0.0  # this poll's time in statements on the server: its cost
         self._assembler = Assembler((), KeyMatcher(()), self._tracker)
         self._seen_presets: frozenset[tuple[str, str]] = frozenset()
         self._collisions: tuple[KeyCollision, ...] = ()
@@ -122,7 +126,7 @@ class Poller:
     def _open(self) -> psycopg.Connection:
         conn = self._connect(self._config)
         try:
-            with local_timeouts(conn, self._config.poll_interval), conn.cursor(row_factory=class_row(ServerInfo)) as cur:
+            with local_timeouts(conn, self._config.timeout_seconds), conn.cursor(row_factory=class_row(ServerInfo)) as cur:
                 info = cur.execute(queries.SERVER_INFO).fetchone()
                 assert info is not None
                 locks = resolve_on_server(conn, self._config, info.database)
@@ -166,7 +170,7 @@ class Poller:
                      "is not prepared (it is planned at every poll)")
             return False
         try:
-            with local_timeouts(conn, self._config.poll_interval):
+            with local_timeouts(conn, self._config.timeout_seconds):
                 conn.execute(queries.prepare_poll(info.version_num))
         except psycopg.Error as exc:
             log.info("poll statement not prepared (%s): it is planned at every poll", error_line(exc, self._config.dsn))
@@ -200,13 +204,21 @@ class Poller:
             self._unprepare()
             return self._run_poll(self._conn)
 
+    def _timeout(self) -> float:
+        """statement_timeout of the poll and the hung-poll deadline: the interval in force, and with
+        auto at least AUTO_TIMEOUT_FLOOR (a 100 ms interval must not cut a 200 ms poll short)."""
+        if self._config.poll_auto:
+            return max(self._controller.interval, AUTO_TIMEOUT_FLOOR)
+        return self._config.poll_interval
+
     def _run_poll(self, conn: psycopg.Connection) -> list[Any]:
-        if not self._turn.acquire(timeout=self._config.poll_interval):
+        if not self._turn.acquire(timeout=self._timeout()):
             raise PollTurnTaken("the probe's try on this server has not finished: no turn to poll")
+        started = self._clock()
         try:
             with conn.cursor(row_factory=namedtuple_row) as cur:
                 assert self.server is not None
-                cur.execute(queries.poll_query(self.server.version_num, self._config.poll_interval, self._prepared))
+                cur.execute(queries.poll_query(self.server.version_num, self._timeout(), self._prepared))
                 return result_rows(cur, queries.POLL_COLUMN_NAMES)
         except psycopg.Error:
             # A statement that failed inside the transaction left it open (aborted): end it, so
@@ -218,6 +230,7 @@ class Poller:
                     conn.close()
             raise
         finally:
+            self._server_seconds += self._clock() - started
             self._turn.release()
 
     def _build(self, rows: list[Any], now: float) -> tuple[Assembled, tuple[ConsoleStatus, ...]]:
@@ -241,12 +254,20 @@ class Poller:
         conn, server = self._conn, self.server
         if conn is None or server is None:
             return {}, ()
+        started = self._clock()
+        try:
+            return self._explained(conn, server, result)
+        finally:
+            self._server_seconds += self._clock() - started
+
+    def _explained(self, conn: psycopg.Connection, server: ServerInfo,
+                   result: Assembled) -> tuple[dict[tuple[str, str], str], tuple[Chain, ...]]:
         tables = {w.relation for w in result.blocked if w.relation is not None and w.database == server.database}
-        notes, names = self._relations.notes(conn, server.database, self._config.poll_interval, result.locks, tables)
+        notes, names = self._relations.notes(conn, server.database, self._config.timeout_seconds, result.locks, tables)
         if not result.blocked:
             return notes, ()
         try:
-            return notes, read_chains(conn, self._config.poll_interval, result.blocked, result.waiting_pids,
+            return notes, read_chains(conn, self._config.timeout_seconds, result.blocked, result.waiting_pids,
                                       self._config.show_queries, server.database, names)
         except psycopg.Error as exc:  # the blocked figures stand without who blocks them
             log.debug("who blocks the waiting holders not read: %s", error_line(exc, self._config.dsn))
@@ -259,7 +280,8 @@ class Poller:
             cumulative.append((bound, total))
         return PollStats(
             self._polls, self._errors, tuple(cumulative), self._duration_sum, self._last_success, self._holder_info_dropped,
-            self._tracker.tracked, self._tracker.dropped, self._config.poll_interval,
+            self._tracker.tracked, self._tracker.dropped, self._controller.interval,
+            round(self._controller.ratio(self._clock()), 6),
         )
 
     def _record(self, seconds: float, failed: bool) -> PollStats:
@@ -278,9 +300,10 @@ class Poller:
     def poll_once(self) -> Snapshot:
         """Poll once; a failure, whatever it is, becomes up=0 in the snapshot, never an exception."""
         started = self._clock()
+        self._server_seconds = 0.0
         try:
             rows = self._read()
-            now = self._clock()
+            now, wall_at = self._clock(), self._wall_clock()
             with _no_cyclic_gc():
                 result, consoles = self._build(rows, now)
             notes, chains = self._explain(result)
@@ -295,13 +318,14 @@ class Poller:
             self._last_error = self._unexpected.report(exc)
             self._restart()
             return Snapshot(up=False, stats=stats)
+        self._controller.record(self._server_seconds, self._clock())  # the next interval, from this poll's cost
         stats = self._record(now - started, failed=False)
         if self._last_error is not None:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
         releases = {self._locks[tally].key: release for tally, release in result.releases.items() if isinstance(tally, int)}
         return Snapshot(up=True, locks=result.locks, unnamed=result.unnamed, collisions=self._collisions, stats=stats,
-                        consoles=consoles, taken_at=now, key_notes=notes, chains=chains, releases=releases,
+                        consoles=consoles, taken_at=now, wall_at=wall_at, key_notes=notes, chains=chains, releases=releases,
                         backend_releases=result.backend_releases)
 
     def _restart(self) -> None:
@@ -326,7 +350,8 @@ class Poller:
 
     def backoff(self, failures: int) -> float:
         """Jittered exponential delay after the n-th consecutive failure, capped at the interval."""
-        return reconnect_delay(failures, cap=self._config.poll_interval)
+        cap = max(self._controller.interval, BACKOFF_FLOOR) if self._config.poll_auto else self._config.poll_interval
+        return reconnect_delay(failures, cap=cap)
 
     def reconfigure(self, config: Config) -> None:
         """Use a new config from the next poll on (reconnecting, so keys are resolved anew)."""
@@ -336,13 +361,15 @@ class Poller:
         config, self._pending_config = self._pending_config, None
         if config is not None:
             self.close()
+            if config.interval_budget != self._config.interval_budget:
+                self._controller = IntervalController(config.interval_budget)
             self._config = config
             self._tracker.max_tracked = config.max_tracked_holds
             self._poolers.reconfigure(config)
 
     def _poll_with_deadline(self) -> Snapshot:
         """poll_once, or up=0 if it does not return within an interval (a hung server)."""
-        interval = self._config.poll_interval
+        interval = self._timeout()
         try:
             return self._worker.call(self.poll_once, timeout=interval)
         except StuckCall as exc:
@@ -364,9 +391,9 @@ class Poller:
                 now = self._clock()
                 if up:
                     failures = 0
-                    next_at += self._config.poll_interval
+                    next_at += self._controller.interval
                     if next_at <= now:  # overran: skip the missed ticks
-                        next_at = now + self._config.poll_interval
+                        next_at = now + self._controller.interval
                     delay = next_at - now
                 else:
                     failures += 1

@@ -78,6 +78,10 @@ class LockState(NamedTuple):
     # the longest such wait: a migration holding its lock while it waits for a table.
     blocked_holders: int = 0
     blocked_holder_wait_seconds: float = 0.0
+    # When a new holder was last seen, or the lock first watched (Snapshot.taken_at's clock), and
+    # how often the config expects it taken (expect_every).
+    last_acquired_at: float = 0.0
+    expect_every: float | None = None
 
     def holders_in(self, mode: str) -> int:
         return self.exclusive if mode == MODE_EXCLUSIVE else self.shared
@@ -223,6 +227,7 @@ class PollStats:
     tracked_holds: int = 0
     tracked_holds_dropped: int = 0
     interval: float = 0.0  # the poll interval in force
+    db_time_ratio: float = 0.0  # the polls' time on the server over the last minute, a fraction of that time
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,7 @@ class Snapshot:
     stats: PollStats = field(default_factory=PollStats)
     consoles: tuple[ConsoleStatus, ...] = ()  # the pooler consoles read with this poll
     taken_at: float = 0.0  # the poller's monotonic clock when the rows were read
+    wall_at: float = 0.0  # the same moment in seconds since the epoch
     # What a held key stands for, where the exporter knows: (database, key label) -> 'table public.orders'.
     key_notes: dict[tuple[str, str], str] = field(default_factory=dict)
     chains: tuple[Chain, ...] = ()  # the holders that wait themselves, and who blocks them
@@ -247,6 +253,10 @@ class Snapshot:
     def chain_of(self, pid: int | None) -> Chain | None:
         """The chain of a holder that waits, if it does."""
         return next((chain for chain in self.chains if chain.wait.pid == pid), None) if self.chains else None
+
+    def wall_time(self, at: float) -> float:
+        """A reading of the poller's clock as seconds since the epoch."""
+        return round(self.wall_at - (self.taken_at - at), 3)
 
     def held_seconds(self, held: Holder | LockState | UnnamedLocks) -> float:
         """How long a holder, or the oldest holder of a lock, has held it at least, as of this poll

@@ -36,6 +36,8 @@ class HoldTracker:
         self._remembered: dict[SessionId, dict[Hashable, dict[int, float]]] = {}
         self._this_poll: dict[SessionId, dict[Hashable, dict[int, float]]] = {}
         self._acquisitions: dict[Hashable, int] = {}
+        # When each lock was last seen taken by a new holder, or first watched (monotonic).
+        self._last_acquired: dict[Hashable, float] = {}
         self._first_poll = True
         self._now = 0.0
         self._tracked = 0  # holds in _remembered
@@ -97,6 +99,7 @@ class HoldTracker:
         # Holders already there at the first poll were not seen taking the lock.
         if new and counts and not self._first_poll:
             self._acquisitions[lock_id] = self._acquisitions.get(lock_id, 0) + new
+            self._last_acquired[lock_id] = self._now
         return starts, in_both_modes
 
     def keep_unchanged(self, session: SessionId) -> None:
@@ -127,3 +130,9 @@ class HoldTracker:
 
     def acquisitions(self, lock_id: Hashable) -> int:
         return self._acquisitions.get(lock_id, 0)
+
+    def last_acquired(self, lock_id: Hashable) -> float:
+        """When a new holder of the lock was last seen; until one is, when the lock was first
+        watched (this poll, if it is the first to ask): an exporter that just started has not
+        "failed to see" anything."""
+        return self._last_acquired.setdefault(lock_id, self._now)

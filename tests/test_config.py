@@ -48,6 +48,15 @@ def test_bad_durations(text: str) -> None:
 
 CASES = [
     ({**GOOD, "extra": 1}, "extra: unknown field"),
+    ({**GOOD, "min_poll_interval": "1m"}, "min_poll_interval: 60s is above max_poll_interval 30s"),
+    ({**GOOD, "max_db_time_share": "0%"}, "max_db_time_share: expected a percentage of one core above 0% and at most 100%"),
+    ({**GOOD, "max_db_time_share": "101%"}, "max_db_time_share: expected a percentage of one core above 0% and at most 100%"),
+    ({**GOOD, "max_db_time_share": 0.5}, "max_db_time_share: expected a percentage of one core above 0% and at most 100%"),
+    ({**GOOD, "poll_interval": "sometimes"}, "poll_interval: 'sometimes' is not a duration"),
+    ({**GOOD, "show_queries": "yes"}, "show_queries: expected true or false"),
+    ({**GOOD, "locks": [{"name": "t", "key": {"namespace": 4}, "expect_every": "1h"}]},
+     "locks[0].expect_every: a key family cannot expect_every"),
+    ({**GOOD, "locks": [{"name": "t", "key": 4, "expect_every": "soon"}]}, "locks[0].expect_every: 'soon' is not a duration"),
     ({**GOOD, "locks": [{"name": "a", "key": 1, "colour": "red"}]}, "locks[0].colour: unknown field"),
     ({**GOOD, "locks": "a"}, "locks: expected a list"),
     ({**GOOD, "locks": [{"name": "a", "key": {"namespace": 2**31}}]}, "locks[0].key.namespace: 2147483648 is outside int4"),

@@ -23,12 +23,16 @@ VALIDATOR = jsonschema.Draft7Validator(SCHEMA)
 NOT_EXPRESSIBLE = ("duplicate name", "name the same lock", "overlaps family", "environment variable",
                    "cannot read", "is above high", "not a valid libpq", "duplicate key", "not valid YAML",
                    "not UTF-8", "larger than", "the file is empty", "must be at least",
-                   "expected a bigint")  # JSON Schema counts 1.0 an integer; YAML's 1.0 is a float
+                   "expected a bigint",  # JSON Schema counts 1.0 an integer; YAML's 1.0 is a float
+                   "is above max_poll_interval",  # two durations compared
+                   "at most 100%")  # a percentage's value
 
 VALID = [
     yaml.safe_load((ROOT / "config.yaml").read_text()),
     test_config.GOOD,
     {"dsn": "dbname=app", "presets": "all"},
+    {"dsn": "dbname=app", "poll_interval": "auto", "max_db_time_share": "1.5%", "min_poll_interval": "200ms",
+     "max_poll_interval": "1m", "show_queries": True, "locks": [{"name": "cron", "key": 5, "expect_every": "1h"}]},
     {"dsn": "dbname=app", "presets": ["all", {"ecto": "MyApp.Repo"}, {"ecto": "Billing.Repo"}, "pg_repack"], "locks": [
         {"name": "invoices", "key": {"with_advisory_lock": "invoice-run"}},
         {"name": "invoices-eu", "key": {"with_advisory_lock": {"name": "invoice-run", "prefix": 7}}, "probe": {"expect": "free"}},
