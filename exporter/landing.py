@@ -143,7 +143,8 @@ def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...], reload: ReloadSt
         parts.append("<p class=\"bad\">The last poll failed: no lock data is shown rather than stale data. "
                      "The exporter's log says why.</p>")
     else:
-        parts += [_stranded(snapshot), *_named(snapshot, probes), _failing_probes(probes), *_unnamed(snapshot)]
+        parts += [_stranded(snapshot), *_named(snapshot, probes), _scheduled(snapshot), _failing_probes(probes),
+                  *_unnamed(snapshot)]
     parts.append("</body></html>")
     return "".join(parts).encode()
 
@@ -192,6 +193,23 @@ def _named(snapshot: Snapshot, probes: tuple[ProbeResult, ...]) -> list[str]:
     more = f" and {len(free) - FREE_NAMES_SHOWN} more" if len(free) > FREE_NAMES_SHOWN else ""
     parts.append(f"<h2>Named locks free ({len(free)})</h2><p>{shown or '-'}{more}</p>")
     return parts
+
+
+def _scheduled(snapshot: Snapshot) -> str:
+    """The locks expected taken on a schedule (expect_every): when last taken, and whether late."""
+    expected = [lock for lock in snapshot.locks if lock.expect_every is not None]
+    if not expected:
+        return ""
+    rows = []
+    for lock in expected:
+        since = max(snapshot.taken_at - lock.last_acquired_at, 0.0)
+        late = since > (lock.expect_every or 0)
+        taken = f"last taken {age(since)} ago" if lock.acquisitions else f"not seen taken in the {age(since)} watched"
+        rows.append(f"<tr><td>{escape(lock.name)}</td><td>{escape(lock.database)}</td>"
+                    f"<td class=\"{'bad' if late else 'ok'}\">{taken} (expected every {age(lock.expect_every)})"
+                    f"{' LATE' if late else ''}</td></tr>")
+    return ("<h2>Expected on a schedule</h2><table id=\"scheduled\"><tr><th>lock</th><th>database</th><th>taken</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _failing_probes(probes: tuple[ProbeResult, ...]) -> str:

@@ -224,7 +224,7 @@ def test_bad_values_are_rejected_by_the_schema(values: dict, message: str) -> No
 def test_alert_rules_check_clean() -> None:
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 11 rules found" in result.stdout
+    assert "SUCCESS: 12 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests() -> None:
@@ -285,7 +285,8 @@ def test_dashboard_has_the_variables_and_panels() -> None:
 
 def test_dashboard_uses_only_metrics_the_exporter_exports(server, sessions, tmp_path: Path) -> None:
     sessions.open().execute("SELECT pg_advisory_lock(4242), pg_advisory_lock(77), pg_advisory_lock(42, 1)")
-    locks = [{"name": "leader", "key": 4242, "max_hold": "1m", "probe": {"expect": "held", "interval": "100ms"}},
+    locks = [{"name": "leader", "key": 4242, "max_hold": "1m", "probe": {"expect": "held", "interval": "100ms"},
+              "expect_every": "1h"},
              {"name": "tenants", "key": {"namespace": 42}, "max_hold": "1h"}]
     # A pooler known by address only (nothing is there): its series exist all the same.
     poolers = [{"name": "proxy", "addresses": ["192.0.2.1"], "pool_mode": "transaction"}]

@@ -73,6 +73,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
     bouncer = PgBouncer(cluster.port, pool_mode="transaction", pool_size=1).start()
     down_db = Cluster().start()  # a server that hangs once polled: PollsFailing and Stale
     gone_port = free_port()  # nothing listens here yet: ExporterDown
+    cron_stop = threading.Event()
     started: list[ExporterProcess] = []
     prometheus = None
     try:
@@ -87,6 +88,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
                 {"name": "tenants", "key": {"namespace": 77}, "max_hold": "1h"},
                 {"name": "migrations", "key": 777},
                 {"name": "deploy", "key": 8888},
+                {"name": "cron", "key": 5151, "expect_every": "3s"},  # nobody takes it: NotTaken
             ],
         }
         (tmp_path / "main").mkdir()
@@ -119,6 +121,15 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         with psycopg.connect(bouncer.dsn(application_name="migrator"), autocommit=True, prepare_threshold=None) as migrator:
             migrator.execute("SELECT pg_advisory_lock(777)")  # stranded on the pool's only server connection
 
+        def cron() -> None:
+            with psycopg.connect(server.dsn(), autocommit=True, application_name="cron") as conn:
+                while not cron_stop.is_set():
+                    conn.execute("SELECT pg_advisory_lock(5151)")
+                    cron_stop.wait(1.0)
+                    conn.execute("SELECT pg_advisory_unlock(5151)")
+                    cron_stop.wait(0.5)
+
+        cron_runs = threading.Thread(target=cron, daemon=True)
         port = free_port()
         rules = tmp_path / "rules.yml"
         shortened_rules(rules)
@@ -168,6 +179,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         assert "free: nobody holds it" in alerts["PgAdvisoryLockProbeExpectationFailed"][0]["annotations"]["description"]
         assert alerts["PgAdvisoryLockProbeErrors"][0]["labels"]["lock"] == "ghost"
         assert alerts["PgAdvisoryLockWaitersPilingUp"][0]["labels"]["lock"] in ("shard-7", "deploy")
+        assert alerts["PgAdvisoryLockNotTaken"][0]["labels"]["lock"] == "cron"
         blocked_alert = alerts["PgAdvisoryLockHolderBlocked"][0]
         assert blocked_alert["labels"]["lock"] == "deploy" and "migrate" in blocked_alert["annotations"]["description"]
 
@@ -181,6 +193,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
 
         # Each situation ends, and its alert resolves.
         holder.execute("SELECT pg_advisory_unlock_all()")  # leader, unnamed; the waiter gets shard-7 and goes on
+        cron_runs.start()  # the cron runs again: taken for 1 s every 1.5 s
         report.rollback()  # the migration gets its table and lets go; the pod gets the lock and lets go
         blocked[0].join(10)
         deploy.rollback()
@@ -211,6 +224,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         assert "PgAdvisoryLockExporterAbsent" not in seen
 
     finally:
+        cron_stop.set()
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(10)
