@@ -10,6 +10,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_SCHEMA = ROOT / "config.schema.json"
@@ -21,8 +22,11 @@ def chart_config_schema(config_schema: dict) -> dict:
     and the definitions inlined, since the chart's schema has a root of its own."""
     def inline(node: object) -> object:
         if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(config_schema["definitions"][node["$ref"].rsplit("/", 1)[1]])
+            if "$ref" in node:  # "#/definitions/lock", "#/properties/poll_interval": a pointer into this file
+                target: Any = config_schema
+                for part in node["$ref"].removeprefix("#/").split("/"):
+                    target = target[part]
+                return inline(target)
             return {k: inline(v) for k, v in node.items()}
         if isinstance(node, list):
             return [inline(v) for v in node]

@@ -172,6 +172,23 @@ def test_families_and_presets_only() -> None:
     assert parse_config({"presets": "all"}, "x").locks == ()
 
 
+def test_each_scalar_is_a_config_field_with_one_default() -> None:
+    """config.SCALARS is the one place a scalar field is declared: Config has each, with the same default."""
+    from dataclasses import MISSING, fields
+
+    from exporter.config import SCALARS, Config
+
+    declared = {field.name: field.default for field in fields(Config)}
+    defaults = {name: default for name, (_, default) in SCALARS.items()}
+    assert {name: declared[name] for name in SCALARS if declared[name] is not MISSING} == {
+        name: default for name, default in defaults.items() if declared[name] is not MISSING}
+    config = parse_config(GOOD, "x")
+    # poll_interval's default, auto, is a pair on Config: poll_auto, and the interval it starts at.
+    assert defaults.pop("poll_interval") == "auto" and config.poll_auto
+    assert config.poll_interval == config.min_poll_interval
+    assert {name: getattr(config, name) for name in defaults} == defaults
+
+
 def test_same_key_in_different_databases_is_not_a_collision() -> None:
     config = parse_config({**GOOD, "locks": [{"name": "a", "key": 9}, {"name": "b", "key": 9, "database": "other"}]}, "x")
     assert len(config.locks) == 2

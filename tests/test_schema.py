@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from exporter import config, configkeys, configvalues, keys, presets
 from exporter.config import ConfigError, parse_fleet
 from tests import test_bad_input, test_config, test_families, test_poller, test_probe
 from tests.test_poolers import LOCKS as POOLER_LOCKS
@@ -47,6 +48,8 @@ VALID = [
     {"poll_interval": "2s", "presets": ["rails"], "targets": {
         "orders": {"dsn": "host=o dbname=orders", "locks": test_poller.LOCKS[:2], "databases": ["orders"]},
         "billing-eu": {"dsn": "host=billing.example dbname=billing", "poll_interval": "1s", "unnamed_max_hold": "5m"}}},
+    # A target's presets once had a list of their own in the schema, six tools and ecto behind the top level's.
+    {"targets": {"a": {"dsn": "host=a", "presets": ["pg_repack", {"ecto": "MyApp.Repo"}], "max_tracked_holds": 0}}},
 ]
 REFUSED_TARGETS = [
     ({"dsn": "host=x", "targets": {"a": {"dsn": "host=a"}}}, "dsn: with targets, dsn belongs to each target"),
@@ -97,3 +100,81 @@ def test_every_refused_config_is_refused_by_the_schema_where_it_can_say_so(raw: 
         parse_fleet(raw, "t")
     assert any(message in detail for detail in info.value.details), info.value.details
     assert list(VALIDATOR.iter_errors(raw)), f"the schema takes a config the exporter refuses: {message}"
+
+
+# One source of truth in practice: every field, enum and bound the exporter's checks know is in the
+# schema, and every one the schema knows is in the checks; a field added to one and not the other
+# fails here (README, Development: how to add a field).
+DEFS = SCHEMA["definitions"]
+KEY_MAPPING = next(form for form in DEFS["key"]["oneOf"] if form["type"] == "object")
+INT4 = (keys.INT4_MIN, keys.INT4_MAX)
+INT64 = (keys.INT64_MIN, keys.INT64_MAX)
+
+
+def bounds(schema: dict) -> tuple[int, int]:
+    return schema["minimum"], schema["maximum"]
+
+
+SAME = {
+    "top-level fields": (set(SCHEMA["properties"]), {*config._TOP_FIELDS, "targets"}),
+    "fields refused at the top with targets": (
+        {field for rule in SCHEMA["then"]["not"]["anyOf"] for field in rule["required"]}, set(config.TARGET_ONLY_FIELDS)),
+    "a target's fields": (list(DEFS["target"]["properties"]), list(config._TARGET_FIELDS)),
+    "a target's fields are the top level's": (
+        list(DEFS["target"]["properties"].values()), [{"$ref": f"#/properties/{f}"} for f in config._TARGET_FIELDS]),
+    "target names": (list(SCHEMA["properties"]["targets"]["patternProperties"]), [f"^{config._TARGET_NAME.pattern}$"]),
+    "a lock's fields": (set(DEFS["lock"]["properties"]), set(config._LOCK_FIELDS)),
+    "a lock's required fields": (DEFS["lock"]["required"], ["name", "key"]),
+    "a probe's fields": (set(DEFS["lock"]["properties"]["probe"]["properties"]), set(config._PROBE_FIELDS)),
+    "probe expectations": (DEFS["lock"]["properties"]["probe"]["properties"]["expect"]["enum"], list(config._EXPECTATIONS)),
+    "a pooler's fields": (set(DEFS["pooler"]["properties"]), set(config._POOLER_FIELDS)),
+    "pooler types": (DEFS["pooler"]["properties"]["type"]["enum"], list(config.POOLER_TYPES)),
+    "pool modes": (DEFS["pooler"]["properties"]["pool_mode"]["enum"], list(config.POOL_MODES)),
+    "key mapping forms": (set(KEY_MAPPING["properties"]), set(configkeys.MAPPING_KEY_FORMS)),
+    "with_advisory_lock's fields": (
+        set(KEY_MAPPING["properties"]["with_advisory_lock"]["oneOf"][1]["properties"]),
+        set(configkeys.WITH_ADVISORY_LOCK_FIELDS)),
+    "bigint keys": (bounds(DEFS["key"]["oneOf"][0]), INT64),
+    "two-int4 keys": (bounds(DEFS["key"]["oneOf"][1]["items"]), INT4),
+    "namespace families": (bounds(KEY_MAPPING["properties"]["namespace"]), INT4),
+    "range families": (bounds(KEY_MAPPING["properties"]["range"]["items"]), INT64),
+    "presets": (SCHEMA["properties"]["presets"]["oneOf"][1]["items"]["oneOf"][0]["enum"], [*presets.PRESETS, presets.ALL]),
+    "presets with a parameter": (
+        set(SCHEMA["properties"]["presets"]["oneOf"][1]["items"]["oneOf"][1]["properties"]), set(presets.PARAMETERISED)),
+    "Ecto repo modules": (
+        SCHEMA["properties"]["presets"]["oneOf"][1]["items"]["oneOf"][1]["properties"]["ecto"]["pattern"],
+        f"^{config._ELIXIR_MODULE.pattern}$"),
+    "durations": (
+        {DEFS["duration"]["pattern"]} | {DEFS["lock"]["properties"][f]["pattern"] for f in ("max_hold",)}
+        | {DEFS["lock"]["properties"]["probe"]["properties"]["interval"]["pattern"]},
+        {DEFS["duration"]["pattern"]}),
+}
+
+
+@pytest.mark.parametrize("what", SAME)
+def test_the_schema_and_the_checks_know_the_same_fields_enums_and_bounds(what: str) -> None:
+    in_schema, in_code = SAME[what]
+    assert in_schema == in_code, f"{what}: config.schema.json says {in_schema}, exporter/config*.py {in_code}"
+
+
+# Values a scalar field might be given: each scalar's checker and its schema take the same ones.
+SAMPLES = ["5s", "100ms", "1m30s", "1.5s", "2d", "0s", "soon", "5", "", "auto", 0, 5, -1, 10_000_000, 10_000_001,
+           0.5, 1.5, True, False, None, [], {}, [1], {"a": 1}]
+
+
+@pytest.mark.parametrize("field", config.SCALARS)
+def test_each_scalar_takes_the_same_values_as_its_schema(field: str) -> None:
+    check, _ = config.SCALARS[field]
+    schema = jsonschema.Draft7Validator({**SCHEMA["properties"][field], "definitions": DEFS})
+    for value in SAMPLES:
+        errors: list[str] = []
+        taken = check(value, field, errors) is not None and not errors
+        if any("must be at least" in error for error in errors):
+            continue  # a duration's minimum: the schema's pattern cannot compare durations
+        assert taken == schema.is_valid(value), f"{field}: {value!r}: the checks {'take' if taken else 'refuse'} it " \
+            f"({errors}), the schema {'takes' if schema.is_valid(value) else 'refuses'} it"
+
+
+def test_a_count_is_the_schemas_count() -> None:
+    assert all(bounds(SCHEMA["properties"][field]) == (0, configvalues.MAX_COUNT)
+               for field, (check, _) in config.SCALARS.items() if check is configvalues.count)

@@ -53,7 +53,7 @@ def test_targets_config_rules() -> None:
         "targets.bad name: a target name is letters, digits, '_', '.' and '-' (it goes in URLs and labels)",
         "targets.b.colour: unknown field (allowed: dsn, password_file, poolers, locks, databases, poll_interval, "
         "probe_interval, max_holder_info_per_lock, max_holder_info, max_unnamed_holder_info, max_tracked_holds, "
-        "unnamed_max_hold, presets, show_queries, max_db_time_share, min_poll_interval, max_poll_interval)",
+        "unnamed_max_hold, show_queries, max_db_time_share, min_poll_interval, max_poll_interval, presets)",
     ]
 
 

@@ -1,0 +1,150 @@
+"""The values of config.yaml, one at a time: durations, integers in a range, lists of names, ${VAR}s.
+
+Each checker takes the value and where it sits ("locks[2].max_hold"), appends one located message
+per problem to errors, and returns the value or None; none raises. Pure but for the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MAX_COUNT = 10_000_000
+
+# (value, where, errors) -> the value, or None after appending the reason to errors.
+Checker = Callable[[Any, str, list[str]], Any]
+
+
+def parse_duration(text: Any) -> float:
+    """'500ms', '5s', '1m30s' -> seconds. Raises ValueError with the reason."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration such as 5s or 500ms, got {show(text)}")
+    pos, total, last_rank = 0, 0.0, -1
+    ranks = list(_DURATION_UNITS)
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        rank = ranks.index(match.group(2))
+        if rank <= last_rank:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos, last_rank = match.end(), rank
+    if pos != len(text) or not text:
+        raise ValueError(f"{text!r} is not a duration: use a number and a unit (ms, s, m, h, d), e.g. 5s")
+    return round(total, 9)  # 700ms is 0.7, not 0.7000000000000001
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> the shortest config spelling."""
+    if seconds < 1 and seconds * 1000 == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{seconds:g}s"
+
+
+def show(value: Any) -> str:
+    """What a value is, for "got ...": 'an integer (5)', 'a list', 'nothing'."""
+    if value is None:
+        return "nothing"
+    name = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    return f"{name} ({value!r})" if not isinstance(value, (list, dict)) else name
+
+
+def expand_env(text: str, where: str, errors: list[str]) -> str:
+    """Replace ${VAR} with the environment's value; an unset variable is an error."""
+
+    def sub(match: re.Match[str]) -> str:
+        value = os.environ.get(match.group(1))
+        if value is None:
+            errors.append(f"{where}: environment variable {match.group(1)} is not set")
+            return ""
+        return value
+
+    return _ENV_REF.sub(sub, text)
+
+
+def unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
+    return [
+        f"{where}{'.' if where else ''}{field}: unknown field (allowed: {', '.join(allowed)})"
+        for field in sorted(map(str, data))
+        if field not in allowed
+    ]
+
+
+def int_in(value: Any, low: int, high: int, type_name: str, where: str, errors: list[str]) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        errors.append(f"{where}: expected an integer ({type_name}), got {show(value)}")
+        return None
+    if not low <= value <= high:
+        errors.append(f"{where}: {value} is outside {type_name} ({low} .. {high})")
+        return None
+    return value
+
+
+def count(value: Any, where: str, errors: list[str]) -> int | None:
+    """A cap: an integer from 0 to MAX_COUNT."""
+    return int_in(value, 0, MAX_COUNT, "a count", where, errors)
+
+
+def duration(minimum: float) -> Checker:
+    """A checker of durations of at least minimum seconds."""
+
+    def check(value: Any, where: str, errors: list[str]) -> float | None:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
+            return None
+        if seconds < minimum:
+            errors.append(f"{where}: must be at least {format_duration(minimum)}")
+            return None
+        return seconds
+
+    return check
+
+
+def names(value: Any, where: str, what: str, errors: list[str]) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings, or () after appending the reason to errors."""
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
+        errors.append(f"{where}: expected a list of {what}, got {show(value)}")
+        return ()
+    return tuple(value)
+
+
+AUTO = "auto"
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
+
+
+def interval_or_auto(minimum: float) -> Checker:
+    """A checker of poll_interval: auto, or a duration of at least minimum seconds."""
+    fixed = duration(minimum)
+
+    def check(value: Any, where: str, errors: list[str]) -> float | str | None:
+        return AUTO if value == AUTO else fixed(value, where, errors)
+
+    return check
+
+
+def percentage(value: Any, where: str, errors: list[str]) -> float | None:
+    """A share of one core in (0, 100%], written '0.5%', as a fraction."""
+    match = _PERCENT.fullmatch(value) if isinstance(value, str) else None
+    share = float(match.group(1)) / 100 if match else None
+    if share is None or not 0 < share <= 1:
+        errors.append(f"{where}: expected a percentage of one core above 0% and at most 100%, such as 0.5%, "
+                      f"got {show(value)}")
+        return None
+    return share
+
+
+def boolean(value: Any, where: str, errors: list[str]) -> bool | None:
+    if not isinstance(value, bool):
+        errors.append(f"{where}: expected true or false, got {show(value)}")
+        return None
+    return value
