@@ -29,7 +29,9 @@ def test_the_documented_example_loads() -> None:
     assert config.locks[1].key == keys.BigintKey(4242)
     assert config.locks[2].key == keys.Int4PairKey(42, 7)
     assert config.locks[2].database == "app"
-    assert config.poll_interval == 5.0
+    assert config.poll_auto and (config.max_db_time_share, config.min_poll_interval, config.max_poll_interval) == (
+        0.005, 0.1, 30.0)
+    assert config.locks[0].expect_every == 3600
 
 
 @pytest.mark.parametrize(
