@@ -194,6 +194,26 @@ def _probe_text(probes: tuple[ProbeResult, ...]) -> Iterator[str]:
                        (("", i, p.last_run) for p, i in pairs))
 
 
+# The poller's own figures with one sample each: (name, type, help, the PollStats field).
+_POLLER_FIGURES = (
+    ("exporter_poll_errors_total", "counter", "Failed polls.", "errors"),
+    ("exporter_holder_info_dropped_total", "counter",
+     "holder_info series left out by max_holder_info_per_lock / max_holder_info, summed over polls.", "holder_info_dropped"),
+    ("exporter_tracked_holds", "gauge",
+     "Holds whose first sighting the exporter remembers (bounded by max_tracked_holds).", "tracked_holds"),
+    ("exporter_tracked_holds_dropped_total", "counter",
+     "Holds not remembered because max_tracked_holds was reached (they got the proven lower bound only), summed over "
+     "polls.", "tracked_holds_dropped"),
+    ("exporter_poll_interval_seconds", "gauge",
+     "The poll interval in force: how often pg_locks is read (with poll_interval auto, it follows the polls' cost).",
+     "interval"),
+    ("exporter_db_time_ratio", "gauge",
+     "The polls' time on the server over the last minute, as a fraction of that minute (a round trip bounds the "
+     "server's time from above): with poll_interval auto, at most max_db_time_share unless the bounds win.",
+     "db_time_ratio"),
+)
+
+
 def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
     stats = snapshot.stats
     yield from family(f"{PREFIX}_exporter_up", "gauge", "1 if the last poll succeeded.", [("", "", int(snapshot.up))])
@@ -202,34 +222,8 @@ def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
         f"{PREFIX}_exporter_poll_duration_seconds", "histogram", "Time of each poll.",
         [*buckets, ("_bucket", 'le="+Inf"', stats.polls), ("_count", "", stats.polls), ("_sum", "", stats.duration_sum)],
     )
-    yield from family(f"{PREFIX}_exporter_poll_errors_total", "counter", "Failed polls.", [("", "", stats.errors)])
-    yield from family(
-        f"{PREFIX}_exporter_holder_info_dropped_total", "counter",
-        "holder_info series left out by max_holder_info_per_lock / max_holder_info, summed over polls.",
-        [("", "", stats.holder_info_dropped)],
-    )
-    yield from family(
-        f"{PREFIX}_exporter_tracked_holds", "gauge",
-        "Holds whose first sighting the exporter remembers (bounded by max_tracked_holds).",
-        [("", "", stats.tracked_holds)],
-    )
-    yield from family(
-        f"{PREFIX}_exporter_tracked_holds_dropped_total", "counter",
-        "Holds not remembered because max_tracked_holds was reached (they got the proven lower bound only), "
-        "summed over polls.",
-        [("", "", stats.tracked_holds_dropped)],
-    )
-    yield from family(
-        f"{PREFIX}_exporter_poll_interval_seconds", "gauge",
-        "The poll interval in force: how often pg_locks is read (with poll_interval auto, it follows the polls' cost).",
-        [("", "", stats.interval)],
-    )
-    yield from family(
-        f"{PREFIX}_exporter_db_time_ratio", "gauge",
-        "The polls' time on the server over the last minute, as a fraction of that minute (a round trip bounds the "
-        "server's time from above): with poll_interval auto, at most max_db_time_share unless the bounds win.",
-        [("", "", stats.db_time_ratio)],
-    )
+    for name, kind, help_text, field in _POLLER_FIGURES:
+        yield from family(f"{PREFIX}_{name}", kind, help_text, [("", "", getattr(stats, field))])
     if stats.last_success_timestamp is not None:
         yield from family(
             f"{PREFIX}_exporter_last_poll_timestamp_seconds", "gauge",
