@@ -218,7 +218,12 @@ class Poller:
         try:
             with conn.cursor(row_factory=namedtuple_row) as cur:
                 assert self.server is not None
-                cur.execute(queries.poll_query(self.server.version_num, self._timeout(), self._prepared))
+                try:
+                    cur.execute(queries.poll_query(self.server.version_num, self._timeout(), self._prepared))
+                finally:
+                    # The poll's cost: its round trip, which bounds the server's time from above (the
+                    # rows are in; turning them into Python objects below is the exporter's time).
+                    self._server_seconds += self._clock() - started
                 return result_rows(cur, queries.POLL_COLUMN_NAMES)
         except psycopg.Error:
             # A statement that failed inside the transaction left it open (aborted): end it, so
@@ -230,7 +235,6 @@ class Poller:
                     conn.close()
             raise
         finally:
-            self._server_seconds += self._clock() - started
             self._turn.release()
 
     def _build(self, rows: list[Any], now: float) -> tuple[Assembled, tuple[ConsoleStatus, ...]]:
