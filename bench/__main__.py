@@ -1,7 +1,9 @@
-"""make bench: this exporter side by side with the floor and query-exporter, in one run.
+"""make bench: this exporter side by side with the floor, the previous release's poll statement and
+query-exporter, in one run; poll_interval auto under load; what polling can see.
 
-Writes bench/results.md and docs/bench.png. --smoke runs a few-second version (no
-query-exporter, no pgbench, no plot) that the test suite runs so the benchmark cannot rot.
+Writes bench/results.md and docs/bench.png. --smoke runs a half-minute version (no query-exporter,
+no pgbench, no scaling, no plot, but the previous release's statement, one auto coverage run and
+one auto settle point at the small load) that the test suite runs so the benchmark cannot rot.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pathlib import Path
 
 import psycopg
 
-from bench.load import Load
+from bench.auto import exporter_stats, measure_settle
 from bench.coverage import measure_coverage
 from bench.fleet import measure_fleet
-from bench.measure import RESET, cpu_seconds, lock_status_scan_ms, rss_mb, scrape, server_time
+from bench.load import Load
+from bench.measure import RESET, cpu_seconds, lock_status_scan_ms, rss_mb, scrape, server_time, statement_calls
+from bench.previous import PreviousRelease
 from bench.subjects import Floor, Ours, QueryExporter, create_roles
 from tests.pgcluster import Cluster
 
@@ -43,6 +47,8 @@ SELECT pg_advisory_xact_lock(:k);
 SELECT pg_advisory_xact_lock(:k + 1);
 END;
 """
+# The poll's second statement (queries.CHAIN), run only in a poll where some holder waits.
+CHAIN_MARKER = "%WITH RECURSIVE chain%"
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Point:
     scrape_p95_ms: float | None = None
     rss_mb: float | None = None
     size_bytes: int | None = None
+    chain_calls: int | None = None  # this exporter's second statement (CHAIN) in the window
 
 
 def measure_window(admin: psycopg.Connection, subject, window: float, pid: int | None) -> tuple[float, int, float | None]:
@@ -71,15 +78,29 @@ def measure_window(admin: psycopg.Connection, subject, window: float, pid: int |
     return total_ms / max(polls, 1), polls, cpu_ms
 
 
+def measure_in_process(admin: psycopg.Connection, subject, args: argparse.Namespace) -> tuple[float, int]:
+    """A subject that polls from a thread of this process (the floor, the previous release's
+    statement): server ms per poll and polls; no process of its own, so no CPU, memory or scrapes."""
+    subject.start()
+    try:
+        time.sleep(args.warmup)
+        ms, polls, _ = measure_window(admin, subject, args.window, None)
+    finally:
+        subject.stop()
+    return ms, polls
+
+
 def measure_point(cluster: Cluster, admin: psycopg.Connection, held: int, named: int, args: argparse.Namespace,
-                  workdir: Path, namespaces: tuple[int, ...] = ()) -> list[Point]:
+                  workdir: Path, namespaces: tuple[int, ...] = (), previous: bool = False) -> list[Point]:
+    """Each subject in turn at this load, the same warm-up and window for each; with previous, the
+    previous release's poll statement too (right after the floor, before this exporter)."""
     keys = list(range(1, named + 1))
     points: list[Point] = []
-    floor = Floor(cluster.dsn(user=Floor.role), args.interval).start()
-    time.sleep(args.warmup)
-    ms, polls, _ = measure_window(admin, floor, args.window, None)
-    floor.stop()
+    ms, polls = measure_in_process(admin, Floor(cluster.dsn(user=Floor.role), args.interval), args)
     points.append(Point("floor", held, named, ms, polls))
+    if previous:
+        ms, polls = measure_in_process(admin, PreviousRelease(cluster.dsn(user=PreviousRelease.role), args.interval), args)
+        points.append(Point("previous release", held, named, ms, polls))
 
     subjects = [("this exporter", Ours(workdir),
                  lambda s: s.start(cluster.dsn(user=Ours.role), keys, args.interval, namespaces))]
@@ -91,9 +112,11 @@ def measure_point(cluster: Cluster, admin: psycopg.Connection, held: int, named:
             start(subject)
             time.sleep(args.warmup)
             ms, polls, cpu = measure_window(admin, subject, args.window, subject.pid)
+            chain = statement_calls(admin, subject.role, CHAIN_MARKER) if isinstance(subject, Ours) else None
             rss = rss_mb(subject.pid)
             scrapes = scrape(subject.url, args.scrapes)
-            points.append(Point(name, held, named, ms, polls, cpu, scrapes.p50_ms, scrapes.p95_ms, rss, scrapes.size_bytes))
+            points.append(Point(name, held, named, ms, polls, cpu, scrapes.p50_ms, scrapes.p95_ms, rss, scrapes.size_bytes,
+                                chain))
         finally:
             subject.stop()
     return points
@@ -111,26 +134,33 @@ def pgbench_tps(cluster: Cluster, workdir: Path, seconds: int) -> float:
     raise RuntimeError(f"pgbench printed no tps: {out}")
 
 
-def measure_pgbench(cluster: Cluster, args: argparse.Namespace, workdir: Path) -> dict[str, list[float]]:
-    """TPS with no exporter, with the exporter polling every 5 s and every 1 s: short runs in
-    rounds, each round one run of each in a rotating order, so drift hits all three alike and
-    each round gives a paired difference."""
+PGBENCH_LABELS = {"none": None, "5s": 5.0, "1s": 1.0, "auto": None}  # label -> poll interval (auto: None)
+
+
+def measure_pgbench(cluster: Cluster, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[float]], list[float]]:
+    """TPS with no exporter, with the exporter polling every 5 s, every 1 s and on auto: short runs
+    in rounds, each round one run of each in a rotating order, so drift hits all four alike and
+    each round gives a paired difference. Also the interval auto was in force at the end of each of
+    its runs."""
     keys = list(range(1, args.named + 1))
-    labels = ("none", "5s", "1s")
+    labels = tuple(PGBENCH_LABELS)
     tps: dict[str, list[float]] = {label: [] for label in labels}
+    auto_intervals: list[float] = []
     for round_ in range(args.pgbench_rounds):
-        order = labels[round_ % 3:] + labels[:round_ % 3]
-        for label in order:
+        shift = round_ % len(labels)
+        for label in labels[shift:] + labels[:shift]:
             exporter = None
             if label != "none":
-                exporter = Ours(workdir).start(cluster.dsn(user=Ours.role), keys, float(label[:-1]))
+                exporter = Ours(workdir).start(cluster.dsn(user=Ours.role), keys, PGBENCH_LABELS[label])
                 time.sleep(1)
             try:
                 tps[label].append(pgbench_tps(cluster, workdir, args.pgbench_seconds))
+                if label == "auto":
+                    auto_intervals.append(exporter_stats(exporter.url).interval)
             finally:
                 if exporter:
                     exporter.stop()
-    return tps
+    return tps, auto_intervals
 
 
 def measure_databases(cluster: Cluster, admin: psycopg.Connection, args: argparse.Namespace,
@@ -231,7 +261,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pgbench-seconds", type=int, default=10)
     parser.add_argument("--pgbench-rounds", type=int, default=20)
-    parser.add_argument("--coverage-seconds", type=float, default=90.0)
+    parser.add_argument("--coverage-seconds", type=float, default=90.0, help="the coverage run at 100 held (1 s, 5 s, auto)")
+    parser.add_argument("--coverage-auto-seconds", type=float, default=60.0, help="the auto coverage runs at 1,000 and 10,000 held")
+    parser.add_argument("--settle-seconds", type=float, default=30.0, help="auto at 50,000 held: before its window")
+    parser.add_argument("--settle-window", type=float, default=90.0, help="auto at 50,000 held: its window (whole intervals)")
     parser.add_argument("--databases", type=int, default=200)
     parser.add_argument("--fleet-seconds", type=float, default=600.0)
     parser.add_argument("--no-query-exporter", action="store_true")
@@ -241,12 +274,22 @@ def main() -> int:
     if args.smoke:
         args.sessions, args.held, args.named, args.window, args.warmup = 5, 50, 10, 2.0, 0.5
         args.scrapes, args.repeats, args.no_query_exporter, args.no_scaling = 10, 1, True, True
+        args.coverage_seconds, args.settle_seconds, args.settle_window = 4.0, 2.0, 4.0
 
     # Stopped from outside, still clean up the cluster and the subjects (finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     workdir = Path(tempfile.mkdtemp(prefix="pgale-bench-"))
     cluster = Cluster(settings=SETTINGS).start()
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    dsn_for = lambda user: cluster.dsn(user=user)  # noqa: E731
+    started = time.monotonic()
+    phases: dict[str, float] = {}
+    results["phase_seconds"] = phases  # when each phase ended, seconds from the start
+
+    def ended(phase: str) -> None:
+        phases[phase] = round(time.monotonic() - started, 1)
+        print(f"[{phases[phase]:.0f} s] {phase} done", flush=True)
+
     try:
         admin = psycopg.connect(cluster.dsn(), autocommit=True)
         admin.execute("CREATE EXTENSION pg_stat_statements")
@@ -256,24 +299,36 @@ def main() -> int:
         print(f"load: {args.sessions} sessions, {args.held} held locks; {args.named} named keys", flush=True)
         runs = []
         for r in range(args.repeats):
-            points = measure_point(cluster, admin, args.held, args.named, args, workdir)
+            points = measure_point(cluster, admin, args.held, args.named, args, workdir, previous=True)
             runs.append([asdict(p) for p in points])
             for p in points:
                 print(f"run {r + 1}: {p}", flush=True)
         results["default"] = runs
+        ended("default point")
         if not args.smoke:
             results["lock_status_scan_ms"] = lock_status_scan_ms(admin)
             print(f"pg_lock_status() scan: {results['lock_status_scan_ms']:.2f} ms", flush=True)
-            results["pgbench"] = measure_pgbench(cluster, args, workdir)
-            print(f"pgbench: {results['pgbench']}", flush=True)
+            results["pgbench"], results["pgbench_auto_interval"] = measure_pgbench(cluster, args, workdir)
+            print(f"pgbench: {results['pgbench']}; auto's interval {results['pgbench_auto_interval']}", flush=True)
+            ended("pgbench")
             results["auth"] = measure_auth_timing()
             print(f"auth: {results['auth']}", flush=True)
             results["interference"] = [measure_interference(cluster, 1000) for _ in range(args.repeats)]
             print(f"interference: {results['interference']}", flush=True)
+            ended("auth and interference")
+        else:
+            # The pieces of #22 at the small load, so they cannot rot: one auto coverage run, one settle.
+            results["coverage"] = measure_coverage(dsn_for, admin, workdir, args.held, (None,), args.coverage_seconds,
+                                                   workers=2, settle=2.0)
+            print(f"coverage: {results['coverage']}", flush=True)
+            results["auto_settle"] = measure_settle(dsn_for, admin, workdir, args.held, args.named,
+                                                    args.settle_seconds, args.settle_window)
+            print(f"auto settle: {results['auto_settle']}", flush=True)
+            ended("smoke coverage and settle")
         load.stop()
 
         if not args.no_scaling:
-            scaling = []
+            scaling, coverage = [], []
             short = argparse.Namespace(**{**vars(args), "window": max(5.0, args.window / 2), "scrapes": 30})
             for held in (100, 1_000, 10_000, 50_000):
                 load = Load(cluster.dsn(), sessions=args.sessions, locks=held).start()
@@ -281,32 +336,48 @@ def main() -> int:
                 if held == 10_000:
                     for named in (10, 100, 10_000):
                         scaling += [asdict(p) for p in measure_point(cluster, admin, held, named, short, workdir)]
+                # What polling can see at this load: the fixed intervals (which see the same
+                # whatever is held) at 100 held only, auto at 100, 1,000 and 10,000.
+                if held == 100:
+                    coverage += measure_coverage(dsn_for, admin, workdir, held, (1.0, 5.0, None), args.coverage_seconds)
+                elif held < 50_000:
+                    coverage += measure_coverage(dsn_for, admin, workdir, held, (None,), args.coverage_auto_seconds)
+                else:
+                    results["auto_settle"] = measure_settle(dsn_for, admin, workdir, held, args.named,
+                                                            args.settle_seconds, args.settle_window)
+                    print(f"auto settle: {results['auto_settle']}", flush=True)
                 load.stop()
-                print(f"scaling: held {held} done", flush=True)
-            results["scaling"] = scaling
+                ended(f"scaling and coverage at {held} held")
+            results["scaling"], results["coverage"] = scaling, coverage
             # The churn point: the default load, with most sessions changing at every poll.
             load = Load(cluster.dsn(), sessions=args.sessions, locks=args.held, churn=True).start()
             results["churn"] = [asdict(p) for p in measure_point(cluster, admin, args.held, args.named, short, workdir)]
             load.stop()
             print(f"churn: {results['churn']}", flush=True)
+            ended("churn")
             # The key-family point: 50,000 held keys in one namespace, named by one family entry.
             load = Load(cluster.dsn(), sessions=args.sessions, locks=50_000, namespace=42).start()
             results["family"] = [asdict(p) for p in measure_point(cluster, admin, 50_000, 0, short, workdir, (42,))]
             load.stop()
             print(f"family: {results['family']}", flush=True)
+            ended("family")
             results["databases"] = measure_databases(cluster, admin, args, workdir)
             print(f"databases: {results['databases']}", flush=True)
-            results["coverage"] = measure_coverage(cluster.dsn(), workdir, args.coverage_seconds)
-            print(f"coverage: {results['coverage']}", flush=True)
+            ended("databases")
         admin.close()
         cluster.destroy()  # the fleet point starts four clusters of its own
         if not args.smoke and not args.no_scaling:
             results["fleet"] = measure_fleet(workdir, args.fleet_seconds)
             print(f"fleet: {results['fleet']}", flush=True)
+            ended("fleet")
     finally:
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)  # the subjects' configs and logs
 
+    from bench.report import previous_summary
+
+    results["previous_release"] = previous_summary(results)
+    results["run_seconds"] = round(time.monotonic() - started)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / ("results-smoke.json" if args.smoke else "results.json")).write_text(json.dumps(results, indent=1))
     if not args.smoke:

@@ -24,6 +24,12 @@ FROM pg_stat_statements AS s JOIN pg_roles AS r ON r.oid = s.userid
 WHERE r.rolname = %(role)s
 """
 RESET = "SELECT pg_stat_statements_reset()"
+# Per role: how many times the statements whose text matches ran (the poll's second statement).
+STATEMENT_CALLS = """
+SELECT coalesce(sum(s.calls), 0)::int8
+FROM pg_stat_statements AS s JOIN pg_roles AS r ON r.oid = s.userid
+WHERE r.rolname = %(role)s AND s.query ILIKE %(marker)s
+"""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -46,6 +52,13 @@ def server_time(admin: psycopg.Connection, role: str, marker: str) -> tuple[floa
     row = admin.execute(SERVER_TIME, {"role": role, "marker": marker}).fetchone()
     assert row is not None
     return float(row[0]), int(row[1])
+
+
+def statement_calls(admin: psycopg.Connection, role: str, marker: str) -> int:
+    """Calls of a role's statements matching marker since the last reset."""
+    row = admin.execute(STATEMENT_CALLS, {"role": role, "marker": marker}).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 @dataclass(frozen=True)

@@ -104,12 +104,13 @@ class Ours(Process):
     role = "bench_ours"
     marker = OURS_MARKER
 
-    def start(self, dsn: str, named: list[int], interval: float, namespaces: tuple[int, ...] = (),
+    def start(self, dsn: str, named: list[int], interval: float | None, namespaces: tuple[int, ...] = (),
               presets: str | None = None) -> "Ours":
+        """interval None: poll_interval left out, so auto (the default), with its default budget."""
         config = {
             "dsn": dsn,
             **({"presets": presets} if presets else {}),
-            "poll_interval": f"{int(interval * 1000)}ms",
+            **({"poll_interval": f"{int(interval * 1000)}ms"} if interval is not None else {}),
             "locks": [{"name": f"key-{k}", "key": k} for k in named]
             + [{"name": f"family-{n}", "key": {"namespace": n}} for n in namespaces],
         }
@@ -179,11 +180,21 @@ class QueryExporter(Process):
         return self
 
 
+AUTO_ROLE = "bench_auto"  # this exporter on poll_interval auto, where it runs beside other subjects
+
+
+def create_role(admin: psycopg.Connection, role: str) -> None:
+    """A login role of the subject's own, so pg_stat_statements tells its time from the others'."""
+    admin.execute(f"DROP ROLE IF EXISTS {role}")
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    admin.execute(f"GRANT pg_monitor TO {role}")
+
+
 def create_roles(admin: psycopg.Connection) -> None:
-    for role in (Floor.role, Ours.role, QueryExporter.role):
-        admin.execute(f"DROP ROLE IF EXISTS {role}")
-        admin.execute(f"CREATE ROLE {role} LOGIN")
-        admin.execute(f"GRANT pg_monitor TO {role}")
+    from bench.previous import PreviousRelease
+
+    for role in (Floor.role, Ours.role, QueryExporter.role, PreviousRelease.role, AUTO_ROLE):
+        create_role(admin, role)
 
 
 def cpu_count() -> int:
