@@ -33,7 +33,7 @@ import psycopg
 import yaml
 
 from bench.auto import PREFIX
-from bench.measure import server_time
+from bench.measure import cpu_seconds, server_time
 from bench.subjects import OURS_MARKER, Process, create_role
 from tests.metrics_util import parse
 
@@ -117,6 +117,7 @@ def measure_coverage(dsn_for: Callable[[str], str], admin: psycopg.Connection, w
             for pattern, offset in PATTERNS.items() for i, hold in enumerate(HOLDS) for k in range(workers)
         ]
         cost0 = {e.label: server_time(admin, e.role, OURS_MARKER) for e in exporters}
+        cpu0 = {e.label: cpu_seconds(e.pid) for e in exporters}
         started = time.monotonic()
         for thread in threads:
             thread.start()
@@ -126,6 +127,7 @@ def measure_coverage(dsn_for: Callable[[str], str], admin: psycopg.Connection, w
             for e in exporters:
                 in_force[e.label].append(e.interval_and_ratio()[0])
         cost1 = {e.label: server_time(admin, e.role, OURS_MARKER) for e in exporters}
+        cpu1 = {e.label: cpu_seconds(e.pid) for e in exporters}
         window = time.monotonic() - started
         own = {e.label: e.interval_and_ratio()[1] for e in exporters}
         stop.set()
@@ -147,6 +149,7 @@ def measure_coverage(dsn_for: Callable[[str], str], admin: psycopg.Connection, w
                 "interval_max": max(in_force[e.label]), "expected_seen": min(1.0, hold / interval),
                 "workers": workers, "window_seconds": window, "polls": polls1 - polls0, "db_ms": ms1 - ms0,
                 "db_share": (ms1 - ms0) / 1000 / window, "own_ratio": own[e.label],
+                "cpu_share": (cpu1[e.label] - cpu0[e.label]) / window,  # the exporter's own CPU, of one core
             }
             for pattern in PATTERNS:
                 holds = made[(pattern, hold)][0]

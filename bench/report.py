@@ -259,6 +259,9 @@ def coverage_verdict(results: dict[str, Any]) -> list[str]:
                f"pg_stat_statements (its own figure {row['own_ratio'] * 100:.3f}%), interval "
                f"{row['interval_in_force']:.3g} s (budget at most {budget * 100:g}% + 10% = "
                f"{budget * AUTO_SHARE_SLACK * 100:.2f}%): {_met(row['db_share'] <= budget * AUTO_SHARE_SLACK)}")
+    if "cpu_share" in row:
+        out.append(f"- auto at 100 held, the exporter's own CPU: {row['cpu_share'] * 100:.2f}% of a core (budget under 2%): "
+                   f"{_met(row['cpu_share'] < 0.02)}")
     return out
 
 
