@@ -206,7 +206,7 @@ class Assembler:
         changed = self._track(held_rows, view or EMPTY_VIEW, now)
         self._merge(changed)
         blocked, blocked_waits = self._blocked(own_waits)
-        assembled = self._states(caps, waits, blocked, seen_presets, unnamed_max_hold, pooled)
+        assembled = self._states(caps, waits, blocked, changed, seen_presets, unnamed_max_hold, pooled)
         assembled = replace(assembled, blocked=blocked_waits,
                             waiting_pids=frozenset(row.pid for row in own_waits.values() if row.pid is not None),
                             **(self._releases(view) if view is not None else {}))
@@ -311,9 +311,9 @@ class Assembler:
                 # Unnamed keys of both forms share a database: the form keeps a bigint and an int4
                 # pair with the same 64 bits apart (a named lock or family has one form).
                 lock_id = (UNNAMED, database, objsubid) if index is None else lock_ids[index]
-                # A PREPARE moves a session's holds to the prepared transaction: no new acquisition.
+                # A PREPARE moves a session's holds to the prepared transaction (pid NULL): no new acquisition.
                 starts, in_both_modes = tracker.see(lock_id, sid, group, row.idle_seconds or 0.0,
-                                                    counts=row.prepared_xid is None)
+                                                    counts=row.pid is not None)
                 figures.add(starts, in_both_modes, group, objsubid, row.shared, who)
                 latest = max(latest, *starts)
                 if index is not None and self._is_family[index]:
@@ -348,19 +348,30 @@ class Assembler:
             shown = self._shown[tally] = _Shown(figures, limit, oldest_holders(figures, limit, order))
         return shown.holders
 
-    def _states(self, caps: Caps, waits: dict[Tally, list[float]], blocked: dict[Tally, list[float]],
+    def _states(self, caps: Caps, waits: dict[Tally, list[float]], blocked: dict[Tally, list[float]], changed: set[Tally],
                 seen_presets: frozenset[tuple[str, str]], unnamed_max_hold: float | None, pooled: bool) -> Assembled:
         states = []
         info_budget = caps.total  # holder_info series the remaining locks may still have
         dropped = 0
         seen = set(seen_presets)
+        # A lock no changed session holds, nobody waits for or in, under the same limit, is its last
+        # state (its total, and so its acquisitions, are the same): one set lookup, not a rebuild.
+        touched = changed | waits.keys() | blocked.keys()
+        made_get, per_lock = self._made.get, caps.per_lock
         for index, (lock, lock_id) in enumerate(zip(self._locks, self._lock_ids, strict=True)):
-            total, wait = self._totals.get(index), waits.get(index)
-            if lock.source == SOURCE_PRESET:
-                if total is None and wait is None and lock_id not in seen:
-                    continue  # a preset lock nobody has taken: no series until someone does
-                seen.add(lock_id)
-            state = self._lock_state(index, lock, total, wait, blocked.get(index), min(caps.per_lock, info_budget), pooled)
+            made = made_get(index)
+            limit = per_lock if per_lock <= info_budget else info_budget
+            if made is not None and index not in touched and made.limit == limit and made.pooled is pooled:
+                state = made.state
+                if lock.source == SOURCE_PRESET:
+                    seen.add(lock_id)
+            else:
+                total, wait = self._totals.get(index), waits.get(index)
+                if lock.source == SOURCE_PRESET:
+                    if total is None and wait is None and lock_id not in seen:
+                        continue  # a preset lock nobody has taken: no series until someone does
+                    seen.add(lock_id)
+                state = self._lock_state(index, lock, total, wait, blocked.get(index), limit, pooled)
             states.append(state)
             info_budget -= len(state.info_holders)
             dropped += state.holds - len(state.info_holders)

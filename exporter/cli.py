@@ -128,17 +128,22 @@ class Reloader:
                     log.error("config reload refused: %s: %s", exc.source, detail)
                 self._runtime.reload_result(False)
                 return False
+            except Exception as exc:  # noqa: BLE001 - a reload that breaks is a refused reload, seen
+                return _reload_broke(self._runtime, exc, "the running config stays")
             try:
                 self._runtime.apply(fleet)
             except Exception as exc:  # noqa: BLE001 - a reload that breaks is a refused reload, seen
-                log.error("config reload failed: %s; the targets already changed keep the new config",
-                          describe_exception(exc))
-                log.debug("config reload failed", exc_info=exc)
-                self._runtime.reload_result(False)
-                return False
+                return _reload_broke(self._runtime, exc, "the targets already changed keep the new config")
             self._runtime.reload_result(True)
             log.info("config reloaded: %s", fleet.summary())
             return True
+
+
+def _reload_broke(runtime: Runtime, exc: BaseException, what_stays: str) -> bool:
+    log.error("config reload failed: %s; %s", describe_exception(exc), what_stays)
+    log.debug("config reload failed", exc_info=exc)
+    runtime.reload_result(False)
+    return False
 
 
 def serve(args: argparse.Namespace, fleet: Fleet, web: WebConfig) -> int:

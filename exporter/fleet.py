@@ -77,14 +77,16 @@ class Target:
     """One monitored server: its poller and prober threads and its own exposition."""
 
     def __init__(self, config: Config, with_process: bool,
-                 on_snapshot: Callable[[str, Snapshot], None] | None = None) -> None:
+                 on_snapshot: Callable[[str, Snapshot], None] | None = None, turn: threading.Lock | None = None) -> None:
         self.config = config
         self.exposition = Exposition(Snapshot(up=False, stats=PollStats(interval=config.interval_budget.minimum)),
                                      with_process=with_process)
         self.first_poll = threading.Event()
         self._on_snapshot = on_snapshot
         self._stop = threading.Event()
-        turn = threading.Lock()  # one statement of ours at a time on this server: probe or poll
+        # One statement of ours at a time on this server, probe or poll (shared by every target on
+        # the same server: pg_locks is the whole cluster's, so one target's poll would see another's try).
+        turn = turn or threading.Lock()
         self.prober = Prober(config, connect=connect_probe, publish=self.exposition.publish_probes, turn=turn)
         self.poller = Poller(config, connect=connect_poller, publish=self._publish, turn=turn)
         self._threads: list[threading.Thread] = []
@@ -149,6 +151,7 @@ class Runtime:
         self.telemetry_path = telemetry_path
         self.health = None if fleet.single else FleetExposition()
         self._targets: dict[str, Target] = {}
+        self._turns: dict[tuple[str, ...], threading.Lock] = {}  # (host, port) -> the turn its targets share
         self._lock = threading.Lock()
         self.reload_status = ReloadStatus(True, time.time())
         for config in fleet.targets:
@@ -158,8 +161,9 @@ class Runtime:
 
     def _make(self, config: Config) -> Target:
         health = self.health
+        turn = self._turns.setdefault(server_identity(config.dsn)[:2], threading.Lock())
         return Target(config, with_process=self.single,
-                      on_snapshot=health.publish_target if health is not None else None)
+                      on_snapshot=health.publish_target if health is not None else None, turn=turn)
 
     @property
     def targets(self) -> dict[str, Target]:

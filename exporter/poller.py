@@ -28,7 +28,7 @@ from .naming import ResolvedLock, find_collisions
 from .resolve import resolve_on_server
 from .poolers import PoolerReader
 from .interval import IntervalController
-from .relations import RelationNames
+from .relations import PG_REPACK_KEY_SET, RelationNames
 from .snapshot import Chain, ConsoleStatus, KeyCollision, PollStats, Snapshot
 from .tracker import HoldTracker
 
@@ -50,7 +50,7 @@ class ServerInfo:
     backend_pid: int
     server_port: int | None  # inet_server_port(): None over a Unix socket
     server_addr: str | None
-    client_port: int | None  # the port the server sees our end at (-1 over a Unix socket)
+    client_port: int | None  # inet_client_port(): the port the server sees our end at (None over a Unix socket)
     client_addr: str | None
     port_setting: int  # the server's own port setting, whatever the connection came through
     database: str
@@ -104,6 +104,8 @@ class Poller:
         self._tracker = HoldTracker(config.max_tracked_holds)
         self._controller = IntervalController(config.interval_budget)
         self._server_seconds = 0.0  # this poll's time in statements on the server: its cost
+        self._abandoned = False  # the poll running now was given up as stuck and already counted
+        self._explaining = False  # the last poll ran statements after the poll (chain, table names)
         self._assembler = Assembler((), KeyMatcher(()), self._tracker)
         self._seen_presets: frozenset[tuple[str, str]] = frozenset()
         self._collisions: tuple[KeyCollision, ...] = ()
@@ -242,9 +244,12 @@ class Poller:
         # The consoles right after pg_locks, so both describe the same moment as nearly as can be.
         view = self._poolers.read(self.server.port_setting if self.server else None) \
             if self._poolers.configured else None
+        # With every console down and no pooler known by address nothing is known of the poolers:
+        # the pooled figures are then left out, not reported as 0.
+        known = view if view is not None and (view.by_address or any(c.up for c in view.consoles)) else None
         result = self._assembler.run(
             rows, now, Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
-            self._seen_presets, config.unnamed_max_hold, view, frozenset(config.databases),
+            self._seen_presets, config.unnamed_max_hold, known, frozenset(config.databases),
         )
         self._seen_presets = result.seen_presets
         if result.holder_info_dropped:
@@ -259,6 +264,8 @@ class Poller:
         if conn is None or server is None:
             return {}, ()
         started = self._clock()
+        self._explaining = bool(result.blocked) or any(lock.key == PG_REPACK_KEY_SET for lock in result.locks
+                                                           if lock.holds)
         try:
             return self._explained(conn, server, result)
         finally:
@@ -312,17 +319,20 @@ class Poller:
                 result, consoles = self._build(rows, now)
             notes, chains = self._explain(result)
         except (psycopg.Error, PollTurnTaken) as exc:
-            stats = self._record(self._clock() - started, failed=True)
+            stats = self._stats_now() if self._late() else self._record(self._clock() - started, failed=True)
             self._fail(error_line(exc, self._config.dsn))
             if self._conn is not None and (self._conn.closed or isinstance(exc, psycopg.OperationalError)):
                 self.close()
             return Snapshot(up=False, stats=stats)
         except Exception as exc:  # noqa: BLE001 - a bug, or rows no one foresaw: a failed poll, seen
-            stats = self._record(self._clock() - started, failed=True)
+            stats = self._stats_now() if self._late() else self._record(self._clock() - started, failed=True)
             self._last_error = self._unexpected.report(exc)
             self._restart()
             return Snapshot(up=False, stats=stats)
-        self._controller.record(self._server_seconds, self._clock())  # the next interval, from this poll's cost
+        if self._late():
+            return Snapshot(up=False, stats=self._stats_now())  # already counted, as failed, when it was abandoned
+        with self._stats_lock:
+            self._controller.record(self._server_seconds, self._clock())  # the next interval, from this poll's cost
         stats = self._record(now - started, failed=False)
         if self._last_error is not None:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
@@ -331,6 +341,16 @@ class Poller:
         return Snapshot(up=True, locks=result.locks, unnamed=result.unnamed, collisions=self._collisions, stats=stats,
                         consoles=consoles, taken_at=now, wall_at=wall_at, key_notes=notes, chains=chains, releases=releases,
                         backend_releases=result.backend_releases)
+
+    def _late(self) -> bool:
+        """Whether this poll was given up as stuck (its outcome was published as a failed poll)."""
+        with self._stats_lock:
+            late, self._abandoned = self._abandoned, False
+        return late
+
+    def _stats_now(self) -> PollStats:
+        with self._stats_lock:
+            return self._stats()
 
     def _restart(self) -> None:
         """After an unexpected error: a new connection and assembler (its memory of the last poll
@@ -371,14 +391,23 @@ class Poller:
             self._tracker.max_tracked = config.max_tracked_holds
             self._poolers.reconfigure(config)
 
+    def deadline(self) -> float:
+        """How long a poll may take before it counts as stuck: the poll statement's own bound, and
+        room for what a poll may do after it (each pooler console's read, the chain and table
+        names): a slow console or a slow pg_blocking_pids must not fail the poll they serve."""
+        explain = 2 * self._config.timeout_seconds if self._explaining else 0.0
+        return self._timeout() + self._poolers.read_budget() + explain
+
     def _poll_with_deadline(self) -> Snapshot:
-        """poll_once, or up=0 if it does not return within an interval (a hung server)."""
-        interval = self._timeout()
+        """poll_once, or up=0 if it does not return within its deadline (a hung server)."""
+        deadline = self.deadline()
         try:
-            return self._worker.call(self.poll_once, timeout=interval)
+            return self._worker.call(self.poll_once, timeout=deadline)
         except StuckCall as exc:
             self._fail(f"{exc}: is the server hung? No new connection until it returns")
-            return Snapshot(up=False, stats=self._record(interval, failed=True))
+            with self._stats_lock:
+                self._abandoned = self._worker.busy  # the poll still running counts no second time
+            return Snapshot(up=False, stats=self._record(deadline, failed=True))
 
     def run(self, stop: threading.Event) -> None:
         """Poll every interval until stop is set; publishes after every attempt. Nothing ends the

@@ -187,6 +187,7 @@ class PoolerReader:
     def reconfigure(self, config: Config) -> None:
         self.close()
         self._poolers = config.poolers
+        self._address_counts: dict[str, int] = {}
         self._by_address = {
             address: ServerLink(p.name, p.pool_mode or "session", None)
             for p in config.poolers if p.type is None for address in p.addresses
@@ -195,6 +196,12 @@ class PoolerReader:
     @property
     def configured(self) -> bool:
         return bool(self._poolers)
+
+    def read_budget(self) -> float:
+        """The longest a read of every console may take: per console pooler, name resolution and
+        each address it resolved to last time (at least one), CONSOLE_TIMEOUT each."""
+        consoles = [p for p in self._poolers if p.type is not None and p.dsn is not None]
+        return sum(CONSOLE_TIMEOUT * (1 + max(1, self._address_counts.get(p.name, 1))) for p in consoles)
 
     def fronting(self, dsn: str) -> str | None:
         """The configured pooler the dsn points at, if any: a console pooler listening on one of
@@ -237,6 +244,8 @@ class PoolerReader:
             statuses.append(ConsoleStatus(pooler.name, describe_hosts(pooler.dsn), False, self._clock() - started))
             return
         self._last_error.pop(slot, None)
+        self._address_counts[pooler.name] = len(addresses)
+        self._forget_gone(pooler.name, {where.label for where in addresses})
         for where in addresses:
             slot = (pooler.name, where.label)
             started = self._clock()
@@ -252,6 +261,13 @@ class PoolerReader:
             links.tcp.update(found.tcp)
             links.unix.update(found.unix)
             statuses.append(ConsoleStatus(pooler.name, where.label, True, self._clock() - started))
+
+    def _forget_gone(self, pooler: str, labels: set[str]) -> None:
+        """Close the connections of addresses the pooler's name no longer resolves to."""
+        for slot in [slot for slot in self._conns if slot[0] == pooler and slot[1] not in labels]:
+            if not self._workers.get(slot, OneAtATime("")).busy:
+                self._conns.pop(slot).close()
+                self._workers.pop(slot, None)
 
     def _read_one(self, pooler: PoolerConfig, where: ConsoleAddress) -> ConsoleLinks:
         slot = (pooler.name, where.label)

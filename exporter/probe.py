@@ -129,11 +129,14 @@ class Prober:
             return conn
         if self._clock() < self._retry_at.get(database, 0.0):
             raise ProbeUnavailable("not connected (waiting to reconnect after a failed connect)")
+        conn = None
         try:
             conn = self._connect(self._config, database)
             with conn.cursor(row_factory=namedtuple_row) as cur:
                 row = cur.execute(queries.SERVER_INFO).fetchone()
         except psycopg.Error:
+            if conn is not None:
+                conn.close()
             failures = self._failures.get(database, 0) + 1
             self._failures[database] = failures
             cap = min(lock.probe.interval for lock in self._locks)  # type: ignore[union-attr]
@@ -146,10 +149,6 @@ class Prober:
         self._conns[database] = conn
         self._check_port(row)
         return conn
-
-    def backend_pids(self) -> frozenset[int]:
-        """The server processes of the probe's connections, which the poller leaves out of every figure."""
-        return frozenset(self._pids.values())  # one C-level copy: safe against the probe thread
 
     def _drop(self, database: str | None) -> None:
         conn = self._conns.pop(database, None)
@@ -175,9 +174,7 @@ class Prober:
                 self._turn.release()
             row = rows[0] if rows else None
         except (psycopg.Error, ProbeUnavailable) as exc:
-            conn = self._conns.get(lock.database)
-            if conn is not None and (conn.closed or isinstance(exc, psycopg.OperationalError)):
-                self._drop(lock.database)
+            self._recover(lock.database, exc)
             return self._record(lock, None, self._clock() - started, error_line(exc, self._config.dsn))
         except Exception as exc:  # noqa: BLE001 - a bug must not end the probe: a failed try, seen
             self._drop(lock.database)
@@ -185,6 +182,20 @@ class Prober:
         duration = self._clock() - started
         self._check_backend(lock.database, row.backend_pid if row else 0)
         return self._record(lock, bool(row and row.got), duration, None, trusted=lock.database not in self._pooled)
+
+    def _recover(self, database: str | None, exc: BaseException) -> None:
+        """After a failed try: a broken connection is dropped; one left inside the try's aborted
+        transaction (the one string stops at the error) is rolled back, or dropped if it cannot be."""
+        conn = self._conns.get(database)
+        if conn is None:
+            return
+        if conn.closed or isinstance(exc, psycopg.OperationalError):
+            self._drop(database)
+        elif conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            try:
+                conn.execute("ROLLBACK")
+            except psycopg.Error:
+                self._drop(database)
 
     def _check_backend(self, database: str | None, backend_pid: int) -> None:
         """A connection whose backend changed between tries goes through a transaction pooler."""

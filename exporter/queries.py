@@ -6,7 +6,8 @@ Reading pg_locks takes all 16 lock-manager partition locks, so a poll reads it e
 
 from __future__ import annotations
 
-# Exporter connections identify themselves; the probe's sessions are left out of every figure.
+# Exporter connections identify themselves (a name proves nothing: no session is left out for it;
+# the probe's own hold never meets a poll, since probe and poll of a server take turns).
 APPLICATION_NAME = "pg-advisory-lock-exporter"
 PROBE_APPLICATION_NAME = "pg-advisory-lock-exporter-probe"
 
@@ -78,7 +79,7 @@ WITH held AS MATERIALIZED (
     GROUP BY 1, 2, 3, 4, 5, 6, 7
 ), prepared AS (
     SELECT h.vxact, p.transaction::text::int8 AS xid, p.gid, p.owner::text AS owner, p.prepared
-    FROM held AS h JOIN pg_prepared_xacts AS p ON p.transaction::text::int8 = h.keys[1]
+    FROM held AS h JOIN pg_prepared_xacts AS p ON p.transaction::text::int8 = ANY(h.keys)
     WHERE NOT h.advisory AND h.pid IS NULL
 )
 SELECT {columns}
@@ -88,6 +89,25 @@ LEFT JOIN pg_stat_activity AS a ON a.pid = h.pid
 LEFT JOIN pg_database AS d ON d.oid = h.database
 WHERE h.advisory OR NOT h.granted
 """
+
+def _who(pid: str) -> dict[str, str]:
+    """Who holds a row, said the same way by the poll and the locks command (pid: the row's pid
+    column): a prepared transaction (pid NULL) by its gid and owner; the backend this statement runs
+    on, which holds nothing of ours (through a pooler: someone else's session lock) as idle, outside
+    any transaction, with no name of ours on it; any other by pg_stat_activity."""
+    own = f"{pid} = pg_backend_pid()"
+    return {
+        "application_name": f"CASE WHEN {pid} IS NULL THEN px.gid WHEN {own} THEN '' ELSE a.application_name END",
+        "usename": f"CASE WHEN {pid} IS NULL THEN px.owner ELSE a.usename::text END",
+        "state": f"CASE WHEN {pid} IS NULL THEN 'prepared' WHEN {own} THEN 'idle' ELSE a.state END",
+        "outside_transaction": f"CASE WHEN {own} THEN true ELSE a.xact_start IS NULL AND a.state = 'idle' END",
+        "idle_seconds": (f"CASE WHEN {pid} IS NULL THEN greatest(extract(epoch FROM now() - px.prepared)::float8, 0) "
+                         f"WHEN a.state LIKE 'idle%%' AND ({own}) IS NOT TRUE "
+                         "THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END"),
+    }
+
+
+_POLL_WHO = _who("h.pid")
 
 # The poll's columns, declared once: (name, type, expression). Code and tests read them by name
 # (Row = namedtuple("Row", POLL_COLUMN_NAMES)); STABLE_COLUMNS are the ones compared with the last
@@ -106,21 +126,16 @@ POLL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("wait_mode", "text", "h.wait_mode"),  # the mode a waiter asks for
     ("wait_relation", "int8", "h.wait_relation::int8"),  # the table a relation (or tuple, page) waiter waits for
     ("backend_start", "float8", "extract(epoch FROM a.backend_start)::float8"),
-    ("application_name", "text", "CASE WHEN h.pid IS NULL THEN px.gid ELSE a.application_name END"),
-    ("usename", "text", "CASE WHEN h.pid IS NULL THEN px.owner ELSE a.usename::text END"),
+    ("application_name", "text", _POLL_WHO["application_name"]),
+    ("usename", "text", _POLL_WHO["usename"]),
     ("client_addr", "text", "host(a.client_addr)"),
     ("client_port", "int4", "a.client_port"),
-    ("state", "text",
-     "CASE WHEN h.pid IS NULL THEN 'prepared' WHEN h.pid = pg_backend_pid() THEN 'idle' ELSE a.state END"),
-    ("outside_transaction", "bool",
-     "CASE WHEN h.pid = pg_backend_pid() THEN true ELSE a.xact_start IS NULL AND a.state = 'idle' END"),
+    ("state", "text", _POLL_WHO["state"]),
+    ("outside_transaction", "bool", _POLL_WHO["outside_transaction"]),
     ("wait_seconds", "float8",
      "CASE WHEN NOT h.granted "
      "THEN greatest(extract(epoch FROM now() - coalesce(h.waitstart, a.query_start))::float8, 0) END"),
-    ("idle_seconds", "float8",
-     "CASE WHEN h.pid IS NULL THEN greatest(extract(epoch FROM now() - px.prepared)::float8, 0) "
-     "WHEN a.state LIKE 'idle%%' AND h.pid <> pg_backend_pid() "
-     "THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END"),
+    ("idle_seconds", "float8", _POLL_WHO["idle_seconds"]),
 )
 POLL_COLUMN_NAMES = tuple(name for name, _, _ in POLL_COLUMNS)
 STABLE_COLUMNS = tuple(name for name in POLL_COLUMN_NAMES if name != "idle_seconds")
@@ -207,14 +222,11 @@ WITH l AS MATERIALIZED (
 )
 SELECT d.datname, l.classid::int8 AS classid, l.objid::int8 AS objid, l.objsubid::int AS objsubid, l.mode,
        l.granted, l.pid, px.xid AS prepared_xid,
-       CASE WHEN l.pid IS NULL THEN px.gid ELSE a.application_name END AS application_name,
-       CASE WHEN l.pid IS NULL THEN px.owner ELSE a.usename::text END AS usename,
-       host(a.client_addr) AS client_addr, CASE WHEN l.pid IS NULL THEN 'prepared' ELSE a.state END AS state,
+       {application_name} AS application_name, {usename} AS usename,
+       host(a.client_addr) AS client_addr, {state} AS state,
        a.client_port, extract(epoch FROM a.backend_start)::float8 AS backend_start,
-       a.xact_start IS NULL AND a.state = 'idle' AS outside_transaction,
-       CASE WHEN l.pid IS NULL THEN greatest(extract(epoch FROM now() - px.prepared)::float8, 0)
-            WHEN l.granted AND a.state LIKE 'idle%'
-            THEN greatest(extract(epoch FROM now() - a.state_change)::float8, 0) END AS held_at_least,
+       {outside_transaction} AS outside_transaction,
+       CASE WHEN l.granted THEN {idle_seconds} END AS held_at_least,
        CASE WHEN NOT l.granted
             THEN greatest(extract(epoch FROM now() - coalesce(l.waitstart, a.query_start))::float8, 0) END AS waiting,
        CASE WHEN NOT l.granted THEN pg_blocking_pids(l.pid) END AS blocked_by
@@ -225,8 +237,9 @@ LEFT JOIN pg_database AS d ON d.oid = l.database
 WHERE l.locktype = 'advisory'
 ORDER BY d.datname, l.classid, l.objid, l.objsubid, l.granted DESC, l.pid NULLS LAST, px.gid
 """
-LOCKS_NOW = _LOCKS_NOW_TEMPLATE.format(waitstart="waitstart")
-LOCKS_NOW_PG13 = _LOCKS_NOW_TEMPLATE.format(waitstart="NULL::timestamptz")
+_LOCKS_WHO = {name: text.replace("%%", "%") for name, text in _who("l.pid").items()}
+LOCKS_NOW = _LOCKS_NOW_TEMPLATE.format(waitstart="waitstart", **_LOCKS_WHO)
+LOCKS_NOW_PG13 = _LOCKS_NOW_TEMPLATE.format(waitstart="NULL::timestamptz", **_LOCKS_WHO)
 
 
 def locks_now_query(server_version_num: int) -> str:
@@ -243,8 +256,9 @@ WHERE c.oid = ANY(%(oids)s::oid[])
 
 # Who blocks each holder that waits itself, down to the root: pg_blocking_pids() of those holders,
 # then of each blocker that waits too (the poll knows who waits: no call for a session that does
-# not). A prepared transaction blocks as pid 0: its gid comes from pg_prepared_xacts. Only run in a
-# poll where some holder waits, so the common poll stays one statement.
+# not). A prepared transaction blocks as pid 0: the prepared transactions holding what the blocked
+# session waits for are named by gid (pg_locks read again, only then). Only run in a poll where
+# some holder waits, so the common poll stays one statement.
 CHAIN = """
 WITH RECURSIVE chain(blocks, blocker, depth) AS (
     SELECT w.pid, b.pid, 1
@@ -259,8 +273,21 @@ SELECT c.blocks, c.blocker, c.depth, coalesce(a.application_name, '') AS applica
        coalesce(a.state, '') AS state, extract(epoch FROM now() - a.state_change)::float8 AS state_seconds,
        c.blocker = ANY(%(waiting)s::int[]) AS waiting,
        CASE WHEN %(show_queries)s THEN left(a.query, 200) END AS query,
-       CASE WHEN c.blocker = 0
-            THEN (SELECT string_agg(quote_literal(gid), ', ' ORDER BY prepared) FROM pg_prepared_xacts) END AS prepared
+       CASE WHEN c.blocker = 0 THEN (
+           -- The prepared transactions holding what c.blocks waits for: the same lock tag, granted
+           -- with pid NULL, named through their transactionid row. Read only when one blocks.
+           SELECT string_agg(DISTINCT quote_literal(p.gid), ', ')
+           FROM pg_locks AS w
+           JOIN pg_locks AS g ON g.granted AND g.pid IS NULL AND g.locktype = w.locktype
+                AND g.database IS NOT DISTINCT FROM w.database AND g.relation IS NOT DISTINCT FROM w.relation
+                AND g.page IS NOT DISTINCT FROM w.page AND g.tuple IS NOT DISTINCT FROM w.tuple
+                AND g.transactionid IS NOT DISTINCT FROM w.transactionid
+                AND g.classid IS NOT DISTINCT FROM w.classid AND g.objid IS NOT DISTINCT FROM w.objid
+                AND g.objsubid IS NOT DISTINCT FROM w.objsubid
+           JOIN pg_locks AS x ON x.pid IS NULL AND x.locktype = 'transactionid'
+                AND x.virtualtransaction = g.virtualtransaction
+           JOIN pg_prepared_xacts AS p ON p.transaction = x.transactionid
+           WHERE w.pid = c.blocks AND NOT w.granted) END AS prepared
 FROM chain AS c
 LEFT JOIN pg_stat_activity AS a ON a.pid = c.blocker
 ORDER BY c.blocks, c.depth, c.blocker

@@ -19,14 +19,14 @@ from .snapshot import LockState
 log = logging.getLogger(__name__)
 
 PG_REPACK_FAMILY = keys.NamespaceFamily(presets.PG_REPACK_NAMESPACE)
-_PG_REPACK_KEY_SET = PG_REPACK_FAMILY.describe()
+PG_REPACK_KEY_SET = PG_REPACK_FAMILY.describe()
 
 
 def repacked_oids(locks: Iterable[LockState]) -> dict[tuple[str, str], int]:
     """(database, key label) -> table oid, for every shown holder of pg_repack's key family."""
     found = {}
     for lock in locks:
-        if lock.key != _PG_REPACK_KEY_SET:
+        if lock.key != PG_REPACK_KEY_SET:
             continue
         for holder in lock.info_holders:
             second = int(holder.key.split(",")[1])

@@ -85,11 +85,13 @@ class HoldTracker:
             start = earlier.get(key)
             if start is None:
                 start = proven_start
-                new += 1
                 if self._room_for_new > 0:
                     self._room_for_new -= 1
                     current[key] = start
+                    new += 1
                 else:
+                    # Not remembered, so new again at the next poll: never counted as an acquisition
+                    # (it would be counted at every poll, and move last_acquired with it).
                     self.dropped += 1
             else:
                 if proven_start < start:
@@ -104,7 +106,7 @@ class HoldTracker:
 
     def keep_unchanged(self, session: SessionId) -> None:
         """Holds of a session whose rows are the same as the last poll's: remembered as they were,
-        without looking at each key in_both_modes (their starts, modes and counts cannot have changed)."""
+        without looking at each key again (their starts, modes and counts cannot have changed)."""
         held = self._remembered.get(session)
         if held is not None:
             self._this_poll[session] = held

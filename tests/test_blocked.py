@@ -135,6 +135,29 @@ def test_nobody_waiting_costs_no_second_statement_and_the_series_are_0(make_poll
     assert value(snap, "pg_advisory_lock_unnamed_blocked_holders", database="postgres") == 0
 
 
+def test_a_waiter_that_holds_nothing_costs_no_second_statement(make_poller, sessions, server, monkeypatch) -> None:
+    # Pods queueing for a lock are waiters, not blocked holders: the poll stays one statement.
+    from exporter import poller as poller_module
+
+    calls = []
+    monkeypatch.setattr(poller_module, "read_chains", lambda *a, **k: calls.append(a) or ())
+    owner = sessions.open(application_name="shard-owner")
+    owner.execute("SELECT pg_advisory_lock(7)")
+    pod = sessions.open(application_name="pod")
+    thread = threading.Thread(target=pod.execute, args=("SELECT pg_advisory_lock(7)",), daemon=True)
+    thread.start()
+    wait_until(lambda: pod.info.backend_pid in waiting_pids(server))
+    try:
+        snap = make_poller({"locks": LOCKS}).poll_once()
+        assert value(snap, "pg_advisory_lock_waiters", **ids("shard")) == 1
+        assert value(snap, "pg_advisory_lock_blocked_holders", **ids("shard")) == 0
+        assert snap.chains == () and calls == []
+    finally:
+        owner.execute("SELECT pg_advisory_unlock_all()")
+        thread.join(10)
+        pod.execute("SELECT pg_advisory_unlock_all()")
+
+
 def test_an_unnamed_holder_that_waits(make_poller, sessions, server) -> None:
     setup = sessions.open()
     setup.execute("DROP TABLE IF EXISTS ledger; CREATE TABLE ledger (id int)")

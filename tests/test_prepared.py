@@ -90,3 +90,40 @@ def check_prepared_transactions_are_holders(dsn: str) -> None:
 
 def test_prepared_transactions_are_holders(server) -> None:
     check_prepared_transactions_are_holders(server.dsn())
+
+
+def test_a_prepared_transaction_with_subtransactions_is_one_holder_named_by_its_gid(server) -> None:
+    # Locks taken in savepoints, with writes that give the subtransactions ids of their own: whatever
+    # transaction ids the prepared transaction keeps, it is one holder, named by its gid, aged from
+    # the PREPARE.
+    dsn = server.dsn()
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        setup.execute("DROP TABLE IF EXISTS ledger_sub; CREATE TABLE ledger_sub (id int)")
+    try:
+        with psycopg.connect(dsn, application_name="preparer") as conn:
+            conn.execute("SAVEPOINT a")
+            conn.execute("INSERT INTO ledger_sub VALUES (1)")  # the first id is a subtransaction's
+            conn.execute("SELECT pg_advisory_xact_lock(77)")
+            conn.execute("RELEASE SAVEPOINT a")
+            conn.execute("INSERT INTO ledger_sub VALUES (2)")
+            conn.execute("SAVEPOINT b")
+            conn.execute("INSERT INTO ledger_sub VALUES (3)")
+            conn.execute("SELECT pg_advisory_xact_lock_shared(79)")
+            conn.execute("PREPARE TRANSACTION 'with-savepoints'")
+        time.sleep(1.0)
+        poller = Poller(parse_config({"dsn": dsn, "poll_interval": "1s", "locks": LOCKS}, "t"),
+                        connect=connect_poller, publish=lambda s: None)
+        try:
+            snap = poller.poll_once()
+        finally:
+            poller.close()
+        assert value(snap, "pg_advisory_lock_holders", **ids("prepared"), mode="exclusive") == 1
+        assert value(snap, "pg_advisory_lock_holders", **ids("shared"), mode="shared") == 1
+        assert value(snap, "pg_advisory_lock_held_seconds", **ids("prepared")) >= 1.0
+        names = {(h["lock"], h["application_name"], h["state"])
+                 for h in series(render(snap).decode(), "pg_advisory_lock_holder_info")}
+        assert names == {("prepared", "with-savepoints", "prepared"), ("shared", "with-savepoints", "prepared")}
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for (gid,) in conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall():
+                conn.execute(f"ROLLBACK PREPARED '{gid}'")
