@@ -57,10 +57,17 @@ class Gzipper:
     benchmark point most families do not change between polls, and deflating all 650 KB anew cost
     1.5 ms of a poll's 10. A part's deflate starts with no history: the 32 KB window of deflate
     reaches little across families of this size: at that point the gzip is 33 KB, against 38 KB for
-    the whole text deflated at once (gzip.compress)."""
+    the whole text deflated at once (gzip.compress).
+
+    The gzip's CRC-32 runs over the whole text in order; it is kept at each part's end, so only the
+    text from the first part that changed is read again (0.8 ms for the 925 KB of the default point,
+    whose first 80% does not change between polls); each part's bytes are kept the same way."""
 
     def __init__(self) -> None:
         self._deflated: dict[str, bytes] = {}
+        self._encoded: dict[str, bytes] = {}
+        self._parts: list[str] = []
+        self._crcs: list[int] = []  # the CRC-32 of the text up to the end of each of the last parts
 
     def __call__(self, parts: list[str]) -> Rendered:
         chunks: list[bytes] = []
@@ -78,9 +85,30 @@ class Gzipper:
         if small:
             chunks.append(_deflate("".join(small).encode()))
         self._deflated = kept
-        plain = "".join(parts).encode()
-        trailer = struct.pack("<II", zlib.crc32(plain), len(plain) & 0xFFFFFFFF)
+        plain, crc = self._plain_and_crc(parts)
+        trailer = struct.pack("<II", crc, len(plain) & 0xFFFFFFFF)
         return Rendered(plain, b"".join((_GZIP_HEADER, *chunks, _LAST_BLOCK, trailer)))
+
+    def _plain_and_crc(self, parts: list[str]) -> tuple[bytes, int]:
+        """The text's bytes, and their CRC-32 from the first part that is not the very same string
+        as last time on (the same strings: the text before them is the same)."""
+        same = 0
+        for now, then in zip(parts, self._parts):
+            if now is not then:
+                break
+            same += 1
+        crcs = self._crcs[:same]
+        crc = crcs[-1] if crcs else 0
+        encoded: dict[str, bytes] = {}
+        pieces = []
+        for n, part in enumerate(parts):
+            piece = encoded[part] = self._encoded.get(part) or part.encode()
+            pieces.append(piece)
+            if n >= same:
+                crc = zlib.crc32(piece, crc)
+                crcs.append(crc)
+        self._encoded, self._parts, self._crcs = encoded, parts, crcs
+        return b"".join(pieces), crc
 
 
 def process_registry() -> CollectorRegistry:

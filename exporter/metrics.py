@@ -55,13 +55,6 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
         (f',mode="{MODE_EXCLUSIVE}"', f',mode="{MODE_SHARED}"'),
     )
     yield texts.samples("waiters", "gauge", "Sessions waiting for the lock now.", tuple(map(_WAITERS, locks)))
-    yield texts.samples(
-        "held_seconds", "gauge",
-        "How long the longest current holder has held the lock (a proven lower bound); 0 when free.",
-        snapshot.ages(locks),
-    )
-    yield texts.samples("wait_seconds", "gauge", "The longest current wait for the lock; 0 when none.",
-                        tuple(map(_WAIT_SECONDS, locks)))
     yield texts.samples("acquisitions_total", "counter", "New holders observed since the exporter started.",
                         tuple(map(_ACQUISITIONS, locks)))
     yield texts.samples("last_acquired_timestamp_seconds", "gauge",
@@ -93,6 +86,15 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
     yield each("expect_every_seconds", "gauge",
                "expect_every from the config: a new holder is expected at least this often (a cron's lock).",
                tuple(map(_EXPECT_EVERY, locks)))
+    # The ages change at every poll: written after the families that mostly do not, so that the
+    # gzip's checksum of the unchanged text before them is kept (exposition.Gzipper).
+    yield texts.samples(
+        "held_seconds", "gauge",
+        "How long the longest current holder has held the lock (a proven lower bound); 0 when free.",
+        snapshot.ages(locks),
+    )
+    yield texts.samples("wait_seconds", "gauge", "The longest current wait for the lock; 0 when none.",
+                        tuple(map(_WAIT_SECONDS, locks)))
     yield from _unnamed_text(snapshot)
     yield from family(
         f"{PREFIX}_key_collision", "gauge", "1 for each pair of configured names that resolve to the same lock.",

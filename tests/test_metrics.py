@@ -4,10 +4,11 @@ from prometheus_client's own collectors, TYPE lines as the README promises."""
 from __future__ import annotations
 
 import gzip
+import random
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.exposition import Exposition
+from exporter.exposition import Exposition, Gzipper
 from exporter.metrics import render
 from exporter.snapshot import Holder, LockState, PollStats, ProbeResult, Snapshot, UnnamedLocks
 from tests.metrics_util import parse
@@ -101,3 +102,26 @@ def test_every_per_lock_family_survives_a_percent_sign_and_changes_only_where_va
     assert second[("pg_advisory_lock_held_seconds", (("database", "app"), ("lock", "7% done")))] == 7.0
     assert {k: v for k, v in second.items() if "holders" in k[0] and k[1][1][1] != "220% done"} == \
         {k: v for k, v in first.items() if "holders" in k[0] and k[1][1][1] != "220% done"}
+
+
+def test_the_gzip_of_parts_that_change_some_at_a_time_is_always_the_text() -> None:
+    # The deflates, bytes and checksums kept from the last rendering must never leak into the next:
+    # parts kept (the very same strings), replaced, equal but new, added, dropped, small and big.
+    rng = random.Random(7)
+    gzipper = Gzipper()
+    parts = [f"family_{n} " * rng.choice((3, 900)) + "\n" for n in range(8)]
+    for _ in range(60):
+        step = rng.randrange(5)
+        if step == 0:
+            parts[rng.randrange(len(parts))] = f"changed {rng.random()}\n" * rng.choice((2, 800))
+        elif step == 1:
+            parts = [p if rng.random() < 0.5 else "".join(list(p)) for p in parts]  # equal text, other strings
+        elif step == 2:
+            parts.insert(rng.randrange(len(parts) + 1), f"new {rng.random()}\n" * rng.choice((1, 700)))
+        elif step == 3 and len(parts) > 1:
+            parts.pop(rng.randrange(len(parts)))
+        rendered = gzipper(list(parts))
+        assert rendered.plain == "".join(parts).encode()
+        assert gzip.decompress(rendered.gzipped) == rendered.plain  # gzip checks the CRC-32 and length
+    empty = gzipper([])
+    assert empty.plain == b"" and gzip.decompress(empty.gzipped) == b""
