@@ -212,10 +212,11 @@ def test_every_figure_of_two_polls_by_hand() -> None:
             _row(70, [5], datname="third"),  # a database not monitored: left out, and the rows after it read
             _row(10, [5, 1000, 77], **a), _row(10, [5], shared=True, **a),  # 5 in both modes: one hold
             _row(20, [(42 << 32) | 3, (42 << 32) | 4, (43 << 32) | 1], objsubid=PAIR, **b),
-            _row(20, [1001, 9], shared=True, **b),
+            _row(20, [1001, 9, 88], shared=True, **b),
             _row(30, [6], datname="other", backend_start=3.0, app="c", addr="10.0.0.3"),
             _row(40, [5], granted=False, wait=0.5), _row(41, [5], granted=False, wait=1.23456),
-            _row(42, [99], granted=False, wait=None),  # a wait on a key nobody named
+            _row(42, [99], granted=False, wait=None),  # waits on keys nobody named
+            _row(43, [99], granted=False, wait=0.98765),
             *more,
         ]
 
@@ -245,7 +246,7 @@ def test_every_figure_of_two_polls_by_hand() -> None:
         five._replace(name="five-again", max_hold=None, info_holders=()),
     )
     assert second.unnamed == (
-        UnnamedLocks("postgres", 2, 1, 70.0, 0.0, (holder(10, 70.0, "77"),), 30.0),
+        UnnamedLocks("postgres", 3, 2, 70.0, 0.988, (holder(10, 70.0, "77"),), 30.0),
     )
     assert second.holder_info_dropped == 4  # low's two, preset-held's one, five-again's one
     assert second.seen_presets == frozenset({("preset-held", "postgres")})
@@ -273,6 +274,9 @@ def test_who_holds_a_pooled_backends_locks() -> None:
     # Session-level locks left on a transaction-pool backend outside any transaction: nobody's.
     assert who_holds(_row(60, [5], port=6000, outside=True, **common), view) == \
         Who(60, 5.0, "", "u", "", "idle", "pgb", True)
+    assert who_holds(_row(60, [5], port=6000, outside=True, user=None, state=None), view) == \
+        Who(60, None, "", "", "", "", "pgb", True)
+    assert who_holds(_row(61, [5], port=6001, state=None), view).state == ""
     # Inside a transaction, the backend's locks are its client's.
     assert who_holds(_row(60, [5], port=6000, **common), view) == \
         Who(60, 5.0, "client-app", "client-user", "10.9.9.9", "idle", "pgb", False)
@@ -282,6 +286,10 @@ def test_who_holds_a_pooled_backends_locks() -> None:
     # Nobody borrows it now: the backend's own names, and the pooler it belongs to.
     assert who_holds(_row(62, [5], port=6002, **common), view) == \
         Who(62, 5.0, "last-borrower", "u", "10.0.0.5", "idle", "pgb", False)
+    # A pooler known by its address only.
+    by_address = PoolerView(by_address={"10.0.0.7": ServerLink("pgcat", "session", Client("10.9.9.7", "cu", "ca"))})
+    assert who_holds(_row(64, [5], port=7000, addr="10.0.0.7"), by_address) == \
+        Who(64, None, "ca", "cu", "10.9.9.7", "active", "pgcat", False)
     # Not a pooler's backend, and a prepared transaction (no pid to look up): the row's own names.
     assert who_holds(_row(63, [5], port=6000, app=None, user=None, addr=None, state=None), view) == \
         Who(63, None, "", "", "", "", "", False)
@@ -294,6 +302,7 @@ def test_pooled_session_holders_count_the_stranded_holds() -> None:
     view = PoolerView(by_backend={(60, 6000): ServerLink("pgb", "transaction", None),
                                   (61, 6001): ServerLink("pgb", "transaction", None)})
     rows = [_row(60, [5, 77, 78], port=6000, outside=True, backend_start=1.0, state="idle", idle=3.0),
+            _row(60, [79], port=6000, outside=True, shared=True, backend_start=1.0, state="idle", idle=3.0),
             _row(61, [5], port=6001, shared=True, backend_start=2.0, app="x", state="active")]
     result = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(3, 10, 1), view=view)
     stranded = Holder(60, 1.0, EXCLUSIVE, "", "u", "", "idle", 97.0, "5", "pgb", True)
@@ -302,7 +311,7 @@ def test_pooled_session_holders_count_the_stranded_holds() -> None:
         (stranded, Holder(61, 2.0, SHARED, "x", "u", "", "active", 100.0, "5", "pgb")), 2, "config", "5", None, 1,
     ),)
     # The unnamed keys' one holder_info series is the oldest hold's, the lowest key among equals.
-    assert result.unnamed == (UnnamedLocks("postgres", 2, 0, 97.0, 0.0, (stranded._replace(key="77"),), None, 2),)
+    assert result.unnamed == (UnnamedLocks("postgres", 3, 0, 97.0, 0.0, (stranded._replace(key="77"),), None, 3),)
     # Without a pooler configured, there is no pooled figure at all.
     plain = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(3, 10, 1))
     assert plain.locks[0].pooled_session_holders is None and plain.unnamed[0].pooled_session_holders is None
@@ -328,6 +337,10 @@ def test_the_holder_info_caps() -> None:
     assert [(h.pid, h.key) for h in result.locks[0].info_holders] == [(2, "5"), (3, "5")]
     assert [(h.pid, h.key) for h in result.locks[1].info_holders] == [(3, "6")]
     assert result.holder_info_dropped == 3
+    # Among holds as old as each other: the lowest pid first, whatever its key.
+    even = [_row(1, [9]), _row(2, [5])]
+    unnamed = Assembler((), KeyMatcher(()), HoldTracker()).run(even, 100.0, Caps(1, 1, 1)).unnamed[0]
+    assert [(h.pid, h.key) for h in unnamed.info_holders] == [(1, "9")]
     # No room at all: no series, and every hold counted as dropped.
     none = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(2, 0, 0))
     assert none.locks[0].info_holders == () and none.holder_info_dropped == 6

@@ -31,6 +31,7 @@ def test_known_encodings() -> None:
     assert keys.bigint_tag(INT64_MIN) == LockTag(0x80000000, 0, 1)
     assert keys.bigint_tag(INT64_MAX) == LockTag(0x7FFFFFFF, 0xFFFFFFFF, 1)
     assert keys.int4_pair_tag(-1, -2) == LockTag(0xFFFFFFFF, 0xFFFFFFFE, 2)
+    assert keys.int4_pair_tag(INT4_MAX, INT4_MIN) == LockTag(0x7FFFFFFF, 0x80000000, 2)
 
 
 @pytest.mark.parametrize("bad", [INT64_MIN - 1, INT64_MAX + 1])

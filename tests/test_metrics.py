@@ -107,7 +107,7 @@ def test_every_per_lock_family_survives_a_percent_sign_and_changes_only_where_va
 
 
 def test_every_series_of_a_full_snapshot_names_labels_and_values() -> None:
-    app = 'we"ird\\app\nname'  # every character a label value must escape
+    app = 'we"ird\\name\nx'  # every character a label value must escape (a backslash before an n too)
     holder = Holder(7, 1.0, frozenset({"exclusive"}), app, "u", "10.0.0.1", "idle", 4.0, "42,7", "pgb")
     prepared = Holder(None, None, frozenset({"shared"}), "gid-1", "owner", "", "prepared", 5.0, "42,8", prepared_xid=701)
     snapshot = Snapshot(
