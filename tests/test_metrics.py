@@ -9,7 +9,7 @@ import math
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
-from exporter.metrics import Exposition, Gzipper, format_value, render
+from exporter.metrics import Exposition, FleetExposition, Gzipper, format_value, render
 from exporter.snapshot import (
     ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
 )
@@ -237,3 +237,49 @@ def test_the_gzip_of_small_parts_around_a_big_one_says_the_same() -> None:
     for _ in range(2):  # the second time from the kept deflate of the big part
         rendered = gzipper(parts)
         assert rendered.plain == "".join(parts).encode() and gzip.decompress(rendered.gzipped) == rendered.plain
+
+
+def test_a_fleets_metrics_say_each_targets_health() -> None:
+    fleet = FleetExposition()
+    fleet.publish_target("b", Snapshot(up=False, stats=PollStats(polls=3, errors=2, duration_buckets=((0.01, 1),),
+                                                                 duration_sum=5.5)))
+    fleet.publish_target("a", SNAPSHOT)
+    fleet.publish_target("gone", SNAPSHOT)
+    fleet.forget_target("gone")
+    fleet.publish_reload(ReloadStatus(False, 1699999999.0))
+    fleet.render_now()
+    text = fleet.body().decode()
+    samples = parse(text)
+    p = "pg_advisory_lock_exporter_"
+    assert {k: v for k, v in samples.items() if k[0].startswith(p)} == {
+        (p + "target_up", (("target", "a"),)): 1, (p + "target_up", (("target", "b"),)): 0,
+        (p + "target_poll_duration_seconds_bucket", (("le", "0.005"), ("target", "a"))): 1,
+        (p + "target_poll_duration_seconds_bucket", (("le", "0.01"), ("target", "a"))): 2,
+        (p + "target_poll_duration_seconds_bucket", (("le", "+Inf"), ("target", "a"))): 2,
+        (p + "target_poll_duration_seconds_count", (("target", "a"),)): 2,
+        (p + "target_poll_duration_seconds_sum", (("target", "a"),)): 0.2,
+        (p + "target_poll_duration_seconds_bucket", (("le", "0.01"), ("target", "b"))): 1,
+        (p + "target_poll_duration_seconds_bucket", (("le", "+Inf"), ("target", "b"))): 3,
+        (p + "target_poll_duration_seconds_count", (("target", "b"),)): 3,
+        (p + "target_poll_duration_seconds_sum", (("target", "b"),)): 5.5,
+        (p + "target_poll_errors_total", (("target", "a"),)): 1, (p + "target_poll_errors_total", (("target", "b"),)): 2,
+        (p + "build_info", (("version", __version__),)): 1,
+        (p + "config_last_reload_successful", ()): 0,
+        (p + "config_last_reload_success_timestamp_seconds", ()): 1699999999,
+    }
+    kinds = families(text)
+    assert (kinds[p + "target_up"], kinds[p + "target_poll_duration_seconds"], kinds[p + "target_poll_errors"]) == \
+        ("gauge", "histogram", "counter")
+    assert "process_cpu_seconds" in kinds  # the exporter's own process figures are the fleet's /metrics
+
+
+def test_the_watchdogs_replacement_loses_to_a_poll_published_meanwhile() -> None:
+    exposition = Exposition(SNAPSHOT, with_process=False)
+    stuck = Snapshot(up=False)
+    assert exposition.publish_instead_of(SNAPSHOT, stuck) and exposition.snapshot is stuck
+    assert not exposition.publish_instead_of(SNAPSHOT, Snapshot(up=False)) and exposition.snapshot is stuck
+    exposition.publish_probes((ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),))
+    exposition.render_now()
+    samples = parse(exposition.body().decode())
+    assert samples[("pg_advisory_lock_exporter_up", ())] == 0
+    assert samples[("pg_advisory_lock_probe_acquirable", (("database", "app"), ("lock", "leader")))] == 1
