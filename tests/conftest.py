@@ -41,6 +41,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         report.longrepr = f"skipped under CI, where everything must run: {report.longrepr}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that asks for a server (directly or through sessions, make_poller, ...) is marked
+    `server`, so `-m "not server"` runs the tests that need none (the mutation run: README)."""
+    for item in items:
+        if "server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
 def needs_own_clusters() -> None:
     """Tests that start, stop or restart clusters of their own: skipped with PG_TEST_DSN."""
     if os.environ.get("PG_TEST_DSN"):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import random
 from collections import namedtuple
 
-from exporter import queries
+from exporter import keys, queries
 from exporter.assemble import Assembler, Caps
+from exporter.config import LockConfig, parse_config
+from exporter.holders import Who, who_holds
 from exporter.matching import KeyMatcher
-from exporter.config import parse_config
+from exporter.naming import SOURCE_CONFIG, SOURCE_PRESET, ResolvedLock, resolve_locks
 from exporter.pooled import Client, PoolerView, ServerLink
-from exporter.naming import resolve_locks
+from exporter.snapshot import Holder, LockState, UnnamedLocks
 from exporter.tracker import HoldTracker
 from tests.metrics_util import value
 
@@ -206,3 +208,220 @@ def _shapes(result, rows, view) -> set[str]:
         found.add("pooled")
         found |= {"stranded" for lock in result.locks if lock.pooled_session_holders}
     return found
+
+
+# What each figure is, on polls made by hand (the test above proves remembering changes nothing;
+# these prove what the figures are).
+
+def _row(pid: int | None, keys: list[int], *, datname: str = "postgres", objsubid: int = 1, granted: bool = True,
+         shared: bool = False, backend_start: float | None = None, app: str | None = "", user: str | None = "u",
+         addr: str | None = "", port: int | None = None, state: str | None = "active", outside: bool = False,
+         wait: float | None = None, idle: float | None = None, xid: int | None = None) -> Row:
+    return row(datname=datname, pid=pid, prepared_xid=xid, objsubid=objsubid, granted=granted, shared=shared,
+               keys=keys, backend_start=backend_start, application_name=app, usename=user, client_addr=addr,
+               client_port=port, state=state, outside_transaction=outside, wait_seconds=wait, idle_seconds=idle)
+
+
+def _lock(index: int, name: str, key: keys.KeySpec, database: str = "postgres", max_hold: float | None = None,
+          source: str = SOURCE_CONFIG) -> ResolvedLock:
+    tag = keys.literal_tag(key) if keys.is_literal(key) else None
+    return ResolvedLock(LockConfig(name, key, database, max_hold=max_hold), index, database, tag, source)
+
+
+PAIR = 2  # objsubid of an int4 pair
+EXCLUSIVE, SHARED = frozenset({"exclusive"}), frozenset({"shared"})
+BOTH = EXCLUSIVE | SHARED
+
+
+def test_every_figure_of_two_polls_by_hand() -> None:
+    locks = (
+        _lock(0, "five", keys.BigintKey(5), max_hold=60.0),
+        _lock(1, "six-other", keys.BigintKey(6), database="other"),
+        _lock(2, "tenants", keys.NamespaceFamily(42)),
+        _lock(3, "low", keys.RangeFamily(1000, 1002)),
+        _lock(4, "preset-idle", keys.BigintKey(8), source=SOURCE_PRESET),
+        _lock(5, "preset-held", keys.BigintKey(9), source=SOURCE_PRESET),
+        _lock(6, "five-again", keys.BigintKey(5)),  # a second name for the same key
+    )
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+
+    def rows(idle: float, more: list[Row]) -> list[Row]:
+        a = {"backend_start": 1.0, "app": "a", "addr": "10.0.0.1", "state": "idle", "idle": idle}
+        b = {"backend_start": 2.0, "app": "b", "addr": "10.0.0.2"}
+        return [
+            _row(70, [5], datname="third"),  # a database not monitored: left out, and the rows after it read
+            _row(10, [5, 1000, 77], **a), _row(10, [5], shared=True, **a),  # 5 in both modes: one hold
+            _row(20, [(42 << 32) | 3, (42 << 32) | 4, (43 << 32) | 1], objsubid=PAIR, **b),
+            _row(20, [1001, 9, 88], shared=True, **b),
+            _row(30, [6], datname="other", backend_start=3.0, app="c", addr="10.0.0.3"),
+            _row(40, [5], granted=False, wait=0.5), _row(41, [5], granted=False, wait=1.23456),
+            _row(42, [99], granted=False, wait=None),  # waits on keys nobody named
+            _row(43, [99], granted=False, wait=0.98765),
+            *more,
+        ]
+
+    caps = Caps(per_lock=2, total=5, unnamed_per_database=1)
+    run = {"caps": caps, "unnamed_max_hold": 30.0, "databases": frozenset({"postgres", "other"})}
+    first = assembler.run(rows(30.0, []), 100.0, **run)  # session 10 idle for 30 s: held since 70 at the latest
+    assert first.locks[0].held_since == 70.0 and first.locks[0].acquisitions == 0
+    # Ten seconds later session 50 takes 1002 of "low"; the others hold what they held.
+    second = assembler.run(rows(40.0, [_row(50, [1002], backend_start=4.0, app="d")]), 110.0, **run)
+
+    def holder(pid: int, start: float, key: str, modes: frozenset[str] = EXCLUSIVE) -> Holder:
+        who = {10: (1.0, "a", "10.0.0.1", "idle"), 20: (2.0, "b", "10.0.0.2", "active"),
+               30: (3.0, "c", "10.0.0.3", "active")}[pid]
+        return Holder(pid, who[0], modes, who[1], "u", who[2], who[3], start, key)
+
+    # last_acquired_at: when the exporter began watching (100), or when a new holder was seen (110).
+    five = LockState("five", "postgres", 1, 1, 70.0, 2, 1.235, 0, 60.0, (holder(10, 70.0, "5", BOTH),), 1, "config", "5",
+                     last_acquired_at=100.0)
+    assert second.locks == (
+        five,
+        LockState("six-other", "other", 1, 0, 100.0, 0, 0.0, 0, None, (holder(30, 100.0, "6"),), 1, "config", "6",
+                  last_acquired_at=100.0),
+        LockState("tenants", "postgres", 2, 0, 100.0, 0, 0.0, 0, None,
+                  (holder(20, 100.0, "42,3"), holder(20, 100.0, "42,4")), 2, "config", "(42, *)", 2,
+                  last_acquired_at=100.0),
+        # Room for one more holder_info series: the oldest hold's. The new holder is an acquisition.
+        LockState("low", "postgres", 2, 1, 70.0, 0, 0.0, 1, None, (holder(10, 70.0, "1000"),), 3, "config",
+                  "[1000 .. 1002]", 3, last_acquired_at=110.0),
+        # A preset nobody took has no state; one held has, with no room left for its holder.
+        LockState("preset-held", "postgres", 0, 1, 100.0, 0, 0.0, 0, None, (), 1, "preset", "9",
+                  last_acquired_at=100.0),
+        five._replace(name="five-again", max_hold=None, info_holders=()),
+    )
+    assert second.unnamed == (
+        UnnamedLocks("postgres", 3, 2, 70.0, 0.988, (holder(10, 70.0, "77"),), 30.0),
+    )
+    assert second.holder_info_dropped == 4  # low's two, preset-held's one, five-again's one
+    assert second.seen_presets == frozenset({("preset-held", "postgres")})
+
+
+def test_a_preset_lock_once_seen_keeps_its_series_and_waiters_show_it() -> None:
+    locks = (_lock(0, "preset", keys.BigintKey(9), source=SOURCE_PRESET),
+             _lock(1, "other-preset", keys.BigintKey(8), source=SOURCE_PRESET))
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    caps = Caps(per_lock=1, total=1, unnamed_per_database=1)
+    waited = assembler.run([_row(1, [9], granted=False, wait=2.0)], 100.0, caps)
+    assert [lock.name for lock in waited.locks] == ["preset"] and waited.locks[0].waiters == 1
+    assert waited.seen_presets == frozenset({("preset", "postgres")})
+    later = assembler.run([], 101.0, caps, seen_presets=waited.seen_presets)
+    assert later.locks == (LockState("preset", "postgres", 0, 0, None, 0, 0.0, 0, source="preset", key="9",
+                                      last_acquired_at=100.0),)
+
+
+def test_who_holds_a_pooled_backends_locks() -> None:
+    view = PoolerView(by_backend={
+        (60, 6000): ServerLink("pgb", "transaction", Client("10.9.9.9", "client-user", "client-app")),
+        (61, 6001): ServerLink("pgb", "session", Client("10.9.9.8", "session-user", "session-app")),
+        (62, 6002): ServerLink("pgb", "transaction", None),
+    })
+    common = {"backend_start": 5.0, "app": "last-borrower", "addr": "10.0.0.5", "state": "idle"}
+    # Session-level locks left on a transaction-pool backend outside any transaction: nobody's.
+    assert who_holds(_row(60, [5], port=6000, outside=True, **common), view) == \
+        Who(60, 5.0, "", "u", "", "idle", "pgb", True)
+    assert who_holds(_row(60, [5], port=6000, outside=True, user=None, state=None), view) == \
+        Who(60, None, "", "", "", "", "pgb", True)
+    assert who_holds(_row(61, [5], port=6001, state=None), view).state == ""
+    # Inside a transaction, the backend's locks are its client's.
+    assert who_holds(_row(60, [5], port=6000, **common), view) == \
+        Who(60, 5.0, "client-app", "client-user", "10.9.9.9", "idle", "pgb", False)
+    # A session pool's backend is its client's, in a transaction or not.
+    assert who_holds(_row(61, [5], port=6001, outside=True, **common), view) == \
+        Who(61, 5.0, "session-app", "session-user", "10.9.9.8", "idle", "pgb", False)
+    # Nobody borrows it now: the backend's own names, and the pooler it belongs to.
+    assert who_holds(_row(62, [5], port=6002, **common), view) == \
+        Who(62, 5.0, "last-borrower", "u", "10.0.0.5", "idle", "pgb", False)
+    # A pooler known by its address only.
+    by_address = PoolerView(by_address={"10.0.0.7": ServerLink("pgcat", "session", Client("10.9.9.7", "cu", "ca"))})
+    assert who_holds(_row(64, [5], port=7000, addr="10.0.0.7"), by_address) == \
+        Who(64, None, "ca", "cu", "10.9.9.7", "active", "pgcat", False)
+    # Not a pooler's backend, and a prepared transaction (no pid to look up): the row's own names.
+    assert who_holds(_row(63, [5], port=6000, app=None, user=None, addr=None, state=None), view) == \
+        Who(63, None, "", "", "", "", "", False)
+    assert who_holds(_row(None, [5], port=6000, app="gid-1", state="prepared", xid=701), view) == \
+        Who(None, None, "gid-1", "u", "", "prepared", "", False, 701)
+
+
+def test_pooled_session_holders_count_the_stranded_holds() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)),)
+    view = PoolerView(by_backend={(60, 6000): ServerLink("pgb", "transaction", None),
+                                  (61, 6001): ServerLink("pgb", "transaction", None)})
+    rows = [_row(60, [5, 77, 78], port=6000, outside=True, backend_start=1.0, state="idle", idle=3.0),
+            _row(60, [79], port=6000, outside=True, shared=True, backend_start=1.0, state="idle", idle=3.0),
+            _row(61, [5], port=6001, shared=True, backend_start=2.0, app="x", state="active")]
+    result = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(3, 10, 1), view=view)
+    stranded = Holder(60, 1.0, EXCLUSIVE, "", "u", "", "idle", 97.0, "5", "pgb", True)
+    assert result.locks == (LockState(
+        "five", "postgres", 1, 1, 97.0, 0, 0.0, 0, None,
+        (stranded, Holder(61, 2.0, SHARED, "x", "u", "", "active", 100.0, "5", "pgb")), 2, "config", "5", None, 1,
+        last_acquired_at=100.0,
+    ),)
+    # The unnamed keys' one holder_info series is the oldest hold's, the lowest key among equals.
+    assert result.unnamed == (UnnamedLocks("postgres", 3, 0, 97.0, 0.0, (stranded._replace(key="77"),), None, 3),)
+    # Without a pooler configured, there is no pooled figure at all.
+    plain = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(3, 10, 1))
+    assert plain.locks[0].pooled_session_holders is None and plain.unnamed[0].pooled_session_holders is None
+
+
+def test_a_prepared_transaction_takes_over_its_sessions_holds_without_an_acquisition() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)),)
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    caps = Caps(3, 10, 1)
+    assembler.run([], 100.0, caps)
+    prepared = assembler.run([_row(None, [5], app="gid-1", state="prepared", xid=701, idle=4.0)], 110.0, caps)
+    assert prepared.locks[0].acquisitions == 0 and prepared.locks[0].held_since == 106.0
+    taken = assembler.run([_row(None, [5], app="gid-1", state="prepared", xid=701, idle=5.0),
+                           _row(9, [5], shared=True)], 111.0, caps)
+    assert taken.locks[0].acquisitions == 1 and taken.locks[0].holds == 2
+
+
+def test_the_holder_info_caps() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "six", keys.BigintKey(6)))
+    rows = [_row(pid, [5, 6], backend_start=float(pid), state="idle", idle=float(pid)) for pid in (1, 2, 3)]
+    result = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(2, 3, 1))
+    # The two longest-held of three (pid 3 idle longest, then 2), shown by pid; the rest of the room for six.
+    assert [(h.pid, h.key) for h in result.locks[0].info_holders] == [(2, "5"), (3, "5")]
+    assert [(h.pid, h.key) for h in result.locks[1].info_holders] == [(3, "6")]
+    assert result.holder_info_dropped == 3
+    # Among holds as old as each other: the lowest pid first, whatever its key.
+    even = [_row(1, [9]), _row(2, [5])]
+    unnamed = Assembler((), KeyMatcher(()), HoldTracker()).run(even, 100.0, Caps(1, 1, 1)).unnamed[0]
+    assert [(h.pid, h.key) for h in unnamed.info_holders] == [(1, "9")]
+    # No room at all: no series, and every hold counted as dropped.
+    none = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(2, 0, 0))
+    assert none.locks[0].info_holders == () and none.holder_info_dropped == 6
+
+
+def test_key_matching() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "five-too", keys.BigintKey(5)),
+             _lock(2, "pair", keys.Int4PairKey(0, 5)), _lock(3, "ns", keys.NamespaceFamily(-1)),
+             _lock(4, "range", keys.RangeFamily(-3, 3)), _lock(5, "elsewhere", keys.BigintKey(7), database="other"),
+             _lock(6, "range-other", keys.RangeFamily(10, 20), database="other"))
+    matcher = KeyMatcher(locks)
+    # A bigint and an int4 pair with the same 64 bits are different keys; two names for a key share it.
+    assert matcher.partition("postgres", 1, [5, 6]) == {0: [5], 1: [5], None: [6]}
+    assert matcher.named("postgres", 1) == {5: (0, 1)}
+    assert matcher.named("postgres", 2) == {5: (2,)}
+    assert matcher.named("other", 1) == {7: (5,)} and matcher.named("nowhere", 1) == {}
+    # Families: the namespace is the pair's first int (negative ones too), the range inclusive at both ends.
+    assert matcher.family("postgres", 2, (0xFFFFFFFF << 32) | 9) == 3
+    assert matcher.family("postgres", 2, (0xFFFFFFFE << 32) | 9) is None
+    assert matcher.family("postgres", 2, (1 << 31) | 9) is None  # not namespace -1's
+    assert [matcher.family("postgres", 1, key) for key in (-4, -3, 3, 4)] == [None, 4, 4, None]
+    assert matcher.family("postgres", 1, 0xFFFFFFFF << 32) is None  # a bigint is not in a namespace
+    assert matcher.family("other", 1, 10) == 6 and matcher.family("other", 2, 10 << 32) is None
+    assert matcher.family("nowhere", 1, 0) is None
+    assert matcher.has_families("postgres") and matcher.has_families("other") and not matcher.has_families("x")
+    assert matcher.partition("postgres", 1, [5, 6, 3, 100]) == {0: [5], 1: [5], 4: [3], None: [6, 100]}
+    assert matcher.partition("postgres", 2, [5, (0xFFFFFFFF << 32) | 1]) == {2: [5], 3: [(0xFFFFFFFF << 32) | 1]}
+    assert matcher.partition("other", 1, [7, 15, 30]) == {5: [7], 6: [15], None: [30]}
+    # Named keys only, or nothing named at all.
+    only_named = KeyMatcher(locks[:2])
+    assert only_named.partition("postgres", 1, [6, 5, 8]) == {0: [5], 1: [5], None: [6, 8]}
+    assert only_named.partition("postgres", 1, [5]) == {0: [5], 1: [5]}
+    assert only_named.partition("postgres", 1, [6]) == {None: [6]}
+    assert only_named.partition("postgres", 2, [5]) == {None: [5]}
+    only_families = KeyMatcher(locks[3:5])
+    assert only_families.partition("postgres", 1, [2, 9]) == {4: [2], None: [9]}
+    assert only_families.has_families("postgres") and not only_families.has_families("other")

@@ -31,6 +31,7 @@ def test_known_encodings() -> None:
     assert keys.bigint_tag(INT64_MIN) == LockTag(0x80000000, 0, 1)
     assert keys.bigint_tag(INT64_MAX) == LockTag(0x7FFFFFFF, 0xFFFFFFFF, 1)
     assert keys.int4_pair_tag(-1, -2) == LockTag(0xFFFFFFFF, 0xFFFFFFFE, 2)
+    assert keys.int4_pair_tag(INT4_MAX, INT4_MIN) == LockTag(0x7FFFFFFF, 0x80000000, 2)
 
 
 @pytest.mark.parametrize("bad", [INT64_MIN - 1, INT64_MAX + 1])
@@ -86,3 +87,31 @@ def test_string_keys_resolve_to_what_the_server_locks(sessions) -> None:
         negatives += keys.decode_tag(tag).value < 0  # type: ignore[union-attr]
     # hashtext values are negative about half the time: the sign extension path is exercised.
     assert negatives > 0
+
+
+def test_key_labels_and_the_poll_form() -> None:
+    # The poll's key is (classid << 32) | objid, signed or not; an int4 pair is written "first,second".
+    assert keys.tag_key64(LockTag(1, 2, 1)) == (1 << 32) | 2
+    assert [keys.signed64(v) for v in (0, INT64_MAX, INT64_MAX + 1, 2**64 - 1)] == [0, INT64_MAX, INT64_MIN, -1]
+    assert keys.key_label(1, 5) == "5" and keys.key_label(1, 2**64 - 1) == "-1" and keys.key_label(1, -1) == "-1"
+    assert keys.key_label(1, (42 << 32) | 7) == str((42 << 32) | 7)
+    assert keys.key_label(2, (42 << 32) | 7) == "42,7" and keys.key_label(2, -1) == "-1,-1"
+    assert keys.key_label(2, (0xFFFFFFFF << 32) | 3) == "-1,3"
+    assert keys.literal_tag(keys.BigintKey(5)) == LockTag(0, 5, 1)
+    assert keys.literal_tag(keys.Int4PairKey(1, -2)) == LockTag(1, 0xFFFFFFFE, 2)
+    with pytest.raises(ValueError, match="objsubid 3 "):
+        keys.decode_tag(LockTag(0, 1, 3))
+
+
+def test_families_contain_and_overlap_at_their_edges() -> None:
+    tenants = keys.NamespaceFamily(-1)
+    assert tenants.contains(keys.int4_pair_tag(-1, 5)) and not tenants.contains(keys.int4_pair_tag(1, 5))
+    assert not tenants.contains(LockTag(0xFFFFFFFF, 5, 1))  # a bigint is in no namespace
+    assert tenants.overlaps(keys.NamespaceFamily(-1)) and not tenants.overlaps(keys.NamespaceFamily(1))
+    assert not tenants.overlaps(keys.RangeFamily(-1, 1))
+    low = keys.RangeFamily(-3, 3)
+    assert [low.contains(keys.bigint_tag(v)) for v in (-4, -3, 3, 4)] == [False, True, True, False]
+    assert not low.contains(keys.int4_pair_tag(0, 1))
+    assert low.overlaps(keys.RangeFamily(3, 9)) and keys.RangeFamily(3, 9).overlaps(low)
+    assert not low.overlaps(keys.RangeFamily(4, 9)) and not low.overlaps(keys.NamespaceFamily(0))
+    assert keys.BigintKey(-5).describe() == "-5"

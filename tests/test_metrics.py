@@ -4,13 +4,18 @@ from prometheus_client's own collectors, TYPE lines as the README promises."""
 from __future__ import annotations
 
 import gzip
+import math
 import random
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.exposition import Exposition, Gzipper
+from exporter import __version__
+from exporter.exposition import Exposition, FleetExposition, Gzipper
+from exporter.format import value as format_value
 from exporter.metrics import render
-from exporter.snapshot import Holder, LockState, PollStats, ProbeResult, Snapshot, UnnamedLocks
+from exporter.snapshot import (
+    ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
+)
 from tests.metrics_util import parse
 
 HOLDER = Holder(7, 1.0, frozenset({"exclusive", "shared"}), "app", "u", "10.0.0.1", "idle", 6.5, "42,7")
@@ -125,3 +130,197 @@ def test_the_gzip_of_parts_that_change_some_at_a_time_is_always_the_text() -> No
         assert gzip.decompress(rendered.gzipped) == rendered.plain  # gzip checks the CRC-32 and length
     empty = gzipper([])
     assert empty.plain == b"" and gzip.decompress(empty.gzipped) == b""
+
+
+def test_every_series_of_a_full_snapshot_names_labels_and_values() -> None:
+    app = 'we"ird\\name\nx'  # every character a label value must escape (a backslash before an n too)
+    holder = Holder(7, 1.0, frozenset({"exclusive"}), app, "u", "10.0.0.1", "idle", 4.0, "42,7", "pgb")
+    prepared = Holder(None, None, frozenset({"shared"}), "gid-1", "owner", "", "prepared", 5.0, "42,8", prepared_xid=701)
+    snapshot = Snapshot(
+        up=True,
+        locks=(LockState("tenants", "app", 2, 1, 4.0, 3, 1.5, 7, 60.0, (holder, prepared), 3, "config", "(42, *)", 2, 1,
+                         blocked_holders=1, blocked_holder_wait_seconds=2.5, last_acquired_at=8.0, expect_every=3600.0),
+               LockState("plain", "app", 0, 0, None, 0, 0.0, 0, source="preset")),
+        unnamed=(UnnamedLocks("app", 2, 1, 2.0, 0.25, (holder._replace(key="77", modes=frozenset({"exclusive", "shared"})),
+                                                     prepared._replace(key="-78")), 30.0, 1,
+                               blocked_holders=1, blocked_holder_wait_seconds=0.75),
+                 UnnamedLocks("other", 0, 1, None, 0.5)),
+        collisions=(KeyCollision("a", "b", "app"),),
+        consoles=(ConsoleStatus("pgb", "127.0.0.1:6432", True, 0.004), ConsoleStatus("pgb", "127.0.0.1:6433", False, 1.5)),
+        stats=PollStats(polls=5, errors=1, duration_buckets=((0.005, 2), (0.01, 4)), duration_sum=0.03,
+                        last_success_timestamp=1700000000.5, holder_info_dropped=3, tracked_holds=12,
+                        tracked_holds_dropped=2, interval=15.0, db_time_ratio=0.004),
+        taken_at=10.0, wall_at=1700000010.0,
+    )
+    probes = (ProbeResult("leader", "app", True, True, 0.01, 3, 1700000001.0),
+              ProbeResult("failing", "app", None, False, 2.0, 4, 1700000002.0),
+              ProbeResult("pooled", "app", False, True, 0.02, 0, 1700000003.0, trusted=False))
+    text = render(snapshot, probes, ReloadStatus(False, 1699999999.0)).decode()
+
+    def lock(name: str, **more: str) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted({"lock": name, "database": "app", **more}.items()))
+
+    def of(**labels: str) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(labels.items()))
+
+    who = {"pid": "7", "application_name": app, "usename": "u", "client_addr": "10.0.0.1", "state": "idle", "pooler": "pgb"}
+    gid = {"pid": "", "application_name": "gid-1", "usename": "owner", "client_addr": "", "state": "prepared", "pooler": ""}
+    p = "pg_advisory_lock_"
+    assert parse(text) == {
+        (p + "holders", lock("tenants", mode="exclusive")): 2, (p + "holders", lock("tenants", mode="shared")): 1,
+        (p + "holders", lock("plain", mode="exclusive")): 0, (p + "holders", lock("plain", mode="shared")): 0,
+        (p + "waiters", lock("tenants")): 3, (p + "waiters", lock("plain")): 0,
+        (p + "held_seconds", lock("tenants")): 6.0, (p + "held_seconds", lock("plain")): 0,
+        (p + "wait_seconds", lock("tenants")): 1.5, (p + "wait_seconds", lock("plain")): 0,
+        (p + "acquisitions_total", lock("tenants")): 7, (p + "acquisitions_total", lock("plain")): 0,
+        (p + "holder_info", lock("tenants", key="42,7", source="config", **who)): 1,
+        (p + "holder_info", lock("tenants", key="42,8", source="config", **gid)): 1,
+        (p + "pooled_session_holders", lock("tenants")): 1,
+        (p + "keys_held", lock("tenants")): 2,
+        (p + "max_hold_seconds", lock("tenants")): 60,
+        (p + "blocked_holders", lock("tenants")): 1, (p + "blocked_holders", lock("plain")): 0,
+        (p + "blocked_holder_wait_seconds", lock("tenants")): 2.5, (p + "blocked_holder_wait_seconds", lock("plain")): 0,
+        # The poller's clock (taken_at 10 is wall 1700000010): last taken at 8, and "plain" watched since 0.
+        (p + "last_acquired_timestamp_seconds", lock("tenants")): 1700000008,
+        (p + "last_acquired_timestamp_seconds", lock("plain")): 1700000000,
+        (p + "expect_every_seconds", lock("tenants")): 3600,
+        (p + "unnamed_holders", of(database="app")): 2, (p + "unnamed_holders", of(database="other")): 0,
+        (p + "unnamed_waiters", of(database="app")): 1, (p + "unnamed_waiters", of(database="other")): 1,
+        (p + "unnamed_held_seconds", of(database="app")): 8.0, (p + "unnamed_held_seconds", of(database="other")): 0,
+        (p + "unnamed_wait_seconds", of(database="app")): 0.25, (p + "unnamed_wait_seconds", of(database="other")): 0.5,
+        (p + "unnamed_holder_info", of(database="app", key="77", mode="exclusive", **who)): 1,
+        (p + "unnamed_holder_info", of(database="app", key="-78", mode="shared", **gid)): 1,
+        (p + "unnamed_pooled_session_holders", of(database="app")): 1,
+        (p + "unnamed_max_hold_seconds", of(database="app")): 30,
+        (p + "unnamed_blocked_holders", of(database="app")): 1, (p + "unnamed_blocked_holders", of(database="other")): 0,
+        (p + "unnamed_blocked_holder_wait_seconds", of(database="app")): 0.75,
+        (p + "unnamed_blocked_holder_wait_seconds", of(database="other")): 0,
+        (p + "key_collision", of(lock="a", database="app", colliding_lock="b")): 1,
+        (p + "pooler_up", of(pooler="pgb", address="127.0.0.1:6432")): 1,
+        (p + "pooler_up", of(pooler="pgb", address="127.0.0.1:6433")): 0,
+        (p + "pooler_read_duration_seconds", of(pooler="pgb", address="127.0.0.1:6432")): 0.004,
+        (p + "pooler_read_duration_seconds", of(pooler="pgb", address="127.0.0.1:6433")): 1.5,
+        # A failed try has no acquirable; an untrusted one neither acquirable nor ok.
+        (p + "probe_acquirable", lock("leader")): 1,
+        (p + "probe_ok", lock("leader")): 1, (p + "probe_ok", lock("failing")): 0,
+        (p + "probe_trusted", lock("leader")): 1, (p + "probe_trusted", lock("failing")): 1,
+        (p + "probe_trusted", lock("pooled")): 0,
+        (p + "probe_duration_seconds", lock("leader")): 0.01, (p + "probe_duration_seconds", lock("failing")): 2,
+        (p + "probe_duration_seconds", lock("pooled")): 0.02,
+        (p + "probe_errors_total", lock("leader")): 3, (p + "probe_errors_total", lock("failing")): 4,
+        (p + "probe_errors_total", lock("pooled")): 0,
+        (p + "probe_last_run_timestamp_seconds", lock("leader")): 1700000001,
+        (p + "probe_last_run_timestamp_seconds", lock("failing")): 1700000002,
+        (p + "probe_last_run_timestamp_seconds", lock("pooled")): 1700000003,
+        (p + "exporter_up", ()): 1,
+        (p + "exporter_poll_duration_seconds_bucket", of(le="0.005")): 2,
+        (p + "exporter_poll_duration_seconds_bucket", of(le="0.01")): 4,
+        (p + "exporter_poll_duration_seconds_bucket", of(le="+Inf")): 5,
+        (p + "exporter_poll_duration_seconds_count", ()): 5, (p + "exporter_poll_duration_seconds_sum", ()): 0.03,
+        (p + "exporter_poll_errors_total", ()): 1,
+        (p + "exporter_holder_info_dropped_total", ()): 3,
+        (p + "exporter_tracked_holds", ()): 12, (p + "exporter_tracked_holds_dropped_total", ()): 2,
+        (p + "exporter_poll_interval_seconds", ()): 15, (p + "exporter_db_time_ratio", ()): 0.004,
+        (p + "exporter_last_poll_timestamp_seconds", ()): 1700000000.5,
+        (p + "exporter_build_info", of(version=__version__)): 1,
+        (p + "exporter_config_last_reload_successful", ()): 0,
+        (p + "exporter_config_last_reload_success_timestamp_seconds", ()): 1699999999,
+    }
+    # Every sample under the HELP and TYPE of its own family.
+    gauges = ("holders", "waiters", "held_seconds", "wait_seconds", "holder_info", "pooled_session_holders",
+              "keys_held", "max_hold_seconds", "blocked_holders", "blocked_holder_wait_seconds",
+              "last_acquired_timestamp_seconds", "expect_every_seconds", "unnamed_blocked_holders",
+              "unnamed_blocked_holder_wait_seconds", "exporter_db_time_ratio", "pooled_session_release_seconds",
+              "unnamed_holders", "unnamed_waiters", "unnamed_held_seconds",
+              "unnamed_wait_seconds", "unnamed_holder_info", "unnamed_pooled_session_holders",
+              "unnamed_max_hold_seconds", "key_collision", "pooler_up", "pooler_read_duration_seconds",
+              "probe_acquirable", "probe_ok", "probe_trusted", "probe_duration_seconds",
+              "probe_last_run_timestamp_seconds", "exporter_up", "exporter_tracked_holds",
+              "exporter_poll_interval_seconds", "exporter_last_poll_timestamp_seconds", "exporter_build_info",
+              "exporter_config_last_reload_successful", "exporter_config_last_reload_success_timestamp_seconds")
+    counters = ("acquisitions", "probe_errors", "exporter_poll_errors", "exporter_holder_info_dropped",
+                "exporter_tracked_holds_dropped")
+    assert families(text) == {**{p + name: "gauge" for name in gauges}, **{p + name: "counter" for name in counters},
+                              p + "exporter_poll_duration_seconds": "histogram"}
+
+
+def test_an_up_snapshot_with_nothing_configured_and_no_timestamps_yet() -> None:
+    text = render(Snapshot(up=True)).decode()
+    assert parse(text) == {
+        ("pg_advisory_lock_exporter_up", ()): 1, ("pg_advisory_lock_exporter_poll_duration_seconds_bucket", (("le", "+Inf"),)): 0,
+        ("pg_advisory_lock_exporter_poll_duration_seconds_count", ()): 0,
+        ("pg_advisory_lock_exporter_poll_duration_seconds_sum", ()): 0,
+        ("pg_advisory_lock_exporter_poll_errors_total", ()): 0, ("pg_advisory_lock_exporter_holder_info_dropped_total", ()): 0,
+        ("pg_advisory_lock_exporter_tracked_holds", ()): 0, ("pg_advisory_lock_exporter_tracked_holds_dropped_total", ()): 0,
+        ("pg_advisory_lock_exporter_poll_interval_seconds", ()): 0,
+        ("pg_advisory_lock_exporter_db_time_ratio", ()): 0,
+        ("pg_advisory_lock_exporter_build_info", (("version", __version__),)): 1,
+        ("pg_advisory_lock_exporter_config_last_reload_successful", ()): 1,
+    }
+
+
+def test_before_the_first_poll_the_exporter_is_down_and_a_target_has_no_process_figures() -> None:
+    exposition = Exposition(with_process=False)
+    samples = parse(exposition.body().decode())
+    assert samples[("pg_advisory_lock_exporter_up", ())] == 0
+    assert not any(name.startswith(("process_", "python_")) for name, _ in samples)
+
+
+def test_values_are_written_as_prometheus_reads_them() -> None:
+    assert [format_value(v) for v in (3, 2**60, 2.0, -2.0, 0.25, 1e15, 1e-7)] == \
+        ["3", "1152921504606846976", "2.0", "-2.0", "0.25", "1000000000000000.0", "1e-07"]  # Python's %s
+    assert [format_value(v) for v in (math.inf, -math.inf, math.nan)] == ["+Inf", "-Inf", "NaN"]
+
+
+def test_the_gzip_of_small_parts_around_a_big_one_says_the_same() -> None:
+    gzipper = Gzipper()
+    parts = ["# small one\n", "# two\n", "x" * 5000 + "\n", "# tail\n"]
+    for _ in range(2):  # the second time from the kept deflate of the big part
+        rendered = gzipper(parts)
+        assert rendered.plain == "".join(parts).encode() and gzip.decompress(rendered.gzipped) == rendered.plain
+
+
+def test_a_fleets_metrics_say_each_targets_health() -> None:
+    fleet = FleetExposition()
+    fleet.publish_target("b", Snapshot(up=False, stats=PollStats(polls=3, errors=2, duration_buckets=((0.01, 1),),
+                                                                 duration_sum=5.5)))
+    fleet.publish_target("a", SNAPSHOT)
+    fleet.publish_target("gone", SNAPSHOT)
+    fleet.forget_target("gone")
+    fleet.publish_reload(ReloadStatus(False, 1699999999.0))
+    fleet.render_now()
+    text = fleet.body().decode()
+    samples = parse(text)
+    p = "pg_advisory_lock_exporter_"
+    assert {k: v for k, v in samples.items() if k[0].startswith(p)} == {
+        (p + "target_up", (("target", "a"),)): 1, (p + "target_up", (("target", "b"),)): 0,
+        (p + "target_poll_duration_seconds_bucket", (("le", "0.005"), ("target", "a"))): 1,
+        (p + "target_poll_duration_seconds_bucket", (("le", "0.01"), ("target", "a"))): 2,
+        (p + "target_poll_duration_seconds_bucket", (("le", "+Inf"), ("target", "a"))): 2,
+        (p + "target_poll_duration_seconds_count", (("target", "a"),)): 2,
+        (p + "target_poll_duration_seconds_sum", (("target", "a"),)): 0.2,
+        (p + "target_poll_duration_seconds_bucket", (("le", "0.01"), ("target", "b"))): 1,
+        (p + "target_poll_duration_seconds_bucket", (("le", "+Inf"), ("target", "b"))): 3,
+        (p + "target_poll_duration_seconds_count", (("target", "b"),)): 3,
+        (p + "target_poll_duration_seconds_sum", (("target", "b"),)): 5.5,
+        (p + "target_poll_errors_total", (("target", "a"),)): 1, (p + "target_poll_errors_total", (("target", "b"),)): 2,
+        (p + "build_info", (("version", __version__),)): 1,
+        (p + "config_last_reload_successful", ()): 0,
+        (p + "config_last_reload_success_timestamp_seconds", ()): 1699999999,
+    }
+    kinds = families(text)
+    assert (kinds[p + "target_up"], kinds[p + "target_poll_duration_seconds"], kinds[p + "target_poll_errors"]) == \
+        ("gauge", "histogram", "counter")
+    assert "process_cpu_seconds" in kinds  # the exporter's own process figures are the fleet's /metrics
+
+
+def test_the_watchdogs_replacement_loses_to_a_poll_published_meanwhile() -> None:
+    exposition = Exposition(SNAPSHOT, with_process=False)
+    stuck = Snapshot(up=False)
+    assert exposition.publish_instead_of(SNAPSHOT, stuck) and exposition.snapshot is stuck
+    assert not exposition.publish_instead_of(SNAPSHOT, Snapshot(up=False)) and exposition.snapshot is stuck
+    exposition.publish_probes((ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),))
+    exposition.render_now()
+    samples = parse(exposition.body().decode())
+    assert samples[("pg_advisory_lock_exporter_up", ())] == 0
+    assert samples[("pg_advisory_lock_probe_acquirable", (("database", "app"), ("lock", "leader")))] == 1

@@ -66,3 +66,24 @@ def test_tracking_is_bounded_and_old_holds_keep_their_age() -> None:
     # Holds that end are dropped from tracking.
     poll(t, 11.0, [])
     assert t.tracked == 0
+
+
+def test_a_flood_of_new_holds_fills_the_room_and_no_more() -> None:
+    t = HoldTracker(max_tracked=2)
+    poll(t, 0.0, [("a", 1, 1.0, [1, 2, 3])])
+    assert (t.tracked, t.dropped) == (2, 1)
+
+
+def test_a_proof_moves_only_the_starts_it_is_earlier_than() -> None:
+    t = HoldTracker()
+    poll(t, 100.0, [("a", 1, None, [1])])
+    poll(t, 110.0, [("a", 1, None, [1, 2])])
+    # Both seen before: idle since 105 proves key 2 (first seen at 110) older, and not key 1 (100).
+    assert poll(t, 120.0, [("a", 1, None, [1, 2])], proven=15.0) == [([20.0, 15.0], set())]
+    # A key seen before beside a new one: the proof applies to both.
+    assert poll(t, 130.0, [("a", 1, None, [1, 3])], proven=100.0) == [([100.0, 100.0], set())]
+
+
+def test_a_negative_idle_time_proves_nothing() -> None:
+    t = HoldTracker()
+    assert poll(t, 100.0, [("a", 1, None, [1])], proven=-5.0) == [([0.0], set())]
