@@ -66,7 +66,7 @@ class Gzipper:
     def __init__(self) -> None:
         self._deflated: dict[str, bytes] = {}
         self._encoded: dict[str, bytes] = {}
-        self._parts: list[str] = []
+        self._parts: tuple[str, ...] = ()
         self._crcs: list[int] = []  # the CRC-32 of the text up to the end of each of the last parts
 
     def __call__(self, parts: list[str]) -> Rendered:
@@ -107,7 +107,7 @@ class Gzipper:
             if n >= same:
                 crc = zlib.crc32(piece, crc)
                 crcs.append(crc)
-        self._encoded, self._parts, self._crcs = encoded, parts, crcs
+        self._encoded, self._parts, self._crcs = encoded, tuple(parts), crcs  # a copy: the caller may reuse its list
         return b"".join(pieces), crc
 
 

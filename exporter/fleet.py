@@ -195,24 +195,31 @@ class Runtime:
             wanted = {config.name: config for config in fleet.targets}
             if self.single:
                 wanted = {"": fleet.targets[0]} if fleet.single else {"": targets[""].config}
-            for name in [n for n in targets if n not in wanted]:
-                targets.pop(name).stop()
-                if self.health is not None:
-                    self.health.forget_target(name)
-                log.info("target %s removed", name)
-            for name, config in wanted.items():
-                current = targets.get(name)
-                if current is not None and server_identity(current.config.dsn) == server_identity(config.dsn):
-                    current.reconfigure(config)
-                    continue
-                if current is not None:
-                    current.stop()
-                    log.info("target %s now watches another server: its tracking starts anew", name)
-                else:
-                    log.info("target %s added", name)
-                targets[name] = self._make(config)
-                targets[name].start()
-            self._targets = targets
+            try:
+                self._change(targets, wanted)
+            finally:
+                # Whatever was changed before a failure is what runs: served, and stopped at exit.
+                self._targets = targets
+
+    def _change(self, targets: dict[str, Target], wanted: dict[str, Config]) -> None:
+        """Remove, reconfigure, replace and add targets in targets, in place."""
+        for name in [n for n in targets if n not in wanted]:
+            targets.pop(name).stop()
+            if self.health is not None:
+                self.health.forget_target(name)
+            log.info("target %s removed", name)
+        for name, config in wanted.items():
+            current = targets.get(name)
+            if current is not None and server_identity(current.config.dsn) == server_identity(config.dsn):
+                current.reconfigure(config)
+                continue
+            if current is not None:
+                targets.pop(name).stop()  # gone until its replacement runs
+                log.info("target %s now watches another server: its tracking starts anew", name)
+            else:
+                log.info("target %s added", name)
+            targets[name] = self._make(config)
+            targets[name].start()
 
     def reload_result(self, ok: bool) -> None:
         self.reload_status = ReloadStatus(ok, time.time() if ok else self.reload_status.last_success_timestamp)

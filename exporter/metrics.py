@@ -103,8 +103,9 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
 
 
 def _last_acquired(snapshot: Snapshot) -> tuple[float, ...]:
-    """The poller's clock -> seconds since the epoch, to the millisecond: the same offset poll after
-    poll, so an unchanged lock writes the same value (its piece of text is kept), at C speed."""
+    """The poller's clock -> seconds since the epoch, by an offset rounded to the millisecond (the
+    value itself is not rounded): the same offset poll after poll, so an unchanged lock writes the
+    same value (its piece of text is kept), at C speed."""
     offset = round(snapshot.wall_at - snapshot.taken_at, 3)
     return tuple(map(offset.__add__, map(_LAST_ACQUIRED, snapshot.locks)))
 

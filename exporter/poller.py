@@ -77,6 +77,16 @@ def connect_poller(config: Config) -> psycopg.Connection:
     return connect(config.dsn, queries.APPLICATION_NAME, config.timeout_seconds, password_file=config.password_file)
 
 
+class PollTicket:
+    """One poll attempt, counted once: by the poll when it ends, or by its deadline if it is given
+    up first (whichever comes first, under the poller's stats lock)."""
+
+    __slots__ = ("counted",)
+
+    def __init__(self) -> None:
+        self.counted = False
+
+
 class Poller:
     """Polls pg_locks on its own connection and publishes a Snapshot after every attempt."""
 
@@ -104,7 +114,6 @@ class Poller:
         self._tracker = HoldTracker(config.max_tracked_holds)
         self._controller = IntervalController(config.interval_budget)
         self._server_seconds = 0.0  # this poll's time in statements on the server: its cost
-        self._abandoned = False  # the poll running now was given up as stuck and already counted
         self._explaining = False  # the last poll ran statements after the poll (chain, table names)
         self._assembler = Assembler((), KeyMatcher(()), self._tracker)
         self._seen_presets: frozenset[tuple[str, str]] = frozenset()
@@ -295,9 +304,16 @@ class Poller:
             round(self._controller.ratio(self._clock()), 6),
         )
 
-    def _record(self, seconds: float, failed: bool) -> PollStats:
-        """Count one poll and return the totals, as one step: a stuck poll may return late."""
+    def _count(self, ticket: PollTicket, seconds: float, failed: bool) -> PollStats | None:
+        """Count the poll of this ticket, once, and return the totals; None if it was counted
+        already (given up as stuck: a stuck poll may return late, or never). One critical section,
+        so the poll and its deadline cannot both count it."""
         with self._stats_lock:
+            if ticket.counted:
+                return None
+            ticket.counted = True
+            if not failed:
+                self._controller.record(self._server_seconds, self._clock())  # the next interval, from its cost
             self._polls += 1
             self._errors += failed
             self._duration_sum += seconds
@@ -308,8 +324,10 @@ class Poller:
                 self._last_success = self._wall_clock()
             return self._stats()
 
-    def poll_once(self) -> Snapshot:
-        """Poll once; a failure, whatever it is, becomes up=0 in the snapshot, never an exception."""
+    def poll_once(self, ticket: PollTicket | None = None) -> Snapshot:
+        """Poll once; a failure, whatever it is, becomes up=0 in the snapshot, never an exception.
+        ticket: the poll's own, shared with the deadline that may give it up."""
+        ticket = ticket or PollTicket()
         started = self._clock()
         self._server_seconds = 0.0
         try:
@@ -319,21 +337,19 @@ class Poller:
                 result, consoles = self._build(rows, now)
             notes, chains = self._explain(result)
         except (psycopg.Error, PollTurnTaken) as exc:
-            stats = self._stats_now() if self._late() else self._record(self._clock() - started, failed=True)
+            stats = self._count(ticket, self._clock() - started, failed=True) or self._stats_now()
             self._fail(error_line(exc, self._config.dsn))
             if self._conn is not None and (self._conn.closed or isinstance(exc, psycopg.OperationalError)):
                 self.close()
             return Snapshot(up=False, stats=stats)
         except Exception as exc:  # noqa: BLE001 - a bug, or rows no one foresaw: a failed poll, seen
-            stats = self._stats_now() if self._late() else self._record(self._clock() - started, failed=True)
+            stats = self._count(ticket, self._clock() - started, failed=True) or self._stats_now()
             self._last_error = self._unexpected.report(exc)
             self._restart()
             return Snapshot(up=False, stats=stats)
-        if self._late():
-            return Snapshot(up=False, stats=self._stats_now())  # already counted, as failed, when it was abandoned
-        with self._stats_lock:
-            self._controller.record(self._server_seconds, self._clock())  # the next interval, from this poll's cost
-        stats = self._record(now - started, failed=False)
+        stats = self._count(ticket, now - started, failed=False)
+        if stats is None:
+            return Snapshot(up=False, stats=self._stats_now())  # already counted, as failed, when it was given up
         if self._last_error is not None:
             log.info("polls succeed again on %s", server_name(self._config.dsn))
             self._last_error = None
@@ -341,12 +357,6 @@ class Poller:
         return Snapshot(up=True, locks=result.locks, unnamed=result.unnamed, collisions=self._collisions, stats=stats,
                         consoles=consoles, taken_at=now, wall_at=wall_at, key_notes=notes, chains=chains, releases=releases,
                         backend_releases=result.backend_releases)
-
-    def _late(self) -> bool:
-        """Whether this poll was given up as stuck (its outcome was published as a failed poll)."""
-        with self._stats_lock:
-            late, self._abandoned = self._abandoned, False
-        return late
 
     def _stats_now(self) -> PollStats:
         with self._stats_lock:
@@ -396,18 +406,22 @@ class Poller:
         room for what a poll may do after it (each pooler console's read, the chain and table
         names): a slow console or a slow pg_blocking_pids must not fail the poll they serve."""
         explain = 2 * self._config.timeout_seconds if self._explaining else 0.0
-        return self._timeout() + self._poolers.read_budget() + explain
+        # Connecting again (connect, server facts, key names, PREPARE), each bounded by the timeout.
+        connect = 2 * self._config.timeout_seconds if self._conn is None else 0.0
+        # The statement's bound, and as long again for the turn (a probe's try, or another target's
+        # poll, on the same server).
+        return 2 * self._timeout() + connect + self._poolers.read_budget() + explain
 
     def _poll_with_deadline(self) -> Snapshot:
         """poll_once, or up=0 if it does not return within its deadline (a hung server)."""
-        deadline = self.deadline()
+        deadline, ticket = self.deadline(), PollTicket()
         try:
-            return self._worker.call(self.poll_once, timeout=deadline)
+            return self._worker.call(lambda: self.poll_once(ticket), timeout=deadline)
         except StuckCall as exc:
             self._fail(f"{exc}: is the server hung? No new connection until it returns")
-            with self._stats_lock:
-                self._abandoned = self._worker.busy  # the poll still running counts no second time
-            return Snapshot(up=False, stats=self._record(deadline, failed=True))
+            # This poll counts once, as failed (if it returns later, it counts no second time); if it
+            # returned just now, it counted itself.
+            return Snapshot(up=False, stats=self._count(ticket, deadline, failed=True) or self._stats_now())
 
     def run(self, stop: threading.Event) -> None:
         """Poll every interval until stop is set; publishes after every attempt. Nothing ends the

@@ -259,6 +259,20 @@ WHERE c.oid = ANY(%(oids)s::oid[])
 # not). A prepared transaction blocks as pid 0: the prepared transactions holding what the blocked
 # session waits for are named by gid (pg_locks read again, only then). Only run in a poll where
 # some holder waits, so the common poll stays one statement.
+# PostgreSQL's lock-mode conflict table (the manual's "Conflicting Lock Modes"), for the mode a
+# session waits for: the granted modes that block it. Advisory locks use ShareLock (shared) and
+# ExclusiveLock, as transaction ids and rows do.
+_CONFLICTING_MODES = """CASE w.mode
+    WHEN 'AccessShareLock' THEN ARRAY['AccessExclusiveLock']
+    WHEN 'RowShareLock' THEN ARRAY['ExclusiveLock', 'AccessExclusiveLock']
+    WHEN 'RowExclusiveLock' THEN ARRAY['ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock']
+    WHEN 'ShareUpdateExclusiveLock' THEN ARRAY['ShareUpdateExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock']
+    WHEN 'ShareLock' THEN ARRAY['RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock']
+    WHEN 'ShareRowExclusiveLock' THEN ARRAY['RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock']
+    WHEN 'ExclusiveLock' THEN ARRAY['RowShareLock', 'RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock']
+    WHEN 'AccessExclusiveLock' THEN ARRAY['AccessShareLock', 'RowShareLock', 'RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock']
+END"""
+
 CHAIN = """
 WITH RECURSIVE chain(blocks, blocker, depth) AS (
     SELECT w.pid, b.pid, 1
@@ -275,7 +289,8 @@ SELECT c.blocks, c.blocker, c.depth, coalesce(a.application_name, '') AS applica
        CASE WHEN %(show_queries)s THEN left(a.query, 200) END AS query,
        CASE WHEN c.blocker = 0 THEN (
            -- The prepared transactions holding what c.blocks waits for: the same lock tag, granted
-           -- with pid NULL, named through their transactionid row. Read only when one blocks.
+           -- with pid NULL in a mode that conflicts with the one waited for, named through their
+           -- transactionid row. Read only when one blocks.
            SELECT string_agg(DISTINCT quote_literal(p.gid), ', ')
            FROM pg_locks AS w
            JOIN pg_locks AS g ON g.granted AND g.pid IS NULL AND g.locktype = w.locktype
@@ -283,7 +298,7 @@ SELECT c.blocks, c.blocker, c.depth, coalesce(a.application_name, '') AS applica
                 AND g.page IS NOT DISTINCT FROM w.page AND g.tuple IS NOT DISTINCT FROM w.tuple
                 AND g.transactionid IS NOT DISTINCT FROM w.transactionid
                 AND g.classid IS NOT DISTINCT FROM w.classid AND g.objid IS NOT DISTINCT FROM w.objid
-                AND g.objsubid IS NOT DISTINCT FROM w.objsubid
+                AND g.objsubid IS NOT DISTINCT FROM w.objsubid AND g.mode = ANY({conflicts})
            JOIN pg_locks AS x ON x.pid IS NULL AND x.locktype = 'transactionid'
                 AND x.virtualtransaction = g.virtualtransaction
            JOIN pg_prepared_xacts AS p ON p.transaction = x.transactionid
@@ -291,7 +306,7 @@ SELECT c.blocks, c.blocker, c.depth, coalesce(a.application_name, '') AS applica
 FROM chain AS c
 LEFT JOIN pg_stat_activity AS a ON a.pid = c.blocker
 ORDER BY c.blocks, c.depth, c.blocker
-"""
+""".replace("{conflicts}", _CONFLICTING_MODES)
 
 # The `locks` command: every session that waits now, for a lock of any type, and for what (its
 # holders of advisory locks that wait themselves get their chain from CHAIN). A second read of

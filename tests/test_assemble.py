@@ -103,15 +103,15 @@ def _rows_of(rng: random.Random, holder: _Holder, now: float) -> list[Row]:
         for shared in ((False, True) if mode == "both" else (mode == "shared",)):
             groups.setdefault((database, objsubid, shared), []).append(key)
     rows = []
-    for (database, objsubid, shared), keys in groups.items():
-        rng.shuffle(keys)  # the server promises no order inside array_agg
+    for (database, objsubid, shared), held_keys in groups.items():
+        rng.shuffle(held_keys)  # the server promises no order inside array_agg
         if holder.pid is None:  # a prepared transaction: no session, its gid and owner
             rows.append(row(datname=database, prepared_xid=holder.xid, objsubid=objsubid, granted=True, shared=shared,
-                            keys=keys, application_name=f"gid-{holder.xid}", usename="u", state="prepared",
+                            keys=held_keys, application_name=f"gid-{holder.xid}", usename="u", state="prepared",
                             idle_seconds=now - holder.changed_at + latency))
             continue
         idle = now - holder.changed_at + latency if holder.state.startswith("idle") else None
-        rows.append(row(datname=database, pid=holder.pid, objsubid=objsubid, granted=True, shared=shared, keys=keys,
+        rows.append(row(datname=database, pid=holder.pid, objsubid=objsubid, granted=True, shared=shared, keys=held_keys,
                         backend_start=holder.start, application_name=holder.app, usename="u", client_addr=holder.client,
                         client_port=5000 + holder.pid, state=holder.state, outside_transaction=holder.state == "idle",
                         idle_seconds=idle))

@@ -3,6 +3,7 @@ its own, known by its transaction id, named by its gid, aged from when it was pr
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
@@ -12,6 +13,7 @@ from exporter.config import parse_config
 from exporter.metrics import render
 from exporter.poller import Poller, connect_poller
 from exporter.snapshot import ReloadStatus
+from tests.conftest import wait_until
 from tests.metrics_util import series, value
 
 LOCKS = [{"name": "session", "key": 78}, {"name": "prepared", "key": 77}, {"name": "shared", "key": 79}]
@@ -26,6 +28,11 @@ def prepare(dsn: str, gid: str, take: str) -> None:
     with psycopg.connect(dsn, application_name=f"preparer-{gid}") as conn:
         conn.execute(f"SELECT {take}")
         conn.execute(f"PREPARE TRANSACTION '{gid}'")
+
+
+def waiting_for_anything(dsn: str) -> set[int]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return {r[0] for r in conn.execute("SELECT pid FROM pg_locks WHERE NOT granted AND pid IS NOT NULL").fetchall()}
 
 
 def end_prepared(dsn: str, *gids: str) -> None:
@@ -127,3 +134,38 @@ def test_a_prepared_transaction_with_subtransactions_is_one_holder_named_by_its_
         with psycopg.connect(dsn, autocommit=True) as conn:
             for (gid,) in conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall():
                 conn.execute(f"ROLLBACK PREPARED '{gid}'")
+
+
+def test_a_chain_names_only_the_prepared_transactions_that_block(server, sessions) -> None:
+    # A migration holding its advisory lock waits for SHARE on a table: the prepared transaction
+    # that wrote to it (ROW EXCLUSIVE) blocks it; the one that only read it (ACCESS SHARE) does not,
+    # and must not be named (ROLLBACK PREPARED of it would unblock nothing).
+    dsn = server.dsn()
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        setup.execute("DROP TABLE IF EXISTS ledger_chain; CREATE TABLE ledger_chain (id int)")
+    migration = None
+    try:
+        prepare(dsn, "writer", "1; INSERT INTO ledger_chain VALUES (1)")
+        prepare(dsn, "reader", "count(*) FROM ledger_chain")
+        migration = sessions.open(autocommit=False, application_name="migrate")
+        migration.execute("SELECT pg_advisory_lock(78)")
+        pid = migration.info.backend_pid
+        thread = threading.Thread(target=migration.execute, args=("LOCK TABLE ledger_chain IN SHARE MODE",), daemon=True)
+        thread.start()
+        wait_until(lambda: pid in waiting_for_anything(dsn))
+        poller = Poller(parse_config({"dsn": dsn, "poll_interval": "1s", "locks": LOCKS}, "t"),
+                        connect=connect_poller, publish=lambda s: None)
+        try:
+            snap = poller.poll_once()
+        finally:
+            poller.close()
+        (chain,) = snap.chains
+        assert chain.wait.pid == pid
+        assert [(b.pid, b.prepared) for b in chain.blockers] == [(0, "'writer'")]
+    finally:
+        end_prepared(dsn, "writer", "reader")
+        if migration is not None:
+            thread.join(10)
+            migration.rollback()
+            migration.execute("SELECT pg_advisory_unlock_all()")
+            migration.commit()

@@ -232,3 +232,84 @@ def test_a_console_dsn_of_several_hosts_never_fails_a_poll(make_poller, console_
         snap = poller.poll_once()
         assert snap.up and snap.consoles and not any(c.up for c in snap.consoles)
 
+
+
+def _serverless_poller(monkeypatch, slow: dict) -> Poller:
+    """A poller whose reads return no rows at once, and whose poll sleeps where slow says."""
+    poller = Poller(parse_config({"dsn": "host=127.0.0.1 port=1", "poll_interval": "1s", "locks": []}, "t"),
+                    connect=lambda c: None, publish=lambda s: None)
+    monkeypatch.setattr(poller, "_read", lambda: [])
+    monkeypatch.setattr(poller, "_explain", lambda result: ({}, ()))
+    monkeypatch.setattr(poller, "deadline", lambda: 0.3)
+    build, count = poller._build, poller._count
+
+    def slow_build(rows, now):
+        time.sleep(slow.pop("build", 0))
+        return build(rows, now)
+
+    def slow_count(ticket, seconds, failed):
+        stats = count(ticket, seconds, failed)
+        time.sleep(slow.pop("after_count", 0))  # counted, not yet returned: the deadline passes now
+        return stats
+
+    monkeypatch.setattr(poller, "_build", slow_build)
+    monkeypatch.setattr(poller, "_count", slow_count)
+    return poller
+
+
+@pytest.mark.parametrize("where", ["build", "after_count"])
+def test_a_poll_given_up_at_its_deadline_counts_once_and_the_next_poll_is_up(monkeypatch, where) -> None:
+    # Given up before it counted itself (build) or just after (after_count): either way one poll,
+    # counted once, and nothing of it leaks into the next poll.
+    slow = {where: 1.0}
+    poller = _serverless_poller(monkeypatch, slow)
+    first = poller._poll_with_deadline()
+    assert not first.up
+    assert poller._worker.wait_idle(5)
+    stats = poller._stats_now()
+    assert (stats.polls, stats.errors) == ((1, 1) if where == "build" else (1, 0))
+    second = poller._poll_with_deadline()
+    assert second.up and (second.stats.polls, second.stats.errors) == (2, stats.errors)
+
+
+def test_waiting_for_the_turn_is_inside_the_deadline(make_poller, monkeypatch) -> None:
+    # Another target's poll or a probe on the same server holds the turn for nearly a poll's bound,
+    # and the poll then takes a while of its own: it waited its turn, the server answered, and the
+    # poll is not called hung.
+    turn = threading.Lock()
+    poller = make_poller({"locks": [{"name": "a", "key": 1}]}, turn=turn)
+    assert poller.poll_once().up  # connected
+    build = poller._build
+    monkeypatch.setattr(poller, "_build", lambda rows, now: time.sleep(0.3) or build(rows, now))
+    turn.acquire()
+    threading.Timer(0.9 * poller._timeout(), turn.release).start()
+    assert poller._poll_with_deadline().up
+    assert poller._worker.wait_idle(5)
+
+
+def test_a_reload_that_breaks_midway_serves_and_stops_exactly_what_runs(server, monkeypatch) -> None:
+    # Target "a" is removed, "b" added, then making "c" fails: the runtime serves what runs (b),
+    # not a (stopped) nor c (never made), and stops b at exit.
+    def fleet(*names: str):
+        return parse_fleet({"poll_interval": "1s", "targets": {
+            name: {"dsn": server.dsn(), "locks": [{"name": "x", "key": 1}]} for name in names}}, "t")
+
+    runtime = Runtime(fleet("a"), "/metrics")
+    runtime.start()
+    try:
+        make = runtime._make
+
+        def make_or_break(config):
+            if config.name == "c":
+                raise RuntimeError("no room for c")
+            return make(config)
+
+        monkeypatch.setattr(runtime, "_make", make_or_break)
+        with pytest.raises(RuntimeError):
+            runtime.apply(fleet("b", "c"))
+        assert sorted(runtime.targets) == ["b"]
+        b = runtime.targets["b"]
+        wait_until(lambda: b.first_poll.is_set())
+    finally:
+        runtime.stop()
+    assert not any(thread.is_alive() for thread in b._threads)  # stopped at exit

@@ -87,3 +87,15 @@ def test_a_proof_moves_only_the_starts_it_is_earlier_than() -> None:
 def test_a_negative_idle_time_proves_nothing() -> None:
     t = HoldTracker()
     assert poll(t, 100.0, [("a", 1, None, [1])], proven=-5.0) == [([0.0], set())]
+
+
+def test_a_hold_with_no_room_is_never_an_acquisition() -> None:
+    # Not remembered, such a hold would look new at every poll: counted, it would be an acquisition
+    # per poll and move last_acquired with it. Only the hold that found room counts.
+    t = HoldTracker(max_tracked=2)
+    poll(t, 0.0, [("a", 1, 1.0, [1])])  # the baseline: one hold remembered, room for one more
+    poll(t, 10.0, [("a", 1, 1.0, [1]), ("b", 2, 2.0, [5]), ("c", 3, 3.0, [6])])  # b fits, c does not
+    assert (t.acquisitions("b"), t.acquisitions("c")) == (1, 0)
+    for now in (20.0, 30.0):
+        poll(t, now, [("a", 1, 1.0, [1]), ("b", 2, 2.0, [5]), ("c", 3, 3.0, [6])])
+    assert (t.acquisitions("b"), t.acquisitions("c")) == (1, 0)
