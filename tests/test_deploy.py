@@ -288,8 +288,10 @@ def test_dashboard_uses_only_metrics_the_exporter_exports(server, sessions, tmp_
     locks = [{"name": "leader", "key": 4242, "max_hold": "1m", "probe": {"expect": "held", "interval": "100ms"},
               "expect_every": "1h"},
              {"name": "tenants", "key": {"namespace": 42}, "max_hold": "1h"}]
-    # A pooler known by address only (nothing is there): its series exist all the same.
-    poolers = [{"name": "proxy", "addresses": ["192.0.2.1"], "pool_mode": "transaction"}]
+    # A pooler known by address only (nothing is there): its series exist all the same; a console
+    # nobody answers on: pooler_up 0 (the poll goes on without it).
+    poolers = [{"name": "proxy", "addresses": ["192.0.2.1"], "pool_mode": "transaction"},
+               {"name": "gone", "type": "pgbouncer", "dsn": "host=127.0.0.1 port=1 dbname=pgbouncer user=stats"}]
     proc = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "200ms", "locks": locks,
                                       "unnamed_max_hold": "1h", "poolers": poolers})
     try:
