@@ -317,7 +317,7 @@ class Assembler:
                 figures.add(starts, in_both_modes, group, objsubid, row.shared, who)
                 latest = max(latest, *starts)
                 if index is not None and self._is_family[index]:
-                    figures.keys.update(group)
+                    figures.family = True
         # A hold the tracker had no room for gets a new start at each poll: never reuse such figures.
         first = session_rows[0]
         return _Session(stable if tracker.dropped == dropped else None, who, parts, latest,

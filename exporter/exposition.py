@@ -20,6 +20,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from .assemble import InvariantBroken, checking_invariants
 from .logs import LoopErrors
+from .memory import give_back_freed_memory
 from .metrics import render_fleet, render_parts
 from .pieces import FamilyTexts
 from .snapshot import ProbeResult, ReloadStatus, Snapshot
@@ -220,6 +221,7 @@ class Exposition:
                     return
                 try:
                     self.render_now()
+                    give_back_freed_memory()  # the poll's and the rendering's peak (memory.py)
                 except Exception as exc:  # noqa: BLE001 - every loop survives: the last rendering stays
                     unexpected.report(exc)
                     self._stop.wait(1.0)

@@ -30,7 +30,10 @@ class Figures:
     stranded: int = 0  # holds stranded on a transaction-pool backend
     groups: list[HoldGroup] = field(default_factory=list)
     earliest: float = math.inf  # the earliest start of a hold
-    keys: set[int] = field(default_factory=set)  # a family's distinct keys held
+    # A family's distinct keys held: filled in a lock's total only (a session's part of a family
+    # says family=True, and its keys are those of its groups: 50,000 keys are not kept twice).
+    keys: set[int] = field(default_factory=set)
+    family: bool = False
     # (Who.order, objsubid, key) held in both modes: a bigint and an int4 pair may share a key value
     both: set[tuple[tuple[bool, int, int], int, int]] = field(default_factory=set)
 
@@ -69,8 +72,9 @@ class Figures:
         self.groups += part.groups
         if part.earliest < self.earliest:
             self.earliest = part.earliest
-        if part.keys:
-            self.keys |= part.keys
+        if part.family:
+            for _, keys_of_group, *_ in part.groups:
+                self.keys.update(keys_of_group)
         if part.both:
             self.both |= part.both
 

@@ -324,3 +324,13 @@ def test_the_watchdogs_replacement_loses_to_a_poll_published_meanwhile() -> None
     samples = parse(exposition.body().decode())
     assert samples[("pg_advisory_lock_exporter_up", ())] == 0
     assert samples[("pg_advisory_lock_probe_acquirable", (("database", "app"), ("lock", "leader")))] == 1
+
+
+def test_freed_memory_is_given_back_where_the_c_library_can() -> None:
+    # glibc (this machine, the image): malloc_trim is found and runs; elsewhere it is a no-op.
+    from exporter import memory
+
+    assert memory._TRIM is not None
+    big = [list(range(300)) for _ in range(3000)]
+    del big
+    memory.give_back_freed_memory()
