@@ -131,8 +131,15 @@ def _login_name() -> str:
 
 def error_line(error: BaseException, dsn: str) -> str:
     """A database error as one log line, without the dsn's password, with what to do about it."""
+    if _server_full(str(error)):
+        # The server words it two ways (whether superuser slots are left): one failure, one line.
+        return f"connection to {describe_hosts(dsn)} refused: the server is full" + hint(error)
     text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
     return redact(text or type(error).__name__, dsn) + hint(error)
+
+
+def _server_full(text: str) -> bool:
+    return "too many clients" in text or "remaining connection slots" in text
 
 
 def hint(error: BaseException) -> str:
@@ -140,7 +147,7 @@ def hint(error: BaseException) -> str:
     text = str(error)
     if "CONNECT privilege" in text:
         return " (the role needs GRANT CONNECT ON DATABASE to connect)"
-    if "too many clients" in text or "remaining connection slots" in text:
+    if _server_full(text):
         return " (max_connections is reached: the exporter retries until a slot frees)"
     return ""
 
