@@ -71,6 +71,8 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         pytest.fail("prometheus not found: `make test` installs Debian's prometheus package")
     cluster = server.require_cluster()
     bouncer = PgBouncer(cluster.port, pool_mode="transaction", pool_size=1).start()
+    # A pooler whose console nobody answers until the end: PoolerConsoleDown, then resolved.
+    late_bouncer = PgBouncer(cluster.port, pool_mode="session", port=free_port())
     down_db = Cluster().start()  # a server that hangs once polled: PollsFailing and Stale
     gone_port = free_port()  # nothing listens here yet: ExporterDown
     cron_stop = threading.Event()
@@ -79,7 +81,8 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
     try:
         main_config = {
             "dsn": server.dsn(), "poll_interval": "300ms", "probe_interval": "300ms", "unnamed_max_hold": "1s",
-            "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": bouncer.console_dsn()}],
+            "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": bouncer.console_dsn()},
+                        {"name": "pgb-late", "type": "pgbouncer", "dsn": late_bouncer.console_dsn()}],
             "locks": [
                 {"name": "leader", "key": 4242, "max_hold": "1s"},
                 {"name": "shard-7", "key": [42, 7]},
@@ -180,6 +183,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         assert alerts["PgAdvisoryLockProbeErrors"][0]["labels"]["lock"] == "ghost"
         assert alerts["PgAdvisoryLockWaitersPilingUp"][0]["labels"]["lock"] in ("shard-7", "deploy")
         assert alerts["PgAdvisoryLockNotTaken"][0]["labels"]["lock"] == "cron"
+        assert alerts["PgAdvisoryLockPoolerConsoleDown"][0]["labels"]["pooler"] == "pgb-late"
         blocked_alert = alerts["PgAdvisoryLockHolderBlocked"][0]
         assert blocked_alert["labels"]["lock"] == "deploy" and "migrate" in blocked_alert["annotations"]["description"]
 
@@ -209,6 +213,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         with psycopg.connect(bouncer.dsn(), autocommit=True, prepare_threshold=None) as cleanup:
             cleanup.execute("SELECT pg_advisory_unlock_all()")  # the same (only) server connection
         down_db.signal_all(signal.SIGCONT)
+        late_bouncer.start()  # its console answers now
         (tmp_path / "gone").mkdir()
         started.append(ExporterProcess(tmp_path / "gone", {"dsn": server.dsn(), "poll_interval": "300ms", "locks": []},
                                        port=gone_port))
@@ -231,6 +236,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         for proc in started:
             proc.stop()
         bouncer.stop()
+        late_bouncer.stop()
         down_db.destroy()
         with psycopg.connect(server.dsn(), autocommit=True) as admin:
             admin.execute("DROP DATABASE IF EXISTS not_yet_db")
