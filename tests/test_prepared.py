@@ -12,7 +12,7 @@ from exporter import landing, locksview
 from exporter.config import parse_config
 from exporter.metrics import render
 from exporter.poller import Poller, connect_poller
-from exporter.snapshot import ReloadStatus
+from exporter.snapshot import ReloadStatus, Snapshot
 from tests.conftest import wait_until
 from tests.metrics_util import series, value
 
@@ -28,6 +28,16 @@ def prepare(dsn: str, gid: str, take: str) -> None:
     with psycopg.connect(dsn, application_name=f"preparer-{gid}") as conn:
         conn.execute(f"SELECT {take}")
         conn.execute(f"PREPARE TRANSACTION '{gid}'")
+
+
+def one_poll(dsn: str) -> Snapshot:
+    """One poll of LOCKS by a poller of its own."""
+    poller = Poller(parse_config({"dsn": dsn, "poll_interval": "1s", "locks": LOCKS}, "t"),
+                    connect=connect_poller, publish=lambda s: None)
+    try:
+        return poller.poll_once()
+    finally:
+        poller.close()
 
 
 def waiting_for_anything(dsn: str) -> set[int]:
@@ -118,12 +128,7 @@ def test_a_prepared_transaction_with_subtransactions_is_one_holder_named_by_its_
             conn.execute("SELECT pg_advisory_xact_lock_shared(79)")
             conn.execute("PREPARE TRANSACTION 'with-savepoints'")
         time.sleep(1.0)
-        poller = Poller(parse_config({"dsn": dsn, "poll_interval": "1s", "locks": LOCKS}, "t"),
-                        connect=connect_poller, publish=lambda s: None)
-        try:
-            snap = poller.poll_once()
-        finally:
-            poller.close()
+        snap = one_poll(dsn)
         assert value(snap, "pg_advisory_lock_holders", **ids("prepared"), mode="exclusive") == 1
         assert value(snap, "pg_advisory_lock_holders", **ids("shared"), mode="shared") == 1
         assert value(snap, "pg_advisory_lock_held_seconds", **ids("prepared")) >= 1.0
@@ -153,12 +158,7 @@ def test_a_chain_names_only_the_prepared_transactions_that_block(server, session
         thread = threading.Thread(target=migration.execute, args=("LOCK TABLE ledger_chain IN SHARE MODE",), daemon=True)
         thread.start()
         wait_until(lambda: pid in waiting_for_anything(dsn))
-        poller = Poller(parse_config({"dsn": dsn, "poll_interval": "1s", "locks": LOCKS}, "t"),
-                        connect=connect_poller, publish=lambda s: None)
-        try:
-            snap = poller.poll_once()
-        finally:
-            poller.close()
+        snap = one_poll(dsn)
         (chain,) = snap.chains
         assert chain.wait.pid == pid
         assert [(b.pid, b.prepared) for b in chain.blockers] == [(0, "'writer'")]
