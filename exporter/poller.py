@@ -28,7 +28,7 @@ from .naming import ResolvedLock, find_collisions
 from .resolve import resolve_on_server
 from .poolers import PoolerReader
 from .interval import IntervalController
-from .relations import PG_REPACK_KEY_SET, RelationNames
+from .relations import RelationNames
 from .snapshot import Chain, ConsoleStatus, KeyCollision, PollStats, Snapshot
 from .tracker import HoldTracker
 
@@ -273,12 +273,13 @@ class Poller:
         if conn is None or server is None:
             return {}, ()
         started = self._clock()
-        self._explaining = bool(result.blocked) or any(lock.key == PG_REPACK_KEY_SET for lock in result.locks
-                                                           if lock.holds)
         try:
-            return self._explained(conn, server, result)
+            notes, chains = self._explained(conn, server, result)
         finally:
             self._server_seconds += self._clock() - started
+        # The next poll's deadline makes room for these statements when this poll had cause to run them.
+        self._explaining = bool(result.blocked or notes)
+        return notes, chains
 
     def _explained(self, conn: psycopg.Connection, server: ServerInfo,
                    result: Assembled) -> tuple[dict[tuple[str, str], str], tuple[Chain, ...]]:
