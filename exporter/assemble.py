@@ -102,7 +102,7 @@ class _Session:
     rows: StableRows | None  # None: never reused (a hold of it was not tracked: its start is new at each poll)
     who: Who
     parts: dict[Tally, Figures]
-    latest_start: float  # the latest start among its holds: a proof earlier than this moves some start
+    latest_start: float  # the latest start among its holds: a proof earlier than this by more than a poll's slack moves some start
     backend: tuple[Any, Any, Any]  # (pid, client_port, client_addr): how a pooler's console knows it
 
 
@@ -181,6 +181,7 @@ class Assembler:
         unnamed_max_hold: float | None = None,
         view: PoolerView | None = None,
         databases: frozenset[str] = frozenset(),
+        slack: float = 0.0,
     ) -> Assembled:
         """Name, track and count every hold and wait of a poll's rows.
 
@@ -188,7 +189,8 @@ class Assembler:
         from the first poll that sees it held or awaited (seen_presets carries that over polls).
         With databases, rows of other databases are left out. No row is left out for whom it
         seems to be: the exporter's own connections hold no advisory lock while a poll runs, and
-        a pooled backend's pid and application_name belong to whoever borrowed it.
+        a pooled backend's pid and application_name belong to whoever borrowed it. slack: how far
+        this poll's idle times may be off as proofs of a start (its round trip; HoldTracker.begin).
         """
         pooled = view is not None
         waits: dict[Tally, list[float]] = {}  # tally -> [waiters, longest wait]
@@ -203,7 +205,7 @@ class Assembler:
                 held_rows.setdefault(session_id(row), []).append(row)
             else:
                 self._count_wait(row, waits)
-        changed = self._track(held_rows, view or EMPTY_VIEW, now)
+        changed = self._track(held_rows, view or EMPTY_VIEW, now, slack)
         self._merge(changed)
         blocked, blocked_waits = self._blocked(own_waits)
         assembled = self._states(caps, waits, blocked, changed, seen_presets, unnamed_max_hold, pooled)
@@ -259,11 +261,11 @@ class Assembler:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _track(self, held_rows: dict[SessionId, list[Any]], view: PoolerView, now: float) -> set[Tally]:
+    def _track(self, held_rows: dict[SessionId, list[Any]], view: PoolerView, now: float, slack: float) -> set[Tally]:
         """Every holding session's figures, from the last poll's where its rows and identity are
         the same; the tallies whose holders changed."""
         tracker, holding = self._tracker, self._holding
-        tracker.begin(now)
+        tracker.begin(now, slack)
         earlier, sessions = self._sessions, {}
         changed: set[Tally] = set()
         for sid, session_rows in held_rows.items():
@@ -271,10 +273,12 @@ class Assembler:
             stable = tuple(map(_stable, session_rows))
             before = earlier.get(sid)
             # Unchanged: the same rows, the same holder, and no proof of an earlier start for a hold
-            # (the idle time back from now moves by a poll's latency, and a backend that ran this
-            # exporter's own poll last proves nothing, then a real idle time at the next poll).
+            # beyond the slack (the idle time back from now moves by each poll's latency, inside
+            # its round trip; a backend that ran this exporter's own poll last proves nothing, then
+            # a real idle time at the next poll). At 10,000 held locks, without the slack one idle
+            # session in ten was assembled again at each poll of the first minute, for a few ms.
             if before is not None and before.rows is not None and before.who == who and same_rows(before.rows, stable) \
-                    and min(_proven_start(row, now) for row in session_rows) >= before.latest_start:
+                    and min(_proven_start(row, now) for row in session_rows) >= before.latest_start - slack:
                 tracker.keep_unchanged(sid)
                 before.rows = stable  # the order of this poll: the next one most likely comes in it again
                 sessions[sid] = before

@@ -50,7 +50,7 @@ def local_timeouts(conn: psycopg.Connection, timeout_seconds: float) -> Iterator
     """A transaction whose statements are bounded by statement_timeout and lock_timeout set LOCAL
     to it: they end with it, and never outlive it on a backend a pooler hands to someone else."""
     with conn.transaction():
-        conn.execute(queries.LOCAL_TIMEOUTS, {"ms": str(timeout_ms(timeout_seconds))})
+        conn.execute(queries.LOCAL_TIMEOUTS.format(ms=timeout_ms(timeout_seconds)))
         yield conn
 
 

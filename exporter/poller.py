@@ -19,7 +19,7 @@ from . import queries
 from .config import AUTO_TIMEOUT_FLOOR, Config
 from .deadline import OneAtATime, StuckCall
 from .connection import connect, local_timeouts, proven_direct, result_rows
-from .dsn import error_line, reconnect_delay, server_name
+from .dsn import error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
 from .assemble import Assembled, Assembler, Caps
 from .chains import read_chains, waits_for
@@ -109,11 +109,15 @@ class Poller:
         self._turn = turn or threading.Lock()
         self._unexpected = LoopErrors(log, f"poller of {server_name(config.dsn)}")
         self._conn: psycopg.Connection | None = None
-        self._prepared = False  # the poll statement is prepared on this connection
+        # The connection is proven ours alone and the poll statement is prepared on it: the poll is
+        # the bare EXECUTE under session settings (queries.DIRECT_POLL), which _settings_ms says.
+        self._direct = False
+        self._settings_ms: int | None = None
         self._locks: tuple[ResolvedLock, ...] = ()
         self._tracker = HoldTracker(config.max_tracked_holds)
         self._controller = IntervalController(config.interval_budget)
         self._server_seconds = 0.0  # this poll's time in statements on the server: its cost
+        self._sent_at = 0.0  # when the poll statement was sent: the server read its clock after
         self._explaining = False  # the last poll ran statements after the poll (chain, table names)
         self._assembler = Assembler((), KeyMatcher(()), self._tracker)
         self._seen_presets: frozenset[tuple[str, str]] = frozenset()
@@ -145,7 +149,7 @@ class Poller:
             conn.close()
             raise
         self.server = info
-        self._prepared = self._prepare(conn, info)
+        self._direct, self._settings_ms = self._prepare(conn, info), None
         self._locks = locks
         self._assembler = Assembler(locks, KeyMatcher(locks), self._tracker)
         messages, self._collisions = find_collisions(self._locks)
@@ -194,7 +198,7 @@ class Poller:
         assert self.server is not None
         log.info("poll statement not found on the server connection (a transaction-mode pooler?): "
                  "it is planned at every poll from now on")
-        self._prepared = False
+        self._direct = False
 
     def close(self) -> None:
         self._poolers.close()
@@ -228,9 +232,8 @@ class Poller:
         started = self._clock()
         try:
             with conn.cursor(row_factory=namedtuple_row) as cur:
-                assert self.server is not None
                 try:
-                    cur.execute(queries.poll_query(self.server.version_num, self._timeout(), self._prepared))
+                    self._execute_poll(conn, cur)
                 finally:
                     # The poll's cost: its round trip, which bounds the server's time from above (the
                     # rows are in; turning them into Python objects below is the exporter's time).
@@ -248,6 +251,19 @@ class Poller:
         finally:
             self._turn.release()
 
+    def _execute_poll(self, conn: psycopg.Connection, cur: psycopg.Cursor[Any]) -> None:
+        assert self.server is not None
+        if not self._direct:
+            self._sent_at = self._clock()
+            cur.execute(queries.poll_query(self.server.version_num, self._timeout()))
+            return
+        bound = timeout_ms(self._timeout())
+        if bound != self._settings_ms:  # fixed intervals, and auto below AUTO_TIMEOUT_FLOOR: once
+            conn.execute(queries.direct_settings(bound))
+            self._settings_ms = bound
+        self._sent_at = self._clock()
+        cur.execute(queries.DIRECT_POLL, binary=True)
+
     def _build(self, rows: list[Any], now: float) -> tuple[Assembled, tuple[ConsoleStatus, ...]]:
         config = self._config
         # The consoles right after pg_locks, so both describe the same moment as nearly as can be.
@@ -259,6 +275,7 @@ class Poller:
         result = self._assembler.run(
             rows, now, Caps(config.max_holder_info_per_lock, config.max_holder_info, config.max_unnamed_holder_info),
             self._seen_presets, config.unnamed_max_hold, known, frozenset(config.databases),
+            slack=max(now - self._sent_at, 0.0),  # the server's clock was read between the two
         )
         self._seen_presets = result.seen_presets
         if result.holder_info_dropped:

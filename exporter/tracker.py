@@ -2,7 +2,9 @@
 
 pg_locks has no grant time. A hold starts, at the latest, when a poll first sees it;
 pg_stat_activity can prove an earlier start (an idle session took its lock no later than its
-last state change), and the tracker keeps the earliest start any poll has proven.
+last state change), and the tracker keeps the earliest start any poll has proven, to within the
+proving poll's own uncertainty (its slack: the server's clock read falls somewhere inside the
+poll's round trip, so a proof that differs by less proves nothing new).
 
 A hold is one session (pid + backend_start, so a reused pid is a new session) on one key of one
 lock. Holds are kept per session, then per lock, in a dict keyed by the bare key: at 50,000 held
@@ -40,13 +42,16 @@ class HoldTracker:
         self._last_acquired: dict[Hashable, float] = {}
         self._first_poll = True
         self._now = 0.0
+        self._slack = 0.0
         self._tracked = 0  # holds in _remembered
         self._room_for_new = 0  # new holds this poll may still remember
         self.dropped = 0  # holds not remembered because of max_tracked, summed over polls
 
-    def begin(self, now: float) -> None:
-        """Start recording a successful poll; now is a monotonic clock reading."""
+    def begin(self, now: float, slack: float = 0.0) -> None:
+        """Start recording a successful poll; now is a monotonic clock reading, slack how far its
+        proofs may be off (seconds): one earlier than a start by no more moves nothing."""
         self._now = now
+        self._slack = slack
         self._this_poll = {}
         # Every hold remembered so far stays remembered while it lasts; new ones fill the rest,
         # so a flood of new holds never makes an old hold look new.
@@ -64,11 +69,13 @@ class HoldTracker:
             by_lock = self._this_poll[session] = {}
         current = by_lock.get(lock_id)
         proven_start = self._now - proven_seconds if proven_seconds > 0 else self._now
+        # A start moves earlier only for a proof earlier than it by more than the slack.
+        moved_below = proven_start + self._slack
         if current is None and earlier and all(map(earlier.__contains__, keys)):
             # The steady state: every key was seen before. Done at C speed (map, max, zip).
             starts = list(map(earlier.__getitem__, keys))
-            if proven_start < max(starts):
-                starts = [start if start < proven_start else proven_start for start in starts]
+            if moved_below < max(starts):
+                starts = [start if start <= moved_below else proven_start for start in starts]
             by_lock[lock_id] = dict(zip(keys, starts))
             return starts, set()
         if current is None:
@@ -94,7 +101,7 @@ class HoldTracker:
                     # (it would be counted at every poll, and move last_acquired with it).
                     self.dropped += 1
             else:
-                if proven_start < start:
+                if moved_below < start:
                     start = proven_start
                 current[key] = start
             starts.append(start)

@@ -182,10 +182,13 @@ def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives() ->
         rng = random.Random(seed)
         remembering_tracker, scratch_tracker = HoldTracker(max_tracked=30), HoldTracker(max_tracked=30)
         assembler = Assembler(locks, KeyMatcher(locks), remembering_tracker)
+        slacks = random.Random(seed + 100)
         for n, (rows, view, caps) in enumerate(_random_polls(rng, 150)):
             now = 100.0 + n  # as _random_polls' clock
-            remembered = assembler.run(rows, now, caps, view=view)
-            scratch = Assembler(locks, KeyMatcher(locks), scratch_tracker).run(rows, now, caps, view=view)  # remembers nothing
+            slack = slacks.choice([0.0, 0.002, 0.01])  # none, some or all of the latency's jitter (±5 ms)
+            remembered = assembler.run(rows, now, caps, view=view, slack=slack)
+            scratch = Assembler(locks, KeyMatcher(locks), scratch_tracker).run(rows, now, caps, view=view,
+                                                                                 slack=slack)  # remembers nothing
             assert remembered == scratch, f"seed {seed}, poll {n}"
             assert (remembering_tracker.tracked, remembering_tracker.dropped) == \
                 (scratch_tracker.tracked, scratch_tracker.dropped)
@@ -425,3 +428,17 @@ def test_key_matching() -> None:
     only_families = KeyMatcher(locks[3:5])
     assert only_families.partition("postgres", 1, [2, 9]) == {4: [2], None: [9]}
     assert only_families.has_families("postgres") and not only_families.has_families("other")
+
+
+def test_an_idle_holder_whose_idle_time_moves_within_the_polls_slack_is_not_assembled_again() -> None:
+    """The idle time back from now moves by each poll's latency; inside the poll's round trip (its
+    slack) that proves no earlier start, so the lock keeps its state, reused as it was."""
+    locks = (_lock(0, "leader", keys.BigintKey(5)),)
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    idle = dict(backend_start=1.0, state="idle", outside=True)
+    first = assembler.run([_row(7, [5], idle=5.0, **idle)], 100.0, CAPS, slack=0.002)  # since 95.0
+    within = assembler.run([_row(7, [5], idle=6.004, **idle)], 101.0, CAPS, slack=0.005)  # 94.996
+    assert within.locks[0] is first.locks[0]
+    beyond = assembler.run([_row(7, [5], idle=7.004, **idle)], 102.0, CAPS, slack=0.001)  # 94.996 again
+    assert beyond.locks[0] is not first.locks[0]
+    assert round(102.0 - beyond.locks[0].held_since, 3) == 7.004

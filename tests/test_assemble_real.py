@@ -413,10 +413,10 @@ class Side:
         self.last: tuple = ()
         self.reused = 0  # lock states the same object as the last poll's
 
-    def run(self, rows: list[Any], now: float, caps: Caps, config, view: PoolerView) -> Assembled:
+    def run(self, rows: list[Any], now: float, caps: Caps, config, view: PoolerView, slack: float) -> Assembled:
         assembler = Assembler(self.locks, self.matcher, self.tracker) if self.fresh else self.assembler
         result = assembler.run(rows, now, caps, self.seen_presets, config.unnamed_max_hold, view,
-                               frozenset(config.databases))
+                               frozenset(config.databases), slack)
         self.seen_presets = result.seen_presets
         self.dropped += result.holder_info_dropped
         self.reused += len({id(state) for state in self.last} & {id(state) for state in result.locks})
@@ -514,12 +514,14 @@ def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives_on_a
             workload.last_rows = rows
             ours.update(row.pid for row in rows if row.pid is not None)
             now = read_at if clock == "poller" else 1000.0 + n  # the fake clock: a second a poll
+            # The poller's slack is its round trip; half the polls take none, so both ways are compared.
+            slack = took if n % 2 else 0.0
             caps = Caps(per_lock=rng.choice([1, 2, 3, 100]), total=rng.choice([2, 5, 12, 1000]),
                         unnamed_per_database=rng.choice([1, 2, 10]))
             wall = time.time()
             texts = []
             for side in (incremental, scratch):
-                result = side.run(rows, now, caps, config, view)
+                result = side.run(rows, now, caps, config, view, slack)
                 snapshot = Snapshot(up=True, locks=result.locks, unnamed=result.unnamed, collisions=collisions,
                                     stats=side.stats(n + 1, buckets, duration_sum, wall), consoles=view.consoles,
                                     taken_at=now)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from exporter import queries
+from exporter.connection import local_timeouts
 from exporter.metrics import render
 from tests.conftest import OTHER_DB, wait_until, waiting_pids
 from tests.metrics_util import parse, series, up, value
@@ -292,3 +293,28 @@ def test_the_poll_statement_is_prepared_on_a_direct_connection_and_planned_when_
     assert snap.up and value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
     assert "planned at every poll from now on" in caplog.text
     assert poller.poll_once().up and poller.poll_once().stats.errors == 0
+
+
+def test_on_a_direct_connection_the_poll_is_the_bare_execute_under_the_sessions_own_bounds(
+        make_poller, sessions) -> None:
+    """Nobody else borrows a proven-direct backend: its settings are the session's, set once, and
+    the poll is the prepared statement alone (no transaction around it to pay for)."""
+    poller = make_poller({"locks": LOCKS, "poll_interval": "3s"})
+    assert poller.poll_once().up and poller.poll_once().up
+    conn = poller._conn  # noqa: SLF001 - only the poller's own session can read its settings
+    assert conn is not None
+    last = sessions.open().execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]).fetchone()
+    assert last == (queries.DIRECT_POLL,)
+    settings = conn.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
+                            "current_setting('enable_sort')").fetchone()
+    assert settings == ("3s", "3s", "off")
+    # The statements that explain a poll (the chain, table names) plan with the server's default:
+    # the chain planned without sorting took 0.6 s instead of 2 ms.
+    with local_timeouts(conn, 1.0):
+        assert conn.execute("SELECT current_setting('enable_sort')").fetchone() == ("on",)
+    assert conn.execute("SELECT current_setting('enable_sort')").fetchone() == ("off",)
+    holder = sessions.open()
+    holder.execute(f"SELECT {TAKE['leader']}")
+    snap = poller.poll_once()  # binary rows read like text ones: keys, times, names
+    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
+    assert 0 <= value(snap, "pg_advisory_lock_held_seconds", **lock_ids("leader")) < 60

@@ -3,9 +3,10 @@
 from exporter.tracker import HoldTracker
 
 
-def poll(t: HoldTracker, now: float, holds: list[tuple], proven: float = 0.0) -> list[tuple[list[float], set[int]]]:
+def poll(t: HoldTracker, now: float, holds: list[tuple], proven: float = 0.0,
+         slack: float = 0.0) -> list[tuple[list[float], set[int]]]:
     """holds: (slot, pid, backend_start, [keys]) of one poll -> (ages, keys seen again) of each."""
-    t.begin(now)
+    t.begin(now, slack)
     seen = []
     for slot, pid, bstart, keys in holds:
         starts, again = t.see(slot, (pid, bstart, None), keys, proven)
@@ -99,3 +100,13 @@ def test_a_hold_with_no_room_is_never_an_acquisition() -> None:
     for now in (20.0, 30.0):
         poll(t, now, [("a", 1, 1.0, [1]), ("b", 2, 2.0, [5]), ("c", 3, 3.0, [6])])
     assert (t.acquisitions("b"), t.acquisitions("c")) == (1, 0)
+
+
+def test_a_proof_earlier_by_no_more_than_the_polls_slack_moves_nothing() -> None:
+    """A poll's idle time is read on the server somewhere inside its round trip (the slack)."""
+    t = HoldTracker()
+    poll(t, 100.0, [("a", 1, 10.0, [7, 8])], proven=5.0)  # held since 95.0 at the latest
+    ((ages, _),) = poll(t, 101.0, [("a", 1, 10.0, [7, 8])], proven=6.004, slack=0.005)  # 94.996: within the slack
+    assert ages == [6.0, 6.0]
+    ((ages, _),) = poll(t, 102.0, [("a", 1, 10.0, [8, 7])], proven=7.004, slack=0.001)  # 94.996: beyond it
+    assert [round(age, 3) for age in ages] == [7.004, 7.004]
