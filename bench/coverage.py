@@ -34,7 +34,7 @@ import yaml
 
 from bench.auto import PREFIX
 from bench.measure import cpu_seconds, server_time
-from bench.subjects import OURS_MARKER, Process, create_role
+from bench.subjects import FLOOR_ACTIVITY, FLOOR_LOCKS, OURS_MARKER, Process, create_role
 from tests.metrics_util import parse
 
 HOLDS = (0.05, 0.2, 0.3, 1.0, 5.0)
@@ -57,6 +57,35 @@ def _worker(dsn: str, namespace: int, key: int, hold: float, stop: threading.Eve
             conn.execute("SELECT pg_advisory_unlock(%s::int4, %s::int4)", [namespace, taken])
             made[0] += 1
             stop.wait(rng.uniform(0.5, 1.5) * hold + 0.02)
+
+
+class _FloorRoundTrip:
+    """The least a poll could cost here, timed as the exporter times its own (a round trip): the
+    floor's two reads (bench/subjects.py) sent as one string, one round trip, at the auto
+    exporter's interval in force (as cold a backend as its polls meet), beside it in the same run."""
+
+    def __init__(self, dsn: str, interval: Callable[[], float]) -> None:
+        self._dsn, self._interval = dsn, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.round_trips: list[float] = []
+
+    def _loop(self) -> None:
+        with psycopg.connect(self._dsn, autocommit=True, application_name="coverage-floor") as conn:
+            while not self._stop.is_set():
+                with conn.cursor() as cur:
+                    began = time.monotonic()
+                    cur.execute(f"{FLOOR_LOCKS}; {FLOOR_ACTIVITY}")  # both results in when it returns
+                    self.round_trips.append(time.monotonic() - began)
+                self._stop.wait(self._interval())
+
+    def __enter__(self) -> "_FloorRoundTrip":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 class _Exporter(Process):
@@ -122,10 +151,12 @@ def measure_coverage(dsn_for: Callable[[str], str], admin: psycopg.Connection, w
         for thread in threads:
             thread.start()
         in_force: dict[str, list[float]] = {e.label: [] for e in exporters}
-        while time.monotonic() < started + seconds:
-            time.sleep(1.0)
-            for e in exporters:
-                in_force[e.label].append(e.interval_and_ratio()[0])
+        floor = _FloorRoundTrip(dsn_for("postgres"), lambda: (in_force.get("auto") or [0.5])[-1])
+        with floor:
+            while time.monotonic() < started + seconds:
+                time.sleep(1.0)
+                for e in exporters:
+                    in_force[e.label].append(e.interval_and_ratio()[0])
         cost1 = {e.label: server_time(admin, e.role, OURS_MARKER) for e in exporters}
         cpu1 = {e.label: cpu_seconds(e.pid) for e in exporters}
         window = time.monotonic() - started
@@ -150,6 +181,10 @@ def measure_coverage(dsn_for: Callable[[str], str], admin: psycopg.Connection, w
                 "workers": workers, "window_seconds": window, "polls": polls1 - polls0, "db_ms": ms1 - ms0,
                 "db_share": (ms1 - ms0) / 1000 / window, "own_ratio": own[e.label],
                 "cpu_share": (cpu1[e.label] - cpu0[e.label]) / window,  # the exporter's own CPU, of one core
+                # The exporter's own mean round trip (its db_time_ratio times its interval), and the
+                # floor's, timed alike in the same window.
+                "own_round_trip_ms": own[e.label] * interval * 1000,
+                "floor_round_trip_ms": statistics.mean(floor.round_trips) * 1000 if floor.round_trips else None,
             }
             for pattern in PATTERNS:
                 holds = made[(pattern, hold)][0]

@@ -262,7 +262,23 @@ def coverage_verdict(results: dict[str, Any]) -> list[str]:
     if "cpu_share" in row:
         out.append(f"- auto at 100 held, the exporter's own CPU: {row['cpu_share'] * 100:.2f}% of a core (budget under 2%): "
                    f"{_met(row['cpu_share'] < 0.02)}")
+    out += _floor_bound(row, budget)
     return out
+
+
+def _floor_bound(row: dict[str, Any], budget: float) -> list[str]:
+    """What no poller could beat here: the floor's round trip at the share gives the least interval,
+    and hold / that interval the most any poller within the share could see."""
+    floor = row.get("floor_round_trip_ms")
+    if not floor:
+        return []
+    least = floor / 1000 / budget
+    seen = ", ".join(f"{hold * 1000:g} ms holds at most {min(1.0, hold / least) * 100:.0f}%" for hold in AUTO_SEEN)
+    needed = min(hold / share for hold, share in AUTO_SEEN.items())  # the longest interval that meets it
+    return [f"- the least a poll costs here: the floor's two reads in one round trip, at auto's interval, "
+            f"{floor:.2f} ms (this exporter's {row['own_round_trip_ms']:.2f} ms). Within a {budget * 100:g}% share "
+            f"that is an interval of at least {least:.3g} s, at which any poller sees {seen}; the coverage budget "
+            f"needs an interval of {needed:.3g} s at most, a round trip of {needed * budget * 1000:.2f} ms at most"]
 
 
 def settle_lines(results: dict[str, Any]) -> tuple[list[str], list[str]]:
