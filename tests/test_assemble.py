@@ -12,8 +12,8 @@ from exporter.config import LockConfig, parse_config
 from exporter.holders import Who, who_holds
 from exporter.matching import KeyMatcher
 from exporter.naming import SOURCE_CONFIG, SOURCE_PRESET, ResolvedLock, resolve_locks
-from exporter.pooled import Client, PoolerView, ServerLink
-from exporter.snapshot import Holder, LockState, UnnamedLocks
+from exporter.pooled import Client, PoolerView, Release, ServerLink
+from exporter.snapshot import Holder, LockState, OwnWait, UnnamedLocks
 from exporter.tracker import HoldTracker
 from tests.metrics_util import value
 
@@ -425,3 +425,82 @@ def test_key_matching() -> None:
     only_families = KeyMatcher(locks[3:5])
     assert only_families.partition("postgres", 1, [2, 9]) == {4: [2], None: [9]}
     assert only_families.has_families("postgres") and not only_families.has_families("other")
+
+
+def _waits(pid: int, locktype: str, *, keys: list[int | None], datname: str | None = "postgres",
+           mode: str = "AccessExclusiveLock", relation: int | None = None, wait: float | None = None) -> Row:
+    """A session's own wait, for a lock of any type (the poll's row with granted false)."""
+    return row(datname=datname, pid=pid, objsubid=1 if locktype == "advisory" else None, granted=False, shared=False,
+               keys=keys, locktype=locktype, wait_mode=mode, wait_relation=relation, state="active",
+               application_name="", usename="u", wait_seconds=wait)
+
+
+def test_holders_that_wait_themselves_are_blocked_holders_and_say_for_what() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "six", keys.BigintKey(6)), _lock(2, "free", keys.BigintKey(8)))
+    rows = [
+        _row(10, [5]), _waits(10, "relation", keys=[None], relation=16384, wait=2.5),
+        _row(11, [5, 77]), _waits(11, "transactionid", keys=[731], datname=None, mode="ShareLock", wait=1.23456),
+        _row(12, [6]), _waits(12, "advisory", keys=[5], mode="ExclusiveLock", wait=0.5),  # and so a waiter of five
+        _row(14, [6]), _waits(14, "relation", keys=[None], relation=16385, wait=None),  # no wait start known (PG 13)
+        _waits(13, "advisory", keys=[6], mode="ExclusiveLock", wait=3.0),  # holds nothing: a waiter only
+        _waits(15, "relation", keys=[None], datname="third", relation=1, wait=9.0),  # a database not monitored
+    ]
+    run = {"caps": CAPS, "databases": frozenset({"postgres"})}
+    result = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, **run)
+    five, six, free = result.locks
+    assert (five.blocked_holders, five.blocked_holder_wait_seconds, five.waiters, five.wait_seconds) == (2, 2.5, 1, 0.5)
+    assert (six.blocked_holders, six.blocked_holder_wait_seconds, six.waiters, six.wait_seconds) == (2, 0.5, 1, 3.0)
+    assert (free.blocked_holders, free.blocked_holder_wait_seconds, free.waiters) == (0, 0.0, 0)
+    assert [(u.database, u.blocked_holders, u.blocked_holder_wait_seconds) for u in result.unnamed] == \
+        [("postgres", 1, 1.235)]
+    # What each blocked holder waits for, by pid; a waiter that holds nothing is not one.
+    assert result.blocked == (
+        OwnWait(10, "postgres", "relation", "AccessExclusiveLock", 16384, None, None, 2.5),
+        OwnWait(11, "", "transactionid", "ShareLock", None, 731, None, 1.235),
+        OwnWait(12, "postgres", "advisory", "ExclusiveLock", None, 5, 1, 0.5),
+        OwnWait(14, "postgres", "relation", "AccessExclusiveLock", 16385, None, None, 0.0),
+    )
+    # Every session that waits, for whatever and wherever, is a waiting pid (the chain is asked for them).
+    assert result.waiting_pids == frozenset({10, 11, 12, 13, 14, 15})
+    # The next poll, the same holds and nobody waiting: no blocked holder is left.
+    calm = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    calm.run(rows, 100.0, **run)
+    after = calm.run([r for r in rows if r.granted], 101.0, **run)
+    assert [(s.blocked_holders, s.blocked_holder_wait_seconds) for s in after.locks] == [(0, 0.0)] * 3
+    assert (after.unnamed[0].blocked_holders, after.blocked, after.waiting_pids) == (0, (), frozenset())
+
+
+def test_a_stranded_locks_release_is_the_soonest_its_pooler_frees_one_of_its_connections() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "six", keys.BigintKey(6)), _lock(2, "seven", keys.BigintKey(7)))
+
+    def link(seconds: float | None, pid: int, mode: str = "transaction") -> ServerLink:
+        release = None if seconds is None else Release(seconds, "server_lifetime", pid)
+        return ServerLink("pgb", mode, None, release)
+
+    view = PoolerView(by_backend={
+        (60, 6000): link(120.0, 60), (61, 6001): link(30.0, 61), (62, 6002): link(None, 62),
+        (63, 6003): link(10.0, 63), (64, 6004): link(45.0, 64), (65, 6005): link(5.0, 65, mode="session"),
+    })
+    stranded = {"outside": True, "state": "idle"}
+    rows = [
+        _row(60, [5, 77], port=6000, **stranded), _row(61, [5], port=6001, **stranded),
+        _row(62, [6], port=6002, **stranded),  # its pooler does not say when: no release from it
+        _row(63, [6], port=6003),  # inside its client's transaction: not stranded, its connection's release is not the lock's
+        _row(64, [6], port=6004, **stranded),
+        _row(65, [7], port=6005, **stranded),  # a session pool's connection: its client still owns the lock
+    ]
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    result = assembler.run(rows, 100.0, CAPS, view=view)
+    assert result.releases == {0: Release(30.0, "server_lifetime", 61), 1: Release(45.0, "server_lifetime", 64),
+                               "postgres": Release(120.0, "server_lifetime", 60)}
+    assert result.backend_releases == {pid: Release(s, "server_lifetime", pid) for pid, s in ((60, 120.0), (61, 30.0),
+                                                                                              (64, 45.0))}
+    # Read again at each poll from the console, never remembered: the same holds, a later read.
+    later = PoolerView(by_backend={**view.by_backend, (61, 6001): link(None, 61), (60, 6000): link(110.0, 60)})
+    again = assembler.run(rows, 110.0, CAPS, view=later)
+    assert again.releases == {0: Release(110.0, "server_lifetime", 60), 1: Release(45.0, "server_lifetime", 64),
+                              "postgres": Release(110.0, "server_lifetime", 60)}
+    assert set(again.backend_releases) == {60, 64}
+    # Without a pooler's console there is no release at all.
+    plain = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, CAPS)
+    assert (plain.releases, plain.backend_releases) == ({}, {})
