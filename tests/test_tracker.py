@@ -99,3 +99,9 @@ def test_a_hold_with_no_room_is_never_an_acquisition() -> None:
     for now in (20.0, 30.0):
         poll(t, now, [("a", 1, 1.0, [1]), ("b", 2, 2.0, [5]), ("c", 3, 3.0, [6])])
     assert (t.acquisitions("b"), t.acquisitions("c")) == (1, 0)
+
+
+def test_an_idle_time_under_a_second_proves_an_earlier_start() -> None:
+    # With polls every 100 ms, a session idle for 0.5 s took its lock at least 0.5 s before the poll.
+    t = HoldTracker()
+    assert poll(t, 100.0, [("a", 1, None, [1])], proven=0.5) == [([0.5], set())]
