@@ -13,13 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
 from exporter.exposition import Exposition, FleetExposition, Gzipper
+from exporter.format import bound
 from exporter.format import value as format_value
-from exporter.metrics import render, render_fleet
+from exporter.metrics import render, render_fleet, render_parts
+from exporter.pieces import FamilyTexts
 from exporter.pooled import Release
 from exporter.snapshot import (
     ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
 )
-from tests.metrics_util import parse
+from tests.metrics_util import parse, series
 
 HOLDER = Holder(7, 1.0, frozenset({"exclusive", "shared"}), "app", "u", "10.0.0.1", "idle", 6.5, "42,7")
 SNAPSHOT = Snapshot(
@@ -382,3 +384,29 @@ def test_every_family_is_what_the_readme_says_it_is_and_its_help_says_so_first()
         assert help_text.endswith("."), help_text
         assert meaning.startswith(help_text[0].lower() + help_text[1:-1]), f"{name}: HELP {help_text!r}, README {meaning!r}"
     assert written == set(readme), "README documents families the exporter never writes"
+
+
+def test_an_unchanged_family_is_the_very_same_text_and_another_set_of_locks_is_written_anew() -> None:
+    """FamilyTexts' contract: a per-lock family whose values did not change is the very same
+    string (the gzip step then keeps its deflate); another set of locks is never written with the
+    last set's text, even where every value is the same."""
+    locks = tuple(LockState(f"l{n}", "app", n % 2, 0, None, 0, 0.0, n, expect_every=60.0) for n in range(150))
+    texts = FamilyTexts()
+    first = render_parts(Snapshot(up=True, locks=locks), texts=texts)
+    again = render_parts(Snapshot(up=True, locks=locks), texts=texts)
+    per_lock = [part for part in first if part.startswith("# HELP") and 'lock="l0"' in part]
+    assert len(per_lock) == 9 and all(any(part is kept for kept in again) for part in per_lock)
+    renamed = tuple(lock._replace(name=f"m{n}") for n, lock in enumerate(locks))
+    text = "".join(render_parts(Snapshot(up=True, locks=renamed), texts=texts))
+    assert {labels["lock"] for labels in series(text, "pg_advisory_lock_expect_every_seconds")} == \
+        {f"m{n}" for n in range(150)}
+    assert parse(text)[("pg_advisory_lock_acquisitions_total", (("database", "app"), ("lock", "m149")))] == 149
+
+
+def test_a_poll_duration_buckets_le_label_is_the_one_always_written() -> None:
+    # A bucket's series is its le label: 1 and 10, not 1.0 and 10.0 (the poller's bounds).
+    buckets = tuple((upper, n) for n, upper in enumerate((0.005, 0.01, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0)))
+    text = render(Snapshot(up=True, stats=PollStats(polls=9, duration_buckets=buckets))).decode()
+    assert [labels["le"] for labels in series(text, "pg_advisory_lock_exporter_poll_duration_seconds_bucket")] == \
+        ["0.005", "0.01", "0.025", "0.1", "0.25", "1", "2.5", "10", "+Inf"]
+    assert [bound(upper) for upper in (5, math.inf)] == ["5", "+Inf"]
