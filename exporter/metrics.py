@@ -62,7 +62,7 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
                         "exporter began watching the lock.", _last_acquired(snapshot))
     yield texts.samples("blocked_holders", "gauge",
                         "Holders of the lock that wait themselves for another lock now (of any type: a table, a "
-                        "transaction, another advisory lock).", tuple(map(_BLOCKED, locks)))
+                        "row, a transaction, another advisory lock).", tuple(map(_BLOCKED, locks)))
     yield texts.samples("blocked_holder_wait_seconds", "gauge",
                         "The longest current wait of a holder of the lock for another lock; 0 when none.",
                         tuple(map(_BLOCKED_WAIT, locks)))
@@ -79,7 +79,7 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
         "server connection of a transaction- or statement-mode pool: the lock outlives the client's transaction "
         "and passes to whoever borrows that connection next.", tuple(map(_POOLED, locks)),
     )
-    yield each("keys_held", "gauge", "Key families: how many distinct keys of the family are held now.",
+    yield each("keys_held", "gauge", "Key families only: how many distinct keys of the family are held now.",
                tuple(map(_KEYS_HELD, locks)))
     yield each("max_hold_seconds", "gauge", "max_hold from the config: the longest a holder should hold the lock.",
                tuple(map(_MAX_HOLD, locks)))
@@ -187,11 +187,11 @@ def _probe_text(probes: tuple[ProbeResult, ...]) -> Iterator[str]:
     yield from family(f"{PREFIX}_probe_acquirable", "gauge", "1 if the last try got the lock.",
                        (("", i, int(p.acquirable)) for p, i in pairs if p.acquirable is not None and p.trusted))
     yield from family(f"{PREFIX}_probe_ok", "gauge",
-                       "1 if the last try matched the configured expectation (any: the try ran).",
+                       "1 if the last try matched the configured expect (any: the try ran without error).",
                        (("", i, int(p.ok)) for p, i in pairs if p.trusted))
     yield from family(f"{PREFIX}_probe_trusted", "gauge",
                        "0 when the probe's connection goes through a transaction-mode pooler, whose tries cannot "
-                       "be trusted (acquirable and ok are then left out); 1 otherwise.",
+                       "be trusted (probe_acquirable and probe_ok are then left out); 1 otherwise.",
                        (("", i, int(p.trusted)) for p, i in pairs))
     yield from family(f"{PREFIX}_probe_duration_seconds", "gauge", "Duration of the last try.",
                        (("", i, p.duration) for p, i in pairs))
@@ -227,7 +227,7 @@ def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
     yield from family(f"{PREFIX}_exporter_up", "gauge", "1 if the last poll succeeded.", [("", "", int(snapshot.up))])
     buckets = [("_bucket", f'le="{bound(upper)}"', count) for upper, count in stats.duration_buckets]
     yield from family(
-        f"{PREFIX}_exporter_poll_duration_seconds", "histogram", "Time of each poll.",
+        f"{PREFIX}_exporter_poll_duration_seconds", "histogram", "Time of each poll, failed ones included.",
         [*buckets, ("_bucket", 'le="+Inf"', stats.polls), ("_count", "", stats.polls), ("_sum", "", stats.duration_sum)],
     )
     for name, kind, help_text, field in _POLLER_FIGURES:

@@ -12,8 +12,8 @@ from exporter.config import LockConfig, parse_config
 from exporter.holders import Who, who_holds
 from exporter.matching import KeyMatcher
 from exporter.naming import SOURCE_CONFIG, SOURCE_PRESET, ResolvedLock, resolve_locks
-from exporter.pooled import Client, PoolerView, ServerLink
-from exporter.snapshot import Holder, LockState, UnnamedLocks
+from exporter.pooled import Client, PoolerView, Release, ServerLink
+from exporter.snapshot import Holder, LockState, OwnWait, UnnamedLocks
 from exporter.tracker import HoldTracker
 from tests.metrics_util import value
 
@@ -226,9 +226,10 @@ def _row(pid: int | None, keys: list[int], *, datname: str = "postgres", objsubi
 
 
 def _lock(index: int, name: str, key: keys.KeySpec, database: str = "postgres", max_hold: float | None = None,
-          source: str = SOURCE_CONFIG) -> ResolvedLock:
+          source: str = SOURCE_CONFIG, expect_every: float | None = None) -> ResolvedLock:
     tag = keys.literal_tag(key) if keys.is_literal(key) else None
-    return ResolvedLock(LockConfig(name, key, database, max_hold=max_hold), index, database, tag, source)
+    return ResolvedLock(LockConfig(name, key, database, max_hold=max_hold, expect_every=expect_every), index, database,
+                        tag, source)
 
 
 PAIR = 2  # objsubid of an int4 pair
@@ -442,3 +443,120 @@ def test_an_idle_holder_whose_idle_time_moves_within_the_polls_slack_is_not_asse
     beyond = assembler.run([_row(7, [5], idle=7.004, **idle)], 102.0, CAPS, slack=0.001)  # 94.996 again
     assert beyond.locks[0] is not first.locks[0]
     assert round(102.0 - beyond.locks[0].held_since, 3) == 7.004
+
+
+def _waits(pid: int, locktype: str, *, keys: list[int | None], datname: str | None = "postgres",
+           mode: str = "AccessExclusiveLock", relation: int | None = None, wait: float | None = None) -> Row:
+    """A session's own wait, for a lock of any type (the poll's row with granted false)."""
+    return row(datname=datname, pid=pid, objsubid=1 if locktype == "advisory" else 0, granted=False, shared=False,
+               keys=keys, locktype=locktype, wait_mode=mode, wait_relation=relation, state="active",
+               application_name="", usename="u", wait_seconds=wait)
+
+
+def test_holders_that_wait_themselves_are_blocked_holders_and_say_for_what() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "six", keys.BigintKey(6)),
+             _lock(2, "free", keys.BigintKey(8)))
+    rows = [
+        _waits(13, "advisory", keys=[6], mode="ExclusiveLock", wait=3.0),  # holds nothing: a waiter only
+        _row(10, [5]), _waits(10, "relation", keys=[None], relation=16384, wait=0.75),
+        _row(11, [5, 77]), _waits(11, "transactionid", keys=[731], datname=None, mode="ShareLock", wait=1.23456),
+        _row(12, [6]), _waits(12, "advisory", keys=[5], mode="ExclusiveLock", wait=0.5),  # and so a waiter of five
+        _row(14, [6, 78]), _waits(14, "relation", keys=[None], relation=16385, wait=None),  # no wait start known (PG 13)
+        _waits(15, "relation", keys=[None], datname="third", relation=1, wait=9.0),  # a database not monitored
+    ]
+    run = {"caps": CAPS, "databases": frozenset({"postgres"})}
+    result = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, **run)
+    five, six, free = result.locks
+    figures = [(s.blocked_holders, s.blocked_holder_wait_seconds, s.waiters, s.wait_seconds) for s in (five, six, free)]
+    assert figures == [(2, 1.235, 1, 0.5), (2, 0.5, 1, 3.0), (0, 0.0, 0, 0.0)]
+    assert [(u.database, u.blocked_holders, u.blocked_holder_wait_seconds) for u in result.unnamed] == \
+        [("postgres", 2, 1.235)]
+    # What each blocked holder waits for, by pid; a waiter that holds nothing is not one.
+    assert result.blocked == (
+        OwnWait(10, "postgres", "relation", "AccessExclusiveLock", 16384, None, None, 0.75),
+        OwnWait(11, "", "transactionid", "ShareLock", None, 731, None, 1.235),
+        OwnWait(12, "postgres", "advisory", "ExclusiveLock", None, 5, 1, 0.5),
+        OwnWait(14, "postgres", "relation", "AccessExclusiveLock", 16385, None, None, 0.0),
+    )
+    # Every session that waits, for whatever and wherever, is a waiting pid (the chain is asked for them).
+    assert result.waiting_pids == frozenset({10, 11, 12, 13, 14, 15})
+    # The next poll, the same holds and nobody waiting: no blocked holder is left.
+    calm = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    calm.run(rows, 100.0, **run)
+    after = calm.run([r for r in rows if r.granted], 101.0, **run)
+    assert [(s.blocked_holders, s.blocked_holder_wait_seconds) for s in after.locks] == [(0, 0.0)] * 3
+    assert (after.unnamed[0].blocked_holders, after.blocked, after.waiting_pids) == (0, (), frozenset())
+
+
+def test_a_stranded_locks_release_is_the_soonest_its_pooler_frees_one_of_its_connections() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "six", keys.BigintKey(6)),
+             _lock(2, "seven", keys.BigintKey(7)))
+
+    def link(seconds: float | None, pid: int, mode: str = "transaction") -> ServerLink:
+        release = None if seconds is None else Release(seconds, "server_lifetime", pid)
+        return ServerLink("pgb", mode, None, release)
+
+    view = PoolerView(by_backend={
+        (60, 6000): link(120.0, 60), (61, 6001): link(30.0, 61), (62, 6002): link(None, 62),
+        (63, 6003): link(10.0, 63), (64, 6004): link(45.0, 64), (65, 6005): link(5.0, 65, mode="session"),
+    })
+    stranded = {"outside": True, "state": "idle"}
+    rows = [
+        _row(60, [5, 77], port=6000, **stranded), _row(61, [5], port=6001, **stranded),
+        _row(62, [6], port=6002, **stranded),  # its pooler does not say when: no release from it
+        _row(63, [6], port=6003),  # in its client's transaction: not stranded, its release is not the lock's
+        _row(64, [6], port=6004, **stranded),
+        _row(65, [7], port=6005, **stranded),  # a session pool's connection: its client still owns the lock
+    ]
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    result = assembler.run(rows, 100.0, CAPS, view=view)
+    assert result.releases == {0: Release(30.0, "server_lifetime", 61), 1: Release(45.0, "server_lifetime", 64),
+                               "postgres": Release(120.0, "server_lifetime", 60)}
+    assert result.backend_releases == {pid: Release(s, "server_lifetime", pid) for pid, s in ((60, 120.0), (61, 30.0),
+                                                                                              (64, 45.0))}
+    # Read again at each poll from the console, never remembered: the same holds, a later read.
+    later = PoolerView(by_backend={**view.by_backend, (61, 6001): link(None, 61), (60, 6000): link(110.0, 60)})
+    again = assembler.run(rows, 110.0, CAPS, view=later)
+    assert again.releases == {0: Release(110.0, "server_lifetime", 60), 1: Release(45.0, "server_lifetime", 64),
+                              "postgres": Release(110.0, "server_lifetime", 60)}
+    assert set(again.backend_releases) == {60, 64}
+    # Without a pooler's console there is no release at all.
+    plain = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, CAPS)
+    assert (plain.releases, plain.backend_releases) == ({}, {})
+
+
+def test_a_lock_nobody_changed_keeps_its_state_and_any_change_makes_a_new_one() -> None:
+    """The Assembler's contract: an unchanged lock is its last state, the very same object (the
+    exposition then keeps its text); a change of its holders, waiters, caps or pooling is a new one."""
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "six", keys.BigintKey(6)),
+             _lock(2, "seven", keys.BigintKey(7), expect_every=3600.0))  # a cron's lock, taken hourly
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+
+    def poll(now: float, *more: Row, reverse: bool = False, caps: Caps = CAPS,
+             view: PoolerView | None = None) -> tuple[LockState, ...]:
+        # Session 10 idle since 50 (each poll proves that same start again), 20 active.
+        idle = {"backend_start": 1.0, "state": "idle", "idle": now - 50.0}
+        rows = [_row(10, [1000, 5, 77][::-1 if reverse else 1], **idle), _row(10, [5], shared=True, **idle),
+                _row(20, [6], backend_start=2.0), *more]
+        return assembler.run(rows[::-1] if reverse else rows, now, caps, view=view).locks
+
+    first = poll(100.0)
+    # The same rows in another order, the keys in each row's array too: nothing changed.
+    same = poll(101.0, reverse=True)
+    assert all(now is then for now, then in zip(same, first, strict=True))
+    assert same[0].held_since == 50.0 and same[0].info_holders[0].modes == BOTH
+    # A new holder of six: six is new, five and seven are kept.
+    joined = poll(102.0, _row(30, [6], backend_start=3.0))
+    assert (joined[0] is first[0], joined[1] is first[1], joined[2] is first[2]) == (True, False, True)
+    assert (joined[1].exclusive, joined[1].acquisitions) == (2, 1)
+    # A lock with a waiter is made anew at each poll (the wait grows); gone, it is remembered again.
+    waited = [poll(now, _row(40, [7], granted=False, wait=now - 102.5))[2] for now in (103.0, 104.0, 105.0)]
+    assert [s.wait_seconds for s in waited] == [0.5, 1.5, 2.5] and waited[1] is not waited[0]
+    free = [poll(now)[2] for now in (106.0, 107.0)]
+    assert (free[0].waiters, free[0].expect_every) == (0, 3600.0) and free[1] is free[0]
+    # Another holder_info limit, or a pooler's console configured: new states of the same holds.
+    capped = poll(108.0, caps=Caps(1, 40, 4))
+    assert capped[0] is not first[0] and capped[0]._replace(info_holders=first[0].info_holders) == first[0]
+    pooled = poll(109.0, caps=Caps(1, 40, 4), view=PoolerView())
+    assert pooled[0] is not capped[0]
+    assert (pooled[0].pooled_session_holders, capped[0].pooled_session_holders) == (0, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from exporter import keys
 from exporter.resolve import resolve_string_keys
@@ -12,6 +12,8 @@ from exporter.keys import INT4_MAX, INT4_MIN, INT64_MAX, INT64_MIN, LockTag
 
 
 @given(st.integers(min_value=INT64_MIN, max_value=INT64_MAX))
+@example(INT64_MAX)  # the ends of the range, every run (hypothesis only tends to try them)
+@example(INT64_MIN)
 def test_bigint_round_trips_over_whole_int64(value: int) -> None:
     tag = keys.bigint_tag(value)
     assert 0 <= tag.classid <= 0xFFFFFFFF and 0 <= tag.objid <= 0xFFFFFFFF

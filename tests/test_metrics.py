@@ -6,17 +6,22 @@ from __future__ import annotations
 import gzip
 import math
 import random
+import re
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
 from exporter.exposition import Exposition, FleetExposition, Gzipper
+from exporter.format import bound
 from exporter.format import value as format_value
-from exporter.metrics import render
+from exporter.metrics import render, render_fleet, render_parts
+from exporter.pieces import FamilyTexts
+from exporter.pooled import Release
 from exporter.snapshot import (
     ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
 )
-from tests.metrics_util import parse
+from tests.metrics_util import parse, series
 
 HOLDER = Holder(7, 1.0, frozenset({"exclusive", "shared"}), "app", "u", "10.0.0.1", "idle", 6.5, "42,7")
 SNAPSHOT = Snapshot(
@@ -334,3 +339,74 @@ def test_freed_memory_is_given_back_where_the_c_library_can() -> None:
     big = [list(range(300)) for _ in range(3000)]
     del big
     memory.give_back_freed_memory()
+
+
+def _readme_metrics() -> dict[str, tuple[str, frozenset[str], str]]:
+    """README's metrics table: family name -> (type, label names, meaning with its `code` marks dropped)."""
+    table = {}
+    for line in (Path(__file__).parent.parent / "README.md").read_text().splitlines():
+        cells = re.fullmatch(r"\| `(pg_advisory_lock_\w+)` \|(.*?)\|(.*?)\|(.*)\|", line)
+        if cells:
+            name, kind, names, meaning = (cell.strip() for cell in cells.groups())
+            table[name] = (kind.removesuffix(" = 1"), frozenset(names.replace(",", " ").split()), meaning.replace("`", ""))
+    return table
+
+
+def test_every_family_is_what_the_readme_says_it_is_and_its_help_says_so_first() -> None:
+    """A reader of the HELP line in Prometheus and a reader of README's metrics table learn the same:
+    every family written (a single server's with every optional part, and a fleet's) is in the table
+    with its type and labels, and the table's meaning begins with the HELP sentence (which may say
+    less, never something else)."""
+    holder = Holder(7, 1.0, frozenset({"shared"}), "app", "u", "10.0.0.1", "idle", 4.0, "42,7", "pgb")
+    snapshot = Snapshot(
+        up=True, locks=(LockState("tenants", "app", 1, 1, 4.0, 1, 1.5, 7, 60.0, (holder,), 3, "config", "(42, *)", 2, 1,
+                                  blocked_holders=1, blocked_holder_wait_seconds=2.5, expect_every=3600.0),),
+        unnamed=(UnnamedLocks("app", 2, 1, 2.0, 0.25, (holder,), 30.0, 1, 1, 0.75),),
+        collisions=(KeyCollision("a", "b", "app"),), consoles=(ConsoleStatus("pgb", "127.0.0.1:6432", True, 0.004),),
+        releases={("tenants", "app"): Release(30.0, "server_lifetime", 7)},
+        stats=PollStats(polls=1, duration_buckets=((0.01, 1),), last_success_timestamp=1.0), taken_at=10.0,
+    )
+    probes = (ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),)
+    text = render(snapshot, probes, ReloadStatus(True, 1.0)).decode() + \
+        render_fleet({"orders": snapshot}, ReloadStatus(True, 1.0)).decode()
+    readme = _readme_metrics()
+    written = set()
+    for family in text_string_to_metric_families(text):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        written.add(name)
+        assert name in readme, f"{name} is not in README's metrics table"
+        kind, names, meaning = readme[name]
+        assert family.type == kind, name
+        assert {label for sample in family.samples for label in sample.labels} - {"le"} == names, name
+        help_text = family.documentation
+        # A sentence: a capital, a number or the setting it is about first; a full stop last.
+        assert help_text[0].isupper() or help_text[0].isdigit() or "_" in help_text.split()[0], help_text
+        assert help_text.endswith("."), help_text
+        assert meaning.startswith(help_text[0].lower() + help_text[1:-1]), f"{name}: HELP {help_text!r}, README {meaning!r}"
+    assert written == set(readme), "README documents families the exporter never writes"
+
+
+def test_an_unchanged_family_is_the_very_same_text_and_another_set_of_locks_is_written_anew() -> None:
+    """FamilyTexts' contract: a per-lock family whose values did not change is the very same
+    string (the gzip step then keeps its deflate); another set of locks is never written with the
+    last set's text, even where every value is the same."""
+    locks = tuple(LockState(f"l{n}", "app", n % 2, 0, None, 0, 0.0, n, expect_every=60.0) for n in range(150))
+    texts = FamilyTexts()
+    first = render_parts(Snapshot(up=True, locks=locks), texts=texts)
+    again = render_parts(Snapshot(up=True, locks=locks), texts=texts)
+    per_lock = [part for part in first if part.startswith("# HELP") and 'lock="l0"' in part]
+    assert len(per_lock) == 9 and all(any(part is kept for kept in again) for part in per_lock)
+    renamed = tuple(lock._replace(name=f"m{n}") for n, lock in enumerate(locks))
+    text = "".join(render_parts(Snapshot(up=True, locks=renamed), texts=texts))
+    assert {labels["lock"] for labels in series(text, "pg_advisory_lock_expect_every_seconds")} == \
+        {f"m{n}" for n in range(150)}
+    assert parse(text)[("pg_advisory_lock_acquisitions_total", (("database", "app"), ("lock", "m149")))] == 149
+
+
+def test_a_poll_duration_buckets_le_label_is_the_one_always_written() -> None:
+    # A bucket's series is its le label: 1 and 10, not 1.0 and 10.0 (the poller's bounds).
+    buckets = tuple((upper, n) for n, upper in enumerate((0.005, 0.01, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0)))
+    text = render(Snapshot(up=True, stats=PollStats(polls=9, duration_buckets=buckets))).decode()
+    assert [labels["le"] for labels in series(text, "pg_advisory_lock_exporter_poll_duration_seconds_bucket")] == \
+        ["0.005", "0.01", "0.025", "0.1", "0.25", "1", "2.5", "10", "+Inf"]
+    assert [bound(upper) for upper in (5, math.inf)] == ["5", "+Inf"]

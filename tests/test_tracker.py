@@ -110,3 +110,9 @@ def test_a_proof_earlier_by_no_more_than_the_polls_slack_moves_nothing() -> None
     assert ages == [6.0, 6.0]
     ((ages, _),) = poll(t, 102.0, [("a", 1, 10.0, [8, 7])], proven=7.004, slack=0.001)  # 94.996: beyond it
     assert [round(age, 3) for age in ages] == [7.004, 7.004]
+
+
+def test_an_idle_time_under_a_second_proves_an_earlier_start() -> None:
+    # With polls every 100 ms, a session idle for 0.5 s took its lock at least 0.5 s before the poll.
+    t = HoldTracker()
+    assert poll(t, 100.0, [("a", 1, None, [1])], proven=0.5) == [([0.5], set())]
