@@ -278,7 +278,7 @@ class Assembler:
             # a real idle time at the next poll). At 10,000 held locks, without the slack one idle
             # session in ten was assembled again at each poll of the first minute, for a few ms.
             if before is not None and before.rows is not None and before.who == who and same_rows(before.rows, stable) \
-                    and min(_proven_start(row, now) for row in session_rows) >= before.latest_start - slack:
+                    and min(_proven_start(row, now) for row in session_rows) + slack >= before.latest_start:
                 tracker.keep_unchanged(sid)
                 before.rows = stable  # the order of this poll: the next one most likely comes in it again
                 sessions[sid] = before

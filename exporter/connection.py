@@ -1,5 +1,5 @@
 """The exporter's connections: open them (setting nothing on the session), bound each transaction
-with LOCAL timeouts, prove a connection reaches PostgreSQL itself, resolve host names, and find a
+with LOCAL settings, prove a connection reaches PostgreSQL itself, resolve host names, and find a
 result among those of a multi-statement string. Everything here talks to a server or the network."""
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def connect(
     the dsn's, if given; with the password read from password_file at each connect, if given (a
     rotated Kubernetes secret is picked up). It sets nothing on the session: every caller bounds
     its own transactions with settings LOCAL to them (local_timeouts, the poll and the probe's
-    one-string transactions), so nothing of ours stays on a backend a pooler hands to someone else."""
+    one-string transactions), so nothing of ours stays on a backend a pooler hands to someone else.
+    Only the poller, on a connection proven to reach PostgreSQL itself, sets its poll's settings on
+    the session (queries.DIRECT_SETTINGS, guarded by the server)."""
     extra: dict[str, str] = {}
     if database:
         extra["dbname"] = database
@@ -48,7 +50,9 @@ def connect(
 @contextlib.contextmanager
 def local_timeouts(conn: psycopg.Connection, timeout_seconds: float) -> Iterator[psycopg.Connection]:
     """A transaction whose statements are bounded by statement_timeout and lock_timeout set LOCAL
-    to it: they end with it, and never outlive it on a backend a pooler hands to someone else."""
+    to it, and planned with the session's default enable_sort (a direct poller session turns it
+    off for its poll): they end with it, and never outlive it on a backend a pooler hands to
+    someone else."""
     with conn.transaction():
         conn.execute(queries.LOCAL_TIMEOUTS.format(ms=timeout_ms(timeout_seconds)))
         yield conn

@@ -6,6 +6,7 @@ import bisect
 import contextlib
 import gc
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -73,7 +74,8 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 def connect_poller(config: Config) -> psycopg.Connection:
-    """The poller's connection: every transaction on it sets its own timeouts (the poll interval)."""
+    """The poller's connection: every transaction on it sets its own timeouts, but for the poll on
+    a connection proven direct, whose bound is the session's (Poller._execute_poll)."""
     return connect(config.dsn, queries.APPLICATION_NAME, config.timeout_seconds, password_file=config.password_file)
 
 
@@ -193,11 +195,12 @@ class Poller:
         return True
 
     def _unprepare(self) -> None:
-        """The prepared poll statement is not there (a transaction-mode pooler handed the poll to
-        another server connection): plan it at every poll from now on, on this connection."""
+        """The prepared poll statement is not there, or the backend is not the one the connection
+        was proven to reach (a transaction-mode pooler handed the poll to another server
+        connection): the one-string transaction, planned at every poll, from now on."""
         assert self.server is not None
-        log.info("poll statement not found on the server connection (a transaction-mode pooler?): "
-                 "it is planned at every poll from now on")
+        log.warning("poll statement not found, or not the backend proven direct (a transaction-mode pooler in between?): "
+                    "the poll is planned at every poll, its settings LOCAL, from now on")
         self._direct = False
 
     def close(self) -> None:
@@ -257,12 +260,23 @@ class Poller:
             self._sent_at = self._clock()
             cur.execute(queries.poll_query(self.server.version_num, self._timeout()))
             return
-        bound = timeout_ms(self._timeout())
-        if bound != self._settings_ms:  # fixed intervals, and auto below AUTO_TIMEOUT_FLOOR: once
-            conn.execute(queries.direct_settings(bound))
+        bound = self._session_bound()
+        if bound != self._settings_ms:
+            server = self.server
+            conn.execute(queries.direct_settings(bound, server.backend_pid, server.client_port, server.server_port))
             self._settings_ms = bound
         self._sent_at = self._clock()
         cur.execute(queries.DIRECT_POLL, binary=True)
+
+    def _session_bound(self) -> int:
+        """statement_timeout and lock_timeout of a direct session, in ms: the poll's bound; with
+        auto above AUTO_TIMEOUT_FLOOR rounded up to a power of two seconds (at most twice the
+        interval, inside the deadline's two), so they are set again when the interval crosses one,
+        not at every poll as the interval moves."""
+        seconds = self._timeout()
+        if self._config.poll_auto and seconds > AUTO_TIMEOUT_FLOOR:
+            seconds = 2.0 ** math.ceil(math.log2(seconds))
+        return timeout_ms(seconds)
 
     def _build(self, rows: list[Any], now: float) -> tuple[Assembled, tuple[ConsoleStatus, ...]]:
         config = self._config

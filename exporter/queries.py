@@ -156,15 +156,17 @@ WAITSTART_MIN_VERSION = 140000
 # - statement_timeout and lock_timeout bound the poll (the poll interval);
 # - enable_sort off: pg_lock_status() is always estimated at 5 advisory rows, so the planner
 #   groups them by sorting; at 50,000 held locks that sort spilled to disk and cost 86 ms against
-#   51 ms for the hash aggregate this setting leaves it.
+#   51 ms for the hash aggregate this setting leaves it;
+# - extra_float_digits 1: float8 columns (backend_start is part of a session's identity) come back
+#   exact, as a direct connection's binary rows give them, whatever a role or database set.
 # On a connection proven to reach PostgreSQL itself (connection.proven_direct, and no configured
 # pooler in front), nobody else ever borrows the backend, so the poll runs leaner there:
 # - the poll statement is prepared once (PREPARE, under a name of its own, so it never meets
 #   another client's statements): planning it cost more than running it when little is held (0.2 ms
 #   of 0.4 ms with 200 databases and nothing held);
 # - the three settings are the session's (DIRECT_SETTINGS, sent again only when the bound changes)
-#   and the poll is the bare EXECUTE, in the extended protocol with binary results: the five
-#   statements around it cost 0.27 ms of a 2.38 ms round trip at 100 held locks after an idle
+#   and the poll is the bare EXECUTE, in the extended protocol with binary results: the statements
+#   around it (BEGIN, the SET LOCALs, COMMIT) cost 0.27 ms of a 2.38 ms round trip at 100 held locks after an idle
 #   interval (median of 55, 2.38 -> 2.11 ms), and binary rows cost the exporter 31% less CPU to
 #   read at 10,000 held locks (1.68 -> 1.15 ms).
 # Through a pooler (or unproven) it is the one-string transaction below, settings LOCAL, planned
@@ -172,11 +174,23 @@ WAITSTART_MIN_VERSION = 140000
 # borrows next.
 POLL_STATEMENT_NAME = "pg_advisory_lock_exporter_poll"
 DIRECT_POLL = f"EXECUTE {POLL_STATEMENT_NAME}"
-DIRECT_SETTINGS = "SET statement_timeout = {ms}; SET lock_timeout = {ms}; SET enable_sort = off"
+# The session settings are made only on the backend the connection was proven to reach, checked
+# by the server in the same statement (its pid and both ports, as SERVER_INFO read them): anywhere
+# else nothing is set, and the error is the one a missing prepared statement gives, so the poller
+# falls back to the one-string transaction (Poller._read). All values are integers we write.
+DIRECT_SETTINGS = """DO $guard$ BEGIN
+IF pg_backend_pid() <> {pid} OR inet_client_port() IS DISTINCT FROM {client_port}
+   OR inet_server_port() IS DISTINCT FROM {server_port} THEN
+    RAISE EXCEPTION 'not the backend this connection was proven to reach' USING ERRCODE = 'invalid_sql_statement_name';
+END IF;
+PERFORM set_config('statement_timeout', '{ms}', false), set_config('lock_timeout', '{ms}', false),
+        set_config('enable_sort', 'off', false);
+END $guard$"""
 _POLL_TRANSACTION = """BEGIN;
 SET LOCAL statement_timeout = {ms};
 SET LOCAL lock_timeout = {ms};
 SET LOCAL enable_sort = off;
+SET LOCAL extra_float_digits = 1;
 {poll};
 COMMIT"""
 
@@ -190,16 +204,17 @@ def prepare_poll(server_version_num: int) -> str:
     return f"PREPARE {POLL_STATEMENT_NAME} AS {_poll_statement(server_version_num)}"
 
 
-def poll_query(server_version_num: int, timeout_seconds: float, prepared: bool = False) -> str:
-    """The poll transaction for a server of this version (prepared: EXECUTE the statement that
-    prepare_poll made). Its rows are the one result whose columns are POLL_COLUMN_NAMES."""
-    poll = DIRECT_POLL if prepared else _poll_statement(server_version_num)
-    return _POLL_TRANSACTION.format(ms=max(1, int(timeout_seconds * 1000)), poll=poll)
+def poll_query(server_version_num: int, timeout_seconds: float) -> str:
+    """The poll transaction for a server of this version, through a pooler or on a connection not
+    proven direct. Its rows are the one result whose columns are POLL_COLUMN_NAMES."""
+    return _POLL_TRANSACTION.format(ms=max(1, int(timeout_seconds * 1000)), poll=_poll_statement(server_version_num))
 
 
-def direct_settings(timeout_ms: int) -> str:
-    """The session settings of a proven-direct poller connection, for a poll bound of timeout_ms."""
-    return DIRECT_SETTINGS.format(ms=timeout_ms)
+def direct_settings(timeout_ms: int, backend_pid: int, client_port: int, server_port: int) -> str:
+    """The session settings of a proven-direct poller connection, for a poll bound of timeout_ms,
+    made only on the backend of this pid seen from these ports."""
+    return DIRECT_SETTINGS.format(ms=int(timeout_ms), pid=int(backend_pid), client_port=int(client_port),
+                                  server_port=int(server_port))
 
 
 # The probe: one transaction per try, sent as one simple-protocol string (one round trip), its

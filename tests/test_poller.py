@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import pytest
 
 from exporter import queries
-from exporter.connection import local_timeouts
+from exporter.connection import local_timeouts, result_rows
 from exporter.metrics import render
 from tests.conftest import OTHER_DB, wait_until, waiting_pids
 from tests.metrics_util import parse, series, up, value
@@ -291,7 +292,7 @@ def test_the_poll_statement_is_prepared_on_a_direct_connection_and_planned_when_
     with caplog.at_level("INFO", logger="exporter.poller"):
         snap = poller.poll_once()
     assert snap.up and value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
-    assert "planned at every poll from now on" in caplog.text
+    assert "planned at every poll, its settings LOCAL, from now on" in caplog.text
     assert poller.poll_once().up and poller.poll_once().stats.errors == 0
 
 
@@ -313,8 +314,97 @@ def test_on_a_direct_connection_the_poll_is_the_bare_execute_under_the_sessions_
     with local_timeouts(conn, 1.0):
         assert conn.execute("SELECT current_setting('enable_sort')").fetchone() == ("on",)
     assert conn.execute("SELECT current_setting('enable_sort')").fetchone() == ("off",)
+    # A new connection is a new session: its settings are made again before its first poll.
+    poller.close()
+    assert poller.poll_once().up
+    conn = poller._conn  # noqa: SLF001
+    assert conn is not None and conn.execute("SELECT current_setting('statement_timeout'), "
+                                             "current_setting('enable_sort')").fetchone() == ("3s", "off")
+
+
+def test_with_auto_the_direct_sessions_bound_is_set_again_when_the_interval_crosses_a_power_of_two(
+        make_poller) -> None:
+    poller = make_poller({"locks": LOCKS, "poll_interval": "auto"})
+    assert poller.poll_once().up
+    conn = poller._conn  # noqa: SLF001
+    assert conn is not None
+    bound = "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')"
+    assert conn.execute(bound).fetchone() == ("2s", "2s")  # auto's floor
+    poller._controller.interval = 5.3  # noqa: SLF001 - as if polls had become dearer
+    assert poller.poll_once().up and conn.execute(bound).fetchone() == ("8s", "8s")
+    poller._controller.interval = 7.9  # noqa: SLF001 - the same power of two: the same bound
+    assert poller.poll_once().up and conn.execute(bound).fetchone() == ("8s", "8s")
+
+
+def test_the_direct_settings_are_made_on_the_proven_backend_only(make_poller, sessions, caplog) -> None:
+    """Were the connection ever handed to another backend (a pooler the proof missed), the server
+    refuses the settings and the poller falls back to the one-string transaction."""
+    poller = make_poller({"locks": LOCKS, "poll_interval": "3s"})
+    assert poller.poll_once().up
+    conn = poller._conn  # noqa: SLF001
+    assert conn is not None
+    conn.execute("RESET ALL")
+    poller._settings_ms = None  # noqa: SLF001 - the settings are to be made again
+    poller.server = dataclasses.replace(poller.server, backend_pid=poller.server.backend_pid + 1)  # as if elsewhere
     holder = sessions.open()
     holder.execute(f"SELECT {TAKE['leader']}")
-    snap = poller.poll_once()  # binary rows read like text ones: keys, times, names
-    assert value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
-    assert 0 <= value(snap, "pg_advisory_lock_held_seconds", **lock_ids("leader")) < 60
+    with caplog.at_level("WARNING", logger="exporter.poller"):
+        snap = poller.poll_once()
+    assert snap.up and value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
+    assert "not the backend proven direct" in caplog.text
+    assert conn.execute("SELECT current_setting('statement_timeout'), current_setting('enable_sort')").fetchone() == \
+        ("0", "on")  # nothing was set on the session
+    assert poller.poll_once().up and poller.poll_once().stats.errors == 0
+
+
+def test_the_poll_tells_the_assembler_its_round_trip_as_the_slack_of_its_proofs(make_poller) -> None:
+    poller = make_poller({"locks": LOCKS})
+    before = poller.poll_once().stats.duration_sum
+    slacks = []
+    run = poller._assembler.run  # noqa: SLF001
+
+    def recording(*args, **kwargs):
+        slacks.append(kwargs["slack"])
+        return run(*args, **kwargs)
+
+    poller._assembler.run = recording  # noqa: SLF001
+    snap = poller.poll_once()
+    # The statement was sent after the turn was taken, and the rows read before the poll's clock
+    # stopped: the slack is inside the poll's own duration, and never none.
+    assert snap.up and len(slacks) == 1 and 0 < slacks[0] <= snap.stats.duration_sum - before
+
+
+def test_binary_rows_of_a_direct_poll_are_the_text_rows_of_the_one_string_poll(make_poller, sessions, server) -> None:
+    """The same moment read both ways, every shape a row takes: idle and idle-in-transaction
+    holders, both key forms, shared, a waiter, a prepared transaction, NULLs."""
+    from tests.test_prepared import end_prepared, prepare
+
+    idle = sessions.open(application_name="idle")
+    idle.execute("SELECT pg_advisory_lock(4242), pg_advisory_lock_shared(7, 1)")
+    in_xact = sessions.open(autocommit=False, application_name="in-xact")
+    in_xact.execute("SELECT pg_advisory_xact_lock(5150)")
+    waiter = sessions.open(application_name="waiter")
+    thread = threading.Thread(target=waiter.execute, args=("SELECT pg_advisory_lock(4242)",), daemon=True)
+    thread.start()
+    wait_until(lambda: waiter.info.backend_pid in waiting_pids(server))
+    prepare(server.dsn(), "binary-text", "pg_advisory_xact_lock(6060)")
+    try:
+        poller = make_poller({"locks": LOCKS})
+        assert poller.poll_once().up
+        conn = poller._conn  # noqa: SLF001
+        assert conn is not None
+        with conn.cursor() as cur:
+            cur.execute(queries.DIRECT_POLL, binary=True)
+            binary = cur.fetchall()
+            text = result_rows(cur.execute(queries.poll_query(poller.server.version_num, 3.0)), queries.POLL_COLUMN_NAMES)
+        stable = [queries.POLL_COLUMN_NAMES.index(name) for name in queries.STABLE_COLUMNS if name != "wait_seconds"]
+
+        def comparable(rows):
+            return sorted((tuple(repr(row[i]) for i in stable) for row in rows))
+
+        assert len(binary) >= 5 and comparable(binary) == comparable(text)
+        assert {type(row[queries.POLL_COLUMN_NAMES.index("keys")][0]) for row in binary} == {int}
+    finally:
+        end_prepared(server.dsn(), "binary-text")
+        idle.execute("SELECT pg_advisory_unlock_all()")  # the waiter gets the lock, and returns
+        thread.join(10)

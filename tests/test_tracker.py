@@ -116,3 +116,17 @@ def test_an_idle_time_under_a_second_proves_an_earlier_start() -> None:
     # With polls every 100 ms, a session idle for 0.5 s took its lock at least 0.5 s before the poll.
     t = HoldTracker()
     assert poll(t, 100.0, [("a", 1, None, [1])], proven=0.5) == [([0.5], set())]
+
+
+def test_the_slack_holds_for_each_key_alone_whether_seen_before_or_new() -> None:
+    t = HoldTracker()
+    poll(t, 100.0, [("a", 1, 10.0, [7])], proven=5.0)  # 7 since 95.0
+    # 7 remembered, 8 new, in one poll: 7 keeps its start within the slack, 8 takes the proof.
+    ((ages, _),) = poll(t, 101.0, [("a", 1, 10.0, [7, 8])], proven=6.004, slack=0.005)
+    assert [round(age, 3) for age in ages] == [6.0, 6.004]
+    t = HoldTracker()
+    poll(t, 100.0, [("a", 1, 10.0, [7])])  # 7 since 100 (active: nothing proven)
+    poll(t, 102.0, [("a", 1, 10.0, [7, 8])])  # 8 since 102
+    # One proof (99.998), within the slack of 7's start, beyond it for 8's: only 8 moves.
+    ((ages, _),) = poll(t, 103.0, [("a", 1, 10.0, [7, 8])], proven=3.002, slack=0.005)
+    assert [round(age, 3) for age in ages] == [3.0, 3.002]
