@@ -287,13 +287,20 @@ def test_the_poll_statement_is_prepared_on_a_direct_connection_and_planned_when_
     assert prepared == {queries.POLL_STATEMENT_NAME}
     # As if a transaction-mode pooler had handed the poll to a server connection that never saw it.
     conn.execute(f"DEALLOCATE {queries.POLL_STATEMENT_NAME}")
+    _falls_back_and_sees_the_holder(poller, sessions, caplog)
+    assert poller.poll_once().up and poller.poll_once().stats.errors == 0
+
+
+def _falls_back_and_sees_the_holder(poller, sessions, caplog) -> None:
+    """A holder of leader, then a poll that falls back to the one-string transaction: it sees the
+    holder, fails nothing, and says why."""
     holder = sessions.open()
     holder.execute(f"SELECT {TAKE['leader']}")
-    with caplog.at_level("INFO", logger="exporter.poller"):
+    with caplog.at_level("WARNING", logger="exporter.poller"):
         snap = poller.poll_once()
     assert snap.up and value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
+    assert "poll statement not found, or not the backend proven direct" in caplog.text
     assert "planned at every poll, its settings LOCAL, from now on" in caplog.text
-    assert poller.poll_once().up and poller.poll_once().stats.errors == 0
 
 
 def test_on_a_direct_connection_the_poll_is_the_bare_execute_under_the_sessions_own_bounds(
@@ -346,12 +353,7 @@ def test_the_direct_settings_are_made_on_the_proven_backend_only(make_poller, se
     conn.execute("RESET ALL")
     poller._settings_ms = None  # noqa: SLF001 - the settings are to be made again
     poller.server = dataclasses.replace(poller.server, backend_pid=poller.server.backend_pid + 1)  # as if elsewhere
-    holder = sessions.open()
-    holder.execute(f"SELECT {TAKE['leader']}")
-    with caplog.at_level("WARNING", logger="exporter.poller"):
-        snap = poller.poll_once()
-    assert snap.up and value(snap, "pg_advisory_lock_holders", **lock_ids("leader"), mode="exclusive") == 1
-    assert "not the backend proven direct" in caplog.text
+    _falls_back_and_sees_the_holder(poller, sessions, caplog)
     assert conn.execute("SELECT current_setting('statement_timeout'), current_setting('enable_sort')").fetchone() == \
         ("0", "on")  # nothing was set on the session
     assert poller.poll_once().up and poller.poll_once().stats.errors == 0

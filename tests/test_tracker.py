@@ -130,3 +130,13 @@ def test_the_slack_holds_for_each_key_alone_whether_seen_before_or_new() -> None
     # One proof (99.998), within the slack of 7's start, beyond it for 8's: only 8 moves.
     ((ages, _),) = poll(t, 103.0, [("a", 1, 10.0, [7, 8])], proven=3.002, slack=0.005)
     assert [round(age, 3) for age in ages] == [3.0, 3.002]
+
+
+def test_a_proof_earlier_by_exactly_the_slack_moves_nothing() -> None:
+    """"More than the slack" is strict: at the boundary the start stays (fast and slow path)."""
+    t = HoldTracker()
+    poll(t, 100.0, [("a", 1, 10.0, [7])], proven=5.0)  # 7 since 95.0
+    ((ages, _),) = poll(t, 101.0, [("a", 1, 10.0, [7])], proven=6.5, slack=0.5)  # 94.5: exactly 0.5 earlier
+    assert ages == [6.0]
+    ((ages, _),) = poll(t, 102.0, [("a", 1, 10.0, [7, 8])], proven=7.5, slack=0.5)  # 8 new: the slow path
+    assert ages == [7.0, 7.5]
