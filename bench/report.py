@@ -267,18 +267,17 @@ def coverage_verdict(results: dict[str, Any]) -> list[str]:
 
 
 def _floor_bound(row: dict[str, Any], budget: float) -> list[str]:
-    """What no poller could beat here: the floor's round trip at the share gives the least interval,
-    and hold / that interval the most any poller within the share could see."""
+    """Why the coverage budget is out of reach here, or not: the round trip it needs within the
+    share, against what the floor's reads and this exporter's poll took beside each other."""
     floor = row.get("floor_round_trip_ms")
     if not floor:
         return []
-    least = floor / 1000 / budget
-    seen = ", ".join(f"{hold * 1000:g} ms holds at most {min(1.0, hold / least) * 100:.0f}%" for hold in AUTO_SEEN)
     needed = min(hold / share for hold, share in AUTO_SEEN.items())  # the longest interval that meets it
-    return [f"- the least a poll costs here: the floor's two reads in one round trip, at auto's interval, "
-            f"{floor:.2f} ms (this exporter's {row['own_round_trip_ms']:.2f} ms). Within a {budget * 100:g}% share "
-            f"that is an interval of at least {least:.3g} s, at which any poller sees {seen}; the coverage budget "
-            f"needs an interval of {needed:.3g} s at most, a round trip of {needed * budget * 1000:.2f} ms at most"]
+    cheaper = min(floor, row["own_round_trip_ms"])
+    return [f"- the round trip the coverage budget needs: an interval of {needed:.3g} s at most within a "
+            f"{budget * 100:g}% share, so {needed * budget * 1000:.2f} ms at most; beside auto, at its interval, the "
+            f"floor's two reads in one round trip took {floor:.2f} ms and this exporter's poll "
+            f"{row['own_round_trip_ms']:.2f} ms: the cheaper allows an interval of {cheaper / 1000 / budget:.3g} s at least"]
 
 
 def settle_lines(results: dict[str, Any]) -> tuple[list[str], list[str]]:

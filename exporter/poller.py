@@ -79,6 +79,11 @@ def connect_poller(config: Config) -> psycopg.Connection:
     return connect(config.dsn, queries.APPLICATION_NAME, config.timeout_seconds, password_file=config.password_file)
 
 
+class NotTheProvenBackend(Exception):
+    """The direct session's settings found another backend than the one proven at connect: a
+    pooler in between after all. Nothing was set; the poll falls back to the one-string transaction."""
+
+
 class PollTicket:
     """One poll attempt, counted once: by the poll when it ends, or by its deadline if it is given
     up first (whichever comes first, under the poller's stats lock)."""
@@ -201,7 +206,7 @@ class Poller:
         assert self.server is not None
         log.warning("poll statement not found, or not the backend proven direct (a transaction-mode pooler in between?): "
                     "the poll is planned at every poll, its settings LOCAL, from now on")
-        self._direct = False
+        self._direct, self._settings_ms = False, None
 
     def close(self) -> None:
         self._poolers.close()
@@ -216,11 +221,7 @@ class Poller:
     def _read(self) -> list[Any]:
         if self._conn is None:
             self._conn = self._open()
-        try:
-            return self._run_poll(self._conn)
-        except psycopg.errors.InvalidSqlStatementName:
-            self._unprepare()
-            return self._run_poll(self._conn)
+        return self._run_poll(self._conn)
 
     def _timeout(self) -> float:
         """statement_timeout of the poll and the hung-poll deadline: the interval in force, and with
@@ -236,7 +237,11 @@ class Poller:
         try:
             with conn.cursor(row_factory=namedtuple_row) as cur:
                 try:
-                    self._execute_poll(conn, cur)
+                    try:
+                        self._execute_poll(conn, cur)
+                    except (psycopg.errors.InvalidSqlStatementName, NotTheProvenBackend):
+                        self._unprepare()  # and, in the same turn, the one-string transaction
+                        self._execute_poll(conn, cur)
                 finally:
                     # The poll's cost: its round trip, which bounds the server's time from above (the
                     # rows are in; turning them into Python objects below is the exporter's time).
@@ -263,15 +268,18 @@ class Poller:
         bound = self._session_bound()
         if bound != self._settings_ms:
             server = self.server
-            conn.execute(queries.direct_settings(bound, server.backend_pid, server.client_port, server.server_port))
+            assert server.client_port is not None and server.server_port is not None  # proven: TCP at both ends
+            made = conn.execute(queries.direct_settings(bound, server.backend_pid, server.client_port, server.server_port))
+            if made.fetchone() is None:
+                raise NotTheProvenBackend(f"backend {server.backend_pid} is not the one this connection reaches")
             self._settings_ms = bound
         self._sent_at = self._clock()
         cur.execute(queries.DIRECT_POLL, binary=True)
 
     def _session_bound(self) -> int:
         """statement_timeout and lock_timeout of a direct session, in ms: the poll's bound; with
-        auto above AUTO_TIMEOUT_FLOOR rounded up to a power of two seconds (at most twice the
-        interval, inside the deadline's two), so they are set again when the interval crosses one,
+        auto above AUTO_TIMEOUT_FLOOR rounded up to a power of two seconds (less than twice the
+        interval; the deadline counts it), so they are set again when the interval crosses one,
         not at every poll as the interval moves."""
         seconds = self._timeout()
         if self._config.poll_auto and seconds > AUTO_TIMEOUT_FLOOR:
@@ -440,9 +448,10 @@ class Poller:
         explain = 2 * self._config.timeout_seconds if self._explaining else 0.0
         # Connecting again (connect, server facts, key names, PREPARE), each bounded by the timeout.
         connect = 2 * self._config.timeout_seconds if self._conn is None else 0.0
-        # The statement's bound, and as long again for the turn (a probe's try, or another target's
-        # poll, on the same server).
-        return 2 * self._timeout() + connect + self._poolers.read_budget() + explain
+        # The statement's bound (a direct session's, rounded up under auto: _session_bound), and the
+        # interval again for the turn (a probe's try, or another target's poll, on the same server).
+        statement = self._session_bound() / 1000 if self._direct else self._timeout()
+        return self._timeout() + statement + connect + self._poolers.read_budget() + explain
 
     def _poll_with_deadline(self) -> Snapshot:
         """poll_once, or up=0 if it does not return within its deadline (a hung server)."""

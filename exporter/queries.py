@@ -176,16 +176,12 @@ POLL_STATEMENT_NAME = "pg_advisory_lock_exporter_poll"
 DIRECT_POLL = f"EXECUTE {POLL_STATEMENT_NAME}"
 # The session settings are made only on the backend the connection was proven to reach, checked
 # by the server in the same statement (its pid and both ports, as SERVER_INFO read them): anywhere
-# else nothing is set, and the error is the one a missing prepared statement gives, so the poller
-# falls back to the one-string transaction (Poller._read). All values are integers we write.
-DIRECT_SETTINGS = """DO $guard$ BEGIN
-IF pg_backend_pid() <> {pid} OR inet_client_port() IS DISTINCT FROM {client_port}
-   OR inet_server_port() IS DISTINCT FROM {server_port} THEN
-    RAISE EXCEPTION 'not the backend this connection was proven to reach' USING ERRCODE = 'invalid_sql_statement_name';
-END IF;
-PERFORM set_config('statement_timeout', '{ms}', false), set_config('lock_timeout', '{ms}', false),
-        set_config('enable_sort', 'off', false);
-END $guard$"""
+# else the statement returns no row and sets nothing (a WHERE that fails leaves the select list
+# unevaluated), and the poller falls back to the one-string transaction. Plain SQL, not a DO
+# block: plpgsql may be dropped or closed to PUBLIC. All values are integers we write.
+DIRECT_SETTINGS = """SELECT set_config('statement_timeout', '{ms}', false), set_config('lock_timeout', '{ms}', false),
+       set_config('enable_sort', 'off', false)
+WHERE pg_backend_pid() = {pid} AND inet_client_port() = {client_port} AND inet_server_port() = {server_port}"""
 _POLL_TRANSACTION = """BEGIN;
 SET LOCAL statement_timeout = {ms};
 SET LOCAL lock_timeout = {ms};

@@ -339,20 +339,23 @@ def test_with_auto_the_direct_sessions_bound_is_set_again_when_the_interval_cros
     assert conn.execute(bound).fetchone() == ("2s", "2s")  # auto's floor
     poller._controller.interval = 5.3  # noqa: SLF001 - as if polls had become dearer
     assert poller.poll_once().up and conn.execute(bound).fetchone() == ("8s", "8s")
-    poller._controller.interval = 7.9  # noqa: SLF001 - the same power of two: the same bound
-    assert poller.poll_once().up and conn.execute(bound).fetchone() == ("8s", "8s")
+    # The same power of two is the same bound: nothing is sent again (what the session has stays).
+    conn.execute("SET statement_timeout = '5s'")
+    poller._controller.interval = 7.9  # noqa: SLF001
+    assert poller.poll_once().up and conn.execute(bound).fetchone() == ("5s", "8s")
 
 
-def test_the_direct_settings_are_made_on_the_proven_backend_only(make_poller, sessions, caplog) -> None:
+@pytest.mark.parametrize("elsewhere", ["backend_pid", "client_port", "server_port"])
+def test_the_direct_settings_are_made_on_the_proven_backend_only(make_poller, sessions, caplog, elsewhere) -> None:
     """Were the connection ever handed to another backend (a pooler the proof missed), the server
-    refuses the settings and the poller falls back to the one-string transaction."""
+    makes none of the settings and the poller falls back to the one-string transaction."""
     poller = make_poller({"locks": LOCKS, "poll_interval": "3s"})
     assert poller.poll_once().up
     conn = poller._conn  # noqa: SLF001
     assert conn is not None
     conn.execute("RESET ALL")
     poller._settings_ms = None  # noqa: SLF001 - the settings are to be made again
-    poller.server = dataclasses.replace(poller.server, backend_pid=poller.server.backend_pid + 1)  # as if elsewhere
+    poller.server = dataclasses.replace(poller.server, **{elsewhere: getattr(poller.server, elsewhere) + 1})  # as if elsewhere
     _falls_back_and_sees_the_holder(poller, sessions, caplog)
     assert conn.execute("SELECT current_setting('statement_timeout'), current_setting('enable_sort')").fetchone() == \
         ("0", "on")  # nothing was set on the session
@@ -398,7 +401,10 @@ def test_binary_rows_of_a_direct_poll_are_the_text_rows_of_the_one_string_poll(m
         with conn.cursor() as cur:
             cur.execute(queries.DIRECT_POLL, binary=True)
             binary = cur.fetchall()
+            # As a role or database may set it: text float8 rounded to 15 digits, unless the poll says otherwise.
+            conn.execute("SET extra_float_digits = 0")
             text = result_rows(cur.execute(queries.poll_query(poller.server.version_num, 3.0)), queries.POLL_COLUMN_NAMES)
+            conn.execute("RESET extra_float_digits")
         stable = [queries.POLL_COLUMN_NAMES.index(name) for name in queries.STABLE_COLUMNS if name != "wait_seconds"]
 
         def comparable(rows):

@@ -140,3 +140,9 @@ def test_a_proof_earlier_by_exactly_the_slack_moves_nothing() -> None:
     assert ages == [6.0]
     ((ages, _),) = poll(t, 102.0, [("a", 1, 10.0, [7, 8])], proven=7.5, slack=0.5)  # 8 new: the slow path
     assert ages == [7.0, 7.5]
+    t = HoldTracker()
+    poll(t, 100.0, [("a", 1, 10.0, [7])], proven=5.0)  # 7 since 95.0
+    poll(t, 101.0, [("a", 1, 10.0, [7, 8])])  # 8 since 101.0
+    # Both remembered (the fast path), one proof: exactly the slack before 7's start, well before 8's.
+    ((ages, _),) = poll(t, 102.0, [("a", 1, 10.0, [7, 8])], proven=7.5, slack=0.5)
+    assert ages == [7.0, 7.5]
