@@ -15,7 +15,6 @@ errors are counted; the polls' summed duration against the window's length is re
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Callable
 
 import psycopg
 
-from bench.measure import server_time
+from bench.measure import Background, server_time
 from bench.subjects import AUTO_ROLE, Ours
 from exporter.config import DEFAULT_MAX_DB_TIME_SHARE, DEFAULT_MAX_POLL_INTERVAL
 from tests.metrics_util import parse
@@ -64,13 +63,12 @@ def after_next_poll(url: str, polls: int, timeout: float) -> tuple[float, Export
         time.sleep(0.02)
 
 
-class OverlapWatch:
+class OverlapWatch(Background):
     """Samples one role's backends in pg_stat_activity on a connection of its own."""
 
     def __init__(self, dsn: str, role: str) -> None:
+        super().__init__()
         self._dsn, self._role = dsn, role
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
         self.samples = 0
         self.max_active = 0  # the most backends of the role active in one sample
         self.active_samples = 0  # samples with a poll running
@@ -86,14 +84,6 @@ class OverlapWatch:
                 self.active_samples += active > 0
                 self.backends.update(pid for pid, _ in rows)
                 self._stop.wait(WATCH_EVERY)
-
-    def __enter__(self) -> "OverlapWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def measure_settle(dsn_for: Callable[[str], str], admin: psycopg.Connection, workdir: Path, held: int, named: int,

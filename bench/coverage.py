@@ -33,7 +33,7 @@ import psycopg
 import yaml
 
 from bench.auto import PREFIX
-from bench.measure import cpu_seconds, server_time
+from bench.measure import Background, cpu_seconds, server_time
 from bench.subjects import FLOOR_ACTIVITY, FLOOR_LOCKS, OURS_MARKER, Process, create_role
 from tests.metrics_util import parse
 
@@ -59,15 +59,14 @@ def _worker(dsn: str, namespace: int, key: int, hold: float, stop: threading.Eve
             stop.wait(rng.uniform(0.5, 1.5) * hold + 0.02)
 
 
-class _FloorRoundTrip:
-    """The least a poll could cost here, timed as the exporter times its own (a round trip): the
-    floor's two reads (bench/subjects.py) sent as one string, one round trip, at the auto
-    exporter's interval in force (as cold a backend as its polls meet), beside it in the same run."""
+class _FloorRoundTrip(Background):
+    """What the floor's two reads (bench/subjects.py) cost as one round trip, timed as the exporter
+    times its own poll: sent as one string, at the auto exporter's interval in force (as cold a
+    backend as its polls meet), beside it in the same run."""
 
     def __init__(self, dsn: str, interval: Callable[[], float]) -> None:
+        super().__init__()
         self._dsn, self._interval = dsn, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
         self.round_trips: list[float] = []
 
     def _loop(self) -> None:
@@ -78,14 +77,6 @@ class _FloorRoundTrip:
                     cur.execute(f"{FLOOR_LOCKS}; {FLOOR_ACTIVITY}")  # both results in when it returns
                     self.round_trips.append(time.monotonic() - began)
                 self._stop.wait(self._interval())
-
-    def __enter__(self) -> "_FloorRoundTrip":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 class _Exporter(Process):

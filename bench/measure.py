@@ -7,14 +7,42 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 import psycopg
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Background:
+    """A loop on a daemon thread of its own: the subclass's _loop, which runs until _stop is set.
+    Started and stopped by start() and stop(), or as a context manager."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 # Per role: the server time of every statement that role ran, and how many times its poll ran.
 SERVER_TIME = """

@@ -13,9 +13,9 @@ three SET LOCALs, EXECUTE, COMMIT) whose fifth result is read.
 
 from __future__ import annotations
 
-import threading
-
 import psycopg
+
+from bench.measure import Background
 
 COMMIT = "57bb5b5"
 APPLICATION_NAME = "bench-previous-release"
@@ -66,17 +66,16 @@ def poll_transaction(interval: float) -> str:
 MARKER = "%WITH held AS%"
 
 
-class PreviousRelease:
+class PreviousRelease(Background):
     """57bb5b5's poll statement every interval, on its own connection and role, in this process."""
 
     role = "bench_previous"
     marker = MARKER
 
     def __init__(self, dsn: str, interval: float) -> None:
+        super().__init__()
         self._dsn, self._interval = dsn, interval
         self._ms = str(max(1, int(interval * 1000)))  # 57bb5b5's local_timeouts around the PREPARE
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
         self.rows = 0  # rows of the last poll
 
     def _loop(self) -> None:
@@ -93,11 +92,3 @@ class PreviousRelease:
                         cur.nextset()
                     self.rows = len(cur.fetchall())
                 self._stop.wait(self._interval)
-
-    def start(self) -> "PreviousRelease":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
+from bench.measure import Background
 from tests.pgcluster import free_port, terminate
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -42,7 +42,7 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
             time.sleep(0.1)
 
 
-class Floor:
+class Floor(Background):
     """What any exporter must make the server do per poll: read pg_locks' advisory rows and
     pg_stat_activity once each. Runs in this process, on its own connection and role."""
 
@@ -50,9 +50,8 @@ class Floor:
     marker = FLOOR_MARKER
 
     def __init__(self, dsn: str, interval: float) -> None:
+        super().__init__()
         self._dsn, self._interval = dsn, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         with psycopg.connect(self._dsn, autocommit=True) as conn:
@@ -60,14 +59,6 @@ class Floor:
                 conn.execute(FLOOR_LOCKS).fetchall()
                 conn.execute(FLOOR_ACTIVITY).fetchall()
                 self._stop.wait(self._interval)
-
-    def start(self) -> "Floor":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 class Process:

@@ -6,6 +6,8 @@ Reading pg_locks takes all 16 lock-manager partition locks, so a poll reads it e
 
 from __future__ import annotations
 
+from .dsn import timeout_ms
+
 # Exporter connections identify themselves (a name proves nothing: no session is left out for it;
 # the probe's own hold never meets a poll, since probe and poll of a server take turns).
 APPLICATION_NAME = "pg-advisory-lock-exporter"
@@ -203,7 +205,7 @@ def prepare_poll(server_version_num: int) -> str:
 def poll_query(server_version_num: int, timeout_seconds: float) -> str:
     """The poll transaction for a server of this version, through a pooler or on a connection not
     proven direct. Its rows are the one result whose columns are POLL_COLUMN_NAMES."""
-    return _POLL_TRANSACTION.format(ms=max(1, int(timeout_seconds * 1000)), poll=_poll_statement(server_version_num))
+    return _POLL_TRANSACTION.format(ms=timeout_ms(timeout_seconds), poll=_poll_statement(server_version_num))
 
 
 def direct_settings(timeout_ms: int, backend_pid: int, client_port: int, server_port: int) -> str:
