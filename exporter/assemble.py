@@ -122,17 +122,13 @@ class _Shown:
 
 @dataclass(frozen=True)
 class _Made:
-    """A lock's state and what it was made from: reused while all four are the same."""
+    """A lock's state and what it was made from: reused while no changed session, wait or blocked
+    holder touches the lock and the limit and pooling are the same (Assembler._states)."""
 
     figures: Figures | None
-    acquisitions: int
     limit: int
     pooled: bool
     state: LockState
-
-    def made_from(self, figures: Figures | None, acquisitions: int, limit: int, pooled: bool) -> bool:
-        return (self.figures is figures and self.acquisitions == acquisitions and self.limit == limit
-                and self.pooled == pooled)
 
 
 class Assembler:
@@ -385,15 +381,13 @@ class Assembler:
 
     def _lock_state(self, index: int, lock: ResolvedLock, total: Figures | None, wait: list[float] | None,
                     blocked: list[float] | None, limit: int, pooled: bool) -> LockState:
-        """A lock's state: the last one while its total, acquisitions, limit and pooling are the same
-        and nobody waits for it or in it (ages are taken from it at render), else a new one."""
+        """A new state of a lock (its last one is reused by _states while nothing touched it),
+        remembered while nobody waits for it or in it (a wait's age grows; holders' ages are taken
+        from the state at render)."""
         lock_id = self._lock_ids[index]
         acquisitions = self._tracker.acquisitions(lock_id)
         last_acquired = self._tracker.last_acquired(lock_id)
-        made = self._made.get(index)
         still = wait is None and blocked is None
-        if still and made is not None and made.made_from(total, acquisitions, limit, pooled):
-            return made.state
         figures = total or EMPTY
         state = LockState(
             lock.config.name, lock.database, figures.exclusive, figures.shared, figures.since,
@@ -404,7 +398,7 @@ class Assembler:
             last_acquired, lock.config.expect_every,
         )
         if still:
-            self._made[index] = _Made(total, acquisitions, limit, pooled, state)
+            self._made[index] = _Made(total, limit, pooled, state)
         else:
             self._made.pop(index, None)
         return state
