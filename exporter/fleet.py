@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 # How long stop() waits for a poll or probe thread: one stuck on a hung server is not waited for
 # (its threads are daemons, and the process exit closes their sockets).
 JOIN_SECONDS = 0.4
-# The watchdog serves up 0 once the last good poll is this many intervals old.
-STALE_INTERVALS = 3
+# How often the watchdog looks. (Scrapes need not wait for it: each compares the clock with its
+# poll's staleness bound itself, exposition.Exposition.body.)
 WATCHDOG_SECONDS = 0.5
 
 
@@ -103,19 +103,20 @@ class Target:
             self._on_snapshot(self.name, snapshot)
 
     def check_stale(self, now: float) -> bool:
-        """The watchdog's look (now: the poller's clock): when the last good poll is older than
-        STALE_INTERVALS intervals while the exposition still says up, the poller is stuck or gone;
-        publish the failed-poll exposition in its place, so exporter_up turns 0 without a scrape
-        rendering anything. True when it did."""
+        """The watchdog's look (now: the poller's clock): past the last good poll's staleness bound
+        (Snapshot.fresh_until: the next poll was due and has had its deadline) while the exposition
+        still says up, the poller is stuck or gone; publish the failed-poll exposition in its
+        place, so the landing page and a fleet's target_up say so too (a scrape already serves up 0
+        by itself past the bound). True when it did."""
         snapshot = self.exposition.snapshot
-        interval = max(snapshot.stats.interval or self.config.poll_interval, self.config.timeout_seconds)
-        if not snapshot.up or now - snapshot.taken_at <= STALE_INTERVALS * interval:
+        if not snapshot.up or now <= snapshot.fresh_until:
             return False
         stale = Snapshot(up=False, stats=snapshot.stats)
         if not self.exposition.publish_instead_of(snapshot, stale):
             return False  # a poll published meanwhile: not stale after all
-        log.error("target %s: no poll has finished for %.0fs (%d poll intervals): the poller is stuck or gone; "
-                  "serving up 0", self.name or "(single)", now - snapshot.taken_at, STALE_INTERVALS)
+        log.error("target %s: no poll has been published for %.1fs after the last was read (its bound: the next "
+                  "poll due and its deadline, %.1fs): the poller is stuck or gone; serving up 0", self.name or "(single)",
+                  now - snapshot.taken_at, snapshot.fresh_until - snapshot.taken_at)
         if self._on_snapshot is not None:
             self._on_snapshot(self.name, stale)
         return True

@@ -235,7 +235,14 @@ def _exporter_text(snapshot: Snapshot, reload: ReloadStatus) -> Iterator[str]:
     if stats.last_success_timestamp is not None:
         yield from family(
             f"{PREFIX}_exporter_last_poll_timestamp_seconds", "gauge",
-            "End of the last successful poll, in seconds since the epoch.", [("", "", stats.last_success_timestamp)],
+            "When the last successful poll read pg_locks (its rows arrived), in seconds since the epoch.",
+            [("", "", stats.last_success_timestamp)],
+        )
+    if stats.last_success_round_trip is not None:
+        yield from family(
+            f"{PREFIX}_exporter_last_poll_duration_seconds", "gauge",
+            "The round trip of the last successful poll's statement: the server read pg_locks within this many "
+            "seconds before last_poll_timestamp_seconds.", [("", "", round(stats.last_success_round_trip, 6))],
         )
     yield from _identity_text(reload)
 

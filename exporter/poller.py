@@ -135,7 +135,7 @@ class Poller:
         self._errors = 0
         self._bucket_counts = [0] * len(DURATION_BUCKETS)
         self._duration_sum = 0.0
-        self._last_success: float | None = None
+        self._last_success: tuple[float, float] | None = None  # (wall clock when its rows arrived, round trip)
         self._holder_info_dropped = 0
         self._last_error: str | None = None
         self._stats_lock = threading.Lock()
@@ -339,15 +339,19 @@ class Poller:
             total += count
             cumulative.append((bound, total))
         return PollStats(
-            self._polls, self._errors, tuple(cumulative), self._duration_sum, self._last_success, self._holder_info_dropped,
+            self._polls, self._errors, tuple(cumulative), self._duration_sum,
+            self._last_success[0] if self._last_success else None, self._last_success[1] if self._last_success else None,
+            self._holder_info_dropped,
             self._tracker.tracked, self._tracker.dropped, self._controller.interval,
             round(self._controller.ratio(self._clock()), 6),
         )
 
-    def _count(self, ticket: PollTicket, seconds: float, failed: bool) -> PollStats | None:
+    def _count(self, ticket: PollTicket, seconds: float, failed: bool,
+               read: tuple[float, float] | None = None) -> PollStats | None:
         """Count the poll of this ticket, once, and return the totals; None if it was counted
         already (given up as stuck: a stuck poll may return late, or never). One critical section,
-        so the poll and its deadline cannot both count it."""
+        so the poll and its deadline cannot both count it. read: a good poll's (wall clock when its
+        rows arrived, its round trip)."""
         with self._stats_lock:
             if ticket.counted:
                 return None
@@ -361,7 +365,7 @@ class Poller:
             if slot < len(DURATION_BUCKETS):
                 self._bucket_counts[slot] += 1
             if not failed:
-                self._last_success = self._wall_clock()
+                self._last_success = read or (self._wall_clock(), 0.0)
             return self._stats()
 
     def poll_once(self, ticket: PollTicket | None = None) -> Snapshot:
@@ -387,7 +391,8 @@ class Poller:
             self._last_error = self._unexpected.report(exc)
             self._restart()
             return Snapshot(up=False, stats=stats)
-        stats = self._count(ticket, now - started, failed=False)
+        # The server read pg_locks inside [sent, now]: the figures describe that window.
+        stats = self._count(ticket, now - started, failed=False, read=(wall_at, max(now - self._sent_at, 0.0)))
         if stats is None:
             return Snapshot(up=False, stats=self._stats_now())  # already counted, as failed, when it was given up
         if self._last_error is not None:
@@ -396,7 +401,15 @@ class Poller:
         releases = {self._locks[tally].key: release for tally, release in result.releases.items() if isinstance(tally, int)}
         return Snapshot(up=True, locks=result.locks, unnamed=result.unnamed, collisions=self._collisions, stats=stats,
                         consoles=consoles, taken_at=now, wall_at=wall_at, key_notes=notes, chains=chains, releases=releases,
-                        backend_releases=result.backend_releases)
+                        backend_releases=result.backend_releases, fresh_until=self._fresh_until())
+
+    def _fresh_until(self) -> float:
+        """The staleness bound of a poll ending now: the next poll is due within one interval of
+        now (the loop's schedule: run) and has its deadline to publish, so past that this poll is
+        not the latest a working poller would serve; the watchdog and every scrape then serve up 0.
+        Computed after the poll, so the deadline counts what it made the next one need (room for
+        the explaining statements, each console address resolved)."""
+        return self._clock() + self._controller.interval + self.deadline()
 
     def _stats_now(self) -> PollStats:
         with self._stats_lock:

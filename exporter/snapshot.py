@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -222,7 +223,10 @@ class PollStats:
     errors: int = 0
     duration_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound, cumulative count)
     duration_sum: float = 0.0
+    # When the last successful poll's rows arrived (seconds since the epoch), and that poll's round
+    # trip: the server read pg_locks somewhere inside [timestamp - round trip, timestamp].
     last_success_timestamp: float | None = None
+    last_success_round_trip: float | None = None
     holder_info_dropped: int = 0
     tracked_holds: int = 0
     tracked_holds_dropped: int = 0
@@ -249,6 +253,10 @@ class Snapshot:
     # per (lock, database) the soonest, and per server connection (its backend pid) its own.
     releases: dict[tuple[str, str], Release] = field(default_factory=dict)
     backend_releases: dict[int, Release] = field(default_factory=dict)
+    # The poller's clock past which this poll must not be served as up (the next poll is due one
+    # interval after this one was published and has its deadline to publish): the watchdog and
+    # every scrape compare the clock with it (README: What the exporter promises, staleness).
+    fresh_until: float = math.inf
 
     def chain_of(self, pid: int | None) -> Chain | None:
         """The chain of a holder that waits, if it does."""

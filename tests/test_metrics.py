@@ -364,7 +364,8 @@ def test_every_family_is_what_the_readme_says_it_is_and_its_help_says_so_first()
         unnamed=(UnnamedLocks("app", 2, 1, 2.0, 0.25, (holder,), 30.0, 1, 1, 0.75),),
         collisions=(KeyCollision("a", "b", "app"),), consoles=(ConsoleStatus("pgb", "127.0.0.1:6432", True, 0.004),),
         releases={("tenants", "app"): Release(30.0, "server_lifetime", 7)},
-        stats=PollStats(polls=1, duration_buckets=((0.01, 1),), last_success_timestamp=1.0), taken_at=10.0,
+        stats=PollStats(polls=1, duration_buckets=((0.01, 1),), last_success_timestamp=1.0, last_success_round_trip=0.002),
+        taken_at=10.0,
     )
     probes = (ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),)
     text = render(snapshot, probes, ReloadStatus(True, 1.0)).decode() + \

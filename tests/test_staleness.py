@@ -1,0 +1,160 @@
+"""A poll is served as up only until its staleness bound (README: What the exporter promises):
+the next poll due one interval after it was published, plus that poll's deadline. Past it, a
+scrape serves up 0 by itself, so neither a hung pooler console (a slow but healthy poll) nor an
+exporter that was stopped and continued can make the exposition lie."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from exporter import queries
+from exporter.config import parse_fleet
+from exporter.exposition import Exposition
+from exporter.fleet import Runtime
+from exporter.snapshot import LockState, PollStats, Snapshot
+from tests.conftest import wait_until
+from tests.exporter_proc import ExporterProcess
+from tests.metrics_util import parse, up
+
+LOCKS = [{"name": "nightly", "key": 4242}]
+HOLDERS = ("pg_advisory_lock_holders", (("database", "postgres"), ("lock", "nightly"), ("mode", "exclusive")))
+
+
+@pytest.fixture
+def hung_console() -> Iterator[int]:
+    """A TCP listener that accepts connections (the kernel's backlog) and never answers: a hung
+    PgBouncer, or an address a network policy black-holes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def _refused_port() -> int:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+@pytest.mark.parametrize(("poolers", "bound"), [
+    # 2 s to the next poll; its deadline: 2 s for the turn (a probe's try) and 2 s of statement.
+    ([], 6.0),
+    # and 4 s for one console: 2 s to resolve its name, 2 s to read its one address.
+    ([{"name": "pgb", "type": "pgbouncer"}], 10.0),
+])
+def test_the_bound_is_the_next_poll_due_plus_its_deadline(make_poller, poolers, bound) -> None:
+    for pooler in poolers:
+        pooler["dsn"] = f"host=127.0.0.1 port={_refused_port()} dbname=pgbouncer connect_timeout=1"
+    poller = make_poller({"poll_interval": "2s", "locks": LOCKS, "poolers": poolers}, clock=lambda: 100.0)
+    snapshot = poller.poll_once()
+    assert snapshot.up
+    assert snapshot.fresh_until == 100.0 + bound
+
+
+def test_the_figures_say_when_pg_locks_was_read(make_poller, sessions) -> None:
+    holder = sessions.open()
+    before = holder.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+    snapshot = make_poller({"locks": LOCKS}).poll_once()
+    after = holder.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+    stats = snapshot.stats
+    assert stats.last_success_timestamp is not None and stats.last_success_round_trip is not None
+    # The read happened inside [timestamp - round trip, timestamp], itself between the two readings.
+    assert before <= stats.last_success_timestamp - stats.last_success_round_trip <= stats.last_success_timestamp <= after
+    text = Exposition(snapshot, with_process=False, clock=lambda: snapshot.taken_at)
+    text.render_now()
+    figures = parse(text.body().decode())
+    assert figures[("pg_advisory_lock_exporter_last_poll_timestamp_seconds", ())] == stats.last_success_timestamp
+    assert figures[("pg_advisory_lock_exporter_last_poll_duration_seconds", ())] == round(stats.last_success_round_trip, 6)
+
+
+def _good(fresh_until: float) -> Snapshot:
+    return Snapshot(up=True, locks=(LockState("nightly", "postgres", 1, 0, 5.0, 0, 0.0, 1, None),),
+                    stats=PollStats(polls=1, last_success_timestamp=1_700_000_000.0, last_success_round_trip=0.002),
+                    taken_at=10.0, wall_at=1_700_000_000.0, fresh_until=fresh_until)
+
+
+def test_a_scrape_past_the_bound_serves_up_0_without_rendering() -> None:
+    now = [19.0]
+    exposition = Exposition(_good(20.0), with_process=False, clock=lambda: now[0])
+    exposition.render_now()
+    for clock, expected_up in ((19.0, 1), (20.0, 1), (20.001, 0), (5000.0, 0)):
+        now[0] = clock
+        for body in (exposition.body().decode(), gzip.decompress(exposition.body(gzipped=True)).decode()):
+            figures = parse(body)
+            assert up(body) == expected_up, clock
+            assert (HOLDERS in figures) == bool(expected_up), clock  # no lock series served stale
+            # What a failed poll serves: when the last good poll was, still said.
+            assert figures[("pg_advisory_lock_exporter_last_poll_timestamp_seconds", ())] == 1_700_000_000.0
+
+
+@pytest.mark.slow
+def test_a_hung_pooler_console_keeps_a_healthy_exporter_up(server, sessions, hung_console) -> None:
+    """Issue 27, 1: each poll spends 2 s on the console, twice the interval; every poll succeeds,
+    so every scrape says up 1 and carries the lock series."""
+    holder = sessions.open()
+    holder.execute("SELECT pg_advisory_lock(4242)")
+    fleet = parse_fleet({"dsn": server.dsn(), "poll_interval": "1s", "locks": LOCKS, "poolers": [
+        {"name": "pgb", "type": "pgbouncer", "dsn": f"host=127.0.0.1 port={hung_console} dbname=pgbouncer"}]}, "t")
+    runtime = Runtime(fleet, "/metrics")
+    runtime.start()
+    try:
+        wait_until(lambda: up(runtime.metrics(False).decode()) == 1, timeout=20)
+        seen = []
+        for _ in range(48):  # 12 s: four polls at least, each 2 s on the console
+            figures = parse(runtime.metrics(False).decode())
+            seen.append((figures[("pg_advisory_lock_exporter_up", ())], figures.get(HOLDERS)))
+            time.sleep(0.25)
+        assert set(seen) == {(1.0, 1.0)}
+        assert runtime.targets[""].exposition.snapshot.stats.errors == 0
+    finally:
+        runtime.stop()
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_an_exporter_stopped_and_continued_never_serves_its_old_poll(server, tmp_path) -> None:
+    """Issue 27, 5: its backends frozen (no new poll can succeed) and the process stopped for
+    longer than the bound; the first scrape after SIGCONT says up 0, not the poll from before."""
+    server.require_cluster()
+    exporter = ExporterProcess(tmp_path, {"dsn": server.dsn(), "poll_interval": "500ms", "locks": LOCKS})
+    frozen: list[int] = []
+    try:
+        exporter.metrics_when(lambda text: up(text) == 1)
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            frozen = [row[0] for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s", [queries.APPLICATION_NAME + "%"])]
+        assert frozen
+        _signal_all(frozen, signal.SIGSTOP)
+        exporter.proc.send_signal(signal.SIGSTOP)
+        time.sleep(4)  # the bound: 0.5 s to the next poll, 1 s of deadline
+        exporter.proc.send_signal(signal.SIGCONT)
+        status, text = exporter.get(timeout=10)
+        assert status == 200
+        assert up(text) == 0
+        assert HOLDERS[0] not in {name for name, _ in parse(text)}
+        _signal_all(frozen, signal.SIGCONT)
+        frozen = []
+        exporter.metrics_when(lambda text: up(text) == 1, timeout=30)  # and it recovers
+    finally:
+        _signal_all(frozen, signal.SIGCONT)
+        exporter.stop()
