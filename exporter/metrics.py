@@ -190,8 +190,10 @@ def _probe_text(probes: tuple[ProbeResult, ...]) -> Iterator[str]:
                        "1 if the last try matched the configured expect (any: the try ran without error).",
                        (("", i, int(p.ok)) for p, i in pairs if p.trusted))
     yield from family(f"{PREFIX}_probe_trusted", "gauge",
-                       "0 when the probe's connection goes through a transaction-mode pooler, whose tries cannot "
-                       "be trusted (probe_acquirable and probe_ok are then left out); 1 otherwise.",
+                       "0 when the probe's connection is not proven to reach PostgreSQL itself (a pooler configured "
+                       "at the dsn's address, a Unix socket, or a pooler, proxy or NAT in between) or its backend "
+                       "changed between tries: its tries cannot be trusted (probe_acquirable and probe_ok are then "
+                       "left out); 1 otherwise.",
                        (("", i, int(p.trusted)) for p, i in pairs))
     yield from family(f"{PREFIX}_probe_duration_seconds", "gauge", "Duration of the last try.",
                        (("", i, p.duration) for p, i in pairs))

@@ -70,6 +70,22 @@ def resolve_console(dsn: str) -> list[ConsoleAddress]:
             for host, port, address in dict.fromkeys(found)]
 
 
+def pooler_fronting(poolers: tuple[PoolerConfig, ...], dsn: str) -> str | None:
+    """The configured pooler the dsn points at, if any: a console pooler listening on one of
+    the dsn's addresses and ports (its console shares the pool's listener), or a pooler known
+    by address at one of the dsn's addresses. Resolves names: call it under a deadline."""
+    ours = {(address, port) for host, port in dsn_endpoints(dsn) for address in resolve_host(host, port)}
+    for pooler in poolers:
+        if pooler.dsn is not None:
+            theirs = {(address, port) for host, port in dsn_endpoints(pooler.dsn)
+                      for address in resolve_host(host, port)}
+            if ours & theirs:
+                return pooler.name
+        if any(address in resolve_host(host) for host in pooler.addresses for address, _ in ours):
+            return pooler.name
+    return None
+
+
 def _connect(pooler: PoolerConfig, where: ConsoleAddress) -> psycopg.Connection:
     extra: dict[str, Any] = {"host": where.host, "port": str(where.port)}
     if not where.address.startswith("/"):
@@ -204,19 +220,9 @@ class PoolerReader:
         return sum(CONSOLE_TIMEOUT * (1 + max(1, self._address_counts.get(p.name, 1))) for p in consoles)
 
     def fronting(self, dsn: str) -> str | None:
-        """The configured pooler the dsn points at, if any: a console pooler listening on one of
-        the dsn's addresses and ports (its console shares the pool's listener), or a pooler known
-        by address at one of the dsn's addresses. Resolves names: call it under a deadline."""
-        ours = {(address, port) for host, port in dsn_endpoints(dsn) for address in resolve_host(host, port)}
-        for pooler in self._poolers:
-            if pooler.dsn is not None:
-                theirs = {(address, port) for host, port in dsn_endpoints(pooler.dsn)
-                          for address in resolve_host(host, port)}
-                if ours & theirs:
-                    return pooler.name
-            if any(address in resolve_host(host) for host in pooler.addresses for address, _ in ours):
-                return pooler.name
-        return None
+        """The configured pooler the dsn points at, if any (pooler_fronting). Resolves names:
+        call it under a deadline."""
+        return pooler_fronting(self._poolers, dsn)
 
     def read(self, server_port: int | None = None) -> PoolerView:
         """The view of every pooler now (server_port: the monitored server's port setting, which

@@ -5,6 +5,14 @@ even when it gets the lock the lock is gone when that transaction commits, so th
 never leave a lock held. Its timeouts are LOCAL to it: nothing stays on a pooled backend. Tries
 are spread over each lock's interval rather than fired all at once, and never run while the poll
 of the same server runs (they share a turn), so a poll never sees the probe's own hold.
+
+A try is trusted only on a connection proven to reach PostgreSQL itself (no configured pooler at
+the dsn's address, and both ends of the TCP socket are what the server sees), and whose backend
+has not changed since: anywhere else it may run on a pooled server connection that holds a
+stranded session lock of the probed key, and succeed there (advisory locks are re-entrant per
+backend). A quiet pool hands back that same connection at every try, so no change of backend
+would ever show it, and the only other witness, pg_locks, is the poll's to read once per interval.
+An untrusted try reports neither acquirable nor ok: "not known" rather than a guess.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ from psycopg.rows import namedtuple_row
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
 from .deadline import OneAtATime, StuckCall
-from .connection import connect, result_rows
-from .dsn import database_name, dsn_port, error_line, reconnect_delay, server_name, timeout_ms
+from .connection import connect, proven_direct, result_rows
+from .dsn import database_name, error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
+from .poolers import pooler_fronting
 from .snapshot import ProbeResult
 
 log = logging.getLogger(__name__)
@@ -108,6 +117,10 @@ class Prober:
         self._conns: dict[str | None, psycopg.Connection] = {}
         self._pids: dict[str | None, int] = {}
         self._pooled: set[str | None] = set()  # connections seen moving between backends
+        # Whether the last connection to each database was proven to reach PostgreSQL itself (kept
+        # over a reconnect until the next proof), and why not when it was not (logged on change).
+        self._proven: dict[str | None, bool] = {}
+        self._unproven_why: dict[str | None, str | None] = {}
         self._databases: dict[str | None, str] = {}
         self._retry_at: dict[str | None, float] = {}
         self._failures: dict[str | None, int] = {}
@@ -147,8 +160,39 @@ class Prober:
         self._pids[database] = row.backend_pid if row else 0
         self._pooled.discard(database)
         self._conns[database] = conn
-        self._check_port(row)
+        self._proven[database] = self._prove(conn, row, database)
         return conn
+
+    def _prove(self, conn: psycopg.Connection, row: Any, database: str | None) -> bool:
+        """Whether a new connection is proven to reach PostgreSQL itself: no configured pooler is
+        at the dsn's address, and both ends of our TCP socket are what the server sees. A session
+        pool is not trusted either: its server connection may carry a session lock of a previous
+        client where the pooler's reset query does not release advisory locks."""
+        pooler = pooler_fronting(self._config.poolers, self._config.dsn)
+        why = None
+        if pooler is not None:
+            why = f"the dsn points at pooler {pooler}"
+        elif row is None or not proven_direct(conn, row.server_addr, row.server_port, row.client_addr, row.client_port):
+            why = ("it is not proven to reach PostgreSQL itself (a Unix socket, or the server sees other addresses "
+                   "or ports than ours: a pooler, proxy or NAT in between)")
+        if why != self._unproven_why.get(database):
+            if why is not None:
+                log.warning(
+                    "the probe's connection to %s: %s; a try there may run on a pooled server connection that holds "
+                    "a stranded session lock of the key, and succeed, so its results are marked untrusted "
+                    "(pg_advisory_lock_probe_trusted 0, no probe_acquirable or probe_ok). Point the dsn at "
+                    "PostgreSQL itself over TCP to probe", server_name(self._config.dsn), why)
+            else:
+                log.info("the probe's connection to %s is proven to reach PostgreSQL itself: its results are trusted "
+                         "again", server_name(self._config.dsn))
+        self._unproven_why[database] = why
+        return why is None
+
+    def _trusted(self, database: str | None) -> bool:
+        """Whether a try on this database's connection is trusted: proven at its connect (or, not
+        connected, at the last connect: not yet known counts as trusted, a failed try reports
+        nothing to trust), and the same backend since."""
+        return self._proven.get(database, True) and database not in self._pooled
 
     def _drop(self, database: str | None) -> None:
         conn = self._conns.pop(database, None)
@@ -175,13 +219,15 @@ class Prober:
             row = rows[0] if rows else None
         except (psycopg.Error, ProbeUnavailable) as exc:
             self._recover(lock.database, exc)
-            return self._record(lock, None, self._clock() - started, error_line(exc, self._config.dsn))
+            return self._record(lock, None, self._clock() - started, error_line(exc, self._config.dsn),
+                                trusted=self._trusted(lock.database))
         except Exception as exc:  # noqa: BLE001 - a bug must not end the probe: a failed try, seen
             self._drop(lock.database)
-            return self._record(lock, None, self._clock() - started, self._unexpected.report(exc))
+            return self._record(lock, None, self._clock() - started, self._unexpected.report(exc),
+                                trusted=self._trusted(lock.database))
         duration = self._clock() - started
         self._check_backend(lock.database, row.backend_pid if row else 0)
-        return self._record(lock, bool(row and row.got), duration, None, trusted=lock.database not in self._pooled)
+        return self._record(lock, bool(row and row.got), duration, None, trusted=self._trusted(lock.database))
 
     def _recover(self, database: str | None, exc: BaseException) -> None:
         """After a failed try: a broken connection is dropped; one left inside the try's aborted
@@ -198,26 +244,20 @@ class Prober:
                 self._drop(database)
 
     def _check_backend(self, database: str | None, backend_pid: int) -> None:
-        """A connection whose backend changed between tries goes through a transaction pooler."""
+        """A connection whose backend changed between tries goes through a transaction pooler: the
+        second guard, for a proof that was wrong (a transparent proxy that keeps both addresses)."""
         if database in self._pooled or backend_pid == self._pids.get(database, backend_pid):
             return
         self._pooled.add(database)
         log.warning(
             "the probe's connection to %s goes through a transaction-mode pooler (its backend changed from pid %s "
             "to %s between tries): a try on a backend that holds a stranded session lock succeeds, so its results "
-            "are marked untrusted (pg_advisory_lock_probe_trusted 0). Point the dsn at PostgreSQL itself, or at a "
-            "session-mode pool", server_name(self._config.dsn), self._pids.get(database), backend_pid,
+            "are marked untrusted (pg_advisory_lock_probe_trusted 0). Point the dsn at PostgreSQL itself over TCP",
+            server_name(self._config.dsn), self._pids.get(database), backend_pid,
         )
 
-    def _check_port(self, row: Any) -> None:
-        """A server port other than the dsn's: a pooler or a proxy (or NAT) is in between."""
-        expected = dsn_port(self._config.dsn)
-        if row is not None and row.server_port is not None and expected and row.server_port != expected:
-            log.info("the server reports port %s, the dsn says %s: a pooler, proxy or NAT is in between; "
-                     "the probe watches for a transaction-mode pooler", row.server_port, expected)
-
     def _record(self, lock: LockConfig, acquirable: bool | None, duration: float, error: str | None,
-                trusted: bool = True) -> ProbeResult:
+                *, trusted: bool) -> ProbeResult:
         assert lock.probe is not None
         with self._results_lock:
             if error is not None:
@@ -259,6 +299,8 @@ class Prober:
             self._results = {name: r for name, r in self._results.items() if name in kept}
         self._retry_at.clear()
         self._failures.clear()
+        self._proven.clear()  # another dsn or poolers: proven again at the next connect
+        self._unproven_why.clear()
         return True
 
     def run(self, stop: threading.Event) -> None:
@@ -297,7 +339,7 @@ class Prober:
         try:
             self._worker.call(lambda lock=lock: self.try_lock(lock), timeout=deadline)
         except StuckCall as exc:
-            self._record(lock, None, deadline, f"{exc}: is the server hung?")
+            self._record(lock, None, deadline, f"{exc}: is the server hung?", trusted=self._trusted(lock.database))
         self._publish(self.results())
         interval = lock.probe.interval  # type: ignore[union-attr]
         due[index] += interval

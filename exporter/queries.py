@@ -221,9 +221,9 @@ def direct_settings(timeout_ms: int, backend_pid: int, client_port: int, server_
 # crash of the exporter can never leave it held. A try never waits: pg_try_* returns at once, and
 # lock_timeout and statement_timeout bound anything else. The key goes in as a literal (the simple
 # protocol takes no parameters), quoted by psycopg.sql.
-# Each try also says which backend ran it: through a transaction-mode pooler the backend changes
-# between tries, and a try on a backend holding a stranded session lock would succeed (advisory
-# locks are re-entrant per backend), so such results are not trusted.
+# Through a pooler a try on a backend holding a stranded session lock would succeed (advisory
+# locks are re-entrant per backend), so only a connection proven direct is trusted (probe.py);
+# each try also says which backend ran it, and a change of backend ends that trust as well.
 PROBE_TRANSACTION = """BEGIN;
 SET LOCAL statement_timeout = {ms};
 SET LOCAL lock_timeout = {ms};

@@ -202,8 +202,8 @@ class ProbeResult:
     duration: float
     errors: int
     last_run: float  # epoch seconds
-    # False when the probe's connection goes through a transaction-mode pooler: its backend
-    # changes between tries, so a try may land on a backend holding the lock itself and succeed.
+    # False when the probe's connection is not proven to reach PostgreSQL itself, or its backend
+    # changed: a try may land on a pooled backend holding the lock itself, and succeed.
     trusted: bool = True
 
 

@@ -9,9 +9,9 @@ import time
 import psycopg
 import pytest
 
-from exporter import landing
+from exporter import landing, queries
 from exporter.config import parse_config
-from exporter.snapshot import ReloadStatus
+from exporter.snapshot import ReloadStatus, Snapshot
 from exporter.metrics import render
 from exporter.probe import Prober, connect_probe
 from tests.conftest import wait_until
@@ -242,10 +242,46 @@ def test_the_exporters_own_polls_leave_no_setting_on_pooled_backends(bouncers) -
     assert settings == ("0", "0", "on", 0)
 
 
-def test_the_probe_through_a_transaction_pool_is_marked_untrusted(bouncers, caplog) -> None:
+def test_the_probe_trusts_no_lock_stranded_on_the_pool_it_connects_through(bouncers) -> None:
+    """Issue 27, item 2: the one server connection of a quiet transaction pool holds the lock; the
+    probe's try through that pool lands on it and succeeds (re-entrant), on the same backend at
+    every try. The exposition says held and stranded, and the probe says it does not know."""
+    from exporter.poller import Poller, connect_poller
+
+    bouncer = bouncers(pool_mode="transaction", pool_size=1)
+    with through(bouncer, "stranding-client") as client:
+        client.execute("SELECT pg_advisory_lock(4242)")  # left on the only server connection
+    config = parse_config({"dsn": bouncer.dsn(), "poll_interval": "1s", "locks": [
+        {"name": "nightly", "key": 4242, "probe": {"expect": "free", "interval": "1s"}},
+    ], "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": bouncer.console_dsn()}]}, "t")
+    turn = threading.Lock()
+    prober = Prober(config, connect=connect_probe, publish=lambda r: None, turn=turn)
+    poller = Poller(config, connect=connect_poller, publish=lambda s: None, turn=turn)
+    try:
+        tries = [prober.try_lock(config.locks[0]) for _ in range(3)]
+        samples = parse(render(poller.poll_once(), prober.results()).decode())
+    finally:
+        prober.close()
+        poller.close()
+        with through(bouncer, "cleanup") as cleanup:
+            cleanup.execute("SELECT pg_advisory_unlock_all()")
+    assert [t.errors for t in tries] == [0, 0, 0]
+    ids = (("database", "postgres"), ("lock", "nightly"))
+    assert samples[("pg_advisory_lock_holders", (*ids, ("mode", "exclusive")))] == 1
+    assert samples[("pg_advisory_lock_pooled_session_holders", ids)] == 1
+    assert samples[("pg_advisory_lock_probe_trusted", ids)] == 0
+    assert ("pg_advisory_lock_probe_acquirable", ids) not in samples
+    assert ("pg_advisory_lock_probe_ok", ids) not in samples
+
+
+def test_a_wrong_proof_is_caught_when_the_backend_changes(bouncers, caplog, monkeypatch) -> None:
+    """The second guard: were a pooled connection ever proven direct (a transparent proxy keeping
+    both addresses), the first change of backend between tries still ends its trust."""
+    monkeypatch.setattr("exporter.probe.proven_direct", lambda *args: True)
     bouncer = bouncers(pool_mode="transaction", pool_size=2)
     config = parse_config({"dsn": bouncer.dsn(), "locks": [{"name": "answer", "key": 42, "probe": {"expect": "free"}}]}, "t")
     prober = Prober(config, connect=connect_probe, publish=lambda r: None)
+    assert prober.try_lock(config.locks[0]).trusted is True  # what the made-up proof says
     stop = threading.Event()
 
     def rotate() -> None:  # another client keeps both server connections busy in turn
@@ -266,7 +302,7 @@ def test_the_probe_through_a_transaction_pool_is_marked_untrusted(bouncers, capl
         for thread in rotators:
             thread.join(5)
         prober.close()
-    samples = parse(render(__import__("exporter.snapshot", fromlist=["Snapshot"]).Snapshot(up=False), (result,)).decode())
+    samples = parse(render(Snapshot(up=False), (result,)).decode())
     ids = (("database", "postgres"), ("lock", "answer"))
     assert samples[("pg_advisory_lock_probe_trusted", ids)] == 0
     assert ("pg_advisory_lock_probe_ok", ids) not in samples and ("pg_advisory_lock_probe_acquirable", ids) not in samples
@@ -357,6 +393,59 @@ def test_the_poll_statement_is_prepared_only_where_the_connection_is_proven_dire
         poller.close()
         if forwarder:
             forwarder.close()
+
+
+@pytest.mark.parametrize("path, trusted", [
+    ("direct", True), ("unix socket", False), ("tcp forwarder", False), ("pooler configured at the address", False),
+    ("session pool", False),
+])
+def test_the_probe_trusts_only_a_connection_proven_direct(bouncers, server, caplog, path, trusted) -> None:
+    cluster = server.require_cluster()
+    forwarder = Forwarder(cluster.port) if path == "tcp forwarder" else None
+    dsn = {"unix socket": f"host={cluster.root} port={cluster.port} dbname=postgres user=postgres",
+           "tcp forwarder": f"host=127.0.0.1 port={forwarder.port if forwarder else 0} dbname=postgres user=postgres",
+           "session pool": bouncers(pool_mode="session").dsn() if path == "session pool" else ""}.get(path, server.dsn())
+    poolers = [{"name": "proxy", "addresses": ["127.0.0.1"], "pool_mode": "transaction"}] \
+        if path == "pooler configured at the address" else []
+    config = parse_config({"dsn": dsn, "locks": [{"name": "answer", "key": 42, "probe": {"expect": "free"}}],
+                           "poolers": poolers}, "t")
+    prober = Prober(config, connect=connect_probe, publish=lambda r: None)
+    try:
+        with caplog.at_level("WARNING"):
+            tries = [prober.try_lock(config.locks[0]) for _ in range(2)]
+    finally:
+        prober.close()
+        if forwarder:
+            forwarder.close()
+    assert [(t.errors, t.trusted) for t in tries] == [(0, trusted)] * 2
+    samples = parse(render(Snapshot(up=False), (tries[-1],)).decode())
+    ids = (("database", "postgres"), ("lock", "answer"))
+    assert samples[("pg_advisory_lock_probe_trusted", ids)] == int(trusted)
+    assert samples.get(("pg_advisory_lock_probe_ok", ids)) == (1 if trusted else None)
+    warned = [r.getMessage() for r in caplog.records if "marked untrusted" in r.getMessage()]
+    assert len(warned) == (0 if trusted else 1), warned  # once, at connect, not per try
+
+
+def test_a_failed_try_keeps_the_trust_of_its_connection(server) -> None:
+    """A try that fails on an unproven connection says nothing trusted either: no probe_ok 0 that
+    would claim the lock is not as expected."""
+    cluster = server.require_cluster()
+    dsn = f"host={cluster.root} port={cluster.port} dbname=postgres user=postgres"
+    config = parse_config({"dsn": dsn, "locks": [{"name": "answer", "key": 42, "probe": {"expect": "free"}}]}, "t")
+    prober = Prober(config, connect=connect_probe, publish=lambda r: None)
+    try:
+        first = prober.try_lock(config.locks[0])
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                          [queries.PROBE_APPLICATION_NAME])
+        failed = prober.try_lock(config.locks[0])
+    finally:
+        prober.close()
+    assert (first.errors, first.trusted, failed.errors, failed.trusted) == (0, False, 1, False)
+    samples = parse(render(Snapshot(up=False), (failed,)).decode())
+    ids = (("database", "postgres"), ("lock", "answer"))
+    assert samples[("pg_advisory_lock_probe_trusted", ids)] == 0
+    assert ("pg_advisory_lock_probe_ok", ids) not in samples
 
 
 def test_a_configured_pooler_at_the_dsns_address_means_pooled(server, caplog) -> None:
