@@ -7,6 +7,7 @@ one value at a time is configvalues.py (durations, counts, ${VAR}s), a lock's ke
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -21,14 +22,23 @@ from .configvalues import (  # noqa: F401 - parse_duration: for those who import
     percentage, show, unknown_fields,
 )
 from .interval import AutoInterval
-from .dsn import DsnError, database_name, describe_dsn
+from .dsn import MAX_TIMEOUT_MS, DsnError, database_name, describe_dsn
 
 MAX_CONFIG_BYTES = 1024 * 1024
 DEFAULT_POLL_INTERVAL = 5.0  # what a fixed interval falls back to in a refused reload's summary; the default is auto
 MIN_POLL_INTERVAL = 0.1
+# A fixed poll_interval is the statement_timeout and lock_timeout of the poll (and of every
+# statement the exporter runs): the server's int of milliseconds is its limit.
+MAX_POLL_INTERVAL = MAX_TIMEOUT_MS / 1000
+MAX_POLL_INTERVAL_WHY = "about 24.8 days: the poll's statement_timeout, an int of milliseconds on the server"
 DEFAULT_MAX_DB_TIME_SHARE = 0.005  # 0.5% of one server core
 DEFAULT_MIN_POLL_INTERVAL = 0.1
 DEFAULT_MAX_POLL_INTERVAL = 30.0
+# With auto a direct session's statement_timeout is the interval in force rounded up to a power of
+# two seconds (poller._session_bound): the bounds stop at the largest power of two within the int.
+MAX_AUTO_POLL_INTERVAL = 2.0 ** math.floor(math.log2(MAX_TIMEOUT_MS / 1000))
+MAX_AUTO_POLL_INTERVAL_WHY = ("about 24.3 days: rounded up to a power of two seconds, the poll's statement_timeout, "
+                              "an int of milliseconds on the server")
 # With poll_interval auto, the statements outside the poll (resolving keys, the chain, the locks
 # command) and the poll itself are bounded by at least this, whatever the interval in force.
 AUTO_TIMEOUT_FLOOR = 2.0
@@ -46,7 +56,7 @@ DEFAULT_MAX_TRACKED_HOLDS = 100_000
 # of the same name, may be set at the top level, and with targets is every target's default, which
 # a target may override. parse_config reads them in this order.
 SCALARS: dict[str, tuple[Checker, Any]] = {
-    "poll_interval": (interval_or_auto(MIN_POLL_INTERVAL), AUTO),
+    "poll_interval": (interval_or_auto(MIN_POLL_INTERVAL, MAX_POLL_INTERVAL, MAX_POLL_INTERVAL_WHY), AUTO),
     "probe_interval": (duration(MIN_PROBE_INTERVAL), DEFAULT_PROBE_INTERVAL),
     "max_holder_info_per_lock": (count, DEFAULT_MAX_HOLDER_INFO_PER_LOCK),
     "max_holder_info": (count, DEFAULT_MAX_HOLDER_INFO),
@@ -55,8 +65,10 @@ SCALARS: dict[str, tuple[Checker, Any]] = {
     "unnamed_max_hold": (duration(0.001), None),
     "show_queries": (boolean, False),
     "max_db_time_share": (percentage, DEFAULT_MAX_DB_TIME_SHARE),
-    "min_poll_interval": (duration(MIN_POLL_INTERVAL), DEFAULT_MIN_POLL_INTERVAL),
-    "max_poll_interval": (duration(MIN_POLL_INTERVAL), DEFAULT_MAX_POLL_INTERVAL),
+    "min_poll_interval": (duration(MIN_POLL_INTERVAL, MAX_AUTO_POLL_INTERVAL, MAX_AUTO_POLL_INTERVAL_WHY),
+                          DEFAULT_MIN_POLL_INTERVAL),
+    "max_poll_interval": (duration(MIN_POLL_INTERVAL, MAX_AUTO_POLL_INTERVAL, MAX_AUTO_POLL_INTERVAL_WHY),
+                          DEFAULT_MAX_POLL_INTERVAL),
 }
 # With targets: fields a target may override (the top level holds their defaults), fields that
 # belong to a target only, and what a target may hold.

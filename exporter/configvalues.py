@@ -15,13 +15,27 @@ _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_COUNT = 10_000_000
+# Seconds in a float tell one millisecond (the config's unit) from the next below 2**43 s, and
+# nothing the exporter adds or multiplies them by comes near overflowing there; beyond, "...ms"
+# would be read as another number, and enough digits make a float infinite. So every duration stops
+# there, about 278,000 years; one that becomes a server's timeout stops far sooner (config.py).
+MAX_DURATION = 2.0**43
+MAX_DURATION_WHY = "about 278,000 years: beyond, a float of seconds loses milliseconds"
 
 # (value, where, errors) -> the value, or None after appending the reason to errors.
 Checker = Callable[[Any, str, list[str]], Any]
 
 
 def parse_duration(text: Any) -> float:
-    """'500ms', '5s', '1m30s' -> seconds. Raises ValueError with the reason."""
+    """'500ms', '5s', '1m30s' -> seconds, at most MAX_DURATION. Raises ValueError with the reason."""
+    seconds = _seconds(text)
+    if seconds > MAX_DURATION:
+        raise ValueError(too_long(MAX_DURATION, MAX_DURATION_WHY))
+    return seconds
+
+
+def _seconds(text: Any) -> float:
+    """A duration's seconds, however many: infinite when the digits overflow a float."""
     if not isinstance(text, str):
         raise ValueError(f"expected a duration such as 5s or 500ms, got {show(text)}")
     pos, total, last_rank = 0, 0.0, -1
@@ -36,7 +50,12 @@ def parse_duration(text: Any) -> float:
         pos, last_rank = match.end(), rank
     if pos != len(text) or not text:
         raise ValueError(f"{text!r} is not a duration: use a number and a unit (ms, s, m, h, d), e.g. 5s")
-    return round(total, 9)  # 700ms is 0.7, not 0.7000000000000001
+    return round(total, 9)  # 700ms is 0.7, not 0.7000000000000001 (and too many digits: inf)
+
+
+def too_long(maximum: float, why: str) -> str:
+    """The reason a duration above maximum is refused: the limit, and what sets it."""
+    return f"must be at most {format_duration(maximum)} ({why})"
 
 
 def format_duration(seconds: float) -> str:
@@ -45,7 +64,7 @@ def format_duration(seconds: float) -> str:
         return f"{int(seconds * 1000)}ms"
     if seconds == int(seconds):
         return f"{int(seconds)}s"
-    return f"{seconds:g}s"
+    return f"{seconds:.15g}s"  # every digit a duration keeps: 2147483.647s, not 2.14748e+06s
 
 
 def show(value: Any) -> str:
@@ -93,17 +112,20 @@ def count(value: Any, where: str, errors: list[str]) -> int | None:
     return int_in(value, 0, MAX_COUNT, "a count", where, errors)
 
 
-def duration(minimum: float) -> Checker:
-    """A checker of durations of at least minimum seconds."""
+def duration(minimum: float, maximum: float = MAX_DURATION, why: str = MAX_DURATION_WHY) -> Checker:
+    """A checker of durations from minimum to maximum seconds; why says what sets the maximum."""
 
     def check(value: Any, where: str, errors: list[str]) -> float | None:
         try:
-            seconds = parse_duration(value)
+            seconds = _seconds(value)
         except ValueError as exc:
             errors.append(f"{where}: {exc}")
             return None
         if seconds < minimum:
             errors.append(f"{where}: must be at least {format_duration(minimum)}")
+            return None
+        if seconds > maximum:
+            errors.append(f"{where}: {too_long(maximum, why)}")
             return None
         return seconds
 
@@ -122,9 +144,9 @@ AUTO = "auto"
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 
 
-def interval_or_auto(minimum: float) -> Checker:
-    """A checker of poll_interval: auto, or a duration of at least minimum seconds."""
-    fixed = duration(minimum)
+def interval_or_auto(minimum: float, maximum: float, why: str) -> Checker:
+    """A checker of poll_interval: auto, or a duration from minimum to maximum seconds."""
+    fixed = duration(minimum, maximum, why)
 
     def check(value: Any, where: str, errors: list[str]) -> float | str | None:
         return AUTO if value == AUTO else fixed(value, where, errors)

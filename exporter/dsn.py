@@ -62,8 +62,14 @@ def server_name(dsn: str) -> str:
     return f"{host}:{port}/{db}"
 
 
+# The server keeps statement_timeout and lock_timeout in an int of milliseconds (about 24.8 days):
+# config.py refuses every duration that would become a larger one.
+MAX_TIMEOUT_MS = 2_147_483_647
+
+
 def timeout_ms(timeout_seconds: float) -> int:
-    """A statement_timeout / lock_timeout in milliseconds: at least 1 (0 would mean none)."""
+    """A statement_timeout / lock_timeout in milliseconds: at least 1 (0 would mean none); at most
+    MAX_TIMEOUT_MS for every duration the config takes (config.py's limits)."""
     return max(1, int(timeout_seconds * 1000))
 
 

@@ -79,6 +79,15 @@ def test_bad_log_level_names_the_flag(tmp_path) -> None:
     assert "--log.level: 'loud' is not one of debug, info, warning, error" in proc.log()
 
 
+def test_check_config_refuses_a_poll_interval_beyond_the_servers_statement_timeout(tmp_path) -> None:
+    """600h passed --check-config, then every poll failed on the server (issue 27)."""
+    proc = ExporterProcess(tmp_path, {"dsn": "host=db dbname=app", "poll_interval": "600h", "locks": []}, "--check-config")
+    assert proc.wait() == 1
+    assert proc.log().strip().splitlines() == [
+        f"{proc.config_path}: poll_interval: must be at most 2147483.647s (about 24.8 days: the poll's statement_timeout, "
+        "an int of milliseconds on the server)"]
+
+
 def test_json_logs(exporter) -> None:
     import json
 

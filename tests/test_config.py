@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from exporter import keys
-from exporter.config import ConfigError, load_config, parse_config, parse_duration
+from exporter.config import (
+    MAX_AUTO_POLL_INTERVAL, MAX_POLL_INTERVAL, ConfigError, load_config, parse_config, parse_duration, parse_fleet,
+)
+from exporter.configvalues import MAX_DURATION
 
 GOOD = {"dsn": "host=db dbname=app user=exp", "locks": [{"name": "a", "key": 1}]}
 
@@ -132,6 +138,27 @@ CASES = [
     ({**GOOD, "locks": [{"name": "a", "key": 1, "probe": {"interval": "1ms"}}]}, "locks[0].probe.interval: must be at least 10ms"),
     ({**GOOD, "locks": [{"name": "a", "key": 1, "max_hold": "soon"}]}, "locks[0].max_hold: 'soon' is not a duration"),
     ({**GOOD, "probe_interval": "0s"}, "probe_interval: must be at least 10ms"),
+    # A duration that becomes the server's statement_timeout fits its int of milliseconds (issue 27).
+    ({**GOOD, "poll_interval": "600h"}, "poll_interval: must be at most 2147483.647s (about 24.8 days: the poll's "
+     "statement_timeout, an int of milliseconds on the server)"),
+    ({**GOOD, "poll_interval": "2147483648ms"}, "poll_interval: must be at most 2147483.647s"),
+    ({**GOOD, "max_poll_interval": "99999999999999999999h"}, "max_poll_interval: must be at most 2097152s (about "
+     "24.3 days: rounded up to a power of two seconds, the poll's statement_timeout, an int of milliseconds on the server)"),
+    ({**GOOD, "max_poll_interval": "2097152001ms"}, "max_poll_interval: must be at most 2097152s"),
+    ({**GOOD, "min_poll_interval": "25d", "max_poll_interval": "26d"}, "min_poll_interval: must be at most 2097152s"),
+    # Every other duration stays finite and to the millisecond, however many digits it is written with.
+    ({**GOOD, "unnamed_max_hold": "1" + "0" * 400 + "s"}, "unnamed_max_hold: must be at most 8796093022208s (about "
+     "278,000 years: beyond, a float of seconds loses milliseconds)"),
+    ({**GOOD, "probe_interval": "8796093022209s"}, "probe_interval: must be at most 8796093022208s"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "probe": {"interval": "9" * 400 + "d"}}]},
+     "locks[0].probe.interval: must be at most 8796093022208s"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "max_hold": "99999999999999999999h"}]},
+     "locks[0].max_hold: must be at most 8796093022208s"),
+    ({**GOOD, "locks": [{"name": "a", "key": 1, "expect_every": "1" + "0" * 400 + "ms"}]},
+     "locks[0].expect_every: must be at most 8796093022208s"),
+    ({**GOOD, "poll_interval": "1e400s"}, "poll_interval: '1e400s' is not a duration"),
+    ({**GOOD, "max_poll_interval": "inf"}, "max_poll_interval: 'inf' is not a duration"),
+    ({**GOOD, "unnamed_max_hold": "nan"}, "unnamed_max_hold: 'nan' is not a duration"),
     ([1, 2], "expected a mapping at the top level, got a list"),
     (None, "the file is empty"),
 ]
@@ -142,10 +169,92 @@ def test_each_error_is_located(raw: object, message: str) -> None:
     assert any(d.startswith(message) for d in errors_of(raw)), errors_of(raw)
 
 
+def test_the_longest_durations_are_taken_to_the_millisecond() -> None:
+    """Each limit is the largest value that works, written in whatever units."""
+    config = parse_config({**GOOD, "poll_interval": "24d20h31m23s647ms", "unnamed_max_hold": "8796093022208s",
+                           "locks": [{"name": "a", "key": 1, "max_hold": "8796093022208000ms"}]}, "x")
+    assert config.poll_interval == parse_duration("2147483647ms") == MAX_POLL_INTERVAL == 2147483.647
+    assert config.unnamed_max_hold == config.locks[0].max_hold == MAX_DURATION == 2**43
+    auto = parse_config({**GOOD, "min_poll_interval": "24d6h32m32s", "max_poll_interval": "2097152s"}, "x")
+    assert auto.poll_auto and auto.min_poll_interval == auto.max_poll_interval == MAX_AUTO_POLL_INTERVAL == 2**21
+    with pytest.raises(ValueError, match=r"^must be at most 8796093022208s \(about 278,000 years"):
+        parse_duration("1" + "0" * 400 + "s")  # float() makes these digits infinite
+
+
+def test_at_their_limits_the_intervals_fit_the_server_after_every_derivation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every statement_timeout, lock_timeout and connect_timeout made from the longest intervals fits
+    the server's int, and every wait for them a thread's; a millisecond more would not fit."""
+    from exporter import connection, queries
+    from exporter.dsn import MAX_TIMEOUT_MS, timeout_ms
+    from exporter.poller import Poller, connect_poller
+
+    connect_timeouts: list[int] = []
+    monkeypatch.setattr(psycopg, "connect", lambda *args, **kwargs: connect_timeouts.append(kwargs["connect_timeout"]))
+
+    def bounds(poller: Poller) -> list[int]:
+        config = poller._config  # noqa: SLF001 - the values the poller derives its bounds from
+        poll = re.findall(r"statement_timeout = (\d+);", queries.poll_query(150000, poller._timeout()))  # noqa: SLF001
+        connection.connect(config.dsn, "t", config.timeout_seconds)
+        return [timeout_ms(config.timeout_seconds), *map(int, poll), poller._session_bound()]  # noqa: SLF001
+
+    def never_polled(raw: dict) -> Poller:
+        return Poller(parse_config({**GOOD, **raw}, "x"), connect=connect_poller, publish=print)
+
+    fixed = never_polled({"poll_interval": "2147483647ms"})
+    assert max(bounds(fixed)) == MAX_TIMEOUT_MS
+    auto = never_polled({"max_poll_interval": "2097152s"})
+    auto._controller.interval = MAX_AUTO_POLL_INTERVAL  # noqa: SLF001 - as if the polls had become that dear
+    assert max(bounds(auto)) == 2**21 * 1000 <= MAX_TIMEOUT_MS
+    assert max(connect_timeouts) <= MAX_TIMEOUT_MS  # libpq's connect_timeout is an int of seconds
+    for poller in (fixed, auto):
+        poller._direct = True  # noqa: SLF001 - the deadline counts a direct session's rounded bound
+        assert poller.deadline() < threading.TIMEOUT_MAX
+    assert timeout_ms(MAX_POLL_INTERVAL + 0.001) > MAX_TIMEOUT_MS
+    auto._controller.interval = MAX_AUTO_POLL_INTERVAL + 0.001  # noqa: SLF001
+    assert auto._session_bound() > MAX_TIMEOUT_MS  # noqa: SLF001 - the next power of two
+
+
+def test_targets_and_their_defaults_are_held_to_the_same_limits() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_fleet({"max_poll_interval": "30d", "targets": {
+            "a": {"dsn": "host=a", "poll_interval": "600h"},
+            "b": {"dsn": "host=b", "locks": [{"name": "x", "key": 1, "probe": {"interval": "9" * 400 + "s"}}]}}}, "t")
+    assert [detail.split(" (")[0] for detail in info.value.details] == [
+        "max_poll_interval: must be at most 2097152s",
+        "targets.a.poll_interval: must be at most 2147483.647s",
+        "targets.b.locks[0].probe.interval: must be at most 8796093022208s",
+    ]
+
+
+def test_at_their_limits_the_polls_run_on_a_real_server(make_poller, sessions) -> None:
+    """The server takes the longest bounds the config allows, on both ways of polling, and
+    refuses a millisecond more."""
+    from exporter.dsn import MAX_TIMEOUT_MS
+
+    fixed = make_poller({"poll_interval": "2147483647ms"})
+    assert fixed._poll_with_deadline().up and fixed._direct  # noqa: SLF001 - under its deadline, as run() polls
+    fixed._unprepare()  # noqa: SLF001 - and the one-string transaction
+    assert fixed._poll_with_deadline().up and fixed.poll_once().stats.errors == 0  # noqa: SLF001
+    auto = make_poller({"poll_interval": "auto", "max_poll_interval": "2097152s"})
+    auto._controller.interval = MAX_AUTO_POLL_INTERVAL  # noqa: SLF001 - as if the polls had become that dear
+    assert auto._poll_with_deadline().up  # noqa: SLF001
+    conn = auto._conn  # noqa: SLF001 - only the poller's own session can read its settings
+    assert conn is not None and conn.execute("SELECT current_setting('statement_timeout')").fetchone() == ("2097152s",)
+    with pytest.raises(psycopg.errors.InvalidParameterValue):
+        sessions.open().execute(f"SET statement_timeout = {MAX_TIMEOUT_MS + 1}")
+
+
 def test_every_problem_is_reported_at_once() -> None:
     details = errors_of({"dsn": 1, "poll_interval": "x", "locks": [{"name": "a", "key": 2**64}, {"key": [1]}], "zzz": 0})
     wheres = [d.split(":")[0] for d in details]
     assert wheres == ["zzz", "dsn", "poll_interval", "locks[0].key", "locks[1].name", "locks[1].key"]
+
+
+def test_durations_beyond_their_limits_are_reported_with_every_other_problem() -> None:
+    details = errors_of({"dsn": 1, "poll_interval": "600h", "max_poll_interval": "99999999999999999999h",
+                         "locks": [{"name": "a", "key": 2**64, "max_hold": "9" * 400 + "s"}]})
+    assert [d.split(":")[0] for d in details] == ["dsn", "poll_interval", "max_poll_interval", "locks[0].key",
+                                                  "locks[0].max_hold"]
 
 
 def test_probe_defaults() -> None:
