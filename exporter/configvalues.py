@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|d|h|m|s)")  # ASCII digits, as the schema
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_COUNT = 10_000_000
 # Seconds in a float tell one millisecond (the config's unit) from the next below 2**43 s, and
@@ -141,7 +141,7 @@ def names(value: Any, where: str, what: str, errors: list[str]) -> tuple[str, ..
 
 
 AUTO = "auto"
-_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?)%")
 
 
 def interval_or_auto(minimum: float, maximum: float, why: str) -> Checker:

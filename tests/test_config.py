@@ -48,7 +48,7 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["5", "", "5 s", "s", "5x", "1s1m", "-1s", "1s1s"])
+@pytest.mark.parametrize("text", ["5", "", "5 s", "s", "5x", "1s1m", "-1s", "1s1s", "\u0665s", "\uff15s"])  # Arabic-Indic and full-width 5: as the schema, ASCII digits only
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
