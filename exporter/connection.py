@@ -5,6 +5,7 @@ result among those of a multi-statement string. Everything here talks to a serve
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import socket
@@ -37,14 +38,45 @@ def connect(
                 extra["password"] = handle.read().rstrip("\r\n")
         except OSError as exc:
             raise psycopg.OperationalError(f"password_file: cannot read {password_file!r}: {exc.strerror}") from None
-    return psycopg.connect(
-        conninfo.make_conninfo(dsn, **extra) if extra else dsn,
-        autocommit=True,
-        application_name=application_name,
-        # libpq takes whole seconds and treats anything below 2 as 2.
-        connect_timeout=max(2, math.ceil(timeout_seconds)),
-        prepare_threshold=None,  # psycopg never prepares a statement on its own
-    )
+    failure: psycopg.Error
+    try:
+        return psycopg.connect(
+            conninfo.make_conninfo(dsn, **extra) if extra else dsn,
+            autocommit=True,
+            application_name=application_name,
+            # libpq takes whole seconds and treats anything below 2 as 2.
+            connect_timeout=max(2, math.ceil(timeout_seconds)),
+            prepare_threshold=None,  # psycopg never prepares a statement on its own
+        )
+    except psycopg.Error as exc:
+        # A timed-out attempt (psycopg 3.3) leaves its half-open connection in a reference cycle,
+        # reachable from the error's traceback and context: its socket stays open to the server
+        # until the cyclic collector runs, one more connection per try against a hung server. The
+        # error without them, and the youngest generation collected, close it now.
+        exc.__context__ = exc.__cause__ = None
+        failure = exc.with_traceback(None)
+    gc.collect(0)
+    raise failure
+
+
+def break_off(conn: psycopg.Connection | None) -> None:
+    """End the call stuck on conn, from another thread: shut its socket down (shutdown, not close:
+    the descriptor stays the connection's, so nothing else can be handed its number), so the call
+    returns at once with an error and its connection is dropped. A black-holed network answers
+    nothing and TCP never tells (the bytes were taken by a proxy, or by a peer that lost them): a
+    call left to return by itself may never return, and no new call may start before it does."""
+    if conn is None or conn.closed:
+        return
+    try:
+        duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except (OSError, psycopg.Error):
+        return  # no socket any more: the call has ended already
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected any more: the same
+    finally:
+        duplicate.close()
 
 
 @contextlib.contextmanager

@@ -1,9 +1,10 @@
 """Calls that may hang on a hung server: run each on its own thread and stop waiting at a deadline.
 
 statement_timeout is enforced by the server, so a server that is stopped outright (SIGSTOP, a
-frozen VM) never answers it. The caller stops waiting instead; the call goes on until the server
-answers or the connection breaks, and no new call starts before it ends: never a pile-up of
-connections behind a hung server.
+frozen VM) never answers it, and a black-holed network never answers at all. The caller stops
+waiting instead and breaks the call's connection off (connection.break_off), so the call returns
+with an error; no new call starts before it has returned: never two calls, nor a pile-up of
+connections, behind a hung server.
 """
 
 from __future__ import annotations
@@ -88,3 +89,6 @@ class OneAtATime:
                         return
                 continue
             job()
+            # Not kept until the next call: a failed call's error holds its frames, and a timed-out
+            # connect's frames hold its socket, open to the server, until they are let go.
+            del job

@@ -19,7 +19,7 @@ from psycopg.rows import class_row, namedtuple_row
 from . import queries
 from .config import AUTO_TIMEOUT_FLOOR, Config
 from .deadline import OneAtATime, StuckCall
-from .connection import connect, local_timeouts, proven_direct, result_rows
+from .connection import break_off, connect, local_timeouts, proven_direct, result_rows
 from .dsn import error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
 from .assemble import Assembled, Assembler, Caps
@@ -472,7 +472,8 @@ class Poller:
         try:
             return self._worker.call(lambda: self.poll_once(ticket), timeout=deadline)
         except StuckCall as exc:
-            self._fail(f"{exc}: is the server hung? No new connection until it returns")
+            self._fail(f"{exc}: is the server hung? Its connection is broken off and made anew")
+            break_off(self._conn)  # the stuck call returns now (a black-holed network never answers)
             # This poll counts once, as failed (if it returns later, it counts no second time); if it
             # returned just now, it counted itself.
             return Snapshot(up=False, stats=self._count(ticket, deadline, failed=True) or self._stats_now())

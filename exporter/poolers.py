@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 
 from .config import Config, PoolerConfig
 from .deadline import OneAtATime, StuckCall
-from .connection import resolve_host
+from .connection import break_off, resolve_host
 from .dsn import describe_hosts, dsn_endpoints, error_line, redact
 from .pooled import EMPTY_VIEW, Client, PoolerView, Release, ServerLink, release_after
 from .snapshot import ConsoleStatus
@@ -259,6 +259,8 @@ class PoolerReader:
             try:
                 found = worker.call(lambda p=pooler, w=where: self._read_one(p, w), timeout=CONSOLE_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - psycopg, OS, a stuck call or a bug: one console down
+                if isinstance(exc, StuckCall):
+                    break_off(self._conns.get(slot))  # a hung console's read returns now, read anew next poll
                 self._fail(slot, where.host, exc, pooler)
                 statuses.append(ConsoleStatus(pooler.name, where.label, False, self._clock() - started))
                 continue

@@ -30,7 +30,7 @@ from psycopg.rows import namedtuple_row
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
 from .deadline import OneAtATime, StuckCall
-from .connection import connect, proven_direct, result_rows
+from .connection import break_off, connect, proven_direct, result_rows
 from .dsn import database_name, error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
 from .poolers import pooler_fronting
@@ -340,6 +340,7 @@ class Prober:
             self._worker.call(lambda lock=lock: self.try_lock(lock), timeout=deadline)
         except StuckCall as exc:
             self._record(lock, None, deadline, f"{exc}: is the server hung?", trusted=self._trusted(lock.database))
+            break_off(self._conns.get(lock.database))  # the stuck try returns now, its connection dropped
         self._publish(self.results())
         interval = lock.probe.interval  # type: ignore[union-attr]
         due[index] += interval

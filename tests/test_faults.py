@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -12,6 +13,8 @@ import psycopg
 import pytest
 import yaml
 
+from exporter import connection
+from exporter.deadline import OneAtATime, StuckCall
 from tests.conftest import needs_own_clusters, wait_until
 from tests.metrics_util import parse, up
 from tests.pgcluster import Cluster
@@ -84,7 +87,9 @@ def test_hung_server_keeps_metrics_answering_without_piling_up_connections(clust
     try:
         proc.metrics_when(lambda t: up(t) == 0, timeout=30)
         counts = []
-        for _ in range(20):  # 4 s of a hung server: scrapes answer, connections stay at two at most
+        # 4 s of a hung server: scrapes answer; the stuck calls' connections are broken off and each
+        # loop (poller, probe) tries one new connection at a time: two at most, never a pile-up.
+        for _ in range(20):
             status, text = proc.get(timeout=10)
             assert status == 200 and up(text) == 0
             counts.append(server_connections(cluster, proc.proc.pid))
@@ -180,3 +185,44 @@ def test_reload_endpoint_is_off_unless_enabled(server, exporters) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)
     assert refused.value.code == 403
+
+
+def _established_to(port: int) -> int:
+    result = subprocess.run(["ss", "-Htn", "state", "established", f"dst 127.0.0.1:{port}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return len(result.stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_a_connect_that_times_out_leaves_no_connection_open() -> None:
+    """psycopg keeps a timed-out attempt's socket in a reference cycle: against a hung server
+    (a listener that never answers) each failed connect must still close its own."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    try:
+        for _ in range(2):
+            with pytest.raises(psycopg.OperationalError, match="timeout"):
+                connection.connect(f"host=127.0.0.1 port={port} dbname=postgres", "t", 1.0)
+            assert _established_to(port) == 0
+    finally:
+        listener.close()
+
+
+def test_breaking_off_a_stuck_call_ends_it(server) -> None:
+    """A call blocked on a server that will not answer returns at once with an error when its
+    connection is broken off from another thread."""
+    conn = connection.connect(server.dsn(), "t", 5.0)
+    holder = psycopg.connect(server.dsn(), autocommit=True)
+    try:
+        holder.execute("SELECT pg_advisory_lock(777)")
+        worker = OneAtATime("stuck")
+        with pytest.raises(StuckCall):  # waits for the lock: nothing comes back
+            worker.call(lambda: conn.execute("SELECT pg_advisory_lock(777)"), timeout=0.5)
+        connection.break_off(conn)
+        assert worker.wait_idle(5)
+        assert conn.closed or conn.broken
+    finally:
+        holder.close()
+        conn.close()
