@@ -215,7 +215,8 @@ _POLLER_FIGURES = (
      "Holds not remembered because max_tracked_holds was reached (they got the proven lower bound only), summed over "
      "polls.", "tracked_holds_dropped"),
     ("exporter_poll_interval_seconds", "gauge",
-     "The poll interval in force: how often pg_locks is read (with poll_interval auto, it follows the polls' cost).",
+     "The poll interval in force: how often pg_locks is read (with poll_interval auto, it follows the polls' cost); "
+     "the time between the last two good reads when that was longer.",
      "interval"),
     ("exporter_db_time_ratio", "gauge",
      "The polls' time on the server over the last minute, as a fraction of that minute (a round trip bounds the "

@@ -136,6 +136,10 @@ class Poller:
         self._bucket_counts = [0] * len(DURATION_BUCKETS)
         self._duration_sum = 0.0
         self._last_success: tuple[float, float] | None = None  # (wall clock when its rows arrived, round trip)
+        # When the last good poll's rows arrived (the poller's clock), and the time since the one
+        # before: a hold first seen now began at most that long ago, whatever the schedule said.
+        self._read_at: float | None = None
+        self._read_gap = 0.0
         self._holder_info_dropped = 0
         self._last_error: str | None = None
         self._stats_lock = threading.Lock()
@@ -342,16 +346,18 @@ class Poller:
             self._polls, self._errors, tuple(cumulative), self._duration_sum,
             self._last_success[0] if self._last_success else None, self._last_success[1] if self._last_success else None,
             self._holder_info_dropped,
-            self._tracker.tracked, self._tracker.dropped, self._controller.interval,
+            # How often pg_locks is read: the interval in force, or the time between the last two
+            # good reads when longer (a poll that overran on a slow console, polls that failed).
+            self._tracker.tracked, self._tracker.dropped, max(self._controller.interval, self._read_gap),
             round(self._controller.ratio(self._clock()), 6),
         )
 
     def _count(self, ticket: PollTicket, seconds: float, failed: bool,
-               read: tuple[float, float] | None = None) -> PollStats | None:
+               read: tuple[float, float, float] | None = None) -> PollStats | None:
         """Count the poll of this ticket, once, and return the totals; None if it was counted
         already (given up as stuck: a stuck poll may return late, or never). One critical section,
         so the poll and its deadline cannot both count it. read: a good poll's (wall clock when its
-        rows arrived, its round trip)."""
+        rows arrived, its round trip, the poller's clock then)."""
         with self._stats_lock:
             if ticket.counted:
                 return None
@@ -365,7 +371,10 @@ class Poller:
             if slot < len(DURATION_BUCKETS):
                 self._bucket_counts[slot] += 1
             if not failed:
-                self._last_success = read or (self._wall_clock(), 0.0)
+                wall_at, round_trip, at = read or (self._wall_clock(), 0.0, self._clock())
+                self._last_success = (wall_at, round_trip)
+                self._read_gap = 0.0 if self._read_at is None else at - self._read_at
+                self._read_at = at
             return self._stats()
 
     def poll_once(self, ticket: PollTicket | None = None) -> Snapshot:
@@ -392,7 +401,7 @@ class Poller:
             self._restart()
             return Snapshot(up=False, stats=stats)
         # The server read pg_locks inside [sent, now]: the figures describe that window.
-        stats = self._count(ticket, now - started, failed=False, read=(wall_at, max(now - self._sent_at, 0.0)))
+        stats = self._count(ticket, now - started, failed=False, read=(wall_at, max(now - self._sent_at, 0.0), now))
         if stats is None:
             return Snapshot(up=False, stats=self._stats_now())  # already counted, as failed, when it was given up
         if self._last_error is not None:

@@ -158,3 +158,20 @@ def test_an_exporter_stopped_and_continued_never_serves_its_old_poll(server, tmp
     finally:
         _signal_all(frozen, signal.SIGCONT)
         exporter.stop()
+
+
+def test_the_interval_figure_is_the_time_between_reads_when_longer(make_poller) -> None:
+    """A hold first seen by a poll began at most one interval ago only if the poll before read
+    pg_locks one interval earlier: after a poll that overran (a slow console) or polls that
+    failed, the figure says how long it really was."""
+    now = [100.0]
+    poller = make_poller({"poll_interval": "1s", "locks": LOCKS}, clock=lambda: now[0])
+    interval = ("pg_advisory_lock_exporter_poll_interval_seconds", ())
+    figures = []
+    for at in (100.0, 103.5, 104.5):
+        now[0] = at
+        snapshot = poller.poll_once()
+        exposition = Exposition(snapshot, with_process=False, clock=lambda: at)
+        exposition.render_now()
+        figures.append(parse(exposition.body().decode())[interval])
+    assert figures == [1.0, 3.5, 1.0]
