@@ -197,7 +197,7 @@ class Assembler:
                 own_waits[session_id(row)] = row
             if row.locktype != ADVISORY or databases and row.datname not in databases:
                 continue
-            if row.granted:
+            if row.granted:  # a waiter holds nothing: a wait a poll sees never starts or carries a hold
                 held_rows.setdefault(session_id(row), []).append(row)
             else:
                 self._count_wait(row, waits)

@@ -90,7 +90,7 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
     # gzip's checksum of the unchanged text before them is kept (exposition.Gzipper).
     yield texts.samples(
         "held_seconds", "gauge",
-        "How long the longest current holder has held the lock (a proven lower bound); 0 when free.",
+        "Age of the oldest current hold: since the earliest hold of its session and key every poll since saw held; 0 when free.",
         snapshot.ages(locks),
     )
     yield texts.samples("wait_seconds", "gauge", "The longest current wait for the lock; 0 when none.",
@@ -133,7 +133,7 @@ def _unnamed_text(snapshot: Snapshot) -> Iterator[str]:
     )
     yield from family(
         f"{PREFIX}_unnamed_held_seconds", "gauge",
-        "The oldest current hold among keys nobody named (a proven lower bound); 0 when none.",
+        "Age of the oldest current hold among keys nobody named, aged as held_seconds is; 0 when none.",
         (("", i, snapshot.held_seconds(u)) for u, i in pairs),
     )
     yield from family(

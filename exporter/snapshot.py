@@ -34,8 +34,9 @@ class Holder(NamedTuple):
     usename: str
     client_addr: str
     state: str
-    # When the hold began at the latest (the poller's monotonic clock, as Snapshot.taken_at): a
-    # start, not an age, so an unchanged holder is the same value at every poll.
+    # When the hold began at the latest, as README's Hold age defines it (the poller's monotonic
+    # clock, as Snapshot.taken_at): a start, not an age, so an unchanged holder is the same value at
+    # every poll.
     held_since: float
     key: str = ""  # the decoded key: '4242', or '42,7' for an int4 pair
     pooler: str = ""  # the pooler the session came through; "" for a direct connection
@@ -267,8 +268,8 @@ class Snapshot:
         return round(self.wall_at - (self.taken_at - at), 3)
 
     def held_seconds(self, held: Holder | LockState | UnnamedLocks) -> float:
-        """How long a holder, or the oldest holder of a lock, has held it at least, as of this poll
-        (a proven lower bound); 0 when nothing is held."""
+        """The age of a hold, or of a lock's oldest hold, as of this poll (README: Hold age: since the
+        earliest hold of that session and key every poll since saw held); 0 when nothing is held."""
         return self.ages((held,))[0]
 
     def ages(self, held: Iterable[Holder | LockState | UnnamedLocks]) -> tuple[float, ...]:

@@ -1,5 +1,10 @@
 """What only time reveals: since when each hold has been held, and how many holders took a lock.
 
+A hold's start is the start of the earliest hold of that session and key from which every poll saw
+it held (README: Hold age): a hold is remembered while every poll sees it and forgotten by the first
+that does not (end()), so a release and re-take between two polls keep the start, and one a poll saw
+free (released, or waited for: the assembler hands the tracker granted rows only) starts anew.
+
 pg_locks has no grant time. A hold starts, at the latest, when a poll first sees it;
 pg_stat_activity can prove an earlier start (an idle session took its lock no later than its
 last state change), and the tracker keeps the earliest start any poll has proven, to within the

@@ -146,3 +146,16 @@ def test_a_proof_earlier_by_exactly_the_slack_moves_nothing() -> None:
     # Both remembered (the fast path), one proof: exactly the slack before 7's start, well before 8's.
     ((ages, _),) = poll(t, 102.0, [("a", 1, 10.0, [7, 8])], proven=7.5, slack=0.5)
     assert ages == [7.0, 7.5]
+
+
+def test_a_start_is_the_earliest_hold_every_poll_since_saw() -> None:
+    """README's Hold age: a hold seen by every poll keeps its start, whatever happened between two
+    polls; the first poll that does not see it (released, or only waited for: the assembler hands
+    the tracker granted rows only) ends it, and the next sighting starts anew."""
+    t = HoldTracker()
+    poll(t, 100.0, [("a", 1, 10.0, [7])])
+    assert poll(t, 130.0, [("a", 1, 10.0, [7])]) == [([30.0], set())]  # re-taken between the polls, or not
+    poll(t, 140.0, [("a", 1, 10.0, [8])])  # a poll that saw 7 free of this session
+    assert poll(t, 150.0, [("a", 1, 10.0, [7, 8])]) == [([0.0, 10.0], set())]
+    poll(t, 160.0, [])  # the session held nothing (it waited, say)
+    assert poll(t, 170.0, [("a", 1, 10.0, [7, 8])]) == [([0.0, 0.0], set())]
