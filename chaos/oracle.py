@@ -1,7 +1,9 @@
 """The oracle: every scrape held against the recorded truth (README: What the exporter promises).
 
-Interface only (the rules come in their own commit): the harness hands `judge` the truth, every
-scrape it made, and what the exporter was told; it gets back a Verdict.
+The harness hands `judge` the truth, every scrape it made, and what the exporter was told; it gets
+back a Verdict. The rules live in chaos/rules.py (1-7, per scrape) and chaos/blind.py (8, per
+target), over chaos/history.py (the truth asked at a poll's moment) and chaos/served.py (a scrape
+read with prometheus_client's parser).
 """
 
 from __future__ import annotations
@@ -70,4 +72,30 @@ class Verdict:
 
 
 def judge(truth: Truth, scrapes: list[Scrape], setups: dict[str, TargetSetup]) -> Verdict:
-    raise NotImplementedError("the rules come in their own commit")
+    """Every scrape of a target in `setups` held against the truth. Before a target's first up-1
+    answer nothing is judged (start-up); an empty text is no answer."""
+    # The rules build on this module's dataclasses: imported once they exist.
+    from .blind import answers, judge_blindness
+    from .history import History
+    from .rules import Ledger, Matcher, ProbeRules, ScrapeRules, counters, moments_of
+
+    verdict = Verdict()
+    ledger = Ledger(verdict)
+    seen = answers(scrapes, setups)
+    logs = judge_blindness(ledger, seen, truth.faults)
+    moments = {one.target: moments_of(ledger, one.answers) for one in seen}
+    polls = {target: sorted({m.poll.timestamp: m.poll for m in ms if m is not None}.values(),
+                            key=lambda p: p.timestamp) for target, ms in moments.items()}
+    history = History(truth, polls, horizon=max((s.received for s in scrapes), default=0.0) + 1.0)
+    matches = Matcher()
+    probes = ProbeRules(ledger, history)
+    for one in seen:
+        before = None
+        for moment in moments[one.target]:
+            if moment is not None:
+                ScrapeRules(ledger, history, logs[one.target], one.setup, moment).run(matches)
+                probes.run(one.setup, moment, matches)
+                if before is not None:
+                    counters(ledger, history, one.setup, before, moment, matches)
+            before = moment
+    return verdict

@@ -1,0 +1,464 @@
+"""The chaos oracle's rules (README: What the exporter promises), each fed a hand-made truth beside
+an exposition that keeps the rule (no lie, and checks made) and one that breaks it (exactly that
+rule's lie found), so no rule is a check that cannot fail. No server: the truth and the scrapes are
+written here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from chaos.oracle import NamedLock, Scrape, TargetSetup, Verdict, judge
+from chaos.truth import EXCLUSIVE, SHARED, TX_POOL, Fault, Hold, Holder, Span, Truth, Wait
+
+T0 = 1_700_000_000.0
+P = "pg_advisory_lock_"
+JOB = (0, 42, 1)  # pg_advisory_lock(42)
+UNNAMED = (0, 99, 1)  # pg_advisory_lock(99): nobody names it
+
+
+def tenant(n: int) -> tuple[int, int, int]:
+    """pg_advisory_lock(7, n): a key of the family `tenants`."""
+    return (7, n, 2)
+
+
+LOCKS = (
+    NamedLock("job", "app", lambda key: key == JOB, probe_expect="free"),
+    NamedLock("tenants", "app", lambda key: key[0] == 7 and key[2] == 2, family=True),
+)
+
+
+def setup(cap: int = 10, stale_after: float = 3.0, backoff: float = 5.0) -> dict[str, TargetSetup]:
+    return {"": TargetSetup("", LOCKS, ("app",), max_holder_info_per_lock=cap, reconnect_backoff_max=backoff,
+                            stale_after=stale_after)}
+
+
+def at(lo: float, width: float = 0.01) -> Span:
+    """An event of the truth somewhere inside [T0 + lo, T0 + lo + width]."""
+    return Span(T0 + lo, T0 + lo + width)
+
+
+def session(pid: int = 100, app: str = "w1") -> Holder:
+    return Holder(pid=pid, backend_start=T0 - 100, application_name=app)
+
+
+def hold(granted: float, released: float | None = None, key: tuple[int, int, int] = JOB, mode: str = EXCLUSIVE,
+         holder: Holder | None = None, **more: object) -> Hold:
+    return Hold("", "app", key, mode, holder or session(), at(granted),
+                None if released is None else at(released), **more)  # type: ignore[arg-type]
+
+
+@dataclass
+class Expo:
+    """An exposition written by hand, in the exporter's family names; `text` renders it."""
+
+    poll: float  # seconds after T0 the poll's rows arrived
+    duration: float = 0.01
+    interval: float = 1.0
+    up: int = 1
+    samples: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float, **labels: str) -> "Expo":
+        self.samples.setdefault(name, []).append((labels, value))
+        return self
+
+    def lock(self, name: str, exclusive: int = 0, shared: int = 0, waiters: int = 0, held: float = 0.0,
+             acquisitions: float | None = None, pooled: int | None = None) -> "Expo":
+        """Every series of a named lock, as an up-1 poll serves it."""
+        the = {"lock": name, "database": "app"}
+        self.add("holders", exclusive, **the, mode=EXCLUSIVE).add("holders", shared, **the, mode=SHARED)
+        self.add("waiters", waiters, **the).add("held_seconds", held, **the)
+        if acquisitions is not None:
+            self.add("acquisitions_total", acquisitions, **the)
+        if pooled is not None:
+            self.add("pooled_session_holders", pooled, **the)
+        return self
+
+    def info(self, lock: str, key: str, pid: str, app: str) -> "Expo":
+        return self.add("holder_info", 1, lock=lock, database="app", key=key, pid=pid, application_name=app,
+                        usename="u", client_addr="", state="idle", source="config", pooler="")
+
+    def unnamed(self, holders: int = 0, waiters: int = 0, held: float = 0.0) -> "Expo":
+        return (self.add("unnamed_holders", holders, database="app").add("unnamed_waiters", waiters, database="app")
+                .add("unnamed_held_seconds", held, database="app"))
+
+    def probe(self, last_run: float, acquirable: int | None, ok: int | None, trusted: int = 1) -> "Expo":
+        the = {"lock": "job", "database": "app"}
+        self.add("probe_trusted", trusted, **the).add("probe_duration_seconds", 0.01, **the)
+        self.add("probe_last_run_timestamp_seconds", T0 + last_run, **the)
+        if acquirable is not None:
+            self.add("probe_acquirable", acquirable, **the)
+        if ok is not None:
+            self.add("probe_ok", ok, **the)
+        return self
+
+    def text(self) -> str:
+        lines = [f"# TYPE {P}exporter_up gauge", f"{P}exporter_up {self.up}",
+                 f"# TYPE {P}exporter_poll_interval_seconds gauge",
+                 f"{P}exporter_poll_interval_seconds {self.interval}"]
+        if self.up:
+            lines += [f"# TYPE {P}exporter_last_poll_timestamp_seconds gauge",
+                      f"{P}exporter_last_poll_timestamp_seconds {T0 + self.poll!r}",
+                      f"# TYPE {P}exporter_last_poll_duration_seconds gauge",
+                      f"{P}exporter_last_poll_duration_seconds {self.duration}"]
+            for name, samples in self.samples.items():
+                kind = "counter" if name.endswith("_total") else "gauge"
+                lines.append(f"# TYPE {P}{name} {kind}")
+                for labels, value in samples:
+                    pairs = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                    lines.append(f"{P}{name}{{{pairs}}} {value}")
+        return "\n".join(lines) + "\n"
+
+    def scrape(self, late: float = 0.2) -> Scrape:
+        return Scrape("", T0 + self.poll + late, T0 + self.poll + late + 0.01, self.text())
+
+
+def free(poll: float, **more: float) -> Expo:
+    """Nothing held, nothing awaited."""
+    return Expo(poll, **more).lock("job", acquisitions=0).lock("tenants", acquisitions=0).unnamed()
+
+
+def no_answer(when: float) -> Scrape:
+    return Scrape("", T0 + when, T0 + when + 0.01, "")
+
+
+def down(when: float) -> Scrape:
+    return Scrape("", T0 + when, T0 + when + 0.01, Expo(0, up=0).text())
+
+
+def verdict(holds: list[Hold], expos: list[Expo | Scrape], waits: list[Wait] = (),  # type: ignore[assignment]
+            faults: list[Fault] = (), **told: float) -> Verdict:  # type: ignore[assignment]
+    scrapes = [e if isinstance(e, Scrape) else e.scrape() for e in expos]
+    return judge(Truth(list(holds), list(waits), list(faults)), scrapes, setup(**told))  # type: ignore[arg-type]
+
+
+def lies(found: Verdict) -> set[int]:
+    return {lie.rule for lie in found.lies}
+
+
+def truthful(found: Verdict, *rules: int) -> None:
+    assert not found.lies, [lie.what for lie in found.lies]
+    assert not found.unexplained_blind, found.unexplained_blind
+    for rule in rules:
+        assert found.checks.get(rule, 0) > 0, (rule, found.checks)
+
+
+def caught(found: Verdict, rule: int) -> None:
+    assert found.lies and lies(found) == {rule}, [(lie.rule, lie.what) for lie in found.lies]
+    for lie in found.lies:
+        assert "\n" not in lie.what and any(word in lie.what for word in ("served", "absent", "lacks", "recovery"))
+
+
+# One session has held key 42 since T0 + 2; the exporter polled before (T0 + 1) and at T0 + 10.
+HELD = [hold(2)]
+
+
+def held(poll: float = 10, exclusive: int = 1, age: float | None = None, pid: str = "100") -> Expo:
+    return (Expo(poll).lock("job", exclusive=exclusive, held=poll - 2 if age is None else age, acquisitions=1)
+            .info("job", "42", pid, "w1").lock("tenants", acquisitions=0).unnamed())
+
+
+# Rule 1: counts.
+def test_rule1_true_counts_are_no_lie() -> None:
+    truthful(verdict(HELD, [free(1), held()]), 1)
+
+
+def test_rule1_a_holder_count_one_too_high_is_caught() -> None:
+    found = verdict(HELD, [free(1), held(exclusive=2)])
+    caught(found, 1)
+    assert f'{P}holders{{lock="job",database="app",mode="exclusive"}} served 2, truth [1, 1]' in found.lies[0].what
+
+
+def test_rule1_a_hold_granted_inside_the_polls_window_is_no_lie_either_way() -> None:
+    # The poll read pg_locks somewhere inside [T0 + 9.99, T0 + 10]; the grant came inside it.
+    inside = [hold(9.995, key=tenant(1), mode=SHARED)]
+    seen = free(10).add("holder_info", 1, lock="tenants", database="app", key="7,1", pid="100",
+                        application_name="w1")
+    seen.samples["holders"][3] = ({"lock": "tenants", "database": "app", "mode": SHARED}, 1)
+    truthful(verdict(inside, [free(1), seen]), 1, 3)
+    truthful(verdict(inside, [free(1), free(10)]), 1)
+
+
+def test_rule1_a_grant_surely_inside_the_window_is_excused_and_one_surely_before_it_is_not() -> None:
+    inside = [Hold("", "app", JOB, EXCLUSIVE, session(), Span(T0 + 9.992, T0 + 9.998))]
+    truthful(verdict(inside, [free(1), free(10)]), 1)
+    before = [Hold("", "app", JOB, EXCLUSIVE, session(), Span(T0 + 9.97, T0 + 9.98))]
+    unseen = Expo(10).lock("job", acquisitions=0).info("job", "42", "100", "w1").lock("tenants", acquisitions=0)
+    caught(verdict(before, [free(1), unseen.unnamed()]), 1)
+
+
+def test_rule1_a_family_sums_its_keys_and_a_session_holding_both_modes_counts_in_both() -> None:
+    truth = [hold(2, key=tenant(1)), hold(3, key=tenant(2)), hold(3, key=tenant(2), mode=SHARED),
+             hold(2, key=tenant(1), holder=session(101, "w2"), mode=SHARED),
+             hold(2.5, key=tenant(1)), hold(4, key=tenant(1))]  # re-entered twice: still one holder
+    infos = [("7,1", "100", "w1"), ("7,2", "100", "w1"), ("7,1", "101", "w2")]
+
+    def expo(exclusive: int) -> Expo:
+        out = Expo(10).lock("job", acquisitions=0).lock("tenants", exclusive=exclusive, shared=2, held=8,
+                                                        acquisitions=2).unnamed()
+        for key, pid, app in infos:
+            out.info("tenants", key, pid, app)
+        return out
+
+    truthful(verdict(truth, [free(1), expo(2)]), 1, 3)
+    caught(verdict(truth, [free(1), expo(3)]), 1)
+
+
+def test_rule1_waiters_and_the_unnamed_figures() -> None:
+    truth = [hold(2, key=UNNAMED), hold(12, waited=at(3), holder=session(101, "w2"))]  # granted after the poll
+    gone = [Wait("", "app", JOB, EXCLUSIVE, session(102, "w3"), at(3), at(4))]  # cancelled: no waiter at T0 + 10
+    waiting = Expo(10).lock("job", waiters=1, acquisitions=0).lock("tenants", acquisitions=0).unnamed(holders=1, held=8)
+    truthful(verdict(truth, [free(1), waiting], waits=gone), 1)
+    unnamed_missed = Expo(10).lock("job", waiters=1, acquisitions=0).lock("tenants", acquisitions=0).unnamed(held=8)
+    caught(verdict(truth, [free(1), unnamed_missed], waits=gone), 1)
+    no_waiter = Expo(10).lock("job", acquisitions=0).lock("tenants", acquisitions=0).unnamed(holders=1, held=8)
+    caught(verdict(truth, [free(1), no_waiter], waits=gone), 1)
+    unnamed_wait = [Wait("", "app", UNNAMED, SHARED, session(103, "w4"), at(5), None)]
+
+    def expo(waiters: int, held: float = 8) -> Expo:
+        return (Expo(10).lock("job", waiters=1, acquisitions=0).lock("tenants", acquisitions=0)
+                .unnamed(holders=1, waiters=waiters, held=held))
+
+    truthful(verdict(truth, [free(1), expo(1)], waits=unnamed_wait), 1, 2)
+    caught(verdict(truth, [free(1), expo(0)], waits=unnamed_wait), 1)
+    caught(verdict(truth, [free(1), expo(1, held=9)], waits=unnamed_wait), 2)
+
+
+# Rule 2: held_seconds.
+def test_rule2_the_true_age_is_no_lie() -> None:
+    truthful(verdict(HELD, [free(1), held(age=8.0)]), 2)
+    truthful(verdict(HELD, [free(1), held(age=7.2)]), 2)  # seen up to one interval late
+
+
+def test_rule2_an_age_above_the_true_one_is_caught() -> None:
+    caught(verdict(HELD, [free(1), held(age=9.0)]), 2)
+    truthful(verdict(HELD, [free(1), held(age=8.01)]), 2)  # granted from T0 + 2, read by T0 + 10, a round trip
+    found = verdict(HELD, [free(1), held(age=8.1)])
+    caught(found, 2)
+    assert f'{P}held_seconds{{lock="job",database="app"}} served 8.1, truth [.., 8.010]' in found.lies[0].what
+
+
+def test_rule2_an_age_short_by_more_than_an_interval_is_caught() -> None:
+    caught(verdict(HELD, [free(1), held(age=6.5)]), 2)
+
+
+def test_rule2_a_hold_older_than_the_exporters_first_poll_may_be_younger() -> None:
+    truthful(verdict(HELD, [held(poll=3, age=0.0), held(age=6.0)]), 2)
+
+
+def test_rule2_a_hold_that_began_while_the_exporter_was_blind_may_be_younger() -> None:
+    began_blind = [hold(3)]
+    restart = Fault("restart-fast", "", at(2.4), at(2.8))
+    truthful(verdict(began_blind, [free(1), down(2.5), held(age=3.0)], faults=[restart], backoff=8), 2, 8)
+    caught(verdict(began_blind, [free(1), held(age=3.0)]), 2)
+
+
+def test_rule2_counting_the_wait_as_held_time_is_caught() -> None:
+    waited = [hold(6, waited=at(2))]  # waited from T0 + 2, granted at T0 + 6
+    truthful(verdict(waited, [free(1), held(age=4.0)]), 2)
+    caught(verdict(waited, [free(1), held(age=8.0)]), 2)
+
+
+def test_rule2_a_retake_no_known_poll_saw_free_keeps_its_age_and_one_a_poll_saw_starts_anew() -> None:
+    retaken = [hold(2, released=4), hold(4.5)]
+    truthful(verdict(retaken, [free(1), held(age=8.0)]), 2)  # bridged: no known poll in the gap
+    truthful(verdict(retaken, [free(1), held(age=5.5)]), 2)  # or seen anew by a poll we never scraped
+    seen_free = free(4.3)
+    seen_free.samples["acquisitions_total"][0] = ({"lock": "job", "database": "app"}, 1)
+    truthful(verdict(retaken, [free(1), seen_free, held(age=5.5)]), 2)
+    caught(verdict(retaken, [free(1), seen_free, held(age=8.0)]), 2)
+
+
+# Rule 3: holder_info and pooled_session_holders.
+def test_rule3_a_holder_info_of_a_pid_that_does_not_hold_is_caught() -> None:
+    found = verdict(HELD, [free(1), held(pid="999")])
+    caught(found, 3)
+    assert any('pid="999"' in lie.what and "no such holder" in lie.what for lie in found.lies)
+
+
+def test_rule3_the_cap_serves_true_holders_and_as_many_as_it_allows() -> None:
+    truth = [hold(2, mode=SHARED, holder=session(100 + n, f"w{n}")) for n in range(3)]
+
+    def expo(served: int) -> Expo:
+        out = Expo(10).lock("job", shared=3, held=8, acquisitions=3).lock("tenants", acquisitions=0).unnamed()
+        for n in range(served):
+            out.info("job", "42", str(100 + n), f"w{n}")
+        return out
+
+    truthful(verdict(truth, [free(1), expo(2)], cap=2), 3)
+    caught(verdict(truth, [free(1), expo(1)], cap=2), 3)
+    caught(verdict(truth, [free(1), expo(3)], cap=2), 3)
+    truthful(verdict(truth, [free(1), expo(3)]), 3)
+    found = verdict(truth, [free(1), expo(2)])  # within the cap, every holder has its series
+    caught(found, 3)
+    assert "lacks key=42 pid='102' application_name='w2', truth: it holds" in found.lies[0].what
+
+
+def test_rule3_a_prepared_transaction_is_a_holder_of_its_own() -> None:
+    prepared = Holder(pid=None, gid="nightly-7")
+    truth = [hold(2, released=5, holder=session(100)), hold(5, holder=prepared)]  # PREPARE at T0 + 5
+
+    def expo(pid: str, app: str) -> Expo:
+        return (Expo(10).lock("job", exclusive=1, held=5, acquisitions=1).info("job", "42", pid, app)
+                .lock("tenants", acquisitions=0).unnamed())
+
+    truthful(verdict(truth, [free(1), expo("", "nightly-7")]), 1, 2, 3)
+    caught(verdict(truth, [free(1), expo("100", "w1")]), 3)
+
+
+def test_rule3_a_stranded_pooled_hold_is_counted_and_its_holder_info_compared_by_pid() -> None:
+    stranded = [hold(2, via=TX_POOL, stranded=at(3))]
+
+    def expo(pooled: int) -> Expo:
+        return (Expo(10).lock("job", exclusive=1, held=8, acquisitions=1, pooled=pooled)
+                .info("job", "42", "100", "the-client-it-serves-now").lock("tenants", acquisitions=0).unnamed())
+
+    truthful(verdict(stranded, [free(1), expo(1)]), 3)
+    caught(verdict(stranded, [free(1), expo(0)]), 3)
+    # Its server connection lent to a client in a transaction (or a wait) around the poll: the
+    # exporter cannot prove it idle, so 0 is no lie there (nor is 1).
+    lent = hold(9, released=10.5, key=UNNAMED, level="xact", via=TX_POOL)
+    truthful(verdict(stranded + [lent], [free(1), expo(0).add("unnamed_holders", 1, database="app")]), 3)
+    waiting = Wait("", "app", UNNAMED, EXCLUSIVE, session(), at(9.5), at(10.5))
+    truthful(verdict(stranded, [free(1), expo(0).add("unnamed_waiters", 1, database="app")], waits=[waiting]), 3)
+
+
+# Rule 4: a held lock has its series.
+def test_rule4_a_held_lock_with_no_series_is_caught() -> None:
+    truthful(verdict(HELD, [free(1), held()]), 4)
+    bare = Expo(10).add("acquisitions_total", 1, lock="job", database="app").lock("tenants", acquisitions=0).unnamed()
+    caught(verdict(HELD, [free(1), bare]), 4)
+    no_holders = held()
+    no_holders.samples["holders"] = no_holders.samples["holders"][2:]  # job's two series gone
+    found = verdict(HELD, [free(1), no_holders])
+    caught(found, 4)
+    assert len(found.lies) == 1 and found.lies[0].what.startswith(
+        f'{P}holders{{lock="job",database="app",mode="exclusive"}} absent, truth: held (exclusive)')
+
+
+# Rule 5: staleness.
+def test_rule5_a_poll_older_than_the_bound_is_caught() -> None:
+    truthful(verdict(HELD, [free(1), held()]), 5)
+    found = verdict(HELD, [free(1), held().scrape(late=3.5)])
+    caught(found, 5)
+    assert "truth [.., 3.000] (stale_after)" in found.lies[0].what
+
+
+# Rule 6: the probe.
+def test_rule6_a_try_that_agrees_with_the_truth_is_no_lie() -> None:
+    truthful(verdict(HELD, [free(1).probe(0.5, acquirable=1, ok=1), held().probe(9.5, acquirable=0, ok=0)]), 6)
+    truthful(verdict(HELD, [free(1), held().probe(9.5, acquirable=None, ok=None, trusted=0)]))
+
+
+def test_rule6_trusted_and_acquirable_while_another_session_holds_it_is_caught() -> None:
+    found = verdict(HELD, [free(1), held().probe(9.5, acquirable=1, ok=1)])
+    caught(found, 6)
+    assert len(found.lies) == 2  # probe_acquirable, and probe_ok (expect free)
+
+
+def test_rule6_a_try_during_a_grant_is_excused() -> None:
+    truthful(verdict(HELD, [free(1).probe(2.005, acquirable=1, ok=1), held()]))
+    truthful(verdict(HELD, [free(1).probe(2.005, acquirable=0, ok=0), held()]))
+
+
+# Rule 7: acquisitions_total.
+def test_rule7_a_counter_that_counts_each_new_holder_once_is_no_lie() -> None:
+    truthful(verdict(HELD, [free(1), held(5), held(10)]), 7)
+
+
+def test_rule7_a_counter_that_decreases_is_caught() -> None:
+    later = held(10)
+    later.samples["acquisitions_total"][0] = ({"lock": "job", "database": "app"}, 0)
+    caught(verdict(HELD, [held(5), later]), 7)
+
+
+def test_rule7_a_counter_that_counts_one_hold_twice_is_caught() -> None:
+    later = held(10)
+    later.samples["acquisitions_total"][0] = ({"lock": "job", "database": "app"}, 2)
+    found = verdict(HELD, [free(1), held(5), later])
+    caught(found, 7)
+    assert "0 grants could lie" in found.lies[0].what
+
+
+def test_rule7_a_gap_ends_the_run_of_scrapes() -> None:
+    later = held(10)
+    later.samples["acquisitions_total"][0] = ({"lock": "job", "database": "app"}, 0)  # the exporter restarted
+    restarted = Fault("restart-fast", "", at(5.5), at(6))
+    truthful(verdict(HELD, [held(5), down(6), later], faults=[restarted]))
+
+
+# Rule 8: blind time.
+def test_rule8_blind_inside_a_blinding_fault_and_its_recovery_bound_is_no_lie() -> None:
+    restart = Fault("restart-fast", "", at(2.5), at(3.5))
+    found = verdict([], [free(1), down(2.6), no_answer(3.6), free(5)], faults=[restart])
+    truthful(found, 8)
+    assert found.blind["restart-fast"] == [pytest.approx(2.6)]  # from the first blind request to the next good one
+    assert found.recovery["restart-fast"] == [pytest.approx(1.49)]
+
+
+def test_rule8_blind_with_no_fault_is_unexplained() -> None:
+    found = verdict([], [free(1), down(2), no_answer(3), free(4)])
+    assert not found.lies and found.unexplained_blind == [("", T0 + 2, T0 + 3.01)] and not found.ok
+
+
+def test_rule8_blind_during_a_fault_that_blinds_nothing_is_unexplained() -> None:
+    console = Fault("console-hang", "console", at(1.5), at(5), blinds=False)
+    found = verdict([], [free(1), down(2), down(3), free(6)], faults=[console])
+    assert not found.lies and found.unexplained_blind == [("", T0 + 2, T0 + 3.01)]
+    assert found.blind["console-hang"] and found.recovery["console-hang"]
+
+
+def test_rule8_a_slow_recovery_is_caught() -> None:
+    freeze = Fault("freeze", "", at(2.5), at(3.5))
+    found = verdict([], [free(1), down(3), down(9), down(13), free(20)], faults=[freeze])
+    caught(found, 8)
+    assert found.unexplained_blind == [("", T0 + 13, T0 + 13.01)]  # after T0 + 3.51 + 5 + 2 x 1
+
+
+def test_start_up_is_not_judged() -> None:
+    truthful(verdict(HELD, [down(0.5), no_answer(0.8), free(1)]))
+
+
+# The whole: a truthful run makes checks in every rule and is ok.
+def test_a_truthful_run_is_ok() -> None:
+    restart = Fault("restart-fast", "", at(10.5), at(11))
+    later = Expo(12).lock("job", acquisitions=1).lock("tenants", acquisitions=0).unnamed()
+    found = verdict([hold(2, released=10.6)], [free(1).probe(0.5, acquirable=1, ok=1),
+                                               held(5).probe(4.5, acquirable=0, ok=0), held(10), down(11), later],
+                    faults=[restart])
+    truthful(found, *range(1, 9))
+    assert found.ok
+
+
+def test_targets_are_judged_apart() -> None:
+    """Targets mode: a hold of server b is no holder of target a, and a fault of a blinds nothing on b."""
+    told = {name: TargetSetup(name, LOCKS, ("app",), stale_after=3.0) for name in ("a", "b")}
+    on_b = [Hold("b", "app", JOB, EXCLUSIVE, session(), at(2))]
+    freeze_a = Fault("freeze", "a", at(2.5), at(3))
+
+    def answer(target: str, expo: Expo | None, when: float) -> Scrape:
+        text = Expo(0, up=0).text() if expo is None else expo.text()
+        return Scrape(target, T0 + when + 0.2, T0 + when + 0.21, text)
+
+    scrapes = [answer("a", free(1), 1), answer("b", free(1), 1), answer("a", None, 3), answer("b", None, 3),
+               answer("a", free(10), 10), answer("b", held(10), 10)]
+    found = judge(Truth(on_b, [], [freeze_a]), scrapes, told)
+    assert not found.lies, [lie.what for lie in found.lies]
+    assert found.unexplained_blind == [("b", T0 + 3.2, T0 + 3.21)]
+    wrong = [answer("a", free(1), 1), answer("a", held(10), 10)]
+    found = judge(Truth(on_b, [], []), wrong, told)
+    assert lies(found) == {1, 2, 3, 7} and all(lie.target == "a" for lie in found.lies)
+
+
+def test_a_body_that_is_no_exposition_is_no_answer() -> None:
+    found = verdict([], [free(1), Scrape("", T0 + 2, T0 + 2.01, "<html>502 Bad Gateway</html>\n"), free(3)])
+    assert not found.lies and found.unexplained_blind == [("", T0 + 2, T0 + 2.01)]
+
+
+def test_rule8_a_fault_during_a_recovery_restarts_it() -> None:
+    first = Fault("restart-fast", "", at(2.5), at(3.5))
+    second = Fault("freeze", "", at(9), at(12))  # before the first's recovery bound (T0 + 10.51) ran out
+    found = verdict([], [free(1), down(3), down(9), down(13), free(15)], faults=[first, second])
+    truthful(found, 8)
+    assert found.recovery == {"restart-fast": [pytest.approx(2.99)], "freeze": [pytest.approx(2.99)]}
