@@ -64,9 +64,10 @@ class Seen:
 
 def answers(scrapes: list[Scrape], setups: dict[str, TargetSetup]) -> list[Seen]:
     """Per target of `setups`: its answers in the order asked, from its first up-1 answer on."""
-    seen = []
+    seen, parsed = [], {}  # text -> Served: the same poll is served to several scrapes, parsed once
     for name, setup in setups.items():
-        mine = [(s, Served.parse(s.text)) for s in sorted(scrapes, key=lambda s: s.sent) if s.target == name]
+        mine = [(s, parsed.get(s.text) or parsed.setdefault(s.text, Served.parse(s.text)))
+                for s in sorted(scrapes, key=lambda s: s.sent) if s.target == name]
         first = next((at for at, (_, served) in enumerate(mine) if served.up), None)
         if first is not None:
             seen.append(Seen(name, setup, mine[first:]))

@@ -462,3 +462,22 @@ def test_rule8_a_fault_during_a_recovery_restarts_it() -> None:
     found = verdict([], [free(1), down(3), down(9), down(13), free(15)], faults=[first, second])
     truthful(found, 8)
     assert found.recovery == {"restart-fast": [pytest.approx(2.99)], "freeze": [pytest.approx(2.99)]}
+
+
+def test_the_exporters_own_exposition_is_read() -> None:
+    """What exporter.metrics renders (HELP lines, every family) is what the rules read: a lock held
+    since T0 + 2, polled at T0 + 10, judged truthful; the same with one holder too many, a lie."""
+    from exporter.metrics import render
+    from exporter.snapshot import Holder as Shown, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot
+
+    def rendered(exclusive: int) -> Scrape:
+        holder = Shown(100, T0 - 100, frozenset({EXCLUSIVE}), "w1", "u", "", "idle", 2.0, "42", "")
+        job = LockState("job", "app", exclusive, 0, 2.0, 0, 0.0, 1, info_holders=(holder,), holds=1, key="42")
+        snapshot = Snapshot(up=True, locks=(job,), stats=PollStats(polls=9, last_success_timestamp=T0 + 10),
+                            taken_at=10.0, wall_at=T0 + 10)
+        probe = ProbeResult("job", "app", False, False, 0.01, 0, T0 + 9.5)
+        text = render(snapshot, (probe,), ReloadStatus(True, T0)).decode()
+        return Scrape("", T0 + 10.2, T0 + 10.21, text)
+
+    truthful(verdict(HELD, [free(1), rendered(1)]), 1, 2, 3, 4, 5, 6, 7)
+    caught(verdict(HELD, [free(1), rendered(2)]), 1)
