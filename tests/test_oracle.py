@@ -481,3 +481,119 @@ def test_the_exporters_own_exposition_is_read() -> None:
 
     truthful(verdict(HELD, [free(1), rendered(1)]), 1, 2, 3, 4, 5, 6, 7)
     caught(verdict(HELD, [free(1), rendered(2)]), 1)
+
+
+class Honest:
+    """An exporter that tells the truth as polling can see it, simulated from a random truth: each
+    poll reads the true state at one moment inside its window, keeps a hold's start from its first
+    sighting while every poll sees it, and counts a holder new when the poll before did not see it.
+    The oracle must never call it a liar (so no rule is stricter than polling allows)."""
+
+    KEYS = (JOB, tenant(1), tenant(2), tenant(3), UNNAMED)
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.holds: list[Hold] = []
+        self.waits: list[Wait] = []
+        self.actual: dict[int, tuple[float, float, float | None]] = {}  # id(hold) -> waited, granted, released
+        for pid in range(100, 106):
+            self.session(session(pid, f"w{pid}"))
+
+    def span(self, moment: float) -> Span:
+        return Span(moment - self.rng.uniform(0, 0.004), moment + self.rng.uniform(0, 0.004))
+
+    def session(self, holder: Holder) -> None:
+        rng, now = self.rng, T0 + rng_start(self.rng)
+        while now < T0 + 40:
+            key, mode = rng.choice(self.KEYS), rng.choice((EXCLUSIVE, SHARED))
+            waited = now if rng.random() < 0.2 else None
+            if waited is not None and rng.random() < 0.3:  # a wait that ends without a grant
+                ended = now + rng.uniform(0.05, 1.5)
+                self.waits.append(Wait("", "app", key, mode, holder, self.span(now), self.span(ended)))
+                self.actual[id(self.waits[-1])] = (now, ended, None)
+                now = ended + rng.uniform(0.001, 0.3)
+                continue
+            granted = now + (rng.uniform(0.05, 1.5) if waited is not None else 0.0)
+            released = granted + rng.choice((rng.uniform(0.02, 0.4), rng.uniform(0.4, 6)))
+            self.add(key, mode, holder, granted, released, waited)
+            if rng.random() < 0.15 and released - granted > 0.1:  # re-entered while held
+                self.add(key, mode, holder, granted + 0.05, released - 0.02, None)
+            now = released + rng.choice((rng.uniform(0.001, 0.02), rng.uniform(0.02, 1.5)))
+
+    def add(self, key: tuple[int, int, int], mode: str, holder: Holder, granted: float, released: float,
+            waited: float | None) -> None:
+        hold = Hold("", "app", key, mode, holder, self.span(granted), self.span(released),
+                    None if waited is None else self.span(waited))
+        self.holds.append(hold)
+        self.actual[id(hold)] = (waited if waited is not None else granted, granted, released)
+
+    def scrapes(self, interval: float = 0.5, blind: tuple[float, float] | None = None) -> list[Scrape]:
+        """Scrapes every 0.2 s of polls every interval; inside `blind` (seconds after T0) every
+        poll fails: up 0, and the holds' memory kept for the next good poll."""
+        out, seen, starts, expo = [], {}, {}, None
+        poll, scrape, first = T0 + 1, T0 + 1.05, True
+        while scrape < T0 + 45:
+            while poll <= scrape:
+                duration = self.rng.uniform(0.001, 0.02)
+                if blind is not None and T0 + blind[0] <= poll < T0 + blind[1]:
+                    expo = Expo(0, up=0)
+                else:
+                    expo, seen, starts = self.poll(poll, duration, interval, seen, starts, first)
+                poll, first = poll + interval + duration, False
+            out.append(Scrape("", scrape, scrape + 0.002, expo.text()))
+            scrape += 0.2
+        return out
+
+    def poll(self, at: float, duration: float, interval: float, seen: dict, starts: dict, first: bool):  # type: ignore[no-untyped-def]
+        read = at - self.rng.uniform(0, duration)
+        held = [h for h in self.holds if self.actual[id(h)][1] <= read < self.actual[id(h)][2]]
+        waiting = [h for h in self.holds + self.waits if self.actual[id(h)][0] <= read < self.actual[id(h)][1]]
+        now = {(h.holder, h.key) for h in held}
+        starts = {pair: starts[pair] if pair in starts else read for pair in now}
+        expo = Expo(at - T0, duration, interval)
+        for name, wanted in (("job", lambda k: k == JOB), ("tenants", lambda k: k[0] == 7)):
+            mine = [h for h in held if wanted(h.key)]
+            holders = {(h.holder, h.key if name == "tenants" else None) for h in mine}
+            before = seen.get(name, set())
+            expo.lock(name, exclusive=len({(h.holder, h.key) for h in mine if h.mode == EXCLUSIVE}),
+                      shared=len({(h.holder, h.key) for h in mine if h.mode == SHARED}),
+                      waiters=len({w.holder for w in waiting if wanted(w.key)}),
+                      held=round(max((read - starts[(h.holder, h.key)] for h in mine), default=0.0), 3),
+                      acquisitions=expo_count(seen, name, 0 if first else len(holders - before)))
+            seen[name] = holders
+            for holder, key in sorted({(h.holder, h.key) for h in mine}, key=repr):
+                expo.info(name, "42" if key == JOB else f"7,{key[1]}", str(holder.pid), holder.application_name)
+        unnamed = [h for h in held if h.key == UNNAMED]
+        expo.unnamed(holders=len({(h.holder, h.mode) for h in unnamed}),
+                     waiters=len({w.holder for w in waiting if w.key == UNNAMED}),
+                     held=round(max((read - starts[(h.holder, h.key)] for h in unnamed), default=0.0), 3))
+        return expo, seen, starts
+
+
+def rng_start(rng) -> float:  # type: ignore[no-untyped-def]
+    return rng.uniform(0.5, 3)
+
+
+def expo_count(seen: dict, name: str, new: int) -> int:  # type: ignore[type-arg]
+    seen.setdefault(f"{name}-count", 0)
+    seen[f"{name}-count"] += new
+    return seen[f"{name}-count"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_honest_exporter_is_never_called_a_liar(seed: int) -> None:
+    honest = Honest(seed)
+    found = judge(Truth(honest.holds, honest.waits, []), honest.scrapes(), setup())
+    truthful(found, 1, 2, 3, 4, 5, 7)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_honest_exporter_blinded_by_a_fault_is_never_called_a_liar(seed: int) -> None:
+    """Holds that began while it was blind are first seen late: rule 2's lower bound excuses them."""
+    honest = Honest(seed)
+    blackhole = Fault("net-blackhole", "", Span(T0 + 20, T0 + 20.01), Span(T0 + 23, T0 + 23.01))
+    found = judge(Truth(honest.holds, honest.waits, [blackhole]), honest.scrapes(blind=(20, 23)), setup())
+    truthful(found, 1, 2, 3, 4, 5, 7, 8)
+    assert found.blind["net-blackhole"] and found.recovery["net-blackhole"][0] < 1
