@@ -5,7 +5,10 @@ written here."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -44,9 +47,10 @@ def session(pid: int = 100, app: str = "w1") -> Holder:
 
 
 def hold(granted: float, released: float | None = None, key: tuple[int, int, int] = JOB, mode: str = EXCLUSIVE,
-         holder: Holder | None = None, **more: object) -> Hold:
-    return Hold("", "app", key, mode, holder or session(), at(granted),
-                None if released is None else at(released), **more)  # type: ignore[arg-type]
+         holder: Holder | None = None, **more: Any) -> Hold:
+    """A hold of database app granted at T0 + granted (released at T0 + released, or never)."""
+    return Hold("", "app", key, mode, holder or session(), at(granted), None if released is None else at(released),
+                **more)
 
 
 @dataclass
@@ -127,10 +131,11 @@ def down(when: float) -> Scrape:
     return Scrape("", T0 + when, T0 + when + 0.01, Expo(0, up=0).text())
 
 
-def verdict(holds: list[Hold], expos: list[Expo | Scrape], waits: list[Wait] = (),  # type: ignore[assignment]
-            faults: list[Fault] = (), **told: float) -> Verdict:  # type: ignore[assignment]
+def verdict(holds: list[Hold], expos: list[Expo | Scrape], waits: Sequence[Wait] = (), faults: Sequence[Fault] = (),
+            **told: Any) -> Verdict:
+    """The oracle's verdict on hand-made answers (an Expo is scraped 0.2 s after its poll)."""
     scrapes = [e if isinstance(e, Scrape) else e.scrape() for e in expos]
-    return judge(Truth(list(holds), list(waits), list(faults)), scrapes, setup(**told))  # type: ignore[arg-type]
+    return judge(Truth(list(holds), list(waits), list(faults)), scrapes, setup(**told))
 
 
 def lies(found: Verdict) -> set[int]:
@@ -483,6 +488,17 @@ def test_the_exporters_own_exposition_is_read() -> None:
     caught(verdict(HELD, [free(1), rendered(2)]), 1)
 
 
+@dataclass
+class Memory:
+    """What the simulated exporter keeps from one good poll to the next (as exporter/tracker.py)."""
+
+    starts: dict[tuple[Holder, tuple[int, int, int]], float] = field(default_factory=dict)  # first sighting
+    # lock -> its holders at the last poll (a family's: holder and key)
+    holders: dict[str, set[tuple[Holder, tuple[int, int, int] | None]]] = field(default_factory=dict)
+    acquisitions: dict[str, int] = field(default_factory=dict)
+    polls: int = 0
+
+
 class Honest:
     """An exporter that tells the truth as polling can see it, simulated from a random truth: each
     poll reads the true state at one moment inside its window, keeps a hold's start from its first
@@ -490,35 +506,38 @@ class Honest:
     The oracle must never call it a liar (so no rule is stricter than polling allows)."""
 
     KEYS = (JOB, tenant(1), tenant(2), tenant(3), UNNAMED)
+    LOCKS = (("job", lambda key: key == JOB), ("tenants", lambda key: key[0] == 7))
 
     def __init__(self, seed: int) -> None:
-        import random
-
         self.rng = random.Random(seed)
         self.holds: list[Hold] = []
         self.waits: list[Wait] = []
-        self.actual: dict[int, tuple[float, float, float | None]] = {}  # id(hold) -> waited, granted, released
+        # What really happened, inside the recorded spans: id(record) -> (wait or grant, grant or end, release).
+        self.actual: dict[int, tuple[float, float, float]] = {}
         for pid in range(100, 106):
             self.session(session(pid, f"w{pid}"))
 
     def span(self, moment: float) -> Span:
+        """The round trip that saw an event: a few ms either side of it."""
         return Span(moment - self.rng.uniform(0, 0.004), moment + self.rng.uniform(0, 0.004))
 
     def session(self, holder: Holder) -> None:
-        rng, now = self.rng, T0 + rng_start(self.rng)
+        """Holds of random keys one after another: short and long, quick re-takes, waits (some
+        given up), and re-entries of a key while held."""
+        rng, now = self.rng, T0 + self.rng.uniform(0.5, 3)
         while now < T0 + 40:
             key, mode = rng.choice(self.KEYS), rng.choice((EXCLUSIVE, SHARED))
-            waited = now if rng.random() < 0.2 else None
-            if waited is not None and rng.random() < 0.3:  # a wait that ends without a grant
+            waits = rng.random() < 0.2
+            if waits and rng.random() < 0.3:
                 ended = now + rng.uniform(0.05, 1.5)
                 self.waits.append(Wait("", "app", key, mode, holder, self.span(now), self.span(ended)))
-                self.actual[id(self.waits[-1])] = (now, ended, None)
+                self.actual[id(self.waits[-1])] = (now, ended, ended)
                 now = ended + rng.uniform(0.001, 0.3)
                 continue
-            granted = now + (rng.uniform(0.05, 1.5) if waited is not None else 0.0)
+            granted = now + (rng.uniform(0.05, 1.5) if waits else 0.0)
             released = granted + rng.choice((rng.uniform(0.02, 0.4), rng.uniform(0.4, 6)))
-            self.add(key, mode, holder, granted, released, waited)
-            if rng.random() < 0.15 and released - granted > 0.1:  # re-entered while held
+            self.add(key, mode, holder, granted, released, now if waits else None)
+            if rng.random() < 0.15 and released - granted > 0.1:
                 self.add(key, mode, holder, granted + 0.05, released - 0.02, None)
             now = released + rng.choice((rng.uniform(0.001, 0.02), rng.uniform(0.02, 1.5)))
 
@@ -527,59 +546,52 @@ class Honest:
         hold = Hold("", "app", key, mode, holder, self.span(granted), self.span(released),
                     None if waited is None else self.span(waited))
         self.holds.append(hold)
-        self.actual[id(hold)] = (waited if waited is not None else granted, granted, released)
+        self.actual[id(hold)] = (granted if waited is None else waited, granted, released)
 
     def scrapes(self, interval: float = 0.5, blind: tuple[float, float] | None = None) -> list[Scrape]:
         """Scrapes every 0.2 s of polls every interval; inside `blind` (seconds after T0) every
-        poll fails: up 0, and the holds' memory kept for the next good poll."""
-        out, seen, starts, expo = [], {}, {}, None
-        poll, scrape, first = T0 + 1, T0 + 1.05, True
+        poll fails: up 0, and the memory kept for the next good poll."""
+        out, memory, expo = [], Memory(), Expo(0, up=0)
+        poll, scrape = T0 + 1, T0 + 1.05
         while scrape < T0 + 45:
             while poll <= scrape:
                 duration = self.rng.uniform(0.001, 0.02)
                 if blind is not None and T0 + blind[0] <= poll < T0 + blind[1]:
                     expo = Expo(0, up=0)
                 else:
-                    expo, seen, starts = self.poll(poll, duration, interval, seen, starts, first)
-                poll, first = poll + interval + duration, False
+                    expo = self.poll(poll, duration, interval, memory)
+                poll += interval + duration
             out.append(Scrape("", scrape, scrape + 0.002, expo.text()))
             scrape += 0.2
         return out
 
-    def poll(self, at: float, duration: float, interval: float, seen: dict, starts: dict, first: bool):  # type: ignore[no-untyped-def]
+    def poll(self, at: float, duration: float, interval: float, memory: Memory) -> Expo:
         read = at - self.rng.uniform(0, duration)
         held = [h for h in self.holds if self.actual[id(h)][1] <= read < self.actual[id(h)][2]]
-        waiting = [h for h in self.holds + self.waits if self.actual[id(h)][0] <= read < self.actual[id(h)][1]]
-        now = {(h.holder, h.key) for h in held}
-        starts = {pair: starts[pair] if pair in starts else read for pair in now}
+        waiting = [w for w in [*self.holds, *self.waits] if self.actual[id(w)][0] <= read < self.actual[id(w)][1]]
+        memory.starts = {(h.holder, h.key): memory.starts.get((h.holder, h.key), read) for h in held}
         expo = Expo(at - T0, duration, interval)
-        for name, wanted in (("job", lambda k: k == JOB), ("tenants", lambda k: k[0] == 7)):
+        for name, wanted in self.LOCKS:
             mine = [h for h in held if wanted(h.key)]
             holders = {(h.holder, h.key if name == "tenants" else None) for h in mine}
-            before = seen.get(name, set())
+            new = len(holders - memory.holders.get(name, set())) if memory.polls else 0
+            memory.acquisitions[name] = memory.acquisitions.get(name, 0) + new
+            memory.holders[name] = holders
             expo.lock(name, exclusive=len({(h.holder, h.key) for h in mine if h.mode == EXCLUSIVE}),
                       shared=len({(h.holder, h.key) for h in mine if h.mode == SHARED}),
                       waiters=len({w.holder for w in waiting if wanted(w.key)}),
-                      held=round(max((read - starts[(h.holder, h.key)] for h in mine), default=0.0), 3),
-                      acquisitions=expo_count(seen, name, 0 if first else len(holders - before)))
-            seen[name] = holders
+                      held=self.age(read, mine, memory), acquisitions=memory.acquisitions[name])
             for holder, key in sorted({(h.holder, h.key) for h in mine}, key=repr):
                 expo.info(name, "42" if key == JOB else f"7,{key[1]}", str(holder.pid), holder.application_name)
         unnamed = [h for h in held if h.key == UNNAMED]
         expo.unnamed(holders=len({(h.holder, h.mode) for h in unnamed}),
-                     waiters=len({w.holder for w in waiting if w.key == UNNAMED}),
-                     held=round(max((read - starts[(h.holder, h.key)] for h in unnamed), default=0.0), 3))
-        return expo, seen, starts
+                     waiters=len({w.holder for w in waiting if w.key == UNNAMED}), held=self.age(read, unnamed, memory))
+        memory.polls += 1
+        return expo
 
-
-def rng_start(rng) -> float:  # type: ignore[no-untyped-def]
-    return rng.uniform(0.5, 3)
-
-
-def expo_count(seen: dict, name: str, new: int) -> int:  # type: ignore[type-arg]
-    seen.setdefault(f"{name}-count", 0)
-    seen[f"{name}-count"] += new
-    return seen[f"{name}-count"]
+    @staticmethod
+    def age(read: float, holds: list[Hold], memory: Memory) -> float:
+        return round(max((read - memory.starts[(h.holder, h.key)] for h in holds), default=0.0), 3)
 
 
 @pytest.mark.parametrize("seed", range(6))
