@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .oracle import Scrape, TargetSetup, Verdict
 from .rules import Ledger, TargetLog
@@ -24,6 +24,7 @@ class Seen:
     target: str
     setup: TargetSetup
     answers: list[tuple[Scrape, Served]]
+    never_up: list[Scrape] = field(default_factory=list)  # every answer, when none said up 1
 
     def __post_init__(self) -> None:
         ups = [(s.sent, a.get(INTERVAL) or 0.0) for s, a in self.answers if a.up]
@@ -71,6 +72,8 @@ def answers(scrapes: list[Scrape], setups: dict[str, TargetSetup]) -> list[Seen]
         first = next((at for at, (_, served) in enumerate(mine) if served.up), None)
         if first is not None:
             seen.append(Seen(name, setup, mine[first:]))
+        elif mine:
+            seen.append(Seen(name, setup, [], never_up=[scrape for scrape, _ in mine]))
     return seen
 
 
@@ -89,6 +92,10 @@ def judge_blindness(ledger: Ledger, seen: list[Seen], faults: list[Fault]) -> di
 
 
 def _target(ledger: Ledger, one: Seen, blinding: list[Fault]) -> TargetLog:
+    if one.never_up:  # no start-up ever ended: the whole run blind
+        ledger.verdict.checks[8] = ledger.verdict.checks.get(8, 0) + 1
+        ledger.verdict.unexplained_blind.append((one.target, one.never_up[0].sent, one.never_up[-1].received))
+        return TargetLog(first_poll=math.inf)
     first = next(a.get(LAST_POLL) for _, a in one.answers if a.up)
     log = TargetLog(first_poll=first if first is not None else -math.inf)
     windows = [one.window(f) for f in blinding]

@@ -149,7 +149,7 @@ class History:
 
     def polls_between(self, target: str, lo: float, hi: float) -> list[Poll]:
         times = self._poll_times.get(target, [])
-        return self._polls[target][bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]
+        return self._polls.get(target, [])[bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]
 
     def _seen_free(self, target: str, after: float, before: float) -> bool:
         """Whether a known poll read pg_locks surely inside (after, before)."""

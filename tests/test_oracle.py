@@ -425,6 +425,11 @@ def test_start_up_is_not_judged() -> None:
     truthful(verdict(HELD, [down(0.5), no_answer(0.8), free(1)]))
 
 
+def test_a_target_never_up_is_blind_all_along() -> None:
+    found = verdict(HELD, [down(0.5), no_answer(0.8), down(1)])
+    assert found.unexplained_blind == [("", T0 + 0.5, T0 + 1.01)] and not found.ok
+
+
 # The whole: a truthful run makes checks in every rule and is ok.
 def test_a_truthful_run_is_ok() -> None:
     restart = Fault("restart-fast", "", at(10.5), at(11))
