@@ -13,7 +13,11 @@ from typing import Any
 import pytest
 
 from chaos.oracle import NamedLock, Scrape, TargetSetup, Verdict, judge
+from chaos.served import INTERVAL, LAST_POLL_DURATION, Served
 from chaos.truth import EXCLUSIVE, SHARED, TX_POOL, Fault, Hold, Holder, Span, Truth, Wait
+from exporter.metrics import render
+from exporter.snapshot import Holder as Shown
+from exporter.snapshot import LockState, PollStats, ProbeResult, ReloadStatus, Snapshot
 
 T0 = 1_700_000_000.0
 P = "pg_advisory_lock_"
@@ -477,13 +481,11 @@ def test_rule8_a_fault_during_a_recovery_restarts_it() -> None:
 def test_the_exporters_own_exposition_is_read() -> None:
     """What exporter.metrics renders (HELP lines, every family) is what the rules read: a lock held
     since T0 + 2, polled at T0 + 10, judged truthful; the same with one holder too many, a lie."""
-    from exporter.metrics import render
-    from exporter.snapshot import Holder as Shown, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot
-
     def rendered(exclusive: int) -> Scrape:
         holder = Shown(100, T0 - 100, frozenset({EXCLUSIVE}), "w1", "u", "", "idle", 2.0, "42", "")
         job = LockState("job", "app", exclusive, 0, 2.0, 0, 0.0, 1, info_holders=(holder,), holds=1, key="42")
-        snapshot = Snapshot(up=True, locks=(job,), stats=PollStats(polls=9, last_success_timestamp=T0 + 10),
+        snapshot = Snapshot(up=True, locks=(job,), stats=PollStats(polls=9, last_success_timestamp=T0 + 10,
+                                                                     last_success_round_trip=0.01, interval=1.0),
                             taken_at=10.0, wall_at=T0 + 10)
         probe = ProbeResult("job", "app", False, False, 0.01, 0, T0 + 9.5)
         text = render(snapshot, (probe,), ReloadStatus(True, T0)).decode()
@@ -491,6 +493,8 @@ def test_the_exporters_own_exposition_is_read() -> None:
 
     truthful(verdict(HELD, [free(1), rendered(1)]), 1, 2, 3, 4, 5, 6, 7)
     caught(verdict(HELD, [free(1), rendered(2)]), 1)
+    served = Served.parse(rendered(1).text)
+    assert (served.get(LAST_POLL_DURATION), served.get(INTERVAL)) == (0.01, 1.0)
 
 
 @dataclass
