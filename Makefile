@@ -3,35 +3,28 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Everything the set-up and the suite fetch or write stays in the checkout and this folder: pip's
+# cache, temporary files (the clusters' too), the unpacked tools, npm's and buildah's stores.
+CACHE := $(or $(PGALE_CACHE),$(CURDIR)/.cache)
+export PIP_CACHE_DIR := $(CACHE)/pip
+test test-quick: export TMPDIR := $(CACHE)/tmp
 
 .PHONY: test test-quick demo bench mutate clean tools
 
 $(STAMP): pyproject.toml
+	@mkdir -p $(CACHE)/tmp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 # Debian's prometheus (promtool, prometheus), chromium, pgbouncer, buildah and mmdebstrap, for the
-# alert-rule, end-to-end, landing-page, pooler and image tests, and pg_partman, pg_repack and erlang-base
-# (erl, to check Ecto's phash2) for the preset tests: installed when missing, as root on Debian/Ubuntu.
+# alert-rule, end-to-end, landing-page, pooler and image tests, erlang-base (erl, to check Ecto's
+# phash2), and a PostgreSQL 15 with pg_partman and pg_repack for the preset tests: what the machine
+# lacks is downloaded and unpacked into .cache/tools, never installed over what it has (tools/fetch.py).
 tools:
-	@missing=""; \
-	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
-	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
-	{ command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer; } || missing="$$missing pgbouncer"; \
-	command -v buildah >/dev/null 2>&1 || missing="$$missing buildah"; \
-	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
-	test -f /usr/share/postgresql/15/extension/pg_partman.control || missing="$$missing postgresql-15-partman"; \
-	test -x /usr/lib/postgresql/15/bin/pg_repack || missing="$$missing postgresql-15-repack"; \
-	command -v erl >/dev/null 2>&1 || missing="$$missing erlang-base"; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian packages:$$missing"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
-	  else echo "missing:$$missing (Debian/Ubuntu: apt-get install$$missing)"; exit 1; fi; \
-	fi
+	@mkdir -p $(CACHE)/tmp
+	$(PYTHON) tools/fetch.py
 
 ## make test: the whole suite against throwaway PostgreSQL clusters it starts and removes
 test: $(STAMP) tools

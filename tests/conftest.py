@@ -7,6 +7,7 @@ databases and roles); tests that must stop or restart the server are then skippe
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,26 @@ from exporter.config import parse_config  # noqa: E402 - after the environment i
 from exporter.poller import Poller, connect_poller
 from exporter.snapshot import Snapshot
 from tests.pgcluster import Cluster, ClusterError
+from tools.fetch import BIN as TOOLS_BIN, CACHE
+
+
+def _keep_to_the_cache() -> None:
+    """The suite leaves nothing outside the checkout and its cache: the tools `make tools`
+    unpacked there come first on PATH, and temporary files (pytest's tmp_path, the clusters',
+    PgBouncer's) and npm's cache go under it too. The folders are world-readable, since the
+    clusters run as the postgres user and must reach their folders there."""
+    if TOOLS_BIN.is_dir():
+        os.environ["PATH"] = f"{TOOLS_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    temporary = CACHE / "tmp"
+    temporary.mkdir(parents=True, exist_ok=True)
+    for folder in (CACHE, temporary):
+        folder.chmod(0o755)
+    os.environ["TMPDIR"] = str(temporary)
+    tempfile.tempdir = str(temporary)
+    os.environ.setdefault("npm_config_cache", str(CACHE / "npm-cache"))
+
+
+_keep_to_the_cache()
 
 OTHER_DB = "other_db"
 # CI (which runs .ci/run with CI=true) must prove everything: a test skipped there fails instead.

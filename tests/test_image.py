@@ -19,11 +19,15 @@ import yaml
 from tests.conftest import needs_own_clusters
 from tests.metrics_util import parse, up
 from tests.pgcluster import free_port
+from tools.fetch import CACHE as TOOLS_CACHE
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("PG_VERSIONS_CACHE", "/var/tmp/pg-advisory-lock-exporter/embedded-postgres")).parent / "image"
+CACHE = TOOLS_CACHE / "image"
+# buildah's images and containers, in the project's cache instead of /var/lib/containers.
+STORAGE = ["--storage-driver", "vfs", "--root", str(TOOLS_CACHE / "buildah" / "storage"),
+           "--runroot", str(TOOLS_CACHE / "buildah" / "run")]
 BASE = "localhost/pgale-stand-in-base:bookworm"
 IMAGE = "localhost/pg-advisory-lock-exporter:test"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -37,7 +41,7 @@ ENV PIP_CERT={CA_BUNDLE} PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHE
 
 
 def buildah(*args: str, check: bool = True, timeout: float = 600) -> str:
-    result = subprocess.run(["buildah", "--storage-driver", "vfs", *args], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(["buildah", *STORAGE, *args], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"buildah {' '.join(args)} failed: {result.stderr[-3000:]}")
     return result.stdout.strip()
@@ -59,22 +63,32 @@ def stand_in_base() -> None:
     buildah("bud", "--isolation", "chroot", "-q", "-t", BASE, "-f", str(CACHE / "Containerfile"), str(CACHE))
 
 
+# buildah 1.28 run as root keeps its blob-info cache here when it commits, whatever --root says
+# (containers/image's default for root): removed at the end when this run made it.
+BLOB_INFO_CACHE = Path("/var/lib/containers")
+
+
 @pytest.fixture(scope="module")
 def image():
     needs_own_clusters()
     for tool in ("buildah", "mmdebstrap"):
         if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found: `make test` installs Debian's buildah and mmdebstrap; or apt-get install {tool}")
-    stand_in_base()
-    buildah("bud", "--isolation", "chroot", "-q", "--build-arg", f"PYTHON_IMAGE={BASE}", "-t", IMAGE, str(ROOT))
-    container = buildah("from", "-q", IMAGE)
-    mount = Path(buildah("mount", container))
-    yield container, mount
-    buildah("umount", container, check=False)
-    buildah("rm", container, check=False)
-    # Only the stand-in base stays cached: the project's image (266 MB in vfs) goes with each run.
-    buildah("rmi", "-f", IMAGE, check=False)
-    buildah("rmi", "--prune", check=False)
+            pytest.fail(f"{tool} not found: `make tools` unpacks Debian's {tool} into the project's cache")
+    ours = not BLOB_INFO_CACHE.exists()
+    try:
+        stand_in_base()
+        buildah("bud", "--isolation", "chroot", "-q", "--build-arg", f"PYTHON_IMAGE={BASE}", "-t", IMAGE, str(ROOT))
+        container = buildah("from", "-q", IMAGE)
+        mount = Path(buildah("mount", container))
+        yield container, mount
+        buildah("umount", container, check=False)
+        buildah("rm", container, check=False)
+        # Only the stand-in base stays cached: the project's image (266 MB in vfs) goes with each run.
+        buildah("rmi", "-f", IMAGE, check=False)
+        buildah("rmi", "--prune", check=False)
+    finally:
+        if ours:
+            shutil.rmtree(BLOB_INFO_CACHE, ignore_errors=True)
 
 
 def image_config() -> dict:

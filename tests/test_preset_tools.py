@@ -2,7 +2,8 @@
 the exporter names the lock while it is held and does not count it as unnamed.
 
 Kysely and graphile-migrate come from npm (tests/npmpack.py), pg_partman 4.7 and pg_repack 1.4.8
-from Debian (make tools), installed into the bindir the test clusters use.
+from Debian, unpacked by `make tools` with the PostgreSQL 15 this module's cluster runs
+(tests/cachedtools.py).
 """
 
 from __future__ import annotations
@@ -22,13 +23,35 @@ from exporter import landing
 from exporter.config import parse_config
 from exporter.snapshot import ReloadStatus
 from exporter.locksview import format_table, read_locks
-from tests.conftest import Server, wait_until
+from tests.cachedtools import NoServerWithExtensions, server_with_extensions
+from tests.conftest import Server, _warm, wait_until
+from tests.pgcluster import Cluster, ClusterError
 from tests.metrics_util import value
 from tests.npmpack import installed
 
 pytestmark = pytest.mark.slow
 
 KYSELY, PG, GRAPHILE_MIGRATE = ("kysely", "0.29.9"), ("pg", "8.16.3"), ("graphile-migrate", "1.4.1")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """This module's own cluster, of the PostgreSQL 15 that has pg_partman and pg_repack (the
+    conftest's server may be the machine's, without them); PG_TEST_DSN's server when it is set."""
+    external = os.environ.get("PG_TEST_DSN")
+    if external:
+        yield Server(external, None)
+        return
+    try:
+        bindir, lib_dir = server_with_extensions()
+        cluster = Cluster(bindir=bindir, lib_dir=lib_dir, settings={"max_prepared_transactions": "10"}).start()
+    except (NoServerWithExtensions, ClusterError) as exc:
+        pytest.fail(str(exc))
+    try:
+        _warm(cluster.dsn())
+        yield Server(cluster.dsn(), cluster)
+    finally:
+        cluster.destroy()
 
 
 @pytest.fixture
@@ -187,9 +210,12 @@ def test_pg_repack_names_the_table(make_poller, server, own_database, tmp_path: 
         oid = conn.execute("SELECT 'orders'::regclass::oid::int8").fetchone()[0]
     params = conninfo.conninfo_to_dict(server.dsn(database))
     env = {**os.environ, "PGHOST": params["host"], "PGPORT": str(params["port"]), "PGUSER": params["user"]}
+    bindir, lib_dir = server_with_extensions()
+    if lib_dir:
+        env["LD_LIBRARY_PATH"] = lib_dir
     with psycopg.connect(server.dsn(database)) as reader:
         reader.execute("SELECT count(*) FROM orders")
-        proc = subprocess.Popen(["/usr/lib/postgresql/15/bin/pg_repack", "--no-kill-backend", "--wait-timeout=120",
+        proc = subprocess.Popen([os.path.join(bindir, "pg_repack"), "--no-kill-backend", "--wait-timeout=120",
                                  "-d", database, "-t", "orders"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         try:
