@@ -1,8 +1,9 @@
 """A throwaway PgBouncer in front of a test cluster, on a free loopback port.
 
-Debian's pgbouncer, run as the postgres system user when root (like the clusters). Trust auth
-to the server; the console user 'console' is a stats_users member with a password (md5), so the
-tests can also give it a wrong one.
+Debian's pgbouncer (`make tools` unpacks it into .cache/tools when the machine lacks it), run as
+the postgres system user when root (like the clusters). Trust auth to the server; the console
+user 'console' is a stats_users member with a password (md5), so the tests can also give it a
+wrong one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from tests.pgcluster import SERVER_USER, free_port, terminate
+from tools.fetch import BIN as TOOLS_BIN
 
 CONSOLE_USER = "console"
 CONSOLE_PASSWORD = "console-secret"
@@ -29,9 +31,12 @@ class PgBouncerError(Exception):
 
 
 def binary() -> str:
-    path = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    """PATH's pgbouncer, else the one `make tools` unpacked (the demo runs without the tests' PATH)."""
+    cached = TOOLS_BIN / "pgbouncer"
+    path = (shutil.which("pgbouncer") or (str(cached) if cached.exists() else None)
+            or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None))
     if path is None:
-        raise PgBouncerError("pgbouncer not found: `make test` installs Debian's pgbouncer package; or apt-get install pgbouncer")
+        raise PgBouncerError("pgbouncer not found: `make tools` unpacks Debian's pgbouncer into .cache/tools")
     return path
 
 

@@ -32,7 +32,7 @@ def test_demo_shows_the_sample_workload_and_cleans_up() -> None:
     assert 'pg_advisory_lock_waiters{lock="shard-7",database="app"} 1' in out
     assert 'state="idle in transaction"' in out and 'application_name="shard-7-worker-a"' in out
     assert 'pg_advisory_lock_unnamed_holders{database="app"} 2' in out
-    # The transaction-pool hazard, flagged (make test installs pgbouncer, so the demo has one).
+    # The transaction-pool hazard, flagged (make tools unpacks pgbouncer, so the demo has one).
     assert 'pg_advisory_lock_pooled_session_holders{lock="schema-migration",database="app"} 1' in out
     # Why is it stuck: the migration holds its lock and waits for a table; the chain names the report.
     assert 'pg_advisory_lock_blocked_holders{lock="deploy-migrations",database="app"} 1' in out

@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool not found: `make test` installs Debian's prometheus package; or apt-get install prometheus")
+        pytest.fail("promtool not found: `make tools` unpacks Debian's prometheus into .cache/tools")
     return path
 
 
