@@ -148,8 +148,8 @@ TOOLS = [
          {"ROOTDIR": "{root}/usr/lib/erlang", "BINDIR": f"{{root}}/usr/lib/erlang/{ERTS}/bin", "EMU": "beam",
           "PROGNAME": "erl"}),
     # Chromium's own wrapper script (usr/bin/chromium) hard-codes /usr/lib/chromium; its binary
-    # finds its resources next to itself.
-    # Its profile and caches go to the cache, not the home directory (XDG_*).
+    # finds its resources next to itself. Its profile and caches go to the cache, not the home
+    # directory (XDG_*).
     Tool("chromium", ("chromium",), {"chromium": "usr/lib/chromium/chromium"},
          ("chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", "about:blank"),
          {"XDG_CONFIG_HOME": "{cache}/chromium/config", "XDG_CACHE_HOME": "{cache}/chromium/cache"}),
