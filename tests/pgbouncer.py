@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from tests.pgcluster import SERVER_USER, free_port, terminate
+from tests.pgcluster import SERVER_USER, free_port, short_tempdir, terminate
 from tools.fetch import BIN as TOOLS_BIN
 
 CONSOLE_USER = "console"
@@ -63,7 +63,7 @@ class PgBouncer:
         return self.dsn("pgbouncer", CONSOLE_USER, password=password)
 
     def start(self) -> "PgBouncer":
-        self.root = tempfile.mkdtemp(prefix="pgale-bouncer-")
+        self.root = short_tempdir("pgale-bouncer-")
         self.port = self.port or free_port()
         users = os.path.join(self.root, "userlist.txt")
         with open(users, "w") as handle:

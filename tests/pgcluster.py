@@ -52,6 +52,21 @@ def find_bindir(explicit: str | None = None) -> str:
     )
 
 
+# A Unix socket's path holds at most 107 bytes (sun_path): a deep checkout's cache is too long for
+# the sockets of clusters and PgBouncers in it, which then go to /tmp (removed with them).
+SOCKET_PATH_MAX = 100
+
+
+def short_tempdir(prefix: str) -> str:
+    """A temporary folder (in TMPDIR, the project's cache under make test) short enough for a
+    Unix socket in it, '.s.PGSQL.65535'; in /tmp when the cache's path is too deep."""
+    root = tempfile.mkdtemp(prefix=prefix)
+    if len(os.path.join(root, ".s.PGSQL.65535")) > SOCKET_PATH_MAX:
+        os.rmdir(root)
+        root = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    return root
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -133,7 +148,7 @@ class Cluster:
 
     def init(self) -> "Cluster":
         """initdb a new cluster in a temporary folder and pick its port, without starting it."""
-        self.root = tempfile.mkdtemp(prefix="pgale-")
+        self.root = short_tempdir("pgale-")
         os.chmod(self.root, 0o755)
         if os.geteuid() == 0:
             entry = pwd.getpwnam(SERVER_USER)
