@@ -1,0 +1,204 @@
+"""The truth test's workload tells the truth: what it recorded, held against what the server itself
+showed (pg_locks, pg_prepared_xacts) at moments of a real run, directly and through a real
+PgBouncer in transaction mode; and its operations are the seed's."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from chaos import truth
+from chaos.workload import FAMILY_SIZE, PREPARED, STRAND, Endpoint, LockKey, Workload, WorkloadSpec, plan
+from tests.pgbouncer import PgBouncer, PgBouncerError
+
+NAMED = (7_700_001, 7_700_002, 7_700_003)
+FAMILY = 7701
+UNNAMED = (7_700_101, -7_700_102)
+OURS = {LockKey((k,)).triple for k in NAMED + UNNAMED} | {LockKey((FAMILY, n)).triple for n in range(1, FAMILY_SIZE + 1)}
+PG_MODE = {"ExclusiveLock": truth.EXCLUSIVE, "ShareLock": truth.SHARED}
+RUN_SECONDS = 12
+
+NOW = "extract(epoch FROM clock_timestamp())::float8"
+# The server's own view, between two readings of its clock: every advisory row of this database,
+# with its backend's start, or for a prepared transaction its gid.
+VIEW = f"""
+SELECT {NOW} AS lo,
+       (SELECT coalesce(json_agg(json_build_array(l.pid, extract(epoch FROM a.backend_start)::float8, l.classid::int8,
+                                                  l.objid::int8, l.objsubid::int4, l.mode, l.granted, p.gid)), '[]'::json)
+        FROM pg_locks AS l
+        LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+        LEFT JOIN pg_locks AS x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
+                               AND x.virtualtransaction = l.virtualtransaction
+        LEFT JOIN pg_prepared_xacts AS p ON p.transaction = x.transactionid
+        WHERE l.locktype = 'advisory'
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) AS rows,
+       {NOW} AS hi
+"""
+# What every backend of the workload last did.
+ACTIVITY = "SELECT pid, state_change FROM pg_stat_activity WHERE application_name LIKE 'chaos-%' ORDER BY pid"
+
+
+@dataclass(frozen=True)
+class Row:
+    pid: int | None
+    backend_start: float | None
+    key: tuple[int, int, int]
+    mode: str
+    granted: bool
+    gid: str | None
+
+
+@dataclass
+class View:
+    lo: float
+    hi: float
+    rows: list[Row]
+
+
+def spec(endpoints: tuple[Endpoint, ...] = (), seed: int = 11, workers: int = 4) -> WorkloadSpec:
+    return WorkloadSpec(endpoints, NAMED, FAMILY, UNNAMED, workers=workers, seed=seed, hold_seconds=(0.05, 3.0))
+
+
+def read_view(conn: psycopg.Connection) -> View:
+    lo, rows, hi = conn.execute(VIEW).fetchone()
+    ours = [Row(r[0], r[1], (r[2], r[3], r[4]), PG_MODE[r[5]], r[6], r[7]) for r in rows if (r[2], r[3], r[4]) in OURS]
+    return View(lo, hi, ours)
+
+
+def same_holder(row: Row, holder: truth.Holder) -> bool:
+    if holder.gid is not None:
+        return row.gid == holder.gid
+    if row.pid != holder.pid:
+        return False
+    # a backend that just ended is in pg_locks a moment longer than in pg_stat_activity
+    return row.backend_start is None or abs(row.backend_start - (holder.backend_start or 0)) < 1e-5
+
+
+def matches(row: Row, target: Any) -> bool:
+    return row.key == tuple(target.key) and row.mode == target.mode and same_holder(row, target.holder)
+
+
+def certainly_held(hold: truth.Hold, view: View) -> bool:
+    return hold.granted.hi < view.lo and (hold.released is None or hold.released.lo > view.hi)
+
+
+def maybe_held(hold: truth.Hold, view: View) -> bool:
+    return hold.granted.lo <= view.hi and (hold.released is None or hold.released.hi >= view.lo)
+
+
+def maybe_waiting(record: truth.Hold | truth.Wait, view: View) -> bool:
+    if isinstance(record, truth.Hold):
+        return record.waited is not None and record.waited.lo <= view.hi and record.granted.hi >= view.lo
+    return record.began.lo <= view.hi and (record.ended is None or record.ended.hi >= view.lo)
+
+
+def judge(facts: truth.Truth, views: list[View]) -> dict[str, int]:
+    """Every hold the truth says was certainly held at a view is in it; every row of a view is a
+    hold (or wait) the truth says may have been. Returns how many checks of each kind were made."""
+    made = {"held": 0, "prepared": 0, "stranded": 0, "xact": 0, "rows": 0, "waiting": 0}
+    holds = [h for h in facts.holds if h.database == "postgres"]
+    for view in views:
+        for hold in holds:
+            if certainly_held(hold, view):
+                assert any(r.granted and matches(r, hold) for r in view.rows), f"held, not in pg_locks: {hold} at {view.lo}"
+                made["held"] += 1
+                made["prepared"] += hold.holder.gid is not None
+                made["stranded"] += hold.stranded is not None
+                made["xact"] += hold.level == "xact"
+        for row in view.rows:
+            if row.granted:
+                assert any(maybe_held(h, view) and matches(row, h) for h in holds), f"in pg_locks, not in the truth: {row}"
+            else:
+                assert any(maybe_waiting(w, view) and matches(row, w) for w in [*facts.waits, *holds]), f"waits, not in the truth: {row}"
+                made["waiting"] += 1
+            made["rows"] += 1
+    return made
+
+
+@pytest.fixture
+def bouncer(server):
+    cluster = server.require_cluster()
+    try:
+        started = PgBouncer(cluster.port, pool_mode="transaction", pool_size=3).start()
+    except PgBouncerError as exc:
+        pytest.fail(str(exc))
+    yield started
+    started.stop()
+
+
+def run_and_watch(workload: Workload, conn: psycopg.Connection) -> tuple[list[View], list[Any], list[Any], int]:
+    """Views of pg_locks every half second while the workload runs, and inside a pause of its only
+    target: what its backends had last done at the pause's start and end, and its prepared
+    transactions left then."""
+    views: list[View] = []
+    workload.start()
+    try:
+        end = time.monotonic() + RUN_SECONDS
+        while time.monotonic() < end:
+            time.sleep(0.5)
+            views.append(read_view(conn))
+            if len(views) == RUN_SECONDS:  # half way
+                with workload.paused(""):
+                    before = conn.execute(ACTIVITY).fetchall()
+                    time.sleep(1.0)
+                    after = conn.execute(ACTIVITY).fetchall()
+                    prepared = conn.execute("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'chaos-%'").fetchone()[0]
+    finally:
+        workload.stop()
+    return views, before, after, prepared
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_recorded_truth_is_what_the_server_showed(server, bouncer, tmp_path: Path) -> None:
+    endpoints = (
+        Endpoint("", "postgres", server.dsn(), truth.DIRECT, server.dsn()),
+        Endpoint("", "postgres", bouncer.dsn(), truth.TX_POOL, server.dsn()),
+    )
+    workload = Workload(spec(endpoints), tmp_path)
+    with psycopg.connect(server.dsn(), autocommit=True, application_name="test-view") as conn:
+        views, before, after, prepared = run_and_watch(workload, conn)
+        assert workload.killed == []
+        facts = truth.Truth.of(truth.load(workload.files()))
+        made = judge(facts, views)
+        # After stop: nothing of the workload is held or prepared any more, and the truth says so.
+        assert read_view(conn).rows == []
+        assert conn.execute("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'chaos-%'").fetchone()[0] == 0
+    assert all(h.released is not None for h in facts.holds)
+    # While paused, no backend of the workload ran a statement, and no prepared transaction was left.
+    assert before == after and prepared == 0
+    # The checks were real: every kind of hold was certainly held at some view, and some waited.
+    assert made["held"] >= 20 and made["prepared"] and made["stranded"] and made["xact"], made
+    assert facts.waits and any(h.waited for h in facts.holds), (len(facts.waits), made)
+    assert {h.via for h in facts.holds} == {truth.DIRECT, truth.TX_POOL}
+    assert {h.holder.application_name for h in facts.holds if h.holder.gid is None} <= {f"chaos-w{w}" for w in range(4)}
+
+
+def test_the_seed_decides_the_operations() -> None:
+    endpoints = tuple(Endpoint("", "postgres", "host=x", via, "host=x") for via in (truth.DIRECT, truth.TX_POOL))
+
+    def first(seed: int) -> list[Any]:
+        return [list(islice(plan(spec(endpoints, seed=seed), w, s), 60)) for w in range(2) for s in range(2)]
+
+    assert first(3) == first(3)
+    assert first(3) != first(4)
+    ops = [op for slot in first(3) for op in slot]
+    assert {op.kind for op in ops} >= {PREPARED, STRAND}
+    assert all(endpoints[op.endpoint].via == truth.TX_POOL for op in ops if op.kind == STRAND)
+    assert all(endpoints[op.endpoint].via == truth.DIRECT for op in ops if op.kind == PREPARED)
+    assert all(k.triple in OURS for op in ops for k, _ in op.keys)
+    assert not any(op.kind == PREPARED for slot in
+                   [list(islice(plan(WorkloadSpec(endpoints, NAMED, FAMILY, UNNAMED, prepared=False), 0, 0), 60))] for op in slot)
+
+
+def test_lock_keys_are_the_triples_pg_locks_shows() -> None:
+    assert LockKey((7,)).triple == (0, 7, 1)
+    assert LockKey((-1,)).triple == (2**32 - 1, 2**32 - 1, 1)
+    assert LockKey((7701, -3)).triple == (7701, 2**32 - 3, 2)
+
