@@ -71,7 +71,7 @@ class Slot:
         self.participant = worker * SLOTS_PER_WORKER + slot
         self.app = f"chaos-w{worker}"
         self.conns: dict[int, Conn] = {}
-        self.helpers: dict[int, Conn] = {}
+        self.helpers: dict[str, Conn] = {}
         self.holding: list[Held] = []  # granted on the current session, not yet let go
         self.waiting: truth.Wait | None = None  # a blocking ask in flight (began: since its `before`)
         self.asking_level = "session"
@@ -89,11 +89,12 @@ class Slot:
         return self.conns[index]
 
     def helper(self, index: int) -> Conn:
-        if index not in self.helpers:
-            ep = self.spec.endpoints[index]
-            self.helpers[index] = Conn(ep.direct_dsn, self.app + "-helper", self.gate, self.participant,
-                                       self.gate.index(ep.target))
-        return self.helpers[index]
+        """The direct session beside an endpoint's (one per server and database, made when needed)."""
+        ep = self.spec.endpoints[index]
+        if ep.direct_dsn not in self.helpers:
+            self.helpers[ep.direct_dsn] = Conn(ep.direct_dsn, self.app + "-helper", self.gate, self.participant,
+                                               self.gate.index(ep.target))
+        return self.helpers[ep.direct_dsn]
 
     def uid(self) -> str:
         self.seq += 1

@@ -5,7 +5,7 @@ PgBouncer in transaction mode; and its operations are the seed's."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from chaos import truth
+from chaos.sessions import Recorder, salvage
 from chaos.workload import FAMILY_SIZE, PREPARED, STRAND, Endpoint, LockKey, Workload, WorkloadSpec, plan
 from tests.pgbouncer import PgBouncer, PgBouncerError
 
@@ -202,3 +203,20 @@ def test_lock_keys_are_the_triples_pg_locks_shows() -> None:
     assert LockKey((-1,)).triple == (2**32 - 1, 2**32 - 1, 1)
     assert LockKey((7701, -3)).triple == (7701, 2**32 - 3, 2)
 
+
+
+def test_a_killed_process_s_open_holds_are_salvaged_from_its_journal(tmp_path: Path) -> None:
+    path = tmp_path / "w0.jsonl"
+    recorder = Recorder(path)
+    holder = truth.Holder(101, 1.0, None, "chaos-w0")
+    first = truth.Hold("", "postgres", (0, 1, 1), truth.EXCLUSIVE, holder, truth.Span(2.0, 2.1))
+    second = truth.Hold("", "postgres", (0, 2, 1), truth.SHARED, holder, truth.Span(3.0, 3.1))
+    recorder.opened("a", first)
+    recorder.opened("b", second)
+    recorder.write(replace(first, released=truth.Span(4.0, 4.1)), "a")
+    recorder.close()
+    assert salvage(path) == 1
+    assert list(truth.load([path])) == [
+        truth.Hold("", "postgres", (0, 1, 1), truth.EXCLUSIVE, holder, truth.Span(2.0, 2.1), truth.Span(4.0, 4.1)),
+        second,
+    ]
