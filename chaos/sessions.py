@@ -198,9 +198,11 @@ class Conn:
     """One connection of a participant to one endpoint: connects when first used (with a small
     jittered back-off, through faults), every statement through the pause gate."""
 
-    def __init__(self, dsn: str, app: str, gate: Gate, participant: int, target: int, via: str = truth.DIRECT) -> None:
+    def __init__(self, dsn: str, app: str, gate: Gate, participant: int, target: int, via: str = truth.DIRECT,
+                 stateless: bool = False) -> None:
         self.dsn, self.app, self.gate, self.participant, self.target = dsn, app, gate, participant, target
         self.via = via  # through a transaction pool: no session settings
+        self.stateless = stateless  # holds nothing between statements: may be made anew after a fault
         self.pg: psycopg.Connection[dict[str, Any]] | None = None
         self._jitter = random.Random()  # timing only: never the plan's generator
 
@@ -230,11 +232,20 @@ class Conn:
         return self.pg
 
     def q(self, sql: str, params: Any = None, bypass: bool = False) -> dict[str, Any]:
-        """One statement; its first row (empty for none). Errors are the caller's to judge."""
+        """One statement; its first row (empty for none). Errors are the caller's to judge, except
+        that a stateless session (a helper) found broken by an earlier fault is made anew once."""
+        fresh = self.pg is None
         pg = self.connect(bypass)
         if not bypass:
             self.gate.enter(self.participant, self.target)
-        cur = pg.execute(sql, params)
+        try:
+            cur = pg.execute(sql, params)
+        except psycopg.OperationalError:
+            if fresh or not self.stateless:
+                raise
+            self.close()
+            pg = self.connect(bypass)
+            cur = pg.execute(sql, params)
         row = cur.fetchone() if cur.description else None
         return row or {}
 

@@ -94,7 +94,7 @@ class Keeper:
     def conn(self, dsn: str) -> Conn:
         if dsn not in self.conns:
             target = next(e.target for e in self.spec.endpoints if e.direct_dsn == dsn)
-            self.conns[dsn] = Conn(dsn, "chaos-keeper", self.gate, self.participant, self.gate.index(target))
+            self.conns[dsn] = Conn(dsn, "chaos-keeper", self.gate, self.participant, self.gate.index(target), stateless=True)
         return self.conns[dsn]
 
     def watch(self, dsn: str) -> None:

@@ -4,6 +4,7 @@ PgBouncer in transaction mode; and its operations are the seed's."""
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -16,7 +17,9 @@ import pytest
 from chaos import truth
 from chaos.sessions import Recorder, salvage
 from chaos.workload import FAMILY_SIZE, PREPARED, STRAND, Endpoint, LockKey, Workload, WorkloadSpec, plan
+from tests.conftest import needs_own_clusters
 from tests.pgbouncer import PgBouncer, PgBouncerError
+from tests.pgcluster import Cluster
 
 NAMED = (7_700_001, 7_700_002, 7_700_003)
 FAMILY = 7701
@@ -179,6 +182,79 @@ def test_the_recorded_truth_is_what_the_server_showed(server, bouncer, tmp_path:
     assert facts.waits and any(h.waited for h in facts.holds), (len(facts.waits), made)
     assert {h.via for h in facts.holds} == {truth.DIRECT, truth.TX_POOL}
     assert {h.holder.application_name for h in facts.holds if h.holder.gid is None} <= {f"chaos-w{w}" for w in range(4)}
+
+
+@pytest.fixture
+def own_cluster():
+    needs_own_clusters()
+    made = Cluster(settings={"max_prepared_transactions": "20"}).start()
+    yield made
+    made.destroy()
+
+
+def views_for(cluster: Cluster, seconds: float, views: list[View]) -> None:
+    """Views of pg_locks for a while, each on a connection of its own (the server restarts)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.4)
+        with psycopg.connect(cluster.dsn(), autocommit=True, connect_timeout=5) as conn:
+            views.append(read_view(conn))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_no_worker_dies_of_faults_and_the_truth_holds_across_them(own_cluster: Cluster, tmp_path: Path) -> None:
+    """Restarted (fast and immediate) and frozen under the workload, direct and through both pool
+    modes: no worker dies, every hold a restart ended is recorded let go in a span around it
+    (never at a time nobody knew), and the truth still agrees with the server before and after."""
+    # PgBouncer tries a server it could not reach again only after server_login_retry (15 s by
+    # default), its clients queued meanwhile: a second here, so the run goes on after a restart.
+    pools = [PgBouncer(own_cluster.port, pool_mode=mode, pool_size=3, extra={"server_login_retry": "1"}).start()
+             for mode in ("transaction", "session")]
+    try:
+        endpoints = (
+            Endpoint("", "postgres", own_cluster.dsn(), truth.DIRECT, own_cluster.dsn()),
+            Endpoint("", "postgres", pools[0].dsn(), truth.TX_POOL, own_cluster.dsn()),
+            Endpoint("", "postgres", pools[1].dsn(), truth.SESSION_POOL, own_cluster.dsn()),
+        )
+        workload = Workload(spec(endpoints, seed=23, workers=4), tmp_path)
+        views: list[View] = []
+        restarts: list[tuple[float, float]] = []  # this machine's clock (the server's) around each
+        workload.start()
+        try:
+            for fault in ("fast", "freeze", "immediate"):
+                views_for(own_cluster, 3, views)
+                began = time.time()
+                if fault == "freeze":
+                    own_cluster.signal_all(signal.SIGSTOP)
+                    time.sleep(1.5)
+                    own_cluster.signal_all(signal.SIGCONT)
+                else:
+                    own_cluster.restart(fault)
+                    restarts.append((began, time.time()))
+            views_for(own_cluster, 3, views)
+        finally:
+            workload.stop()
+        assert workload.killed == []
+        facts = truth.Truth.of(truth.load(workload.files()))
+        made = judge(facts, views)
+        with psycopg.connect(own_cluster.dsn(), autocommit=True) as conn:
+            assert read_view(conn).rows == []
+            assert conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()[0] == 0
+    finally:
+        for pool in pools:
+            pool.stop()
+    assert made["held"] > 0 and all(h.released is not None for h in facts.holds)
+    assert {h.via for h in facts.holds} == {truth.DIRECT, truth.TX_POOL, truth.SESSION_POOL}
+    for began, ended in restarts:
+        # Holds the restart ended (held before it, by a backend): let go within a span that
+        # reaches into the restart, never before the last proof.
+        cut = [h for h in facts.holds if h.holder.pid is not None and h.granted.hi < began and h.released.lo < ended
+               and h.released.hi > began]
+        assert cut, (began, ended, [(h.granted, h.released, h.via, h.level) for h in facts.holds if h.granted.hi < began and h.released.hi > began - 1])
+        # Nothing a backend held is recorded let go after the restart's end, as if it had lasted.
+        assert not [h for h in facts.holds if h.holder.pid is not None and h.granted.hi < began
+                    and h.released.lo > ended]
 
 
 def test_the_seed_decides_the_operations() -> None:
