@@ -31,6 +31,8 @@ WHO = ("pg_backend_pid() AS pid, extract(epoch FROM (SELECT a.backend_start FROM
 CLOCK = f"SELECT {NOW} AS at"
 IDENTITY = f"SELECT {WHO}"
 SET_TIMEOUT = "SELECT set_config(%s, %s, %s)"
+# A setting, and who the session is (a transaction's, through a transaction pool), since when.
+SETTLE = f"SELECT set_config(%s, %s, %s), {WHO}, {NOW} AS at"
 # Which advisory locks these backends hold (or wait for) now, between two readings of the clock: a
 # lock seen is held at some instant >= lo; a lock not seen was let go before hi.
 HELD_BY = f"""
@@ -204,6 +206,8 @@ class Conn:
         self.via = via  # through a transaction pool: no session settings
         self.stateless = stateless  # holds nothing between statements: may be made anew after a fault
         self.pg: psycopg.Connection[dict[str, Any]] | None = None
+        self.identity: truth.Holder | None = None  # the backend, when it is the session's own (not pooled per transaction)
+        self.connected_at = 0.0  # the server's clock when connected
         self._jitter = random.Random()  # timing only: never the plan's generator
 
     def connect(self, bypass: bool = False, grace: float = 10.0, once: bool = False) -> psycopg.Connection[dict[str, Any]]:
@@ -216,8 +220,13 @@ class Conn:
             try:
                 pg = psycopg.connect(self.dsn, autocommit=True, application_name=self.app, row_factory=dict_row,
                                      connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None)
-                if via_sets_session(self.via):
-                    pg.execute(SET_TIMEOUT, ["statement_timeout", STATEMENT_TIMEOUT, False])
+                if via_sets_session(self.via):  # a session of its own: who it is, once
+                    row = pg.execute(SETTLE, ["statement_timeout", STATEMENT_TIMEOUT, False]).fetchone()
+                    assert row is not None
+                    self.identity = truth.Holder(row["pid"], row["backend_start"], None, row["app"])
+                    self.connected_at = float(row["at"])
+                else:
+                    self.identity, self.connected_at = None, 0.0
                 self.pg = pg
             except psycopg.Error as exc:
                 if once:

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import errors
 
 from . import truth
-from .sessions import (CLOCK, NOW, PREPARED_EXISTS, SET_TIMEOUT, STATEMENT_TIMEOUT, TERMINATE, WHO, Conn, Gate, Owned,
+from .sessions import (CLOCK, NOW, PREPARED_EXISTS, SET_TIMEOUT, SETTLE, STATEMENT_TIMEOUT, TERMINATE, WHO, Conn, Gate, Owned,
                        Recorder, Stopping, confirm_gone)
 from .workload import DIE, PREPARED, SESSION, SLOTS_PER_WORKER, STRAND, XACT, Endpoint, LockKey, Op, WorkloadSpec, plan
 
@@ -60,6 +60,18 @@ class Held:
         return Owned(holder.pid, holder.backend_start, self.hold.key, self.hold.mode)
 
 
+@dataclass(frozen=True)
+class Asking:
+    """A lock call in flight: if its answer is lost, it may have been granted."""
+
+    key: LockKey
+    mode: str
+    level: str
+    holder: truth.Holder | None  # the backend asking, if known before the answer
+    before: float  # a reading of the server's clock before the call
+    blocking: bool
+
+
 class Slot:
     """One thread of a worker: its sessions (one per endpoint, kept between operations), a direct
     helper per endpoint (to terminate, confirm, finish prepared transactions), and what it holds."""
@@ -73,8 +85,8 @@ class Slot:
         self.conns: dict[int, Conn] = {}
         self.helpers: dict[str, Conn] = {}
         self.holding: list[Held] = []  # granted on the current session, not yet let go
-        self.waiting: truth.Wait | None = None  # a blocking ask in flight (began: since its `before`)
-        self.asking_level = "session"
+        self.asking: Asking | None = None  # a lock call in flight
+        self.xact_identity: truth.Holder | None = None  # the backend of the transaction through a pool
         self.in_xact = False
         self.last_proof = 0.0  # the server's clock when every lock in `holding` was last seen held
         self.seq = 0
@@ -154,25 +166,31 @@ class Slot:
         conn = self.conn(index)
         conn.close()
         self.in_xact = False
-        wait, self.waiting = self.waiting, None
-        if not self.holding and wait is None:
+        ask, self.asking = self.asking, None
+        if not self.holding and ask is None:
             return
         owned = [o for o in (h.owned() for h in self.holding) if o is not None]
-        if wait is not None and wait.holder.pid is not None and wait.holder.backend_start is not None:
-            owned += [Owned(wait.holder.pid, wait.holder.backend_start, wait.key, wait.mode, granted)
+        if ask is not None and ask.holder is not None:
+            owned += [Owned(ask.holder.pid, ask.holder.backend_start, ask.key.triple, ask.mode, granted)
                       for granted in (False, True)]
         grace = 5.0 if self.gate.stop.is_set() else 20.0
         gone = confirm_gone(self.helper(index), owned, grace) if owned else time.time()
         for held in self.holding:
             self.record(held, truth.Span(self.last_proof, max(gone, self.last_proof)))
         self.holding = []
-        if wait is not None:
-            # The wait ended when the session did, or in a grant the answer to which was lost: then
-            # a hold, for a moment nobody can place better than the same span.
-            span = truth.Span(wait.began.lo, max(gone, wait.began.lo))
-            self.recorder.write(replace(wait, began=span, ended=span))
-            self.recorder.write(truth.Hold(wait.target, wait.database, wait.key, wait.mode, wait.holder, span, span,
-                                           span, self.asking_level, self.spec.endpoints[index].via))
+        if ask is not None and ask.holder is not None:
+            # The call's answer was lost: it may have been granted, for a moment nobody can place
+            # better than from before the call to when the server showed it no more.
+            ep = self.spec.endpoints[index]
+            span = truth.Span(ask.before, max(gone, ask.before))
+            if ask.blocking:
+                self.recorder.write(truth.Wait(ep.target, ep.database, ask.key.triple, ask.mode, ask.holder, span, span))
+            self.recorder.write(truth.Hold(ep.target, ep.database, ask.key.triple, ask.mode, ask.holder, span, span,
+                                           span if ask.blocking else None, ask.level, ep.via))
+        elif ask is not None:
+            # Through a transaction pool outside a transaction: the call most likely waited in the
+            # pooler's queue for a server the fault took; if it ran, its backend went with the fault.
+            log.info("%s: a lock call's answer was lost before its backend was known (%s)", self.app, ask.key.triple)
 
     def abandon(self, index: int, exc: psycopg.Error) -> None:
         """A statement failed on a live session (a timeout, a limit): its transaction rolled back,
@@ -192,7 +210,10 @@ class Slot:
     def ask(self, op: Op, ep: Endpoint, conn: Conn, key: LockKey, mode: str, level: str, blocking: bool) -> Held | None:
         """Try the key; if taken and `blocking`, wait for it up to the op's lock_timeout: a Hold
         (with `waited`), or a Wait that ended when the timeout did."""
+        guess = self.xact_identity if conn.via == truth.TX_POOL else conn.identity
+        self.asking = Asking(key, mode, level, guess, max(self.last_proof, conn.connected_at), False)
         row = self.q(conn, ASK.format(fn=lock_function(level, mode, True), args=key.placeholders), key.args)
+        self.asking = None
         holder = truth.Holder(row["pid"], row["backend_start"], None, row["app"])
         if row["got"] == "true":
             return self.granted(ep, key, mode, level, holder, truth.Span(row["lo"], row["hi"]), None)
@@ -200,13 +221,12 @@ class Slot:
             return None
         before, timeout = float(row["hi"]), op.lock_timeout
         self.q(conn, SET_TIMEOUT, ["lock_timeout", f"{round(timeout * 1000)}ms", level == XACT])
-        self.waiting = truth.Wait(ep.target, ep.database, key.triple, mode, holder, truth.Span(before, before))
-        self.asking_level = level
+        self.asking = Asking(key, mode, level, holder, before, True)
         try:
             row = self.q(conn, ASK.format(fn=lock_function(level, mode, False), args=key.placeholders), key.args)
-            self.waiting = None
+            self.asking = None
         except WAIT_ENDED as exc:
-            self.waiting = None
+            self.asking = None
             if level == XACT:
                 self.q(conn, "ROLLBACK")
                 self.in_xact = False
@@ -280,8 +300,9 @@ class Slot:
     def begin(self, ep: Endpoint, conn: Conn) -> None:
         self.q(conn, "BEGIN")
         self.in_xact = True
-        if ep.via == truth.TX_POOL:  # no session settings through a transaction pool
-            self.q(conn, SET_TIMEOUT, ["statement_timeout", STATEMENT_TIMEOUT, True])
+        if ep.via == truth.TX_POOL:  # no session settings through a transaction pool; its backend for now
+            row = self.q(conn, SETTLE, ["statement_timeout", STATEMENT_TIMEOUT, True])
+            self.xact_identity = truth.Holder(row["pid"], row["backend_start"], None, row["app"])
 
     # -- the operations
 
@@ -403,7 +424,9 @@ class Slot:
         """Through a transaction pool: a session lock taken and the client gone without unlocking.
         The lock stays on the server connection until that backend ends (the keeper watches it)."""
         key, mode = op.keys[0]
+        self.asking = Asking(key, mode, "session", None, 0.0, False)  # lost: which backend, nobody knows
         row = conn.q(ASK.format(fn=lock_function("session", mode, True), args=key.placeholders), key.args)
+        self.asking = None
         conn.close()
         if row["got"] != "true":
             return

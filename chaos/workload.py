@@ -8,6 +8,20 @@ how an operation runs and is recorded is chaos/workers.py; stranded session lock
 transaction pool's server connections are watched by chaos/stranded.py's keeper process.
 
 Workers are spawned processes (never forked): they inherit no lock or connection of the caller.
+So the program that starts a Workload must import without side effects (`if __name__ ==
+"__main__":`), as multiprocessing's spawn requires.
+
+For whoever runs it:
+- connections: each slot keeps one session per endpoint it used and one direct helper per server
+  and database; the keeper one per server and database (workers x SLOTS_PER_WORKER x (endpoints +
+  1) + 1 at most), and a transaction pool's server connections on top;
+- max_prepared_transactions at least workers x SLOTS_PER_WORKER, or some PREPAREs fail (recorded
+  as the rollback they become);
+- a PgBouncer in front should have a small server_login_retry: after a server restart it tries
+  the server again only then (15 s by default), its clients queued meanwhile;
+- paused(target): slots first finish what holds a pooled server connection (a transaction through
+  a transaction pool, a session pool's client) and the prepared transactions of that target, then
+  stop issuing statements to it; locks of direct sessions stay, so the drop ends them.
 """
 
 from __future__ import annotations
@@ -167,6 +181,7 @@ class Workload:
         self._keeper: multiprocessing.process.BaseProcess | None = None
         self._strand_queue = self._ctx.Queue()
         self.killed: list[str] = []  # stragglers stop() had to kill (also logged)
+        self._stopped = False
 
     def _worker_file(self, worker: int) -> Path:
         return self.out_dir / f"workload-w{worker}.jsonl"
@@ -195,6 +210,9 @@ class Workload:
         unfinished holds salvaged from its journal (released unknown), and named in `killed`."""
         from .sessions import salvage
 
+        if self._stopped:
+            return
+        self._stopped = True
         self.gate.clear_all()  # a stop inside paused() must not wait for ever
         self.gate.stop.set()
         deadline = time.monotonic() + STOP_BOUND
