@@ -218,16 +218,7 @@ class Conn:
             if not bypass:
                 self.gate.enter(self.participant, self.target)
             try:
-                pg = psycopg.connect(self.dsn, autocommit=True, application_name=self.app, row_factory=dict_row,
-                                     connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None)
-                if via_sets_session(self.via):  # a session of its own: who it is, once
-                    row = pg.execute(SETTLE, ["statement_timeout", STATEMENT_TIMEOUT, False]).fetchone()
-                    assert row is not None
-                    self.identity = truth.Holder(row["pid"], row["backend_start"], None, row["app"])
-                    self.connected_at = float(row["at"])
-                else:
-                    self.identity, self.connected_at = None, 0.0
-                self.pg = pg
+                self.pg = self._open()
             except psycopg.Error as exc:
                 if once:
                     raise
@@ -240,12 +231,28 @@ class Conn:
                 delay = min(delay * 2, 1.0)
         return self.pg
 
+    def _open(self) -> psycopg.Connection[dict[str, Any]]:
+        pg = psycopg.connect(self.dsn, autocommit=True, application_name=self.app, row_factory=dict_row,
+                             connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None)
+        try:
+            if via_sets_session(self.via):  # a session of its own: who it is, once
+                row = pg.execute(SETTLE, ["statement_timeout", STATEMENT_TIMEOUT, False]).fetchone()
+                assert row is not None
+                self.identity = truth.Holder(row["pid"], row["backend_start"], None, row["app"])
+                self.connected_at = float(row["at"])
+            else:
+                self.identity, self.connected_at = None, 0.0
+        except BaseException:
+            pg.close()  # a session pool's client left open would keep its server from the others
+            raise
+        return pg
+
     def q(self, sql: str, params: Any = None, bypass: bool = False) -> dict[str, Any]:
         """One statement; its first row (empty for none). Errors are the caller's to judge, except
         that a stateless session (a helper) found broken by an earlier fault is made anew once."""
         fresh = self.pg is None
         pg = self.connect(bypass)
-        if not bypass:
+        if not bypass and self.via != truth.SESSION_POOL:  # a session pool's client holds a server: it goes on to give it back
             self.gate.enter(self.participant, self.target)
         try:
             cur = pg.execute(sql, params)

@@ -10,8 +10,10 @@ release is recorded within [last seen, first not seen]. At stop it ends every st
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import queue
+import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +42,7 @@ class Stranded:
 
 def run_keeper(spec: WorkloadSpec, path: Path, gate: Gate, participant: int, strands: Any) -> None:
     logging.basicConfig(level=logging.WARNING, format="chaos-keeper %(levelname)s %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is stuck: kill -USR1
     Keeper(spec, Recorder(path), gate, participant, strands).run()
 
 

@@ -8,8 +8,10 @@ operation connects again. A hold is proven alive every PROOF_EVERY seconds, so t
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -20,8 +22,8 @@ import psycopg
 from psycopg import errors
 
 from . import truth
-from .sessions import (CLOCK, NOW, PREPARED_EXISTS, SET_TIMEOUT, SETTLE, STATEMENT_TIMEOUT, TERMINATE, WHO, Conn, Gate, Owned,
-                       Recorder, Stopping, confirm_gone)
+from .sessions import (CLOCK, NOW, PG_MODES, PREPARED_EXISTS, SET_TIMEOUT, SETTLE, STATEMENT_TIMEOUT, TERMINATE, WHO, Conn, Gate, Owned,
+                       Recorder, Stopping, confirm_gone, still_held)
 from .workload import DIE, PREPARED, SESSION, SLOTS_PER_WORKER, STRAND, XACT, Endpoint, LockKey, Op, WorkloadSpec, plan
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,11 @@ STOP_GRACE = 15.0  # seconds a stopping slot keeps trying a server that does not
 # The lock calls: the clock before and after in the same round trip, and who answered.
 ASK = f"SELECT {NOW} AS lo, {{fn}}({{args}})::text AS got, {NOW} AS hi, {WHO}"
 UNLOCK = f"SELECT {NOW} AS lo, {{fn}}({{args}}) AS ok, {NOW} AS hi"
+# Whether this session holds the key now, and when that was asked.
+HOLDS_IT = f"""
+SELECT {NOW} AS at, EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
+                            AND classid::int8 = %s AND objid::int8 = %s AND objsubid = %s AND mode = %s AND granted) AS held
+"""
 # A waiter gave up: its wait began after `before` and lasted lock_timeout; these errors end it.
 WAIT_ENDED = (errors.LockNotAvailable, errors.DeadlockDetected, errors.QueryCanceled)
 
@@ -90,6 +97,7 @@ class Slot:
         self.in_xact = False
         self.last_proof = 0.0  # the server's clock when every lock in `holding` was last seen held
         self.seq = 0
+        self.current = 0  # the endpoint of the operation under way
 
     # -- plumbing
 
@@ -144,10 +152,13 @@ class Slot:
             except Exception:  # a slot never dies: a bug is logged, its sessions dropped
                 log.exception("%s slot %d: operation %s failed", self.app, self.slot, op.kind)
                 self.lost(op.endpoint)
+        if self.holding or self.asking:  # stopped while a server did not answer
+            self.lost(self.current)
         for conn in [*self.conns.values(), *self.helpers.values()]:
             conn.close()
 
     def perform(self, op: Op) -> None:
+        self.current = op.endpoint
         ep = self.spec.endpoints[op.endpoint]
         conn = self.conn(op.endpoint)
         try:
@@ -159,6 +170,9 @@ class Slot:
                 self.lost(op.endpoint)
             else:
                 self.abandon(op.endpoint, exc)
+        finally:
+            if ep.via == truth.SESSION_POOL:
+                conn.close()  # a session pool's client goes away after each operation, its locks let go first
 
     def lost(self, index: int) -> None:
         """The session broke: what it held is let go somewhere between the last proof and when the
@@ -227,21 +241,57 @@ class Slot:
             self.asking = None
         except WAIT_ENDED as exc:
             self.asking = None
-            if level == XACT:
-                self.q(conn, "ROLLBACK")
-                self.in_xact = False
-            after = float(self.q(conn, CLOCK)["at"])
-            if isinstance(exc, errors.LockNotAvailable):  # it waited lock_timeout at least
-                began = truth.Span(before, max(before, after - timeout))
-                ended = truth.Span(min(after, before + timeout), after)
-            else:
-                began = ended = truth.Span(before, after)
-            self.recorder.write(truth.Wait(ep.target, ep.database, key.triple, mode, holder, began, ended))
-            return None
+            return self.wait_ended(op, ep, conn, Owned(holder.pid, holder.backend_start, key.triple, mode), key, level,
+                                   holder, before, exc)
         # Granted after a wait that began within this round trip (or at once, if the holder let
         # go between the try and the ask: the wait, if any, is inside the same span).
         span = truth.Span(row["lo"], row["hi"])
         return self.granted(ep, key, mode, level, holder, span, span)
+
+    def wait_ended(self, op: Op, ep: Endpoint, conn: Conn, own: Owned, key: LockKey, level: str,
+                   holder: truth.Holder, before: float, exc: psycopg.Error) -> Held | None:
+        """A wait ended in an error (lock timeout, deadlock, statement timeout), before `now` (the
+        error is in; this machine's clock is the server's). The server may have granted the lock
+        at that very moment and then keeps it (LockErrorCleanup), so ask it: a session lock is a
+        hold from then on; a transaction's is held until the ROLLBACK."""
+        now = time.time()
+        self.asking = Asking(key, own.mode, level, holder, before, True)  # until the server says
+        if level == XACT:
+            try:  # an aborted transaction keeps its locks until ROLLBACK: another session looks
+                lo, hi, left = still_held(self.helper(op.endpoint), [own], bypass=self.pool_busy(conn))
+                maybe = (lo, hi) if left else None
+            except psycopg.Error:
+                maybe = (before, now)  # cannot tell: a hold that may have been, until the ROLLBACK
+            self.asking = None
+            held = None
+            if maybe is not None:  # seen held at an instant within `maybe`: granted before it
+                span = truth.Span(before, max(before, maybe[1]))
+                held = self.granted(ep, key, own.mode, level, holder, span, span)
+            else:
+                self.wait_record(op, ep, own, holder, before, now, exc)
+            self.q(conn, "ROLLBACK")
+            self.in_xact = False
+            if held is not None:
+                after = float(self.q(conn, CLOCK)["at"])
+                self.record(held, truth.Span(maybe[0], max(maybe[0], after)))
+                self.holding.remove(held)
+            return None
+        row = self.q(conn, HOLDS_IT, list(key.triple) + [PG_MODES[own.mode]])
+        self.asking = None
+        if row["held"]:
+            span = truth.Span(before, max(before, float(row["at"])))
+            return self.granted(ep, key, own.mode, level, holder, span, span)
+        self.wait_record(op, ep, own, holder, before, now, exc)
+        return None
+
+    def wait_record(self, op: Op, ep: Endpoint, own: Owned, holder: truth.Holder, before: float, now: float,
+                    exc: psycopg.Error) -> None:
+        if isinstance(exc, errors.LockNotAvailable):  # it waited lock_timeout at least
+            began = truth.Span(before, max(before, now - op.lock_timeout))
+            ended = truth.Span(min(now, before + op.lock_timeout), now)
+        else:
+            began = ended = truth.Span(before, max(before, now))
+        self.recorder.write(truth.Wait(ep.target, ep.database, own.key, own.mode, holder, began, ended))
 
     def granted(self, ep: Endpoint, key: LockKey, mode: str, level: str, holder: truth.Holder,
                 span: truth.Span, waited: truth.Span | None) -> Held:
@@ -310,8 +360,6 @@ class Slot:
         if self.acquire(op, ep, conn, "session"):
             self.hold(conn, op.hold)
             self.unlock_all(conn)
-        if ep.via == truth.SESSION_POOL:
-            conn.close()  # a pooled client goes away (its locks let go first), giving its server back
 
     def xact_op(self, op: Op, ep: Endpoint, conn: Conn) -> None:
         self.begin(ep, conn)
@@ -358,7 +406,7 @@ class Slot:
                 raise  # never prepared: the session's locks went with it
             after = time.time()
         else:
-            after = conn.clock()
+            after = conn.clock(bypass=True)  # no pause acknowledged with a prepared transaction out
         self.in_xact = False
         # The session's holds end at the PREPARE; the prepared transaction's begin there.
         span = truth.Span(before, max(before, after))
@@ -375,7 +423,7 @@ class Slot:
             if not self.gate.sleep(self.participant, min(0.05, end - time.monotonic()), busy=frozenset({t})):
                 break
         # A pause of this target (a database to drop) waits for this: DROP refuses prepared ones.
-        self.finish_prepared(op.endpoint, gid, prepared, op.commit, bypass=self.gate.requested(t))
+        self.finish_prepared(op.endpoint, gid, prepared, op.commit)
 
     def prepared_anyway(self, index: int, gid: str) -> bool:
         """Whether a PREPARE whose answer was lost took effect."""
@@ -383,28 +431,30 @@ class Slot:
         deadline = time.monotonic() + STOP_GRACE
         while True:
             try:
-                return bool(helper.q(PREPARED_EXISTS, [gid])["exists"])
+                return bool(helper.q(PREPARED_EXISTS, [gid], bypass=True)["exists"])
             except psycopg.Error:
                 helper.close()
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
-    def finish_prepared(self, index: int, gid: str, prepared: list[Held], commit: bool, bypass: bool) -> None:
+    def finish_prepared(self, index: int, gid: str, prepared: list[Held], commit: bool) -> None:
         """COMMIT/ROLLBACK PREPARED from another session, again and again through faults (the
-        prepared transaction outlives a restart) until the server answers."""
+        prepared transaction outlives a restart) until the server answers. Past the pause gate:
+        this slot has not acknowledged a pause of the target since before the PREPARE (a database
+        with a prepared transaction cannot be dropped), so no pause is in force for it yet."""
         helper = self.helper(index)
         sent_after: float | None = None  # the clock before the first try that may have finished it
         delay, deadline = 0.05, None
         while True:
             try:
-                before = helper.clock(bypass)
+                before = helper.clock(bypass=True)
                 sent_after = before if sent_after is None else sent_after
                 try:
-                    helper.q(f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED '{gid}'", bypass=bypass)
+                    helper.q(f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED '{gid}'", bypass=True)
                 except errors.UndefinedObject:
                     pass  # an earlier try whose answer was lost finished it
-                after = helper.clock(bypass)
+                after = helper.clock(bypass=True)
                 break
             except (psycopg.Error, Stopping) as exc:
                 helper.close()
@@ -443,6 +493,7 @@ class Slot:
 def run_worker(spec: WorkloadSpec, worker: int, path: Path, gate: Gate, strands: Any, token: str) -> None:
     """A worker process: its slots, each on a thread, until the workload stops."""
     logging.basicConfig(level=logging.WARNING, format=f"chaos-w{worker} %(levelname)s %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where a straggler is stuck: kill -USR1
     recorder = Recorder(path)
     threads = [threading.Thread(target=Slot(spec, worker, s, recorder, gate, strands, token).run, name=f"slot{s}")
                for s in range(SLOTS_PER_WORKER)]

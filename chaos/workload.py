@@ -30,8 +30,10 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import os
 import random
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -251,12 +253,22 @@ class Workload:
             while not self.gate.all_parked(index, alive):
                 if time.monotonic() > deadline:
                     late = sorted(set(alive) - set(self.gate.parked(index, alive)))
-                    raise TimeoutError(f"workload: participants {late} still use target {target!r} after {PAUSE_BOUND}s")
+                    self._show_stacks(late)
+                    raise TimeoutError(f"workload: participants {late} still use target {target!r} after {PAUSE_BOUND}s"
+                                       " (their processes' stacks are on stderr)")
                 time.sleep(0.01)
                 alive = self._alive_participants()
             yield
         finally:
             self.gate.release(index)
+
+    def _show_stacks(self, participants: list[int]) -> None:
+        """Every thread's stack of these participants' processes, on their stderr (faulthandler)."""
+        procs = {self._keeper if p == self._participants - 1 else self._workers[p // SLOTS_PER_WORKER] for p in participants}
+        for proc in procs:
+            if proc is not None and proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGUSR1)
+                time.sleep(0.3)  # one process's stacks at a time
 
     def _alive_participants(self) -> list[int]:
         alive = [w * SLOTS_PER_WORKER + s for w, p in enumerate(self._workers) if p.is_alive() for s in range(SLOTS_PER_WORKER)]

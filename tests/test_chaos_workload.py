@@ -34,7 +34,8 @@ NOW = "extract(epoch FROM clock_timestamp())::float8"
 VIEW = f"""
 SELECT {NOW} AS lo,
        (SELECT coalesce(json_agg(json_build_array(l.pid, extract(epoch FROM a.backend_start)::float8, l.classid::int8,
-                                                  l.objid::int8, l.objsubid::int4, l.mode, l.granted, p.gid)), '[]'::json)
+                                                  l.objid::int8, l.objsubid::int4, l.mode, l.granted, p.gid,
+                                                  a.application_name, a.state, left(a.query, 80))), '[]'::json)
         FROM pg_locks AS l
         LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
         LEFT JOIN pg_locks AS x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
@@ -56,6 +57,7 @@ class Row:
     mode: str
     granted: bool
     gid: str | None
+    session: tuple[str, str, str] | None = None  # application_name, state, query: to tell who, on failure
 
 
 @dataclass
@@ -71,7 +73,8 @@ def spec(endpoints: tuple[Endpoint, ...] = (), seed: int = 11, workers: int = 4)
 
 def read_view(conn: psycopg.Connection) -> View:
     lo, rows, hi = conn.execute(VIEW).fetchone()
-    ours = [Row(r[0], r[1], (r[2], r[3], r[4]), PG_MODE[r[5]], r[6], r[7]) for r in rows if (r[2], r[3], r[4]) in OURS]
+    ours = [Row(r[0], r[1], (r[2], r[3], r[4]), PG_MODE[r[5]], r[6], r[7], (r[8], r[9], r[10])) for r in rows
+            if (r[2], r[3], r[4]) in OURS]
     return View(lo, hi, ours)
 
 
@@ -102,11 +105,11 @@ def maybe_waiting(record: truth.Hold | truth.Wait, view: View) -> bool:
     return record.began.lo <= view.hi and (record.ended is None or record.ended.hi >= view.lo)
 
 
-def judge(facts: truth.Truth, views: list[View]) -> dict[str, int]:
+def judge(facts: truth.Truth, views: list[View], database: str = "postgres") -> dict[str, int]:
     """Every hold the truth says was certainly held at a view is in it; every row of a view is a
     hold (or wait) the truth says may have been. Returns how many checks of each kind were made."""
     made = {"held": 0, "prepared": 0, "stranded": 0, "xact": 0, "rows": 0, "waiting": 0}
-    holds = [h for h in facts.holds if h.database == "postgres"]
+    holds = [h for h in facts.holds if h.database == database]
     for view in views:
         for hold in holds:
             if certainly_held(hold, view):
@@ -117,9 +120,9 @@ def judge(facts: truth.Truth, views: list[View]) -> dict[str, int]:
                 made["xact"] += hold.level == "xact"
         for row in view.rows:
             if row.granted:
-                assert any(maybe_held(h, view) and matches(row, h) for h in holds), f"in pg_locks, not in the truth: {row}"
+                assert any(maybe_held(h, view) and matches(row, h) for h in holds), f"in pg_locks, not in the truth: {row} at [{view.lo}, {view.hi}]"
             else:
-                assert any(maybe_waiting(w, view) and matches(row, w) for w in [*facts.waits, *holds]), f"waits, not in the truth: {row}"
+                assert any(maybe_waiting(w, view) and matches(row, w) for w in [*facts.waits, *holds]), f"waits, not in the truth: {row} at [{view.lo}, {view.hi}]"
                 made["waiting"] += 1
             made["rows"] += 1
     return made
@@ -197,64 +200,78 @@ def views_for(cluster: Cluster, seconds: float, views: list[View]) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(0.4)
-        with psycopg.connect(cluster.dsn(), autocommit=True, connect_timeout=5) as conn:
+        with psycopg.connect(cluster.dsn(DROPPED), autocommit=True, connect_timeout=5) as conn:
             views.append(read_view(conn))
 
 
+def break_it(cluster: Cluster, workload: Workload, fault: str) -> None:
+    if fault == "freeze":
+        cluster.signal_all(signal.SIGSTOP)
+        time.sleep(1.5)
+        cluster.signal_all(signal.SIGCONT)
+    elif fault == "drop":
+        with workload.paused(""), psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {DROPPED} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {DROPPED}")
+    else:
+        cluster.restart(fault)
+
+
+DROPPED = "chaos_dropped"
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_no_worker_dies_of_faults_and_the_truth_holds_across_them(own_cluster: Cluster, tmp_path: Path) -> None:
-    """Restarted (fast and immediate) and frozen under the workload, direct and through both pool
-    modes: no worker dies, every hold a restart ended is recorded let go in a span around it
-    (never at a time nobody knew), and the truth still agrees with the server before and after."""
+    """Restarted (fast and immediate), frozen, and its database dropped and created again (inside
+    paused()) under the workload, direct and through both pool modes: no worker dies, every hold a
+    restart ended is recorded let go in a span around it (never at a time nobody knew), and the
+    truth still agrees with the server before and after."""
+    with psycopg.connect(own_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {DROPPED}")
     # PgBouncer tries a server it could not reach again only after server_login_retry (15 s by
     # default), its clients queued meanwhile: a second here, so the run goes on after a restart.
     pools = [PgBouncer(own_cluster.port, pool_mode=mode, pool_size=3, extra={"server_login_retry": "1"}).start()
              for mode in ("transaction", "session")]
+    direct = own_cluster.dsn(DROPPED)
+    endpoints = (
+        Endpoint("", DROPPED, direct, truth.DIRECT, direct),
+        Endpoint("", DROPPED, pools[0].dsn(DROPPED), truth.TX_POOL, direct),
+        Endpoint("", DROPPED, pools[1].dsn(DROPPED), truth.SESSION_POOL, direct),
+    )
+    workload = Workload(spec(endpoints, seed=23, workers=4), tmp_path)
+    views: list[View] = []
+    faults: list[tuple[str, float, float]] = []  # this machine's clock (the server's) around each
     try:
-        endpoints = (
-            Endpoint("", "postgres", own_cluster.dsn(), truth.DIRECT, own_cluster.dsn()),
-            Endpoint("", "postgres", pools[0].dsn(), truth.TX_POOL, own_cluster.dsn()),
-            Endpoint("", "postgres", pools[1].dsn(), truth.SESSION_POOL, own_cluster.dsn()),
-        )
-        workload = Workload(spec(endpoints, seed=23, workers=4), tmp_path)
-        views: list[View] = []
-        restarts: list[tuple[float, float]] = []  # this machine's clock (the server's) around each
         workload.start()
-        try:
-            for fault in ("fast", "freeze", "immediate"):
-                views_for(own_cluster, 3, views)
-                began = time.time()
-                if fault == "freeze":
-                    own_cluster.signal_all(signal.SIGSTOP)
-                    time.sleep(1.5)
-                    own_cluster.signal_all(signal.SIGCONT)
-                else:
-                    own_cluster.restart(fault)
-                    restarts.append((began, time.time()))
+        for fault in ("fast", "freeze", "drop", "immediate"):
             views_for(own_cluster, 3, views)
-        finally:
-            workload.stop()
-        assert workload.killed == []
-        facts = truth.Truth.of(truth.load(workload.files()))
-        made = judge(facts, views)
-        with psycopg.connect(own_cluster.dsn(), autocommit=True) as conn:
-            assert read_view(conn).rows == []
-            assert conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()[0] == 0
+            began = time.time()
+            break_it(own_cluster, workload, fault)
+            faults.append((fault, began, time.time()))
+        views_for(own_cluster, 3, views)
     finally:
+        workload.stop()
         for pool in pools:
             pool.stop()
+    assert workload.killed == []
+    facts = truth.Truth.of(truth.load(workload.files()))
+    made = judge(facts, views, DROPPED)
+    with psycopg.connect(own_cluster.dsn(DROPPED), autocommit=True) as conn:
+        assert read_view(conn).rows == []
+        assert conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()[0] == 0
     assert made["held"] > 0 and all(h.released is not None for h in facts.holds)
     assert {h.via for h in facts.holds} == {truth.DIRECT, truth.TX_POOL, truth.SESSION_POOL}
-    for began, ended in restarts:
-        # Holds the restart ended (held before it, by a backend): let go within a span that
-        # reaches into the restart, never before the last proof.
-        cut = [h for h in facts.holds if h.holder.pid is not None and h.granted.hi < began and h.released.lo < ended
-               and h.released.hi > began]
-        assert cut, (began, ended, [(h.granted, h.released, h.via, h.level) for h in facts.holds if h.granted.hi < began and h.released.hi > began - 1])
-        # Nothing a backend held is recorded let go after the restart's end, as if it had lasted.
-        assert not [h for h in facts.holds if h.holder.pid is not None and h.granted.hi < began
-                    and h.released.lo > ended]
+    for fault, began, ended in faults:
+        by_backend = [h for h in facts.holds if h.holder.pid is not None and h.granted.hi < began]
+        if fault in ("fast", "immediate"):
+            # Holds the restart ended: let go within a span that reaches into the restart.
+            assert [h for h in by_backend if h.released.lo < ended and h.released.hi > began], fault
+        if fault != "freeze":  # a frozen server's sessions live on
+            # Nothing a backend held before is recorded let go after the fault's end, as if it lasted.
+            assert not [h for h in by_backend if h.released.lo > ended], fault
+        # And the workload went on.
+        assert [h for h in facts.holds if h.granted.lo > ended], fault
 
 
 def test_the_seed_decides_the_operations() -> None:
