@@ -80,8 +80,9 @@ class Asking:
 
 
 class Slot:
-    """One thread of a worker: its sessions (one per endpoint, kept between operations), a direct
-    helper per endpoint (to terminate, confirm, finish prepared transactions), and what it holds."""
+    """One thread of a worker: its sessions (one per endpoint, kept between operations but a session
+    pool's), a direct helper per server and database (to terminate, confirm, finish prepared
+    transactions), and what it holds."""
 
     def __init__(self, spec: WorkloadSpec, worker: int, slot: int, recorder: Recorder, gate: Gate,
                  strands: Any, token: str) -> None:
