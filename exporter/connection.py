@@ -9,6 +9,7 @@ import gc
 import math
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,16 +39,52 @@ def connect(
                 extra["password"] = handle.read().rstrip("\r\n")
         except OSError as exc:
             raise psycopg.OperationalError(f"password_file: cannot read {password_file!r}: {exc.strerror}") from None
+    return open_connection(
+        conninfo.make_conninfo(dsn, **extra) if extra else dsn,
+        application_name=application_name,
+        # libpq takes whole seconds and treats anything below 2 as 2.
+        connect_timeout=max(2, math.ceil(timeout_seconds)),
+    )
+
+
+class BreakableConnection(psycopg.Connection[Any]):
+    """psycopg's connection with a second descriptor of its socket, taken at connect: another
+    thread can shut that socket down (break_off) to end a call stuck on it, and never touches a
+    descriptor number the connection has closed and the process handed to another socket since."""
+
+    _breaker: socket.socket | None = None
+    _breaker_lock: threading.Lock
+
+    def arm(self) -> None:
+        self._breaker_lock = threading.Lock()
+        self._breaker = socket.socket(fileno=os.dup(self.pgconn.socket))
+
+    def break_off(self) -> None:
+        with self._breaker_lock:
+            if self._breaker is not None:
+                try:
+                    self._breaker.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # not connected any more: the call has ended already
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            # The second descriptor keeps the socket open: closed with the connection.
+            if self._breaker is not None:
+                with self._breaker_lock:
+                    breaker, self._breaker = self._breaker, None
+                    if breaker is not None:
+                        breaker.close()
+
+
+def open_connection(conninfo_text: str, **params: Any) -> BreakableConnection:
+    """An autocommit BreakableConnection that prepares nothing on its own; a failed attempt
+    closes its socket before the error is raised."""
     failure: psycopg.Error
     try:
-        return psycopg.connect(
-            conninfo.make_conninfo(dsn, **extra) if extra else dsn,
-            autocommit=True,
-            application_name=application_name,
-            # libpq takes whole seconds and treats anything below 2 as 2.
-            connect_timeout=max(2, math.ceil(timeout_seconds)),
-            prepare_threshold=None,  # psycopg never prepares a statement on its own
-        )
+        conn = BreakableConnection.connect(conninfo_text, autocommit=True, prepare_threshold=None, **params)
     except psycopg.Error as exc:
         # A timed-out attempt (psycopg 3.3) leaves its half-open connection in a reference cycle,
         # reachable from the error's traceback and context: its socket stays open to the server
@@ -55,28 +92,25 @@ def connect(
         # error without them, and the youngest generation collected, close it now.
         exc.__context__ = exc.__cause__ = None
         failure = exc.with_traceback(None)
+    else:
+        try:
+            conn.arm()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
     gc.collect(0)
     raise failure
 
 
 def break_off(conn: psycopg.Connection | None) -> None:
-    """End the call stuck on conn, from another thread: shut its socket down (shutdown, not close:
-    the descriptor stays the connection's, so nothing else can be handed its number), so the call
-    returns at once with an error and its connection is dropped. A black-holed network answers
-    nothing and TCP never tells (the bytes were taken by a proxy, or by a peer that lost them): a
-    call left to return by itself may never return, and no new call may start before it does."""
-    if conn is None or conn.closed:
-        return
-    try:
-        duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
-    except (OSError, psycopg.Error):
-        return  # no socket any more: the call has ended already
-    try:
-        duplicate.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # not connected any more: the same
-    finally:
-        duplicate.close()
+    """End the call stuck on conn, from another thread: shut its socket down, so the call returns
+    at once with an error and its connection is dropped. A black-holed network answers nothing and
+    TCP never tells (the bytes were taken by a proxy, or by a peer that lost them): a call left to
+    return by itself may never return, and no new call may start before it does. A connection not
+    made by open_connection (a test's own) is left alone."""
+    if isinstance(conn, BreakableConnection):
+        conn.break_off()
 
 
 @contextlib.contextmanager

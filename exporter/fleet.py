@@ -7,6 +7,7 @@ keeps its host, port and database keeps its hold tracking and counters.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -88,7 +89,8 @@ class Target:
         # the same server: pg_locks is the whole cluster's, so one target's poll would see another's try).
         turn = turn or threading.Lock()
         self.prober = Prober(config, connect=connect_probe, publish=self.exposition.publish_probes, turn=turn)
-        self.poller = Poller(config, connect=connect_poller, publish=self._publish, turn=turn)
+        self.poller = Poller(config, connect=connect_poller, publish=self._publish, turn=turn,
+                             on_start=self._poll_started)
         self._threads: list[threading.Thread] = []
         self._stale_since: float | None = None
 
@@ -101,6 +103,14 @@ class Target:
         self.first_poll.set()
         if self._on_snapshot is not None:
             self._on_snapshot(self.name, snapshot)
+
+    def _poll_started(self, deadline: float) -> None:
+        """A poll started with its deadline (the poller's clock): the last good poll is served until
+        then at least. Its bound counted the next poll's deadline as it was when it ended; a reload
+        since (a connection made anew, consoles added) may have lengthened it."""
+        snapshot = self.exposition.snapshot
+        if snapshot.up and snapshot.fresh_until < deadline:
+            self.exposition.publish_instead_of(snapshot, dataclasses.replace(snapshot, fresh_until=deadline))
 
     def check_stale(self, now: float) -> bool:
         """The watchdog's look (now: the poller's clock): past the last good poll's staleness bound

@@ -105,8 +105,12 @@ class Poller:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         turn: threading.Lock | None = None,
+        on_start: Callable[[float], None] | None = None,
     ) -> None:
         self._config = config
+        # Told when each poll starts, with the poller's clock at its deadline: the last poll stays
+        # fresh until then (a reload may give this poll a longer deadline than the last one counted).
+        self._on_start = on_start
         self._connect = connect
         self._publish = publish
         self._clock = clock
@@ -116,6 +120,9 @@ class Poller:
         self._turn = turn or threading.Lock()
         self._unexpected = LoopErrors(log, f"poller of {server_name(config.dsn)}")
         self._conn: psycopg.Connection | None = None
+        # A connection being opened (its first statements run before it becomes _conn): the one a
+        # stuck poll's deadline breaks off then.
+        self._opening: psycopg.Connection | None = None
         # The connection is proven ours alone and the poll statement is prepared on it: the poll is
         # the bare EXECUTE under session settings (queries.DIRECT_POLL), which _settings_ms says.
         self._direct = False
@@ -150,7 +157,7 @@ class Poller:
     # -- connection ---------------------------------------------------------------------
 
     def _open(self) -> psycopg.Connection:
-        conn = self._connect(self._config)
+        conn = self._opening = self._connect(self._config)
         try:
             with local_timeouts(conn, self._config.timeout_seconds), conn.cursor(row_factory=class_row(ServerInfo)) as cur:
                 info = cur.execute(queries.SERVER_INFO).fetchone()
@@ -224,7 +231,10 @@ class Poller:
 
     def _read(self) -> list[Any]:
         if self._conn is None:
-            self._conn = self._open()
+            try:
+                self._conn = self._open()
+            finally:
+                self._opening = None
         return self._run_poll(self._conn)
 
     def _timeout(self) -> float:
@@ -478,11 +488,13 @@ class Poller:
     def _poll_with_deadline(self) -> Snapshot:
         """poll_once, or up=0 if it does not return within its deadline (a hung server)."""
         deadline, ticket = self.deadline(), PollTicket()
+        if self._on_start is not None:
+            self._on_start(self._clock() + deadline)
         try:
             return self._worker.call(lambda: self.poll_once(ticket), timeout=deadline)
         except StuckCall as exc:
             self._fail(f"{exc}: is the server hung? Its connection is broken off and made anew")
-            break_off(self._conn)  # the stuck call returns now (a black-holed network never answers)
+            break_off(self._conn or self._opening)  # the stuck call returns now (a black-holed network never answers)
             # This poll counts once, as failed (if it returns later, it counts no second time); if it
             # returned just now, it counted itself.
             return Snapshot(up=False, stats=self._count(ticket, deadline, failed=True) or self._stats_now())

@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 
 from .config import Config, PoolerConfig
 from .deadline import OneAtATime, StuckCall
-from .connection import break_off, resolve_host
+from .connection import break_off, open_connection, resolve_host
 from .dsn import describe_hosts, dsn_endpoints, error_line, redact
 from .pooled import EMPTY_VIEW, Client, PoolerView, Release, ServerLink, release_after
 from .snapshot import ConsoleStatus
@@ -94,10 +94,7 @@ def _connect(pooler: PoolerConfig, where: ConsoleAddress) -> psycopg.Connection:
         with open(pooler.password_file, encoding="utf-8") as handle:
             extra["password"] = handle.read().rstrip("\r\n")
     assert pooler.dsn is not None
-    return psycopg.connect(
-        conninfo.make_conninfo(pooler.dsn, **extra), autocommit=True, connect_timeout=int(CONSOLE_TIMEOUT),
-        prepare_threshold=None,
-    )
+    return open_connection(conninfo.make_conninfo(pooler.dsn, **extra), connect_timeout=int(CONSOLE_TIMEOUT))
 
 
 def _rows(conn: psycopg.Connection, command: str) -> list[dict[str, Any]]:
@@ -198,12 +195,15 @@ class PoolerReader:
         self._conns: dict[tuple[str, str], psycopg.Connection] = {}
         self._workers: dict[tuple[str, str], OneAtATime] = {}
         self._last_error: dict[tuple[str, str], str] = {}
+        self._address_counts: dict[str, int] = {}
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
         self.close()
         self._poolers = config.poolers
-        self._address_counts: dict[str, int] = {}
+        # Kept for the consoles that stay: a poll's deadline counts each address a name resolved to.
+        names = {p.name for p in config.poolers}
+        self._address_counts = {name: n for name, n in self._address_counts.items() if name in names}
         self._by_address = {
             address: ServerLink(p.name, p.pool_mode or "session", None)
             for p in config.poolers if p.type is None for address in p.addresses

@@ -130,6 +130,9 @@ class Prober:
         self._results_lock = threading.Lock()
         self._pending_config: Config | None = None
         self._worker = OneAtATime("probe")
+        # The connection the try in progress uses, or is opening: the one its deadline breaks off.
+        self._in_use: psycopg.Connection | None = None
+        self._opening: psycopg.Connection | None = None
 
     def _database_label(self, lock: LockConfig) -> str:
         if lock.database:
@@ -144,10 +147,11 @@ class Prober:
             raise ProbeUnavailable("not connected (waiting to reconnect after a failed connect)")
         conn = None
         try:
-            conn = self._connect(self._config, database)
+            conn = self._opening = self._connect(self._config, database)
             with conn.cursor(row_factory=namedtuple_row) as cur:
                 row = cur.execute(queries.SERVER_INFO).fetchone()
         except psycopg.Error:
+            self._opening = None
             if conn is not None:
                 conn.close()
             failures = self._failures.get(database, 0) + 1
@@ -160,6 +164,7 @@ class Prober:
         self._pids[database] = row.backend_pid if row else 0
         self._pooled.discard(database)
         self._conns[database] = conn
+        self._opening = None
         self._proven[database] = self._prove(conn, row, database)
         return conn
 
@@ -204,9 +209,10 @@ class Prober:
         """One try of one lock; a failure, whatever it is, is counted and reported, never raised."""
         timeout = probe_timeout(self._config)
         started = self._clock()
+        self._in_use = None
         try:
             statement = try_statement(lock.key, timeout)
-            conn = self._connection(lock.database)
+            conn = self._in_use = self._connection(lock.database)
             if not self._turn.acquire(timeout=timeout):
                 raise ProbeUnavailable("the poll of this server has not finished: no turn to try")
             try:
@@ -340,7 +346,8 @@ class Prober:
             self._worker.call(lambda lock=lock: self.try_lock(lock), timeout=deadline)
         except StuckCall as exc:
             self._record(lock, None, deadline, f"{exc}: is the server hung?", trusted=self._trusted(lock.database))
-            break_off(self._conns.get(lock.database))  # the stuck try returns now, its connection dropped
+            # The stuck try returns now, its connection dropped (or the one it was opening).
+            break_off(self._opening or self._in_use)
         self._publish(self.results())
         interval = lock.probe.interval  # type: ignore[union-attr]
         due[index] += interval

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import pytest
 import yaml
 
 from exporter import connection
+from exporter.config import parse_config
+from exporter.poolers import PoolerReader
 from exporter.deadline import OneAtATime, StuckCall
 from tests.conftest import needs_own_clusters, wait_until
 from tests.metrics_util import parse, up
@@ -225,4 +228,50 @@ def test_breaking_off_a_stuck_call_ends_it(server) -> None:
         assert conn.closed or conn.broken
     finally:
         holder.close()
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_hung_console_leaves_no_connection_open(make_poller) -> None:
+    """A console that accepts and never answers: each read gives up at its deadline and its
+    connect times out; neither leaves a socket open to it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    config = parse_config({"dsn": "host=127.0.0.1", "locks": [], "poolers": [
+        {"name": "pgb", "type": "pgbouncer", "dsn": f"host=127.0.0.1 port={port} dbname=pgbouncer"}]}, "t")
+    reader = PoolerReader(config)
+    try:
+        for _ in range(2):
+            assert [c.up for c in reader.read().consoles] == [False]
+            wait_until(lambda: not any(w.busy for w in reader._workers.values()), timeout=10)
+            assert _established_to(port) == 0
+    finally:
+        reader.close()
+        listener.close()
+
+
+def test_breaking_off_never_touches_a_socket_that_reused_the_connections_number(server) -> None:
+    """The connection's descriptor is closed (by its worker, say) and its number handed to another
+    socket before break_off runs: break_off ends the connection's own socket, through the second
+    descriptor taken at connect, and leaves the other alone."""
+    conn = connection.connect(server.dsn(), "t", 5.0)
+    pid = conn.info.backend_pid
+    number = conn.pgconn.socket
+    os.close(number)  # behind psycopg's back, as a racing close would: the number is free
+    mine, peer = socket.socketpair()
+    try:
+        assert number in (mine.fileno(), peer.fileno())
+        connection.break_off(conn)
+        peer.sendall(b"x")
+        assert mine.recv(1) == b"x"
+        mine.sendall(b"y")
+        assert peer.recv(1) == b"y"
+        with psycopg.connect(server.dsn(), autocommit=True) as watcher:  # and the backend saw its end
+            wait_until(lambda: watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                               [pid]).fetchone()[0] == 0)
+    finally:
+        mine.close()
+        peer.close()
         conn.close()

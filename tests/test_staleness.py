@@ -19,6 +19,7 @@ from exporter import queries
 from exporter.config import parse_fleet
 from exporter.exposition import Exposition
 from exporter.fleet import Runtime
+from exporter.poller import connect_poller
 from exporter.snapshot import LockState, PollStats, Snapshot
 from tests.conftest import wait_until
 from tests.exporter_proc import ExporterProcess
@@ -62,6 +63,25 @@ def test_the_bound_is_the_next_poll_due_plus_its_deadline(make_poller, poolers, 
     snapshot = poller.poll_once()
     assert snapshot.up
     assert snapshot.fresh_until == 100.0 + bound
+
+
+def test_the_bound_counts_from_when_the_poll_ended(make_poller, monkeypatch) -> None:
+    """Issue 27, 1: a poll's time was taken before its console reads, so a poll that spent long on
+    a console was stale when published. The bound starts when the poll ends."""
+    now = [100.0]
+    console = {"name": "pgb", "type": "pgbouncer",
+               "dsn": f"host=127.0.0.1 port={_refused_port()} dbname=pgbouncer connect_timeout=1"}
+    poller = make_poller({"poll_interval": "2s", "locks": LOCKS, "poolers": [console]}, clock=lambda: now[0])
+    read = poller._poolers.read
+
+    def slow_read(*args, **kwargs):
+        now[0] += 3.0  # the consoles took 3 s after pg_locks was read
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(poller._poolers, "read", slow_read)
+    snapshot = poller.poll_once()
+    assert snapshot.up and snapshot.taken_at == 100.0
+    assert snapshot.fresh_until == 103.0 + 2.0 + 8.0  # ended at 103; 2 s to the next; its deadline 8 s
 
 
 def test_the_figures_say_when_pg_locks_was_read(make_poller, sessions) -> None:
@@ -175,3 +195,59 @@ def test_the_interval_figure_is_the_time_between_reads_when_longer(make_poller) 
         exposition.render_now()
         figures.append(parse(exposition.body().decode())[interval])
     assert figures == [1.0, 3.5, 1.0]
+
+
+def _hung_listener() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    return listener
+
+
+@pytest.mark.slow
+def test_a_reload_that_adds_hung_consoles_keeps_a_healthy_exporter_up(server) -> None:
+    """The bound a poll gets counts the next poll's deadline as it was; a reload that adds a
+    console of two hung addresses lengthens it (4 s more to read them): the last poll stays fresh
+    until the next one's own deadline (found by review: 19 scrapes of 120 said up 0)."""
+    first, second = _hung_listener(), _hung_listener()
+    raw = {"dsn": server.dsn(), "poll_interval": "1s", "locks": LOCKS}
+    runtime = Runtime(parse_fleet(raw, "t"), "/metrics")
+    runtime.start()
+    try:
+        wait_until(lambda: up(runtime.metrics(False).decode()) == 1, timeout=20)
+        dsn = (f"host=127.0.0.1,127.0.0.1 port={first.getsockname()[1]},{second.getsockname()[1]} "
+               "dbname=pgbouncer")
+        runtime.apply(parse_fleet({**raw, "poolers": [{"name": "pgb", "type": "pgbouncer", "dsn": dsn}]}, "t"))
+        seen = []
+        for _ in range(48):  # 12 s: two polls at least, each 6 s on the consoles
+            seen.append(up(runtime.metrics(False).decode()))
+            time.sleep(0.25)
+        assert set(seen) == {1.0}
+        assert runtime.targets[""].exposition.snapshot.stats.errors == 0
+    finally:
+        runtime.stop()
+        first.close()
+        second.close()
+
+
+def test_a_poll_stuck_on_a_connection_being_opened_is_broken_off(make_poller) -> None:
+    """The network goes silent right after the handshake (its backend stopped): the poll's first
+    statements never return. The deadline breaks that connection off too, so the next poll
+    connects anew and succeeds (found by review: the worker stayed busy for good)."""
+    frozen: list[int] = []
+
+    def connect(config):
+        conn = connect_poller(config)
+        if not frozen:
+            frozen.append(conn.info.backend_pid)
+            os.kill(conn.info.backend_pid, signal.SIGSTOP)
+        return conn
+
+    poller = make_poller({"poll_interval": "500ms", "locks": LOCKS})
+    poller._connect = connect
+    try:
+        assert not poller._poll_with_deadline().up
+        assert poller._worker.wait_idle(5)
+        assert wait_until(lambda: poller._poll_with_deadline().up, timeout=10)
+    finally:
+        _signal_all(frozen, signal.SIGCONT)
