@@ -92,17 +92,19 @@ class Target:
         self.poller = Poller(config, connect=connect_poller, publish=self._publish, turn=turn,
                              on_start=self._poll_started)
         self._threads: list[threading.Thread] = []
-        self._stale_since: float | None = None
+        # A poll's publication and the watchdog's replacement, each with its word to the fleet's view.
+        self._publishing = threading.Lock()
 
     @property
     def name(self) -> str:
         return self.config.name
 
     def _publish(self, snapshot: Snapshot) -> None:
-        self.exposition.publish(snapshot)
+        with self._publishing:
+            self.exposition.publish(snapshot)
+            if self._on_snapshot is not None:
+                self._on_snapshot(self.name, snapshot)
         self.first_poll.set()
-        if self._on_snapshot is not None:
-            self._on_snapshot(self.name, snapshot)
 
     def _poll_started(self, deadline: float) -> None:
         """A poll started with its deadline (the poller's clock): the last good poll is served until
@@ -122,13 +124,14 @@ class Target:
         if not snapshot.up or now <= snapshot.fresh_until:
             return False
         stale = Snapshot(up=False, stats=snapshot.stats)
-        if not self.exposition.publish_instead_of(snapshot, stale):
-            return False  # a poll published meanwhile: not stale after all
+        with self._publishing:  # the fleet's view gets the same snapshot as the exposition, in order
+            if not self.exposition.publish_instead_of(snapshot, stale):
+                return False  # a poll published meanwhile: not stale after all
+            if self._on_snapshot is not None:
+                self._on_snapshot(self.name, stale)
         log.error("target %s: no poll has been published for %.1fs after the last was read (its bound: the next "
                   "poll due and its deadline, %.1fs): the poller is stuck or gone; serving up 0", self.name or "(single)",
                   now - snapshot.taken_at, snapshot.fresh_until - snapshot.taken_at)
-        if self._on_snapshot is not None:
-            self._on_snapshot(self.name, stale)
         return True
 
     def start(self) -> None:
