@@ -101,6 +101,13 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         down = ExporterProcess(tmp_path / "down", {"dsn": down_db.dsn(), "poll_interval": "300ms", "locks": []})
         started.append(down)
         down.metrics_when(lambda text: "pg_advisory_lock_exporter_last_poll_timestamp_seconds " in text)
+        # A probe over the cluster's Unix socket: nothing proves it reaches PostgreSQL itself (ProbeUntrusted).
+        socket_config = {"dsn": f"host={cluster.root} port={cluster.port} dbname=postgres user=postgres",
+                         "poll_interval": "300ms", "probe_interval": "300ms",
+                         "locks": [{"name": "via-socket", "key": 3131, "probe": {"expect": "any"}}]}
+        (tmp_path / "socket").mkdir()
+        untrusted = ExporterProcess(tmp_path / "socket", socket_config)
+        started.append(untrusted)
         down_db.signal_all(signal.SIGSTOP)  # hung after a good poll: no poll finishes from now on
 
         # The situations, on a real cluster.
@@ -143,6 +150,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
                 {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{main.port}"]}]},
                 {"job_name": f"{JOB}-down-db", "static_configs": [{"targets": [f"127.0.0.1:{down.port}"]}]},
                 {"job_name": f"{JOB}-gone", "static_configs": [{"targets": [f"127.0.0.1:{gone_port}"]}]},
+                {"job_name": f"{JOB}-socket", "static_configs": [{"targets": [f"127.0.0.1:{untrusted.port}"]}]},
             ],
         }
         config_path = tmp_path / "prometheus.yml"
@@ -181,6 +189,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         assert stranded["labels"]["lock"] == "migrations" and "pooler pgb" in stranded["annotations"]["description"]
         assert "free: nobody holds it" in alerts["PgAdvisoryLockProbeExpectationFailed"][0]["annotations"]["description"]
         assert alerts["PgAdvisoryLockProbeErrors"][0]["labels"]["lock"] == "ghost"
+        assert alerts["PgAdvisoryLockProbeUntrusted"][0]["labels"]["lock"] == "via-socket"
         assert alerts["PgAdvisoryLockWaitersPilingUp"][0]["labels"]["lock"] in ("shard-7", "deploy")
         assert alerts["PgAdvisoryLockNotTaken"][0]["labels"]["lock"] == "cron"
         assert alerts["PgAdvisoryLockPoolerConsoleDown"][0]["labels"]["pooler"] == "pgb-late"
@@ -214,6 +223,8 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
             cleanup.execute("SELECT pg_advisory_unlock_all()")  # the same (only) server connection
         down_db.signal_all(signal.SIGCONT)
         late_bouncer.start()  # its console answers now
+        untrusted.config_path.write_text(yaml.safe_dump({**socket_config, "dsn": server.dsn()}))
+        untrusted.proc.send_signal(signal.SIGHUP)  # over TCP to PostgreSQL itself: trusted again
         (tmp_path / "gone").mkdir()
         started.append(ExporterProcess(tmp_path / "gone", {"dsn": server.dsn(), "poll_interval": "300ms", "locks": []},
                                        port=gone_port))
