@@ -4,4 +4,5 @@ import sys
 
 from chaos.run import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the workload's spawned workers import this module too
+    sys.exit(main())

@@ -378,7 +378,15 @@ class Injector:
         self.reloads = 0
 
     def run(self, planned: Planned) -> Fault:
-        return self.recorder.add(self._fault(planned))
+        """Play one fault; one that breaks before it could prove itself (the workload would not
+        pause, a pooler would not stop) is recorded unproven, and the run goes on (and fails)."""
+        try:
+            fault = self._fault(planned)
+        except Exception as exc:  # noqa: BLE001 - recorded as a fault that did not prove itself
+            print(f"chaos: {planned.kind} on {planned.target} broke: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            now = time.time()
+            fault = Fault(planned.kind, planned.target, Span(now, now), Span(now, now), False, "")
+        return self.recorder.add(fault)
 
     def _fault(self, planned: Planned) -> Fault:
         kind = planned.kind
