@@ -174,7 +174,10 @@ def timeline(result: "Result", path: Path) -> Path | None:
     setup = result.setups.get(TIMELINE_TARGET)
     if setup is None or not result.scrapes:
         return None
-    locks = [lock for lock in setup.locks if not lock.family][:TIMELINE_LOCKS]
+    # The busiest named locks: the picture shows most where the truth changed most.
+    busy = Counter(lock.name for h in result.truth.holds if h.target == TIMELINE_TARGET
+                   for lock in setup.locks if not lock.family and h.database == lock.database and lock.matches(h.key))
+    locks = sorted((lock for lock in setup.locks if not lock.family), key=lambda lock: -busy[lock.name])[:TIMELINE_LOCKS]
     end = max(s.received for s in result.scrapes) - result.started
     grid = [i * 0.1 for i in range(int(end / 0.1) + 1)]
     fig, axes = plt.subplots(len(locks), 1, figsize=(12, 2.2 * len(locks)), sharex=True, squeeze=False)
