@@ -96,12 +96,25 @@ def _faults(result: "Result") -> list[str]:
         by = [str(counts.get((kind, letter), 0)) for letter in "abcd"]
         lines.append(f"| {kind} | {' | '.join(by)} | {_median_worst(verdict.blind.get(kind, []))} | "
                      f"{_median_worst(verdict.recovery.get(kind, []))} |")
+    lines += ["", *_budget(result, counts)]
     unproven = result.unproven
     lines += ["", f"Every fault proved itself: {'yes' if not unproven else 'no'}."]
     lines += [f"- NOT PROVEN: {f.kind} on {f.target} at {f.began.lo:.3f}" for f in unproven]
     lines += ["", f"Unexplained blind time: {len(verdict.unexplained_blind)} stretches"]
     lines += [f"- {target or '-'}: {lo:.3f} .. {hi:.3f} ({hi - lo:.2f} s)" for target, lo, hi in verdict.unexplained_blind[:50]]
     return lines
+
+
+def _budget(result: "Result", counts: Counter[tuple[str, str]]) -> list[str]:
+    """Issue 27's budget for the 30-minute run: at least 100 faults, every kind at least twice in
+    every topology it applies to (the places the schedule drew from)."""
+    if result.options.short:
+        return [f"Short run: every kind once ({len({f.kind for f in result.faults})} kinds played)."]
+    places = sorted({(p.kind, result.sites.get(p.target, "d")) for p in result.plan})
+    thin = [f"{kind} in ({letter}): {counts.get((kind, letter), 0)}" for kind, letter in places
+            if counts.get((kind, letter), 0) < 2]
+    return [f"Budget: at least 100 faults: {len(result.faults)}, {'met' if len(result.faults) >= 100 else 'not met'}; "
+            f"every kind at least twice in every topology it applies to: {'met' if not thin else 'not met: ' + ', '.join(thin)}."]
 
 
 def _resources(result: "Result") -> list[str]:
@@ -141,10 +154,15 @@ def write_report(result: "Result") -> str:
 
 
 def _true_holders(holds: list[Hold], times: list[float]) -> list[int]:
-    """At each time, how many holds were surely held (granted before, released after)."""
-    counts = []
+    """At each time (ascending), how many holds were surely held: granted by then (the grant's
+    span over), not yet released (its span not begun). One sweep over the changes."""
+    changes = sorted([(h.granted.hi, 1) for h in holds] + [(h.released.lo, -1) for h in holds if h.released])
+    counts, held, at = [], 0, 0
     for when in times:
-        counts.append(sum(1 for h in holds if h.granted.hi <= when and (h.released is None or h.released.lo > when)))
+        while at < len(changes) and changes[at][0] <= when:
+            held += changes[at][1]
+            at += 1
+        counts.append(held)
     return counts
 
 

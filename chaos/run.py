@@ -79,7 +79,7 @@ class Options:
     out: Path = Path("chaos-out")
     poll_interval: float = 0.5
     short: bool = False  # the short run of make test: every kind once, short faults
-    hold_seconds: tuple[float, float] = (0.05, 20.0)
+    hold_seconds: tuple[float, float] = (0.05, 120.0)  # from 50 ms to minutes (the short run: seconds)
     workers: int = 6
     settle: float = 90.0  # seconds after the last fault for threads and connections to come back
 
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     options = Options(seconds=args.seconds, seed=seed, out=args.out, poll_interval=args.poll_interval, short=args.short,
-                      settle=10.0 if args.short else 90.0)
+                      settle=10.0 if args.short else 90.0, hold_seconds=(0.05, 8.0) if args.short else (0.05, 120.0))
     try:
         module = importlib.import_module("chaos.workload")
     except ModuleNotFoundError as exc:

@@ -17,9 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from chaos import faults, run
+from chaos import faults, run, truth
 from chaos import report as run_report
 from chaos.faults import Exporter, Planned, Site
+from chaos.oracle import Lie, Scrape, TargetSetup, Verdict
 from chaos.proxy import BLACKHOLE, PASS, RESET, STALL, Proxy, wait_for
 from chaos.run import World
 from exporter.poolers import CONSOLE_TIMEOUT
@@ -353,3 +354,52 @@ def test_the_short_run_finds_no_lie(tmp_path: Path) -> None:
     assert sorted(f.kind for f in result.faults) == sorted(faults.KINDS)
     assert result.faults[-1].ended.hi - result.faults[0].began.lo < 120  # type: ignore[union-attr]
     assert result.ok
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def _result(tmp_path: Path, lies: list[Any], faults_: list[truth.Fault], short: bool = False) -> run.Result:
+    text = ('pg_advisory_lock_exporter_up 1\n'
+            'pg_advisory_lock_holders{lock="lock-1001",database="app",mode="exclusive"} 1\n')
+    scrapes = [Scrape("direct", 100.0 + i, 100.01 + i, text) for i in range(5)] + [Scrape("proxied", 101.0, 103.0, "")]
+    hold = truth.Hold("direct", "app", (0, 1001, 1), truth.EXCLUSIVE, truth.Holder(42, 1.0), truth.Span(99.0, 99.1))
+    verdict = Verdict(checks={rule: 3 for rule in range(1, 9)}, lies=lies, blind={"freeze": [1.0, 3.0]},
+                      recovery={"freeze": [0.4, 0.6, 0.9]})
+    setups = {name: TargetSetup(name, run.named_locks("app"), run.DATABASES, stale_after=7.5) for name in ("direct", "proxied")}
+    plan = [Planned("freeze", "direct"), Planned("exporter-stop", "exporter")]
+    return run.Result(run.Options(seed=9, out=tmp_path, short=short), plan, faults_, scrapes, verdict,
+                      truth.Truth(holds=[hold]), setups, [{"at": 100.0, "rss_mb": 40.0, "threads": 20, "sockets": 5}],
+                      100.0, {"direct": "a", "proxied": "b"})
+
+
+def test_the_report_names_each_lie_with_its_scrape_the_truth_and_the_seed(tmp_path: Path) -> None:
+    fault = truth.Fault("freeze", "direct", truth.Span(100.5, 100.6), truth.Span(102.0, 102.1), True, "state T")
+    lie = Lie(1, "direct", 102.01, 'holders{lock="lock-1001"} served 1, truth [0, 0]')
+    result = _result(tmp_path, [lie], [fault, fault])
+    text = run_report.write_report(result)
+    assert not result.ok and text.startswith("# Truth test: **failed**")
+    assert "- rule 1, target direct, scrape at 102.010 (seed 9): holders" in text
+    saved = (tmp_path / "lies" / "lie-1-rule-1.txt").read_text()
+    assert "pg_advisory_lock_holders" in saved and "(0, 1001, 1) exclusive pid=42" in saved
+    assert "| freeze | 2 | 0 | 0 | 0 | 2.00 | 3.00 | 0.60 | 0.90 |" in text
+    # Two faults, not 100; exporter-stop was planned for (d) and never played.
+    assert "at least 100 faults: 2, not met" in text and "not met: exporter-stop in (d): 0" in text
+    assert "Scrapes: 6 (1 failed or timed out)" in text
+
+
+def test_a_fault_that_did_not_prove_itself_fails_the_run(tmp_path: Path) -> None:
+    proven = truth.Fault("freeze", "direct", truth.Span(100.5, 100.6), truth.Span(102.0, 102.1), True, "state T")
+    unproven = truth.Fault("net-reset", "proxied", truth.Span(103.0, 103.0), truth.Span(103.0, 103.0), True, "")
+    assert _result(tmp_path, [], [proven], short=True).ok
+    result = _result(tmp_path, [], [proven, unproven], short=True)
+    assert not result.ok
+    assert "- NOT PROVEN: net-reset on proxied at 103.000" in run_report.write_report(result)
+
+
+def test_true_holders_counts_only_holds_surely_held() -> None:
+    holder = truth.Holder(1)
+    holds = [truth.Hold("t", "app", (0, 1, 1), truth.EXCLUSIVE, holder, truth.Span(1.0, 2.0), truth.Span(5.0, 6.0)),
+             truth.Hold("t", "app", (0, 1, 1), truth.SHARED, holder, truth.Span(3.0, 3.5))]
+    # Inside a grant's or a release's span the hold is not surely held.
+    assert run_report._true_holders(holds, [0.5, 1.5, 2.0, 3.2, 4.0, 5.0, 7.0]) == [0, 0, 1, 1, 2, 1, 1]
