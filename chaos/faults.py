@@ -246,7 +246,7 @@ def pgbouncer_restart(site: Site, planned: Planned) -> Fault:
 
 def terminate_exporter(site: Site, planned: Planned) -> Fault:
     def terminate() -> str:
-        with psycopg.connect(site.direct_dsn(), autocommit=True) as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+        with _admin(site) as cur:
             rows = cur.execute(TERMINATE_EXPORTER, {"pattern": APPLICATION_NAME + "%"}).fetchall()
         done = sorted(row.pid for row in rows if row.terminated)
         return f"pg_terminate_backend ended the exporter's backends {done}" if done else ""
@@ -337,9 +337,23 @@ def db_recreate(site: Site, planned: Planned, workload: Workload) -> Fault:
     return fault
 
 
+def admin_connect(site: Site, within: float = 10.0) -> psycopg.Connection[Any]:
+    """A connection for the harness's own statements: a server full of the workload's clients
+    is tried again for a while (superuser_reserved_connections does not help: they are
+    superusers too)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return psycopg.connect(site.direct_dsn(), autocommit=True)
+        except psycopg.OperationalError as exc:
+            if "too many clients" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def _admin(site: Site) -> Iterator[Any]:
-    with psycopg.connect(site.direct_dsn(), autocommit=True) as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+    with admin_connect(site) as conn, conn.cursor(row_factory=namedtuple_row) as cur:
         yield cur
 
 

@@ -17,6 +17,7 @@ HOLDERS = "pg_advisory_lock_holders"
 UP = "pg_advisory_lock_exporter_up"
 TIMELINE_LOCKS = 3  # locks drawn in the picture
 TIMELINE_TARGET = "direct"
+LIES_SHOWN = 10  # per rule, in report.md (lies.txt has them all)
 
 
 def _median_worst(values: list[float]) -> str:
@@ -70,18 +71,31 @@ def _truth_at(result: "Result", target: str, when: float) -> list[str]:
 
 
 def _lies(result: "Result", out: Path) -> list[str]:
+    """Every lie in OUT/lies.txt; the first LIES_SHOWN of each rule here, each with its scrape
+    and the truth then saved beside the report."""
     lines = ["", "## Lies", ""]
-    if not result.verdict.lies:
+    lies = result.verdict.lies
+    if not lies:
         return [*lines, "None."]
+    (out / "lies.txt").write_text("".join(f"rule {lie.rule}\t{lie.target}\t{lie.scrape_received:.3f}\t{lie.what}\n"
+                                          for lie in lies))
     folder = out / "lies"
     folder.mkdir(exist_ok=True)
-    for number, lie in enumerate(result.verdict.lies, 1):
+    shown: Counter[int] = Counter()
+    for number, lie in enumerate(lies, 1):
+        shown[lie.rule] += 1
+        if shown[lie.rule] > LIES_SHOWN:
+            continue
         scrape = next((s for s in result.scrapes if s.target == lie.target and s.received == lie.scrape_received), None)
         path = folder / f"lie-{number}-rule-{lie.rule}.txt"
         path.write_text((scrape.text if scrape else "(scrape not found)") + "\n# the truth then\n"
                         + "\n".join(_truth_at(result, lie.target, lie.scrape_received)) + "\n")
         lines.append(f"- rule {lie.rule}, target {lie.target or '-'}, scrape at {lie.scrape_received:.3f} "
-                     f"(seed {result.options.seed}): {lie.what} (the scrape and the truth then: {path.name})")
+                     f"(seed {result.options.seed}): {lie.what} (the scrape and the truth then: lies/{path.name})")
+    hidden = {rule: n - LIES_SHOWN for rule, n in sorted(shown.items()) if n > LIES_SHOWN}
+    if hidden:
+        lines.append(f"- and more (all {len(lies)} in lies.txt): "
+                     + ", ".join(f"{n} of rule {rule}" for rule, n in hidden.items()))
     return lines
 
 
@@ -125,7 +139,8 @@ def _resources(result: "Result") -> list[str]:
     at_five = next((s for s in samples if s["at"] - result.started >= 300), None)
     lines = ["", "## The exporter process", "", "| figure | start | after 5 min | end |", "|---|---|---|---|"]
     for key, label in (("rss_mb", "RSS (MB)"), ("threads", "threads"), ("sockets", "open sockets (/proc)"),
-                       ("backends", "its backends (pg_stat_activity)")):
+                       ("backends", "its backends (pg_stat_activity)"),
+                       ("server_clients", "every client backend of the three servers")):
         five = f"{at_five[key]:.1f}" if at_five and key in at_five else "-"
         lines.append(f"| {label} | {first.get(key, 0):.1f} | {five} | {last.get(key, 0):.1f} |")
     if "settled_after" in last:

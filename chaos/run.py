@@ -48,6 +48,7 @@ from typing import Any
 
 import psycopg
 import yaml
+from psycopg.rows import namedtuple_row
 
 from chaos import faults, oracle, truth
 from chaos.faults import Exporter, FaultRecorder, Injector, Planned, Site
@@ -68,7 +69,7 @@ UNNAMED_KEYS = (5001, 5002, 5003, 5004, 5005)
 RELOAD_KEY_BASE = 9000  # the reloads' own lock: key 9000 + n, a key nobody takes
 SCRAPE_EVERY = 0.2
 SCRAPE_TIMEOUT = 2.0
-CLUSTER_SETTINGS = {"max_connections": "40", "max_prepared_transactions": "20"}
+CLUSTER_SETTINGS = {"max_connections": "100", "max_prepared_transactions": "20"}
 TOPOLOGY = {"direct": "a", "proxied": "b", "pooled": "c", "exporter": "d"}
 
 
@@ -324,7 +325,11 @@ def load_scrapes(path: Path) -> list[Scrape]:
 
 # -- the exporter's own figures --------------------------------------------------------------------
 
-COUNT_OURS = "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name LIKE %(pattern)s"
+COUNT_OURS = """
+SELECT count(*) FILTER (WHERE application_name LIKE %(pattern)s) AS ours,
+       count(*) FILTER (WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS clients
+  FROM pg_stat_activity
+"""
 
 
 def resources(pid: int, world: World) -> dict[str, float]:
@@ -342,14 +347,15 @@ def resources(pid: int, world: World) -> dict[str, float]:
         sample["sockets"] = sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         pass
-    backends = 0
+    sample["backends"] = sample["server_clients"] = 0
     for site in world.sites.values():
         try:
             with psycopg.connect(site.direct_dsn(), autocommit=True) as conn:
-                backends += conn.execute(COUNT_OURS, {"pattern": APPLICATION_NAME + "%"}).fetchone()[0]
+                row = conn.cursor(row_factory=namedtuple_row).execute(COUNT_OURS, {"pattern": APPLICATION_NAME + "%"}).fetchone()
+            sample["backends"] += row.ours
+            sample["server_clients"] += row.clients  # the workload's too: a leak shows here
         except psycopg.Error:
             pass
-    sample["backends"] = backends
     return sample
 
 

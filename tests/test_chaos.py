@@ -403,3 +403,13 @@ def test_true_holders_counts_only_holds_surely_held() -> None:
              truth.Hold("t", "app", (0, 1, 1), truth.SHARED, holder, truth.Span(3.0, 3.5))]
     # Inside a grant's or a release's span the hold is not surely held.
     assert run_report._true_holders(holds, [0.5, 1.5, 2.0, 3.2, 4.0, 5.0, 7.0]) == [0, 0, 1, 1, 2, 1, 1]
+
+
+def test_the_report_shows_ten_lies_of_a_rule_and_keeps_them_all_in_lies_txt(tmp_path: Path) -> None:
+    fault = truth.Fault("freeze", "direct", truth.Span(100.5, 100.6), truth.Span(102.0, 102.1), True, "state T")
+    lies = [Lie(1, "direct", 100.01 + i, f"lie {i}") for i in range(5)] * 3 + [Lie(7, "direct", 100.01, "counter")]
+    text = run_report.write_report(_result(tmp_path, lies, [fault]))
+    assert text.count("- rule 1, ") == 10 and text.count("- rule 7, ") == 1
+    assert "- and more (all 16 in lies.txt): 5 of rule 1" in text
+    assert len((tmp_path / "lies.txt").read_text().splitlines()) == 16
+    assert len(list((tmp_path / "lies").iterdir())) == 11
