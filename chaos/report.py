@@ -39,7 +39,8 @@ def _header(result: "Result") -> list[str]:
         "(dsn straight to the server, a pooler console through the harness's proxy), `proxied` is (b) (dsn through "
         "the proxy), `pooled` is (c) (dsn through the transaction pool, with its console); together they are (d): "
         "each fault hits one server (or the exporter process: topology d), and the others must not notice. "
-        "The workload runs on all three throughout.",
+        "The workload runs on all three throughout. The PgBouncers run with server_login_retry 0.5 s "
+        "(default 15 s: through a pool the exporter could not recover sooner than the pool retries).",
         "",
         f"Scrapes: {len(result.scrapes)} ({failed} failed or timed out), "
         + ", ".join(f"{t}: {sum(1 for s in result.scrapes if s.target == t)}" for t in sorted(result.setups)) + ".",
