@@ -174,7 +174,8 @@ def all_stopped(pids: list[int]) -> str:
     states = {pid: process_state(pid) for pid in pids}
     states = {pid: s for pid, s in states.items() if s}  # a backend that exited is not running
     if states and all(s in ("T", "t") for s in states.values()):
-        return f"/proc/PID/stat state T for {len(states)} processes ({', '.join(map(str, sorted(states)))})"
+        shown = ", ".join(map(str, sorted(states)[:5])) + (", ..." if len(states) > 5 else "")
+        return f"/proc/PID/stat state T for {len(states)} processes ({shown})"
     return ""
 
 
@@ -204,7 +205,16 @@ def freeze(site: Site, planned: Planned) -> Fault:
         site.cluster.signal_all(signal.SIGSTOP)
         site.cluster.signal_all(signal.SIGSTOP)
 
-    return episode(planned.kind, site.name, True, stop_all, lambda: all_stopped(site.cluster.server_pids()),
+    def proof() -> str:
+        # A backend forked just before the postmaster stopped is stopped when it shows up.
+        pids = site.cluster.server_pids()
+        for pid in pids:
+            if process_state(pid) not in ("T", "t", ""):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+        return all_stopped(pids)
+
+    return episode(planned.kind, site.name, True, stop_all, proof,
                    lambda: site.cluster.signal_all(signal.SIGCONT), planned.duration)
 
 

@@ -138,16 +138,19 @@ def _resources(result: "Result") -> list[str]:
         return []
     first, last = samples[0], samples[-1]
     at_five = next((s for s in samples if s["at"] - result.started >= 300), None)
-    lines = ["", "## The exporter process", "", "| figure | start | after 5 min | end |", "|---|---|---|---|"]
+    lines = ["", "## The exporter process", "", "| figure | start | after 5 min | end (the workload stopped) |",
+             "|---|---|---|---|"]
     for key, label in (("rss_mb", "RSS (MB)"), ("threads", "threads"), ("sockets", "open sockets (/proc)"),
                        ("backends", "its backends (pg_stat_activity)"),
                        ("server_clients", "every client backend of the three servers")):
         five = f"{at_five[key]:.1f}" if at_five and key in at_five else "-"
         lines.append(f"| {label} | {first.get(key, 0):.1f} | {five} | {last.get(key, 0):.1f} |")
-    if "settled_after" in last:
-        lines.append(f"\nEnd figures taken {last['settled_after']:.0f} s after the last fault.")
-    back = all(last.get(k) == first.get(k) for k in ("threads", "sockets"))
-    lines.append(f"Threads and sockets back to their starting counts: {'yes' if back else 'no'}.")
+    settled = next((s for s in samples if "settled_after" in s), None)
+    if settled is not None:
+        back = all(settled.get(k) == first.get(k) for k in ("threads", "sockets"))
+        lines.append(f"\nThreads and sockets back to their starting counts {settled['settled_after']:.0f} s after the "
+                     f"last fault: {'yes' if back else 'no'} ({settled.get('threads', 0):.0f} threads, "
+                     f"{settled.get('sockets', 0):.0f} sockets).")
     if at_five and "rss_mb" in at_five and "rss_mb" in last:
         drift = (last["rss_mb"] - at_five["rss_mb"]) / at_five["rss_mb"] * 100
         lines.append(f"RSS at the end against after 5 minutes: {drift:+.1f}% (budget: within 10%: "

@@ -452,6 +452,8 @@ def _run_in(world: World, options: Options, module: ModuleType, judge: Callable[
             scraper.join(SCRAPE_TIMEOUT + 1)
         if workload_started:
             workload.stop()
+            if proc.proc.poll() is None:  # the end's figures: the workload's connections gone, a leak would stay
+                samples.append(resources(exporter.pid, world))
         proc.stop()
     scrapes = sorted((s for scraper in scrapers for s in scraper.scrapes), key=lambda s: s.received)
     save_scrapes(scrapes, options.out / "scrapes.jsonl.gz")
