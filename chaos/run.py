@@ -457,11 +457,48 @@ def _run_in(world: World, options: Options, module: ModuleType, judge: Callable[
         proc.stop()
     scrapes = sorted((s for scraper in scrapers for s in scraper.scrapes), key=lambda s: s.received)
     save_scrapes(scrapes, options.out / "scrapes.jsonl.gz")
-    record = truth.Truth.of(truth.load([*workload.files(), recorder.path]))
     target_setups = setups(world, options.poll_interval)
+    files = [*workload.files(), recorder.path]
+    _save_run(options, plan, samples, started, world, target_setups, files)
+    record = truth.Truth.of(truth.load(files))
     verdict = judge(record, scrapes, target_setups)
     return Result(options, plan, recorder.faults, scrapes, verdict, record, target_setups, samples, started,
                   {name: site.topology for name, site in world.sites.items()})
+
+
+RUN_FILE = "run.json"
+
+
+def _save_run(options: Options, plan: list[Planned], samples: list[dict[str, float]], started: float, world: World,
+              target_setups: dict[str, TargetSetup], files: list[Path]) -> None:
+    """What `--rejudge` needs besides the scrapes and the truth: the oracle can judge the run
+    again (a rule mended, a lie looked into) without running it."""
+    data = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()},
+            "plan": [dataclasses.asdict(p) for p in plan], "samples": samples, "started": started,
+            "sites": {name: site.topology for name, site in world.sites.items()},
+            "setups": {name: {"database": world.sites[name].database, "stale_after": setup.stale_after,
+                              "reconnect_backoff_max": setup.reconnect_backoff_max,
+                              "max_holder_info_per_lock": setup.max_holder_info_per_lock}
+                       for name, setup in target_setups.items()},
+            "truth": [str(path.relative_to(options.out)) for path in files]}
+    (options.out / RUN_FILE).write_text(json.dumps(data, indent=1))
+
+
+def rejudge(out: Path, judge: Callable[..., oracle.Verdict] | None = None) -> Result:
+    """A finished run's OUT folder judged again: the same scrapes, truth and setups."""
+    data = json.loads((out / RUN_FILE).read_text())
+    raw = data["options"]
+    options = Options(**{**raw, "out": out, "hold_seconds": tuple(raw["hold_seconds"])})
+    target_setups = {name: TargetSetup(name, named_locks(setup["database"]), DATABASES,
+                                       max_holder_info_per_lock=setup["max_holder_info_per_lock"],
+                                       reconnect_backoff_max=setup["reconnect_backoff_max"],
+                                       stale_after=setup["stale_after"])
+                     for name, setup in data["setups"].items()}
+    record = truth.Truth.of(truth.load([out / path for path in data["truth"]]))
+    scrapes = load_scrapes(out / "scrapes.jsonl.gz")
+    verdict = (judge or oracle.judge)(record, scrapes, target_setups)
+    return Result(options, [Planned(**p) for p in data["plan"]], record.faults, scrapes, verdict, record,
+                  target_setups, data["samples"], data["started"], data["sites"])
 
 
 def _play(plan: list[Planned], injector: Injector, scrapers: list[Scraper], options: Options,
@@ -507,7 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("chaos-out"), help="where the truth, faults and report go")
     parser.add_argument("--poll-interval", type=float, default=0.5, help="the exporter's poll_interval in seconds")
     parser.add_argument("--short", action="store_true", help="every fault kind once, short faults (make test's run)")
+    parser.add_argument("--rejudge", type=Path, metavar="OUT", help="judge a finished run's folder again, and report")
     args = parser.parse_args(argv)
+    if args.rejudge is not None:
+        result = rejudge(args.rejudge)
+        print(write_report(result), flush=True)
+        return 0 if result.ok else 1
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     options = Options(seconds=args.seconds, seed=seed, out=args.out, poll_interval=args.poll_interval, short=args.short,
                       settle=10.0 if args.short else 90.0, hold_seconds=(0.05, 8.0) if args.short else (0.05, 120.0))

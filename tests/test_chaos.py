@@ -332,7 +332,10 @@ def test_the_runner_plays_every_fault_with_stand_ins(tmp_path: Path) -> None:
     assert text.startswith("# Truth test: **passed**") and "Seed **27**" in text
     if importlib.util.find_spec("matplotlib"):  # the bench extra; make chaos installs it
         assert (tmp_path / "timeline.png").stat().st_size > 10_000
-    assert len(run.load_scrapes(tmp_path / "scrapes.jsonl.gz")) == len(result.scrapes)
+    again = run.rejudge(tmp_path, chaos_standin.judge)  # the saved run judged again, as it was
+    assert (again.scrapes, again.faults, again.verdict, again.plan) == (result.scrapes, result.faults, result.verdict, result.plan)
+    assert again.setups.keys() == result.setups.keys() and again.setups["direct"].stale_after == 7.5
+    assert run_report.write_report(again) == text
 
 
 @pytest.mark.slow
