@@ -142,7 +142,7 @@ def _resources(result: "Result") -> list[str]:
              "|---|---|---|---|"]
     for key, label in (("rss_mb", "RSS (MB)"), ("threads", "threads"), ("sockets", "open sockets (/proc)"),
                        ("backends", "its backends (pg_stat_activity)"),
-                       ("server_clients", "every client backend of the three servers")):
+                       ("server_clients", "every client backend of the three servers (pools keep theirs)")):
         five = f"{at_five[key]:.1f}" if at_five and key in at_five else "-"
         lines.append(f"| {label} | {first.get(key, 0):.1f} | {five} | {last.get(key, 0):.1f} |")
     settled = next((s for s in samples if "settled_after" in s), None)
