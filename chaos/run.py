@@ -215,13 +215,15 @@ def named_locks(database: str) -> tuple[NamedLock, ...]:
 
 
 def stale_after(poll_interval: float, console_addresses: list[int]) -> float:
-    """An upper bound of the exporter's poll deadline plus one interval, for a fixed interval P:
-    the poll's bound P, the statement's P, connecting again 2t, explaining statements 2t (t, the
-    timeout, is P for a fixed interval), and CONSOLE_TIMEOUT for each console's name resolution
-    and each of its addresses (exporter/poller.py deadline(), exporter/poolers.py read_budget()):
-    3P + 4t + sum over consoles of CONSOLE_TIMEOUT (1 + addresses)."""
+    """Rule 5's bound (README, What the exporter promises): the interval in force plus twice the
+    poll deadline, here its upper bound for a fixed interval P (exporter/poller.py deadline(),
+    exporter/poolers.py read_budget()): the turn P, the statement's bound P, connecting again 2t,
+    the explaining statements 2t (t, the timeout, is P for a fixed interval), and CONSOLE_TIMEOUT
+    for each console's name and each of its addresses. So P + 2 (2P + 4t + consoles), which is
+    5P + 8t + twice the consoles' budget: 14.5 s at 500ms with one console of one address."""
     timeout = poll_interval
-    return 3 * poll_interval + 4 * timeout + sum(CONSOLE_TIMEOUT * (1 + n) for n in console_addresses)
+    deadline = 2 * poll_interval + 4 * timeout + sum(CONSOLE_TIMEOUT * (1 + n) for n in console_addresses)
+    return poll_interval + 2 * deadline
 
 
 def setups(world: World, poll_interval: float) -> dict[str, TargetSetup]:

@@ -284,10 +284,11 @@ def test_the_long_schedule_has_every_kind_at_every_place_twice_in_30_minutes() -
     assert {"net-stall", "net-blackhole", "net-reset"} == {k for k, t, _ in places if t == "proxied" and k.startswith("net-")}
 
 
-def test_stale_after_is_three_intervals_four_timeouts_and_each_consoles_budget() -> None:
-    # A fixed 500ms interval: timeout 0.5 s; one console of one address: CONSOLE_TIMEOUT x 2.
-    assert run.stale_after(0.5, []) == 3.5
-    assert run.stale_after(0.5, [1]) == 3.5 + 2 * CONSOLE_TIMEOUT
+def test_stale_after_is_the_interval_and_twice_the_deadline() -> None:
+    # A fixed 500ms interval, so a 0.5 s timeout: the deadline is 2P + 4t = 3 s, and with one
+    # console of one address CONSOLE_TIMEOUT for its name and its address more.
+    assert run.stale_after(0.5, []) == 0.5 + 2 * 3.0
+    assert run.stale_after(0.5, [1]) == 0.5 + 2 * (3.0 + 2 * CONSOLE_TIMEOUT) == 14.5
 
 
 def test_named_locks_match_the_keys_pg_locks_shows() -> None:
@@ -335,7 +336,7 @@ def test_the_runner_plays_every_fault_with_stand_ins(tmp_path: Path) -> None:
         assert (tmp_path / "timeline.png").stat().st_size > 10_000
     again = run.rejudge(tmp_path, chaos_standin.judge)  # the saved run judged again, as it was
     assert (again.scrapes, again.faults, again.verdict, again.plan) == (result.scrapes, result.faults, result.verdict, result.plan)
-    assert again.setups.keys() == result.setups.keys() and again.setups["direct"].stale_after == 7.5
+    assert again.setups.keys() == result.setups.keys() and again.setups["direct"].stale_after == 14.5
     assert run_report.write_report(again) == text
 
 
