@@ -9,7 +9,7 @@ CACHE := $(or $(PGALE_CACHE),$(CURDIR)/.cache)
 export PIP_CACHE_DIR := $(CACHE)/pip
 test test-quick: export TMPDIR := $(CACHE)/tmp
 
-.PHONY: test test-quick demo bench mutate clean tools
+.PHONY: test test-quick demo bench chaos mutate clean tools
 
 $(STAMP): pyproject.toml
 	@mkdir -p $(CACHE)/tmp
@@ -43,6 +43,15 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m bench
 
+## make chaos: the truth test (issue 27): a recorded workload, faults on a seeded schedule, every scrape
+## judged against the truth (chaos/run.py); 30 minutes, CHAOS_SECONDS to change, CHAOS_SEED to replay a run;
+## writes chaos-out/report.md and chaos-out/timeline.png, and exits 1 on any lie
+CHAOS_SECONDS ?= 1800
+CHAOS_SEED ?=
+chaos: $(STAMP) tools
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m chaos --seconds $(CHAOS_SECONDS) --out chaos-out $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
+
 ## make mutate: mutation testing of the modules that decide the figures, with the tests that need no
 ## server ([tool.mutmut] in pyproject.toml; README: Mutation testing); a measurement, not part of make test
 mutate: $(STAMP)
@@ -52,4 +61,4 @@ mutate: $(STAMP)
 	$(VENV)/bin/mutmut results
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info mutants
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info mutants chaos-out
