@@ -25,7 +25,7 @@ from chaos.proxy import BLACKHOLE, PASS, RESET, STALL, Proxy, wait_for
 from chaos.run import World
 from exporter.poolers import CONSOLE_TIMEOUT
 from exporter.queries import APPLICATION_NAME
-from tests import chaos_standin, metrics_util
+from tests import metrics_util
 from tests.conftest import needs_own_clusters
 from tests.pgcluster import Cluster
 
@@ -321,36 +321,11 @@ def _others_stayed_up(result: run.Result) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_the_runner_plays_every_fault_with_stand_ins(tmp_path: Path) -> None:
-    """The runner's own parts, with a stand-in workload and judge: every kind played once and
-    proved, every target scraped, the others up while one is hit, the report and picture written."""
-    needs_own_clusters()
-    options = run.Options(seconds=120, seed=27, out=tmp_path, short=True, settle=5)
-    result = run.run(options, chaos_standin.module(), chaos_standin.judge)
-    assert sorted(f.kind for f in result.faults) == sorted(faults.KINDS)
-    assert not result.unproven, [f.kind for f in result.unproven]
-    assert result.faults[-1].ended.hi - result.faults[0].began.lo < 120  # type: ignore[union-attr]
-    assert {s.target for s in result.scrapes} == {"direct", "proxied", "pooled"}
-    assert _others_stayed_up(result) == []
-    assert result.ok
-    text = run_report.write_report(result)
-    assert text.startswith("# Truth test: **passed**") and "Seed **27**" in text
-    if importlib.util.find_spec("matplotlib"):  # the bench extra; make chaos installs it
-        assert (tmp_path / "timeline.png").stat().st_size > 10_000
-    again = run.rejudge(tmp_path, chaos_standin.judge)  # the saved run judged again, as it was
-    assert (again.scrapes, again.faults, again.verdict, again.plan) == (result.scrapes, result.faults, result.verdict, result.plan)
-    assert again.setups.keys() == result.setups.keys() and again.setups["direct"].stale_after == 14.5
-    assert run_report.write_report(again) == text
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(420)
 def test_the_short_run_finds_no_lie(tmp_path: Path) -> None:
     """make test's truth test: fixed seed, poll_interval 500ms, every fault kind once, at most 120 s
     of faults after set-up; no lie, no unexplained blind time, every rule made checks, every fault
     proved itself."""
     needs_own_clusters()
-    pytest.importorskip("chaos.workload", reason="the workload comes with its own branch (chaos-workload)")
     options = run.Options(seconds=120, seed=27, out=tmp_path, short=True, settle=5, hold_seconds=(0.05, 8.0))
     result = run.run(options)
     report = run_report.write_report(result)
@@ -361,7 +336,16 @@ def test_the_short_run_finds_no_lie(tmp_path: Path) -> None:
     assert not result.unproven, [f.kind for f in result.unproven]
     assert sorted(f.kind for f in result.faults) == sorted(faults.KINDS)
     assert result.faults[-1].ended.hi - result.faults[0].began.lo < 120  # type: ignore[union-attr]
+    assert {s.target for s in result.scrapes} == {"direct", "proxied", "pooled"}
+    assert _others_stayed_up(result) == []
     assert result.ok
+    assert report.startswith("# Truth test: **passed**") and "Seed **27**" in report
+    if importlib.util.find_spec("matplotlib"):  # the bench extra; make chaos installs it
+        assert (tmp_path / "timeline.png").stat().st_size > 10_000
+    again = run.rejudge(tmp_path)  # the saved run judged again, as it was
+    assert (again.scrapes, again.faults, again.verdict, again.plan) == (result.scrapes, result.faults, result.verdict, result.plan)
+    assert again.setups["direct"].stale_after == 14.5
+    assert run_report.write_report(again) == report
 
 
 # -- the report ----------------------------------------------------------------------------------
