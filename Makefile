@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Everything the set-up and the suite fetch or write stays in the checkout and this folder: pip's
-# cache, temporary files (the clusters' too), the unpacked tools, npm's and buildah's stores.
-CACHE := $(or $(PGALE_CACHE),$(CURDIR)/.cache)
+# Everything the set-up and the suite fetch or write stays in the checkout and the project's cache,
+# one folder every checkout shares (a clean clone finds it warm; tools/fetch.py default_cache: as
+# root /var/cache/pg-advisory-lock-exporter, PGALE_CACHE to choose): pip's cache, temporary files
+# (the clusters' too), the unpacked tools, npm's and buildah's stores.
+CACHE := $(shell $(PYTHON) tools/fetch.py --cache)
+export PGALE_CACHE := $(CACHE)
 export PIP_CACHE_DIR := $(CACHE)/pip
 test test-quick: export TMPDIR := $(CACHE)/tmp
 

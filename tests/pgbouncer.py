@@ -1,6 +1,6 @@
 """A throwaway PgBouncer in front of a test cluster, on a free loopback port.
 
-Debian's pgbouncer (`make tools` unpacks it into .cache/tools when the machine lacks it), run as
+Debian's pgbouncer (`make tools` unpacks it into the project's cache (tools/fetch.py) when the machine lacks it), run as
 the postgres system user when root (like the clusters). Trust auth to the server; the console
 user 'console' is a stats_users member with a password (md5), so the tests can also give it a
 wrong one.
@@ -36,7 +36,7 @@ def binary() -> str:
     path = (shutil.which("pgbouncer") or (str(cached) if cached.exists() else None)
             or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None))
     if path is None:
-        raise PgBouncerError("pgbouncer not found: `make tools` unpacks Debian's pgbouncer into .cache/tools")
+        raise PgBouncerError("pgbouncer not found: `make tools` unpacks Debian's pgbouncer into the project's cache (tools/fetch.py)")
     return path
 
 

@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool not found: `make tools` unpacks Debian's prometheus into .cache/tools")
+        pytest.fail("promtool not found: `make tools` unpacks Debian's prometheus into the project's cache (tools/fetch.py)")
     return path
 
 

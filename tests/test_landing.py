@@ -20,7 +20,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def chromium(url: str, tmp_path: Path, *args: str) -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.fail("chromium not found: `make tools` unpacks Debian's chromium into .cache/tools")
+        pytest.fail("chromium not found: `make tools` unpacks Debian's chromium into the project's cache (tools/fetch.py)")
     # Its profile, crash reports and caches in the test's folder, not in the home directory.
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     result = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, url],

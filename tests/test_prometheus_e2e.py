@@ -68,7 +68,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
     needs_own_clusters()
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("prometheus not found: `make tools` unpacks Debian's prometheus into .cache/tools")
+        pytest.fail("prometheus not found: `make tools` unpacks Debian's prometheus into the project's cache (tools/fetch.py)")
     cluster = server.require_cluster()
     bouncer = PgBouncer(cluster.port, pool_mode="transaction", pool_size=1).start()
     # A pooler whose console nobody answers until the end: PoolerConsoleDown, then resolved.

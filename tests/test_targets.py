@@ -188,7 +188,7 @@ def test_a_real_prometheus_scrapes_each_target_as_an_instance(exporters, server,
 
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("prometheus not found: `make tools` unpacks Debian's prometheus into .cache/tools")
+        pytest.fail("prometheus not found: `make tools` unpacks Debian's prometheus into the project's cache (tools/fetch.py)")
     proc = exporters(fleet_config(server))
     port = free_port()
     config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [

@@ -3,8 +3,8 @@ changing anything the machine has installed.
 
 For every tool the machine lacks, `apt-get -s install` (a simulation: it changes nothing) names
 the packages the tool needs that are not installed in a version that would do; those are
-downloaded with `apt-get download` into .cache/tools/debs and unpacked with `dpkg -x` into
-.cache/tools/root, and .cache/tools/bin gets a wrapper per command that runs the unpacked binary
+downloaded with `apt-get download` into CACHE/tools/debs and unpacked with `dpkg -x` into
+CACHE/tools/root (CACHE: default_cache), and CACHE/tools/bin gets a wrapper per command that runs the unpacked binary
 with the unpacked libraries (LD_LIBRARY_PATH). Installing the same packages could upgrade
 postgresql-15, postgresql-client-15 and libpq5 and restart the machine's clusters; unpacking
 them into the cache cannot. PostgreSQL 15 itself is unpacked with pg_partman and pg_repack, so
@@ -16,7 +16,7 @@ TOOLS), and which may be installed (INSTALLABLE), is installed instead, and only
 simulation shows that no installed package would be upgraded, downgraded or removed: what it
 installs is printed first. Otherwise the script stops with the command to run and why.
 
-Before anything else it writes dpkg's list of installed packages to .cache/dpkg-before.txt;
+Before anything else it writes dpkg's list of installed packages to CACHE/dpkg-before.txt;
 tests/test_machine.py checks that every one of them is still installed in the same version.
 Stdlib only: it runs before the venv exists.
 """
@@ -34,9 +34,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Kept under the checkout (.gitignore'd) unless PGALE_CACHE names another folder: then nothing
-# the suite fetches or leaves lands outside the checkout and this one folder.
-CACHE = Path(os.environ.get("PGALE_CACHE") or ROOT / ".cache").resolve()
+
+
+def default_cache() -> Path:
+    """The project's cache, one folder every checkout shares, so a clean clone finds it warm:
+    PGALE_CACHE; as root /var/cache/pg-advisory-lock-exporter (the clusters run as the postgres
+    user, who must reach their folders in it: root's home is closed to it); otherwise
+    $XDG_CACHE_HOME/pg-advisory-lock-exporter (~/.cache/...). Nothing the suite fetches or
+    leaves lands outside the checkout and this one folder."""
+    if os.environ.get("PGALE_CACHE"):
+        return Path(os.environ["PGALE_CACHE"])
+    if os.geteuid() == 0:
+        return Path("/var/cache/pg-advisory-lock-exporter")
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pg-advisory-lock-exporter"
+
+
+CACHE = default_cache().resolve()
 TOOLS_DIR = CACHE / "tools"
 DEBS = TOOLS_DIR / "debs"
 UNPACKED = TOOLS_DIR / "root"
@@ -115,7 +128,7 @@ class Tool:
     name: str
     packages: tuple[str, ...]
     commands: dict[str, str]  # command on PATH -> its file inside the unpacked root
-    check: tuple[str, ...]  # a command that must succeed from .cache/tools/bin (proves it runs)
+    check: tuple[str, ...]  # a command that must succeed from CACHE/tools/bin (proves it runs)
     env: dict[str, str] = field(default_factory=dict)  # more environment for the wrappers ({root}: the unpacked root)
     skip: tuple[str, ...] = ()  # prefixes of dependencies the tests never use (left out of the download)
     # Binaries (inside the unpacked root) that re-execute themselves with an emptied environment,
@@ -357,4 +370,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--cache"]:  # the Makefile's CACHE: one rule for where it is
+        print(CACHE)
+        sys.exit(0)
     sys.exit(main())
