@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 CACHE := $(shell $(PYTHON) tools/fetch.py --cache)
 export PGALE_CACHE := $(CACHE)
 export PIP_CACHE_DIR := $(CACHE)/pip
+export MPLCONFIGDIR := $(CACHE)/matplotlib
 test test-quick: export TMPDIR := $(CACHE)/tmp
 
 .PHONY: test test-quick demo bench chaos mutate clean tools

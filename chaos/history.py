@@ -11,6 +11,7 @@ answer for it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -19,7 +20,7 @@ from typing import Generic, TypeVar
 
 from exporter.keys import key_label
 
-from .truth import DIRECT, Hold, Holder, Span, Truth
+from .truth import DIRECT, EXCLUSIVE, Hold, Holder, Span, Truth
 
 ABSENT, AMBIGUOUS, CERTAIN = 0, 1, 2
 # Width of the time buckets the holds are filed under (seconds): a question looks at the buckets
@@ -112,6 +113,7 @@ class History:
     every scrape, where holds never released are filed up to."""
 
     def __init__(self, truth: Truth, polls: dict[str, list[Poll]], horizon: float) -> None:
+        truth = Truth(holds=narrow_waited(truth.holds), waits=truth.waits, faults=truth.faults)
         self._holds: dict[str, _Buckets[Hold]] = defaultdict(_Buckets)
         self._waits: dict[str, _Buckets[Spell]] = defaultdict(_Buckets)
         self._grants: dict[str, _Buckets[Hold]] = defaultdict(_Buckets)
@@ -178,6 +180,38 @@ class History:
                 self.youngest_start[id(hold)] = youngest
                 ends_hi = max(ends_hi, math.inf if hold.released is None else hold.released.hi)
                 ends_lo = max(ends_lo, math.inf if hold.released is None else hold.released.lo)
+
+
+def _conflict(a: str, b: str) -> bool:
+    return EXCLUSIVE in (a, b)
+
+
+def narrow_waited(holds: list[Hold]) -> list[Hold]:
+    """A hold granted after a wait is recorded with the blocking call's round trip as its grant
+    (the worker cannot read the clock while it waits): its grant began there at the earliest. But
+    no grant comes before the release of a conflicting hold another holder surely had when the
+    wait began: the grant is narrowed to begin no earlier than the latest such release, so that
+    time spent waiting can be told from time held (rule 2), and a wait from a hold (rule 1)."""
+    by_key: dict[tuple[object, ...], list[Hold]] = defaultdict(list)
+    for hold in holds:
+        by_key[(hold.target, hold.database, hold.key)].append(hold)
+    narrowed = []
+    for hold in holds:
+        if hold.waited is None:
+            narrowed.append(hold)
+            continue
+        began = hold.waited.lo
+        earliest = hold.granted.lo
+        for other in by_key[(hold.target, hold.database, hold.key)]:
+            if (other is hold or holder_id(other.holder) == holder_id(hold.holder) or other.released is None
+                    or not _conflict(hold.mode, other.mode)):
+                continue
+            if other.granted.hi < began < other.released.lo:  # surely held when the wait began
+                earliest = max(earliest, other.released.lo)
+        earliest = min(earliest, hold.granted.hi)
+        narrowed.append(hold if earliest == hold.granted.lo else
+                        dataclasses.replace(hold, granted=Span(earliest, hold.granted.hi)))
+    return narrowed
 
 
 def _spells(truth: Truth) -> Iterator[Spell]:

@@ -97,5 +97,7 @@ def judge(truth: Truth, scrapes: list[Scrape], setups: dict[str, TargetSetup]) -
                 probes.run(one.setup, moment, matches)
                 if before is not None:
                     counters(ledger, history, one.setup, before, moment, matches)
-            before = moment
+                # Across blind answers too: the exporter process runs on through every fault, and
+                # its counters with it (a fault that made it count surviving holders again is a lie).
+                before = moment
     return verdict

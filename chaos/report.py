@@ -112,6 +112,9 @@ def _faults(result: "Result") -> list[str]:
         lines.append(f"| {kind} | {' | '.join(by)} | {_median_worst(verdict.blind.get(kind, []))} | "
                      f"{_median_worst(verdict.recovery.get(kind, []))} |")
     lines += ["", *_budget(result, counts)]
+    missed = budget_failures(result)
+    if missed:
+        lines += ["", "Budgets missed (the run fails): " + "; ".join(missed) + "."]
     unproven = result.unproven
     lines += ["", f"Every fault proved itself: {'yes' if not unproven else 'no'}."]
     lines += [f"- NOT PROVEN: {f.kind} on {f.target} at {f.began.lo:.3f}" for f in unproven]
@@ -130,6 +133,31 @@ def _budget(result: "Result", counts: Counter[tuple[str, str]]) -> list[str]:
             if counts.get((kind, letter), 0) < 2]
     return [f"Budget: at least 100 faults: {len(result.faults)}, {'met' if len(result.faults) >= 100 else 'not met'}; "
             f"every kind at least twice in every topology it applies to: {'met' if not thin else 'not met: ' + ', '.join(thin)}."]
+
+
+def budget_failures(result: "Result") -> list[str]:
+    """Issue 27's budgets for a long run that it missed (none for a short run): at least 100
+    faults, every kind at least twice in every topology it applies to, RSS at the end within 10%
+    of its value after five minutes, threads and sockets back to their starting counts."""
+    if result.options.short:
+        return []
+    failures = []
+    counts = Counter((f.kind, result.sites.get(f.target, "d")) for f in result.faults)
+    if len(result.faults) < 100:
+        failures.append(f"{len(result.faults)} faults, fewer than 100")
+    places = sorted({(p.kind, result.sites.get(p.target, "d")) for p in result.plan})
+    failures += [f"{kind} in ({letter}) played {counts.get((kind, letter), 0)} times, fewer than 2"
+                 for kind, letter in places if counts.get((kind, letter), 0) < 2]
+    samples = result.samples
+    at_five = next((s for s in samples if s["at"] - result.started >= 300), None)
+    if at_five and samples and "rss_mb" in at_five and "rss_mb" in samples[-1]:
+        drift = (samples[-1]["rss_mb"] - at_five["rss_mb"]) / at_five["rss_mb"] * 100
+        if abs(drift) > 10:
+            failures.append(f"RSS {drift:+.1f}% against after 5 minutes, more than 10%")
+    settled = next((s for s in samples if "settled_after" in s), None)
+    if settled is not None and samples and any(settled.get(k) != samples[0].get(k) for k in ("threads", "sockets")):
+        failures.append("threads or sockets not back to their starting counts after the last fault")
+    return failures
 
 
 def _resources(result: "Result") -> list[str]:

@@ -407,7 +407,12 @@ class Slot:
                 raise  # never prepared: the session's locks went with it
             after = time.time()
         else:
-            after = conn.clock(bypass=True)  # no pause acknowledged with a prepared transaction out
+            try:
+                after = conn.clock(bypass=True)  # no pause acknowledged with a prepared transaction out
+            except psycopg.OperationalError:
+                # Prepared, then the session broke before its clock was read (a restart at that
+                # instant): the prepared transaction outlives it, so it is recorded and finished.
+                after = time.time()
         self.in_xact = False
         # The session's holds end at the PREPARE; the prepared transaction's begin there.
         span = truth.Span(before, max(before, after))

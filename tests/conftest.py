@@ -44,6 +44,7 @@ def _keep_to_the_cache() -> None:
     os.environ["TMPDIR"] = str(temporary)
     tempfile.tempdir = str(temporary)
     os.environ.setdefault("npm_config_cache", str(CACHE / "npm-cache"))
+    os.environ.setdefault("MPLCONFIGDIR", str(CACHE / "matplotlib"))  # the truth test's picture, if drawn
 
 
 _keep_to_the_cache()

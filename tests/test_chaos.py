@@ -292,6 +292,8 @@ def test_stale_after_is_the_interval_and_twice_the_deadline() -> None:
     # console of one address CONSOLE_TIMEOUT for its name and its address more.
     assert run.stale_after(0.5, []) == 0.5 + 2 * 3.0
     assert run.stale_after(0.5, [1]) == 0.5 + 2 * (3.0 + 2 * CONSOLE_TIMEOUT) == 14.5
+    # The exporter is stopped for longer than that, so rule 5 judges the first answer after SIGCONT.
+    assert run.EXPORTER_STOP_SECONDS > 14.5
 
 
 def test_named_locks_match_the_keys_pg_locks_shows() -> None:

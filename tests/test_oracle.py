@@ -269,6 +269,17 @@ def test_rule2_counting_the_wait_as_held_time_is_caught() -> None:
     caught(verdict(waited, [free(1), held(age=8.0)]), 2)
 
 
+def test_rule2_counting_the_wait_as_held_time_is_caught_in_the_shape_the_workload_records() -> None:
+    """The workload cannot read the clock while it waits: a grant after a wait is recorded with the
+    blocking call's whole round trip (from T0 + 2) as both its wait and its grant. The blocker,
+    another session, surely held the key then and let go at T0 + 6: the grant came after that."""
+    call = Span(T0 + 2, T0 + 6.02)
+    blocker = hold(1, released=6, holder=session(200, "w2"))
+    waited = Hold("", "app", JOB, EXCLUSIVE, session(), call, waited=call)
+    truthful(verdict([blocker, waited], [held(poll=10, age=4.0)]), 2)
+    caught(verdict([blocker, waited], [held(poll=10, age=8.0)]), 2)  # counted from the wait's start
+
+
 def test_rule2_a_retake_no_known_poll_saw_free_keeps_its_age_and_one_a_poll_saw_starts_anew() -> None:
     retaken = [hold(2, released=4), hold(4.5)]
     truthful(verdict(retaken, [free(1), held(age=8.0)]), 2)  # bridged: no known poll in the gap
@@ -390,11 +401,17 @@ def test_rule7_a_counter_that_counts_one_hold_twice_is_caught() -> None:
     assert "0 grants could lie" in found.lies[0].what
 
 
-def test_rule7_a_gap_ends_the_run_of_scrapes() -> None:
-    later = held(10)
-    later.samples["acquisitions_total"][0] = ({"lock": "job", "database": "app"}, 0)  # the exporter restarted
+def test_rule7_holds_across_blind_answers() -> None:
+    """The exporter process runs on through a fault, and its counters with it: across a blind
+    stretch the counter neither falls nor counts a hold that lived through the fault again."""
     restarted = Fault("restart-fast", "", at(5.5), at(6))
-    truthful(verdict(HELD, [held(5), down(6), later], faults=[restarted]))
+    fell = held(10)
+    fell.samples["acquisitions_total"][0] = ({"lock": "job", "database": "app"}, 0)
+    caught(verdict(HELD, [held(5), down(6), fell], faults=[restarted], backoff=8), 7)
+    counted_again = held(10)
+    counted_again.samples["acquisitions_total"][0] = ({"lock": "job", "database": "app"}, 2)
+    caught(verdict(HELD, [held(5), down(6), counted_again], faults=[restarted], backoff=8), 7)
+    truthful(verdict(HELD, [held(5), down(6), held(10)], faults=[restarted], backoff=8))
 
 
 # Rule 8: blind time.

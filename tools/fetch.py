@@ -192,7 +192,7 @@ def installed_packages() -> list[str]:
     """`package:arch version` of every package dpkg has installed, sorted."""
     out = _run(DPKG_QUERY, check=True).stdout
     return sorted(f"{name} {version}" for name, version, status in
-                  (line.split(" ", 2) for line in out.splitlines() if line) if status.startswith("ii"))
+                  (line.split(" ", 2) for line in out.splitlines() if line) if status[1:2] == "i")  # held too
 
 
 def simulate(packages: Sequence[str]) -> list[Action]:
@@ -289,10 +289,14 @@ def install(tool: Tool, why: str) -> None:
     if os.geteuid() != 0:
         raise FetchError(f"{tool.name} does not run unpacked ({why}); installing it changes nothing installed: "
                          f"as root, run {command}")
-    new = [a.package for a in simulate(tool.packages)]
+    # Exactly the versions the simulation showed, and simulated again as pinned: apt's lists may
+    # change in between (a daily update), and an unpinned install would then take what they say.
+    pinned = [f"{a.package}={a.version}" for a in simulate(tool.packages)]
+    if refusals(simulate(pinned)):
+        raise FetchError(f"{tool.name}: apt's package lists changed while it was checked: run make tools again")
     print(f"tools: {tool.name} does not run unpacked ({why}); installing (only new packages, nothing installed "
-          f"changes): {' '.join(new)}", flush=True)
-    result = _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *tool.packages],
+          f"changes): {' '.join(pinned)}", flush=True)
+    result = _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *pinned],
                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     if result.returncode != 0:
         raise FetchError(f"{command} failed: {result.stderr.strip()[-500:]}")
