@@ -203,7 +203,10 @@ def write_report(result: "Result") -> str:
 def _true_holders(holds: list[Hold], times: list[float]) -> list[int]:
     """At each time (ascending), how many holds were surely held: granted by then (the grant's
     span over), not yet released (its span not begun). One sweep over the changes."""
-    changes = sorted([(h.granted.hi, 1) for h in holds] + [(h.released.lo, -1) for h in holds if h.released])
+    # A hold whose release may come before its grant was over (a lock call whose answer a fault
+    # lost: it may never have been) is never surely held.
+    sure = [h for h in holds if h.released is None or h.released.lo > h.granted.hi]
+    changes = sorted([(h.granted.hi, 1) for h in sure] + [(h.released.lo, -1) for h in sure if h.released])
     counts, held, at = [], 0, 0
     for when in times:
         while at < len(changes) and changes[at][0] <= when:

@@ -397,6 +397,9 @@ def test_true_holders_counts_only_holds_surely_held() -> None:
              truth.Hold("t", "app", (0, 1, 1), truth.SHARED, holder, truth.Span(3.0, 3.5))]
     # Inside a grant's or a release's span the hold is not surely held.
     assert run_report._true_holders(holds, [0.5, 1.5, 2.0, 3.2, 4.0, 5.0, 7.0]) == [0, 0, 1, 1, 2, 1, 1]
+    # A lock call whose answer a fault lost: granted and released within the same span, never surely held.
+    lost = truth.Hold("t", "app", (0, 1, 1), truth.EXCLUSIVE, holder, truth.Span(1.0, 3.0), truth.Span(1.0, 3.0))
+    assert run_report._true_holders([lost], [0.5, 2.0, 4.0]) == [0, 0, 0]
 
 
 def test_the_report_shows_ten_lies_of_a_rule_and_keeps_them_all_in_lies_txt(tmp_path: Path) -> None:
