@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 
 from exporter.keys import key_label
 
-from .truth import DIRECT, EXCLUSIVE, Hold, Holder, Span, Truth
+from .truth import DIRECT, EXCLUSIVE, Busy, Hold, Holder, Span, Truth
 
 ABSENT, AMBIGUOUS, CERTAIN = 0, 1, 2
 # Width of the time buckets the holds are filed under (seconds): a question looks at the buckets
@@ -113,7 +113,10 @@ class History:
     every scrape, where holds never released are filed up to."""
 
     def __init__(self, truth: Truth, polls: dict[str, list[Poll]], horizon: float) -> None:
-        truth = Truth(holds=narrow_waited(truth.holds), waits=truth.waits, faults=truth.faults)
+        truth = Truth(holds=narrow_waited(truth.holds), waits=truth.waits, faults=truth.faults, busy=truth.busy)
+        self._busy: dict[str, _Buckets[Busy]] = defaultdict(_Buckets)
+        for busy in truth.busy:
+            self._busy[busy.target].add(busy, busy.began.lo, horizon if busy.ended is None else busy.ended.hi)
         self._holds: dict[str, _Buckets[Hold]] = defaultdict(_Buckets)
         self._waits: dict[str, _Buckets[Spell]] = defaultdict(_Buckets)
         self._grants: dict[str, _Buckets[Hold]] = defaultdict(_Buckets)
@@ -142,6 +145,12 @@ class History:
             seen = presence(spell.begins, spell.ends, window)
             if seen != ABSENT:
                 yield spell, seen
+
+    def busy(self, target: str, window: Window) -> Iterator[Busy]:
+        """Transactions through a pool that may have run on their server connection at the window."""
+        for busy in self._busy[target].near(window.lo, window.hi):
+            if busy.began.lo <= window.hi and (busy.ended is None or busy.ended.hi >= window.lo):
+                yield busy
 
     def granted_between(self, target: str, lo: float, hi: float) -> Iterator[Hold]:
         """Holds of the target whose grant could lie inside [lo, hi]."""

@@ -242,6 +242,9 @@ class ScrapeRules:
             if hold.level != "session" or any(e.lo <= window.hi and e.hi >= window.lo for e in events):
                 busy.add(holder_id(hold.holder))
         busy |= {holder_id(spell.holder) for spell, _ in self.waits}
+        # A client's transaction on the server connection (from before its BEGIN): the backend is
+        # not idle outside a transaction, whatever it holds.
+        busy |= {holder_id(b.holder) for b in self.history.busy(self.m.target, window)}
         self._busy = busy
         return busy
 

@@ -150,7 +150,7 @@ class Recorder:
             self._journal.write(json.dumps({"open": uid, "hold": hold.to_json()}) + "\n")
             self._journal.flush()
 
-    def write(self, record: truth.Hold | truth.Wait, uid: str | None = None) -> None:
+    def write(self, record: truth.Hold | truth.Wait | truth.Busy, uid: str | None = None) -> None:
         with self._lock:
             self._file.write(record.to_json() + "\n")
             self._file.flush()

@@ -103,17 +103,34 @@ class Fault:
         return json.dumps({"kind": "fault", "fault": self.kind, **{k: v for k, v in asdict(self).items() if k != "kind"}})
 
 
+@dataclass(frozen=True)
+class Busy:
+    """A transaction of a client of a transaction pool on one server connection: from before its
+    BEGIN to after its COMMIT or ROLLBACK. The exporter proves a stranded lock only on an idle
+    server connection, so a stranded lock on a busy one may go unproven (rule 3)."""
+
+    target: str
+    holder: Holder  # the server connection's backend
+    began: Span
+    ended: Span | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": "busy", **asdict(self)})
+
+
 def _span(value: dict[str, float] | None) -> Span | None:
     return None if value is None else Span(value["lo"], value["hi"])
 
 
-def parse(line: str) -> Hold | Wait | Fault:
+def parse(line: str) -> Hold | Wait | Fault | Busy:
     data = json.loads(line)
     kind = data.pop("kind")
     if kind == "fault":
         data["kind"] = data.pop("fault")
         return Fault(**{**data, "began": _span(data["began"]), "ended": _span(data.get("ended"))})
     data["holder"] = Holder(**data["holder"])
+    if kind == "busy":
+        return Busy(**{**data, "began": _span(data["began"]), "ended": _span(data.get("ended"))})
     data["key"] = tuple(data["key"])
     if kind == "hold":
         return Hold(**{**data, "granted": _span(data["granted"]), "released": _span(data.get("released")),
@@ -123,7 +140,7 @@ def parse(line: str) -> Hold | Wait | Fault:
     raise ValueError(f"unknown record kind {kind!r}")
 
 
-def load(paths: Iterable[Path]) -> Iterator[Hold | Wait | Fault]:
+def load(paths: Iterable[Path]) -> Iterator[Hold | Wait | Fault | Busy]:
     for path in paths:
         with open(path) as handle:
             for line in handle:
@@ -138,10 +155,11 @@ class Truth:
     holds: list[Hold] = field(default_factory=list)
     waits: list[Wait] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    busy: list[Busy] = field(default_factory=list)
 
     @classmethod
-    def of(cls, records: Iterable[Hold | Wait | Fault]) -> "Truth":
+    def of(cls, records: Iterable[Hold | Wait | Fault | Busy]) -> "Truth":
         truth = cls()
         for record in records:
-            {Hold: truth.holds, Wait: truth.waits, Fault: truth.faults}[type(record)].append(record)
+            {Hold: truth.holds, Wait: truth.waits, Fault: truth.faults, Busy: truth.busy}[type(record)].append(record)
         return truth

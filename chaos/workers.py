@@ -95,6 +95,7 @@ class Slot:
         self.holding: list[Held] = []  # granted on the current session, not yet let go
         self.asking: Asking | None = None  # a lock call in flight
         self.xact_identity: truth.Holder | None = None  # the backend of the transaction through a pool
+        self.busy: truth.Busy | None = None  # that transaction on its server connection, while it runs
         self.in_xact = False
         self.last_proof = 0.0  # the server's clock when every lock in `holding` was last seen held
         self.seq = 0
@@ -181,6 +182,7 @@ class Slot:
         conn = self.conn(index)
         conn.close()
         self.in_xact = False
+        self.xact_over()
         ask, self.asking = self.asking, None
         if not self.holding and ask is None:
             return
@@ -216,6 +218,7 @@ class Slot:
             if self.in_xact:
                 self.end_xact(conn, commit=False, before=self.last_proof)
             self.in_xact = False
+            self.xact_over()
             self.unlock_all(conn)
         except psycopg.Error:
             self.lost(index)
@@ -272,6 +275,7 @@ class Slot:
                 self.wait_record(op, ep, own, holder, before, now, exc)
             self.q(conn, "ROLLBACK")
             self.in_xact = False
+            self.xact_over()
             if held is not None:
                 after = float(self.q(conn, CLOCK)["at"])
                 self.record(held, truth.Span(maybe[0], max(maybe[0], after)))
@@ -343,17 +347,28 @@ class Slot:
             before = float(self.q(conn, CLOCK)["at"])
         self.q(conn, "COMMIT" if commit else "ROLLBACK")
         self.in_xact = False
+        self.xact_over()
         after = float(self.q(conn, CLOCK)["at"])
         for held in self.holding:
             self.record(held, truth.Span(before, max(before, after)))
         self.holding = []
 
     def begin(self, ep: Endpoint, conn: Conn) -> None:
+        before = time.time()  # this machine's clock is the server's (loopback)
         self.q(conn, "BEGIN")
         self.in_xact = True
         if ep.via == truth.TX_POOL:  # no session settings through a transaction pool; its backend for now
             row = self.q(conn, SETTLE, ["statement_timeout", STATEMENT_TIMEOUT, True])
             self.xact_identity = truth.Holder(row["pid"], row["backend_start"], None, row["app"])
+            self.busy = truth.Busy(ep.target, self.xact_identity, truth.Span(before, max(before, float(row["at"]))))
+
+    def xact_over(self) -> None:
+        """The transaction through a pool ended (COMMIT, ROLLBACK, or its session broke): its
+        server connection is another client's from now on."""
+        busy, self.busy = self.busy, None
+        if busy is not None:
+            now = time.time()
+            self.recorder.write(replace(busy, ended=truth.Span(busy.began.hi, max(busy.began.hi, now))))
 
     # -- the operations
 
@@ -370,6 +385,7 @@ class Slot:
         elif self.in_xact:
             self.q(conn, "ROLLBACK")
             self.in_xact = False
+            self.xact_over()
 
     def die_op(self, op: Op, ep: Endpoint, conn: Conn) -> None:
         """Session locks held until another connection terminates the backend: let go between
@@ -396,6 +412,7 @@ class Slot:
             if self.in_xact:
                 self.q(conn, "ROLLBACK")
                 self.in_xact = False
+                self.xact_over()
             return
         self.hold(conn, op.hold)
         gid = f"chaos-{self.token}-{self.uid()}"
@@ -414,6 +431,7 @@ class Slot:
                 # instant): the prepared transaction outlives it, so it is recorded and finished.
                 after = time.time()
         self.in_xact = False
+        self.xact_over()
         # The session's holds end at the PREPARE; the prepared transaction's begin there.
         span = truth.Span(before, max(before, after))
         prepared = []

@@ -189,7 +189,8 @@ def test_at_their_limits_the_intervals_fit_the_server_after_every_derivation(mon
     from exporter.poller import Poller, connect_poller
 
     connect_timeouts: list[int] = []
-    monkeypatch.setattr(psycopg, "connect", lambda *args, **kwargs: connect_timeouts.append(kwargs["connect_timeout"]))
+    monkeypatch.setattr(connection, "open_connection",
+                        lambda *args, **kwargs: connect_timeouts.append(kwargs["connect_timeout"]))
 
     def bounds(poller: Poller) -> list[int]:
         config = poller._config  # noqa: SLF001 - the values the poller derives its bounds from
