@@ -117,9 +117,8 @@ class Prober:
         self._conns: dict[str | None, psycopg.Connection] = {}
         self._pids: dict[str | None, int] = {}
         self._pooled: set[str | None] = set()  # connections seen moving between backends
-        # Whether the last connection to each database was proven to reach PostgreSQL itself (kept
-        # over a reconnect until the next proof), and why not when it was not (logged on change).
-        self._proven: dict[str | None, bool] = {}
+        # Why the last connection to each database was not proven to reach PostgreSQL itself (None:
+        # proven, or not yet known), kept over a reconnect until the next proof; logged on change.
         self._unproven_why: dict[str | None, str | None] = {}
         self._databases: dict[str | None, str] = {}
         self._retry_at: dict[str | None, float] = {}
@@ -165,11 +164,11 @@ class Prober:
         self._pooled.discard(database)
         self._conns[database] = conn
         self._opening = None
-        self._proven[database] = self._prove(conn, row, database)
+        self._prove(conn, row, database)
         return conn
 
-    def _prove(self, conn: psycopg.Connection, row: Any, database: str | None) -> bool:
-        """Whether a new connection is proven to reach PostgreSQL itself: no configured pooler is
+    def _prove(self, conn: psycopg.Connection, row: Any, database: str | None) -> None:
+        """Prove a new connection reaches PostgreSQL itself, or say why not: no configured pooler is
         at the dsn's address, and both ends of our TCP socket are what the server sees. A session
         pool is not trusted either: its server connection may carry a session lock of a previous
         client where the pooler's reset query does not release advisory locks."""
@@ -191,13 +190,12 @@ class Prober:
                 log.info("the probe's connection to %s is proven to reach PostgreSQL itself: its results are trusted "
                          "again", server_name(self._config.dsn))
         self._unproven_why[database] = why
-        return why is None
 
     def _trusted(self, database: str | None) -> bool:
         """Whether a try on this database's connection is trusted: proven at its connect (or, not
         connected, at the last connect: not yet known counts as trusted, a failed try reports
         nothing to trust), and the same backend since."""
-        return self._proven.get(database, True) and database not in self._pooled
+        return self._unproven_why.get(database) is None and database not in self._pooled
 
     def _drop(self, database: str | None) -> None:
         conn = self._conns.pop(database, None)
@@ -305,8 +303,7 @@ class Prober:
             self._results = {name: r for name, r in self._results.items() if name in kept}
         self._retry_at.clear()
         self._failures.clear()
-        self._proven.clear()  # another dsn or poolers: proven again at the next connect
-        self._unproven_why.clear()
+        self._unproven_why.clear()  # another dsn or poolers: proven again at the next connect
         return True
 
     def run(self, stop: threading.Event) -> None:
