@@ -5,8 +5,12 @@ README names is in the metrics reference."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+from exporter.cli import build_parser, env_name
+from exporter.presets import PARAMETERISED, PRESETS
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
@@ -102,3 +106,62 @@ def test_every_metric_the_readme_names_is_in_the_metrics_reference() -> None:
     named = set(re.findall(r"\b(pg_advisory_lock_\w+)", README.read_text()))
     assert named, "the README names no metric"
     assert named <= documented, f"named in the README, not in docs/metrics.md: {sorted(named - documented)}"
+
+
+def _field_rows() -> set[str]:
+    """The fields the configuration reference's table documents: `a`, `b` in a row's first cell."""
+    rows = re.findall(r"^\| (`[a-z_\[\].]+`(?:, `[a-z_\[\].]+`)*) \|", (DOCS / "configuration.md").read_text(), re.M)
+    return {name for row in rows for name in re.findall(r"`([^`]+)`", row)}
+
+
+def test_every_config_field_is_in_the_configuration_reference_and_nothing_else() -> None:
+    """config.schema.json (held to the exporter's own checks by test_schema) and the reference's
+    field table name the same fields: the top level's and a lock's."""
+    schema = json.loads((ROOT / "config.schema.json").read_text())
+    fields = set(schema["properties"]) | {f"locks[].{name}" for name in schema["definitions"]["lock"]["properties"]}
+    documented = _field_rows()
+    assert fields - documented == set(), f"fields missing from docs/configuration.md: {sorted(fields - documented)}"
+    assert documented - fields == set(), f"docs/configuration.md documents no such field: {sorted(documented - fields)}"
+
+
+def test_every_flag_is_in_the_configuration_reference_with_its_environment_variable() -> None:
+    """Each option of the CLI in the flags table with the environment variable it reads, and named
+    in the README's brief; the `locks` command's own options wherever that command is documented."""
+    reference = (DOCS / "configuration.md").read_text()
+    readme = README.read_text()
+    rows = dict(re.findall(r"^\| `(--[a-z.-]+)(?:=[^`]*)?` \| (?:`([A-Z_]+)[^`]*`)? ?\|", reference, re.M))
+    locks_only = {"--json", "--watch", "--target"}
+    options = {opt for action in build_parser()._actions for opt in action.option_strings
+               if opt.startswith("--") and opt != "--help"}
+    for flag in sorted(options - locks_only):
+        assert flag in rows, f"{flag} is not in the flags table of docs/configuration.md"
+        assert flag == "--version" or rows[flag] == env_name(flag), f"{flag}: {rows[flag]!r}, the CLI reads {env_name(flag)}"
+        assert f"`{flag}`" in readme, f"{flag} is not named in the README's configuration in brief"
+    assert set(rows) <= options, f"no such flag: {sorted(set(rows) - options)}"
+    pages_text = "\n".join(page.read_text() for page in DOCS.glob("*.md"))
+    for flag in sorted(locks_only & options):
+        assert f"locks --config.file=config.yaml {flag}" in pages_text or f"`locks {flag}" in pages_text, flag
+
+
+def _preset_rows() -> dict[str, str]:
+    """docs/presets.md's table: each preset named in a row's first cell -> the row's lock-name cell."""
+    rows: dict[str, str] = {}
+    for line in (DOCS / "presets.md").read_text().splitlines():
+        cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            for preset in re.findall(r"`\{?([a-z_-]+)", cells[0]):
+                rows[preset] = rows.get(preset, "") + " " + cells[1]
+    return rows
+
+
+def test_every_preset_and_each_of_its_locks_is_in_the_presets_page() -> None:
+    """Each preset the exporter knows has a row naming each of its locks (`tool:name`, or `:name`
+    after the first of the same tool), and the page names no preset the exporter lacks."""
+    rows = _preset_rows()
+    known = {**{name: locks for name, locks in PRESETS.items()},
+             **{name: make("MyApp.Repo") for name, (_, make) in PARAMETERISED.items()}}
+    assert set(rows) == set(known), f"docs/presets.md {sorted(rows)}, the exporter {sorted(known)}"
+    for preset, locks in known.items():
+        for lock in locks:
+            short = ":" + lock.name.split(":", 1)[1]
+            assert f"`{lock.name}`" in rows[preset] or f"`{short}`" in rows[preset], f"{preset}: {lock.name} not in its row"
