@@ -344,9 +344,9 @@ def test_freed_memory_is_given_back_where_the_c_library_can() -> None:
 METRICS_PAGE = Path(__file__).parent.parent / "docs" / "metrics.md"
 
 
-def _documented_metrics() -> dict[str, tuple[str, frozenset[str], str]]:
-    """The metrics reference's table (docs/metrics.md): family name -> (type, label names, meaning
-    with its `code` marks dropped)."""
+def _readme_metrics() -> dict[str, tuple[str, frozenset[str], str]]:
+    """The metrics table the README links to, docs/metrics.md: family name -> (type, label names,
+    meaning with its `code` marks dropped)."""
     table = {}
     for line in METRICS_PAGE.read_text().splitlines():
         cells = re.fullmatch(r"\| `(pg_advisory_lock_\w+)` \|(.*?)\|(.*?)\|(.*)\|", line)
@@ -374,13 +374,13 @@ def test_every_family_is_what_the_metrics_reference_says_it_is_and_its_help_says
     probes = (ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),)
     text = render(snapshot, probes, ReloadStatus(True, 1.0)).decode() + \
         render_fleet({"orders": snapshot}, ReloadStatus(True, 1.0)).decode()
-    documented = _documented_metrics()
+    readme = _readme_metrics()
     written = set()
     for family in text_string_to_metric_families(text):
         name = family.name + ("_total" if family.type == "counter" else "")
         written.add(name)
-        assert name in documented, f"{name} is not in the table of docs/metrics.md"
-        kind, names, meaning = documented[name]
+        assert name in readme, f"{name} is not in the table of docs/metrics.md"
+        kind, names, meaning = readme[name]
         assert family.type == kind, name
         assert {label for sample in family.samples for label in sample.labels} - {"le"} == names, name
         help_text = family.documentation
@@ -388,7 +388,7 @@ def test_every_family_is_what_the_metrics_reference_says_it_is_and_its_help_says
         assert help_text[0].isupper() or help_text[0].isdigit() or "_" in help_text.split()[0], help_text
         assert help_text.endswith("."), help_text
         assert meaning.startswith(help_text[0].lower() + help_text[1:-1]), f"{name}: HELP {help_text!r}, docs/metrics.md {meaning!r}"
-    assert written == set(documented), "docs/metrics.md documents families the exporter never writes"
+    assert written == set(readme), "docs/metrics.md documents families the exporter never writes"
 
 
 def test_an_unchanged_family_is_the_very_same_text_and_another_set_of_locks_is_written_anew() -> None:
