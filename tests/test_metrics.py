@@ -1,5 +1,5 @@
 """Exposition: rendered once per change off the scrape path, gzip made with it, process figures
-from prometheus_client's own collectors, TYPE lines as the README promises."""
+from prometheus_client's own collectors, TYPE lines as the metrics reference (docs/metrics.md) promises."""
 
 from __future__ import annotations
 
@@ -341,10 +341,14 @@ def test_freed_memory_is_given_back_where_the_c_library_can() -> None:
     memory.give_back_freed_memory()
 
 
+METRICS_PAGE = Path(__file__).parent.parent / "docs" / "metrics.md"
+
+
 def _readme_metrics() -> dict[str, tuple[str, frozenset[str], str]]:
-    """README's metrics table: family name -> (type, label names, meaning with its `code` marks dropped)."""
+    """The metrics table the README links to, docs/metrics.md: family name -> (type, label names,
+    meaning with its `code` marks dropped)."""
     table = {}
-    for line in (Path(__file__).parent.parent / "README.md").read_text().splitlines():
+    for line in METRICS_PAGE.read_text().splitlines():
         cells = re.fullmatch(r"\| `(pg_advisory_lock_\w+)` \|(.*?)\|(.*?)\|(.*)\|", line)
         if cells:
             name, kind, names, meaning = (cell.strip() for cell in cells.groups())
@@ -352,8 +356,8 @@ def _readme_metrics() -> dict[str, tuple[str, frozenset[str], str]]:
     return table
 
 
-def test_every_family_is_what_the_readme_says_it_is_and_its_help_says_so_first() -> None:
-    """A reader of the HELP line in Prometheus and a reader of README's metrics table learn the same:
+def test_every_family_is_what_the_metrics_reference_says_it_is_and_its_help_says_so_first() -> None:
+    """A reader of the HELP line in Prometheus and a reader of the metrics reference learn the same:
     every family written (a single server's with every optional part, and a fleet's) is in the table
     with its type and labels, and the table's meaning begins with the HELP sentence (which may say
     less, never something else)."""
@@ -375,7 +379,7 @@ def test_every_family_is_what_the_readme_says_it_is_and_its_help_says_so_first()
     for family in text_string_to_metric_families(text):
         name = family.name + ("_total" if family.type == "counter" else "")
         written.add(name)
-        assert name in readme, f"{name} is not in README's metrics table"
+        assert name in readme, f"{name} is not in the table of docs/metrics.md"
         kind, names, meaning = readme[name]
         assert family.type == kind, name
         assert {label for sample in family.samples for label in sample.labels} - {"le"} == names, name
@@ -383,8 +387,8 @@ def test_every_family_is_what_the_readme_says_it_is_and_its_help_says_so_first()
         # A sentence: a capital, a number or the setting it is about first; a full stop last.
         assert help_text[0].isupper() or help_text[0].isdigit() or "_" in help_text.split()[0], help_text
         assert help_text.endswith("."), help_text
-        assert meaning.startswith(help_text[0].lower() + help_text[1:-1]), f"{name}: HELP {help_text!r}, README {meaning!r}"
-    assert written == set(readme), "README documents families the exporter never writes"
+        assert meaning.startswith(help_text[0].lower() + help_text[1:-1]), f"{name}: HELP {help_text!r}, docs/metrics.md {meaning!r}"
+    assert written == set(readme), "docs/metrics.md documents families the exporter never writes"
 
 
 def test_an_unchanged_family_is_the_very_same_text_and_another_set_of_locks_is_written_anew() -> None:
