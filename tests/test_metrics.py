@@ -3,10 +3,13 @@ from prometheus_client's own collectors, TYPE lines as the metrics reference (do
 
 from __future__ import annotations
 
+import gc
+
 import gzip
 import math
 import random
 import re
+import sys
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -339,6 +342,53 @@ def test_freed_memory_is_given_back_where_the_c_library_can() -> None:
     big = [list(range(300)) for _ in range(3000)]
     del big
     memory.give_back_freed_memory()
+
+
+def test_cyclic_garbage_of_the_oldest_generation_is_collected_after_a_rendering() -> None:
+    # Like a failed call's error: a cycle alive through the young passes (so promoted to the
+    # oldest generation), unreachable once it ends; the automatic passes may not visit it for long.
+    import weakref
+
+    from exporter import memory
+
+    class Failure(Exception):
+        pass
+
+    def failed_call() -> Failure:
+        try:
+            raise Failure("connect timed out")
+        except Failure as exc:
+            exc.me = exc  # type: ignore[attr-defined]  # a cycle, as error -> traceback -> frame -> error
+            return exc
+
+    error = failed_call()
+    gone = weakref.ref(error)
+    gc.collect()  # alive: promoted to the oldest generation
+    del error
+    if sys.version_info < (3, 13):  # 3.13's incremental collector has other generations
+        gc.collect(1)  # the young passes do not free it
+        assert gone() is not None
+    times = iter([100.0, 100.003, 101.0, 105.0, 105.001])
+    collected: list[int] = []
+    freed = memory.FreedMemory(clock=lambda: next(times), collect=lambda: collected.append(gc.collect()), trim=None)
+    freed.give_back()  # at 100: the first pass
+    assert gone() is None and len(collected) == 1
+    freed.give_back()  # at 101: not due (every 5 s)
+    assert len(collected) == 1
+    freed.give_back()  # at 105: due
+    assert len(collected) == 2
+
+
+def test_a_slow_full_pass_is_run_more_rarely() -> None:
+    from exporter import memory
+
+    times = iter([0.0, 0.1, 50.0, 100.0, 100.1])  # a pass of 100 ms: the next one 100 s later (0.1%)
+    passes: list[float] = []
+    freed = memory.FreedMemory(clock=lambda: next(times), collect=lambda: passes.append(1), trim=None)
+    freed.give_back()
+    freed.give_back()  # at 50: not due
+    freed.give_back()  # at 100: due
+    assert len(passes) == 2
 
 
 METRICS_PAGE = Path(__file__).parent.parent / "docs" / "metrics.md"
