@@ -16,13 +16,14 @@ from typing import Any
 import yaml
 
 from . import keys, presets
+from .ages import counted
 from .configkeys import parse_key
 from .configvalues import (  # noqa: F401 - parse_duration: for those who import it from here (the tests)
-    AUTO, Checker, boolean, count, duration, expand_env, format_duration, interval_or_auto, names, parse_duration,
+    AUTO, Checker, boolean, count, did_you_mean, duration, expand_env, format_duration, interval_or_auto, names, parse_duration,
     percentage, show, unknown_fields,
 )
 from .interval import AutoInterval
-from .dsn import MAX_TIMEOUT_MS, DsnError, database_name, describe_dsn
+from .dsn import MAX_TIMEOUT_MS, DsnError, check_dsn, database_name, describe_dsn
 
 MAX_CONFIG_BYTES = 1024 * 1024
 DEFAULT_POLL_INTERVAL = 5.0  # what a fixed interval falls back to in a refused reload's summary; the default is auto
@@ -193,7 +194,7 @@ class Config:
             forms[form] = forms.get(form, 0) + 1
         form_text = ", ".join(f"{n} {f}" for f, n in sorted(forms.items()))
         return (
-            f"{len(self.locks) - families} locks ({form_text or 'none'}), {families} families, "
+            f"{counted(len(self.locks) - families, 'lock')} ({form_text or 'none'}), {counted(families, 'family')}, "
             f"{len(self.probed)} probed, "
             f"presets: {', '.join(map(str, self.presets)) or 'none'}, "
             f"poolers: {', '.join(p.name for p in self.poolers) or 'none'}, "
@@ -304,8 +305,9 @@ def _parse_presets(value: Any, errors: list[str]) -> tuple[presets.Chosen, ...]:
         elif isinstance(name, str) and name in presets.PARAMETERISED:
             errors.append(f"{where}: {name} takes a parameter ({presets.PARAMETERISED[name][0]}): write {{{name}: ...}}")
         elif name not in known:
-            errors.append(f"{where}: unknown preset {name!r} (known: {', '.join(known)}; "
-                          f"with a parameter: {', '.join(presets.PARAMETERISED)})")
+            hint = did_you_mean(name, [*known, *presets.PARAMETERISED]) if isinstance(name, str) else ""
+            errors.append(f"{where}: unknown preset {name!r}" + (hint or f" (known: {', '.join(known)}; "
+                          f"with a parameter: {', '.join(presets.PARAMETERISED)})"))
         else:
             chosen.append(name)
     return tuple(chosen)
@@ -369,7 +371,7 @@ def _dsn_field(value: Any, where: str, errors: list[str]) -> str:
         return ""
     dsn = expand_env(value, where, errors)
     try:
-        describe_dsn(dsn)
+        check_dsn(dsn)
     except DsnError as exc:
         errors.append(f"{where}: {exc}")
     return dsn
@@ -456,7 +458,7 @@ class Fleet:
     def summary(self) -> str:
         if self.single:
             return self.targets[0].summary()
-        return f"{len(self.targets)} targets: " + "; ".join(f"{t.name}: {t.summary()}" for t in self.targets)
+        return f"{counted(len(self.targets), 'target')}: " + "; ".join(f"{t.name}: {t.summary()}" for t in self.targets)
 
 
 def parse_fleet(data: Any, source: str) -> Fleet:
@@ -468,8 +470,8 @@ def parse_fleet(data: Any, source: str) -> Fleet:
         if field in TARGET_ONLY_FIELDS:
             errors.append(f"{field}: with targets, {field} belongs to each target (targets.NAME.{field}); "
                           "a config has either a top-level dsn (one server) or targets")
-        elif field not in (*DEFAULTABLE_FIELDS, "targets"):
-            errors.append(f"{field}: unknown field (allowed with targets: {', '.join((*DEFAULTABLE_FIELDS, 'targets'))})")
+    errors.extend(unknown_fields({f: v for f, v in data.items() if f not in TARGET_ONLY_FIELDS},
+                                 (*DEFAULTABLE_FIELDS, "targets"), ""))
     defaults = {field: data[field] for field in DEFAULTABLE_FIELDS if field in data}
     try:
         parse_config(defaults, source)

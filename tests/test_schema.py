@@ -22,7 +22,7 @@ VALIDATOR = jsonschema.Draft7Validator(SCHEMA)
 
 # Rules no JSON Schema can say: they need the whole file, the environment, the disk or libpq.
 NOT_EXPRESSIBLE = ("duplicate name", "name the same lock", "overlaps family", "environment variable",
-                   "cannot read", "is above high", "not a valid libpq", "duplicate key", "not valid YAML",
+                   "cannot read", "is above high", "at character", "duplicate key", "not valid YAML",
                    "not UTF-8", "larger than", "the file is empty", "must be at least", "must be at most",
                    "expected a bigint",  # JSON Schema counts 1.0 an integer; YAML's 1.0 is a float
                    "is above max_poll_interval",  # two durations compared
