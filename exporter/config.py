@@ -230,6 +230,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _hint(value: Any, known: tuple[str, ...]) -> str:
+    """'; did you mean held?' for a misspelt choice, '' for anything else."""
+    return did_you_mean(value, known) if isinstance(value, str) else ""
+
+
 def _named_entry(entry: Any, allowed: tuple[str, ...], what: str, where: str, errors: list[str]) -> tuple[bool, str | None]:
     """(whether entry is a mapping, its name or None): a list entry's common checks, located."""
     if not isinstance(entry, dict):
@@ -278,7 +283,7 @@ def _parse_probe(value: Any, default_interval: float, where: str, errors: list[s
     errors.extend(unknown_fields(value, _PROBE_FIELDS, where))
     expect = value.get("expect", EXPECT_ANY)
     if expect not in _EXPECTATIONS:
-        errors.append(f"{where}.expect: expected one of {', '.join(_EXPECTATIONS)}, got {show(expect)}")
+        errors.append(f"{where}.expect: expected one of {', '.join(_EXPECTATIONS)}, got {show(expect)}{_hint(expect, _EXPECTATIONS)}")
         return None
     interval = default_interval
     if "interval" in value:
@@ -305,7 +310,7 @@ def _parse_presets(value: Any, errors: list[str]) -> tuple[presets.Chosen, ...]:
         elif isinstance(name, str) and name in presets.PARAMETERISED:
             errors.append(f"{where}: {name} takes a parameter ({presets.PARAMETERISED[name][0]}): write {{{name}: ...}}")
         elif name not in known:
-            hint = did_you_mean(name, [*known, *presets.PARAMETERISED]) if isinstance(name, str) else ""
+            hint = _hint(name, (*known, *presets.PARAMETERISED))
             errors.append(f"{where}: unknown preset {name!r}" + (hint or f" (known: {', '.join(known)}; "
                           f"with a parameter: {', '.join(presets.PARAMETERISED)})"))
         else:
@@ -383,7 +388,7 @@ def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | N
         return None
     kind = entry.get("type")
     if kind is not None and kind not in POOLER_TYPES:
-        errors.append(f"{where}.type: expected one of {', '.join(POOLER_TYPES)}, got {show(kind)}")
+        errors.append(f"{where}.type: expected one of {', '.join(POOLER_TYPES)}, got {show(kind)}{_hint(kind, POOLER_TYPES)}")
         kind = None
     dsn = _dsn_field(entry["dsn"], f"{where}.dsn", errors) if "dsn" in entry else None
     password_file = _password_file(entry.get("password_file"), f"{where}.password_file", errors)
@@ -392,7 +397,7 @@ def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | N
         addresses = names(entry["addresses"], f"{where}.addresses", "IP addresses or host names", errors)
     mode = entry.get("pool_mode")
     if mode is not None and mode not in POOL_MODES:
-        errors.append(f"{where}.pool_mode: expected one of {', '.join(POOL_MODES)}, got {show(mode)}")
+        errors.append(f"{where}.pool_mode: expected one of {', '.join(POOL_MODES)}, got {show(mode)}{_hint(mode, POOL_MODES)}")
         mode = None
     if kind == "pgbouncer" and dsn is None:
         errors.append(f"{where}.dsn: required with type pgbouncer: the dsn of its admin console (dbname=pgbouncer)")

@@ -36,6 +36,13 @@ def details(data: dict) -> list[str]:
     ({"Poll_Intervall": "1s", "targets": {"a": {"dsn": "host=a"}}}, "Poll_Intervall: unknown field; did you mean poll_interval?"),
     ({"targets": {"a": {"dsn": "host=a", "lcoks": [LOCK]}}}, "targets.a.lcoks: unknown field; did you mean locks?"),
     ({"dsn": "host=a", "presets": ["rials"]}, "presets[0]: unknown preset 'rials'; did you mean rails?"),
+    ({"dsn": "host=a", "locks": [LOCK | {"probe": {"expect": "hold"}}]},
+     "locks[0].probe.expect: expected one of held, free, any, got a string ('hold'); did you mean held?"),
+    ({"dsn": "host=a", "poolers": [{"name": "p", "addresses": ["10.0.0.1"], "pool_mode": "transactions"}]},
+     "poolers[0].pool_mode: expected one of session, transaction, statement, got a string ('transactions'); "
+     "did you mean transaction?"),
+    ({"dsn": "host=a", "poolers": [{"name": "p", "type": "pgbounce", "dsn": "host=p"}]},
+     "poolers[0].type: expected one of pgbouncer, got a string ('pgbounce'); did you mean pgbouncer?"),
 ])
 def test_a_misspelt_field_gets_the_nearest_known_one(data: dict, message: str) -> None:
     assert message in details(data)
