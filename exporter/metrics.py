@@ -28,6 +28,7 @@ _BLOCKED = operator.attrgetter("blocked_holders")
 _LAST_ACQUIRED = operator.attrgetter("last_acquired_at")
 _EXPECT_EVERY = operator.attrgetter("expect_every")
 _BLOCKED_WAIT = operator.attrgetter("blocked_holder_wait_seconds")
+_BLOCKED_INFO = operator.attrgetter("blocked_info")
 
 
 def _pid(h: Holder) -> str:
@@ -38,6 +39,11 @@ def _pid(h: Holder) -> str:
 def _holder_labels(h: Holder, source: str) -> str:
     return labels(key=h.key, pid=_pid(h), application_name=h.application_name, usename=h.usename,
                   client_addr=h.client_addr, state=h.state, source=source, pooler=h.pooler)
+
+
+def _blocked_labels(h: Holder) -> str:
+    return labels(key=h.key, pid=_pid(h), application_name=h.application_name, usename=h.usename,
+                  client_addr=h.client_addr, state=h.state, pooler=h.pooler)
 
 
 def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
@@ -72,6 +78,15 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
         "One series per current holder of the lock (per key held, for a family), the longest-held within the caps.",
         tuple(map(_HOLDER_INFO, locks)),
         lambda i, v: "".join(f"{info}{{{i},{_holder_labels(h, v[1])}}} 1\n" for h in v[0]),
+    )
+    blocked_info = f"{PREFIX}_blocked_holder_info"
+    yield texts.lines(
+        "blocked_holder_info", "gauge",
+        "One series per holder of the lock that waits itself for another lock now (those blocked_holders counts), "
+        "with the key of its oldest hold of the lock; the longest waits within max_holder_info_per_lock and "
+        "max_holder_info, as holder_info.",
+        tuple(map(_BLOCKED_INFO, locks)),
+        lambda i, held: "".join(f"{blocked_info}{{{i},{_blocked_labels(h)}}} 1\n" for h in held),
     )
     yield each(
         "pooled_session_holders", "gauge",
