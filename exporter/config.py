@@ -50,7 +50,7 @@ DEFAULT_MAX_UNNAMED_HOLDER_INFO = 10
 DEFAULT_MAX_TRACKED_HOLDS = 100_000
 
 # The fields of config.yaml. config.schema.json says the same (tests/test_schema.py checks every
-# field, enum and bound both ways); the README's Development section says how to add one.
+# field, enum and bound both ways); docs/development.md says how to add one.
 #
 # A target's scalars: field -> (its checker, its default; None: unset). Each is a field of Config
 # of the same name, may be set at the top level, and with targets is every target's default, which
