@@ -203,8 +203,8 @@ class Assembler:
                 self._count_wait(row, waits)
         changed = self._track(held_rows, view or EMPTY_VIEW, now, slack)
         self._merge(changed)
-        blocked, blocked_waits = self._blocked(own_waits)
-        assembled = self._states(caps, waits, blocked, changed, seen_presets, unnamed_max_hold, pooled)
+        blocked, blocked_waits, blocked_holders = self._blocked(own_waits)
+        assembled = self._states(caps, waits, blocked, blocked_holders, changed, seen_presets, unnamed_max_hold, pooled)
         assembled = replace(assembled, blocked=blocked_waits,
                             waiting_pids=frozenset(row.pid for row in own_waits.values() if row.pid is not None),
                             **(self._releases(view) if view is not None else {}))
@@ -212,24 +212,31 @@ class Assembler:
             self.check()
         return assembled
 
-    def _blocked(self, own_waits: dict[SessionId, Any]) -> tuple[dict[Tally, list[float]], tuple[OwnWait, ...]]:
-        """Per tally, its holders that wait themselves [how many, the longest wait]; and those waits.
-        In proportion to the waiting sessions, which are few."""
+    def _blocked(self, own_waits: dict[SessionId, Any]) \
+            -> tuple[dict[Tally, list[float]], tuple[OwnWait, ...], dict[int, list[tuple[float, Holder]]]]:
+        """Per tally, its holders that wait themselves [how many, the longest wait]; those waits; and
+        per named lock, each such holder (its oldest hold of the lock) with its wait. In proportion
+        to the waiting sessions, which are few."""
         blocked: dict[Tally, list[float]] = {}
+        holders: dict[int, list[tuple[float, Holder]]] = {}
         found = []
         for sid, row in own_waits.items():
             session = self._sessions.get(sid)
             if session is None:
                 continue  # waits, holds nothing: a waiter, counted as one
-            for tally in session.parts:
+            wait = row.wait_seconds or 0.0
+            for tally, part in session.parts.items():
                 figure = blocked.setdefault(tally, [0, 0.0])
                 figure[0] += 1
-                figure[1] = max(figure[1], row.wait_seconds or 0.0)
+                figure[1] = max(figure[1], wait)
+                if isinstance(tally, int):
+                    # One series per blocked session, whatever it holds of a family: the key of its oldest hold.
+                    holders.setdefault(tally, []).extend((wait, h) for h in oldest_holders(part, 1, by_pid_and_key))
             advisory = row.locktype == ADVISORY
             found.append(OwnWait(row.pid, row.datname or "", row.locktype or "", row.wait_mode or "", row.wait_relation,
                                  row.keys[0] if row.keys else None, row.objsubid if advisory else None,
                                  round(row.wait_seconds or 0.0, 3)))
-        return blocked, tuple(sorted(found))
+        return blocked, tuple(sorted(found)), holders
 
     def _releases(self, view: PoolerView) -> dict[str, Any]:
         """When the pooler frees each stranded session lock by itself: the stranded sessions' server
@@ -348,10 +355,12 @@ class Assembler:
             shown = self._shown[tally] = _Shown(figures, limit, oldest_holders(figures, limit, order))
         return shown.holders
 
-    def _states(self, caps: Caps, waits: dict[Tally, list[float]], blocked: dict[Tally, list[float]], changed: set[Tally],
+    def _states(self, caps: Caps, waits: dict[Tally, list[float]], blocked: dict[Tally, list[float]],
+                blocked_holders: dict[int, list[tuple[float, Holder]]], changed: set[Tally],
                 seen_presets: frozenset[tuple[str, str]], unnamed_max_hold: float | None, pooled: bool) -> Assembled:
         states = []
         info_budget = caps.total  # holder_info series the remaining locks may still have
+        blocked_budget = caps.total  # and blocked_holder_info series, under the same caps
         dropped = 0
         seen = set(seen_presets)
         # A lock no changed session holds, nobody waits for or in, under the same limit, is its last
@@ -372,6 +381,10 @@ class Assembler:
                         continue  # a preset lock nobody has taken: no series until someone does
                     seen.add(lock_id)
                 state = self._lock_state(index, lock, total, wait, blocked.get(index), limit, pooled)
+            if index in blocked_holders:  # never a remembered state: a lock with a blocked holder is not kept
+                shown = _longest_waits(blocked_holders[index], min(per_lock, blocked_budget))
+                blocked_budget -= len(shown)
+                state = state._replace(blocked_info=shown)
             states.append(state)
             info_budget -= len(state.info_holders)
             dropped += state.holds - len(state.info_holders)
@@ -435,6 +448,13 @@ class Assembler:
             _require(made.figures is self._totals.get(index), f"the state of lock {index} was made from an old total")
         _require(self._tracker.sessions() <= self._sessions.keys(), "the tracker remembers a session the assembler does not")
         self._tracker.check()
+
+
+def _longest_waits(blocked: list[tuple[float, Holder]], limit: int) -> tuple[Holder, ...]:
+    """blocked_holder_info's holders of a lock: the `limit` longest waits (among equal waits the
+    lowest pid), shown by pid."""
+    chosen = sorted(blocked, key=lambda pair: (-pair[0], pair[1].order))[:max(limit, 0)]
+    return tuple(sorted((holder for _, holder in chosen), key=by_pid_and_key))
 
 
 def _require(condition: bool, message: str) -> None:

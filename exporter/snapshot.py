@@ -84,6 +84,9 @@ class LockState(NamedTuple):
     # how often the config expects it taken (expect_every).
     last_acquired_at: float = 0.0
     expect_every: float | None = None
+    # The blocked holders themselves (those blocked_holders counts), one per session with the key of
+    # its oldest hold of the lock, by pid; the longest waits within the holder_info caps.
+    blocked_info: tuple[Holder, ...] = ()
 
     def holders_in(self, mode: str) -> int:
         return self.exclusive if mode == MODE_EXCLUSIVE else self.shared

@@ -190,12 +190,18 @@ def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives() ->
             scratch = Assembler(locks, KeyMatcher(locks), scratch_tracker).run(rows, now, caps, view=view,
                                                                                  slack=slack)  # remembers nothing
             assert remembered == scratch, f"seed {seed}, poll {n}"
+            # blocked_holder_info: one series per blocked session, never more than blocked_holders counts.
+            waiting = {r.pid for r in rows if not r.granted}
+            for lock in remembered.locks:
+                pids = [h.pid for h in lock.blocked_info]
+                assert len(set(pids)) == len(pids) <= min(lock.blocked_holders, caps.per_lock) and set(pids) <= waiting
             assert (remembering_tracker.tracked, remembering_tracker.dropped) == \
                 (scratch_tracker.tracked, scratch_tracker.dropped)
             shapes.update(_shapes(remembered, rows, view))
     # The random polls really made every shape the assembler must agree on.
     assert shapes >= {"prepared", "blocked holder", "blocked unnamed", "pooled", "stranded", "waiter", "family",
-                      "capped", "no backend_start", "both modes"}, shapes
+                      "capped", "no backend_start", "both modes", "blocked holder named", "blocked holder capped",
+                      "blocked family holder"}, shapes
 
 
 def _shapes(result, rows, view) -> set[str]:
@@ -203,6 +209,9 @@ def _shapes(result, rows, view) -> set[str]:
                                                                and r.pid is not None}
     found |= {"blocked holder" for lock in result.locks if lock.blocked_holders}
     found |= {"blocked unnamed" for u in result.unnamed if u.blocked_holders}
+    found |= {"blocked holder named" for lock in result.locks if lock.blocked_info}
+    found |= {"blocked holder capped" for lock in result.locks if len(lock.blocked_info) < lock.blocked_holders}
+    found |= {"blocked family holder" for lock in result.locks if lock.keys_held and lock.blocked_info}
     found |= {"waiter" for lock in result.locks if lock.waiters}
     found |= {"family" for lock in result.locks if lock.keys_held}
     found |= {"capped" for lock in result.locks if len(lock.info_holders) < lock.holds}
@@ -486,6 +495,38 @@ def test_holders_that_wait_themselves_are_blocked_holders_and_say_for_what() -> 
     after = calm.run([r for r in rows if r.granted], 101.0, **run)
     assert [(s.blocked_holders, s.blocked_holder_wait_seconds) for s in after.locks] == [(0, 0.0)] * 3
     assert (after.unnamed[0].blocked_holders, after.blocked, after.waiting_pids) == (0, (), frozenset())
+
+
+def test_blocked_holder_info_names_each_blocked_holder_once_the_longest_waits_within_the_caps() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "tenants", keys.NamespaceFamily(42)),
+             _lock(2, "six", keys.BigintKey(6)))
+    pair = lambda low: (42 << 32) | low  # noqa: E731 - an int4 pair (42, low) as pg_locks' 64 bits
+    rows = [
+        _row(10, [5], app="short-wait"), _waits(10, "relation", keys=[None], relation=16384, wait=0.75),
+        _row(11, [5], app="long-wait"), _waits(11, "transactionid", keys=[731], datname=None, wait=9.5),
+        _row(12, [5], app="not-blocked"),
+        # A family's holder of two keys, the older (42, 2): one series, with that key.
+        _row(20, [pair(1)], objsubid=PAIR, app="tenant-job", state="idle in transaction"),
+        _row(20, [pair(2)], objsubid=PAIR, shared=True, app="tenant-job",
+             state="idle in transaction", idle=30.0),
+        _waits(20, "relation", keys=[None], relation=16385, wait=2.0),
+        _row(30, [6]), _waits(30, "relation", keys=[None], relation=16385, wait=1.0),
+    ]
+    result = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, CAPS)
+    five, tenants, six = result.locks
+    assert [(h.pid, h.application_name, h.key) for h in five.blocked_info] == [(10, "short-wait", "5"), (11, "long-wait", "5")]
+    assert [(h.pid, h.key) for h in tenants.blocked_info] == [(20, "42,2")]
+    assert (tenants.blocked_holders, len(tenants.info_holders)) == (1, 2)  # holder_info still shows both keys
+    assert [h.pid for h in six.blocked_info] == [30]
+    # The caps: the longest wait of a lock first; the total runs out in the locks' order.
+    capped = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(1, 2, 4))
+    assert [[h.pid for h in lock.blocked_info] for lock in capped.locks] == [[11], [20], []]
+    assert [lock.blocked_holders for lock in capped.locks] == [2, 1, 1]  # the counts count every one
+    # Nobody waits any more: no series.
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    assembler.run(rows, 100.0, CAPS)
+    calm = assembler.run([r for r in rows if r.granted], 101.0, CAPS)
+    assert [lock.blocked_info for lock in calm.locks] == [(), (), ()]
 
 
 def test_a_stranded_locks_release_is_the_soonest_its_pooler_frees_one_of_its_connections() -> None:

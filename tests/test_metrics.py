@@ -147,7 +147,8 @@ def test_every_series_of_a_full_snapshot_names_labels_and_values() -> None:
     snapshot = Snapshot(
         up=True,
         locks=(LockState("tenants", "app", 2, 1, 4.0, 3, 1.5, 7, 60.0, (holder, prepared), 3, "config", "(42, *)", 2, 1,
-                         blocked_holders=1, blocked_holder_wait_seconds=2.5, last_acquired_at=8.0, expect_every=3600.0),
+                         blocked_holders=1, blocked_holder_wait_seconds=2.5, last_acquired_at=8.0, expect_every=3600.0,
+                         blocked_info=(holder,)),
                LockState("plain", "app", 0, 0, None, 0, 0.0, 0, source="preset")),
         unnamed=(UnnamedLocks("app", 2, 1, 2.0, 0.25, (holder._replace(key="77", modes=frozenset({"exclusive", "shared"})),
                                                      prepared._replace(key="-78")), 30.0, 1,
@@ -188,6 +189,8 @@ def test_every_series_of_a_full_snapshot_names_labels_and_values() -> None:
         (p + "max_hold_seconds", lock("tenants")): 60,
         (p + "blocked_holders", lock("tenants")): 1, (p + "blocked_holders", lock("plain")): 0,
         (p + "blocked_holder_wait_seconds", lock("tenants")): 2.5, (p + "blocked_holder_wait_seconds", lock("plain")): 0,
+        # The blocked holder itself, labelled as holder_info is (no source: the lock's own series say it).
+        (p + "blocked_holder_info", lock("tenants", key="42,7", **who)): 1,
         # The poller's clock (taken_at 10 is wall 1700000010): last taken at 8, and "plain" watched since 0.
         (p + "last_acquired_timestamp_seconds", lock("tenants")): 1700000008,
         (p + "last_acquired_timestamp_seconds", lock("plain")): 1700000000,
@@ -236,7 +239,7 @@ def test_every_series_of_a_full_snapshot_names_labels_and_values() -> None:
     }
     # Every sample under the HELP and TYPE of its own family.
     gauges = ("holders", "waiters", "held_seconds", "wait_seconds", "holder_info", "pooled_session_holders",
-              "keys_held", "max_hold_seconds", "blocked_holders", "blocked_holder_wait_seconds",
+              "keys_held", "max_hold_seconds", "blocked_holders", "blocked_holder_wait_seconds", "blocked_holder_info",
               "last_acquired_timestamp_seconds", "expect_every_seconds", "unnamed_blocked_holders",
               "unnamed_blocked_holder_wait_seconds", "exporter_db_time_ratio", "pooled_session_release_seconds",
               "unnamed_holders", "unnamed_waiters", "unnamed_held_seconds",
@@ -414,7 +417,8 @@ def test_every_family_is_what_the_metrics_reference_says_it_is_and_its_help_says
     holder = Holder(7, 1.0, frozenset({"shared"}), "app", "u", "10.0.0.1", "idle", 4.0, "42,7", "pgb")
     snapshot = Snapshot(
         up=True, locks=(LockState("tenants", "app", 1, 1, 4.0, 1, 1.5, 7, 60.0, (holder,), 3, "config", "(42, *)", 2, 1,
-                                  blocked_holders=1, blocked_holder_wait_seconds=2.5, expect_every=3600.0),),
+                                  blocked_holders=1, blocked_holder_wait_seconds=2.5, expect_every=3600.0,
+                                  blocked_info=(holder,)),),
         unnamed=(UnnamedLocks("app", 2, 1, 2.0, 0.25, (holder,), 30.0, 1, 1, 0.75),),
         collisions=(KeyCollision("a", "b", "app"),), consoles=(ConsoleStatus("pgb", "127.0.0.1:6432", True, 0.004),),
         releases={("tenants", "app"): Release(30.0, "server_lifetime", 7)},
