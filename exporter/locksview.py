@@ -178,8 +178,9 @@ def format_table(rows: list[LockRow]) -> str:
         lines.append(f"  {role:<6} {r.pid:>7} {_fit(r.application_name or '-', 18):<18} {_fit(who or '-', 21):<21} "
                      f"{_fit(state or '?', 9):<9} {held:>8}")
         if r.stranded:
-            lines.append(_fit(f"         STRANDED on pooler {r.pooler}: a session lock left on a pooled connection", WIDTH))
-            lines.append(_fit("         nobody owns it; whoever borrows that connection next also 'has' it", WIDTH))
+            lines += [f"{FIX_INDENT}{line}" for line in textwrap.wrap(
+                f"STRANDED on pooler {r.pooler}: a session lock left on a pooled connection; nobody owns it, and "
+                "whoever borrows that connection next also 'has' it", WIDTH - len(FIX_INDENT))]
         elif r.pooler:
             lines.append(_fit(f"         via pooler {r.pooler} (the client shown is the one it serves now)", WIDTH))
         if r.blocked_by:
