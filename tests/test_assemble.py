@@ -578,3 +578,14 @@ def test_who_waits_is_named_longest_first_and_bounded() -> None:
     longest = range(WAITERS_NAMED + 1, 1, -1)
     assert state.waiting == tuple(Waiter(100 + n, f"pod-{n}", "u", "10.0.0.9", float(n), "5") for n in longest)
     assert assembler.run([holder], 101.0, caps).locks[0].waiting == ()
+
+
+def test_a_waiter_through_a_pooler_is_named_by_its_client() -> None:
+    """A waiter is inside its lock call, so inside its client's transaction: through a transaction
+    pool the waiter named is the client the pooler lends the backend to, not the backend's names."""
+    locks = (_lock(0, "leader", keys.BigintKey(5)),)
+    view = PoolerView(by_backend={(60, 6000): ServerLink("pgb", "transaction", Client("10.9.9.9", "cu", "client-app"))})
+    rows = [_row(10, [5], backend_start=1.0, app="leader"),
+            _row(60, [5], granted=False, wait=2.0, port=6000, app="last-borrower", addr="10.0.0.5")]
+    state = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(2, 5, 1), view=view).locks[0]
+    assert state.waiting == (Waiter(60, "client-app", "cu", "10.9.9.9", 2.0, "5", "pgb"),)
