@@ -25,12 +25,16 @@ from .holders import Who, by_pid_and_key, by_pid_key_and_mode, session_id, who_h
 from .matching import KeyMatcher
 from .naming import SOURCE_PRESET, ResolvedLock
 from .pooled import EMPTY_VIEW, PoolerView, Release
-from .snapshot import Holder, LockState, OwnWait, UnnamedLocks
+from .keys import key_label
+from .snapshot import Holder, LockState, OwnWait, UnnamedLocks, Waiter
 from .tracker import HoldTracker, SessionId
 
 CHECK_INVARIANTS_ENV = "PG_ADVISORY_LOCK_EXPORTER_CHECK_INVARIANTS"
 UNNAMED = ""  # the tracker's lock id of keys nobody named: ("", database, objsubid)
 ADVISORY = "advisory"  # the locktype of an advisory row of the poll; others are a session's own waits
+# Waiters named per lock (the longest waits): the landing page names who waits; a pile-up of a
+# thousand is a count and these few, never a thousand names.
+WAITERS_NAMED = 5
 
 # What a set of figures counts for: a lock (its index among the resolved locks), or a database
 # (its keys nobody named).
@@ -190,6 +194,7 @@ class Assembler:
         """
         pooled = view is not None
         waits: dict[Tally, list[float]] = {}  # tally -> [waiters, longest wait]
+        waiting: dict[Tally, list[Waiter]] = {}  # tally -> who waits (every waiter; few: a poll's waits)
         held_rows: dict[SessionId, list[Any]] = {}
         own_waits: dict[SessionId, Any] = {}  # a session's wait, for a lock of any type
         for row in rows:
@@ -200,11 +205,13 @@ class Assembler:
             if row.granted:  # a waiter holds nothing: a wait a poll sees never starts or carries a hold
                 held_rows.setdefault(session_id(row), []).append(row)
             else:
-                self._count_wait(row, waits)
+                self._count_wait(row, waits, waiting, view or EMPTY_VIEW)
         changed = self._track(held_rows, view or EMPTY_VIEW, now, slack)
         self._merge(changed)
         blocked, blocked_waits, blocked_holders = self._blocked(own_waits)
-        assembled = self._states(caps, waits, blocked, blocked_holders, changed, seen_presets, unnamed_max_hold, pooled)
+        named = {tally: _longest(found) for tally, found in waiting.items()}
+        assembled = self._states(caps, waits, named, blocked, blocked_holders, changed, seen_presets, unnamed_max_hold,
+                                 pooled)
         assembled = replace(assembled, blocked=blocked_waits,
                             waiting_pids=frozenset(row.pid for row in own_waits.values() if row.pid is not None),
                             **(self._releases(view) if view is not None else {}))
@@ -256,11 +263,18 @@ class Assembler:
                     by_tally[tally] = link.release
         return {"releases": by_tally, "backend_releases": by_backend}
 
-    def _count_wait(self, row: Any, waits: dict[Tally, list[float]]) -> None:
+    def _count_wait(self, row: Any, waits: dict[Tally, list[float]], waiting: dict[Tally, list[Waiter]],
+                    view: PoolerView) -> None:
+        who = who_holds(row, view)
+        seconds = round(row.wait_seconds or 0.0, 3)
         for index, group in self._matcher.partition(row.datname, row.objsubid, row.keys).items():
-            wait = waits.setdefault(row.datname if index is None else index, [0, 0.0])
+            tally = row.datname if index is None else index
+            wait = waits.setdefault(tally, [0, 0.0])
             wait[0] += len(group)
             wait[1] = max(wait[1], row.wait_seconds or 0.0)
+            waiting.setdefault(tally, []).extend(
+                Waiter(row.pid, who.application_name, who.usename, who.client_addr, seconds,
+                       key_label(row.objsubid, key), who.pooler) for key in group)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -355,8 +369,9 @@ class Assembler:
             shown = self._shown[tally] = _Shown(figures, limit, oldest_holders(figures, limit, order))
         return shown.holders
 
-    def _states(self, caps: Caps, waits: dict[Tally, list[float]], blocked: dict[Tally, list[float]],
-                blocked_holders: dict[int, list[tuple[float, Holder]]], changed: set[Tally],
+    def _states(self, caps: Caps, waits: dict[Tally, list[float]], waiting: dict[Tally, tuple[Waiter, ...]],
+                blocked: dict[Tally, list[float]], blocked_holders: dict[int, list[tuple[float, Holder]]],
+                changed: set[Tally],
                 seen_presets: frozenset[tuple[str, str]], unnamed_max_hold: float | None, pooled: bool) -> Assembled:
         states = []
         info_budget = caps.total  # holder_info series the remaining locks may still have
@@ -381,6 +396,8 @@ class Assembler:
                         continue  # a preset lock nobody has taken: no series until someone does
                     seen.add(lock_id)
                 state = self._lock_state(index, lock, total, wait, blocked.get(index), limit, pooled)
+                if wait is not None:  # never remembered (_lock_state): the waiters are this poll's
+                    state = state._replace(waiting=waiting.get(index, ()))
             if index in blocked_holders:  # never a remembered state: a lock with a blocked holder is not kept
                 shown = _longest_waits(blocked_holders[index], min(per_lock, blocked_budget))
                 blocked_budget -= len(shown)
@@ -388,7 +405,8 @@ class Assembler:
             states.append(state)
             info_budget -= len(state.info_holders)
             dropped += state.holds - len(state.info_holders)
-        unnamed = [self._unnamed_state(database, caps, waits.get(database), blocked.get(database), unnamed_max_hold, pooled)
+        unnamed = [replace(self._unnamed_state(database, caps, waits.get(database), blocked.get(database), unnamed_max_hold,
+                                               pooled), waiting=waiting.get(database, ()))
                    for database in sorted({t for t in (*self._totals, *waits) if isinstance(t, str)})]
         return Assembled(tuple(states), tuple(unnamed), dropped, frozenset(seen))
 
@@ -455,6 +473,11 @@ def _longest_waits(blocked: list[tuple[float, Holder]], limit: int) -> tuple[Hol
     lowest pid), shown by pid."""
     chosen = sorted(blocked, key=lambda pair: (-pair[0], pair[1].order))[:max(limit, 0)]
     return tuple(sorted((holder for _, holder in chosen), key=by_pid_and_key))
+
+
+def _longest(waiters: list[Waiter]) -> tuple[Waiter, ...]:
+    """The WAITERS_NAMED longest waits, longest first (then by pid: the same order at every poll)."""
+    return tuple(sorted(waiters, key=lambda w: (-w.wait_seconds, w.pid, w.key))[:WAITERS_NAMED])
 
 
 def _require(condition: bool, message: str) -> None:

@@ -10,15 +10,28 @@ from html import escape
 
 from . import __version__
 from .ages import age, counted
-from .snapshot import MODE_EXCLUSIVE, Holder, LockState, ProbeResult, ReloadStatus, Snapshot
+from .snapshot import MODE_EXCLUSIVE, Holder, LockState, ProbeResult, ReloadStatus, Snapshot, Waiter
 
 REFRESH_SECONDS = 5
 FREE_NAMES_SHOWN = 50
+# The troubles of a named lock, worst first: the order of the page's rows.
+OVER_MAX_HOLD = "over max_hold"
+BLOCKED = "blocked"
+STRANDED = "stranded"
+WAITERS = "waited for"
+PROBE_FAILS = "probe not as expected"
+TROUBLES = (OVER_MAX_HOLD, BLOCKED, STRANDED, WAITERS, PROBE_FAILS)
+_CLASSES = {OVER_MAX_HOLD: "over", BLOCKED: "blocked", STRANDED: "stranded", WAITERS: "waiters", PROBE_FAILS: "probe"}
+# Fits a 900 px window without sideways scrolling: tables take the page's width and long words
+# (a key, user@client, a gid) break where they must rather than push the table past the edge.
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+body{font-family:system-ui,sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;width:100%}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}.muted{color:#777}
+tr.over{background:#fde8e8}tr.trouble td:first-child{border-left:4px solid #b00}
+.tag{font-size:.8em;color:#fff;background:#b00;border-radius:3px;padding:0 .3em;white-space:nowrap}
+code{overflow-wrap:anywhere}.n{white-space:nowrap;overflow-wrap:normal}
 """
 
 
@@ -69,6 +82,43 @@ def _noted(line: str, note: str | None) -> str:
     return line if note is None else f"{line} &mdash; {escape(note)}"
 
 
+def _waiter_line(w: Waiter, with_key: bool) -> str:
+    """'pid 41 shard-7-worker-b postgres@10.0.0.7, waiting 2m10s': who waits, and for how long."""
+    who = w.usename + (f"@{w.client_addr}" if w.client_addr else "")
+    via = f" via pooler {w.pooler}" if w.pooler else ""
+    return escape(f"{'key ' + w.key + ', ' if with_key else ''}pid {w.pid} {w.application_name or '-'} "
+                  f"{who or '?'}{via}, waiting {age(w.wait_seconds)}")
+
+
+def _waiters_cell(waiters: int, wait_seconds: float, waiting: tuple[Waiter, ...], with_key: bool) -> str:
+    """How many wait, the longest wait, then who waits (the longest waits the snapshot names)."""
+    if not waiters:
+        return "0"
+    named = "".join(f"<br>{_waiter_line(w, with_key)}" for w in waiting)
+    more = waiters - len(waiting)
+    return (f'<span class="bad">{waiters} (longest {age(wait_seconds)})</span>{named}'
+            + (f'<br><span class="muted">and {more} more</span>' if more > 0 else ""))
+
+
+def troubles(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> tuple[str, ...]:
+    """What is wrong with a lock now, in TROUBLES' order (the page's order of rows)."""
+    found = {
+        OVER_MAX_HOLD: lock.max_hold is not None and snapshot.held_seconds(lock) > lock.max_hold,
+        BLOCKED: lock.blocked_holders > 0,
+        STRANDED: bool(lock.pooled_session_holders),
+        WAITERS: lock.waiters > 0,
+        PROBE_FAILS: probe is not None and not probe.ok,
+    }
+    return tuple(kind for kind in TROUBLES if found[kind])
+
+
+def by_trouble(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> tuple[bool, ...]:
+    """A sort key: a lock over its max_hold first, then blocked, stranded, waited for, its probe not
+    as expected, then the rest; a lock with several troubles before one with only its worst."""
+    found = troubles(lock, probe, snapshot)
+    return tuple(kind not in found for kind in TROUBLES)
+
+
 def _lock_row(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> str:
     holders = "<br>".join(_noted(_holder_line(h, lock.is_family, snapshot), snapshot.key_notes.get((lock.database, h.key)))
                           for h in lock.info_holders) or '<span class="muted">none</span>'
@@ -77,18 +127,21 @@ def _lock_row(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) ->
     hidden = lock.holds - len(lock.info_holders)
     if hidden:
         holders += f"<br><span class=\"muted\">and {hidden} more</span>"
-    held_seconds = snapshot.held_seconds(lock)
-    over = lock.max_hold is not None and held_seconds > lock.max_hold
-    max_hold = "" if lock.max_hold is None else age(lock.max_hold)
-    waits = f"{lock.waiters} (longest {age(lock.wait_seconds)})" if lock.waiters else "0"
-    probe_cell = "" if probe is None else (
+    found = troubles(lock, probe, snapshot)
+    over = OVER_MAX_HOLD in found
+    held = age(snapshot.held_seconds(lock))
+    held = f'<span class="bad">{held} OVER</span>' if over else held
+    max_hold = "" if lock.max_hold is None else f'<br><span class="muted">max_hold {age(lock.max_hold)}</span>'
+    probe_line = "" if probe is None else "<br>probe: " + (
         '<span class="ok">as expected</span>' if probe.ok else '<span class="bad">NOT as expected</span>'
     )
+    tags = "".join(f' <span class="tag">{kind}</span>' for kind in found)
+    kind = f' class="trouble {_CLASSES[found[0]]}"' if found else ""
     return (
-        f"<tr><td>{escape(lock.name)}</td><td>{escape(lock.key)}</td><td>{escape(lock.database)}</td>"
-        f"<td>{escape(lock.source)}</td>"
-        f"<td>{holders}</td><td class=\"{'bad' if over else ''}\">{age(held_seconds)}</td>"
-        f"<td>{max_hold}</td><td class=\"{'bad' if lock.waiters else ''}\">{waits}</td><td>{probe_cell}</td></tr>"
+        f"<tr{kind}><td><b>{escape(lock.name)}</b>{tags}<br><span class=\"muted\">key {escape(lock.key)} in "
+        f"{escape(lock.database)} ({escape(lock.source)})</span>{probe_line}</td>"
+        f"<td>{holders}</td><td class=\"n\">{held}{max_hold}</td>"
+        f"<td>{_waiters_cell(lock.waiters, lock.wait_seconds, lock.waiting, lock.is_family)}</td></tr>"
     )
 
 
@@ -177,15 +230,23 @@ def _stranded(snapshot: Snapshot) -> str:
 
 
 def _named(snapshot: Snapshot, probes: tuple[ProbeResult, ...]) -> list[str]:
-    """The named locks held or awaited (a table), then the free ones (names)."""
-    by_name = {p.lock: p for p in probes}
-    busy = [lock for lock in snapshot.locks if lock.holds or lock.waiters]
-    free = [lock for lock in snapshot.locks if not lock.holds and not lock.waiters]
-    parts = [f"<h2>Named locks held or awaited ({len(busy)})</h2>"]
+    """The named locks held, awaited or not as their probe expects (a table, in order of trouble),
+    then the free ones (names)."""
+    by_name = {(p.lock, p.database): p for p in probes}
+
+    def probe(lock: LockState) -> ProbeResult | None:
+        return by_name.get((lock.name, lock.database))
+
+    def in_table(lock: LockState) -> bool:
+        return bool(lock.holds or lock.waiters) or (p := probe(lock)) is not None and not p.ok
+
+    busy = sorted(filter(in_table, snapshot.locks), key=lambda lock: by_trouble(lock, probe(lock), snapshot))
+    free = [lock for lock in snapshot.locks if not in_table(lock)]
+    parts = [f"<h2>Named locks held, awaited or not as probed ({len(busy)}), in order of trouble</h2>"]
     if busy:
-        parts.append("<table id=\"locks\"><tr><th>lock</th><th>key</th><th>database</th><th>source</th><th>holders</th>"
-                     "<th>held for</th><th>max_hold</th><th>waiters</th><th>probe</th></tr>")
-        parts += [_lock_row(lock, by_name.get(lock.name), snapshot) for lock in busy]
+        parts.append("<table id=\"locks\"><tr><th style=\"width:22%\">lock</th><th style=\"width:40%\">holders</th>"
+                     "<th class=\"n\">held for</th><th style=\"width:28%\">waiters</th></tr>")
+        parts += [_lock_row(lock, probe(lock), snapshot) for lock in busy]
         parts.append("</table>")
     else:
         parts.append("<p class=\"muted\">none</p>")
@@ -229,8 +290,7 @@ def _unnamed(snapshot: Snapshot) -> list[str]:
     rows = "".join(
         f"<tr><td>{escape(u.database)}</td><td>{u.holders}</td>"
         f"<td class=\"{'bad' if u.max_hold is not None and snapshot.held_seconds(u) > u.max_hold else ''}\">"
-        f"{age(snapshot.held_seconds(u))}</td><td>{u.waiters}"
-        f"{f' (longest {age(u.wait_seconds)})' if u.waiters else ''}</td>"
+        f"{age(snapshot.held_seconds(u))}</td><td>{_waiters_cell(u.waiters, u.wait_seconds, u.waiting, True)}</td>"
         f"<td>{'<br>'.join(_holder_line(h, True, snapshot) for h in u.info_holders)}</td></tr>"
         for u in snapshot.unnamed)
     return ["<h2>Locks nobody named</h2>",

@@ -53,6 +53,20 @@ class Holder(NamedTuple):
         return self.pid is None
 
 
+class Waiter(NamedTuple):
+    """A session waiting for a key of a lock, as the poll saw it: who waits, and for how long.
+    Through a pooler, the client it serves now (a waiter is inside its lock call, so inside that
+    client's transaction)."""
+
+    pid: int
+    application_name: str
+    usename: str
+    client_addr: str
+    wait_seconds: float
+    key: str = ""  # the decoded key waited for: '4242', or '42,7'
+    pooler: str = ""
+
+
 class LockState(NamedTuple):
     """A named lock or key family as seen by one poll. (A NamedTuple: made once per lock per poll.)"""
 
@@ -87,6 +101,8 @@ class LockState(NamedTuple):
     # The blocked holders themselves (those blocked_holders counts), one per session with the key of
     # its oldest hold of the lock, by pid; the longest waits within the holder_info caps.
     blocked_info: tuple[Holder, ...] = ()
+    # Who waits: the longest waits first, at most assemble.WAITERS_NAMED of the `waiters`.
+    waiting: tuple[Waiter, ...] = ()
 
     def holders_in(self, mode: str) -> int:
         return self.exclusive if mode == MODE_EXCLUSIVE else self.shared
@@ -110,6 +126,7 @@ class UnnamedLocks:
     pooled_session_holders: int | None = None  # as LockState's
     blocked_holders: int = 0  # as LockState's
     blocked_holder_wait_seconds: float = 0.0
+    waiting: tuple[Waiter, ...] = ()  # as LockState's
 
 
 class OwnWait(NamedTuple):

@@ -7,13 +7,13 @@ import random
 from collections import namedtuple
 
 from exporter import keys, queries
-from exporter.assemble import Assembler, Caps
+from exporter.assemble import WAITERS_NAMED, Assembler, Caps
 from exporter.config import LockConfig, parse_config
 from exporter.holders import Who, who_holds
 from exporter.matching import KeyMatcher
 from exporter.naming import SOURCE_CONFIG, SOURCE_PRESET, ResolvedLock, resolve_locks
 from exporter.pooled import Client, PoolerView, Release, ServerLink
-from exporter.snapshot import Holder, LockState, OwnWait, UnnamedLocks
+from exporter.snapshot import Holder, LockState, OwnWait, UnnamedLocks, Waiter
 from exporter.tracker import HoldTracker
 from tests.metrics_util import value
 
@@ -286,8 +286,9 @@ def test_every_figure_of_two_polls_by_hand() -> None:
         return Holder(pid, who[0], modes, who[1], "u", who[2], who[3], start, key)
 
     # last_acquired_at: when the exporter began watching (100), or when a new holder was seen (110).
+    # Who waits: the longest wait first, each waiter by pid, application, user@client and wait.
     five = LockState("five", "postgres", 1, 1, 70.0, 2, 1.235, 0, 60.0, (holder(10, 70.0, "5", BOTH),), 1, "config", "5",
-                     last_acquired_at=100.0)
+                     last_acquired_at=100.0, waiting=(Waiter(41, "", "u", "", 1.235, "5"), Waiter(40, "", "u", "", 0.5, "5")))
     assert second.locks == (
         five,
         LockState("six-other", "other", 1, 0, 100.0, 0, 0.0, 0, None, (holder(30, 100.0, "6"),), 1, "config", "6",
@@ -304,7 +305,8 @@ def test_every_figure_of_two_polls_by_hand() -> None:
         five._replace(name="five-again", max_hold=None, info_holders=()),
     )
     assert second.unnamed == (
-        UnnamedLocks("postgres", 3, 2, 70.0, 0.988, (holder(10, 70.0, "77"),), 30.0),
+        UnnamedLocks("postgres", 3, 2, 70.0, 0.988, (holder(10, 70.0, "77"),), 30.0,
+                     waiting=(Waiter(43, "", "u", "", 0.988, "99"), Waiter(42, "", "u", "", 0.0, "99"))),
     )
     assert second.holder_info_dropped == 4  # low's two, preset-held's one, five-again's one
     assert second.seen_presets == frozenset({("preset-held", "postgres")})
@@ -601,3 +603,30 @@ def test_a_lock_nobody_changed_keeps_its_state_and_any_change_makes_a_new_one() 
     pooled = poll(109.0, caps=Caps(1, 40, 4), view=PoolerView())
     assert pooled[0] is not capped[0]
     assert (pooled[0].pooled_session_holders, capped[0].pooled_session_holders) == (0, None)
+
+
+def test_who_waits_is_named_longest_first_and_bounded() -> None:
+    """A pile-up is a count and the WAITERS_NAMED longest waits, never every waiter's name; a
+    lock nobody waits for any more names nobody (its state is remembered without waiters)."""
+    locks = (_lock(0, "leader", keys.BigintKey(5)),)
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    caps = Caps(per_lock=2, total=5, unnamed_per_database=1)
+    holder = _row(10, [5], backend_start=1.0, app="leader")
+    waiting = [_row(100 + n, [5], granted=False, wait=float(n), app=f"pod-{n}", addr="10.0.0.9")
+               for n in range(WAITERS_NAMED + 2)]
+    state = assembler.run([holder, *waiting], 100.0, caps).locks[0]
+    assert state.waiters == WAITERS_NAMED + 2
+    longest = range(WAITERS_NAMED + 1, 1, -1)
+    assert state.waiting == tuple(Waiter(100 + n, f"pod-{n}", "u", "10.0.0.9", float(n), "5") for n in longest)
+    assert assembler.run([holder], 101.0, caps).locks[0].waiting == ()
+
+
+def test_a_waiter_through_a_pooler_is_named_by_its_client() -> None:
+    """A waiter is inside its lock call, so inside its client's transaction: through a transaction
+    pool the waiter named is the client the pooler lends the backend to, not the backend's names."""
+    locks = (_lock(0, "leader", keys.BigintKey(5)),)
+    view = PoolerView(by_backend={(60, 6000): ServerLink("pgb", "transaction", Client("10.9.9.9", "cu", "client-app"))})
+    rows = [_row(10, [5], backend_start=1.0, app="leader"),
+            _row(60, [5], granted=False, wait=2.0, port=6000, app="last-borrower", addr="10.0.0.5")]
+    state = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(2, 5, 1), view=view).locks[0]
+    assert state.waiting == (Waiter(60, "client-app", "cu", "10.9.9.9", 2.0, "5", "pgb"),)
