@@ -111,6 +111,38 @@ def test_jump_hash_edges() -> None:
         jump_hash(1, 0)
 
 
+def test_a_thousand_targets_over_four_shards_and_then_five() -> None:
+    """The issue's budget, counted: 250 +- 50 each of four; going to five moves at most 25%."""
+    names = [f"cluster-{i % 4}-target-{i:04d}" for i in range(1000)]
+    four = Counter(shard_of(n, 4) for n in names)
+    assert sorted(four) == [0, 1, 2, 3] and all(200 <= c <= 300 for c in four.values()), four
+    moved = sum(shard_of(n, 4) != shard_of(n, 5) for n in names)
+    assert moved <= 250, moved
+
+
+def test_a_shard_answers_sd_and_another_shards_probe_without_a_socket() -> None:
+    """The App's routes over a Runtime of shard 1 of 2 (not started: nothing connects)."""
+    from exporter.config import parse_fleet
+    from exporter.fleet import Runtime
+    from exporter.server import App
+
+    fleet = parse_fleet({"targets": {n: {"dsn": f"host=db-{n} dbname=postgres"} for n in OWNERS}}, "t")
+    runtime = Runtime(fleet, "/metrics", Shard(1, 2))
+    assert sorted(runtime.targets) == ["orders", "users"]
+    app = App(runtime, advertise="10.0.0.7:10105")
+    answer = app.respond("GET", "/probe?target=billing")
+    assert (answer.status, answer.body) == (404, b"target billing belongs to shard 0 of 2\n")
+    assert app.respond("GET", "/probe?target=orders").status == 200
+    assert app.respond("GET", "/probe?target=nowhere").status == 404
+    answer = app.respond("GET", "/sd")
+    assert (answer.status, answer.content_type) == (200, "application/json")
+    assert json.loads(answer.body) == [
+        {"targets": ["10.0.0.7:10105"], "labels": {
+            "__metrics_path__": "/probe", "__param_target": name, "instance": name,
+            "__meta_pg_advisory_lock_exporter_shard": "1", "__meta_pg_advisory_lock_exporter_total_shards": "2"}}
+        for name in ("orders", "users")]
+
+
 # -- the flags ------------------------------------------------------------------------------
 
 
