@@ -295,7 +295,8 @@ def test_two_shards_each_serve_only_their_own(exporters, server) -> None:
 
 
 def test_a_reload_keeps_the_tracking_of_targets_that_stay(exporters, server, sessions) -> None:
-    proc = exporters(fleet(server, ["orders", "users", "billing"]), "--shard=1", "--total-shards=2")
+    proc = exporters(fleet(server, ["orders", "users", "billing"]), "--shard=1", "--total-shards=2",
+                     "--web.external-address=lock-exporter-1.lock-exporter:10105")
     wait_until(lambda: up(probe(proc, "orders")[1]) == 1, timeout=30)
     sessions.open().execute("SELECT pg_advisory_lock(4242)")  # orders watches postgres (its index is even)
     acquisitions = ("pg_advisory_lock_acquisitions_total", (("database", "postgres"), ("lock", "leader")))
@@ -311,7 +312,9 @@ def test_a_reload_keeps_the_tracking_of_targets_that_stay(exporters, server, ses
     after = parse(probe(proc, "orders")[1])
     assert (after[acquisitions], after[since]) == (1, first), "orders' tracking started anew"
     assert parse(proc.get("/metrics")[1])[("pg_advisory_lock_exporter_targets", ())] == 2
-    assert sorted(g["labels"]["__param_target"] for g in sd(proc)) == ["ledger", "orders"]
+    groups = sd(proc)
+    assert sorted(g["labels"]["__param_target"] for g in groups) == ["ledger", "orders"]
+    assert {a for g in groups for a in g["targets"]} == {"lock-exporter-1.lock-exporter:10105"}
 
 
 def test_one_server_is_shard_0_of_1(exporters, server) -> None:
