@@ -268,7 +268,8 @@ def shard_text(shard: Shard, owned: int) -> str:
     """Which shard this exporter is and how many targets it owns: on the exporter's own /metrics
     (single-server mode: shard 0 of 1, one target), never on /probe."""
     parts = list(family(f"{PREFIX}_exporter_shard_ordinal", "gauge",
-                   "This exporter's shard among total_shards (0-based), in the label; the value is 1.", [("", labels(shard_ordinal=str(shard.ordinal)), 1)]))
+                        "This exporter's shard among total_shards (0-based), in the label; the value is 1.",
+                        [("", labels(shard_ordinal=str(shard.ordinal)), 1)]))
     parts += family(f"{PREFIX}_exporter_total_shards", "gauge",
                     "How many shards the targets are spread over (--total-shards).", [("", "", shard.total)])
     parts += family(f"{PREFIX}_exporter_targets", "gauge", "How many targets this shard owns and polls.",
