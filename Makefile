@@ -57,7 +57,7 @@ chaos: $(STAMP) tools
 	$(PY) -m chaos --seconds $(CHAOS_SECONDS) --out chaos-out $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 ## make mutate: mutation testing of the modules that decide the figures, with the tests that need no
-## server ([tool.mutmut] in pyproject.toml; README: Mutation testing); a measurement, not part of make test
+## server ([tool.mutmut] in pyproject.toml; docs/development.md: Mutation testing); a measurement, not part of make test
 mutate: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,mutate]'
 	rm -rf mutants

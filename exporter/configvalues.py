@@ -6,9 +6,10 @@ per problem to errors, and returns the value or None; none raises. Pure but for 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -89,12 +90,37 @@ def expand_env(text: str, where: str, errors: list[str]) -> str:
     return _ENV_REF.sub(sub, text)
 
 
+# How alike a misspelt name and a known one must be (difflib's ratio, 0..1) to be suggested: 0.6 is
+# difflib's own default; it catches a swap in a short name (dns: dsn, nmae: name) and offers nothing
+# for a word that is merely another (colour, extra).
+SUGGEST_CUTOFF = 0.6
+
+
+def nearest(word: str, known: Iterable[str]) -> str | None:
+    """The known name closest to word, None when none is close: the standard library's difflib, since
+    a ratio over a few dozen names needs no dependency."""
+    by_lower = {name.lower(): name for name in known}
+    found = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=SUGGEST_CUTOFF)
+    return by_lower[found[0]] if found else None
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """'; did you mean max_hold?' or '' when nothing known is close."""
+    suggestion = nearest(word, known)
+    return f"; did you mean {suggestion}?" if suggestion else ""
+
+
 def unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
-    return [
-        f"{where}{'.' if where else ''}{field}: unknown field (allowed: {', '.join(allowed)})"
-        for field in sorted(map(str, data))
-        if field not in allowed
-    ]
+    """One message per field of data not in allowed, sorted: the nearest allowed field when one is
+    close ('locks[2].max_hodl: unknown field; did you mean max_hold?'), else every allowed field.
+    Every unknown field of config.yaml and web-config.yml is reported here."""
+    messages = []
+    for field in sorted(map(str, data)):
+        if field in allowed:
+            continue
+        hint = did_you_mean(field, allowed) or f" (allowed: {', '.join(allowed)})"
+        messages.append(f"{where}{'.' if where else ''}{field}: unknown field{hint}")
+    return messages
 
 
 def int_in(value: Any, low: int, high: int, type_name: str, where: str, errors: list[str]) -> int | None:

@@ -7,31 +7,38 @@ import getpass
 import ipaddress
 import os
 import random
-import re
 
 import psycopg
 from psycopg import conninfo
+
+from . import dsnparse
 
 
 BACKOFF_FIRST = 0.25
 LIBPQ_DEFAULT_PORT = 5432  # what libpq connects to when neither the dsn nor $PGPORT names a port
 
 _SHOWN_PARAMS = ("host", "hostaddr", "port", "dbname", "user", "sslmode")
-_QUOTED = re.compile(r'"[^"]*"')
 
 
 class DsnError(Exception):
-    """The dsn is not a libpq connection string."""
+    """The dsn is not a libpq connection string; the message says where, with none of its text."""
 
 
 def _parse(dsn: str) -> dict[str, str]:
     try:
         return conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:
-        # libpq quotes fragments of the string in its message, and a fragment may be the
-        # password: drop every quoted part.
-        message = _QUOTED.sub('"..."', (str(exc).splitlines() or ["unparsable"])[0])
-        raise DsnError(f"not a valid libpq connection string ({message})") from None
+    except psycopg.ProgrammingError:
+        # libpq's message quotes a fragment of the string, which may be the password: say where
+        # instead (dsnparse), never what.
+        raise DsnError(dsnparse.explain(dsn)) from None
+
+
+def check_dsn(dsn: str) -> None:
+    """DsnError, located, when libpq refuses the dsn or a value it would refuse at every connect."""
+    _parse(dsn)
+    problem = dsnparse.value_problem(dsn)
+    if problem:
+        raise DsnError(problem)
 
 
 def redact(text: str, dsn: str) -> str:

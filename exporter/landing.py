@@ -9,7 +9,7 @@ import time
 from html import escape
 
 from . import __version__
-from .ages import age
+from .ages import age, counted
 from .snapshot import MODE_EXCLUSIVE, Holder, LockState, ProbeResult, ReloadStatus, Snapshot
 
 REFRESH_SECONDS = 5
@@ -73,7 +73,7 @@ def _lock_row(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) ->
     holders = "<br>".join(_noted(_holder_line(h, lock.is_family, snapshot), snapshot.key_notes.get((lock.database, h.key)))
                           for h in lock.info_holders) or '<span class="muted">none</span>'
     if lock.is_family:
-        holders = f"{lock.keys_held} key{'s' if lock.keys_held != 1 else ''} held<br>" + holders
+        holders = f"{counted(lock.keys_held, 'key')} held<br>" + holders
     hidden = lock.holds - len(lock.info_holders)
     if hidden:
         holders += f"<br><span class=\"muted\">and {hidden} more</span>"
@@ -117,7 +117,7 @@ def render_targets(targets: dict[str, Snapshot], reload: ReloadStatus, telemetry
         )
     parts = [
         *_head("pg-advisory-lock-exporter: targets"),
-        f"<h1>pg-advisory-lock-exporter {escape(__version__)}: {len(targets)} targets</h1>",
+        f"<h1>pg-advisory-lock-exporter {escape(__version__)}: {counted(len(targets), 'target')}</h1>",
         f"<p><a href=\"{escape(telemetry_path, quote=True)}\">Exporter metrics</a> &middot; "
         f"config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>",
         "<table id=\"targets\"><tr><th>target</th><th>polls</th><th>named locks held</th><th>unnamed holds</th>"
@@ -155,7 +155,7 @@ def _health(snapshot: Snapshot, reload: ReloadStatus) -> str:
         f"{age(max(time.time() - stats.last_success_timestamp, 0))} ago"
     return (
         f"<p>Polls: <span class=\"{'ok' if snapshot.up else 'bad'}\">{'UP' if snapshot.up else 'DOWN'}</span>"
-        f" &middot; last good poll {last} &middot; {stats.polls} polls, {stats.errors} failed"
+        f" &middot; last good poll {last} &middot; {counted(stats.polls, 'poll')}, {stats.errors} failed"
         f" &middot; config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>"
     )
 

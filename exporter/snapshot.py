@@ -34,7 +34,7 @@ class Holder(NamedTuple):
     usename: str
     client_addr: str
     state: str
-    # When the hold began at the latest, as README's Hold age defines it (the poller's monotonic
+    # When the hold began at the latest, as docs/metrics.md's Hold age defines it (the poller's monotonic
     # clock, as Snapshot.taken_at): a start, not an age, so an unchanged holder is the same value at
     # every poll.
     held_since: float
@@ -268,7 +268,7 @@ class Snapshot:
         return round(self.wall_at - (self.taken_at - at), 3)
 
     def held_seconds(self, held: Holder | LockState | UnnamedLocks) -> float:
-        """The age of a hold, or of a lock's oldest hold, as of this poll (README: Hold age: since the
+        """The age of a hold, or of a lock's oldest hold, as of this poll (docs/metrics.md, Hold age: since the
         earliest hold of that session and key every poll since saw held); 0 when nothing is held."""
         return self.ages((held,))[0]
 

@@ -1,7 +1,7 @@
 """The image, built and run for real without a Docker engine: Debian's buildah builds the real
 Dockerfile on a stand-in base (Debian bookworm made with mmdebstrap: the official python image
 cannot be pulled here), and the entry point runs as the image's user on a read-only root, as the
-chart runs it. What this proves and what it does not: README, "Deploy"."""
+chart runs it. What this proves and what it does not: docs/deployment.md, "Deploy"."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def test_no_compiler_no_tests_and_its_size(image) -> None:
     assert not (site / "tests").exists() and not list(site.glob("exporter/test*"))
     assert not (mount / "wheels").exists() and not (mount / "src").exists()
     size = buildah("images", "--format", "{{.Size}}", IMAGE)
-    print(f"image size: {size}")  # reported in the README
+    print(f"image size: {size}")  # reported in docs/deployment.md
 
 
 def test_it_serves_metrics_from_a_real_cluster_on_a_read_only_root(image, server, tmp_path) -> None:
