@@ -11,8 +11,9 @@ replica (hence not Prometheus's `hashmod` alone, which would let every replica p
 kube-state-metrics shards the same way (`--shard`, `--total-shards`, its jump hash of the object's
 UID in pkg/sharding, the ordinal from a StatefulSet's pod name).
 
-Pure: the flags' values in, a Shard out; cli.py reads the flags, fleet.py keeps only the owned
-targets, server.py serves `/sd` from `service_discovery`.
+Pure: the flags' values in, a Shard out. cli.py reads the flags and the address to advertise;
+fleet.Runtime runs only the owned targets and answers `/sd` (`service_discovery`) and another
+shard's `/probe` (`Shard.elsewhere`), which server.App routes.
 """
 
 from __future__ import annotations
