@@ -21,6 +21,7 @@ from .logs import LoopErrors
 from .exposition import Exposition, FleetExposition
 from .poller import Poller, connect_poller
 from .probe import Prober, connect_probe
+from .shards import Shard, service_discovery
 from .snapshot import PollStats, ReloadStatus, Snapshot
 
 log = logging.getLogger(__name__)
@@ -160,17 +161,20 @@ class Target:
 class Runtime:
     """Every target of the config, and what the HTTP server asks of them."""
 
-    def __init__(self, fleet: Fleet, telemetry_path: str) -> None:
+    def __init__(self, fleet: Fleet, telemetry_path: str, shard: Shard = Shard()) -> None:
         self.single = fleet.single
+        self.shard = shard
+        self.configured: tuple[str, ...] = fleet.names  # every shard's targets (this one runs its own)
         self.telemetry_path = telemetry_path
         self.health = None if fleet.single else FleetExposition()
         self._targets: dict[str, Target] = {}
         self._turns: dict[tuple[str, ...], threading.Lock] = {}  # (host, port) -> the turn its targets share
         self._lock = threading.Lock()
         self.reload_status = ReloadStatus(True, time.time())
-        for config in fleet.targets:
+        for config in self._own(fleet):
             self._targets[config.name] = self._make(config)
         self._publish_reload()
+        self._publish_shard()
         self.watchdog = Watchdog(lambda: self._targets.values())
 
     def _make(self, config: Config) -> Target:
@@ -206,7 +210,7 @@ class Runtime:
                 log.warning("config reload: switching between one server and targets needs a restart; "
                             "the targets' configs are applied, the mode stays")
             targets = dict(self._targets)
-            wanted = {config.name: config for config in fleet.targets}
+            wanted = {config.name: config for config in self._own(fleet)}
             if self.single:
                 wanted = {"": fleet.targets[0]} if fleet.single else {"": targets[""].config}
             try:
@@ -214,6 +218,17 @@ class Runtime:
             finally:
                 # Whatever was changed before a failure is what runs: served, and stopped at exit.
                 self._targets = targets
+                if not self.single:
+                    self.configured = fleet.names
+                self._publish_shard()
+
+    def _own(self, fleet: Fleet) -> tuple[Config, ...]:
+        """The targets this shard polls (all of them unsharded; single-server mode is never sharded)."""
+        return fleet.targets if fleet.single else tuple(c for c in fleet.targets if self.shard.owns(c.name))
+
+    def _publish_shard(self) -> None:
+        if self.health is not None:
+            self.health.publish_shard(self.shard, len(self._targets))
 
     def _change(self, targets: dict[str, Target], wanted: dict[str, Config]) -> None:
         """Remove, reconfigure, replace and add targets in targets, in place."""
@@ -265,6 +280,16 @@ class Runtime:
         """A target's figures, or None for a name that is no target."""
         target = None if self.single else self._targets.get(name)
         return None if target is None else target.exposition.body(gzipped)
+
+    def elsewhere(self, name: str) -> str | None:
+        """For a configured target another shard owns: who does ("target X belongs to shard 2 of 4")."""
+        if self.single or name in self._targets or name not in self.configured:
+            return None
+        return self.shard.elsewhere(name)
+
+    def service_discovery(self, address: str) -> bytes:
+        """/sd: Prometheus's http_sd list of this shard's targets, scraped at address."""
+        return service_discovery(self.shard, [] if self.single else sorted(self._targets), address)
 
     def names(self) -> list[str]:
         return [] if self.single else sorted(self._targets)

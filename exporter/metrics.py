@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from . import __version__
 from .format import PREFIX, Sample, bound, family, labels, value
 from .pieces import FamilyTexts
+from .shards import Shard
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, Holder, LockState, ProbeResult, ReloadStatus, Snapshot
 
 
@@ -281,6 +282,19 @@ def _identity_text(reload: ReloadStatus) -> Iterator[str]:
         yield from family(f"{PREFIX}_exporter_config_last_reload_success_timestamp_seconds", "gauge",
                            "When the config was last loaded successfully, in seconds since the epoch.",
                            [("", "", reload.last_success_timestamp)])
+
+
+def shard_text(shard: Shard, owned: int) -> str:
+    """Which shard this exporter is and how many targets it owns: on the exporter's own /metrics
+    (single-server mode: shard 0 of 1, one target), never on /probe."""
+    parts = list(family(f"{PREFIX}_exporter_shard_ordinal", "gauge",
+                        "This exporter's shard among total_shards (0-based), in the label; the value is 1.",
+                        [("", labels(shard_ordinal=str(shard.ordinal)), 1)]))
+    parts += family(f"{PREFIX}_exporter_total_shards", "gauge",
+                    "How many shards the targets are spread over (--total-shards).", [("", "", shard.total)])
+    parts += family(f"{PREFIX}_exporter_targets", "gauge", "How many targets this shard owns and polls.",
+                    [("", "", owned)])
+    return "".join(parts)
 
 
 def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = (), reload: ReloadStatus = ReloadStatus()) -> bytes:

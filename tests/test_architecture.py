@@ -20,7 +20,7 @@ from tests.test_assemble import row
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 PURE = {"ages", "assemble", "config", "configkeys", "configvalues", "dsn", "dsnparse", "figures", "format", "holders", "interval", "keys", "logs", "matching", "memory", "metrics",
-        "naming", "pieces", "pooled", "presets", "queries", "snapshot", "tracker"}
+        "naming", "shards", "pieces", "pooled", "presets", "queries", "snapshot", "tracker"}
 TALKS = {"chains", "cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations",
          "resolve", "server", "webconfig", "deadline"}
 OUTSIDE = {"socket", "threading", "http", "urllib", "ssl", "subprocess"}  # and no psycopg.connect (dsn parses with psycopg)

@@ -113,6 +113,8 @@ def by_kind(docs: list[dict]) -> dict[str, dict]:
 
 REQUIRED = {
     ("apps/v1", "Deployment"): ["spec.selector.matchLabels", "spec.template.spec.containers"],
+    ("apps/v1", "StatefulSet"): ["spec.selector.matchLabels", "spec.template.spec.containers", "spec.serviceName"],
+    ("monitoring.coreos.com/v1alpha1", "ScrapeConfig"): ["spec.httpSDConfigs"],
     ("v1", "Service"): ["spec.ports", "spec.selector"],
     ("v1", "ConfigMap"): ["data"],
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ["spec.selector", "spec.endpoints"],
@@ -211,6 +213,8 @@ def test_a_config_change_rolls_the_pod() -> None:
         ({"config": {"locks": [{"name": "a", "key": 1, "probe": {"expect": "maybe"}}]}}, "/config/locks/0/probe/expect"),
         ({"config": {"poll_interval": "5"}}, "/config/poll_interval"),
         ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+        ({"sharding": {"enabled": True, "shards": 0}}, "/sharding/shards"),
+        ({"sharding": {"shard": 1}}, "shard"),
     ],
 )
 def test_bad_values_are_rejected_by_the_schema(values: dict, message: str) -> None:
@@ -224,7 +228,7 @@ def test_bad_values_are_rejected_by_the_schema(values: dict, message: str) -> No
 def test_alert_rules_check_clean() -> None:
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 14 rules found" in result.stdout
+    assert "SUCCESS: 15 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests() -> None:

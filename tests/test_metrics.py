@@ -18,8 +18,9 @@ from exporter import __version__
 from exporter.exposition import Exposition, FleetExposition, Gzipper
 from exporter.format import bound
 from exporter.format import value as format_value
-from exporter.metrics import render, render_fleet, render_parts
+from exporter.metrics import render, render_fleet, render_parts, shard_text
 from exporter.pieces import FamilyTexts
+from exporter.shards import Shard
 from exporter.pooled import Release
 from exporter.snapshot import (
     ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
@@ -299,6 +300,7 @@ def test_a_fleets_metrics_say_each_targets_health() -> None:
     fleet.publish_target("gone", SNAPSHOT)
     fleet.forget_target("gone")
     fleet.publish_reload(ReloadStatus(False, 1699999999.0))
+    fleet.publish_shard(Shard(2, 3), 2)
     fleet.render_now()
     text = fleet.body().decode()
     samples = parse(text)
@@ -318,6 +320,7 @@ def test_a_fleets_metrics_say_each_targets_health() -> None:
         (p + "build_info", (("version", __version__),)): 1,
         (p + "config_last_reload_successful", ()): 0,
         (p + "config_last_reload_success_timestamp_seconds", ()): 1699999999,
+        (p + "shard_ordinal", (("shard_ordinal", "2"),)): 1, (p + "total_shards", ()): 3, (p + "targets", ()): 2,
     }
     kinds = families(text)
     assert (kinds[p + "target_up"], kinds[p + "target_poll_duration_seconds"], kinds[p + "target_poll_errors"]) == \
@@ -427,7 +430,7 @@ def test_every_family_is_what_the_metrics_reference_says_it_is_and_its_help_says
     )
     probes = (ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),)
     text = render(snapshot, probes, ReloadStatus(True, 1.0)).decode() + \
-        render_fleet({"orders": snapshot}, ReloadStatus(True, 1.0)).decode()
+        render_fleet({"orders": snapshot}, ReloadStatus(True, 1.0)).decode() + shard_text(Shard(1, 4), 3)
     readme = _readme_metrics()
     written = set()
     for family in text_string_to_metric_families(text):

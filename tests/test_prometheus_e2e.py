@@ -113,6 +113,12 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         gone = ExporterProcess(tmp_path / "gone", {"dsn": server.dsn(), "poll_interval": "300ms", "locks": []},
                                port=gone_port)
         started.append(gone)
+        # Shard 0 of 2 runs, shard 1 not yet: ShardMissing (billing is shard 0's, orders shard 1's).
+        shards_config = {"poll_interval": "300ms", "targets": {"billing": {"dsn": server.dsn()}, "orders": {"dsn": server.dsn()}}}
+        shard_ports = [free_port(), free_port()]
+        (tmp_path / "shard-0").mkdir()
+        started.append(ExporterProcess(tmp_path / "shard-0", shards_config, "--shard=0", "--total-shards=2",
+                                       port=shard_ports[0]))
 
         # The situations, on a real cluster.
         holder = sessions.open(application_name="stuck-worker")
@@ -155,6 +161,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
                 {"job_name": f"{JOB}-down-db", "static_configs": [{"targets": [f"127.0.0.1:{down.port}"]}]},
                 {"job_name": f"{JOB}-gone", "static_configs": [{"targets": [f"127.0.0.1:{gone_port}"]}]},
                 {"job_name": f"{JOB}-socket", "static_configs": [{"targets": [f"127.0.0.1:{untrusted.port}"]}]},
+                {"job_name": f"{JOB}-shards", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in shard_ports]}]},
             ],
         }
         config_path = tmp_path / "prometheus.yml"
@@ -169,7 +176,9 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
             stdout=log, stderr=subprocess.STDOUT,
         )
 
-        wait_until(lambda: _safe(lambda: "PgAdvisoryLockExporterAbsent" in firing(port)), timeout=60, interval=0.5)
+        wait_until(lambda: _safe(lambda: {"PgAdvisoryLockExporterAbsent", "PgAdvisoryLockExporterShardMissing"}
+                                 <= set(firing(port))), timeout=60, interval=0.5)
+        assert firing(port)["PgAdvisoryLockExporterShardMissing"][0]["labels"].get("job") is None  # the absent arm
         config_path.write_text(yaml.safe_dump(prometheus_config))
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/-/reload", method="POST"), timeout=10)
         # The gone exporter answers as one (its build_info), then stops: Prometheus knows it by that alone.
@@ -208,6 +217,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         assert blocked_alert["annotations"]["summary"].startswith(f"pid {deploy.info.backend_pid} (migrate) holds advisory lock deploy")
         (down_alert,) = alerts["PgAdvisoryLockExporterDown"]
         assert down_alert["labels"]["instance"] == f"127.0.0.1:{gone_port}"
+        assert [a["labels"]["job"] for a in alerts["PgAdvisoryLockExporterShardMissing"]] == [f"{JOB}-shards"]
 
         # Every dashboard panel answers while the situations are on.
         empty = []
@@ -240,6 +250,10 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         untrusted.proc.send_signal(signal.SIGHUP)  # over TCP to PostgreSQL itself: trusted again
         started.append(ExporterProcess(tmp_path / "gone", {"dsn": server.dsn(), "poll_interval": "300ms", "locks": []},
                                        port=gone_port))
+        (tmp_path / "shard-1").mkdir()  # the missing shard comes
+        started.append(ExporterProcess(tmp_path / "shard-1", shards_config, "--shard=1", "--total-shards=2",
+                                       port=shard_ports[1]))
+
         def all_resolved() -> bool:
             seen.clear()
             seen.update(_safe(lambda: firing(port)) or {"(prometheus did not answer)": []})
