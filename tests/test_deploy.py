@@ -97,7 +97,14 @@ ALL_ON = {
 }
 
 
-def render(values: dict) -> list[dict]:
+# No image is published, so the chart requires image.repository: every render gives the one a
+# user would (where they pushed the image), unless a test asks for none.
+PUSHED = "registry.example.com/platform/pg-advisory-lock-exporter"
+
+
+def render(values: dict, *, repository: str | None = PUSHED) -> list[dict]:
+    if repository is not None:
+        values = {**values, "image": {"repository": repository, **values.get("image", {})}}
     with helm.Chart.load(str(CHART)) as chart:
         manifests = chart.render(values, name="locks", namespace="monitoring")
     docs = []
@@ -136,8 +143,28 @@ def check_objects(docs: list[dict]) -> None:
 
 @pytest.mark.helm
 def test_chart_lints() -> None:
-    result = helm.lint(str(CHART))
+    result = helm.lint(str(CHART), {"image": {"repository": PUSHED}})
     assert not result["errors"], result
+
+
+@pytest.mark.helm
+def test_without_image_repository_the_install_says_to_set_it() -> None:
+    """The chart's image is not published: with no image.repository the install stops with one
+    line that says what to set and where the README tells how, never a pull of an image that
+    does not exist."""
+    with pytest.raises(helm.HelmError) as info:
+        render({}, repository=None)
+    assert "image.repository: set it to where you pushed the image (chart README: Build the image)" in str(info.value)
+
+
+@pytest.mark.helm
+def test_the_image_is_the_pushed_one_at_the_exporters_version() -> None:
+    from exporter import __version__
+
+    container = by_kind(render({}))["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"{PUSHED}:{__version__}"
+    container = by_kind(render({"image": {"tag": "2.0.0-rc1"}}))["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"{PUSHED}:2.0.0-rc1"
 
 
 @pytest.mark.helm
