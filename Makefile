@@ -11,9 +11,9 @@ CACHE := $(shell $(PYTHON) tools/fetch.py --cache)
 export PGALE_CACHE := $(CACHE)
 export PIP_CACHE_DIR := $(CACHE)/pip
 export MPLCONFIGDIR := $(CACHE)/matplotlib
-test test-quick: export TMPDIR := $(CACHE)/tmp
+test test-quick dist: export TMPDIR := $(CACHE)/tmp
 
-.PHONY: test test-quick demo bench chaos mutate clean tools
+.PHONY: test test-quick demo bench chaos mutate clean tools dist
 
 $(STAMP): pyproject.toml
 	@mkdir -p $(CACHE)/tmp
@@ -37,6 +37,15 @@ test: $(STAMP) tools
 ## make test-quick: the suite without the slow tests and the other PostgreSQL majors
 test-quick: $(STAMP) tools
 	$(PY) -m pytest -m "not slow and not versions"
+
+## make dist: the release's artefacts in dist/ (tools/dist.py): the wheel and the sdist (python -m build,
+## twine check) and the image as an OCI archive, built by buildah without a Docker engine (storage in the
+## project's cache); PYTHON_IMAGE=... builds on another base. Push it: README, Build the image
+DIST ?= dist
+PYTHON_IMAGE ?=
+dist: $(STAMP)
+	@mkdir -p $(CACHE)/tmp
+	$(PY) -m tools.dist --out $(DIST) $(if $(PYTHON_IMAGE),--python-image $(PYTHON_IMAGE))
 
 ## make demo: the exporter over a throwaway PostgreSQL with a sample workload (Ctrl-C stops all)
 demo: $(STAMP)
@@ -65,4 +74,4 @@ mutate: $(STAMP)
 	$(VENV)/bin/mutmut results
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info mutants chaos-out
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist *.egg-info mutants chaos-out
