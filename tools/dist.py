@@ -73,7 +73,14 @@ def python_artefacts(out: Path) -> list[Path]:
     """The sdist, and the wheel built from it (so the sdist is proven complete), checked by twine."""
     for old in [*out.glob(f"{NAME.replace('-', '_')}-{__version__}*"), *out.glob(f"{NAME}-{__version__}.tar.gz")]:
         old.unlink()
-    _run("python -m build", [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], 600)
+    # setuptools leaves its build/ folder in the checkout: gone again unless it was there before.
+    leftover = ROOT / "build"
+    ours = not leftover.exists()
+    try:
+        _run("python -m build", [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], 600)
+    finally:
+        if ours:
+            shutil.rmtree(leftover, ignore_errors=True)
     made = sorted([*out.glob(f"*-{__version__}-*.whl"), *out.glob(f"*-{__version__}.tar.gz")])
     if len(made) != 2:
         raise DistError(f"python -m build made {[p.name for p in made]}, not one wheel and one sdist")
