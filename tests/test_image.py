@@ -110,7 +110,7 @@ def test_the_wheel_and_the_sdist_pass_twine_check_and_the_wheel_installs_and_run
     assert check.returncode == 0 and check.stdout.count("PASSED") == 2, check.stdout + check.stderr
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[-1] for name in archive.getnames()}
-    assert {"pyproject.toml", "README.md", "exporter/__init__.py", "exporter/cli.py"} <= names
+    assert {"pyproject.toml", "README.md", "CHANGELOG.md", "exporter/__init__.py", "exporter/cli.py"} <= names
     # A fresh venv, nothing of the checkout on its path: the wheel alone, with its dependencies.
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
     env = {**os.environ, "PIP_CACHE_DIR": str(TOOLS_CACHE / "pip"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
