@@ -14,7 +14,6 @@ chart's appVersion and so its default image tag must agree: tests/test_release.p
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -43,9 +42,19 @@ def archive_name(version: str = __version__) -> str:
     return f"{NAME}-{version}.oci.tar"
 
 
+def buildah_command() -> str:
+    """The machine's buildah, else the one `make tools` unpacked into the cache (its wrapper sets
+    the libraries and the signature policy's HOME)."""
+    found = shutil.which("buildah") or shutil.which("buildah", path=str(BIN))
+    if found is None:
+        raise DistError("buildah not found: install it (Debian: apt-get install buildah) "
+                        "or run `make tools`, which unpacks Debian's buildah into the project's cache")
+    return found
+
+
 def buildah(*args: str, check: bool = True, timeout: float = 900) -> str:
     """buildah with the project's storage; its stdout, stripped."""
-    result = subprocess.run(["buildah", *STORAGE, *args], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([buildah_command(), *STORAGE, *args], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise DistError(f"buildah {' '.join(args)} failed: {result.stderr[-3000:]}")
     return result.stdout.strip()
@@ -91,9 +100,6 @@ def python_artefacts(out: Path) -> list[Path]:
 def image_archive(out: Path, python_image: str | None) -> Path:
     """The Dockerfile built by buildah and pushed into out/NAME-VERSION.oci.tar; the built image
     is removed from the store afterwards (the archive is the artefact)."""
-    if shutil.which("buildah", path=f"{BIN}:{os.environ.get('PATH', '')}") is None:
-        raise DistError("buildah not found: install it (Debian: apt-get install buildah) "
-                        "or run `make tools`, which unpacks Debian's buildah into the project's cache")
     tag = f"localhost/{NAME}:{__version__}"
     archive = out / archive_name()
     archive.unlink(missing_ok=True)
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
+        if not args.no_image:
+            buildah_command()  # said at once, not after the wheel was built
         made = python_artefacts(args.out)
         if not args.no_image:
             made.append(image_archive(args.out, args.python_image or None))
