@@ -16,6 +16,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,9 @@ def stand_in_base() -> None:
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """make dist's artefacts (its recipe runs tools.dist: test_make_dist_runs_tools_dist), the
-    image on the stand-in base."""
+    image on the stand-in base; removed after the module (the archive is 100 MB)."""
     needs_own_clusters()
     for tool in ("buildah", "mmdebstrap"):
         if shutil.which(tool) is None:
@@ -76,7 +77,8 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert made.returncode == 0, made.stderr
     print(f"make dist: {time.monotonic() - started:.0f} s")
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
