@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
 from exporter.cli import build_parser
-from exporter.metrics import render, render_fleet
+from exporter.metrics import render, render_fleet, shard_text
 from exporter.pooled import Release
+from exporter.shards import Shard
 from exporter.snapshot import (
     ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
 )
@@ -32,7 +33,7 @@ SECTIONS = {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
 
 def exposed_families() -> set[str]:
     """Every family the exporter writes, as its HELP lines name them: a single server's exposition
-    with every optional part, and a fleet's /metrics (as test_metrics reads them)."""
+    with every optional part, a fleet's /metrics and a shard's figures (as test_metrics reads them)."""
     holder = Holder(7, 1.0, frozenset({"shared"}), "app", "u", "10.0.0.1", "idle", 4.0, "42,7", "pgb")
     snapshot = Snapshot(
         up=True, locks=(LockState("tenants", "app", 1, 1, 4.0, 1, 1.5, 7, 60.0, (holder,), 3, "config", "(42, *)", 2, 1,
@@ -45,7 +46,7 @@ def exposed_families() -> set[str]:
     )
     probes = (ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),)
     text = render(snapshot, probes, ReloadStatus(True, 1.0)).decode() + \
-        render_fleet({"orders": snapshot}, ReloadStatus(True, 1.0)).decode()
+        render_fleet({"orders": snapshot}, ReloadStatus(True, 1.0)).decode() + shard_text(Shard(1, 4), 3)
     return {family.name + ("_total" if family.type == "counter" else "")
             for family in text_string_to_metric_families(text) if family.name.startswith("pg_advisory_lock")}
 
