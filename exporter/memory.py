@@ -16,7 +16,8 @@ Two kinds of memory stay with the process after a peak unless something gives th
   back only once it is wholly empty). So a full pass runs after a rendering, at most every
   FULL_PASS_EVERY seconds, and more rarely where it is slower: never more than FULL_PASS_SHARE of
   the time (measured 4-7 ms for the exporter's 40,000-odd objects on this machine: one pass every
-  5-7 s, at most 0.1% of a core).
+  5-7 s, at most 0.1% of a core). A pass holds the interpreter for as long as it takes; where it is
+  long (a heap of many targets), it is as rare: at most one pass's length per 1,000 times it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import ctypes
 import ctypes.util
 import gc
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,20 +48,26 @@ _TRIM = _malloc_trim()
 
 
 class FreedMemory:
-    """After each rendering (one thread calls it): a full pass of the cyclic collector when due,
-    then the C heap's free pages back to the system."""
+    """After each rendering: a full pass of the cyclic collector when due, then the C heap's free
+    pages back to the system. Every renderer thread calls the one instance (a fleet has several):
+    one pass at a time, and a thread that finds one running leaves it to that one."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
                  collect: Callable[[], object] = gc.collect, trim: Callable[[], object] | None = _TRIM) -> None:
         self._clock, self._collect, self._trim = clock, collect, trim
         self._due = -math.inf
+        self._passing = threading.Lock()
 
     def give_back(self) -> None:
         now = self._clock()
-        if now >= self._due:
-            self._collect()
-            took = self._clock() - now
-            self._due = now + max(FULL_PASS_EVERY, took / FULL_PASS_SHARE)
+        if now >= self._due and self._passing.acquire(blocking=False):
+            try:
+                if now >= self._due:  # not done meanwhile by the thread that held the lock
+                    self._collect()
+                    took = self._clock() - now
+                    self._due = now + max(FULL_PASS_EVERY, took / FULL_PASS_SHARE)
+            finally:
+                self._passing.release()
         if self._trim is not None:
             self._trim()
 

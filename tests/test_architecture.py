@@ -19,10 +19,10 @@ from exporter.tracker import HoldTracker
 from tests.test_assemble import row
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
-PURE = {"ages", "assemble", "config", "configkeys", "configvalues", "dsn", "dsnparse", "figures", "format", "holders", "interval", "keys", "logs", "matching", "memory", "metrics",
+PURE = {"ages", "assemble", "config", "configkeys", "configvalues", "dsn", "dsnparse", "figures", "format", "holders", "interval", "keys", "logs", "matching", "metrics",
         "naming", "shards", "pieces", "pooled", "presets", "queries", "snapshot", "tracker"}
 TALKS = {"chains", "cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations",
-         "resolve", "server", "webconfig", "deadline"}
+         "resolve", "server", "webconfig", "deadline", "memory"}
 OUTSIDE = {"socket", "threading", "http", "urllib", "ssl", "subprocess"}  # and no psycopg.connect (dsn parses with psycopg)
 
 

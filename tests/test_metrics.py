@@ -385,6 +385,50 @@ def test_cyclic_garbage_of_the_oldest_generation_is_collected_after_a_rendering(
     assert len(collected) == 2
 
 
+def test_the_renderers_call_collects_the_oldest_generations_cycles() -> None:
+    # What the renderer calls (give_back_freed_memory, one instance for every renderer thread),
+    # not a FreedMemory made here: a pass it never ran would leave the cycle.
+    import weakref
+
+    from exporter import memory
+
+    class Node:
+        pass
+
+    node = Node()
+    node.me = node  # type: ignore[attr-defined]
+    gone = weakref.ref(node)
+    gc.collect()  # alive: the oldest generation
+    del node
+    memory._FREED._due = -math.inf  # due now, whatever an earlier rendering in this process did
+    memory.give_back_freed_memory()
+    assert gone() is None
+
+
+def test_two_renderers_at_once_make_one_pass() -> None:
+    import threading
+
+    from exporter import memory
+
+    inside, release = threading.Event(), threading.Event()
+    passes: list[int] = []
+
+    def slow_pass() -> None:
+        passes.append(1)
+        inside.set()
+        release.wait(5)
+
+    freed = memory.FreedMemory(collect=slow_pass, trim=None)
+    first = threading.Thread(target=freed.give_back)
+    first.start()
+    assert inside.wait(5)
+    freed.give_back()  # the other renderer: a pass is running, it does not wait for it nor run one
+    release.set()
+    first.join(5)
+    freed.give_back()  # not due again yet
+    assert passes == [1]
+
+
 def test_a_slow_full_pass_is_run_more_rarely() -> None:
     from exporter import memory
 
