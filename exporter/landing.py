@@ -19,9 +19,20 @@ OVER_MAX_HOLD = "over max_hold"
 BLOCKED = "blocked"
 STRANDED = "stranded"
 WAITERS = "waited for"
-PROBE_FAILS = "probe not as expected"
-TROUBLES = (OVER_MAX_HOLD, BLOCKED, STRANDED, WAITERS, PROBE_FAILS)
-_CLASSES = {OVER_MAX_HOLD: "over", BLOCKED: "blocked", STRANDED: "stranded", WAITERS: "waiters", PROBE_FAILS: "probe"}
+# What a probe's last try says, as /metrics says it (probe_state). Only a trusted try that ran and
+# did not match is "not as expected" (probe_ok 0 with probe_acquirable served: what
+# PgAdvisoryLockProbeExpectationFailed fires on). A failed try (probe_errors_total up, no
+# probe_acquirable) says nothing of the lock but that nobody checks it: trouble, after "not as
+# expected", which is a finding about the lock itself. An untrusted try (probe_trusted 0, no
+# probe_ok) is a fact of the exporter's connection, the same for every probe through it and lasting
+# until the dsn changes: it is said on the row and in the probes' list, never a trouble of the lock.
+PROBE_AS_EXPECTED = "probe as expected"
+PROBE_NOT_AS_EXPECTED = "probe not as expected"
+PROBE_FAILING = "probe failing"
+PROBE_UNTRUSTED = "probe untrusted"
+TROUBLES = (OVER_MAX_HOLD, BLOCKED, STRANDED, WAITERS, PROBE_NOT_AS_EXPECTED, PROBE_FAILING)
+_CLASSES = {OVER_MAX_HOLD: "over", BLOCKED: "blocked", STRANDED: "stranded", WAITERS: "waiters",
+            PROBE_NOT_AS_EXPECTED: "probe", PROBE_FAILING: "probe"}
 # Fits a 900 px window without sideways scrolling: tables take the page's width and long words
 # (a key, user@client, a gid) break where they must rather than push the table past the edge.
 _STYLE = """
@@ -100,21 +111,51 @@ def _waiters_cell(waiters: int, wait_seconds: float, waiting: tuple[Waiter, ...]
             + (f'<br><span class="muted">and {more} more</span>' if more > 0 else ""))
 
 
+def probe_state(probe: ProbeResult) -> str:
+    """What the last try says: failing (it did not run; an untrusted connection or not), untrusted
+    (it ran where a pooled backend may hold the lock itself), as expected, or not as expected."""
+    if probe.acquirable is None:
+        return PROBE_FAILING
+    if not probe.trusted:
+        return PROBE_UNTRUSTED
+    return PROBE_AS_EXPECTED if probe.ok else PROBE_NOT_AS_EXPECTED
+
+
+def _probe_line(probe: ProbeResult) -> str:
+    """The probe's state in words: what it found, or why it says nothing of the lock."""
+    state = probe_state(probe)
+    if state == PROBE_AS_EXPECTED:
+        return '<span class="ok">as expected</span>'
+    if state == PROBE_NOT_AS_EXPECTED:
+        found = "free: nobody holds it" if probe.acquirable else "held: someone holds it"
+        return f'<span class="bad">NOT as expected</span>, found it {found}'
+    if state == PROBE_FAILING:
+        also = "; its connection is not proven to reach PostgreSQL itself either" if not probe.trusted else ""
+        return (f'<span class="bad">failing</span>: its last try failed ({counted(probe.errors, "try")} failed '
+                f"so far{also}), so nobody checks this lock: the exporter's log says why")
+    return ('<span class="muted">untrusted</span>: its connection is not proven to reach PostgreSQL itself (a pooler, '
+            "proxy, NAT or Unix socket), where a try may land on a backend that holds the lock itself and succeed, "
+            "so what it finds is not checked: the exporter's log says why")
+
+
 def troubles(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> tuple[str, ...]:
     """What is wrong with a lock now, in TROUBLES' order (the page's order of rows)."""
+    state = None if probe is None else probe_state(probe)
     found = {
         OVER_MAX_HOLD: lock.max_hold is not None and snapshot.held_seconds(lock) > lock.max_hold,
         BLOCKED: lock.blocked_holders > 0,
         STRANDED: bool(lock.pooled_session_holders),
         WAITERS: lock.waiters > 0,
-        PROBE_FAILS: probe is not None and not probe.ok,
+        PROBE_NOT_AS_EXPECTED: state == PROBE_NOT_AS_EXPECTED,
+        PROBE_FAILING: state == PROBE_FAILING,
     }
     return tuple(kind for kind in TROUBLES if found[kind])
 
 
 def by_trouble(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> tuple[bool, ...]:
     """A sort key: a lock over its max_hold first, then blocked, stranded, waited for, its probe not
-    as expected, then the rest; a lock with several troubles before one with only its worst."""
+    as expected, its probe failing, then the rest; a lock with several troubles before one with
+    only its worst."""
     found = troubles(lock, probe, snapshot)
     return tuple(kind not in found for kind in TROUBLES)
 
@@ -132,9 +173,7 @@ def _lock_row(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) ->
     held = age(snapshot.held_seconds(lock))
     held = f'<span class="bad">{held} OVER</span>' if over else held
     max_hold = "" if lock.max_hold is None else f'<br><span class="muted">max_hold {age(lock.max_hold)}</span>'
-    probe_line = "" if probe is None else "<br>probe: " + (
-        '<span class="ok">as expected</span>' if probe.ok else '<span class="bad">NOT as expected</span>'
-    )
+    probe_line = "" if probe is None else "<br>probe: " + _probe_line(probe)
     tags = "".join(f' <span class="tag">{kind}</span>' for kind in found)
     kind = f' class="trouble {_CLASSES[found[0]]}"' if found else ""
     return (
@@ -230,19 +269,19 @@ def _stranded(snapshot: Snapshot) -> str:
 
 
 def _named(snapshot: Snapshot, probes: tuple[ProbeResult, ...]) -> list[str]:
-    """The named locks held, awaited or not as their probe expects (a table, in order of trouble),
-    then the free ones (names)."""
+    """The named locks held, awaited, or with a probe not as expected or failing (a table, in order
+    of trouble), then the free ones (names)."""
     by_name = {(p.lock, p.database): p for p in probes}
 
     def probe(lock: LockState) -> ProbeResult | None:
         return by_name.get((lock.name, lock.database))
 
     def in_table(lock: LockState) -> bool:
-        return bool(lock.holds or lock.waiters) or (p := probe(lock)) is not None and not p.ok
+        return bool(lock.holds or lock.waiters or troubles(lock, probe(lock), snapshot))
 
     busy = sorted(filter(in_table, snapshot.locks), key=lambda lock: by_trouble(lock, probe(lock), snapshot))
     free = [lock for lock in snapshot.locks if not in_table(lock)]
-    parts = [f"<h2>Named locks held, awaited or not as probed ({len(busy)}), in order of trouble</h2>"]
+    parts = [f"<h2>Named locks held, awaited or with a probe in trouble ({len(busy)}), in order of trouble</h2>"]
     if busy:
         parts.append("<table id=\"locks\"><tr><th style=\"width:22%\">lock</th><th style=\"width:40%\">holders</th>"
                      "<th class=\"n\">held for</th><th style=\"width:28%\">waiters</th></tr>")
@@ -274,13 +313,13 @@ def _scheduled(snapshot: Snapshot) -> str:
 
 
 def _failing_probes(probes: tuple[ProbeResult, ...]) -> str:
-    failing = [p for p in probes if not p.ok]
-    if not failing:
+    """Every probe that is not as expected, failing or untrusted, with what that means: an untrusted
+    probe of a free lock is shown nowhere else."""
+    shown = [p for p in probes if probe_state(p) != PROBE_AS_EXPECTED]
+    if not shown:
         return ""
-    return "<h2>Probes not as expected</h2><ul>" + "".join(
-        f"<li>{escape(p.lock)} ({escape(p.database)}): "
-        f"{'try failed' if p.acquirable is None else 'acquirable' if p.acquirable else 'held'}</li>"
-        for p in failing) + "</ul>"
+    return "<h2 id=\"probes\">Probes not as expected, failing or untrusted</h2><ul>" + "".join(
+        f"<li>{escape(p.lock)} ({escape(p.database)}): {_probe_line(p)}</li>" for p in shown) + "</ul>"
 
 
 def _unnamed(snapshot: Snapshot) -> list[str]:

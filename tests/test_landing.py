@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import landing
+from exporter import landing, metrics
 from exporter.snapshot import (Blocker, Chain, Holder, LockState, OwnWait, ProbeResult, ReloadStatus, Snapshot,
                                UnnamedLocks, Waiter)
 from tests.conftest import stuck_with_waiter
@@ -92,11 +92,14 @@ def trouble_of_every_kind() -> tuple[Snapshot, tuple[ProbeResult, ...]]:
         _lock("over-and-waited", 90.0, holders=(_holder(701, 90.0),), max_hold=60.0, waiters=2, wait_seconds=125.5,
               waiting=WAITERS),
         _lock("free", None),
+        _lock("probe-failing", None),
     )
     unnamed = (UnnamedLocks("app", 1, 1, NOW - 50.0, 4.0, (_holder(801, 50.0, key="-9223372036854775808"),), 30.0,
                             waiting=(Waiter(802, LONG, "svc_legacy", "10.244.17.205", 4.0, "-9223372036854775808"),)),)
     probes = (ProbeResult("probed", "app", True, False, 0.01, 0, 0.0),
-              ProbeResult("calm", "app", False, True, 0.01, 0, 0.0))
+              ProbeResult("calm", "app", False, True, 0.01, 0, 0.0),
+              ProbeResult("probe-failing", "app", None, False, 2.0, 12, 0.0, trusted=False),
+              ProbeResult("waited", "app", True, True, 0.01, 0, 0.0, trusted=False))
     return Snapshot(up=True, locks=locks, unnamed=unnamed, chains=(chain,), taken_at=NOW, wall_at=1.7e9), probes
 
 
@@ -104,12 +107,69 @@ def test_rows_in_order_of_trouble_and_who_waits_named() -> None:
     snapshot, probes = trouble_of_every_kind()
     page = landing.render(snapshot, probes, ReloadStatus(), "/metrics").decode()
     # Over max_hold (two troubles before one), blocked, stranded, waited for, probe not as
-    # expected (a free lock, shown for it), then the rest; free locks by name below.
-    assert row_names(page) == ["over-and-waited", "over", "blocked", "stranded", "waited", "probed", "calm"]
+    # expected, probe failing (free locks, shown for their probes), then the rest; free locks by
+    # name below.
+    assert row_names(page) == ["over-and-waited", "over", "blocked", "stranded", "waited", "probed", "probe-failing",
+                               "calm"]
     assert '<tr class="trouble over">' in page and "Named locks free (1)</h2><p>free</p>" in page
     # Who waits: pid, application, user@client, for how long; the longest wait first.
     assert f"pid 501 {LONG} svc_billing_batch@10.244.17.203, waiting 2m05s<br>pid 502 billing-cron" in page
     assert f"key -9223372036854775808, pid 802 {LONG} svc_legacy@10.244.17.205, waiting 4s" in page
+
+
+def _row(page: str, name: str) -> str:
+    table = page.split('<table id="locks">', 1)[1].split("</table>", 1)[0]
+    return next(row for row in table.split("</tr>") if f"<td><b>{name}</b>" in row)
+
+
+def _listed(page: str, name: str) -> str:
+    """A probe's item in the list of probes not as expected, failing or untrusted."""
+    found = re.search(r"<h2[^>]*>Probes [^<]*</h2><ul>(.*?)</ul>", page)
+    items = found[1].split("</li>") if found else []
+    return next((item for item in items if item.startswith(f"<li>{name} ")), "")
+
+
+def test_each_probe_state_has_its_own_label_and_only_a_served_mismatch_is_not_as_expected() -> None:
+    """'NOT as expected' where /metrics says probe_ok 0 with probe_acquirable served (what
+    PgAdvisoryLockProbeExpectationFailed fires on), nowhere else: a failed try serves no
+    probe_acquirable, an untrusted one no probe_ok. A failing probe is trouble, after one not as
+    expected; an untrusted one is none (its free lock stays free)."""
+    locks = tuple(_lock(name, None) for name in ("matched", "untrusted", "untrusted-failed", "failed", "found-free"))
+    locks += (_lock("untrusted-held", 5.0, holders=(_holder(901, 5.0),)),)
+    # As the prober makes them (probe.Prober._record): (acquirable, ok, ..., errors, ..., trusted).
+    probes = (ProbeResult("matched", "app", False, True, 0.01, 0, 0.0),
+              ProbeResult("untrusted", "app", True, False, 0.01, 0, 0.0, trusted=False),
+              ProbeResult("untrusted-failed", "app", None, False, 2.0, 4, 0.0, trusted=False),
+              ProbeResult("failed", "app", None, False, 2.0, 3, 0.0),
+              ProbeResult("found-free", "app", True, False, 0.01, 0, 0.0),
+              ProbeResult("untrusted-held", "app", True, True, 0.01, 0, 0.0, trusted=False))
+    snapshot = Snapshot(up=True, locks=locks, taken_at=NOW, wall_at=1.7e9)
+    page = landing.render(snapshot, probes, ReloadStatus(), "/metrics").decode()
+    served = parse(metrics.render(snapshot, probes).decode())
+
+    for p in probes:
+        ids = (("database", "app"), ("lock", p.lock))
+        mismatch_served = (served.get(("pg_advisory_lock_probe_ok", ids)) == 0
+                           and ("pg_advisory_lock_probe_acquirable", ids) in served)
+        said = _row(page, p.lock) if p.lock in row_names(page) else ""
+        said += _listed(page, p.lock)
+        assert ("NOT as expected" in said) == mismatch_served, (p, said)
+
+    assert row_names(page) == ["found-free", "untrusted-failed", "failed", "untrusted-held"]  # ties: config order
+    assert "Named locks free (2)</h2><p>matched, untrusted</p>" in page
+    assert '<span class="tag">probe not as expected</span>' in _row(page, "found-free")
+    assert "found it free: nobody holds it" in _row(page, "found-free")
+    for name, errors in (("failed", "3 tries"), ("untrusted-failed", "4 tries")):
+        row = _row(page, name)
+        assert '<span class="tag">probe failing</span>' in row and "NOT as expected" not in row
+        assert f'probe: <span class="bad">failing</span>: its last try failed ({errors} failed so far' in row
+    assert "not proven to reach PostgreSQL itself either" in _row(page, "untrusted-failed")
+    assert "either" not in _row(page, "failed")
+    held = _row(page, "untrusted-held")
+    assert '<span class="tag">' not in held  # held, no trouble: in the table for its holder only
+    assert 'probe: <span class="muted">untrusted</span>: its connection is not proven to reach PostgreSQL' in held
+    assert '<span class="muted">untrusted</span>' in _listed(page, "untrusted")  # a free lock's: in the list
+    assert _listed(page, "matched") == "" and _listed(page, "failed")
 
 
 @pytest.mark.slow
