@@ -145,6 +145,10 @@ class Reloader:
                 return _reload_broke(self._runtime, exc, "the running config stays")
             try:
                 self._runtime.apply(fleet)
+            except ShardError as exc:  # refused before anything changed
+                log.error("config reload refused: %s: %s; the running config stays", self._path, exc)
+                self._runtime.reload_result(False)
+                return False
             except Exception as exc:  # noqa: BLE001 - a reload that breaks is a refused reload, seen
                 return _reload_broke(self._runtime, exc, "the targets already changed keep the new config")
             self._runtime.reload_result(True)

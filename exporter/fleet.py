@@ -21,7 +21,7 @@ from .logs import LoopErrors
 from .exposition import Exposition, FleetExposition
 from .poller import Poller, connect_poller
 from .probe import Prober, connect_probe
-from .shards import Shard, service_discovery
+from .shards import Shard, ShardError, service_discovery
 from .snapshot import PollStats, ReloadStatus, Snapshot
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,13 @@ class Runtime:
     # -- reload -------------------------------------------------------------------------
 
     def apply(self, fleet: Fleet) -> None:
-        """A reloaded config: targets added, removed, or changed in place (same server: tracking kept)."""
+        """A reloaded config: targets added, removed, or changed in place (same server: tracking kept).
+        A single-server config for a sharded exporter raises ShardError before anything changes:
+        every shard would poll that one server (cli refuses it at start-up for the same reason)."""
         with self._lock:
+            if fleet.single and self.shard.total > 1:
+                raise ShardError(f"the config watches one server (dsn), and this exporter is {self.shard}: "
+                                 "sharding spreads targets (targets:) over replicas, so every shard would poll it")
             if fleet.single != self.single:
                 log.warning("config reload: switching between one server and targets needs a restart; "
                             "the targets' configs are applied, the mode stays")
@@ -223,7 +228,8 @@ class Runtime:
                 self._publish_shard()
 
     def _own(self, fleet: Fleet) -> tuple[Config, ...]:
-        """The targets this shard polls (all of them unsharded; single-server mode is never sharded)."""
+        """The targets this shard polls (all of them unsharded; a single-server config is never
+        sharded: cli refuses it at start-up, apply on reload)."""
         return fleet.targets if fleet.single else tuple(c for c in fleet.targets if self.shard.owns(c.name))
 
     def _publish_shard(self) -> None:
@@ -282,8 +288,12 @@ class Runtime:
         return None if target is None else target.exposition.body(gzipped)
 
     def elsewhere(self, name: str) -> str | None:
-        """For a configured target another shard owns: who does ("target X belongs to shard 2 of 4")."""
-        if self.single or name in self._targets or name not in self.configured:
+        """For a configured target another shard owns: who does ("target X belongs to shard 2 of 4").
+        None unsharded, and None for a target this shard owns but does not run (a reload that
+        failed part-way): it is not elsewhere, and naming this very shard would mislead."""
+        if self.single or self.shard.total == 1 or name in self._targets or name not in self.configured:
+            return None
+        if self.shard.owner(name) == self.shard.ordinal:
             return None
         return self.shard.elsewhere(name)
 

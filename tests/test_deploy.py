@@ -301,6 +301,15 @@ def test_every_rule_has_a_case_at_the_first_minute_it_fires_and_one_evaluation_b
     assert "job=~" not in RULES.read_text()
 
 
+def test_no_chart_template_or_doc_says_the_rules_need_a_jobs_name() -> None:
+    """The rules know the exporter by its own series (build_info, total_shards): a comment or a
+    page that says they find it by its job's name sends a user renaming jobs for nothing."""
+    files = [*(ROOT / "helm").rglob("*.yaml"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    for path in files:
+        text = path.read_text()
+        assert not re.search(r"job containing|job=~\S*pg-advisory-lock-exporter", text), path
+
+
 # -- dashboard ----------------------------------------------------------------------------
 
 def dashboard_exprs() -> list[str]:

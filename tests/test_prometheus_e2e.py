@@ -117,8 +117,9 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         shards_config = {"poll_interval": "300ms", "targets": {"billing": {"dsn": server.dsn()}, "orders": {"dsn": server.dsn()}}}
         shard_ports = [free_port(), free_port()]
         (tmp_path / "shard-0").mkdir()
-        started.append(ExporterProcess(tmp_path / "shard-0", shards_config, "--shard=0", "--total-shards=2",
-                                       port=shard_ports[0]))
+        shards = [ExporterProcess(tmp_path / "shard-0", shards_config, "--shard=0", "--total-shards=2",
+                                  port=shard_ports[0])]
+        started.extend(shards)
 
         # The situations, on a real cluster.
         holder = sessions.open(application_name="stuck-worker")
@@ -176,9 +177,9 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
             stdout=log, stderr=subprocess.STDOUT,
         )
 
-        wait_until(lambda: _safe(lambda: {"PgAdvisoryLockExporterAbsent", "PgAdvisoryLockExporterShardMissing"}
-                                 <= set(firing(port))), timeout=60, interval=0.5)
-        assert firing(port)["PgAdvisoryLockExporterShardMissing"][0]["labels"].get("job") is None  # the absent arm
+        # (ShardMissing does not: no shard has ever reported, so none is missed; absent says it all.)
+        wait_until(lambda: _safe(lambda: "PgAdvisoryLockExporterAbsent" in firing(port)), timeout=60, interval=0.5)
+        assert "PgAdvisoryLockExporterShardMissing" not in firing(port)
         config_path.write_text(yaml.safe_dump(prometheus_config))
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/-/reload", method="POST"), timeout=10)
         # The gone exporter answers as one (its build_info), then stops: Prometheus knows it by that alone.
@@ -251,8 +252,9 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         started.append(ExporterProcess(tmp_path / "gone", {"dsn": server.dsn(), "poll_interval": "300ms", "locks": []},
                                        port=gone_port))
         (tmp_path / "shard-1").mkdir()  # the missing shard comes
-        started.append(ExporterProcess(tmp_path / "shard-1", shards_config, "--shard=1", "--total-shards=2",
-                                       port=shard_ports[1]))
+        shards.append(ExporterProcess(tmp_path / "shard-1", shards_config, "--shard=1", "--total-shards=2",
+                                      port=shard_ports[1]))
+        started.append(shards[-1])
 
         def all_resolved() -> bool:
             seen.clear()
@@ -264,6 +266,15 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         except AssertionError:
             raise AssertionError(f"still firing: {sorted(set(seen))}; main log: {main.log()[-3000:]}")
         assert "PgAdvisoryLockExporterAbsent" not in seen
+
+        # Every shard of the job goes while the other exporters report: ShardMissing's other arm,
+        # for that job, value 0 (a global absent() would stay quiet here).
+        for shard in shards:
+            shard.stop()
+        gone_all = wait_until(lambda: _safe(lambda: firing(port).get("PgAdvisoryLockExporterShardMissing")),
+                              timeout=60, interval=0.5)
+        assert [(a["labels"]["job"], float(a["value"])) for a in gone_all] == [(f"{JOB}-shards", 0.0)]
+        assert gone_all[0]["annotations"]["summary"] == f"pg-advisory-lock-exporter: no shard of job {JOB}-shards reports"
 
     finally:
         cron_stop.set()

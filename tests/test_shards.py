@@ -143,6 +143,59 @@ def test_a_shard_answers_sd_and_another_shards_probe_without_a_socket() -> None:
         for name in ("orders", "users")]
 
 
+def _targets_fleet(names):
+    from exporter.config import parse_fleet
+    return parse_fleet({"targets": {n: {"dsn": f"host=db-{n} dbname=postgres"} for n in names}}, "t")
+
+
+def test_a_sharded_exporter_refuses_a_reload_to_one_server(tmp_path, caplog) -> None:
+    """cli refuses --total-shards with a single-server config at start-up; a reload to one is
+    refused the same way (every shard would poll that server), and the running targets stay."""
+    import logging
+
+    from exporter.fleet import Runtime
+
+    runtime = Runtime(_targets_fleet(OWNERS), "/metrics", Shard(1, 2))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"dsn": "host=db dbname=postgres"}))
+    try:
+        with caplog.at_level(logging.INFO):
+            assert cli.Reloader(str(config), runtime)() is False
+        assert sorted(runtime.targets) == ["orders", "users"]
+        assert runtime.configured == tuple(OWNERS)
+        assert runtime.reload_status.successful is False
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert errors == [f"config reload refused: {config}: the config watches one server (dsn), and this exporter "
+                          "is shard 1 of 2: sharding spreads targets (targets:) over replicas, so every shard would "
+                          "poll it; the running config stays"]
+    finally:
+        runtime.stop()
+
+
+@pytest.mark.parametrize("shard", [Shard(1, 2), Shard()], ids=["shard 1 of 2", "unsharded"])
+def test_a_target_this_shard_owns_but_does_not_run_is_not_elsewhere(shard, monkeypatch) -> None:
+    """A reload that failed part-way leaves a configured target this shard owns unstarted: /probe
+    says it is unknown, never that it belongs to this very shard (nor "shard 0 of 1" unsharded)."""
+    from exporter.fleet import Runtime
+    from exporter.server import App
+
+    runtime = Runtime(_targets_fleet(OWNERS), "/metrics", shard)
+    added = next(n for n in (f"extra-{i}" for i in range(100)) if shard.owns(n))
+    monkeypatch.setattr(runtime, "_make", lambda config: (_ for _ in ()).throw(OSError("cannot start a thread")))
+    try:
+        with pytest.raises(OSError):
+            runtime.apply(_targets_fleet([*OWNERS, added]))
+        assert added in runtime.configured and added not in runtime.targets
+        assert runtime.elsewhere(added) is None
+        answer = App(runtime, advertise="10.0.0.7:10105").respond("GET", f"/probe?target={added}")
+        assert answer.status == 404
+        assert answer.body.decode().startswith(f"unknown target '{added}'; known targets: ")
+        if shard.total > 1:  # another shard's target is still named as its owner's
+            assert runtime.elsewhere("billing") == "target billing belongs to shard 0 of 2"
+    finally:
+        runtime.stop()
+
+
 # -- the flags ------------------------------------------------------------------------------
 
 
