@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import psycopg
 
 from . import __version__, locksview, logs
+from .ages import counted
 from .config import ConfigError, Fleet, load_fleet
 from .dsn import error_line, server_name
 from .fleet import Runtime
@@ -166,7 +167,8 @@ def _reload_broke(runtime: Runtime, exc: BaseException, what_stays: str) -> bool
 def shard_summary(fleet: Fleet, shard: Shard) -> str:
     """--check-config's word on sharding: which targets this shard owns."""
     own = shard.own(fleet.names)
-    return f"{shard} owns {len(own)} of {len(fleet.names)} targets: {', '.join(own) or 'none'}"
+    # "owns 1 of 1 target", "owns 0 of 2 targets": the noun agrees with the total it follows.
+    return f"{shard} owns {len(own)} of {counted(len(fleet.names), 'target')}: {', '.join(own) or 'none'}"
 
 
 def serve(args: argparse.Namespace, fleet: Fleet, web: WebConfig, shard: Shard = Shard()) -> int:

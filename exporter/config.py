@@ -19,8 +19,8 @@ from . import keys, presets
 from .ages import counted
 from .configkeys import parse_key
 from .configvalues import (  # noqa: F401 - parse_duration: for those who import it from here (the tests)
-    AUTO, Checker, boolean, count, did_you_mean, duration, expand_env, format_duration, interval_or_auto, names, parse_duration,
-    percentage, show, unknown_fields,
+    AUTO, Checker, boolean, count, did_you_mean, duration, expand_env, expand_env_mapped, format_duration,
+    interval_or_auto, names, parse_duration, percentage, show, unknown_fields,
 )
 from .interval import AutoInterval
 from .dsn import MAX_TIMEOUT_MS, DsnError, check_dsn, database_name, describe_dsn
@@ -374,9 +374,9 @@ def _dsn_field(value: Any, where: str, errors: list[str]) -> str:
     if not isinstance(value, str):
         errors.append(f"{where}: expected a connection string, got {show(value)}")
         return ""
-    dsn = expand_env(value, where, errors)
+    dsn, origin = expand_env_mapped(value, where, errors)
     try:
-        check_dsn(dsn)
+        check_dsn(dsn, origin)  # its places counted in the text written, before ${VAR} expansion
     except DsnError as exc:
         errors.append(f"{where}: {exc}")
     return dsn

@@ -79,15 +79,29 @@ def show(value: Any) -> str:
 
 def expand_env(text: str, where: str, errors: list[str]) -> str:
     """Replace ${VAR} with the environment's value; an unset variable is an error."""
+    return expand_env_mapped(text, where, errors)[0]
 
-    def sub(match: re.Match[str]) -> str:
+
+def expand_env_mapped(text: str, where: str, errors: list[str]) -> tuple[str, Callable[[int], int]]:
+    """expand_env's text, and where each of its indexes came from in text: a character written as it
+    is maps to itself, one from a variable to its "${" (so a message that gives a place never tells
+    how long a variable's value, such as a password, is), the end to the end."""
+    parts: list[str] = []
+    origins: list[int] = []
+    written = 0
+    for match in _ENV_REF.finditer(text):
+        parts.append(text[written:match.start()])
+        origins += range(written, match.start())
         value = os.environ.get(match.group(1))
         if value is None:
             errors.append(f"{where}: environment variable {match.group(1)} is not set")
-            return ""
-        return value
-
-    return _ENV_REF.sub(sub, text)
+            value = ""
+        parts.append(value)
+        origins += [match.start()] * len(value)
+        written = match.end()
+    parts.append(text[written:])
+    origins += range(written, len(text) + 1)  # and the end of the expanded text: the end of text
+    return "".join(parts), lambda index: origins[min(index, len(origins) - 1)]
 
 
 # How alike a misspelt name and a known one must be (difflib's ratio, 0..1) to be suggested: 0.6 is

@@ -1,19 +1,28 @@
 """Where a connection string goes wrong, said without a character of it: the parameter and the
 character position, never a fragment (a fragment may be the password). Pure.
 
-libpq stays the judge of whether a dsn parses (dsn.py asks psycopg's conninfo_to_dict); this module
-only explains a refusal. Its messages cannot be mapped instead: they quote the very fragment that
-must not be shown, they give no position (but for one URI case), they change between libpq releases
-(18 refuses a space in a URI, 15 does not) and they are translated under LC_MESSAGES. So this walks
-the two shapes as libpq's conninfo_parse and conninfo_uri_parse_options do (fe-connect.c), as far as
-needed to find the first thing they refuse. It also finds the one value libpq takes unread but
-refuses at every connect: a port that is not a number.
+libpq stays the judge of whether a dsn parses and of every value it reads (dsn.py asks psycopg's
+conninfo_to_dict); this module only places a refusal, and what dsn.py calls (explain, port_problem)
+never raises: what it fails to place is said without a place. libpq's messages cannot be mapped
+instead: they quote the very fragment that must not be shown, they give no position (but for one URI
+case), they change between libpq releases (18 refuses a space in a URI, 15 does not) and they are
+translated under LC_MESSAGES. So this walks the two shapes as libpq's conninfo_parse and
+conninfo_uri_parse_options do (fe-connect.c), as the libpq psycopg loaded does, as far as needed to
+find the first thing they refuse. It also places the one value libpq takes unread but refuses at
+every connect: a port that is not a number.
+
+A word that libpq does not read as a parameter (a name without "=", an unknown name) may be a piece
+of a password with a space or "&" in it: it is named, or a known name suggested for it, only when no
+secret parameter comes before it (and, in a URI, no "@" after it, which a password with "/" in it
+would leave there). Positions are indexes in the dsn; Refused.say maps them to the text the user
+wrote (config.py's ${VAR} expansion).
 """
 
 from __future__ import annotations
 
 import functools
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from psycopg import pq
@@ -29,6 +38,24 @@ _USER, _PASSWORD, _HOST, _PORT, _DBNAME = "user", "password", "host", "port", "d
 
 class Refused(Exception):
     """What libpq refuses in a dsn, located, without any of its text."""
+
+    def __init__(self, what: str, at: int | None = None, name: str = "") -> None:
+        super().__init__(what)
+        self.what = what
+        self.at = at  # index in the dsn, None when it could not be placed
+        self.name = name  # the parameter, shown when libpq knows the name
+
+    def say(self, origin: Callable[[int], int] | None = None) -> str:
+        """'parameter "port" at character 23: ...', the index mapped by origin to the user's text."""
+        place = []
+        if self.name in keywords():
+            place.append(f'parameter "{self.name}"')
+        if self.at is not None:
+            place.append(f"at character {(origin(self.at) if origin else self.at) + 1}")
+        return f"{' '.join(place)}: {self.what}" if place else self.what
+
+    def __str__(self) -> str:
+        return self.say()
 
 
 @dataclass(frozen=True)
@@ -46,28 +73,65 @@ def keywords() -> frozenset[str]:
     return frozenset(option.keyword.decode() for option in pq.Conninfo.get_defaults())
 
 
-def explain(dsn: str) -> str:
-    """Why libpq refuses dsn: 'at character 1: expected key=value ...'; never a fragment of it."""
+@functools.cache
+def secret_keywords() -> frozenset[str]:
+    """The parameters whose values libpq hides ("*": password, sslpassword, oauth_client_secret) or
+    shows only when debugging ("D": scram_client_key, ...): taken as secrets, to be safe."""
+    return frozenset(option.keyword.decode() for option in pq.Conninfo.get_defaults() if option.dispchar)
+
+
+# libpq 18 refuses a space inside a URI's part and ignores one around it; older ones keep both.
+_URI_SPACE_REFUSED = pq.version() >= 180000
+
+
+def text_problem(dsn: str) -> Refused | None:
+    """What no libpq can be given: a character UTF-8 cannot encode (a lone surrogate, from YAML's
+    "\\ud800" or an environment variable's undecodable bytes), or a NUL, where libpq would silently stop
+    reading."""
+    for index, char in enumerate(dsn):
+        if char == "\0":
+            return Refused("a NUL character (libpq would ignore everything after it)", index)
+        if "\ud800" <= char <= "\udfff":
+            return Refused("a character that is not valid Unicode (it cannot be sent as UTF-8)", index)
+    return None
+
+
+def explain(dsn: str) -> Refused:
+    """Why libpq refuses dsn, located when the walk finds it; never a fragment of it, never raises."""
     try:
         params(dsn)
     except Refused as refused:
-        return str(refused)
-    return "libpq refuses it (the place could not be found)"
+        return refused
+    except Exception:  # noqa: BLE001 - a walk that fails only loses the place: the refusal stands
+        pass
+    return Refused("libpq refuses it (the place could not be found)")
 
 
-def value_problem(dsn: str) -> str | None:
-    """A value libpq parses but refuses at every connect (a port that is not a port), located; None
-    when there is none. dsn must parse."""
-    ports = [param for param in params(dsn) if param.name == _PORT]
-    if not ports:
+def port_problem(dsn: str, port: str | None) -> Refused | None:
+    """The port libpq read from dsn (conninfo_to_dict's), when it would refuse it at every connect,
+    placed when the walk reads the same value; None when it is a port or absent. Never raises."""
+    if port is None or _is_ports(port):
         return None
-    port = ports[-1]  # libpq keeps the last one given
-    for item in port.value.split(","):
+    return Refused(f"expected a port number (1 to {_MAX_PORT}) or a comma-separated list of them",
+                   _where_port(dsn, port), _PORT)
+
+
+def _is_ports(value: str) -> bool:
+    for item in value.split(","):
         text = item.strip(_SPACE)  # an empty item is the default port
         digits = text[1:] if text.startswith("+") else text  # libpq reads it with strtol
         if text and not (digits.isascii() and digits.isdigit() and 1 <= int(digits) <= _MAX_PORT):
-            return f"{_place(_PORT, port.at)}: expected a port number (1 to {_MAX_PORT}) or a comma-separated list of them"
-    return None
+            return False
+    return True
+
+
+def _where_port(dsn: str, value: str) -> int | None:
+    try:
+        ports = [param for param in params(dsn) if param.name == _PORT]
+    except Exception:  # noqa: BLE001 - the walk places the port or says nothing: libpq read the dsn
+        return None
+    # libpq keeps the last one given; a walk that read another value has lost its way.
+    return ports[-1].at if ports and ports[-1].value == value else None
 
 
 def params(dsn: str) -> list[Param]:
@@ -78,23 +142,19 @@ def params(dsn: str) -> list[Param]:
     return _key_values(dsn)
 
 
-def _place(name: str, index: int) -> str:
-    """'parameter "port" at character 23', or 'at character 23' for a name libpq does not know
-    (which may be a fragment of something else: a password with a space in it)."""
-    where = f"at character {index + 1}"
-    return f'parameter "{name}" {where}' if name in keywords() else where
-
-
-def _unknown(name: str, index: int) -> Refused:
+def _unknown(name: str, index: int, word_is_safe: bool) -> Refused:
+    """An unknown name; a known one suggested only when the name cannot be a piece of a secret."""
     if not name:
-        return Refused(f'at character {index + 1}: expected a parameter name before "="')
-    return Refused(f"at character {index + 1}: not a libpq parameter name{did_you_mean(name, keywords())}")
+        return Refused('expected a parameter name before "="', index)
+    hint = did_you_mean(name, keywords()) if word_is_safe else ""
+    return Refused(f"not a libpq parameter name{hint}", index)
 
 
 def _key_values(text: str) -> list[Param]:
     """'host=db port=5432': libpq's conninfo_parse."""
     found: list[Param] = []
     i, end = 0, len(text)
+    word_is_safe = True  # until a secret's value: a word after it may be the rest of it (one with a space)
     while i < end:
         if text[i] in _SPACE:
             i += 1
@@ -106,17 +166,18 @@ def _key_values(text: str) -> list[Param]:
         while i < end and text[i] in _SPACE:
             i += 1
         if i == end or text[i] != "=":
-            if name in keywords():
-                raise Refused(f'{_place(name, name_at)}: expected "=" and a value after the name')
-            raise Refused(f'at character {name_at + 1}: expected key=value (a parameter name followed by "=")')
+            if name in keywords() and word_is_safe:
+                raise Refused('expected "=" and a value after the name', name_at, name)
+            raise Refused('expected key=value (a parameter name followed by "=")', name_at)
         i += 1
         while i < end and text[i] in _SPACE:
             i += 1
         value_at = i
         value, i = _quoted(text, i, name) if i < end and text[i] == "'" else _bare(text, i)
         if name not in keywords():
-            raise _unknown(name, name_at)
+            raise _unknown(name, name_at, word_is_safe)
         found.append(Param(name, value, value_at))
+        word_is_safe = word_is_safe and name not in secret_keywords()
     return found
 
 
@@ -150,7 +211,7 @@ def _quoted(text: str, i: int, name: str) -> tuple[str, int]:
             return "".join(chars), i + 1
         chars.append(text[i])
         i += 1
-    raise Refused(f"{_place(name, opening)}: the value's opening quote (') is never closed")
+    raise Refused("the value's opening quote (') is never closed", opening, name)
 
 
 def _uri(text: str, start: int) -> list[Param]:
@@ -175,7 +236,7 @@ def _uri(text: str, start: int) -> list[Param]:
             found.append(Param(_DBNAME, _decode(text, p, dbname_end, _DBNAME), p))
         p, terminator = dbname_end, text[dbname_end:dbname_end + 1]
     if terminator:
-        found.extend(_query(text, p + 1))
+        found.extend(_query(text, p + 1, found))
     return found
 
 
@@ -205,13 +266,13 @@ def _netlocs(text: str, p: int) -> tuple[list[tuple[int, int]], list[tuple[int, 
             bracket = p
             close = text.find("]", p + 1)
             if close < 0:
-                raise Refused(f'at character {bracket + 1}: "[" opens an IPv6 host address that no "]" closes')
+                raise Refused('"[" opens an IPv6 host address that no "]" closes', bracket)
             if close == bracket + 1:
-                raise Refused(f"at character {bracket + 1}: an empty IPv6 host address ([])")
+                raise Refused("an empty IPv6 host address ([])", bracket)
             hosts.append((bracket + 1, close))
             p = close + 1
             if p < end and text[p] not in ":/?,":
-                raise Refused(f'at character {p + 1}: expected ":", "/", "?" or "," after the IPv6 host address')
+                raise Refused('expected ":", "/", "?" or "," after the IPv6 host address', p)
         else:
             host_at = p
             while p < end and text[p] not in ":/?,":
@@ -228,26 +289,31 @@ def _netlocs(text: str, p: int) -> tuple[list[tuple[int, int]], list[tuple[int, 
         p += 1
 
 
-def _query(text: str, p: int) -> list[Param]:
-    """key=value&key=value from p: libpq's conninfo_uri_parse_params."""
+def _query(text: str, p: int, before: list[Param]) -> list[Param]:
+    """key=value&key=value from p, after the parameters before: libpq's conninfo_uri_parse_params."""
     found: list[Param] = []
     end = len(text)
     while p < end:
         name_at, equals = p, -1
+        # A word after a secret may be the rest of it (a password with "&" in it); one before an "@"
+        # may be a piece of a password with "/" in it, which ended the user part early.
+        word_is_safe = "@" not in text[p:] and not any(param.name in secret_keywords() for param in before + found)
         while p < end and text[p] != "&":
             if text[p] == "=":
                 if equals >= 0:
-                    raise Refused(f'{_place(text[name_at:equals], p)}: a second "=" in a query parameter (write it %3D)')
+                    raise Refused('a second "=" in a query parameter (write it %3D)', p,
+                                  text[name_at:equals] if word_is_safe else "")
                 equals = p
             p += 1
         if equals < 0:
-            raise Refused(f'{_place(text[name_at:p], name_at)}: a query parameter without "=" (expected key=value)')
+            raise Refused('a query parameter without "=" (expected key=value)', name_at,
+                          text[name_at:p] if word_is_safe else "")
         name = _decode(text, name_at, equals, "")
         value = _decode(text, equals + 1, p, name)
         if name == "ssl" and value == "true":  # libpq's JDBC spelling
             name, value = "sslmode", "require"
         if name not in keywords():
-            raise _unknown(name, name_at)
+            raise _unknown(name, name_at, word_is_safe)
         found.append(Param(name, value, equals + 1))
         p += 1
     return found
@@ -260,9 +326,9 @@ def _decode(text: str, start: int, end: int, name: str) -> str:
 
 def _decode_chars(chars: list[tuple[str, int]], name: str) -> str:
     """Characters, each with its index in the dsn, percent-decoded as libpq does."""
-    while chars and chars[0][0] == " ":  # libpq 18 ignores spaces around a part, refuses them inside
+    while _URI_SPACE_REFUSED and chars and chars[0][0] == " ":  # 18 ignores spaces around a part
         chars = chars[1:]
-    while chars and chars[-1][0] == " ":
+    while _URI_SPACE_REFUSED and chars and chars[-1][0] == " ":
         chars = chars[:-1]
     raw = bytearray()
     i = 0
@@ -271,14 +337,14 @@ def _decode_chars(chars: list[tuple[str, int]], name: str) -> str:
         if char == "%":
             digits = "".join(c for c, _ in chars[i + 1:i + 3])
             if len(digits) != 2 or not all(c in string.hexdigits for c in digits):
-                raise Refused(f'{_place(name, index)}: "%" is not followed by two hexadecimal digits')
+                raise Refused('"%" is not followed by two hexadecimal digits', index, name)
             if int(digits, 16) == 0:
-                raise Refused(f"{_place(name, index)}: %00 is not allowed")
+                raise Refused("%00 is not allowed", index, name)
             raw.append(int(digits, 16))
             i += 3
             continue
-        if char == " ":  # refused by libpq 18; older ones take it (then this is never asked)
-            raise Refused(f"{_place(name, index)}: a space (write it %20)")
+        if char == " " and _URI_SPACE_REFUSED:  # refused inside a part by libpq 18; older ones take it
+            raise Refused("a space (write it %20)", index, name)
         raw += char.encode()
         i += 1
     return raw.decode("utf-8", "replace")

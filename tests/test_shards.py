@@ -276,6 +276,16 @@ def test_check_config_says_which_targets_this_shard_owns(tmp_path, monkeypatch, 
     assert capsys.readouterr().out.splitlines()[-1].endswith(f"owns {len(own)} of {len(names)} targets: {', '.join(own)}")
 
 
+def test_check_config_counts_agree_with_their_nouns(tmp_path, capsys) -> None:
+    config = targets_config(tmp_path, ["orders"])  # orders is shard 1 of 2 (TABLE)
+    lines = []
+    for ordinal in (1, 0):
+        assert cli.main([f"--config.file={config}", "--check-config", f"--shard={ordinal}", "--total-shards=2"]) == 0
+        lines.append(capsys.readouterr().out.splitlines()[-1])
+    assert lines == [f"{config}: shard 1 of 2 owns 1 of 1 target: orders",
+                     f"{config}: shard 0 of 2 owns 0 of 1 target: none"]
+
+
 def test_the_advertised_address() -> None:
     assert advertised_address("lock-exporter-1.x:9000", ":10105", "10.0.0.7", "h") == "lock-exporter-1.x:9000"
     assert advertised_address("", ":10105", "10.0.0.7", "h") == "10.0.0.7:10105"
