@@ -141,13 +141,23 @@ class Sessions:
         return conn
 
     def close_all(self) -> None:
+        """Close every session, and wait (5 s at most) until the server has ended their backends: a
+        closed client's backend exits on its own time, and its locks would be in the next test's poll."""
+        pids = []
         for conn in self._open:
             try:
+                pids.append(conn.info.backend_pid)
                 conn.cancel_safe(timeout=2) if hasattr(conn, "cancel_safe") else conn.cancel()
             except psycopg.Error:
                 pass
             conn.close()
         self._open.clear()
+        if pids:
+            deadline = time.monotonic() + 5.0
+            with psycopg.connect(self._server.dsn(), autocommit=True) as admin:
+                while time.monotonic() < deadline and admin.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", [pids]).fetchone():
+                    time.sleep(0.02)
 
 
 @pytest.fixture

@@ -151,6 +151,12 @@ class FakeSite:
     def landing(self, name: str | None) -> bytes | None:
         return b"<html>" if name in (None, "orders") else None
 
+    def elsewhere(self, name: str) -> str | None:
+        return "target payments belongs to shard 1 of 2" if name == "payments" else None
+
+    def service_discovery(self, address: str) -> bytes:
+        return b"[]"
+
 
 def test_request_parse() -> None:
     assert Request.parse("/probe?target=orders&x=1", "gzip") == Request("/probe", "orders", True)
@@ -167,6 +173,7 @@ def test_routes_pick_the_sites_bytes() -> None:
     assert app.respond("GET", "/probe?target=orders") == Response(200, b"orders", response.content_type)
     missing = app.respond("GET", "/probe?target=billing")
     assert missing.status == 404 and missing.body == b"unknown target 'billing'; known targets: orders\n"
+    assert app.respond("GET", "/probe?target=payments") == Response(404, b"target payments belongs to shard 1 of 2\n")
     assert app.respond("GET", "/?target=orders").body == b"<html>"
     assert app.respond("GET", "/?target=billing").status == 404
     assert app.respond("GET", "/-/healthy").status == 200
@@ -174,7 +181,8 @@ def test_routes_pick_the_sites_bytes() -> None:
     site.is_ready = True
     assert app.respond("GET", "/-/ready") == Response(200, b"OK\n")
     assert app.respond("GET", "/nope").status == 404
-    assert site.asked == [("metrics", True), ("metrics", False), ("probe", "orders"), ("probe", "billing")]
+    assert site.asked == [("metrics", True), ("metrics", False), ("probe", "orders"), ("probe", "billing"),
+                          ("probe", "payments")]
 
 
 def test_the_telemetry_path_wins_over_a_fixed_path() -> None:

@@ -95,7 +95,8 @@ def test_watch_refreshes(tmp_path, server, sessions) -> None:
                 frames += chunk.decode()
     finally:
         proc.send_signal(subprocess.signal.SIGINT)
-        assert proc.wait(10) == 0
+        proc.communicate(timeout=20)  # read on: a frame being written must not keep it from ending
+        assert proc.returncode == 0
     assert frames.count("leader  [4242]  in postgres") >= 2
 
 
