@@ -1,6 +1,6 @@
 """The latest snapshot, probe results and reload status of one target, and their rendering (text
-and gzip), made by a renderer thread after each change: a scrape only ever takes bytes already
-made. Between two renderings, what was last published is rendered or about to be: a rendering
+and gzip), made by a renderer thread after each change (one Renderer for every target of the
+process): a scrape only ever takes bytes already made. Between two renderings, what was last published is rendered or about to be: a rendering
 that fails keeps the last one (and is tried again), and under
 PG_ADVISORY_LOCK_EXPORTER_CHECK_INVARIANTS=1 every rendering is compared with one made from
 nothing (the reused pieces and deflates must give the very same bytes).
@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, GCCollector, PlatformCollecto
 from prometheus_client.registry import CollectorRegistry
 
 from .assemble import InvariantBroken, checking_invariants
+from .deadline import DEADLINES
 from .logs import LoopErrors
 from .memory import give_back_freed_memory
 from .metrics import render_fleet, render_parts
@@ -148,10 +149,9 @@ class Exposition:
         self._gzip = Gzipper()
         self._check = checking_invariants()
         self._render_lock = threading.Lock()
-        self._changed = threading.Event()
         self._rendered = self._render()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._renderer: Renderer | None = None  # set by start(): who renders each change
+        self._own_renderer = False
 
     def _state(self) -> tuple[Snapshot, tuple[ProbeResult, ...], ReloadStatus]:
         with self._lock:
@@ -185,7 +185,7 @@ class Exposition:
     def publish(self, snapshot: Snapshot) -> None:
         with self._lock:
             self._snapshot = snapshot
-            self._changed.set()
+            self._dirty()
 
     def publish_instead_of(self, current: Snapshot, replacement: Snapshot) -> bool:
         """Publish replacement only if current is still the latest snapshot (the watchdog: a poll
@@ -194,18 +194,18 @@ class Exposition:
             if self._snapshot is not current:
                 return False
             self._snapshot = replacement
-            self._changed.set()
+            self._dirty()
             return True
 
     def publish_probes(self, probes: tuple[ProbeResult, ...]) -> None:
         with self._lock:
             self._probes = probes
-            self._changed.set()
+            self._dirty()
 
     def publish_reload(self, reload: ReloadStatus) -> None:
         with self._lock:
             self._reload = reload
-            self._changed.set()
+            self._dirty()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -228,38 +228,88 @@ class Exposition:
         return rendered.gzipped if gzipped else rendered.plain
 
     def render_now(self) -> None:
-        """Render what was last published (the renderer thread's work; tests call it directly)."""
-        self._changed.clear()
-        with self._render_lock:  # the renderer thread, or a test calling this directly
+        """Render what was last published (the renderer's work; tests call it directly)."""
+        with self._render_lock:  # the renderer, or a test calling this directly
             self._rendered = self._render()
 
-    def start(self) -> None:
-        """Render after every change, on a thread of its own, until stop(). A rendering that fails
-        keeps the last one served (and is logged); the loop goes on."""
-        unexpected = LoopErrors(log, "renderer")
+    def _dirty(self) -> None:
+        """Something was published (under _lock): the renderer renders it."""
+        if self._renderer is not None:
+            self._renderer.changed(self)
 
-        def loop() -> None:
-            while True:
-                self._changed.wait()
-                if self._stop.is_set():
-                    return
-                try:
-                    self.render_now()
-                    give_back_freed_memory()  # the poll's and the rendering's peak (memory.py)
-                except Exception as exc:  # noqa: BLE001 - every loop survives: the last rendering stays
-                    unexpected.report(exc)
-                    self._stop.wait(1.0)
-                    self._changed.set()  # what was published is not rendered yet: try again
-        self._thread = threading.Thread(target=loop, name="render", daemon=True)
-        self._thread.start()
+    def start(self, renderer: Renderer | None = None) -> None:
+        """Render after every change, on renderer's thread (shared by a fleet's targets), or on a
+        renderer of its own, until stop()."""
+        self._own_renderer = renderer is None
+        self._renderer = renderer or Renderer()
+        self._renderer.changed(self)  # what was published before start
 
     def stop(self) -> None:
-        self._stop.set()
-        self._changed.set()  # wakes the renderer now
-        if self._thread is not None:
+        renderer, self._renderer = self._renderer, None
+        if renderer is not None:
+            renderer.forget(self)
+            if self._own_renderer:
+                renderer.stop()
+
+
+class Renderer:
+    """One thread that renders every exposition published to since its last rendering, in the
+    order they changed. A rendering that fails keeps the last one served (and is logged), and is
+    tried again a second later. Once none is left to render, the C heap's freed pages are given
+    back (memory.py): the polls' and the renderings' peak does not stay resident."""
+
+    RETRY_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: dict[Exposition, None] = {}  # an ordered set
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._unexpected = LoopErrors(log, "renderer")
+
+    def changed(self, exposition: Exposition) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._pending[exposition] = None
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="render", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def forget(self, exposition: Exposition) -> None:
+        with self._cond:
+            self._pending.pop(exposition, None)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2)
 
+    def _next(self) -> Exposition | None:
+        with self._cond:
+            while not self._pending and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                return None
+            exposition = next(iter(self._pending))
+            del self._pending[exposition]
+            return exposition
 
+    def _loop(self) -> None:
+        while (exposition := self._next()) is not None:
+            try:
+                exposition.render_now()
+            except Exception as exc:  # noqa: BLE001 - every loop survives: the last rendering stays
+                self._unexpected.report(exc)
+                DEADLINES.watch(self.RETRY_SECONDS, exposition._dirty)  # noqa: SLF001 - not rendered yet: again
+            del exposition
+            with self._cond:
+                idle = not self._pending
+            if idle:
+                give_back_freed_memory()
 
 
 class FleetExposition(Exposition):
@@ -272,12 +322,12 @@ class FleetExposition(Exposition):
     def publish_target(self, name: str, snapshot: Snapshot) -> None:
         with self._lock:
             self._targets = {**self._targets, name: snapshot}
-            self._changed.set()
+            self._dirty()
 
     def forget_target(self, name: str) -> None:
         with self._lock:
             self._targets = {k: v for k, v in self._targets.items() if k != name}
-            self._changed.set()
+            self._dirty()
 
     def _parts(self, state: tuple[Snapshot, tuple[ProbeResult, ...], ReloadStatus]) -> list[str]:
         with self._lock:

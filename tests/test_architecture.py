@@ -21,7 +21,7 @@ from tests.test_assemble import row
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 PURE = {"ages", "assemble", "config", "configkeys", "configvalues", "dsn", "figures", "format", "holders", "interval", "keys", "logs", "matching", "memory", "metrics",
         "naming", "pieces", "pooled", "presets", "queries", "snapshot", "tracker"}
-TALKS = {"chains", "cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations",
+TALKS = {"chains", "cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations", "scheduler",
          "resolve", "server", "webconfig", "deadline"}
 OUTSIDE = {"socket", "threading", "http", "urllib", "ssl", "subprocess"}  # and no psycopg.connect (dsn parses with psycopg)
 
