@@ -313,11 +313,37 @@ class Renderer:
 
 
 class FleetExposition(Exposition):
-    """/metrics of a fleet: the targets' health and the process figures, rendered after each change."""
+    """/metrics of a fleet: the targets' health and the process figures, rendered after a change,
+    at most once per RENDER_GAP: every target's poll changes it (67 times a second at 1,000 targets
+    polled every 15 s), and each rendering writes every target's figures."""
 
-    def __init__(self) -> None:
+    RENDER_GAP = 1.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._targets: dict[str, Snapshot] = {}
-        super().__init__()
+        self._rendered_at = -math.inf
+        self._deferred = False  # a rendering is asked for at the end of the gap already
+        super().__init__(clock=clock)
+
+    def render_now(self) -> None:
+        self._rendered_at = self._clock()
+        super().render_now()
+
+    def _dirty(self) -> None:
+        """Under _lock: render now, or at the end of the gap since the last rendering."""
+        if self._renderer is None or self._deferred:
+            return
+        wait = self._rendered_at + self.RENDER_GAP - self._clock()
+        if wait <= 0:
+            self._renderer.changed(self)
+            return
+        self._deferred = True
+        DEADLINES.watch(wait, self._gap_over)
+
+    def _gap_over(self) -> None:
+        with self._lock:
+            self._deferred = False
+            self._dirty()
 
     def publish_target(self, name: str, snapshot: Snapshot) -> None:
         with self._lock:
