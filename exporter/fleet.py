@@ -145,10 +145,12 @@ class Target:
 
     def reconfigure(self, config: Config) -> None:
         """The same server, a new config: from the next poll and try on, tracking kept."""
+        probed = self.config.probed
         self.config = config
         self.poller.reconfigure(config)
         self.prober.reconfigure(config)
-        self._scheduler.wake(self.tasks[1])  # a probe with no lock sleeps until a reload gives it one
+        if config.probed != probed:  # tried from now (a probe with no lock sleeps until a reload gives it one)
+            self._scheduler.wake(self.tasks[1])
 
     def stop(self) -> None:
         """No call of this target starts from now on; one running ends by itself (under its

@@ -111,8 +111,10 @@ class Poller:
         self._publish = publish
         self._clock = clock
         self._wall_clock = wall_clock
-        # Shared with the probe of the same server: no try runs while the poll reads pg_locks, so
-        # the poll never sees the probe's own hold (and needs to leave out no backend for it).
+        # No try runs while the poll reads pg_locks, so the poll never sees the probe's own hold (and
+        # needs to leave out no backend for it). In the exporter the scheduler's turn of the server
+        # sees to it (a call starts only in its server's turn), so this lock is the poller's own; a
+        # poller and prober driven without the scheduler share one.
         self._turn = turn or threading.Lock()
         self._unexpected = LoopErrors(log, f"poller of {server_name(config.dsn)}")
         self._conn: psycopg.Connection | None = None
@@ -486,7 +488,9 @@ class Poller:
         # Connecting again (connect, server facts, key names, PREPARE), each bounded by the timeout.
         connect = 2 * self._config.timeout_seconds if self._conn is None else 0.0
         # The statement's bound (a direct session's, rounded up under auto: _session_bound), and the
-        # interval again for the turn (a probe's try, or another target's poll, on the same server).
+        # interval again for the turn (a probe's try, or another target's poll, on the same server):
+        # the scheduler has the poll wait for it before its call, but the staleness bound, which
+        # counts this deadline (_fresh_until), must leave room for that wait.
         statement = self._session_bound() / 1000 if self._direct else self._timeout()
         return self._timeout() + statement + connect + self._poolers.read_budget() + explain
 

@@ -106,7 +106,8 @@ class Prober:
     ) -> None:
         self._config = config
         self._locks = config.probed
-        # Shared with the poller of the same server: a try never runs while a poll reads pg_locks.
+        # A try never runs while a poll reads pg_locks: in the exporter the scheduler's turn of the
+        # server sees to it; a prober and poller driven without the scheduler share this lock.
         self._turn = turn or threading.Lock()
         self._unexpected = LoopErrors(log, "probe")
         self._connect = connect

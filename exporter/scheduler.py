@@ -3,7 +3,7 @@ worker threads (max_workers), each call under its deadline (deadline.DEADLINES).
 
 The promises, each kept here and nowhere else:
 - a call runs when it is due, on the first free worker; workers are started as calls need them,
-  never more than max_workers;
+  never more than max_workers, and end when not needed for a minute;
 - at most one call in flight per server (its turn: the targets of one server, their polls and
   their probes' tries, take turns, so no poll sees another's try); a call whose server's turn is
   taken waits in that server's queue and holds no worker;
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # After a task's step raised (a bug: steps turn failures into results), it is due again after this.
 RETRY_SECONDS = 1.0
+# A worker not called for this long ends (but the one watching the due times): the workers a burst
+# or a hung server's calls needed go, and the process's threads come back to where they were.
+IDLE_SECONDS = 60.0
 
 
 class Task:
@@ -107,7 +110,8 @@ class Scheduler:
     (waiting for its time, or for a worker), _waiting[turn] (due, its server's turn taken; by due
     time), _running (a call of it runs) or none (asleep until woken: math.inf). _taken holds the
     turns of the calls running. Of the idle workers one, the leader, waits for the next due time;
-    the others wait to be called (a due time wakes one thread, not all)."""
+    the others wait to be called (a due time wakes one thread, not all), and end when not called for
+    IDLE_SECONDS."""
 
     def __init__(self, max_workers: int = DEFAULT_MAX_WORKERS, clock: Callable[[], float] = time.monotonic,
                  deadlines: Deadlines = DEADLINES) -> None:
@@ -116,7 +120,9 @@ class Scheduler:
         self._deadlines = deadlines
         self._lock = threading.Lock()
         self._leader_cond = threading.Condition(self._lock)
-        self._others = threading.Condition(self._lock)
+        # The other idle workers, each waiting on its own condition, the latest idle last: the one
+        # called next is the one idle the shortest, so a worker not needed stays idle, and ends.
+        self._followers: list[threading.Condition] = []
         self._leader: int | None = None
         self._due: list[tuple[float, int, Task]] = []
         self._waiting: dict[Hashable, list[tuple[float, int, Task]]] = {}
@@ -125,7 +131,8 @@ class Scheduler:
         self._woken: set[Task] = set()  # woken while a call of theirs ran: due as soon as it returns
         self._taken: set[Hashable] = set()
         self._order = itertools.count()
-        self._workers: list[threading.Thread] = []
+        self._workers: list[threading.Thread] = []  # running now
+        self._names = itertools.count()
         self._idle = 0
         self._stopping = False
         self._unexpected = LoopErrors(log, "scheduler")
@@ -164,7 +171,8 @@ class Scheduler:
         with self._lock:
             self._stopping = True
             self._leader_cond.notify_all()
-            self._others.notify_all()
+            for follower in self._followers:
+                follower.notify()
 
     def scheduled(self, task: Task) -> bool:
         """Whether task was added and not removed."""
@@ -173,7 +181,7 @@ class Scheduler:
 
     @property
     def workers(self) -> int:
-        """Worker threads started so far (never more than max_workers)."""
+        """Worker threads running now (never more than max_workers)."""
         return len(self._workers)
 
     # -- the heap (every method below runs under _lock) -----------------------------------
@@ -193,13 +201,13 @@ class Scheduler:
         if self._leader is not None:
             self._leader_cond.notify()  # it waits for the earliest due time: this one may be earlier
         else:
-            self._others.notify()
+            self._call_another()
         if not self._idle:
             self._spawn()
 
     def _spawn(self) -> None:
         if len(self._workers) < self.max_workers and not self._stopping:
-            thread = threading.Thread(target=self._work, name=f"worker-{len(self._workers)}", daemon=True)
+            thread = threading.Thread(target=self._work, name=f"worker-{next(self._names)}", daemon=True)
             self._workers.append(thread)
             self._idle += 1
             thread.start()
@@ -227,7 +235,7 @@ class Scheduler:
             if task is not None:
                 if self._leader == me:
                     self._leader = None
-                    self._others.notify()  # another idle worker watches the next due time
+                    self._call_another()  # another idle worker watches the next due time
                 self._idle -= 1
                 if not self._idle:
                     self._spawn()  # one worker stays idle, to watch the due times, while there is room
@@ -235,11 +243,24 @@ class Scheduler:
             if self._leader is None or self._leader == me:
                 self._leader = me
                 self._leader_cond.wait(self._due[0][0] - self._clock() if self._due else None)
-            else:
-                self._others.wait()
+            elif not self._follow() and self._leader is not None and self._leader != me:
+                return None  # not needed for a while: this worker ends
         if self._leader == me:
             self._leader = None
         return None
+
+    def _call_another(self) -> None:
+        if self._followers:
+            self._followers.pop().notify()
+
+    def _follow(self) -> bool:
+        """Wait to be called, at most IDLE_SECONDS; whether called."""
+        me = threading.Condition(self._lock)
+        self._followers.append(me)
+        called = me.wait(IDLE_SECONDS)
+        if me in self._followers:
+            self._followers.remove(me)
+        return called
 
     def _done(self, task: Task, delay: float) -> bool:
         """A call of task returned: its turn goes to the earliest call waiting for it; the task is
@@ -268,8 +289,9 @@ class Scheduler:
         while True:
             with self._lock:
                 task = self._next()
-                if task is None:
+                if task is None:  # stopping, or idle for IDLE_SECONDS
                     self._idle -= 1
+                    self._workers.remove(threading.current_thread())
                     return
             delay = self._step(task)
             with self._lock:

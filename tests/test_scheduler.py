@@ -231,3 +231,27 @@ def _watch_polls(proc, names: list[str], seconds: float) -> dict[str, tuple[floa
             counts[name] = count
         time.sleep(0.1)
     return {name: (interval[name], stamps[name]) for name in names}
+
+
+def test_workers_a_burst_needed_end_when_idle(monkeypatch) -> None:
+    # The chaos run's budget: threads come back to where they were after the faults.
+    from exporter import scheduler as module
+
+    monkeypatch.setattr(module, "IDLE_SECONDS", 0.3)
+    log: list[tuple[str, str, float, float]] = []
+    hung = threading.Event()
+    hung.set()
+    scheduler = Scheduler(max_workers=6)
+    stuck = [FakeTask(f"s{i}", f"hung-{i}", 0.05, log, hung, deadline=0.5) for i in range(4)]
+    quiet = FakeTask("quiet", "ok", 0.05, log)
+    for task in [*stuck, quiet]:
+        scheduler.add(task)
+    try:
+        wait_until(lambda: scheduler.workers >= 5, timeout=5)  # four hung servers' calls, and more
+        for task in stuck:
+            scheduler.remove(task)
+        wait_until(lambda: scheduler.workers <= 2, timeout=10)  # the quiet one's, and the one watching
+        count = len(log)
+        wait_until(lambda: len(log) > count + 5, timeout=5)  # and the calls go on
+    finally:
+        scheduler.stop()
