@@ -122,13 +122,18 @@ class Deadlines:
 DEADLINES = Deadlines()
 
 class _Resolvers:
-    """RESOLVERS daemon threads (started as needed) taking calls from one queue. Daemons: a
-    resolution stuck at exit must not keep the process alive (concurrent.futures' threads would)."""
+    """At most RESOLVERS daemon threads taking calls from one queue: one more is started only when
+    none is idle (the others stuck on a hung resolver), and each ends after IDLE_SECONDS without a
+    call, so the threads a hung resolver needed go again. Daemons: a resolution stuck at exit must
+    not keep the process alive (concurrent.futures' threads would)."""
+
+    IDLE_SECONDS = 60.0
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
+        self._idle = 0
 
     def submit(self, fn: Callable[[], T]) -> tuple[threading.Event, dict[str, object], list[bool]]:
         done, box, cancelled = threading.Event(), {}, [False]
@@ -143,18 +148,31 @@ class _Resolvers:
             finally:
                 done.set()
 
-        self._jobs.put(job)
         with self._lock:
-            if self._threads < RESOLVERS:
+            self._jobs.put(job)
+            if not self._idle and self._threads < RESOLVERS:
                 self._threads += 1
+                self._idle += 1
                 threading.Thread(target=self._work, name="resolve", daemon=True).start()
         return done, box, cancelled
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._threads -= 1
+                        self._idle -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
             job()
             del job  # a failed call's error holds its frames
+            with self._lock:
+                self._idle += 1
 
 
 _resolvers = _Resolvers()

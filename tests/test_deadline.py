@@ -62,3 +62,23 @@ def test_the_reconnect_backoff_doubles_with_jitter_and_is_capped() -> None:
         delay = reconnect_delay(failures, cap=1.0)
         expected = min(1.0, BACKOFF_FIRST * 2 ** (failures - 1))
         assert expected * 0.5 <= delay <= expected
+
+
+def test_resolver_threads_a_hung_resolver_needed_end_when_idle() -> None:
+    pool = deadline._Resolvers()  # noqa: SLF001 - one of its own, with a short idle time
+    pool.IDLE_SECONDS = 0.2
+    release = threading.Event()
+    stuck = pool.submit(release.wait)[0]
+    for _ in range(100):  # taken by the first thread (a caller waits for it before its next call)
+        if pool._idle == 0:  # noqa: SLF001
+            break
+        time.sleep(0.05)
+    quick = pool.submit(lambda: 1)[0]  # the first is stuck: a second thread takes it
+    assert quick.wait(5) and pool._threads == 2  # noqa: SLF001
+    release.set()
+    assert stuck.wait(5)
+    for _ in range(100):
+        if pool._threads == 0:  # noqa: SLF001
+            break
+        time.sleep(0.05)
+    assert pool._threads == 0  # noqa: SLF001 - both ended, idle
