@@ -316,12 +316,13 @@ class FleetExposition(Exposition):
     """/metrics of a fleet: the targets' health and the process figures, rendered after a change,
     but never more than RENDER_SHARE of the time: every target's poll changes it (67 times a second
     at 1,000 targets polled every 15 s), and each rendering writes every target's figures (at that
-    size rendering after each poll took most of a core). After a rendering that took t, the next
-    waits until t / RENDER_SHARE has passed since it began: a few targets' /metrics is rendered at
-    once, 1,000 targets' a few times a second. A target added, gone, or whose up changed is
+    size rendering after each poll took most of a core, and a tenth of the time still held scrapes
+    up: /metrics p95 42 ms against 7.5 at a rendering a second). After a rendering that took t,
+    the next waits until t / RENDER_SHARE has passed since it began: a few targets' counts wait
+    tens of milliseconds, 1,000 targets' a second or two. A target added, gone, or whose up changed is
     rendered at once all the same: only its counts wait."""
 
-    RENDER_SHARE = 0.1
+    RENDER_SHARE = 0.02
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._targets: dict[str, Snapshot] = {}

@@ -439,7 +439,7 @@ def test_a_fleets_metrics_render_at_most_a_share_of_the_time_but_health_at_once(
         wait_until(lambda: len(renders) == 2)
         fleet.publish_target("a", Snapshot(up=True, stats=PollStats(polls=2)))  # its counts: after the share
         time.sleep(0.1)
-        assert len(renders) == 2 and fleet._deferred  # noqa: SLF001 - waits until 0.3 s after the last began
+        assert len(renders) == 2 and fleet._deferred  # noqa: SLF001 - waits until 1.5 s after the last began
         fleet.publish_target("a", Snapshot(up=False, stats=PollStats(polls=3)))  # its health: at once
         wait_until(lambda: len(renders) == 3)
         assert parse(fleet.body().decode())[("pg_advisory_lock_exporter_target_up", (("target", "a"),))] == 0
