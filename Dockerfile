@@ -1,6 +1,7 @@
 # pg-advisory-lock-exporter: wheels are built in one stage and installed in the next, so the
 # image carries no build tools. Runs as a non-root numeric user on a read-only root filesystem.
-ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
+# Fully qualified, so buildah and podman (no short-name default) pull what docker pulls.
+ARG PYTHON_IMAGE=docker.io/library/python:3.11.10-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src

@@ -11,9 +11,9 @@ CACHE := $(shell $(PYTHON) tools/fetch.py --cache)
 export PGALE_CACHE := $(CACHE)
 export PIP_CACHE_DIR := $(CACHE)/pip
 export MPLCONFIGDIR := $(CACHE)/matplotlib
-test test-quick: export TMPDIR := $(CACHE)/tmp
+test test-quick dist: export TMPDIR := $(CACHE)/tmp
 
-.PHONY: test test-quick demo bench chaos mutate clean tools
+.PHONY: test test-quick demo bench chaos mutate clean tools dist
 
 $(STAMP): pyproject.toml
 	@mkdir -p $(CACHE)/tmp
@@ -38,6 +38,15 @@ test: $(STAMP) tools
 test-quick: $(STAMP) tools
 	$(PY) -m pytest -m "not slow and not versions"
 
+## make dist: the release's artefacts in dist/ (tools/dist.py): the wheel and the sdist (python -m build,
+## twine check) and the image as an OCI archive, built by buildah without a Docker engine (storage in the
+## project's cache); PYTHON_IMAGE=... builds on another base. Push it: README, Build the image
+DIST ?= dist
+PYTHON_IMAGE ?=
+dist: $(STAMP)
+	@mkdir -p $(CACHE)/tmp
+	$(PY) -m tools.dist --out $(DIST) $(if $(PYTHON_IMAGE),--python-image $(PYTHON_IMAGE))
+
 ## make demo: the exporter over a throwaway PostgreSQL with a sample workload (Ctrl-C stops all)
 demo: $(STAMP)
 	$(PY) -m demo
@@ -57,7 +66,7 @@ chaos: $(STAMP) tools
 	$(PY) -m chaos --seconds $(CHAOS_SECONDS) --out chaos-out $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 ## make mutate: mutation testing of the modules that decide the figures, with the tests that need no
-## server ([tool.mutmut] in pyproject.toml; README: Mutation testing); a measurement, not part of make test
+## server ([tool.mutmut] in pyproject.toml; docs/development.md: Mutation testing); a measurement, not part of make test
 mutate: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,mutate]'
 	rm -rf mutants
@@ -65,4 +74,4 @@ mutate: $(STAMP)
 	$(VENV)/bin/mutmut results
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info mutants chaos-out
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist *.egg-info mutants chaos-out

@@ -93,7 +93,7 @@ def judge_blindness(ledger: Ledger, seen: list[Seen], faults: list[Fault]) -> di
 
 def _target(ledger: Ledger, one: Seen, blinding: list[Fault]) -> TargetLog:
     if one.never_up:  # no start-up ever ended: the whole run blind
-        ledger.verdict.checks[8] = ledger.verdict.checks.get(8, 0) + 1
+        ledger.verdict.count("8.blind")
         ledger.verdict.unexplained_blind.append((one.target, one.never_up[0].sent, one.never_up[-1].received))
         return TargetLog(first_poll=math.inf)
     first = next(a.get(LAST_POLL) for _, a in one.answers if a.up)
@@ -107,7 +107,7 @@ def _target(ledger: Ledger, one: Seen, blinding: list[Fault]) -> TargetLog:
         unexplained: list[Scrape] = []
         for scrape, _ in one.answers[start:end]:
             explained = any(lo <= scrape.received and scrape.sent <= hi for lo, hi in windows)
-            ledger.verdict.checks[8] = ledger.verdict.checks.get(8, 0) + 1
+            ledger.verdict.count("8.blind")
             if not explained:
                 unexplained.append(scrape)
             elif unexplained:
@@ -149,7 +149,7 @@ def _measure(ledger: Ledger, seen: list[Seen], faults: list[Fault]) -> None:
             recoveries.append(took)
             if fault.blinds and hits(fault, one.target):
                 bound = one.recovery_bound(fault)
-                ledger.check(8, took <= bound, None, one.target, scrape.received,
+                ledger.check("8.recovery", took <= bound, None, one.target, scrape.received,
                              f"recovery after {fault.kind} on {fault.target!r} (ended by {ended:.3f}): first "
                              f"good poll served {took:.3f} s later (scrape sent {scrape.sent:.3f}), truth [.., "
                              f"{bound:.3f}] (reconnect back-off cap plus two intervals)")

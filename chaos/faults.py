@@ -143,14 +143,19 @@ def episode(kind: str, target: str, blinds: bool, start: Callable[[], None], pro
 # -- what proves a fault ------------------------------------------------------------------------
 
 
+# What a stopped or stopping server answers. Not "too many clients" nor "reserved": those a live
+# server says (the workload or the max-connections fault), and proved a restart that was not.
+DOWN = ("refused", "shutting down", "starting up", "No such file")
+
+
 def refused(dsn: str) -> str:
-    """A proof that the server at dsn refuses connections: the error, or "" if it answered."""
+    """A proof that the server at dsn is down: the error, or "" if it answered or is merely full."""
     try:
         with psycopg.connect(dsn, connect_timeout=1, autocommit=True):
             return ""
     except psycopg.OperationalError as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"connection refused: {text}" if "refused" in text or "too many" in text or "reserved" in text else ""
+        return f"connection refused: {text}" if any(word in text for word in DOWN) else ""
 
 
 def port_refused(address: tuple[str, int]) -> str:
@@ -283,7 +288,15 @@ def max_connections(site: Site, planned: Planned) -> Fault:
             conn.close()
 
     def proof() -> str:
-        return f"{len(fillers)} connections open, then {refusal[0]}" if refusal and refusal[0] else ""
+        # The exporter's sessions ended while the server is full, so it must connect into it (a
+        # full server alone leaves a connected exporter untouched): a filler, a superuser's
+        # session already in, ends them.
+        if not (refusal and refusal[0] and fillers):
+            return ""
+        rows = fillers[0].execute(TERMINATE_EXPORTER, {"pattern": APPLICATION_NAME + "%"}).fetchall()
+        ended = sorted(pid for pid, terminated in rows if terminated)
+        return (f"{len(fillers)} connections open, then {refusal[0]}; the exporter's backends {ended} ended, "
+                "to connect again into the full server")
 
     return episode(planned.kind, site.name, True, fill, proof, release, planned.duration)
 

@@ -58,17 +58,35 @@ class Lie:
     what: str  # one line: the figure, what the scrape said, what the truth was
 
 
+# Every clause of every rule, each of which must make real checks in a run (a clause that never
+# checked anything proves nothing: rule 2's lower bound never reached, the probe's ok never served).
+CLAUSES = ("1.counts", "2.upper", "2.lower", "3.info", "3.pooled", "4.series", "5.stale",
+           "6.acquirable", "6.ok", "7.monotone", "7.growth", "8.blind", "8.recovery")
+
+
 @dataclass
 class Verdict:
     checks: dict[int, int] = field(default_factory=dict)  # rule -> how many real checks it made
+    clauses: dict[str, int] = field(default_factory=dict)  # clause ("2.lower") -> its checks
     lies: list[Lie] = field(default_factory=list)
     blind: dict[str, list[float]] = field(default_factory=dict)  # fault kind -> blind seconds per fault
     recovery: dict[str, list[float]] = field(default_factory=dict)  # fault kind -> seconds to a good poll
     unexplained_blind: list[tuple[str, float, float]] = field(default_factory=list)  # target, from, to
 
+    def count(self, clause: str) -> None:
+        """One real check of a clause (and of its rule)."""
+        rule = int(clause.split(".")[0])
+        self.checks[rule] = self.checks.get(rule, 0) + 1
+        self.clauses[clause] = self.clauses.get(clause, 0) + 1
+
+    @property
+    def unchecked(self) -> list[str]:
+        """The clauses that made no check."""
+        return [clause for clause in CLAUSES if self.clauses.get(clause, 0) == 0]
+
     @property
     def ok(self) -> bool:
-        return not self.lies and not self.unexplained_blind and all(self.checks.get(r, 0) > 0 for r in range(1, 9))
+        return not self.lies and not self.unexplained_blind and not self.unchecked
 
 
 def judge(truth: Truth, scrapes: list[Scrape], setups: dict[str, TargetSetup]) -> Verdict:

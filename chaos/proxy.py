@@ -62,7 +62,7 @@ class Counters:
 
 @dataclass
 class _Pair:
-    client: socket.socket
+    client: socket.socket | None  # None once it closed inside a black hole (its FIN went nowhere)
     upstream: socket.socket | None
     # Per direction: chunks waiting to be sent, each with the time it may go.
     to_upstream: deque[tuple[float, bytes]] = field(default_factory=deque)
@@ -295,6 +295,11 @@ class Proxy:
         """One side closed: what it sent before is still owed to the other side (a server's last
         error message), unless the proxy is not forwarding; then both are closed."""
         other = pair.client if closed is pair.upstream else pair.upstream
+        if other is not None and (self.mode == BLACKHOLE or pair.lost):
+            # A black hole drops the FIN too: the other side stays open, knowing nothing, until
+            # the black hole ends and resets it (a server's backend lingers as it would).
+            self._forget(pair, closed)
+            return
         chunks = pair.incoming(closed)
         if other is not None and self.mode == PASS and chunks:
             try:
@@ -306,6 +311,18 @@ class Proxy:
             except OSError:
                 pass
         self._drop(pair, reset=False)
+
+    def _forget(self, pair: _Pair, closed: socket.socket) -> None:
+        try:
+            self._selector.unregister(closed)
+        except (KeyError, ValueError):
+            pass
+        closed.close()
+        pair.lost = True
+        if closed is pair.client:
+            pair.client = None
+        else:
+            pair.upstream = None
 
     def _drop(self, pair: _Pair, reset: bool) -> None:
         """Close both ends: with an RST when reset, else as the other side closed."""

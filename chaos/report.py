@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chaos.oracle import CLAUSES
 from chaos.truth import Hold
 from tests.metrics_util import parse
 
@@ -32,7 +33,9 @@ def _header(result: "Result") -> list[str]:
         f"# Truth test: {verdict_line}",
         "",
         f"Seed **{options.seed}** (`python -m chaos --seconds {options.seconds:g} --seed {options.seed}"
-        f"{' --short' if options.short else ''}` replays this schedule); poll_interval {options.poll_interval:g}s; "
+        f"{' --short' if options.short else ''}"
+        f"{f' --poll-interval {options.poll_interval:g}' if options.poll_interval != 0.5 else ''}` replays this "
+        f"schedule); poll_interval {options.poll_interval:g}s; "
         f"{len(result.faults)} faults of {len(result.plan)} planned, one at a time.",
         "",
         "Concurrency: one exporter process in `targets:` mode watches three servers at once: `direct` is topology (a) "
@@ -40,7 +43,8 @@ def _header(result: "Result") -> list[str]:
         "the proxy), `pooled` is (c) (dsn through the transaction pool, with its console); together they are (d): "
         "each fault hits one server (or the exporter process: topology d), and the others must not notice. "
         "The workload runs on all three throughout. The PgBouncers run with server_login_retry 0.5 s "
-        "(default 15 s: through a pool the exporter could not recover sooner than the pool retries).",
+        "(default 15 s: through a pool the exporter could not recover sooner than the pool retries) "
+        "and query_wait_timeout 10 s (default 120 s: a worker queued for a server would hold up a pause).",
         "",
         f"Scrapes: {len(result.scrapes)} ({failed} failed or timed out), "
         + ", ".join(f"{t}: {sum(1 for s in result.scrapes if s.target == t)}" for t in sorted(result.setups)) + ".",
@@ -55,6 +59,10 @@ def _header(result: "Result") -> list[str]:
         "|---|---|---|",
         *[f"| {rule} | {verdict.checks.get(rule, 0)} | {sum(1 for lie in verdict.lies if lie.rule == rule)} |"
           for rule in range(1, 9)],
+        "",
+        "Checks by clause (a clause with none fails the run): "
+        + ", ".join(f"{clause}: {verdict.clauses.get(clause, 0)}" for clause in CLAUSES) + "."
+        + (f" **Unchecked: {', '.join(verdict.unchecked)}.**" if verdict.unchecked else ""),
     ]
     return lines
 

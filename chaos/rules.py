@@ -54,7 +54,7 @@ def moments_of(ledger: "Ledger", answers: list[tuple[Scrape, Served]]) -> list[M
     for scrape, served in answers:
         polled = served.get(LAST_POLL) if served.up else None
         if served.up and polled is None:
-            ledger.check(5, False, None, scrape.target, scrape.received,
+            ledger.check("5.stale", False, None, scrape.target, scrape.received,
                          f"{LAST_POLL} absent from an up-1 answer (scrape sent {scrape.sent:.3f})")
         if polled is None:
             moments.append(None)
@@ -83,10 +83,12 @@ class Ledger:
     def __init__(self, verdict: Verdict) -> None:
         self.verdict = verdict
 
-    def check(self, rule: int, holds: bool, moment: Moment | None, target: str, received: float,
+    def check(self, clause: str, holds: bool, moment: Moment | None, target: str, received: float,
               what: str) -> bool:
-        """One comparison: counted; a Lie when it failed (with the scrape's time and poll window)."""
-        self.verdict.checks[rule] = self.verdict.checks.get(rule, 0) + 1
+        """One comparison of a clause ("2.upper": rule 2's upper bound): counted for the clause and its
+        rule; a Lie when it failed (with the scrape's time and poll window)."""
+        self.verdict.count(clause)
+        rule = int(clause.split(".")[0])
         if not holds:
             where = "" if moment is None else (f" (scrape sent {moment.sent:.3f}, poll read in "
                                                f"[{moment.window.lo:.3f}, {moment.window.hi:.3f}])")
@@ -116,8 +118,8 @@ class ScrapeRules:
         self.waits: list[tuple[Spell, int]] = list(history.waits(moment.target, moment.window))
         self._busy: set[tuple[object, ...]] | None = None
 
-    def check(self, rule: int, holds: bool, what: str) -> bool:
-        return self.ledger.check(rule, holds, self.m, self.m.target, self.m.received, what)
+    def check(self, clause: str, holds: bool, what: str) -> bool:
+        return self.ledger.check(clause, holds, self.m, self.m.target, self.m.received, what)
 
     def run(self, matches: Matches) -> None:
         for lock in self.setup.locks:
@@ -157,9 +159,9 @@ class ScrapeRules:
                      self.m.served.get(UNNAMED_WAITERS, database=database) or 0.0, truth)
 
     def compare(self, name: str, labels: dict[str, str], served: float | None, truth: tuple[int, int],
-                rule: int = 1) -> None:
+                clause: str = "1.counts") -> None:
         if served is not None:
-            self.check(rule, truth[0] <= served <= truth[1],
+            self.check(clause, truth[0] <= served <= truth[1],
                        f"{name}{_labels(**labels)} served {_value(served)}, truth [{truth[0]}, {truth[1]}]")
 
     # Rule 2: the age of the oldest current hold.
@@ -170,12 +172,12 @@ class ScrapeRules:
         poll = self.m.poll
         oldest = max((poll.timestamp - self.history.oldest_start[id(h)] for h, _ in holds), default=0.0)
         upper = oldest + poll.duration
-        self.check(2, served <= upper + EPSILON,
+        self.check("2.upper", served <= upper + EPSILON,
                    f"{name}{_labels(**labels)} served {_value(served)}, truth [.., {upper:.3f}] (the oldest "
                    f"hold possibly present, from its chain's first grant, plus the poll's round trip)")
         lower, why = self.lower_age(holds)
         if lower > 0:
-            self.check(2, served >= lower - EPSILON,
+            self.check("2.lower", served >= lower - EPSILON,
                        f"{name}{_labels(**labels)} served {_value(served)}, truth [{lower:.3f}, ..] ({why})")
 
     def lower_age(self, holds: Present) -> tuple[float, str]:
@@ -206,17 +208,17 @@ class ScrapeRules:
             return  # no series at all for a held lock: rule 4's lie
         cap = self.setup.max_holder_info_per_lock
         for series in served:
-            self.check(3, any(_is(series, i) for i in possible),
+            self.check("3.info", any(_is(series, i) for i in possible),
                        f"{HOLDER_INFO}{_labels(**_short(series))} served 1, truth: no such holder")
-        self.check(3, len(served) <= cap, f"{HOLDER_INFO}{_labels(**labels)} served {len(served)} series, "
+        self.check("3.info", len(served) <= cap, f"{HOLDER_INFO}{_labels(**labels)} served {len(served)} series, "
                                           f"truth [.., {cap}] (max_holder_info_per_lock)")
         if len(possible) > cap:
             least = min(cap, len(certain))
-            self.check(3, len(served) >= least, f"{HOLDER_INFO}{_labels(**labels)} served {len(served)} series, "
+            self.check("3.info", len(served) >= least, f"{HOLDER_INFO}{_labels(**labels)} served {len(served)} series, "
                                                 f"truth [{least}, {cap}] (more hold than the cap)")
             return
         for ident in sorted(certain, key=repr):
-            self.check(3, any(_is(s, ident) for s in served),
+            self.check("3.info", any(_is(s, ident) for s in served),
                        f"{HOLDER_INFO}{_labels(**labels)} lacks key={ident[0]} pid={ident[1]!r} "
                        f"application_name={ident[2]!r}, truth: it holds")
 
@@ -229,7 +231,7 @@ class ScrapeRules:
                    and h.stranded.hi < self.m.window.lo and holder_id(h.holder) not in busy}
         possible = {(holder_id(h.holder), h.key) for h, _ in holds
                     if h.stranded is not None and h.stranded.lo <= self.m.window.hi}
-        self.compare(POOLED, labels, served, (len(certain), len(certain | possible)), rule=3)
+        self.compare(POOLED, labels, served, (len(certain), len(certain | possible)), clause="3.pooled")
 
     def busy_backends(self) -> set[tuple[object, ...]]:
         """Backends that may have been inside a transaction or a statement of the truth at the read:
@@ -252,13 +254,13 @@ class ScrapeRules:
     def series_present(self, labels: dict[str, str], holds: Present) -> None:
         served = self.m.served
         for mode in sorted({h.mode for h, p in holds if p == CERTAIN}):
-            self.check(4, served.get(HOLDERS, **labels, mode=mode) is not None,
+            self.check("4.series", served.get(HOLDERS, **labels, mode=mode) is not None,
                        f"{HOLDERS}{_labels(**labels, mode=mode)} absent, truth: held ({mode})")
         if any(p == CERTAIN for _, p in holds):
-            self.check(4, served.get(HELD_SECONDS, **labels) is not None,
+            self.check("4.series", served.get(HELD_SECONDS, **labels) is not None,
                        f"{HELD_SECONDS}{_labels(**labels)} absent, truth: held")
             if self.setup.max_holder_info_per_lock > 0:
-                self.check(4, bool(served.series(HOLDER_INFO, **labels)),
+                self.check("4.series", bool(served.series(HOLDER_INFO, **labels)),
                            f"{HOLDER_INFO}{_labels(**labels)} absent, truth: held")
 
     # Rule 5: staleness.
@@ -266,7 +268,7 @@ class ScrapeRules:
         bound = self.setup.stale_after
         if bound > 0:
             age = self.m.sent - self.m.poll.timestamp
-            self.check(5, age <= bound, f"last_poll_timestamp_seconds {self.m.poll.timestamp:.3f} served to a "
+            self.check("5.stale", age <= bound, f"last_poll_timestamp_seconds {self.m.poll.timestamp:.3f} served to a "
                                         f"scrape sent {age:.3f} s later, truth [.., {bound:.3f}] (stale_after)")
 
 
@@ -299,12 +301,12 @@ class ProbeRules:
         trusted = served.get(PROBE_TRUSTED, **labels)
         if acquirable is not None and trusted != 0:
             agrees = not (acquirable == 1 and held[0]) and not (acquirable == 0 and not held[1])
-            self.ledger.check(6, agrees, None, moment.target, moment.received,
+            self.ledger.check("6.acquirable", agrees, None, moment.target, moment.received,
                               f"{PROBE_ACQUIRABLE}{_labels(**labels)} served {_value(acquirable)} with "
                               f"probe_trusted {trusted if trusted is None else _value(trusted)}{where}")
         if served.get(PROBE_OK, **labels) == 1 and lock.probe_expect in ("free", "held"):
             agrees = not held[0] if lock.probe_expect == "free" else held[1]
-            self.ledger.check(6, agrees, None, moment.target, moment.received,
+            self.ledger.check("6.ok", agrees, None, moment.target, moment.received,
                               f"{PROBE_OK}{_labels(**labels)} served 1 (expect {lock.probe_expect}){where}")
 
 
@@ -318,11 +320,11 @@ def counters(ledger: Ledger, history: History, setup: TargetSetup, before: Momen
         if old is None or new is None:
             continue
         name = f"{ACQUISITIONS}{_labels(**labels)}"
-        ledger.check(7, new >= old, now, now.target, now.received,
+        ledger.check("7.monotone", new >= old, now, now.target, now.received,
                      f"{name} served {_value(new)} after {_value(old)}, truth [{_value(old)}, ..]")
         grants = sum(1 for h in history.granted_between(now.target, before.window.lo, now.window.hi)
                      if h.database == lock.database and matches(lock, h.key))
-        ledger.check(7, new - old <= grants, now, now.target, now.received,
+        ledger.check("7.growth", new - old <= grants, now, now.target, now.received,
                      f"{name} served {_value(new)} after {_value(old)}, truth [.., {_value(old + grants)}] "
                      f"({grants} grants could lie since the poll read in [{before.window.lo:.3f}, "
                      f"{before.window.hi:.3f}])")

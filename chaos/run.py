@@ -80,7 +80,10 @@ CLUSTER_SETTINGS = {"max_connections": "100", "max_prepared_transactions": "20"}
 # server_login_retry (default 15 s) before it tries again, answering every client with an error
 # meanwhile: no exporter behind it could recover within rule 8's bound. The harness's pools retry
 # after half a second, so what is measured is the exporter's recovery, not the pooler's wait.
-BOUNCER_SETTINGS = {"server_login_retry": "0.5"}
+# A client queued for a server connection waits query_wait_timeout (default 120 s): a worker's
+# statement queued so across a pause request kept db-recreate from pausing the workload within its
+# 30 s (the 30-minute run of seed 2028); 10 s makes such a wait an error the worker records.
+BOUNCER_SETTINGS = {"server_login_retry": "0.5", "query_wait_timeout": "10"}
 
 
 @dataclass

@@ -275,6 +275,8 @@ class Conn:
             except Exception:  # closing a broken connection: nothing left to learn
                 pass
             self.pg = None
+        # Its backend is gone with it: never a guess for the next session's calls.
+        self.identity, self.connected_at = None, 0.0
 
     def clock(self, bypass: bool = False) -> float:
         return float(self.q(CLOCK, bypass=bypass)["at"])

@@ -228,6 +228,9 @@ class Slot:
     def ask(self, op: Op, ep: Endpoint, conn: Conn, key: LockKey, mode: str, level: str, blocking: bool) -> Held | None:
         """Try the key; if taken and `blocking`, wait for it up to the op's lock_timeout: a Hold
         (with `waited`), or a Wait that ended when the timeout did."""
+        # Connected first (through the gate, as every statement): the guess is this session's
+        # backend, never the one before a fault, should the answer be lost.
+        conn.connect(bypass=self.pool_busy(conn))
         guess = self.xact_identity if conn.via == truth.TX_POOL else conn.identity
         self.asking = Asking(key, mode, level, guess, max(self.last_proof, conn.connected_at), False)
         row = self.q(conn, ASK.format(fn=lock_function(level, mode, True), args=key.placeholders), key.args)

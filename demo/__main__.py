@@ -4,7 +4,10 @@ Three cron contenders race for hourly-digest, a leader holds billing-leader, a c
 worker sits on shard-7 inside an open transaction, and a second worker waits for it; a deploy's
 migration holds its lock and waits for a table a report reads, and another pod waits for the
 migration's lock (a chain to a root blocker); where Debian's pgbouncer is installed, a migration
-runner leaves a session lock stranded on a transaction pool. Ctrl-C stops and removes all of it.
+runner leaves a session lock stranded on a transaction pool. And trouble to see: the stuck shard-7
+is over its max_hold of 5s within seconds (red on the landing page), the deploy's migration over
+its 30s within a minute, the legacy job's keys nobody named over unnamed_max_hold; the probe of
+nightly-export expects it held and finds it free. Ctrl-C stops and removes all of it.
 DEMO_DSN=... uses your server instead of a throwaway one.
 """
 
@@ -23,27 +26,36 @@ import time
 import urllib.request
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.pgbouncer import PgBouncer, PgBouncerError
 from tests.pgcluster import Cluster, ClusterError, free_port
 
 DEMO_DB = "app"
+SHARD_7_MAX_HOLD = 5.0  # seconds: the stuck worker turns red within seconds of the start
 CONFIG = """\
 dsn: "{dsn}"
 poll_interval: 1s
+probe_interval: 2s
+unnamed_max_hold: 5s                  # the legacy job's keys nobody named: over it within seconds
 locks:
   - name: hourly-digest
     key: {{hashtext: hourly-digest}}
+    max_hold: 10s                     # a contender works 2-5 s: never over
   - name: billing-leader
     key: 4242
+    probe: {{expect: held}}             # the leader is there: as expected
   - name: shard-7
     key: [42, 7]
+    max_hold: 5s                      # the crashed worker never lets go: red within seconds
   - name: nightly-export
     key: {{hashtextextended: nightly-export}}
+    probe: {{expect: held}}             # the export should be running; nobody holds it: NOT as expected
   - name: schema-migration
     key: 777
   - name: deploy-migrations
     key: 8888
+    max_hold: 30s                     # the blocked migration: red within a minute
 {poolers}"""
 POOLERS = """poolers:
   - name: pgbouncer
@@ -128,6 +140,25 @@ def start_workload(dsn: str, stop: threading.Event) -> list[threading.Thread]:
     return [*threads, waiting]
 
 
+def scrape(url: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """The exposition, and its samples by (name, sorted labels)."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return text, {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                  for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def showing_trouble(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
+    """Whether a scrape shows what the demo is for: shard-7 over its max_hold, the keys nobody named
+    over unnamed_max_hold, the failing probe tried, a digest contender holding its lock."""
+    def get(name: str, **labels: str) -> float:
+        return samples.get((f"pg_advisory_lock_{name}", tuple(sorted({"database": DEMO_DB, **labels}.items()))), 0.0)
+
+    return (get("held_seconds", lock="shard-7") > SHARD_7_MAX_HOLD and get("unnamed_held_seconds") > 5.0
+            and ("pg_advisory_lock_probe_ok", (("database", DEMO_DB), ("lock", "nightly-export"))) in samples
+            and get("holders", lock="hourly-digest", mode="exclusive") == 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0, help="stop by itself after this long (0: until Ctrl-C)")
@@ -178,16 +209,26 @@ def main() -> int:
         exporter = subprocess.Popen(
             [sys.executable, "-m", "exporter", f"--config.file={config_path}", f"--web.listen-address=127.0.0.1:{port}"]
         )
-        time.sleep(3)
         url = f"http://127.0.0.1:{port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            lines = [l for l in response.read().decode().splitlines() if l.startswith("pg_advisory_lock_") and "_bucket" not in l]
-        print("\n".join(lines[:120]))
+        # Print once there is trouble to see (a few seconds), or after 30 s whatever the scrape shows.
+        give_up = time.monotonic() + 30
+        text = ""
+        while not stop.is_set():
+            time.sleep(1)
+            try:
+                text, samples = scrape(url)
+            except OSError:
+                samples = {}  # the exporter is still starting
+            if showing_trouble(samples) or time.monotonic() > give_up:
+                break
+        lines = [l for l in text.splitlines() if l.startswith("pg_advisory_lock_") and "_bucket" not in l]
+        print("\n".join(lines[:150]))
         locks = subprocess.run([sys.executable, "-m", "exporter", "locks", f"--config.file={config_path}"],
                                capture_output=True, text=True, timeout=30)
         print("\n$ pg-advisory-lock-exporter locks\n" + locks.stdout.rstrip())
         print(f"\nlanding page: http://127.0.0.1:{port}/   metrics: {url}")
-        print(f"try:  curl -s {url} | grep -E 'holders|held_seconds|waiters|holder_info'")
+        print("      (in order of trouble: shard-7 over its max_hold, red; the blocked migration; the stranded lock; ...)")
+        print(f"try:  curl -s {url} | grep -E 'holders|held_seconds|waiters|holder_info|probe_ok'")
         print(f"      {sys.executable} -m exporter locks --config.file={config_path}")
         print("Ctrl-C stops the exporter, the workload and the throwaway PostgreSQL.", flush=True)
         deadline = time.monotonic() + args.seconds if args.seconds else None

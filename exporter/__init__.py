@@ -1,3 +1,3 @@
 """pg-advisory-lock-exporter: PostgreSQL advisory locks, per named key, for Prometheus."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -25,12 +25,16 @@ from .holders import Who, by_pid_and_key, by_pid_key_and_mode, session_id, who_h
 from .matching import KeyMatcher
 from .naming import SOURCE_PRESET, ResolvedLock
 from .pooled import EMPTY_VIEW, PoolerView, Release
-from .snapshot import Holder, LockState, OwnWait, UnnamedLocks
+from .keys import key_label
+from .snapshot import Holder, LockState, OwnWait, UnnamedLocks, Waiter
 from .tracker import HoldTracker, SessionId
 
 CHECK_INVARIANTS_ENV = "PG_ADVISORY_LOCK_EXPORTER_CHECK_INVARIANTS"
 UNNAMED = ""  # the tracker's lock id of keys nobody named: ("", database, objsubid)
 ADVISORY = "advisory"  # the locktype of an advisory row of the poll; others are a session's own waits
+# Waiters named per lock (the longest waits): the landing page names who waits; a pile-up of a
+# thousand is a count and these few, never a thousand names.
+WAITERS_NAMED = 5
 
 # What a set of figures counts for: a lock (its index among the resolved locks), or a database
 # (its keys nobody named).
@@ -190,6 +194,7 @@ class Assembler:
         """
         pooled = view is not None
         waits: dict[Tally, list[float]] = {}  # tally -> [waiters, longest wait]
+        waiting: dict[Tally, list[Waiter]] = {}  # tally -> who waits (every waiter; few: a poll's waits)
         held_rows: dict[SessionId, list[Any]] = {}
         own_waits: dict[SessionId, Any] = {}  # a session's wait, for a lock of any type
         for row in rows:
@@ -200,11 +205,13 @@ class Assembler:
             if row.granted:  # a waiter holds nothing: a wait a poll sees never starts or carries a hold
                 held_rows.setdefault(session_id(row), []).append(row)
             else:
-                self._count_wait(row, waits)
+                self._count_wait(row, waits, waiting, view or EMPTY_VIEW)
         changed = self._track(held_rows, view or EMPTY_VIEW, now, slack)
         self._merge(changed)
-        blocked, blocked_waits = self._blocked(own_waits)
-        assembled = self._states(caps, waits, blocked, changed, seen_presets, unnamed_max_hold, pooled)
+        blocked, blocked_waits, blocked_holders = self._blocked(own_waits)
+        named = {tally: _longest(found) for tally, found in waiting.items()}
+        assembled = self._states(caps, waits, named, blocked, blocked_holders, changed, seen_presets, unnamed_max_hold,
+                                 pooled)
         assembled = replace(assembled, blocked=blocked_waits,
                             waiting_pids=frozenset(row.pid for row in own_waits.values() if row.pid is not None),
                             **(self._releases(view) if view is not None else {}))
@@ -212,24 +219,31 @@ class Assembler:
             self.check()
         return assembled
 
-    def _blocked(self, own_waits: dict[SessionId, Any]) -> tuple[dict[Tally, list[float]], tuple[OwnWait, ...]]:
-        """Per tally, its holders that wait themselves [how many, the longest wait]; and those waits.
-        In proportion to the waiting sessions, which are few."""
+    def _blocked(self, own_waits: dict[SessionId, Any]) \
+            -> tuple[dict[Tally, list[float]], tuple[OwnWait, ...], dict[int, list[tuple[float, Holder]]]]:
+        """Per tally, its holders that wait themselves [how many, the longest wait]; those waits; and
+        per named lock, each such holder (its oldest hold of the lock) with its wait. In proportion
+        to the waiting sessions, which are few."""
         blocked: dict[Tally, list[float]] = {}
+        holders: dict[int, list[tuple[float, Holder]]] = {}
         found = []
         for sid, row in own_waits.items():
             session = self._sessions.get(sid)
             if session is None:
                 continue  # waits, holds nothing: a waiter, counted as one
-            for tally in session.parts:
+            wait = row.wait_seconds or 0.0
+            for tally, part in session.parts.items():
                 figure = blocked.setdefault(tally, [0, 0.0])
                 figure[0] += 1
-                figure[1] = max(figure[1], row.wait_seconds or 0.0)
+                figure[1] = max(figure[1], wait)
+                if isinstance(tally, int):
+                    # One series per blocked session, whatever it holds of a family: the key of its oldest hold.
+                    holders.setdefault(tally, []).extend((wait, h) for h in oldest_holders(part, 1, by_pid_and_key))
             advisory = row.locktype == ADVISORY
             found.append(OwnWait(row.pid, row.datname or "", row.locktype or "", row.wait_mode or "", row.wait_relation,
                                  row.keys[0] if row.keys else None, row.objsubid if advisory else None,
                                  round(row.wait_seconds or 0.0, 3)))
-        return blocked, tuple(sorted(found))
+        return blocked, tuple(sorted(found)), holders
 
     def _releases(self, view: PoolerView) -> dict[str, Any]:
         """When the pooler frees each stranded session lock by itself: the stranded sessions' server
@@ -249,11 +263,18 @@ class Assembler:
                     by_tally[tally] = link.release
         return {"releases": by_tally, "backend_releases": by_backend}
 
-    def _count_wait(self, row: Any, waits: dict[Tally, list[float]]) -> None:
+    def _count_wait(self, row: Any, waits: dict[Tally, list[float]], waiting: dict[Tally, list[Waiter]],
+                    view: PoolerView) -> None:
+        who = who_holds(row, view)
+        seconds = round(row.wait_seconds or 0.0, 3)
         for index, group in self._matcher.partition(row.datname, row.objsubid, row.keys).items():
-            wait = waits.setdefault(row.datname if index is None else index, [0, 0.0])
+            tally = row.datname if index is None else index
+            wait = waits.setdefault(tally, [0, 0.0])
             wait[0] += len(group)
             wait[1] = max(wait[1], row.wait_seconds or 0.0)
+            waiting.setdefault(tally, []).extend(
+                Waiter(row.pid, who.application_name, who.usename, who.client_addr, seconds,
+                       key_label(row.objsubid, key), who.pooler) for key in group)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -348,10 +369,13 @@ class Assembler:
             shown = self._shown[tally] = _Shown(figures, limit, oldest_holders(figures, limit, order))
         return shown.holders
 
-    def _states(self, caps: Caps, waits: dict[Tally, list[float]], blocked: dict[Tally, list[float]], changed: set[Tally],
+    def _states(self, caps: Caps, waits: dict[Tally, list[float]], waiting: dict[Tally, tuple[Waiter, ...]],
+                blocked: dict[Tally, list[float]], blocked_holders: dict[int, list[tuple[float, Holder]]],
+                changed: set[Tally],
                 seen_presets: frozenset[tuple[str, str]], unnamed_max_hold: float | None, pooled: bool) -> Assembled:
         states = []
         info_budget = caps.total  # holder_info series the remaining locks may still have
+        blocked_budget = caps.total  # and blocked_holder_info series, under the same caps
         dropped = 0
         seen = set(seen_presets)
         # A lock no changed session holds, nobody waits for or in, under the same limit, is its last
@@ -372,10 +396,17 @@ class Assembler:
                         continue  # a preset lock nobody has taken: no series until someone does
                     seen.add(lock_id)
                 state = self._lock_state(index, lock, total, wait, blocked.get(index), limit, pooled)
+                if wait is not None:  # never remembered (_lock_state): the waiters are this poll's
+                    state = state._replace(waiting=waiting.get(index, ()))
+            if index in blocked_holders:  # never a remembered state: a lock with a blocked holder is not kept
+                shown = _longest_waits(blocked_holders[index], min(per_lock, blocked_budget))
+                blocked_budget -= len(shown)
+                state = state._replace(blocked_info=shown)
             states.append(state)
             info_budget -= len(state.info_holders)
             dropped += state.holds - len(state.info_holders)
-        unnamed = [self._unnamed_state(database, caps, waits.get(database), blocked.get(database), unnamed_max_hold, pooled)
+        unnamed = [replace(self._unnamed_state(database, caps, waits.get(database), blocked.get(database), unnamed_max_hold,
+                                               pooled), waiting=waiting.get(database, ()))
                    for database in sorted({t for t in (*self._totals, *waits) if isinstance(t, str)})]
         return Assembled(tuple(states), tuple(unnamed), dropped, frozenset(seen))
 
@@ -435,6 +466,18 @@ class Assembler:
             _require(made.figures is self._totals.get(index), f"the state of lock {index} was made from an old total")
         _require(self._tracker.sessions() <= self._sessions.keys(), "the tracker remembers a session the assembler does not")
         self._tracker.check()
+
+
+def _longest_waits(blocked: list[tuple[float, Holder]], limit: int) -> tuple[Holder, ...]:
+    """blocked_holder_info's holders of a lock: the `limit` longest waits (among equal waits the
+    lowest pid), shown by pid."""
+    chosen = sorted(blocked, key=lambda pair: (-pair[0], pair[1].order))[:max(limit, 0)]
+    return tuple(sorted((holder for _, holder in chosen), key=by_pid_and_key))
+
+
+def _longest(waiters: list[Waiter]) -> tuple[Waiter, ...]:
+    """The WAITERS_NAMED longest waits, longest first (then by pid: the same order at every poll)."""
+    return tuple(sorted(waiters, key=lambda w: (-w.wait_seconds, w.pid, w.key))[:WAITERS_NAMED])
 
 
 def _require(condition: bool, message: str) -> None:

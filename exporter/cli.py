@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -13,11 +14,13 @@ from collections.abc import Sequence
 import psycopg
 
 from . import __version__, locksview, logs
+from .ages import counted
 from .config import ConfigError, Fleet, load_fleet
 from .dsn import error_line, server_name
 from .fleet import Runtime
 from .logs import describe_exception
 from .server import ListenAddressError, MetricsServer
+from .shards import Shard, ShardError, advertised_address, parse_shard
 from .webconfig import WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--web.telemetry-path", "/metrics", "path of the metrics", dest="telemetry_path", metavar="PATH")
     flag("--log.level", "info", "log level: " + "|".join(logs.LEVELS), dest="log_level", metavar="LEVEL")
     flag("--log.format", "logfmt", "log format: " + "|".join(logs.FORMATS), dest="log_format", metavar="FORMAT")
+    flag("--shard", "0", "this exporter's shard (0-based): it polls and serves only the targets the jump hash of "
+         "their names gives it", dest="shard", metavar="N")
+    flag("--total-shards", "1", "how many shards the config's targets are spread over", dest="total_shards", metavar="M")
+    parser.add_argument(
+        "--shard.from-pod-name", dest="shard_from_pod_name", action="store_true",
+        default=_env_bool("--shard.from-pod-name"),
+        help="take the shard from the ordinal at the end of POD_NAME, as a StatefulSet names its pods "
+             f"(lock-exporter-3: shard 3), beside --total-shards (env {env_name('--shard.from-pod-name')})",
+    )
+    flag("--web.external-address", "", "host:port /sd gives Prometheus for this exporter (empty: POD_IP with the "
+         "listen port, else the listen address, else the hostname)", dest="external_address", metavar="HOST:PORT")
     parser.add_argument(
         "--check-config", action="store_true", default=_env_bool("--check-config"),
         help=f"validate the config (no database needed), print a summary and exit (env {env_name('--check-config')})",
@@ -132,6 +146,10 @@ class Reloader:
                 return _reload_broke(self._runtime, exc, "the running config stays")
             try:
                 self._runtime.apply(fleet)
+            except ShardError as exc:  # refused before anything changed
+                log.error("config reload refused: %s: %s; the running config stays", self._path, exc)
+                self._runtime.reload_result(False)
+                return False
             except Exception as exc:  # noqa: BLE001 - a reload that breaks is a refused reload, seen
                 return _reload_broke(self._runtime, exc, "the targets already changed keep the new config")
             self._runtime.reload_result(True)
@@ -146,16 +164,25 @@ def _reload_broke(runtime: Runtime, exc: BaseException, what_stays: str) -> bool
     return False
 
 
-def serve(args: argparse.Namespace, fleet: Fleet, web: WebConfig) -> int:
+def shard_summary(fleet: Fleet, shard: Shard) -> str:
+    """--check-config's word on sharding: which targets this shard owns."""
+    own = shard.own(fleet.names)
+    # "owns 1 of 1 target", "owns 0 of 2 targets": the noun agrees with the total it follows.
+    return f"{shard} owns {len(own)} of {counted(len(fleet.names), 'target')}: {', '.join(own) or 'none'}"
+
+
+def serve(args: argparse.Namespace, fleet: Fleet, web: WebConfig, shard: Shard = Shard()) -> int:
     """Run until SIGTERM/SIGINT: the targets' pollers and probes, the HTTP server, reloads."""
     # A poll runs a few ms of Python per 1,000 locks; handing the GIL over every 1 ms instead of
     # 5 ms keeps a scrape that arrives meanwhile from waiting for it (the benchmark's p95).
     sys.setswitchinterval(0.0002)
-    runtime = Runtime(fleet, args.telemetry_path)
+    runtime = Runtime(fleet, args.telemetry_path, shard)
     reloader = Reloader(args.config_file, runtime)
+    advertise = advertised_address(args.external_address, args.listen_address, os.environ.get("POD_IP"),
+                                   socket.gethostname())
     try:
         server = MetricsServer(args.listen_address, runtime, args.telemetry_path,
-                               reloader if args.enable_lifecycle else None, web)
+                               reloader if args.enable_lifecycle else None, web, advertise)
     except ListenAddressError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
@@ -169,6 +196,8 @@ def serve(args: argparse.Namespace, fleet: Fleet, web: WebConfig) -> int:
     server.start()
     log.info("pg-advisory-lock-exporter %s listening on %s%s; %s",
              __version__, args.listen_address, args.telemetry_path, fleet.summary())
+    if shard.total > 1:
+        log.info("%s; service discovery at /sd gives %s", shard_summary(fleet, shard), advertise)
     while (signum := signal.sigwait(SIGNALS)) == signal.SIGHUP:
         log.info("received SIGHUP, reloading %s", args.config_file)
         reloader()
@@ -188,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--json, --watch and --target go with the locks command: pg-advisory-lock-exporter locks --json")
     if not args.telemetry_path.startswith("/"):
         parser.error(f"--web.telemetry-path: {args.telemetry_path!r} must start with /")
+    try:
+        shard = parse_shard(args.shard, args.total_shards, args.shard_from_pod_name, os.environ.get("POD_NAME"))
+    except ShardError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)  # one line, and the exit status of any bad flag
+        return EXIT_USAGE
     logs.setup(args.log_level, args.log_format)
     try:
         fleet = load_fleet(args.config_file)
@@ -195,9 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print_config_error(exc)
         return EXIT_CONFIG
+    if fleet.single and shard.total > 1:
+        print(f"--total-shards: {args.config_file} watches one server (dsn): sharding spreads targets (targets:) "
+              "over replicas", file=sys.stderr)
+        return EXIT_USAGE
     if args.check_config:
         print(f"{args.config_file}: ok: {fleet.summary()}")
+        if shard.total > 1:
+            print(f"{args.config_file}: {shard_summary(fleet, shard)}")
         return EXIT_OK
     if args.command == "locks":
         return show_locks(fleet, args.target, args.json, args.watch)
-    return serve(args, fleet, web)
+    return serve(args, fleet, web, shard)

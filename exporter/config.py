@@ -16,13 +16,14 @@ from typing import Any
 import yaml
 
 from . import keys, presets
+from .ages import counted
 from .configkeys import parse_key
 from .configvalues import (  # noqa: F401 - parse_duration: for those who import it from here (the tests)
-    AUTO, Checker, boolean, count, duration, expand_env, format_duration, interval_or_auto, names, parse_duration,
-    int_in, percentage, show, unknown_fields,
+    AUTO, Checker, boolean, count, did_you_mean, duration, expand_env, expand_env_mapped, format_duration,
+    int_in, interval_or_auto, names, parse_duration, percentage, show, unknown_fields,
 )
 from .interval import AutoInterval
-from .dsn import MAX_TIMEOUT_MS, DsnError, database_name, describe_dsn
+from .dsn import MAX_TIMEOUT_MS, DsnError, check_dsn, database_name, describe_dsn
 
 MAX_CONFIG_BYTES = 1024 * 1024
 DEFAULT_POLL_INTERVAL = 5.0  # what a fixed interval falls back to in a refused reload's summary; the default is auto
@@ -50,7 +51,7 @@ DEFAULT_MAX_UNNAMED_HOLDER_INFO = 10
 DEFAULT_MAX_TRACKED_HOLDS = 100_000
 
 # The fields of config.yaml. config.schema.json says the same (tests/test_schema.py checks every
-# field, enum and bound both ways); the README's Development section says how to add one.
+# field, enum and bound both ways); docs/development.md says how to add one.
 #
 # A target's scalars: field -> (its checker, its default; None: unset). Each is a field of Config
 # of the same name, may be set at the top level, and with targets is every target's default, which
@@ -193,7 +194,7 @@ class Config:
             forms[form] = forms.get(form, 0) + 1
         form_text = ", ".join(f"{n} {f}" for f, n in sorted(forms.items()))
         return (
-            f"{len(self.locks) - families} locks ({form_text or 'none'}), {families} families, "
+            f"{counted(len(self.locks) - families, 'lock')} ({form_text or 'none'}), {counted(families, 'family')}, "
             f"{len(self.probed)} probed, "
             f"presets: {', '.join(map(str, self.presets)) or 'none'}, "
             f"poolers: {', '.join(p.name for p in self.poolers) or 'none'}, "
@@ -227,6 +228,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _hint(value: Any, known: tuple[str, ...]) -> str:
+    """'; did you mean held?' for a misspelt choice, '' for anything else."""
+    return did_you_mean(value, known) if isinstance(value, str) else ""
 
 
 def _named_entry(entry: Any, allowed: tuple[str, ...], what: str, where: str, errors: list[str]) -> tuple[bool, str | None]:
@@ -277,7 +283,7 @@ def _parse_probe(value: Any, default_interval: float, where: str, errors: list[s
     errors.extend(unknown_fields(value, _PROBE_FIELDS, where))
     expect = value.get("expect", EXPECT_ANY)
     if expect not in _EXPECTATIONS:
-        errors.append(f"{where}.expect: expected one of {', '.join(_EXPECTATIONS)}, got {show(expect)}")
+        errors.append(f"{where}.expect: expected one of {', '.join(_EXPECTATIONS)}, got {show(expect)}{_hint(expect, _EXPECTATIONS)}")
         return None
     interval = default_interval
     if "interval" in value:
@@ -304,8 +310,9 @@ def _parse_presets(value: Any, errors: list[str]) -> tuple[presets.Chosen, ...]:
         elif isinstance(name, str) and name in presets.PARAMETERISED:
             errors.append(f"{where}: {name} takes a parameter ({presets.PARAMETERISED[name][0]}): write {{{name}: ...}}")
         elif name not in known:
-            errors.append(f"{where}: unknown preset {name!r} (known: {', '.join(known)}; "
-                          f"with a parameter: {', '.join(presets.PARAMETERISED)})")
+            hint = _hint(name, (*known, *presets.PARAMETERISED))
+            errors.append(f"{where}: unknown preset {name!r}" + (hint or f" (known: {', '.join(known)}; "
+                          f"with a parameter: {', '.join(presets.PARAMETERISED)})"))
         else:
             chosen.append(name)
     return tuple(chosen)
@@ -367,9 +374,9 @@ def _dsn_field(value: Any, where: str, errors: list[str]) -> str:
     if not isinstance(value, str):
         errors.append(f"{where}: expected a connection string, got {show(value)}")
         return ""
-    dsn = expand_env(value, where, errors)
+    dsn, origin = expand_env_mapped(value, where, errors)
     try:
-        describe_dsn(dsn)
+        check_dsn(dsn, origin)  # its places counted in the text written, before ${VAR} expansion
     except DsnError as exc:
         errors.append(f"{where}: {exc}")
     return dsn
@@ -381,7 +388,7 @@ def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | N
         return None
     kind = entry.get("type")
     if kind is not None and kind not in POOLER_TYPES:
-        errors.append(f"{where}.type: expected one of {', '.join(POOLER_TYPES)}, got {show(kind)}")
+        errors.append(f"{where}.type: expected one of {', '.join(POOLER_TYPES)}, got {show(kind)}{_hint(kind, POOLER_TYPES)}")
         kind = None
     dsn = _dsn_field(entry["dsn"], f"{where}.dsn", errors) if "dsn" in entry else None
     password_file = _password_file(entry.get("password_file"), f"{where}.password_file", errors)
@@ -390,7 +397,7 @@ def _parse_pooler(entry: Any, where: str, errors: list[str]) -> PoolerConfig | N
         addresses = names(entry["addresses"], f"{where}.addresses", "IP addresses or host names", errors)
     mode = entry.get("pool_mode")
     if mode is not None and mode not in POOL_MODES:
-        errors.append(f"{where}.pool_mode: expected one of {', '.join(POOL_MODES)}, got {show(mode)}")
+        errors.append(f"{where}.pool_mode: expected one of {', '.join(POOL_MODES)}, got {show(mode)}{_hint(mode, POOL_MODES)}")
         mode = None
     if kind == "pgbouncer" and dsn is None:
         errors.append(f"{where}.dsn: required with type pgbouncer: the dsn of its admin console (dbname=pgbouncer)")
@@ -464,7 +471,7 @@ class Fleet:
     def summary(self) -> str:
         if self.single:
             return self.targets[0].summary()
-        return f"{len(self.targets)} targets: " + "; ".join(f"{t.name}: {t.summary()}" for t in self.targets)
+        return f"{counted(len(self.targets), 'target')}: " + "; ".join(f"{t.name}: {t.summary()}" for t in self.targets)
 
 
 def parse_fleet(data: Any, source: str) -> Fleet:
@@ -487,9 +494,8 @@ def parse_fleet(data: Any, source: str) -> Fleet:
         if field in TARGET_ONLY_FIELDS:
             errors.append(f"{field}: with targets, {field} belongs to each target (targets.NAME.{field}); "
                           "a config has either a top-level dsn (one server) or targets")
-        elif field not in (*DEFAULTABLE_FIELDS, "targets"):
-            errors.append(f"{field}: unknown field (allowed with targets: "
-                          f"{', '.join((*DEFAULTABLE_FIELDS, *PROCESS_FIELDS, 'targets'))})")
+    errors.extend(unknown_fields({f: v for f, v in data.items() if f not in TARGET_ONLY_FIELDS},
+                                 (*DEFAULTABLE_FIELDS, *PROCESS_FIELDS, "targets"), ""))
     defaults = {field: data[field] for field in DEFAULTABLE_FIELDS if field in data}
     try:
         parse_config(defaults, source)

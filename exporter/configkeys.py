@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import keys, presets
-from .configvalues import int_in, show, unknown_fields
+from .ages import counted
+from .configvalues import did_you_mean, int_in, show, unknown_fields
 
 STRING_KEY_FORMS = {"hashtext": keys.HashtextKey, "hashtextextended": keys.HashtextExtendedKey}
 MAPPING_KEY_FORMS = (*STRING_KEY_FORMS, "namespace", "range", "with_advisory_lock")
@@ -20,7 +21,7 @@ def parse_key(value: Any, where: str, errors: list[str]) -> keys.KeySpec | None:
     """A key in any of its config forms, or None after appending the reason to errors."""
     if isinstance(value, list):
         if len(value) != 2:
-            errors.append(f"{where}: a two-int4 key is a list of exactly two integers, got {len(value)} items")
+            errors.append(f"{where}: a two-int4 key is a list of exactly two integers, got {counted(len(value), 'item')}")
             return None
         first = int_in(value[0], keys.INT4_MIN, keys.INT4_MAX, "int4", f"{where}[0]", errors)
         second = int_in(value[1], keys.INT4_MIN, keys.INT4_MAX, "int4", f"{where}[1]", errors)
@@ -39,10 +40,12 @@ def parse_key(value: Any, where: str, errors: list[str]) -> keys.KeySpec | None:
 
 def _parse_key_mapping(value: dict, where: str, errors: list[str]) -> keys.KeySpec | None:
     if len(value) != 1 or next(iter(value)) not in MAPPING_KEY_FORMS:
+        fields = sorted(map(str, value))
+        hint = did_you_mean(fields[0], MAPPING_KEY_FORMS) if len(fields) == 1 else ""
         errors.append(
             f"{where}: a key mapping has one field: hashtext or hashtextextended (a string key), "
             f"namespace or range (a key family), with_advisory_lock (the gem's lock name), "
-            f"got {', '.join(sorted(map(str, value))) or 'an empty mapping'}"
+            f"got {', '.join(fields) or 'an empty mapping'}{hint}"
         )
         return None
     form, text = next(iter(value.items()))

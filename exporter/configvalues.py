@@ -6,9 +6,10 @@ per problem to errors, and returns the value or None; none raises. Pure but for 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -78,23 +79,62 @@ def show(value: Any) -> str:
 
 def expand_env(text: str, where: str, errors: list[str]) -> str:
     """Replace ${VAR} with the environment's value; an unset variable is an error."""
+    return expand_env_mapped(text, where, errors)[0]
 
-    def sub(match: re.Match[str]) -> str:
+
+def expand_env_mapped(text: str, where: str, errors: list[str]) -> tuple[str, Callable[[int], int]]:
+    """expand_env's text, and where each of its indexes came from in text: a character written as it
+    is maps to itself, one from a variable to its "${" (so a message that gives a place never tells
+    how long a variable's value, such as a password, is), the end to the end."""
+    parts: list[str] = []
+    origins: list[int] = []
+    written = 0
+    for match in _ENV_REF.finditer(text):
+        parts.append(text[written:match.start()])
+        origins += range(written, match.start())
         value = os.environ.get(match.group(1))
         if value is None:
             errors.append(f"{where}: environment variable {match.group(1)} is not set")
-            return ""
-        return value
+            value = ""
+        parts.append(value)
+        origins += [match.start()] * len(value)
+        written = match.end()
+    parts.append(text[written:])
+    origins += range(written, len(text) + 1)  # and the end of the expanded text: the end of text
+    return "".join(parts), lambda index: origins[min(index, len(origins) - 1)]
 
-    return _ENV_REF.sub(sub, text)
+
+# How alike a misspelt name and a known one must be (difflib's ratio, 0..1) to be suggested: 0.6 is
+# difflib's own default; it catches a swap in a short name (dns: dsn, nmae: name) and offers nothing
+# for a word that is merely another (colour, extra).
+SUGGEST_CUTOFF = 0.6
+
+
+def nearest(word: str, known: Iterable[str]) -> str | None:
+    """The known name closest to word, None when none is close: the standard library's difflib, since
+    a ratio over a few dozen names needs no dependency."""
+    by_lower = {name.lower(): name for name in known}
+    found = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=SUGGEST_CUTOFF)
+    return by_lower[found[0]] if found else None
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """'; did you mean max_hold?' or '' when nothing known is close."""
+    suggestion = nearest(word, known)
+    return f"; did you mean {suggestion}?" if suggestion else ""
 
 
 def unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
-    return [
-        f"{where}{'.' if where else ''}{field}: unknown field (allowed: {', '.join(allowed)})"
-        for field in sorted(map(str, data))
-        if field not in allowed
-    ]
+    """One message per field of data not in allowed, sorted: the nearest allowed field when one is
+    close ('locks[2].max_hodl: unknown field; did you mean max_hold?'), else every allowed field.
+    Every unknown field of config.yaml and web-config.yml is reported here."""
+    messages = []
+    for field in sorted(map(str, data)):
+        if field in allowed:
+            continue
+        hint = did_you_mean(field, allowed) or f" (allowed: {', '.join(allowed)})"
+        messages.append(f"{where}{'.' if where else ''}{field}: unknown field{hint}")
+    return messages
 
 
 def int_in(value: Any, low: int, high: int, type_name: str, where: str, errors: list[str]) -> int | None:

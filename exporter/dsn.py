@@ -7,38 +7,54 @@ import getpass
 import ipaddress
 import os
 import random
-import re
+from collections.abc import Callable
 
 import psycopg
 from psycopg import conninfo
+
+from . import dsnparse
 
 
 BACKOFF_FIRST = 0.25
 LIBPQ_DEFAULT_PORT = 5432  # what libpq connects to when neither the dsn nor $PGPORT names a port
 
 _SHOWN_PARAMS = ("host", "hostaddr", "port", "dbname", "user", "sslmode")
-_QUOTED = re.compile(r'"[^"]*"')
+
+
+# An index in the dsn -> the index in the text the user wrote (config.py expands ${VAR}s first).
+Origin = Callable[[int], int]
 
 
 class DsnError(Exception):
-    """The dsn is not a libpq connection string."""
+    """The dsn is not a libpq connection string; the message says where, with none of its text."""
 
 
-def _parse(dsn: str) -> dict[str, str]:
-    try:
-        return conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:
-        # libpq quotes fragments of the string in its message, and a fragment may be the
-        # password: drop every quoted part.
-        message = _QUOTED.sub('"..."', (str(exc).splitlines() or ["unparsable"])[0])
-        raise DsnError(f"not a valid libpq connection string ({message})") from None
+def _parse(dsn: str, origin: Origin | None = None) -> dict[str, str]:
+    """libpq's reading of the dsn: libpq is the judge. DsnError, placed, when it refuses."""
+    refused = dsnparse.text_problem(dsn)
+    if refused is None:
+        try:
+            return conninfo.conninfo_to_dict(dsn)
+        except (psycopg.Error, ValueError):
+            # libpq's message quotes a fragment of the string, which may be the password: say where
+            # instead (dsnparse), never what.
+            refused = dsnparse.explain(dsn)
+    raise DsnError(refused.say(origin)) from None
+
+
+def check_dsn(dsn: str, origin: Origin | None = None) -> None:
+    """DsnError, located, when libpq refuses the dsn or a value it would refuse at every connect;
+    origin maps its positions to the text the user wrote. Nothing else escapes, whatever the text."""
+    refused = dsnparse.port_problem(dsn, _parse(dsn, origin).get("port"))
+    if refused:
+        raise DsnError(refused.say(origin))
 
 
 def redact(text: str, dsn: str) -> str:
     """text with the dsn's password, if any, blanked out."""
     try:
-        password = conninfo.conninfo_to_dict(dsn).get("password")
-    except psycopg.ProgrammingError:
+        password = _parse(dsn).get("password")
+    except DsnError:
         return text
     return text.replace(str(password), "***") if password else text
 
@@ -91,7 +107,7 @@ def dsn_port(dsn: str) -> int | None:
         port = _parse(dsn).get("port") or os.environ.get("PGPORT") or ""
     except DsnError:
         return None
-    return int(port) if str(port).isdigit() else None
+    return int(port) if str(port).isascii() and str(port).isdigit() else None
 
 
 def dsn_endpoints(dsn: str) -> list[tuple[str, int]]:
@@ -106,7 +122,7 @@ def dsn_endpoints(dsn: str) -> list[tuple[str, int]]:
     ports = [p.strip() for p in str(params.get("port") or os.environ.get("PGPORT") or "").split(",")]
     if len(ports) == 1:
         ports = ports * len(hosts)
-    return [(host.strip() or "localhost", int(port) if port.isdigit() else LIBPQ_DEFAULT_PORT)
+    return [(host.strip() or "localhost", int(port) if port.isascii() and port.isdigit() else LIBPQ_DEFAULT_PORT)
             for host, port in zip(hosts, ports, strict=False)]
 
 

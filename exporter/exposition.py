@@ -25,8 +25,9 @@ from .assemble import InvariantBroken, checking_invariants
 from .deadline import DEADLINES
 from .logs import LoopErrors
 from .memory import give_back_freed_memory
-from .metrics import render_fleet, render_parts
+from .metrics import render_fleet, render_parts, shard_text
 from .pieces import FamilyTexts
+from .shards import Shard
 from .snapshot import ProbeResult, ReloadStatus, Snapshot
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Exposition:
         self._snapshot = snapshot or Snapshot(up=False)
         self._probes: tuple[ProbeResult, ...] = ()
         self._reload = ReloadStatus()
+        self._shard = shard_text(Shard(), 1)  # the exporter's own /metrics says which shard it is
         # A fleet's targets serve lock figures only: the process figures are the exporter's (/metrics).
         self._registry = process_registry() if with_process else None
         # The renderer's own (only one rendering runs at a time): the last rendering's parts.
@@ -167,7 +169,7 @@ class Exposition:
     def _render(self) -> Rendered:
         state = self._state()
         parts = self._parts(state)
-        process = generate_latest(self._registry).decode() if self._registry is not None else ""
+        process = self._shard + generate_latest(self._registry).decode() if self._registry is not None else ""
         rendered = self._gzip([*parts, process] if process else parts)
         if self._check and gzip.decompress(rendered.gzipped) != rendered.plain:
             raise InvariantBroken("the gzip joined from reused deflates is not the text")
@@ -200,6 +202,12 @@ class Exposition:
     def publish_probes(self, probes: tuple[ProbeResult, ...]) -> None:
         with self._lock:
             self._probes = probes
+            self._dirty()
+
+    def publish_shard(self, shard: Shard, owned: int) -> None:
+        """Which shard this exporter is, and how many targets it owns (with the process figures)."""
+        with self._lock:
+            self._shard = shard_text(shard, owned)
             self._dirty()
 
     def publish_reload(self, reload: ReloadStatus) -> None:

@@ -23,6 +23,7 @@ from .exposition import Exposition, FleetExposition, Renderer
 from .poller import Poller, connect_poller
 from .probe import Prober, connect_probe
 from .scheduler import PollTask, ProbeTask, Scheduler
+from .shards import Shard, ShardError, service_discovery
 from .snapshot import PollStats, ReloadStatus, Snapshot
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,10 @@ class Target:
 class Runtime:
     """Every target of the config, and what the HTTP server asks of them."""
 
-    def __init__(self, fleet: Fleet, telemetry_path: str) -> None:
+    def __init__(self, fleet: Fleet, telemetry_path: str, shard: Shard = Shard()) -> None:
         self.single = fleet.single
+        self.shard = shard
+        self.configured: tuple[str, ...] = fleet.names  # every shard's targets (this one runs its own)
         self.telemetry_path = telemetry_path
         self.health = None if fleet.single else FleetExposition()
         self._targets: dict[str, Target] = {}
@@ -172,9 +175,10 @@ class Runtime:
         self.renderer = Renderer()  # every target's, and the fleet's own /metrics
         self._lock = threading.Lock()
         self.reload_status = ReloadStatus(True, time.time())
-        for config in fleet.targets:
+        for config in self._own(fleet):
             self._targets[config.name] = self._make(config)
         self._publish_reload()
+        self._publish_shard()
         self.watchdog = Watchdog(lambda: self._targets.values())
 
     def _make(self, config: Config) -> Target:
@@ -206,8 +210,13 @@ class Runtime:
     # -- reload -------------------------------------------------------------------------
 
     def apply(self, fleet: Fleet) -> None:
-        """A reloaded config: targets added, removed, or changed in place (same server: tracking kept)."""
+        """A reloaded config: targets added, removed, or changed in place (same server: tracking kept).
+        A single-server config for a sharded exporter raises ShardError before anything changes:
+        every shard would poll that one server (cli refuses it at start-up for the same reason)."""
         with self._lock:
+            if fleet.single and self.shard.total > 1:
+                raise ShardError(f"the config watches one server (dsn), and this exporter is {self.shard}: "
+                                 "sharding spreads targets (targets:) over replicas, so every shard would poll it")
             if fleet.single != self.single:
                 log.warning("config reload: switching between one server and targets needs a restart; "
                             "the targets' configs are applied, the mode stays")
@@ -215,7 +224,7 @@ class Runtime:
                 log.warning("config reload: max_workers %d -> %d needs a restart; %d workers stay the bound",
                             self.scheduler.max_workers, fleet.max_workers, self.scheduler.max_workers)
             targets = dict(self._targets)
-            wanted = {config.name: config for config in fleet.targets}
+            wanted = {config.name: config for config in self._own(fleet)}
             if self.single:
                 wanted = {"": fleet.targets[0]} if fleet.single else {"": targets[""].config}
             try:
@@ -223,6 +232,18 @@ class Runtime:
             finally:
                 # Whatever was changed before a failure is what runs: served, and stopped at exit.
                 self._targets = targets
+                if not self.single:
+                    self.configured = fleet.names
+                self._publish_shard()
+
+    def _own(self, fleet: Fleet) -> tuple[Config, ...]:
+        """The targets this shard polls (all of them unsharded; a single-server config is never
+        sharded: cli refuses it at start-up, apply on reload)."""
+        return fleet.targets if fleet.single else tuple(c for c in fleet.targets if self.shard.owns(c.name))
+
+    def _publish_shard(self) -> None:
+        if self.health is not None:
+            self.health.publish_shard(self.shard, len(self._targets))
 
     def _change(self, targets: dict[str, Target], wanted: dict[str, Config]) -> None:
         """Remove, reconfigure, replace and add targets in targets, in place."""
@@ -274,6 +295,20 @@ class Runtime:
         """A target's figures, or None for a name that is no target."""
         target = None if self.single else self._targets.get(name)
         return None if target is None else target.exposition.body(gzipped)
+
+    def elsewhere(self, name: str) -> str | None:
+        """For a configured target another shard owns: who does ("target X belongs to shard 2 of 4").
+        None unsharded, and None for a target this shard owns but does not run (a reload that
+        failed part-way): it is not elsewhere, and naming this very shard would mislead."""
+        if self.single or self.shard.total == 1 or name in self._targets or name not in self.configured:
+            return None
+        if self.shard.owner(name) == self.shard.ordinal:
+            return None
+        return self.shard.elsewhere(name)
+
+    def service_discovery(self, address: str) -> bytes:
+        """/sd: Prometheus's http_sd list of this shard's targets, scraped at address."""
+        return service_discovery(self.shard, [] if self.single else sorted(self._targets), address)
 
     def names(self) -> list[str]:
         return [] if self.single else sorted(self._targets)

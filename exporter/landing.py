@@ -9,16 +9,40 @@ import time
 from html import escape
 
 from . import __version__
-from .ages import age
-from .snapshot import MODE_EXCLUSIVE, Holder, LockState, ProbeResult, ReloadStatus, Snapshot
+from .ages import age, counted
+from .snapshot import MODE_EXCLUSIVE, Holder, LockState, ProbeResult, ReloadStatus, Snapshot, Waiter
 
 REFRESH_SECONDS = 5
 FREE_NAMES_SHOWN = 50
+# The troubles of a named lock, worst first: the order of the page's rows.
+OVER_MAX_HOLD = "over max_hold"
+BLOCKED = "blocked"
+STRANDED = "stranded"
+WAITERS = "waited for"
+# What a probe's last try says, as /metrics says it (probe_state). Only a trusted try that ran and
+# did not match is "not as expected" (probe_ok 0 with probe_acquirable served: what
+# PgAdvisoryLockProbeExpectationFailed fires on). A failed try (probe_errors_total up, no
+# probe_acquirable) says nothing of the lock but that nobody checks it: trouble, after "not as
+# expected", which is a finding about the lock itself. An untrusted try (probe_trusted 0, no
+# probe_ok) is a fact of the exporter's connection, the same for every probe through it and lasting
+# until the dsn changes: it is said on the row and in the probes' list, never a trouble of the lock.
+PROBE_AS_EXPECTED = "probe as expected"
+PROBE_NOT_AS_EXPECTED = "probe not as expected"
+PROBE_FAILING = "probe failing"
+PROBE_UNTRUSTED = "probe untrusted"
+TROUBLES = (OVER_MAX_HOLD, BLOCKED, STRANDED, WAITERS, PROBE_NOT_AS_EXPECTED, PROBE_FAILING)
+_CLASSES = {OVER_MAX_HOLD: "over", BLOCKED: "blocked", STRANDED: "stranded", WAITERS: "waiters",
+            PROBE_NOT_AS_EXPECTED: "probe", PROBE_FAILING: "probe"}
+# Fits a 900 px window without sideways scrolling: tables take the page's width and long words
+# (a key, user@client, a gid) break where they must rather than push the table past the edge.
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+body{font-family:system-ui,sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;width:100%}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}.muted{color:#777}
+tr.over{background:#fde8e8}tr.trouble td:first-child{border-left:4px solid #b00}
+.tag{font-size:.8em;color:#fff;background:#b00;border-radius:3px;padding:0 .3em;white-space:nowrap}
+code{overflow-wrap:anywhere}.n{white-space:nowrap;overflow-wrap:normal}
 """
 
 
@@ -69,26 +93,94 @@ def _noted(line: str, note: str | None) -> str:
     return line if note is None else f"{line} &mdash; {escape(note)}"
 
 
+def _waiter_line(w: Waiter, with_key: bool) -> str:
+    """'pid 41 shard-7-worker-b postgres@10.0.0.7, waiting 2m10s': who waits, and for how long."""
+    who = w.usename + (f"@{w.client_addr}" if w.client_addr else "")
+    via = f" via pooler {w.pooler}" if w.pooler else ""
+    return escape(f"{'key ' + w.key + ', ' if with_key else ''}pid {w.pid} {w.application_name or '-'} "
+                  f"{who or '?'}{via}, waiting {age(w.wait_seconds)}")
+
+
+def _waiters_cell(waiters: int, wait_seconds: float, waiting: tuple[Waiter, ...], with_key: bool) -> str:
+    """How many wait, the longest wait, then who waits (the longest waits the snapshot names)."""
+    if not waiters:
+        return "0"
+    named = "".join(f"<br>{_waiter_line(w, with_key)}" for w in waiting)
+    more = waiters - len(waiting)
+    return (f'<span class="bad">{waiters} (longest {age(wait_seconds)})</span>{named}'
+            + (f'<br><span class="muted">and {more} more</span>' if more > 0 else ""))
+
+
+def probe_state(probe: ProbeResult) -> str:
+    """What the last try says: failing (it did not run; an untrusted connection or not), untrusted
+    (it ran where a pooled backend may hold the lock itself), as expected, or not as expected."""
+    if probe.acquirable is None:
+        return PROBE_FAILING
+    if not probe.trusted:
+        return PROBE_UNTRUSTED
+    return PROBE_AS_EXPECTED if probe.ok else PROBE_NOT_AS_EXPECTED
+
+
+def _probe_line(probe: ProbeResult) -> str:
+    """The probe's state in words: what it found, or why it says nothing of the lock."""
+    state = probe_state(probe)
+    if state == PROBE_AS_EXPECTED:
+        return '<span class="ok">as expected</span>'
+    if state == PROBE_NOT_AS_EXPECTED:
+        found = "free: nobody holds it" if probe.acquirable else "held: someone holds it"
+        return f'<span class="bad">NOT as expected</span>, found it {found}'
+    if state == PROBE_FAILING:
+        also = "; its connection is not proven to reach PostgreSQL itself either" if not probe.trusted else ""
+        return (f'<span class="bad">failing</span>: its last try failed ({counted(probe.errors, "try")} failed '
+                f"so far{also}), so nobody checks this lock: the exporter's log says why")
+    return ('<span class="muted">untrusted</span>: its connection is not proven to reach PostgreSQL itself (a pooler, '
+            "proxy, NAT or Unix socket), where a try may land on a backend that holds the lock itself and succeed, "
+            "so what it finds is not checked: the exporter's log says why")
+
+
+def troubles(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> tuple[str, ...]:
+    """What is wrong with a lock now, in TROUBLES' order (the page's order of rows)."""
+    state = None if probe is None else probe_state(probe)
+    found = {
+        OVER_MAX_HOLD: lock.max_hold is not None and snapshot.held_seconds(lock) > lock.max_hold,
+        BLOCKED: lock.blocked_holders > 0,
+        STRANDED: bool(lock.pooled_session_holders),
+        WAITERS: lock.waiters > 0,
+        PROBE_NOT_AS_EXPECTED: state == PROBE_NOT_AS_EXPECTED,
+        PROBE_FAILING: state == PROBE_FAILING,
+    }
+    return tuple(kind for kind in TROUBLES if found[kind])
+
+
+def by_trouble(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> tuple[bool, ...]:
+    """A sort key: a lock over its max_hold first, then blocked, stranded, waited for, its probe not
+    as expected, its probe failing, then the rest; a lock with several troubles before one with
+    only its worst."""
+    found = troubles(lock, probe, snapshot)
+    return tuple(kind not in found for kind in TROUBLES)
+
+
 def _lock_row(lock: LockState, probe: ProbeResult | None, snapshot: Snapshot) -> str:
     holders = "<br>".join(_noted(_holder_line(h, lock.is_family, snapshot), snapshot.key_notes.get((lock.database, h.key)))
                           for h in lock.info_holders) or '<span class="muted">none</span>'
     if lock.is_family:
-        holders = f"{lock.keys_held} key{'s' if lock.keys_held != 1 else ''} held<br>" + holders
+        holders = f"{counted(lock.keys_held, 'key')} held<br>" + holders
     hidden = lock.holds - len(lock.info_holders)
     if hidden:
         holders += f"<br><span class=\"muted\">and {hidden} more</span>"
-    held_seconds = snapshot.held_seconds(lock)
-    over = lock.max_hold is not None and held_seconds > lock.max_hold
-    max_hold = "" if lock.max_hold is None else age(lock.max_hold)
-    waits = f"{lock.waiters} (longest {age(lock.wait_seconds)})" if lock.waiters else "0"
-    probe_cell = "" if probe is None else (
-        '<span class="ok">as expected</span>' if probe.ok else '<span class="bad">NOT as expected</span>'
-    )
+    found = troubles(lock, probe, snapshot)
+    over = OVER_MAX_HOLD in found
+    held = age(snapshot.held_seconds(lock))
+    held = f'<span class="bad">{held} OVER</span>' if over else held
+    max_hold = "" if lock.max_hold is None else f'<br><span class="muted">max_hold {age(lock.max_hold)}</span>'
+    probe_line = "" if probe is None else "<br>probe: " + _probe_line(probe)
+    tags = "".join(f' <span class="tag">{kind}</span>' for kind in found)
+    kind = f' class="trouble {_CLASSES[found[0]]}"' if found else ""
     return (
-        f"<tr><td>{escape(lock.name)}</td><td>{escape(lock.key)}</td><td>{escape(lock.database)}</td>"
-        f"<td>{escape(lock.source)}</td>"
-        f"<td>{holders}</td><td class=\"{'bad' if over else ''}\">{age(held_seconds)}</td>"
-        f"<td>{max_hold}</td><td class=\"{'bad' if lock.waiters else ''}\">{waits}</td><td>{probe_cell}</td></tr>"
+        f"<tr{kind}><td><b>{escape(lock.name)}</b>{tags}<br><span class=\"muted\">key {escape(lock.key)} in "
+        f"{escape(lock.database)} ({escape(lock.source)})</span>{probe_line}</td>"
+        f"<td>{holders}</td><td class=\"n\">{held}{max_hold}</td>"
+        f"<td>{_waiters_cell(lock.waiters, lock.wait_seconds, lock.waiting, lock.is_family)}</td></tr>"
     )
 
 
@@ -117,7 +209,7 @@ def render_targets(targets: dict[str, Snapshot], reload: ReloadStatus, telemetry
         )
     parts = [
         *_head("pg-advisory-lock-exporter: targets"),
-        f"<h1>pg-advisory-lock-exporter {escape(__version__)}: {len(targets)} targets</h1>",
+        f"<h1>pg-advisory-lock-exporter {escape(__version__)}: {counted(len(targets), 'target')}</h1>",
         f"<p><a href=\"{escape(telemetry_path, quote=True)}\">Exporter metrics</a> &middot; "
         f"config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>",
         "<table id=\"targets\"><tr><th>target</th><th>polls</th><th>named locks held</th><th>unnamed holds</th>"
@@ -155,7 +247,7 @@ def _health(snapshot: Snapshot, reload: ReloadStatus) -> str:
         f"{age(max(time.time() - stats.last_success_timestamp, 0))} ago"
     return (
         f"<p>Polls: <span class=\"{'ok' if snapshot.up else 'bad'}\">{'UP' if snapshot.up else 'DOWN'}</span>"
-        f" &middot; last good poll {last} &middot; {stats.polls} polls, {stats.errors} failed"
+        f" &middot; last good poll {last} &middot; {counted(stats.polls, 'poll')}, {stats.errors} failed"
         f" &middot; config {'loaded' if reload.successful else '<span class=bad>reload refused</span>'}</p>"
     )
 
@@ -177,15 +269,23 @@ def _stranded(snapshot: Snapshot) -> str:
 
 
 def _named(snapshot: Snapshot, probes: tuple[ProbeResult, ...]) -> list[str]:
-    """The named locks held or awaited (a table), then the free ones (names)."""
-    by_name = {p.lock: p for p in probes}
-    busy = [lock for lock in snapshot.locks if lock.holds or lock.waiters]
-    free = [lock for lock in snapshot.locks if not lock.holds and not lock.waiters]
-    parts = [f"<h2>Named locks held or awaited ({len(busy)})</h2>"]
+    """The named locks held, awaited, or with a probe not as expected or failing (a table, in order
+    of trouble), then the free ones (names)."""
+    by_name = {(p.lock, p.database): p for p in probes}
+
+    def probe(lock: LockState) -> ProbeResult | None:
+        return by_name.get((lock.name, lock.database))
+
+    def in_table(lock: LockState) -> bool:
+        return bool(lock.holds or lock.waiters or troubles(lock, probe(lock), snapshot))
+
+    busy = sorted(filter(in_table, snapshot.locks), key=lambda lock: by_trouble(lock, probe(lock), snapshot))
+    free = [lock for lock in snapshot.locks if not in_table(lock)]
+    parts = [f"<h2>Named locks held, awaited or with a probe in trouble ({len(busy)}), in order of trouble</h2>"]
     if busy:
-        parts.append("<table id=\"locks\"><tr><th>lock</th><th>key</th><th>database</th><th>source</th><th>holders</th>"
-                     "<th>held for</th><th>max_hold</th><th>waiters</th><th>probe</th></tr>")
-        parts += [_lock_row(lock, by_name.get(lock.name), snapshot) for lock in busy]
+        parts.append("<table id=\"locks\"><tr><th style=\"width:22%\">lock</th><th style=\"width:40%\">holders</th>"
+                     "<th class=\"n\">held for</th><th style=\"width:28%\">waiters</th></tr>")
+        parts += [_lock_row(lock, probe(lock), snapshot) for lock in busy]
         parts.append("</table>")
     else:
         parts.append("<p class=\"muted\">none</p>")
@@ -213,13 +313,13 @@ def _scheduled(snapshot: Snapshot) -> str:
 
 
 def _failing_probes(probes: tuple[ProbeResult, ...]) -> str:
-    failing = [p for p in probes if not p.ok]
-    if not failing:
+    """Every probe that is not as expected, failing or untrusted, with what that means: an untrusted
+    probe of a free lock is shown nowhere else."""
+    shown = [p for p in probes if probe_state(p) != PROBE_AS_EXPECTED]
+    if not shown:
         return ""
-    return "<h2>Probes not as expected</h2><ul>" + "".join(
-        f"<li>{escape(p.lock)} ({escape(p.database)}): "
-        f"{'try failed' if p.acquirable is None else 'acquirable' if p.acquirable else 'held'}</li>"
-        for p in failing) + "</ul>"
+    return "<h2 id=\"probes\">Probes not as expected, failing or untrusted</h2><ul>" + "".join(
+        f"<li>{escape(p.lock)} ({escape(p.database)}): {_probe_line(p)}</li>" for p in shown) + "</ul>"
 
 
 def _unnamed(snapshot: Snapshot) -> list[str]:
@@ -229,8 +329,7 @@ def _unnamed(snapshot: Snapshot) -> list[str]:
     rows = "".join(
         f"<tr><td>{escape(u.database)}</td><td>{u.holders}</td>"
         f"<td class=\"{'bad' if u.max_hold is not None and snapshot.held_seconds(u) > u.max_hold else ''}\">"
-        f"{age(snapshot.held_seconds(u))}</td><td>{u.waiters}"
-        f"{f' (longest {age(u.wait_seconds)})' if u.waiters else ''}</td>"
+        f"{age(snapshot.held_seconds(u))}</td><td>{_waiters_cell(u.waiters, u.wait_seconds, u.waiting, True)}</td>"
         f"<td>{'<br>'.join(_holder_line(h, True, snapshot) for h in u.info_holders)}</td></tr>"
         for u in snapshot.unnamed)
     return ["<h2>Locks nobody named</h2>",

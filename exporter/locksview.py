@@ -28,6 +28,7 @@ from .resolve import resolve_on_server
 from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, Chain, OwnWait
 
 WIDTH = 80
+FIX_INDENT = " " * 9  # under a holder line, past its role
 _MODES = {"ExclusiveLock": MODE_EXCLUSIVE, "ShareLock": MODE_SHARED}
 _STATES = {"idle in transaction": "idle txn", "idle in transaction (aborted)": "idle txn!"}
 
@@ -169,14 +170,17 @@ def format_table(rows: list[LockRow]) -> str:
             gid = "'" + r.application_name.replace("'", "''") + "'"
             lines.append(f"  {role:<6} {'prepared':>7} {_fit(gid, 18):<18} {_fit(r.usename or '-', 21):<21} "
                          f"{'prepared':<9} {held:>8}")
-            lines.append(_fit(f"         a prepared transaction: COMMIT PREPARED {gid} or ROLLBACK PREPARED {gid}",
-                              WIDTH))
+            # The fix, each command a line of its own and never cut (a long gid runs past 80
+            # columns rather than lose its end): it is what gets copied.
+            lines += [f"{FIX_INDENT}a prepared transaction keeps its locks until one of these ends it:",
+                      f"{FIX_INDENT}  COMMIT PREPARED {gid};", f"{FIX_INDENT}  ROLLBACK PREPARED {gid};"]
             continue
         lines.append(f"  {role:<6} {r.pid:>7} {_fit(r.application_name or '-', 18):<18} {_fit(who or '-', 21):<21} "
                      f"{_fit(state or '?', 9):<9} {held:>8}")
         if r.stranded:
-            lines.append(_fit(f"         STRANDED on pooler {r.pooler}: a session lock left on a pooled connection", WIDTH))
-            lines.append(_fit("         nobody owns it; whoever borrows that connection next also 'has' it", WIDTH))
+            lines += [f"{FIX_INDENT}{line}" for line in textwrap.wrap(
+                f"STRANDED on pooler {r.pooler}: a session lock left on a pooled connection; nobody owns it, and "
+                "whoever borrows that connection next also 'has' it", WIDTH - len(FIX_INDENT))]
         elif r.pooler:
             lines.append(_fit(f"         via pooler {r.pooler} (the client shown is the one it serves now)", WIDTH))
         if r.blocked_by:

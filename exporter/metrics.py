@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from . import __version__
 from .format import PREFIX, Sample, bound, family, labels, value
 from .pieces import FamilyTexts
-from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, Holder, ProbeResult, ReloadStatus, Snapshot
+from .shards import Shard
+from .snapshot import MODE_EXCLUSIVE, MODE_SHARED, Holder, LockState, ProbeResult, ReloadStatus, Snapshot
 
 
 # The fields of a LockState each per-lock family is made of.
@@ -28,6 +29,7 @@ _BLOCKED = operator.attrgetter("blocked_holders")
 _LAST_ACQUIRED = operator.attrgetter("last_acquired_at")
 _EXPECT_EVERY = operator.attrgetter("expect_every")
 _BLOCKED_WAIT = operator.attrgetter("blocked_holder_wait_seconds")
+_BLOCKED_INFO = operator.attrgetter("blocked_info")
 
 
 def _pid(h: Holder) -> str:
@@ -38,6 +40,11 @@ def _pid(h: Holder) -> str:
 def _holder_labels(h: Holder, source: str) -> str:
     return labels(key=h.key, pid=_pid(h), application_name=h.application_name, usename=h.usename,
                   client_addr=h.client_addr, state=h.state, source=source, pooler=h.pooler)
+
+
+def _blocked_labels(h: Holder) -> str:
+    return labels(key=h.key, pid=_pid(h), application_name=h.application_name, usename=h.usename,
+                  client_addr=h.client_addr, state=h.state, pooler=h.pooler)
 
 
 def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
@@ -66,13 +73,7 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
     yield texts.samples("blocked_holder_wait_seconds", "gauge",
                         "The longest current wait of a holder of the lock for another lock; 0 when none.",
                         tuple(map(_BLOCKED_WAIT, locks)))
-    info = f"{PREFIX}_holder_info"
-    yield texts.lines(
-        "holder_info", "gauge",
-        "One series per current holder of the lock (per key held, for a family), the longest-held within the caps.",
-        tuple(map(_HOLDER_INFO, locks)),
-        lambda i, v: "".join(f"{info}{{{i},{_holder_labels(h, v[1])}}} 1\n" for h in v[0]),
-    )
+    yield from _who_text(locks, texts)
     yield each(
         "pooled_session_holders", "gauge",
         "Holders proven to hold the lock at session level (the backend is idle, outside any transaction) on a "
@@ -99,6 +100,26 @@ def _lock_text(snapshot: Snapshot, texts: FamilyTexts) -> Iterator[str]:
     yield from family(
         f"{PREFIX}_key_collision", "gauge", "1 for each pair of configured names that resolve to the same lock.",
         (("", labels(lock=c.lock, database=c.database, colliding_lock=c.other), 1) for c in snapshot.collisions),
+    )
+
+
+def _who_text(locks: tuple[LockState, ...], texts: FamilyTexts) -> Iterator[str]:
+    """The per-lock families that name sessions: every holder, and the holders that wait themselves."""
+    info = f"{PREFIX}_holder_info"
+    yield texts.lines(
+        "holder_info", "gauge",
+        "One series per current holder of the lock (per key held, for a family), the longest-held within the caps.",
+        tuple(map(_HOLDER_INFO, locks)),
+        lambda i, v: "".join(f"{info}{{{i},{_holder_labels(h, v[1])}}} 1\n" for h in v[0]),
+    )
+    blocked_info = f"{PREFIX}_blocked_holder_info"
+    yield texts.lines(
+        "blocked_holder_info", "gauge",
+        "One series per holder of the lock that waits itself for another lock now (those blocked_holders counts), "
+        "with the key of its oldest hold of the lock; the longest waits within max_holder_info_per_lock and "
+        "max_holder_info, as holder_info.",
+        tuple(map(_BLOCKED_INFO, locks)),
+        lambda i, held: "".join(f"{blocked_info}{{{i},{_blocked_labels(h)}}} 1\n" for h in held),
     )
 
 
@@ -261,6 +282,19 @@ def _identity_text(reload: ReloadStatus) -> Iterator[str]:
         yield from family(f"{PREFIX}_exporter_config_last_reload_success_timestamp_seconds", "gauge",
                            "When the config was last loaded successfully, in seconds since the epoch.",
                            [("", "", reload.last_success_timestamp)])
+
+
+def shard_text(shard: Shard, owned: int) -> str:
+    """Which shard this exporter is and how many targets it owns: on the exporter's own /metrics
+    (single-server mode: shard 0 of 1, one target), never on /probe."""
+    parts = list(family(f"{PREFIX}_exporter_shard_ordinal", "gauge",
+                        "This exporter's shard among total_shards (0-based), in the label; the value is 1.",
+                        [("", labels(shard_ordinal=str(shard.ordinal)), 1)]))
+    parts += family(f"{PREFIX}_exporter_total_shards", "gauge",
+                    "How many shards the targets are spread over (--total-shards).", [("", "", shard.total)])
+    parts += family(f"{PREFIX}_exporter_targets", "gauge", "How many targets this shard owns and polls.",
+                    [("", "", owned)])
+    return "".join(parts)
 
 
 def render(snapshot: Snapshot, probes: tuple[ProbeResult, ...] = (), reload: ReloadStatus = ReloadStatus()) -> bytes:

@@ -1,6 +1,6 @@
 """The advisory lock keys of well-known tools, so their locks are named without configuration.
 
-Each formula is taken from the tool's own source (see README, "Presets"). Keys that depend on
+Each formula is taken from the tool's own source (see docs/presets.md). Keys that depend on
 the database (or schema) are computed for each database the exporter sees.
 """
 

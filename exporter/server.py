@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_PATHS = ("/-/healthy", "/-/ready")
 TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
 HTML = "text/html; charset=utf-8"
 # A client that sends nothing for this long is dropped, so it holds only its own thread.
 CLIENT_TIMEOUT_SECONDS = 10.0
@@ -53,6 +54,8 @@ class Site(Protocol):
     def probe(self, name: str, gzipped: bool) -> bytes | None: ...
     def names(self) -> list[str]: ...
     def landing(self, name: str | None) -> bytes | None: ...
+    def elsewhere(self, name: str) -> str | None: ...
+    def service_discovery(self, address: str) -> bytes: ...
 
 
 class ExpositionSite:
@@ -72,6 +75,12 @@ class ExpositionSite:
 
     def names(self) -> list[str]:
         return []
+
+    def elsewhere(self, name: str) -> str | None:
+        return None
+
+    def service_discovery(self, address: str) -> bytes:
+        return b"[]\n"
 
     def landing(self, name: str | None) -> bytes | None:
         e = self._exposition
@@ -189,11 +198,12 @@ class App:
     """Requests -> Responses, with no socket in sight; a route only picks bytes the Site made."""
 
     def __init__(self, site: Site, telemetry_path: str = "/metrics", reload: Callable[[], bool] | None = None,
-                 auth: BasicAuth | None = None) -> None:
+                 auth: BasicAuth | None = None, advertise: str = "") -> None:
         self.site, self.telemetry_path, self.reload, self.auth = site, telemetry_path, reload, auth
+        self.advertise = advertise  # the host:port /sd gives Prometheus for this exporter
         # GET and HEAD. The telemetry path last, so it wins over a fixed path of the same name.
         self.routes: dict[str, Callable[[Request], Response]] = {
-            "/probe": self.probe, "/": self.landing, "/-/healthy": self.healthy, "/-/ready": self.ready,
+            "/probe": self.probe, "/sd": self.service_discovery, "/": self.landing, "/-/healthy": self.healthy, "/-/ready": self.ready,
             telemetry_path: self.metrics,
         }
 
@@ -222,10 +232,16 @@ class App:
 
     def probe(self, request: Request) -> Response:
         body = self.site.probe(request.target, request.gzip)
+        if body is None and (owner := self.site.elsewhere(request.target)) is not None:
+            return Response(404, f"{owner}\n".encode())
         if body is None:
             known = ", ".join(self.site.names()) or "none: this exporter watches one server, at " + self.telemetry_path
             return Response(404, f"unknown target {request.target!r}; known targets: {known}\n".encode())
         return exposition(body, request.gzip)
+
+    def service_discovery(self, request: Request) -> Response:
+        """Prometheus's HTTP service discovery: this shard's targets at this exporter's address."""
+        return Response(200, self.site.service_discovery(self.advertise), JSON)
 
     def landing(self, request: Request) -> Response:
         page = self.site.landing(request.target or None)
@@ -292,9 +308,10 @@ def make_handler(
     telemetry_path: str,
     reload: Callable[[], bool] | None,
     web: WebConfig,
+    advertise: str = "",
 ) -> type[BaseHTTPRequestHandler]:
     """The handler class for one server: _Handler bound to its App and TLS context."""
-    app = App(site, telemetry_path, reload, web.auth)
+    app = App(site, telemetry_path, reload, web.auth, advertise)
     return type("Handler", (_Handler,), {"app": app, "tls": web.tls})
 
 
@@ -321,9 +338,10 @@ class MetricsServer:
         telemetry_path: str = "/metrics",
         reload: Callable[[], bool] | None = None,
         web: WebConfig = WebConfig(),
+        advertise: str = "",
     ) -> None:
         host, port = parse_listen_address(address)
-        handler = make_handler(site, telemetry_path, reload, web)
+        handler = make_handler(site, telemetry_path, reload, web, advertise or address)
         server_class = _IPv6Server if ":" in host else _Server
         try:
             self._httpd = server_class((host, port), handler)

@@ -34,7 +34,7 @@ class Holder(NamedTuple):
     usename: str
     client_addr: str
     state: str
-    # When the hold began at the latest, as README's Hold age defines it (the poller's monotonic
+    # When the hold began at the latest, as docs/metrics.md's Hold age defines it (the poller's monotonic
     # clock, as Snapshot.taken_at): a start, not an age, so an unchanged holder is the same value at
     # every poll.
     held_since: float
@@ -51,6 +51,20 @@ class Holder(NamedTuple):
     @property
     def is_prepared(self) -> bool:
         return self.pid is None
+
+
+class Waiter(NamedTuple):
+    """A session waiting for a key of a lock, as the poll saw it: who waits, and for how long.
+    Through a pooler, the client it serves now (a waiter is inside its lock call, so inside that
+    client's transaction)."""
+
+    pid: int
+    application_name: str
+    usename: str
+    client_addr: str
+    wait_seconds: float
+    key: str = ""  # the decoded key waited for: '4242', or '42,7'
+    pooler: str = ""
 
 
 class LockState(NamedTuple):
@@ -84,6 +98,11 @@ class LockState(NamedTuple):
     # how often the config expects it taken (expect_every).
     last_acquired_at: float = 0.0
     expect_every: float | None = None
+    # The blocked holders themselves (those blocked_holders counts), one per session with the key of
+    # its oldest hold of the lock, by pid; the longest waits within the holder_info caps.
+    blocked_info: tuple[Holder, ...] = ()
+    # Who waits: the longest waits first, at most assemble.WAITERS_NAMED of the `waiters`.
+    waiting: tuple[Waiter, ...] = ()
 
     def holders_in(self, mode: str) -> int:
         return self.exclusive if mode == MODE_EXCLUSIVE else self.shared
@@ -107,6 +126,7 @@ class UnnamedLocks:
     pooled_session_holders: int | None = None  # as LockState's
     blocked_holders: int = 0  # as LockState's
     blocked_holder_wait_seconds: float = 0.0
+    waiting: tuple[Waiter, ...] = ()  # as LockState's
 
 
 class OwnWait(NamedTuple):
@@ -268,7 +288,7 @@ class Snapshot:
         return round(self.wall_at - (self.taken_at - at), 3)
 
     def held_seconds(self, held: Holder | LockState | UnnamedLocks) -> float:
-        """The age of a hold, or of a lock's oldest hold, as of this poll (README: Hold age: since the
+        """The age of a hold, or of a lock's oldest hold, as of this poll (docs/metrics.md, Hold age: since the
         earliest hold of that session and key every poll since saw held); 0 when nothing is held."""
         return self.ages((held,))[0]
 

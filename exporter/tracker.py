@@ -1,7 +1,7 @@
 """What only time reveals: since when each hold has been held, and how many holders took a lock.
 
 A hold's start is the start of the earliest hold of that session and key from which every poll saw
-it held (README: Hold age): a hold is remembered while every poll sees it and forgotten by the first
+it held (docs/metrics.md: Hold age): a hold is remembered while every poll sees it and forgotten by the first
 that does not (end()), so a release and re-take between two polls keep the start, and one a poll saw
 free (released, or waited for: the assembler hands the tracker granted rows only) starts anew.
 

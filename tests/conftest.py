@@ -65,7 +65,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that asks for a server (directly or through sessions, make_poller, ...) is marked
-    `server`, so `-m "not server"` runs the tests that need none (the mutation run: README)."""
+    `server`, so `-m "not server"` runs the tests that need none (the mutation run: docs/development.md)."""
     for item in items:
         if "server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.server)

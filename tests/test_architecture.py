@@ -19,10 +19,10 @@ from exporter.tracker import HoldTracker
 from tests.test_assemble import row
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
-PURE = {"ages", "assemble", "config", "configkeys", "configvalues", "dsn", "figures", "format", "holders", "interval", "keys", "logs", "matching", "memory", "metrics",
-        "naming", "pieces", "pooled", "presets", "queries", "snapshot", "tracker"}
-TALKS = {"chains", "cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations", "scheduler",
-         "resolve", "server", "webconfig", "deadline"}
+PURE = {"ages", "assemble", "config", "configkeys", "configvalues", "dsn", "dsnparse", "figures", "format", "holders", "interval", "keys", "logs", "matching", "metrics",
+        "naming", "shards", "pieces", "pooled", "presets", "queries", "snapshot", "tracker"}
+TALKS = {"chains", "cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations",
+         "resolve", "scheduler", "server", "webconfig", "deadline", "memory"}
 OUTSIDE = {"socket", "threading", "http", "urllib", "ssl", "subprocess"}  # and no psycopg.connect (dsn parses with psycopg)
 
 

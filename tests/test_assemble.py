@@ -7,13 +7,13 @@ import random
 from collections import namedtuple
 
 from exporter import keys, queries
-from exporter.assemble import Assembler, Caps
+from exporter.assemble import WAITERS_NAMED, Assembler, Caps
 from exporter.config import LockConfig, parse_config
 from exporter.holders import Who, who_holds
 from exporter.matching import KeyMatcher
 from exporter.naming import SOURCE_CONFIG, SOURCE_PRESET, ResolvedLock, resolve_locks
 from exporter.pooled import Client, PoolerView, Release, ServerLink
-from exporter.snapshot import Holder, LockState, OwnWait, UnnamedLocks
+from exporter.snapshot import Holder, LockState, OwnWait, UnnamedLocks, Waiter
 from exporter.tracker import HoldTracker
 from tests.metrics_util import value
 
@@ -190,12 +190,18 @@ def test_remembering_the_last_poll_gives_what_assembling_from_scratch_gives() ->
             scratch = Assembler(locks, KeyMatcher(locks), scratch_tracker).run(rows, now, caps, view=view,
                                                                                  slack=slack)  # remembers nothing
             assert remembered == scratch, f"seed {seed}, poll {n}"
+            # blocked_holder_info: one series per blocked session, never more than blocked_holders counts.
+            waiting = {r.pid for r in rows if not r.granted}
+            for lock in remembered.locks:
+                pids = [h.pid for h in lock.blocked_info]
+                assert len(set(pids)) == len(pids) <= min(lock.blocked_holders, caps.per_lock) and set(pids) <= waiting
             assert (remembering_tracker.tracked, remembering_tracker.dropped) == \
                 (scratch_tracker.tracked, scratch_tracker.dropped)
             shapes.update(_shapes(remembered, rows, view))
     # The random polls really made every shape the assembler must agree on.
     assert shapes >= {"prepared", "blocked holder", "blocked unnamed", "pooled", "stranded", "waiter", "family",
-                      "capped", "no backend_start", "both modes"}, shapes
+                      "capped", "no backend_start", "both modes", "blocked holder named", "blocked holder capped",
+                      "blocked family holder"}, shapes
 
 
 def _shapes(result, rows, view) -> set[str]:
@@ -203,6 +209,9 @@ def _shapes(result, rows, view) -> set[str]:
                                                                and r.pid is not None}
     found |= {"blocked holder" for lock in result.locks if lock.blocked_holders}
     found |= {"blocked unnamed" for u in result.unnamed if u.blocked_holders}
+    found |= {"blocked holder named" for lock in result.locks if lock.blocked_info}
+    found |= {"blocked holder capped" for lock in result.locks if len(lock.blocked_info) < lock.blocked_holders}
+    found |= {"blocked family holder" for lock in result.locks if lock.keys_held and lock.blocked_info}
     found |= {"waiter" for lock in result.locks if lock.waiters}
     found |= {"family" for lock in result.locks if lock.keys_held}
     found |= {"capped" for lock in result.locks if len(lock.info_holders) < lock.holds}
@@ -277,8 +286,9 @@ def test_every_figure_of_two_polls_by_hand() -> None:
         return Holder(pid, who[0], modes, who[1], "u", who[2], who[3], start, key)
 
     # last_acquired_at: when the exporter began watching (100), or when a new holder was seen (110).
+    # Who waits: the longest wait first, each waiter by pid, application, user@client and wait.
     five = LockState("five", "postgres", 1, 1, 70.0, 2, 1.235, 0, 60.0, (holder(10, 70.0, "5", BOTH),), 1, "config", "5",
-                     last_acquired_at=100.0)
+                     last_acquired_at=100.0, waiting=(Waiter(41, "", "u", "", 1.235, "5"), Waiter(40, "", "u", "", 0.5, "5")))
     assert second.locks == (
         five,
         LockState("six-other", "other", 1, 0, 100.0, 0, 0.0, 0, None, (holder(30, 100.0, "6"),), 1, "config", "6",
@@ -295,7 +305,8 @@ def test_every_figure_of_two_polls_by_hand() -> None:
         five._replace(name="five-again", max_hold=None, info_holders=()),
     )
     assert second.unnamed == (
-        UnnamedLocks("postgres", 3, 2, 70.0, 0.988, (holder(10, 70.0, "77"),), 30.0),
+        UnnamedLocks("postgres", 3, 2, 70.0, 0.988, (holder(10, 70.0, "77"),), 30.0,
+                     waiting=(Waiter(43, "", "u", "", 0.988, "99"), Waiter(42, "", "u", "", 0.0, "99"))),
     )
     assert second.holder_info_dropped == 4  # low's two, preset-held's one, five-again's one
     assert second.seen_presets == frozenset({("preset-held", "postgres")})
@@ -488,6 +499,57 @@ def test_holders_that_wait_themselves_are_blocked_holders_and_say_for_what() -> 
     assert (after.unnamed[0].blocked_holders, after.blocked, after.waiting_pids) == (0, (), frozenset())
 
 
+def test_blocked_holder_info_names_each_blocked_holder_once_the_longest_waits_within_the_caps() -> None:
+    locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "tenants", keys.NamespaceFamily(42)),
+             _lock(2, "six", keys.BigintKey(6)))
+    pair = lambda low: (42 << 32) | low  # noqa: E731 - an int4 pair (42, low) as pg_locks' 64 bits
+    rows = [
+        _row(10, [5], app="short-wait"), _waits(10, "relation", keys=[None], relation=16384, wait=0.75),
+        _row(11, [5], app="long-wait"), _waits(11, "transactionid", keys=[731], datname=None, wait=9.5),
+        _row(12, [5], app="not-blocked"),
+        # A family's holder of two keys, the older (42, 2): one series, with that key.
+        _row(20, [pair(1)], objsubid=PAIR, app="tenant-job", state="idle in transaction"),
+        _row(20, [pair(2)], objsubid=PAIR, shared=True, app="tenant-job",
+             state="idle in transaction", idle=30.0),
+        _waits(20, "relation", keys=[None], relation=16385, wait=2.0),
+        _row(30, [6]), _waits(30, "relation", keys=[None], relation=16385, wait=1.0),
+    ]
+    result = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, CAPS)
+    five, tenants, six = result.locks
+    assert [(h.pid, h.application_name, h.key) for h in five.blocked_info] == [(10, "short-wait", "5"), (11, "long-wait", "5")]
+    assert [(h.pid, h.key) for h in tenants.blocked_info] == [(20, "42,2")]
+    assert (tenants.blocked_holders, len(tenants.info_holders)) == (1, 2)  # holder_info still shows both keys
+    assert [h.pid for h in six.blocked_info] == [30]
+    # The caps: the longest wait of a lock first; the total runs out in the locks' order.
+    capped = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(1, 2, 4))
+    assert [[h.pid for h in lock.blocked_info] for lock in capped.locks] == [[11], [20], []]
+    # The counts count every one: six's blocked holder has no series, so PgAdvisoryLockHolderBlocked's
+    # second arm (blocked_holders without blocked_holder_info) fires for it (alerts/tests.yml).
+    assert [lock.blocked_holders for lock in capped.locks] == [2, 1, 1]
+    # Nobody waits any more: no series.
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    assembler.run(rows, 100.0, CAPS)
+    calm = assembler.run([r for r in rows if r.granted], 101.0, CAPS)
+    assert [lock.blocked_info for lock in calm.locks] == [(), (), ()]
+
+
+def test_a_family_holder_waiting_for_another_key_of_its_family_is_its_own_locks_waiter_and_blocked_holder() -> None:
+    # What PgAdvisoryLockHolderBlocked's text says of pg_advisory_lock_waiters: a blocked holder's
+    # own wait counts when it waits for a key of the lock, so the alert may fire with nobody else
+    # waiting. (Left counted: WaitersPilingUp must still see a wait for a family's key.)
+    locks = (_lock(0, "tenants", keys.NamespaceFamily(42)),)
+    pair = lambda low: (42 << 32) | low  # noqa: E731 - an int4 pair (42, low) as pg_locks' 64 bits
+    rows = [
+        _row(20, [pair(2)], objsubid=PAIR, app="tenant-job"),
+        _row(20, [pair(3)], objsubid=PAIR, granted=False, app="tenant-job", wait=4.0),  # held by 21
+        _row(21, [pair(3)], objsubid=PAIR, app="other-tenant-job"),
+    ]
+    (tenants,) = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, CAPS).locks
+    assert (tenants.waiters, tenants.blocked_holders) == (1, 1)
+    assert [(w.pid, w.key) for w in tenants.waiting] == [(20, "42,3")]  # the only waiter is the blocked holder
+    assert [(h.pid, h.key) for h in tenants.blocked_info] == [(20, "42,2")]
+
+
 def test_a_stranded_locks_release_is_the_soonest_its_pooler_frees_one_of_its_connections() -> None:
     locks = (_lock(0, "five", keys.BigintKey(5)), _lock(1, "six", keys.BigintKey(6)),
              _lock(2, "seven", keys.BigintKey(7)))
@@ -560,3 +622,30 @@ def test_a_lock_nobody_changed_keeps_its_state_and_any_change_makes_a_new_one() 
     pooled = poll(109.0, caps=Caps(1, 40, 4), view=PoolerView())
     assert pooled[0] is not capped[0]
     assert (pooled[0].pooled_session_holders, capped[0].pooled_session_holders) == (0, None)
+
+
+def test_who_waits_is_named_longest_first_and_bounded() -> None:
+    """A pile-up is a count and the WAITERS_NAMED longest waits, never every waiter's name; a
+    lock nobody waits for any more names nobody (its state is remembered without waiters)."""
+    locks = (_lock(0, "leader", keys.BigintKey(5)),)
+    assembler = Assembler(locks, KeyMatcher(locks), HoldTracker())
+    caps = Caps(per_lock=2, total=5, unnamed_per_database=1)
+    holder = _row(10, [5], backend_start=1.0, app="leader")
+    waiting = [_row(100 + n, [5], granted=False, wait=float(n), app=f"pod-{n}", addr="10.0.0.9")
+               for n in range(WAITERS_NAMED + 2)]
+    state = assembler.run([holder, *waiting], 100.0, caps).locks[0]
+    assert state.waiters == WAITERS_NAMED + 2
+    longest = range(WAITERS_NAMED + 1, 1, -1)
+    assert state.waiting == tuple(Waiter(100 + n, f"pod-{n}", "u", "10.0.0.9", float(n), "5") for n in longest)
+    assert assembler.run([holder], 101.0, caps).locks[0].waiting == ()
+
+
+def test_a_waiter_through_a_pooler_is_named_by_its_client() -> None:
+    """A waiter is inside its lock call, so inside its client's transaction: through a transaction
+    pool the waiter named is the client the pooler lends the backend to, not the backend's names."""
+    locks = (_lock(0, "leader", keys.BigintKey(5)),)
+    view = PoolerView(by_backend={(60, 6000): ServerLink("pgb", "transaction", Client("10.9.9.9", "cu", "client-app"))})
+    rows = [_row(10, [5], backend_start=1.0, app="leader"),
+            _row(60, [5], granted=False, wait=2.0, port=6000, app="last-borrower", addr="10.0.0.5")]
+    state = Assembler(locks, KeyMatcher(locks), HoldTracker()).run(rows, 100.0, Caps(2, 5, 1), view=view).locks[0]
+    assert state.waiting == (Waiter(60, "client-app", "cu", "10.9.9.9", 2.0, "5", "pgb"),)

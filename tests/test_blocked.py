@@ -17,7 +17,8 @@ from exporter.config import parse_config
 from exporter.snapshot import ReloadStatus
 from tests.conftest import wait_until, waiting_pids
 from tests.exporter_proc import ExporterProcess
-from tests.metrics_util import parse, value
+from exporter.metrics import render
+from tests.metrics_util import parse, series, value
 from tests.test_landing import chromium
 
 LOCKS = [{"name": "migrations", "key": 4242}, {"name": "shard", "key": 7}, {"name": "tenants", "key": {"namespace": 42}}]
@@ -80,6 +81,10 @@ def test_a_migration_waiting_for_a_table_is_a_blocked_holder_with_its_chain(make
         assert value(snap, "pg_advisory_lock_blocked_holders", **ids("migrations")) == 1
         assert value(snap, "pg_advisory_lock_blocked_holder_wait_seconds", **ids("migrations")) >= 1.0
         assert value(snap, "pg_advisory_lock_blocked_holders", **ids("shard")) == 0  # present, and 0
+        # The blocked holder by name, and only it: not the pods that wait for its lock.
+        assert series(render(snap).decode(), "pg_advisory_lock_blocked_holder_info") == [{
+            **ids("migrations"), "key": "4242", "pid": str(deploy.migration.info.backend_pid), "application_name": "migrate",
+            "usename": "postgres", "client_addr": "127.0.0.1", "state": "active", "pooler": ""}]
         (chain,) = snap.chains
         assert chain.wait.pid == deploy.migration.info.backend_pid
         assert (chain.waits_for, chain.wait.mode) == ("relation public.users", "AccessExclusiveLock")
@@ -116,6 +121,9 @@ def test_a_holder_waiting_for_another_advisory_lock(make_poller, sessions, serve
     try:
         snap = make_poller({"locks": LOCKS}).poll_once()
         assert value(snap, "pg_advisory_lock_blocked_holders", **ids("tenants")) == 1  # it holds (42, 1) and waits
+        (named,) = series(render(snap).decode(), "pg_advisory_lock_blocked_holder_info")
+        assert (named["lock"], named["key"], named["pid"], named["application_name"]) == \
+            ("tenants", "42,1", str(worker.info.backend_pid), "worker")
         assert value(snap, "pg_advisory_lock_waiters", **ids("shard")) == 1
         (chain,) = snap.chains
         assert chain.waits_for == "advisory lock 7 in postgres"
@@ -139,6 +147,7 @@ def test_nobody_waiting_costs_no_second_statement_and_the_series_are_0(make_poll
     for lock in LOCKS:
         assert value(snap, "pg_advisory_lock_blocked_holders", **ids(lock["name"])) == 0
         assert value(snap, "pg_advisory_lock_blocked_holder_wait_seconds", **ids(lock["name"])) == 0
+    assert series(render(snap).decode(), "pg_advisory_lock_blocked_holder_info") == []
     assert value(snap, "pg_advisory_lock_unnamed_blocked_holders", database="postgres") == 0
 
 
@@ -158,6 +167,7 @@ def test_a_waiter_that_holds_nothing_costs_no_second_statement(make_poller, sess
         snap = make_poller({"locks": LOCKS}).poll_once()
         assert value(snap, "pg_advisory_lock_waiters", **ids("shard")) == 1
         assert value(snap, "pg_advisory_lock_blocked_holders", **ids("shard")) == 0
+        assert series(render(snap).decode(), "pg_advisory_lock_blocked_holder_info") == []  # a waiter is not one
         assert snap.chains == () and calls == []
     finally:
         owner.execute("SELECT pg_advisory_unlock_all()")

@@ -4,6 +4,7 @@ took effect on a real cluster, the seeded schedule, and the short run inside `ma
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import socket
 import socketserver
@@ -20,7 +21,7 @@ import pytest
 from chaos import faults, run, truth
 from chaos import report as run_report
 from chaos.faults import Exporter, Planned, Site
-from chaos.oracle import Lie, Scrape, TargetSetup, Verdict
+from chaos.oracle import CLAUSES, Lie, Scrape, TargetSetup, Verdict
 from chaos.proxy import BLACKHOLE, PASS, RESET, STALL, Proxy, wait_for
 from chaos.run import World
 from exporter.poolers import CONSOLE_TIMEOUT
@@ -110,6 +111,37 @@ def test_blackhole_reads_and_answers_nothing_then_resets_what_it_broke(proxy: Pr
         assert _echoes(after)
 
 
+def test_a_client_that_closes_inside_a_black_hole_leaves_the_server_knowing_nothing_until_it_ends() -> None:
+    ended = threading.Event()
+
+    class Upstream(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            try:
+                while self.request.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+            ended.set()
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Upstream)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = Proxy(server.server_address).start()  # type: ignore[arg-type]
+    try:
+        client = _client(proxy)
+        client.sendall(b"hello")
+        assert wait_for(lambda: proxy.snapshot().bytes_forwarded == 5, 2)
+        proxy.set_mode(BLACKHOLE)
+        client.close()  # its FIN reaches the proxy, and goes no further
+        assert not ended.wait(1.0)
+        proxy.set_mode(PASS)  # the black hole ends: what it broke is reset
+        assert ended.wait(2.0)
+    finally:
+        proxy.close()
+        server.shutdown()
+        server.server_close()
+
+
 def test_reset_sends_an_rst_to_open_and_new_connections(proxy: Proxy) -> None:
     with _client(proxy) as sock:
         assert _echoes(sock)
@@ -180,6 +212,15 @@ def test_a_restart_proves_itself_by_a_refused_connection(site: Site, kind: str) 
     assert _answers(site)
 
 
+@pytest.mark.parametrize("answer", ["FATAL:  sorry, too many clients already",
+                                    "FATAL:  remaining connection slots are reserved for roles with the SUPERUSER attribute"])
+def test_a_full_server_proves_no_restart(monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise psycopg.OperationalError(f'connection to server at "127.0.0.1", port 5432 failed: {answer}')
+    monkeypatch.setattr(faults.psycopg, "connect", full)
+    assert faults.refused("host=127.0.0.1") == ""
+
+
 def test_a_freeze_proves_itself_by_state_t_and_thaws(site: Site) -> None:
     with psycopg.connect(site.direct_dsn(), autocommit=True):  # a backend to stop too
         fault = faults.freeze(site, Planned("freeze", "one", duration=0.2))
@@ -189,9 +230,14 @@ def test_a_freeze_proves_itself_by_state_t_and_thaws(site: Site) -> None:
     assert _answers(site)
 
 
-def test_max_connections_proves_itself_by_the_refusal_and_gives_them_back(site: Site) -> None:
-    fault = faults.max_connections(site, Planned("max-connections", "one", duration=0.1))
-    assert "too many clients" in fault.proof and fault.proof.startswith("12 connections open")
+def test_max_connections_proves_itself_by_the_refusal_ends_the_exporters_sessions_and_gives_them_back(site: Site) -> None:
+    with psycopg.connect(site.direct_dsn(), autocommit=True, application_name=APPLICATION_NAME) as ours:
+        pid = ours.info.backend_pid
+        fault = faults.max_connections(site, Planned("max-connections", "one", duration=0.1))
+        assert "too many clients" in fault.proof and fault.proof.startswith("11 connections open")
+        assert f"the exporter's backends [{pid}] ended" in fault.proof
+        with pytest.raises(psycopg.OperationalError):
+            ours.execute("SELECT 1")
     assert _answers(site)
 
 
@@ -358,7 +404,7 @@ def _result(tmp_path: Path, lies: list[Any], faults_: list[truth.Fault], short: 
             'pg_advisory_lock_holders{lock="lock-1001",database="app",mode="exclusive"} 1\n')
     scrapes = [Scrape("direct", 100.0 + i, 100.01 + i, text) for i in range(5)] + [Scrape("proxied", 101.0, 103.0, "")]
     hold = truth.Hold("direct", "app", (0, 1001, 1), truth.EXCLUSIVE, truth.Holder(42, 1.0), truth.Span(99.0, 99.1))
-    verdict = Verdict(checks={rule: 3 for rule in range(1, 9)}, lies=lies, blind={"freeze": [1.0, 3.0]},
+    verdict = Verdict(checks={rule: 3 for rule in range(1, 9)}, clauses=dict.fromkeys(CLAUSES, 3), lies=lies, blind={"freeze": [1.0, 3.0]},
                       recovery={"freeze": [0.4, 0.6, 0.9]})
     setups = {name: TargetSetup(name, run.named_locks("app"), run.DATABASES, stale_after=7.5) for name in ("direct", "proxied")}
     plan = [Planned("freeze", "direct"), Planned("exporter-stop", "exporter")]
@@ -380,6 +426,13 @@ def test_the_report_names_each_lie_with_its_scrape_the_truth_and_the_seed(tmp_pa
     # Two faults, not 100; exporter-stop was planned for (d) and never played.
     assert "at least 100 faults: 2, not met" in text and "not met: exporter-stop in (d): 0" in text
     assert "Scrapes: 6 (1 failed or timed out)" in text
+
+
+def test_the_reports_replay_line_gives_every_option_that_shapes_the_schedule(tmp_path: Path) -> None:
+    result = _result(tmp_path, [], [], short=True)
+    assert "`python -m chaos --seconds 1800 --seed 9 --short` replays" in run_report.write_report(result)
+    result.options = dataclasses.replace(result.options, poll_interval=0.25)
+    assert "`python -m chaos --seconds 1800 --seed 9 --short --poll-interval 0.25` replays" in run_report.write_report(result)
 
 
 def test_a_fault_that_did_not_prove_itself_fails_the_run(tmp_path: Path) -> None:

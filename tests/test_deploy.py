@@ -97,7 +97,14 @@ ALL_ON = {
 }
 
 
-def render(values: dict) -> list[dict]:
+# No image is published, so the chart requires image.repository: every render gives the one a
+# user would (where they pushed the image), unless a test asks for none.
+PUSHED = "registry.example.com/platform/pg-advisory-lock-exporter"
+
+
+def render(values: dict, *, repository: str | None = PUSHED) -> list[dict]:
+    if repository is not None:
+        values = {**values, "image": {"repository": repository, **values.get("image", {})}}
     with helm.Chart.load(str(CHART)) as chart:
         manifests = chart.render(values, name="locks", namespace="monitoring")
     docs = []
@@ -113,6 +120,8 @@ def by_kind(docs: list[dict]) -> dict[str, dict]:
 
 REQUIRED = {
     ("apps/v1", "Deployment"): ["spec.selector.matchLabels", "spec.template.spec.containers"],
+    ("apps/v1", "StatefulSet"): ["spec.selector.matchLabels", "spec.template.spec.containers", "spec.serviceName"],
+    ("monitoring.coreos.com/v1alpha1", "ScrapeConfig"): ["spec.httpSDConfigs"],
     ("v1", "Service"): ["spec.ports", "spec.selector"],
     ("v1", "ConfigMap"): ["data"],
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ["spec.selector", "spec.endpoints"],
@@ -134,8 +143,28 @@ def check_objects(docs: list[dict]) -> None:
 
 @pytest.mark.helm
 def test_chart_lints() -> None:
-    result = helm.lint(str(CHART))
+    result = helm.lint(str(CHART), {"image": {"repository": PUSHED}})
     assert not result["errors"], result
+
+
+@pytest.mark.helm
+def test_without_image_repository_the_install_says_to_set_it() -> None:
+    """The chart's image is not published: with no image.repository the install stops with one
+    line that says what to set and where the README tells how, never a pull of an image that
+    does not exist."""
+    with pytest.raises(helm.HelmError) as info:
+        render({}, repository=None)
+    assert "image.repository: set it to where you pushed the image (chart README: Build the image)" in str(info.value)
+
+
+@pytest.mark.helm
+def test_the_image_is_the_pushed_one_at_the_exporters_version() -> None:
+    from exporter import __version__
+
+    container = by_kind(render({}))["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"{PUSHED}:{__version__}"
+    container = by_kind(render({"image": {"tag": "2.0.0-rc1"}}))["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"{PUSHED}:2.0.0-rc1"
 
 
 @pytest.mark.helm
@@ -211,6 +240,8 @@ def test_a_config_change_rolls_the_pod() -> None:
         ({"config": {"locks": [{"name": "a", "key": 1, "probe": {"expect": "maybe"}}]}}, "/config/locks/0/probe/expect"),
         ({"config": {"poll_interval": "5"}}, "/config/poll_interval"),
         ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+        ({"sharding": {"enabled": True, "shards": 0}}, "/sharding/shards"),
+        ({"sharding": {"shard": 1}}, "shard"),
     ],
 )
 def test_bad_values_are_rejected_by_the_schema(values: dict, message: str) -> None:
@@ -224,7 +255,7 @@ def test_bad_values_are_rejected_by_the_schema(values: dict, message: str) -> No
 def test_alert_rules_check_clean() -> None:
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 14 rules found" in result.stdout
+    assert "SUCCESS: 15 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests() -> None:
@@ -243,6 +274,40 @@ def test_every_rule_has_a_firing_and_a_quiet_case() -> None:
             assert rule["labels"]["severity"] in ("warning", "critical")
             assert rule["annotations"]["summary"] and rule["annotations"]["description"]
             assert rule["annotations"]["runbook_url"]  # its section of docs/runbooks.md: tests/test_runbooks.py
+
+
+def _minutes(duration: str) -> int:
+    """A promtool eval_time ('5m', '1h1m', '1d') in minutes."""
+    units = {"d": 1440, "h": 60, "m": 1}
+    parts = re.findall(r"(\d+)([dhm])", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_every_rule_has_a_case_at_the_first_minute_it_fires_and_one_evaluation_before() -> None:
+    """Issue 28: WaitersPilingUp said 5 minutes and fired at 10. Each rule's words are held to its
+    expression and "for" by a promtool case where it fires, in the same situation as a quiet case
+    one evaluation (a minute) before; the situation's comments say when it began."""
+    tests = yaml.safe_load((ROOT / "alerts" / "tests.yml").read_text())
+    assert tests["evaluation_interval"] == "1m"
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    bounded = set()
+    for group in tests["tests"]:
+        cases = {(c["alertname"], _minutes(c["eval_time"])): bool(c["exp_alerts"]) for c in group["alert_rule_test"]}
+        bounded |= {name for (name, at), fires in cases.items() if fires and cases.get((name, at - 1)) is False}
+    assert alerts - bounded == set()
+    # And no job's name: the cases' jobs are named as users name them.
+    assert "pg-advisory-lock-exporter" not in {m for m in re.findall(r'job="([^"]*)"', (ROOT / "alerts" / "tests.yml").read_text())}
+    assert "job=~" not in RULES.read_text()
+
+
+def test_no_chart_template_or_doc_says_the_rules_need_a_jobs_name() -> None:
+    """The rules know the exporter by its own series (build_info, total_shards): a comment or a
+    page that says they find it by its job's name sends a user renaming jobs for nothing."""
+    files = [*(ROOT / "helm").rglob("*.yaml"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    for path in files:
+        text = path.read_text()
+        assert not re.search(r"job containing|job=~\S*pg-advisory-lock-exporter", text), path
 
 
 # -- dashboard ----------------------------------------------------------------------------
@@ -279,7 +344,7 @@ def test_dashboard_has_the_variables_and_panels() -> None:
     titles = " | ".join(p["title"] for p in board["panels"])
     for needle in ("Holders and waiters", "Hold age against max_hold", "Longest wait", "Probe", "Acquisitions",
                    "Who holds what now", "Polls succeed", "Family: keys held", "Family: oldest hold",
-                   "Keys nobody named"):
+                   "Keys nobody named", "Blocked holders now"):
         assert needle in titles
 
 
@@ -305,6 +370,8 @@ def test_dashboard_uses_only_metrics_the_exporter_exports(server, sessions, tmp_
     assert used, "no metric names found"
     # A release time needs a PgBouncer console and a lock stranded on it: the family is here (its HELP),
     # its samples are in tests/test_prometheus_e2e.py, which makes every panel answer over a real PgBouncer.
-    needs_a_console = {"pg_advisory_lock_pooled_session_release_seconds"}
+    # A blocked holder's series needs a holder that waits itself: tests/test_blocked.py takes that
+    # situation on a real server, and tests/test_prometheus_e2e.py has the alert and panel answer.
+    needs_a_console = {"pg_advisory_lock_pooled_session_release_seconds", "pg_advisory_lock_blocked_holder_info"}
     assert all(f"# HELP {name} " in text for name in needs_a_console)
     assert used - needs_a_console <= exported, used - needs_a_console - exported

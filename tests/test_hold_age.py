@@ -1,4 +1,4 @@
-"""held_seconds against a real server, as README's "Hold age" defines it: now minus the start of the
+"""held_seconds against a real server, as docs/metrics.md's "Hold age" defines it: now minus the start of the
 earliest hold of that session and key from which every poll saw it held, a start being known only
 as its first sighting or what pg_stat_activity proves. A re-take between two polls keeps the age; a
 re-take a poll saw free starts anew; time a poll saw a session wait is never held time.

@@ -10,16 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import yaml
 
 from tests.conftest import OTHER_DB, stuck_with_waiter
 
 
-def run_locks(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedProcess[str]:
+def run_locks(tmp_path: Path, config: dict, *args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return subprocess.run([sys.executable, "-m", "exporter", "locks", f"--config.file={path}", *args],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": str(columns)})
 
 
 def test_locks_shows_names_holders_waiters_and_raw_keys(tmp_path, server, sessions) -> None:
@@ -96,3 +97,22 @@ def test_watch_refreshes(tmp_path, server, sessions) -> None:
         proc.send_signal(subprocess.signal.SIGINT)
         assert proc.wait(10) == 0
     assert frames.count("leader  [4242]  in postgres") >= 2
+
+
+def test_the_fix_of_a_prepared_transaction_is_whole_on_lines_of_its_own(tmp_path, server) -> None:
+    """`COMMIT PREPARED 'job-3003' or ROLLBACK PREPARE…` was cut at 80 columns whatever COLUMNS said:
+    each command is a line of its own, whole, to copy, at any terminal width."""
+    gid = "job-3003-nightly-reconciliation-of-invoices"  # long enough that one line with both would not fit
+    with psycopg.connect(server.dsn(), application_name="job-3003") as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(3003)")
+        conn.execute(f"PREPARE TRANSACTION '{gid}'")
+    try:
+        for columns in (80, 200):
+            result = run_locks(tmp_path, {"dsn": server.dsn(), "locks": [{"name": "job", "key": 3003}]}, columns=columns)
+            assert result.returncode == 0, result.stderr
+            lines = [line.strip() for line in result.stdout.splitlines()]
+            assert f"COMMIT PREPARED '{gid}';" in lines and f"ROLLBACK PREPARED '{gid}';" in lines, result.stdout
+            assert "…" not in result.stdout.split("a prepared transaction keeps", 1)[1]
+    finally:
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute(f"ROLLBACK PREPARED '{gid}'")

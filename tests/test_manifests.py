@@ -19,7 +19,8 @@ from tests.test_deploy import ALL_ON, CHART, render
 pytestmark = pytest.mark.helm
 
 OPERATOR_MODELS = ("@kubernetes-models/prometheus-operator", "6.0.0")
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+             ("monitoring.coreos.com/v1alpha1", "ScrapeConfig")}
 NEWEST = kubernetes_validate.latest_version()
 
 
@@ -47,9 +48,11 @@ TARGETS_MODE = {
         "billing-eu": {"locks": [{"name": "tenants", "key": {"namespace": 42}}], "databases": ["billing"]}}},
     "serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
 }
+SHARDED = {**TARGETS_MODE, "sharding": {"enabled": True, "shards": 3}}
 VALUE_SETS = {
     "defaults": {},
     "targets": TARGETS_MODE,
+    "sharded": SHARDED,
     "everything on": {**ALL_ON, "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
                       "dsn": {"existingSecret": "app-db", "secretKey": "uri"}},
 }
@@ -75,12 +78,14 @@ def test_the_readmes_sidecar_snippet_validates(version: str) -> None:
 
 
 VALIDATE_CRDS = """
-import * as models from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1';
+import * as v1 from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1';
+import * as v1alpha1 from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1alpha1';
+const models = {'monitoring.coreos.com/v1': v1, 'monitoring.coreos.com/v1alpha1': v1alpha1};
 let input = '';
 process.stdin.on('data', (chunk) => { input += chunk; });
 process.stdin.on('end', () => {
   const results = JSON.parse(input).map((doc) => {
-    try { new models[doc.kind](doc).validate(); return null; } catch (e) { return `${doc.kind}: ${e.message}`; }
+    try { new models[doc.apiVersion][doc.kind](doc).validate(); return null; } catch (e) { return `${doc.kind}: ${e.message}`; }
   });
   console.log(JSON.stringify(results));
 });
@@ -128,3 +133,51 @@ def test_the_targets_mode_scrapes_each_target_and_gives_each_its_secret(tmp_path
     assert check.returncode == 0, check.stderr
     assert check.stdout.split(": ok: ")[1].startswith("2 targets: billing-eu: ")
     assert validate_crds([monitor]) == [None]
+
+
+def test_sharding_runs_a_statefulset_of_shards_and_scrapes_each_target_from_its_owner(tmp_path) -> None:
+    import sys
+
+    docs = documents("sharded")
+    kinds = {d["kind"]: d for d in docs}
+    assert "Deployment" not in kinds
+    shards = kinds["StatefulSet"]
+    service = kinds["Service"]
+    assert (shards["spec"]["replicas"], shards["spec"]["serviceName"]) == (3, service["metadata"]["name"])
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    container = shards["spec"]["template"]["spec"]["containers"][0]
+    assert {"--shard.from-pod-name", "--total-shards=3"} <= set(container["args"])
+    fields = {e["name"]: e["valueFrom"].get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert (fields["POD_NAME"], fields["POD_IP"]) == ("metadata.name", "status.podIP")
+    # Each shard's own /metrics through the ServiceMonitor, and no /probe there: a target is
+    # scraped only from its owner, which the ScrapeConfig finds through each shard's /sd.
+    monitor = kinds["ServiceMonitor"]
+    assert [e["path"] for e in monitor["spec"]["endpoints"]] == ["/metrics"]
+    scrape = kinds["ScrapeConfig"]["spec"]
+    name = shards["metadata"]["name"]
+    assert [c["url"] for c in scrape["httpSDConfigs"]] == [
+        f"http://{name}-{i}.{name}.monitoring.svc.cluster.local:10105/sd" for i in range(3)]
+    assert "pg-advisory-lock-exporter" in scrape["jobName"] and scrape["metricsPath"] == "/probe"
+    rules = [r["alert"] for g in kinds["PrometheusRule"]["spec"]["groups"] for r in g["rules"]]
+    assert "PgAdvisoryLockExporterShardMissing" in rules
+    crds = [d for d in docs if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    assert validate_crds(crds) == [None] * len(crds)
+    broken = json.loads(json.dumps(kinds["ScrapeConfig"]))
+    del broken["spec"]["httpSDConfigs"][0]["url"]
+    (error,) = validate_crds([broken])
+    assert error and "url" in error
+    # The pod's config with a shard's flags: what --check-config says it owns.
+    path = tmp_path / "config.yaml"
+    path.write_text(kinds["ConfigMap"]["data"]["config.yaml"])
+    check = subprocess.run([sys.executable, "-m", "exporter", "--check-config", f"--config.file={path}",
+                            *container["args"][1:]], capture_output=True, text=True,
+                           env={"PG_ADVISORY_LOCK_DSN_ORDERS": "host=o", "PG_ADVISORY_LOCK_DSN_BILLING_EU": "host=b",
+                                "POD_NAME": f"{name}-2", "PATH": "/usr/bin:/bin"})
+    assert check.returncode == 0, check.stderr
+    assert f"shard 2 of 3 owns " in check.stdout
+
+
+def test_sharding_without_targets_is_refused() -> None:
+    with pytest.raises(Exception) as info:
+        render({"sharding": {"enabled": True}})
+    assert "sharding.enabled: sharding spreads targets over replicas" in str(info.value)

@@ -459,12 +459,19 @@ def test_a_target_never_up_is_blind_all_along() -> None:
 # The whole: a truthful run makes checks in every rule and is ok.
 def test_a_truthful_run_is_ok() -> None:
     restart = Fault("restart-fast", "", at(10.5), at(11))
-    later = Expo(12).lock("job", acquisitions=1).lock("tenants", acquisitions=0).unnamed()
+    later = Expo(12).lock("job", acquisitions=1, pooled=0).lock("tenants", acquisitions=0).unnamed()
     found = verdict([hold(2, released=10.6)], [free(1).probe(0.5, acquirable=1, ok=1),
                                                held(5).probe(4.5, acquirable=0, ok=0), held(10), down(11), later],
                     faults=[restart])
     truthful(found, *range(1, 9))
+    assert found.unchecked == [], found.clauses
     assert found.ok
+
+
+def test_a_clause_that_never_checked_fails_the_run() -> None:
+    found = verdict(HELD, [held(5)])
+    truthful(found, 1)
+    assert "6.ok" in found.unchecked and "8.recovery" in found.unchecked and not found.ok
 
 
 def test_targets_are_judged_apart() -> None:

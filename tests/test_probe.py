@@ -213,6 +213,6 @@ def test_probe_interference_stays_small_and_the_worker_never_waits(make_prober, 
     print(f"worker tries {counts['tries']}, lost to the probe {counts['lost']} ({lost_per_thousand:.1f} per 1000 probes)")
     assert counts["tries"] > 100, counts
     assert counts["slowest"] < 10.0, counts  # a try-lock returns at once: it never waited
-    # The README's claim: fewer than 30 lost worker tries per 1,000 back-to-back probes (the
+    # docs/probe.md's claim: fewer than 30 lost worker tries per 1,000 back-to-back probes (the
     # benchmark gives the measured figures).
     assert lost_per_thousand < 30, counts

@@ -28,7 +28,7 @@ from tests.pgbouncer import PgBouncer
 from tests.pgcluster import Cluster, free_port
 from tests.test_deploy import DASHBOARD, RULES, concrete
 
-JOB = "pg-advisory-lock-exporter"
+JOB = "kubernetes-pods"  # no rule needs a job's name: these are named as a user's may be
 ALERTS = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
 
 
@@ -45,7 +45,7 @@ def shortened_rules(path: Path) -> None:
         for rule in group["rules"]:
             if "for" in rule:
                 rule["for"] = "1s"
-            rule["expr"] = re.sub(r"\[10m\]", "[10s]", rule["expr"]).replace("> 300", "> 1").replace(", 120)", ", 1)")
+            rule["expr"] = re.sub(r"\[10m\]", "[10s]", rule["expr"]).replace(">= 300", ">= 1").replace(", 120)", ", 1)")
     path.write_text(yaml.safe_dump(rules))
 
 
@@ -74,7 +74,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
     # A pooler whose console nobody answers until the end: PoolerConsoleDown, then resolved.
     late_bouncer = PgBouncer(cluster.port, pool_mode="session", port=free_port())
     down_db = Cluster().start()  # a server that hangs once polled: PollsFailing and Stale
-    gone_port = free_port()  # nothing listens here yet: ExporterDown
+    gone_port = free_port()  # an exporter that answers, then stops: ExporterDown
     cron_stop = threading.Event()
     started: list[ExporterProcess] = []
     prometheus = None
@@ -109,6 +109,17 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         untrusted = ExporterProcess(tmp_path / "socket", socket_config)
         started.append(untrusted)
         down_db.signal_all(signal.SIGSTOP)  # hung after a good poll: no poll finishes from now on
+        (tmp_path / "gone").mkdir()
+        gone = ExporterProcess(tmp_path / "gone", {"dsn": server.dsn(), "poll_interval": "300ms", "locks": []},
+                               port=gone_port)
+        started.append(gone)
+        # Shard 0 of 2 runs, shard 1 not yet: ShardMissing (billing is shard 0's, orders shard 1's).
+        shards_config = {"poll_interval": "300ms", "targets": {"billing": {"dsn": server.dsn()}, "orders": {"dsn": server.dsn()}}}
+        shard_ports = [free_port(), free_port()]
+        (tmp_path / "shard-0").mkdir()
+        shards = [ExporterProcess(tmp_path / "shard-0", shards_config, "--shard=0", "--total-shards=2",
+                                  port=shard_ports[0])]
+        started.extend(shards)
 
         # The situations, on a real cluster.
         holder = sessions.open(application_name="stuck-worker")
@@ -151,6 +162,7 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
                 {"job_name": f"{JOB}-down-db", "static_configs": [{"targets": [f"127.0.0.1:{down.port}"]}]},
                 {"job_name": f"{JOB}-gone", "static_configs": [{"targets": [f"127.0.0.1:{gone_port}"]}]},
                 {"job_name": f"{JOB}-socket", "static_configs": [{"targets": [f"127.0.0.1:{untrusted.port}"]}]},
+                {"job_name": f"{JOB}-shards", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in shard_ports]}]},
             ],
         }
         config_path = tmp_path / "prometheus.yml"
@@ -165,9 +177,15 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
             stdout=log, stderr=subprocess.STDOUT,
         )
 
+        # (ShardMissing does not: no shard has ever reported, so none is missed; absent says it all.)
         wait_until(lambda: _safe(lambda: "PgAdvisoryLockExporterAbsent" in firing(port)), timeout=60, interval=0.5)
+        assert "PgAdvisoryLockExporterShardMissing" not in firing(port)
         config_path.write_text(yaml.safe_dump(prometheus_config))
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/-/reload", method="POST"), timeout=10)
+        # The gone exporter answers as one (its build_info), then stops: Prometheus knows it by that alone.
+        wait_until(lambda: _safe(lambda: api(port, "query", query=f'pg_advisory_lock_exporter_build_info{{instance="127.0.0.1:{gone_port}"}}')["result"]),
+                   timeout=30, interval=0.5)
+        gone.stop()
 
         # Every rule but "absent" fires, each from its situation; absent resolves.
         everything_but_absent = ALERTS - {"PgAdvisoryLockExporterAbsent"}
@@ -193,8 +211,14 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         assert alerts["PgAdvisoryLockWaitersPilingUp"][0]["labels"]["lock"] in ("shard-7", "deploy")
         assert alerts["PgAdvisoryLockNotTaken"][0]["labels"]["lock"] == "cron"
         assert alerts["PgAdvisoryLockPoolerConsoleDown"][0]["labels"]["pooler"] == "pgb-late"
-        blocked_alert = alerts["PgAdvisoryLockHolderBlocked"][0]
-        assert blocked_alert["labels"]["lock"] == "deploy" and "migrate" in blocked_alert["annotations"]["description"]
+        # The blocked holder, and only it: not the pod that waits for its lock, nor the holders of others.
+        (blocked_alert,) = alerts["PgAdvisoryLockHolderBlocked"]
+        assert {k: blocked_alert["labels"][k] for k in ("lock", "pid", "application_name")} == \
+            {"lock": "deploy", "pid": str(deploy.info.backend_pid), "application_name": "migrate"}
+        assert blocked_alert["annotations"]["summary"].startswith(f"pid {deploy.info.backend_pid} (migrate) holds advisory lock deploy")
+        (down_alert,) = alerts["PgAdvisoryLockExporterDown"]
+        assert down_alert["labels"]["instance"] == f"127.0.0.1:{gone_port}"
+        assert [a["labels"]["job"] for a in alerts["PgAdvisoryLockExporterShardMissing"]] == [f"{JOB}-shards"]
 
         # Every dashboard panel answers while the situations are on.
         empty = []
@@ -225,9 +249,13 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         late_bouncer.start()  # its console answers now
         untrusted.config_path.write_text(yaml.safe_dump({**socket_config, "dsn": server.dsn()}))
         untrusted.proc.send_signal(signal.SIGHUP)  # over TCP to PostgreSQL itself: trusted again
-        (tmp_path / "gone").mkdir()
         started.append(ExporterProcess(tmp_path / "gone", {"dsn": server.dsn(), "poll_interval": "300ms", "locks": []},
                                        port=gone_port))
+        (tmp_path / "shard-1").mkdir()  # the missing shard comes
+        shards.append(ExporterProcess(tmp_path / "shard-1", shards_config, "--shard=1", "--total-shards=2",
+                                      port=shard_ports[1]))
+        started.append(shards[-1])
+
         def all_resolved() -> bool:
             seen.clear()
             seen.update(_safe(lambda: firing(port)) or {"(prometheus did not answer)": []})
@@ -238,6 +266,15 @@ def test_every_alert_fires_from_a_real_situation_and_resolves_and_every_panel_ha
         except AssertionError:
             raise AssertionError(f"still firing: {sorted(set(seen))}; main log: {main.log()[-3000:]}")
         assert "PgAdvisoryLockExporterAbsent" not in seen
+
+        # Every shard of the job goes while the other exporters report: ShardMissing's other arm,
+        # for that job, value 0 (a global absent() would stay quiet here).
+        for shard in shards:
+            shard.stop()
+        gone_all = wait_until(lambda: _safe(lambda: firing(port).get("PgAdvisoryLockExporterShardMissing")),
+                              timeout=60, interval=0.5)
+        assert [(a["labels"]["job"], float(a["value"])) for a in gone_all] == [(f"{JOB}-shards", 0.0)]
+        assert gone_all[0]["annotations"]["summary"] == f"pg-advisory-lock-exporter: no shard of job {JOB}-shards reports"
 
     finally:
         cron_stop.set()

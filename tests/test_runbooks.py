@@ -7,6 +7,7 @@ Data-driven: a new rule and a new `## AlertName` section (with its four parts) i
 from __future__ import annotations
 
 import re
+import subprocess
 import textwrap
 import threading
 
@@ -16,7 +17,7 @@ import yaml
 
 from tests.conftest import wait_until
 from tests.pgbouncer import CONSOLE_USER, PgBouncer, PgBouncerError
-from tests.test_deploy import CHART, ROOT, RULES, helm, render
+from tests.test_deploy import CHART, ROOT, RULES, helm, promtool, render
 
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 TESTS = ROOT / "alerts" / "tests.yml"
@@ -108,6 +109,21 @@ def test_every_link_within_the_page_resolves() -> None:
     links = re.findall(r"\]\(#([^)]+)\)", text)
     assert links
     assert sorted(set(links) - anchors) == []
+
+
+def test_every_query_of_the_runbooks_parses_and_needs_no_jobs_name(tmp_path) -> None:
+    """A runbook's PromQL is run by someone in the middle of an alert: it must parse, and, like the
+    rules, find the exporter by its own series, whatever its job is called. (One query a line.)"""
+    queries = [line for lang, body in FENCE.findall(RUNBOOKS.read_text()) if lang == "promql"
+               for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert queries
+    for query in queries:
+        assert not re.search(r"\bjob\s*=", query), query
+    path = tmp_path / "runbook-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "runbooks", "rules": [
+        {"record": f"runbook:query_{i}", "expr": q} for i, q in enumerate(queries)]}]}))
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_promtool_case_expects_the_rules_runbook_url() -> None:

@@ -160,12 +160,17 @@ def test_password_stays_out_of_logs_metrics_and_check_config(server, tmp_path, s
     finally:
         proc.stop()
     check = run_cli("--check-config", f"--config.file={proc.config_path}")
+    other_dsn = tmp_path / "other.yaml"
+    other_dsn.write_text(yaml.safe_dump({"dsn": "host=x password=dsn-secret-17 port=5433", "locks": []}))
+    other = run_cli("--check-config", f"--config.file={other_dsn}")
+    # The summary shows the dsn, not the password.
+    assert other.returncode == 0 and "host=x port=5433" in other.stdout
     bad_dsn = tmp_path / "bad.yaml"
     bad_dsn.write_text(yaml.safe_dump({"dsn": "host=x password=dsn-secret-17 port=notaport", "locks": []}))
     bad = run_cli("--check-config", f"--config.file={bad_dsn}")
-    # libpq parses it (the port is only checked at connect): the summary shows it, not the password.
-    assert bad.returncode == 0 and "host=x port=notaport" in bad.stdout
-    everything = proc.log() + text + check.stdout + check.stderr + bad.stdout + bad.stderr
+    # A port that is no port is refused at load, the parameter named and its value never shown.
+    assert bad.returncode == 1 and 'parameter "port"' in bad.stderr + bad.stdout
+    everything = proc.log() + text + check.stdout + check.stderr + other.stdout + other.stderr + bad.stdout + bad.stderr
     assert "dsn-secret-17" not in everything and "file-secret-42" not in everything
 
 

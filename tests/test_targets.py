@@ -178,7 +178,7 @@ def test_series_of_a_target_say_who(exporters, server, sessions) -> None:
 
 @pytest.mark.slow
 def test_a_real_prometheus_scrapes_each_target_as_an_instance(exporters, server, tmp_path) -> None:
-    """The scrape config the README gives: the blackbox pattern, __address__ into ?target=."""
+    """The scrape config docs/fleet.md gives: the blackbox pattern, __address__ into ?target=."""
     import json
     import shutil
     import subprocess

@@ -149,7 +149,7 @@ def test_a_proof_earlier_by_exactly_the_slack_moves_nothing() -> None:
 
 
 def test_a_start_is_the_earliest_hold_every_poll_since_saw() -> None:
-    """README's Hold age: a hold seen by every poll keeps its start, whatever happened between two
+    """docs/metrics.md's Hold age: a hold seen by every poll keeps its start, whatever happened between two
     polls; the first poll that does not see it (released, or only waited for: the assembler hands
     the tracker granted rows only) ends it, and the next sighting starts anew."""
     t = HoldTracker()
