@@ -27,6 +27,7 @@ import psycopg
 from bench.auto import exporter_stats, measure_settle
 from bench.coverage import measure_coverage
 from bench.fleet import measure_fleet
+from bench.thousand import measure_thousand
 from bench.load import Load
 from bench.measure import RESET, cpu_seconds, lock_status_scan_ms, rss_mb, scrape, server_time, statement_calls
 from bench.previous import PreviousRelease
@@ -368,6 +369,9 @@ def main() -> int:
             results["fleet"] = measure_fleet(workdir, args.fleet_seconds)
             print(f"fleet: {results['fleet']}", flush=True)
             ended("fleet")
+            results["thousand"] = measure_thousand(workdir)
+            print(f"thousand: {results['thousand']}", flush=True)
+            ended("thousand")
     finally:
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)  # the subjects' configs and logs

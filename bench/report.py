@@ -333,6 +333,26 @@ def fleet_lines(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def thousand_lines(results: dict[str, Any]) -> list[str]:
+    point = results.get("thousand")
+    if not point:
+        return ["(not measured in this run)"]
+    return [
+        "| figure | measured | budget |",
+        "|---|---|---|",
+        f"| threads (max_workers 32, and the process's own) | {point['threads']} ({point['threads_one_cluster_stopped']} with "
+        "one cluster stopped) | at most 64 besides HTTP |",
+        f"| resident memory | {point['rss_mb']:.1f} MB | at most 300 MB |",
+        f"| exporter CPU | {point['cpu_percent_of_core']:.1f}% of a core | at most 60% |",
+        f"| scrape p95 of /metrics | {point['scrape_p95_ms']:.2f} ms | under 10 ms |",
+        f"| worst gap between two polls of a target ({point['targets_gaps_seen']} targets seen) | "
+        f"{point['worst_gap_seconds']:.2f} s | within 1.5 intervals (22.5 s) |",
+        f"| with one cluster stopped (SIGSTOP), the others' targets polled late by at most "
+        f"({point['targets_gaps_seen_one_cluster_stopped']} targets seen) | {point['worst_late_seconds_one_cluster_stopped']:.2f} s "
+        "| 1 s |",
+    ]
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -480,6 +500,10 @@ def write_report(results: dict[str, Any], md_path: Path, png_path: Path) -> None
         f"with 100 held, polls every 5 s, over {(results.get('fleet') or {}).get('seconds', '?')} s (bench/fleet.py).",
         "",
         *fleet_lines(results),
+        "",
+        "## A thousand targets in one process (bench/thousand.py)",
+        "",
+        *thousand_lines(results),
         "",
         "## What polling can see",
         "",

@@ -20,7 +20,7 @@ from .ages import counted
 from .configkeys import parse_key
 from .configvalues import (  # noqa: F401 - parse_duration: for those who import it from here (the tests)
     AUTO, Checker, boolean, count, did_you_mean, duration, expand_env, expand_env_mapped, format_duration,
-    interval_or_auto, names, parse_duration, percentage, show, unknown_fields,
+    int_in, interval_or_auto, names, parse_duration, percentage, show, unknown_fields,
 )
 from .interval import AutoInterval
 from .dsn import MAX_TIMEOUT_MS, DsnError, check_dsn, database_name, describe_dsn
@@ -75,7 +75,7 @@ SCALARS: dict[str, tuple[Checker, Any]] = {
 # belong to a target only, and what a target may hold.
 DEFAULTABLE_FIELDS = (*SCALARS, "presets")
 TARGET_ONLY_FIELDS = ("dsn", "password_file", "poolers", "locks", "databases")
-_TOP_FIELDS = ("dsn", "password_file", *DEFAULTABLE_FIELDS, "locks", "poolers", "databases")
+_TOP_FIELDS = ("dsn", "password_file", *DEFAULTABLE_FIELDS, "locks", "poolers", "databases", "max_workers")
 _TARGET_FIELDS = (*TARGET_ONLY_FIELDS, *DEFAULTABLE_FIELDS)
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _LOCK_FIELDS = ("name", "key", "database", "probe", "max_hold", "expect_every")
@@ -446,12 +446,20 @@ def _check_family_overlaps(locks: list[tuple[int, LockConfig]], default_database
                 )
 
 
+# The process's own, at the top level in either mode: how many threads run polls, probes and
+# console reads for all targets (scheduler.py). 32 serve 1,000 targets (README, Benchmark).
+DEFAULT_MAX_WORKERS = 32
+MAX_WORKERS_LIMIT = 1024
+PROCESS_FIELDS = ("max_workers",)
+
+
 @dataclass(frozen=True)
 class Fleet:
     """What a config file configures: one server (single-server mode), or named targets."""
 
     targets: tuple[Config, ...]
     single: bool = True
+    max_workers: int = DEFAULT_MAX_WORKERS
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -468,15 +476,26 @@ class Fleet:
 
 def parse_fleet(data: Any, source: str) -> Fleet:
     """Validate loaded YAML, in single-server mode or with targets; ConfigError lists every problem."""
-    if not isinstance(data, dict) or "targets" not in data:
-        return Fleet((parse_config(data, source),), single=True)
     errors: list[str] = []
+    max_workers = DEFAULT_MAX_WORKERS
+    if isinstance(data, dict) and "max_workers" in data:
+        data = dict(data)
+        max_workers = int_in(data.pop("max_workers"), 1, MAX_WORKERS_LIMIT, "a count of threads", "max_workers",
+                             errors) or DEFAULT_MAX_WORKERS
+    if not isinstance(data, dict) or "targets" not in data:
+        try:
+            config = parse_config(data, source)
+        except ConfigError as exc:
+            raise ConfigError(source, [*errors, *exc.details]) from None
+        if errors:
+            raise ConfigError(source, errors)
+        return Fleet((config,), single=True, max_workers=max_workers)
     for field in sorted(map(str, data)):
         if field in TARGET_ONLY_FIELDS:
             errors.append(f"{field}: with targets, {field} belongs to each target (targets.NAME.{field}); "
                           "a config has either a top-level dsn (one server) or targets")
     errors.extend(unknown_fields({f: v for f, v in data.items() if f not in TARGET_ONLY_FIELDS},
-                                 (*DEFAULTABLE_FIELDS, "targets"), ""))
+                                 (*DEFAULTABLE_FIELDS, *PROCESS_FIELDS, "targets"), ""))
     defaults = {field: data[field] for field in DEFAULTABLE_FIELDS if field in data}
     try:
         parse_config(defaults, source)
@@ -506,7 +525,7 @@ def parse_fleet(data: Any, source: str) -> Fleet:
         targets.append(replace(config, name=name))
     if errors:
         raise ConfigError(source, errors)
-    return Fleet(tuple(targets), single=False)
+    return Fleet(tuple(targets), single=False, max_workers=max_workers)
 
 
 def parse_config(data: Any, source: str) -> Config:

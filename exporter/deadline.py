@@ -1,82 +1,160 @@
-"""Calls that may hang on a hung server: run each on its own thread and stop waiting at a deadline.
+"""Calls that may hang on a hung server: each runs on the thread that makes it, and a deadline,
+watched by one thread for the whole process, breaks it off when it passes.
 
 statement_timeout is enforced by the server, so a server that is stopped outright (SIGSTOP, a
-frozen VM) never answers it, and a black-holed network never answers at all. The caller stops
-waiting instead and breaks the call's connection off (connection.break_off), so the call returns
-with an error; no new call starts before it has returned: never two calls, nor a pile-up of
-connections, behind a hung server.
+frozen VM) never answers it, and a black-holed network never answers at all. At the deadline the
+watcher runs the call's give-up (connection.break_off of its connection, which makes the call
+return at once with an error): a hung server holds the thread running its call for that call's
+deadline, no longer, and no thread is started per call or per server.
+
+Name resolution (getaddrinfo) cannot be broken off: resolve() runs it on a small shared pool and
+stops waiting at its deadline, so a hung resolver holds at most RESOLVERS threads, never the caller.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from .logs import LoopErrors
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Threads that resolve names with a deadline: each stuck on a hung resolver stays stuck until the
+# resolver's own timeout, so more would not help, and the count stays bounded.
+RESOLVERS = 2
 
 
 class StuckCall(Exception):
-    """The previous call has not returned within its deadline; it is still running."""
+    """The call did not return within its deadline."""
 
 
-class OneAtATime:
-    """Runs one call at a time on a daemon worker thread, waiting for it at most a deadline.
+class Watch:
+    """One deadline being watched: cancel() it when the call returns in time."""
 
-    The worker is kept between calls (a thread started per call cost the poll loop a thread
-    start each interval) and ends after IDLE_SECONDS without a call, so a discarded caller
-    leaves no thread behind for long.
-    """
+    __slots__ = ("at", "_action", "_state", "_lock")
+
+    def __init__(self, at: float, action: Callable[[], None]) -> None:
+        self.at = at
+        self._action = action
+        self._state = "waiting"  # then "cancelled" or "fired", once
+        self._lock = threading.Lock()
+
+    def cancel(self) -> bool:
+        """Stop watching; True if the deadline had not fired (and now never will)."""
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "cancelled"
+            return self._state == "cancelled"
+
+    def fire(self) -> bool:
+        with self._lock:
+            if self._state != "waiting":
+                return False
+            self._state = "fired"
+        return True
+
+    @property
+    def fired(self) -> bool:
+        return self._state == "fired"
+
+    def run(self) -> None:
+        self._action()
+
+
+class Deadlines:
+    """Deadlines of calls in progress, watched by one daemon thread (started at the first watch):
+    at each deadline that is not cancelled, its action runs on that thread. An action must be
+    quick (break a connection off, publish a failure): it holds up the deadlines after it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._heap: list[tuple[float, int, Watch]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._unexpected = LoopErrors(log, "deadline watcher")
+
+    def watch(self, seconds: float, action: Callable[[], None]) -> Watch:
+        """Run action in seconds unless the returned Watch is cancelled first."""
+        watch = Watch(self._clock() + seconds, action)
+        with self._cond:
+            heapq.heappush(self._heap, (watch.at, next(self._order), watch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return watch
+
+    def _due(self) -> Watch:
+        """The next watch whose deadline has passed (waits for it)."""
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][2]._state == "cancelled":  # noqa: SLF001 - ours
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                wait = self._heap[0][0] - self._clock()
+                if wait <= 0:
+                    return heapq.heappop(self._heap)[2]
+                self._cond.wait(wait)
+
+    def _loop(self) -> None:
+        while True:
+            watch = self._due()
+            if not watch.fire():
+                continue
+            try:
+                watch.run()
+            except Exception as exc:  # noqa: BLE001 - the watcher survives the actions it runs
+                self._unexpected.report(exc)
+
+
+# The process's one watcher: every call under a deadline (polls, tries, console reads) uses it.
+DEADLINES = Deadlines()
+
+class _Resolvers:
+    """At most RESOLVERS daemon threads taking calls from one queue: one more is started only when
+    none is idle (the others stuck on a hung resolver), and each ends after IDLE_SECONDS without a
+    call, so the threads a hung resolver needed go again. Daemons: a resolution stuck at exit must
+    not keep the process alive (concurrent.futures' threads would)."""
 
     IDLE_SECONDS = 60.0
 
-    def __init__(self, name: str) -> None:
-        self._name = name
+    def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._running = False  # a call was handed over and has not returned
+        self._threads = 0
+        self._idle = 0
 
-    @property
-    def busy(self) -> bool:
-        return self._running
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until the call in progress returns (tests); True if none is running then."""
-        deadline = time.monotonic() + timeout
-        while self._running and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return not self._running
-
-    def call(self, fn: Callable[[], T], timeout: float) -> T:
-        if self._running:
-            raise StuckCall(f"the previous {self._name} has not returned yet")
-        box: dict[str, object] = {}
-        done = threading.Event()
+    def submit(self, fn: Callable[[], T]) -> tuple[threading.Event, dict[str, object], list[bool]]:
+        done, box, cancelled = threading.Event(), {}, [False]
 
         def job() -> None:
+            if cancelled[0]:
+                return
             try:
                 box["value"] = fn()
-            except BaseException as exc:  # handed to the caller below
+            except BaseException as exc:  # handed to the caller
                 box["error"] = exc
             finally:
-                self._running = False
                 done.set()
 
-        self._running = True
         with self._lock:
             self._jobs.put(job)
-            if self._thread is None:
-                # A daemon thread: a call stuck on a hung server must not keep the process from exiting.
-                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-                self._thread.start()
-        if not done.wait(timeout):
-            raise StuckCall(f"{self._name} did not return within {timeout:g}s")
-        if "error" in box:
-            raise box["error"]  # type: ignore[misc]
-        return box["value"]  # type: ignore[return-value]
+            if not self._idle and self._threads < RESOLVERS:
+                self._threads += 1
+                self._idle += 1
+                threading.Thread(target=self._work, name="resolve", daemon=True).start()
+        return done, box, cancelled
 
     def _work(self) -> None:
         while True:
@@ -85,10 +163,27 @@ class OneAtATime:
             except queue.Empty:
                 with self._lock:
                     if self._jobs.empty():
-                        self._thread = None
+                        self._threads -= 1
+                        self._idle -= 1
                         return
                 continue
+            with self._lock:
+                self._idle -= 1
             job()
-            # Not kept until the next call: a failed call's error holds its frames, and a timed-out
-            # connect's frames hold its socket, open to the server, until they are let go.
-            del job
+            del job  # a failed call's error holds its frames
+            with self._lock:
+                self._idle += 1
+
+
+_resolvers = _Resolvers()
+
+
+def resolve(fn: Callable[[], T], timeout: float, what: str) -> T:
+    """fn (a name resolution) on the shared resolver threads, waited for at most timeout."""
+    done, box, cancelled = _resolvers.submit(fn)
+    if not done.wait(timeout):
+        cancelled[0] = True  # not started yet (the resolvers are stuck): never started
+        raise StuckCall(f"{what} did not return within {timeout:g}s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

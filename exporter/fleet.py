@@ -1,5 +1,6 @@
 """The running exporter: one target (single-server mode) or many, each with its own poller,
-prober, connections, deadlines and snapshot; the server picks the snapshot a request names.
+prober, connections and snapshot, their calls run by the one scheduler (scheduler.py) and their
+expositions rendered by the one renderer; the server picks the snapshot a request names.
 
 A reload adds, removes and changes targets without disturbing the others; a target whose dsn
 keeps its host, port and database keeps its hold tracking and counters.
@@ -11,24 +12,22 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from psycopg import conninfo
 
 from . import landing
 from .config import Config, Fleet
 from .logs import LoopErrors
-from .exposition import Exposition, FleetExposition
+from .exposition import Exposition, FleetExposition, Renderer
 from .poller import Poller, connect_poller
 from .probe import Prober, connect_probe
+from .scheduler import PollTask, ProbeTask, Scheduler
 from .shards import Shard, ShardError, service_discovery
 from .snapshot import PollStats, ReloadStatus, Snapshot
 
 log = logging.getLogger(__name__)
 
-# How long stop() waits for a poll or probe thread: one stuck on a hung server is not waited for
-# (its threads are daemons, and the process exit closes their sockets).
-JOIN_SECONDS = 0.4
 # How often the watchdog looks. (Scrapes need not wait for it: each compares the clock with its
 # poll's staleness bound itself, exposition.Exposition.body.)
 WATCHDOG_SECONDS = 0.5
@@ -62,7 +61,7 @@ class Watchdog:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(JOIN_SECONDS)
+            self._thread.join(WATCHDOG_SECONDS)
 
 
 def server_identity(dsn: str) -> tuple[str, str, str]:
@@ -76,23 +75,26 @@ def server_identity(dsn: str) -> tuple[str, str, str]:
 
 
 class Target:
-    """One monitored server: its poller and prober threads and its own exposition."""
+    """One monitored server: its poller and prober, run by the fleet's scheduler, and its own exposition."""
 
     def __init__(self, config: Config, with_process: bool,
-                 on_snapshot: Callable[[str, Snapshot], None] | None = None, turn: threading.Lock | None = None) -> None:
+                 on_snapshot: Callable[[str, Snapshot], None] | None = None, turn: Hashable | None = None,
+                 scheduler: Scheduler | None = None, renderer: Renderer | None = None) -> None:
         self.config = config
         self.exposition = Exposition(Snapshot(up=False, stats=PollStats(interval=config.interval_budget.minimum)),
                                      with_process=with_process)
         self.first_poll = threading.Event()
         self._on_snapshot = on_snapshot
-        self._stop = threading.Event()
-        # One statement of ours at a time on this server, probe or poll (shared by every target on
-        # the same server: pg_locks is the whole cluster's, so one target's poll would see another's try).
-        turn = turn or threading.Lock()
-        self.prober = Prober(config, connect=connect_probe, publish=self.exposition.publish_probes, turn=turn)
-        self.poller = Poller(config, connect=connect_poller, publish=self._publish, turn=turn,
-                             on_start=self._poll_started)
-        self._threads: list[threading.Thread] = []
+        self._scheduler = scheduler or Scheduler()
+        self._renderer = renderer
+        # One call of ours at a time on this server, probe or poll (shared by every target on the
+        # same server: pg_locks is the whole cluster's, so one target's poll would see another's
+        # try): the scheduler's turn, taken before a call starts, so a call waiting for it holds no worker.
+        turn = turn if turn is not None else server_identity(config.dsn)[:2]
+        self.prober = Prober(config, connect=connect_probe, publish=self.exposition.publish_probes)
+        self.poller = Poller(config, connect=connect_poller, publish=self._publish)
+        self.tasks = (PollTask(self.poller, turn, config.name, on_start=self._poll_started),
+                      ProbeTask(self.prober, turn, config.name))
         # A poll's publication and the watchdog's replacement, each with its word to the fleet's view.
         self._publishing = threading.Lock()
 
@@ -107,12 +109,14 @@ class Target:
                 self._on_snapshot(self.name, snapshot)
         self.first_poll.set()
 
-    def _poll_started(self, deadline: float) -> None:
-        """A poll started with its deadline (the poller's clock): the last good poll is served until
-        then at least. Its bound counted the next poll's deadline as it was when it ended; a reload
-        since (a connection made anew, consoles added) may have lengthened it."""
+    def _poll_started(self, now: float, deadline: float) -> None:
+        """A poll started now with its deadline (the poller's clock): the last good poll is served
+        until then at least. Its bound counted the next poll's deadline as it was when it ended; a
+        reload since (a connection made anew, consoles added) may have lengthened it. A bound that
+        has passed already stays passed: the poll may have waited for its server's turn behind a
+        hung call, and what was served as "don't know" must not turn into figures again."""
         snapshot = self.exposition.snapshot
-        if snapshot.up and snapshot.fresh_until < deadline:
+        if snapshot.up and now <= snapshot.fresh_until < deadline:
             self.exposition.publish_instead_of(snapshot, dataclasses.replace(snapshot, fresh_until=deadline))
 
     def check_stale(self, now: float) -> bool:
@@ -136,26 +140,25 @@ class Target:
         return True
 
     def start(self) -> None:
-        self.exposition.start()
-        label = f"-{self.name}" if self.name else ""
-        self._threads = [
-            threading.Thread(target=self.poller.run, args=(self._stop,), name=f"poller{label}", daemon=True),
-            threading.Thread(target=self.prober.run, args=(self._stop,), name=f"probe{label}", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self.exposition.start(self._renderer)
+        for task in self.tasks:
+            self._scheduler.add(task)
 
     def reconfigure(self, config: Config) -> None:
         """The same server, a new config: from the next poll and try on, tracking kept."""
+        probed = self.config.probed
         self.config = config
         self.poller.reconfigure(config)
         self.prober.reconfigure(config)
+        if config.probed != probed:  # tried from now (a probe with no lock sleeps until a reload gives it one)
+            self._scheduler.wake(self.tasks[1])
 
     def stop(self) -> None:
-        self._stop.set()
+        """No call of this target starts from now on; one running ends by itself (under its
+        deadline) and its connections are closed then."""
+        for task in self.tasks:
+            self._scheduler.remove(task)
         self.exposition.stop()
-        for thread in self._threads:
-            thread.join(timeout=JOIN_SECONDS)
 
 
 class Runtime:
@@ -168,7 +171,8 @@ class Runtime:
         self.telemetry_path = telemetry_path
         self.health = None if fleet.single else FleetExposition()
         self._targets: dict[str, Target] = {}
-        self._turns: dict[tuple[str, ...], threading.Lock] = {}  # (host, port) -> the turn its targets share
+        self.scheduler = Scheduler(fleet.max_workers)
+        self.renderer = Renderer()  # every target's, and the fleet's own /metrics
         self._lock = threading.Lock()
         self.reload_status = ReloadStatus(True, time.time())
         for config in self._own(fleet):
@@ -179,9 +183,9 @@ class Runtime:
 
     def _make(self, config: Config) -> Target:
         health = self.health
-        turn = self._turns.setdefault(server_identity(config.dsn)[:2], threading.Lock())
-        return Target(config, with_process=self.single,
-                      on_snapshot=health.publish_target if health is not None else None, turn=turn)
+        # (host, port): the turn the targets of one server share
+        return Target(config, with_process=self.single, on_snapshot=health.publish_target if health is not None else None,
+                      turn=server_identity(config.dsn)[:2], scheduler=self.scheduler, renderer=self.renderer)
 
     @property
     def targets(self) -> dict[str, Target]:
@@ -189,7 +193,7 @@ class Runtime:
 
     def start(self) -> None:
         if self.health is not None:
-            self.health.start()
+            self.health.start(self.renderer)
         for target in self._targets.values():
             target.start()
         self.watchdog.start()
@@ -198,8 +202,10 @@ class Runtime:
         self.watchdog.stop()
         for target in self._targets.values():
             target.stop()
+        self.scheduler.stop()
         if self.health is not None:
             self.health.stop()
+        self.renderer.stop()
 
     # -- reload -------------------------------------------------------------------------
 
@@ -214,6 +220,9 @@ class Runtime:
             if fleet.single != self.single:
                 log.warning("config reload: switching between one server and targets needs a restart; "
                             "the targets' configs are applied, the mode stays")
+            if fleet.max_workers != self.scheduler.max_workers:
+                log.warning("config reload: max_workers %d -> %d needs a restart; %d workers stay the bound",
+                            self.scheduler.max_workers, fleet.max_workers, self.scheduler.max_workers)
             targets = dict(self._targets)
             wanted = {config.name: config for config in self._own(fleet)}
             if self.single:

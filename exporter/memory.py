@@ -49,8 +49,9 @@ _TRIM = _malloc_trim()
 
 class FreedMemory:
     """After each rendering: a full pass of the cyclic collector when due, then the C heap's free
-    pages back to the system. Every renderer thread calls the one instance (a fleet has several):
-    one pass at a time, and a thread that finds one running leaves it to that one."""
+    pages back to the system. Every renderer calls the one instance (the process's Renderer, and
+    one an Exposition started alone makes for itself): one pass at a time, and a thread that
+    finds one running leaves it to that one."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
                  collect: Callable[[], object] = gc.collect, trim: Callable[[], object] | None = _TRIM) -> None:

@@ -1,4 +1,5 @@
-"""One connection, one query per interval -> an immutable Snapshot."""
+"""One connection, one poll -> an immutable Snapshot. When polls run, and under which deadline,
+is the scheduler's (scheduler.PollTask)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from psycopg.rows import class_row, namedtuple_row
 
 from . import queries
 from .config import AUTO_TIMEOUT_FLOOR, Config
-from .deadline import OneAtATime, StuckCall
 from .connection import break_off, connect, local_timeouts, proven_direct, result_rows
 from .dsn import error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
@@ -105,18 +105,16 @@ class Poller:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         turn: threading.Lock | None = None,
-        on_start: Callable[[float], None] | None = None,
     ) -> None:
         self._config = config
-        # Told when each poll starts, with the poller's clock at its deadline: the last poll stays
-        # fresh until then (a reload may give this poll a longer deadline than the last one counted).
-        self._on_start = on_start
         self._connect = connect
         self._publish = publish
         self._clock = clock
         self._wall_clock = wall_clock
-        # Shared with the probe of the same server: no try runs while the poll reads pg_locks, so
-        # the poll never sees the probe's own hold (and needs to leave out no backend for it).
+        # No try runs while the poll reads pg_locks, so the poll never sees the probe's own hold (and
+        # needs to leave out no backend for it). In the exporter the scheduler's turn of the server
+        # sees to it (a call starts only in its server's turn), so this lock is the poller's own; a
+        # poller and prober driven without the scheduler share one.
         self._turn = turn or threading.Lock()
         self._unexpected = LoopErrors(log, f"poller of {server_name(config.dsn)}")
         self._conn: psycopg.Connection | None = None
@@ -151,7 +149,6 @@ class Poller:
         self._last_error: str | None = None
         self._stats_lock = threading.Lock()
         self._pending_config: Config | None = None
-        self._worker = OneAtATime("poll")
         self.server: ServerInfo | None = None
 
     # -- connection ---------------------------------------------------------------------
@@ -452,7 +449,16 @@ class Poller:
             log.debug("poll failed again: %s", message)
         self._last_error = message
 
-    # -- the loop -----------------------------------------------------------------------
+    # -- what the scheduler asks --------------------------------------------------------
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Hand a poll's snapshot to whoever serves it."""
+        self._publish(snapshot)
+
+    @property
+    def interval(self) -> float:
+        """The interval in force (poll_interval, or auto's latest)."""
+        return self._controller.interval
 
     def backoff(self, failures: int) -> float:
         """Jittered exponential delay after the n-th consecutive failure, capped at the interval."""
@@ -463,7 +469,8 @@ class Poller:
         """Use a new config from the next poll on (reconnecting, so keys are resolved anew)."""
         self._pending_config = config
 
-    def _apply_pending_config(self) -> None:
+    def apply_pending_config(self) -> None:
+        """A reload's config, between two polls (never while one runs)."""
         config, self._pending_config = self._pending_config, None
         if config is not None:
             self.close()
@@ -481,55 +488,17 @@ class Poller:
         # Connecting again (connect, server facts, key names, PREPARE), each bounded by the timeout.
         connect = 2 * self._config.timeout_seconds if self._conn is None else 0.0
         # The statement's bound (a direct session's, rounded up under auto: _session_bound), and the
-        # interval again for the turn (a probe's try, or another target's poll, on the same server).
+        # interval again for the turn (a probe's try, or another target's poll, on the same server):
+        # the scheduler has the poll wait for it before its call, but the staleness bound, which
+        # counts this deadline (_fresh_until), must leave room for that wait.
         statement = self._session_bound() / 1000 if self._direct else self._timeout()
         return self._timeout() + statement + connect + self._poolers.read_budget() + explain
 
-    def _poll_with_deadline(self) -> Snapshot:
-        """poll_once, or up=0 if it does not return within its deadline (a hung server)."""
-        deadline, ticket = self.deadline(), PollTicket()
-        if self._on_start is not None:
-            self._on_start(self._clock() + deadline)
-        try:
-            return self._worker.call(lambda: self.poll_once(ticket), timeout=deadline)
-        except StuckCall as exc:
-            self._fail(f"{exc}: is the server hung? Its connection is broken off and made anew")
-            break_off(self._conn or self._opening)  # the stuck call returns now (a black-holed network never answers)
-            # This poll counts once, as failed (if it returns later, it counts no second time); if it
-            # returned just now, it counted itself.
-            return Snapshot(up=False, stats=self._count(ticket, deadline, failed=True) or self._stats_now())
-
-    def run(self, stop: threading.Event) -> None:
-        """Poll every interval until stop is set; publishes after every attempt. Nothing ends the
-        loop but stop: whatever goes wrong is a failed poll, published, and the loop goes on."""
-        failures = 0
-        next_at = self._clock()
-        try:
-            while not stop.is_set():
-                try:
-                    up = self._poll_and_publish()
-                except Exception as exc:  # noqa: BLE001 - publishing failed: logged, and on
-                    self._unexpected.report(exc)
-                    up = False
-                now = self._clock()
-                if up:
-                    failures = 0
-                    next_at += self._controller.interval
-                    if next_at <= now:  # overran: skip the missed ticks
-                        next_at = now + self._controller.interval
-                    delay = next_at - now
-                else:
-                    failures += 1
-                    delay = self.backoff(failures)
-                    next_at = now + delay
-                stop.wait(delay)
-        finally:
-            if not self._worker.busy:
-                self.close()
-
-    def _poll_and_publish(self) -> bool:
-        if not self._worker.busy:
-            self._apply_pending_config()
-        snapshot = self._poll_with_deadline()
-        self._publish(snapshot)
-        return snapshot.up
+    def give_up(self, ticket: PollTicket, deadline: float) -> Snapshot:
+        """The poll of this ticket has not returned within its deadline (a hung server): break its
+        connection off, so the stuck call returns now (a black-holed network never answers), and
+        count it once, as failed (if it returned just now, it counted itself)."""
+        self._fail(f"poll did not return within {deadline:g}s: is the server hung? Its connection is broken off "
+                   "and made anew")
+        break_off(self._conn or self._opening)
+        return Snapshot(up=False, stats=self._count(ticket, deadline, failed=True) or self._stats_now())

@@ -24,7 +24,7 @@ from psycopg import conninfo
 from psycopg.rows import dict_row
 
 from .config import Config, PoolerConfig
-from .deadline import OneAtATime, StuckCall
+from .deadline import DEADLINES, StuckCall, resolve
 from .connection import break_off, open_connection, resolve_host
 from .dsn import describe_hosts, dsn_endpoints, error_line, redact
 from .pooled import EMPTY_VIEW, Client, PoolerView, Release, ServerLink, release_after
@@ -193,7 +193,6 @@ class PoolerReader:
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._conns: dict[tuple[str, str], psycopg.Connection] = {}
-        self._workers: dict[tuple[str, str], OneAtATime] = {}
         self._last_error: dict[tuple[str, str], str] = {}
         self._address_counts: dict[str, int] = {}
         self.reconfigure(config)
@@ -243,8 +242,8 @@ class PoolerReader:
         slot = (pooler.name, "")
         try:
             # Name resolution may hang like a console: it runs under the same deadline.
-            resolver = self._workers.setdefault(slot, OneAtATime(f"pooler {pooler.name} name resolution"))
-            addresses = resolver.call(lambda: resolve_console(pooler.dsn or ""), timeout=CONSOLE_TIMEOUT)
+            addresses = resolve(lambda: resolve_console(pooler.dsn or ""), CONSOLE_TIMEOUT,
+                                f"pooler {pooler.name} name resolution")
         except Exception as exc:  # noqa: BLE001 - a console that cannot be read never fails the poll
             self._fail(slot, describe_hosts(pooler.dsn), exc, pooler)
             statuses.append(ConsoleStatus(pooler.name, describe_hosts(pooler.dsn), False, self._clock() - started))
@@ -255,13 +254,23 @@ class PoolerReader:
         for where in addresses:
             slot = (pooler.name, where.label)
             started = self._clock()
-            worker = self._workers.setdefault(slot, OneAtATime(f"pooler {pooler.name} {where.label}"))
+            # On the poll's own thread; at its deadline the read's connection is broken off, so the
+            # read returns with an error (a connect is bounded by its connect_timeout).
+            watch = DEADLINES.watch(CONSOLE_TIMEOUT, lambda s=slot: break_off(self._conns.get(s)))
             try:
-                found = worker.call(lambda p=pooler, w=where: self._read_one(p, w), timeout=CONSOLE_TIMEOUT)
+                try:
+                    found = self._read_one(pooler, where)
+                finally:
+                    in_time = watch.cancel()
+                if not in_time:  # read, but its connection was broken off meanwhile: read anew next poll
+                    self._conns.pop(slot).close()
             except Exception as exc:  # noqa: BLE001 - psycopg, OS, a stuck call or a bug: one console down
-                if isinstance(exc, StuckCall):
-                    break_off(self._conns.get(slot))  # a hung console's read returns now, read anew next poll
-                self._fail(slot, where.host, exc, pooler)
+                in_time = False
+                failure: BaseException = exc
+            if not in_time:
+                if watch.fired:
+                    failure = StuckCall(f"pooler {pooler.name} {where.label} did not answer within {CONSOLE_TIMEOUT:g}s")
+                self._fail(slot, where.host, failure, pooler)
                 statuses.append(ConsoleStatus(pooler.name, where.label, False, self._clock() - started))
                 continue
             if self._last_error.pop(slot, None) is not None:
@@ -273,9 +282,7 @@ class PoolerReader:
     def _forget_gone(self, pooler: str, labels: set[str]) -> None:
         """Close the connections of addresses the pooler's name no longer resolves to."""
         for slot in [slot for slot in self._conns if slot[0] == pooler and slot[1] not in labels]:
-            if not self._workers.get(slot, OneAtATime("")).busy:
-                self._conns.pop(slot).close()
-                self._workers.pop(slot, None)
+            self._conns.pop(slot).close()
 
     def _read_one(self, pooler: PoolerConfig, where: ConsoleAddress) -> ConsoleLinks:
         slot = (pooler.name, where.label)
@@ -301,7 +308,7 @@ class PoolerReader:
         self._last_error[slot] = message
 
     def close(self) -> None:
-        for slot, conn in list(self._conns.items()):
-            if not self._workers.get(slot, OneAtATime("")).busy:
-                conn.close()
+        """Close every console connection (called between reads: none is in use)."""
+        for conn in self._conns.values():
+            conn.close()
         self._conns.clear()

@@ -29,7 +29,6 @@ from psycopg.rows import namedtuple_row
 
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
-from .deadline import OneAtATime, StuckCall
 from .connection import break_off, connect, proven_direct, result_rows
 from .dsn import database_name, error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
@@ -93,7 +92,8 @@ def first_due(start: float, locks: tuple[LockConfig, ...]) -> list[float]:
 
 
 class Prober:
-    """Tries each probed lock on its own schedule; publishes all results after every try."""
+    """Tries one probed lock at a time, when the scheduler says (scheduler.ProbeTask); keeps every
+    lock's last result."""
 
     def __init__(
         self,
@@ -106,7 +106,8 @@ class Prober:
     ) -> None:
         self._config = config
         self._locks = config.probed
-        # Shared with the poller of the same server: a try never runs while a poll reads pg_locks.
+        # A try never runs while a poll reads pg_locks: in the exporter the scheduler's turn of the
+        # server sees to it; a prober and poller driven without the scheduler share this lock.
         self._turn = turn or threading.Lock()
         self._unexpected = LoopErrors(log, "probe")
         self._connect = connect
@@ -128,7 +129,6 @@ class Prober:
         self._results: dict[str, ProbeResult] = {}
         self._results_lock = threading.Lock()
         self._pending_config: Config | None = None
-        self._worker = OneAtATime("probe")
         # The connection the try in progress uses, or is opening: the one its deadline breaks off.
         self._in_use: psycopg.Connection | None = None
         self._opening: psycopg.Connection | None = None
@@ -292,7 +292,8 @@ class Prober:
         """Use a new config from the next try on; error counts of kept locks carry over."""
         self._pending_config = config
 
-    def _apply_pending_config(self) -> bool:
+    def apply_pending_config(self) -> bool:
+        """A reload's config, between two tries (never while one runs); whether there was one."""
         config, self._pending_config = self._pending_config, None
         if config is None:
             return False
@@ -306,51 +307,25 @@ class Prober:
         self._unproven_why.clear()  # another dsn or poolers: proven again at the next connect
         return True
 
-    def run(self, stop: threading.Event) -> None:
-        """Try every probed lock on its interval until stop is set. Nothing ends the loop but
-        stop: an unexpected error is logged and the loop goes on after a pause."""
-        due: list[float] = []
-        try:
-            while not stop.is_set():
-                try:
-                    due = self._step(stop, due)
-                except Exception as exc:  # noqa: BLE001 - every loop survives: logged, then on
-                    self._unexpected.report(exc)
-                    due = []
-                    stop.wait(1.0)
-        finally:
-            if not self._worker.busy:
-                self.close()
-
-    def _step(self, stop: threading.Event, due: list[float]) -> list[float]:
-        """Wait for the next try that is due (at most half a second) and run it; the new due times."""
-        if not self._worker.busy and self._apply_pending_config():
-            due = []
-            self._publish(self.results())
-        if not self._locks:
-            stop.wait(0.5)  # a reload may add probes
-            return []
-        if not due:
-            due = first_due(self._clock(), self._locks)
-        index = min(range(len(due)), key=due.__getitem__)
-        delay = due[index] - self._clock()
-        if delay > 0 and (stop.wait(min(delay, 0.5)) or delay > 0.5):
-            return due
-        lock = self._locks[index]
-        # A try may wait its timeout for the poll's turn, then run for its timeout.
-        deadline = 2 * probe_timeout(self._config) + 1.0
-        try:
-            self._worker.call(lambda lock=lock: self.try_lock(lock), timeout=deadline)
-        except StuckCall as exc:
-            self._record(lock, None, deadline, f"{exc}: is the server hung?", trusted=self._trusted(lock.database))
-            # The stuck try returns now, its connection dropped (or the one it was opening).
-            break_off(self._opening or self._in_use)
+    def publish(self) -> None:
+        """Hand every lock's last result to whoever serves them."""
         self._publish(self.results())
-        interval = lock.probe.interval  # type: ignore[union-attr]
-        due[index] += interval
-        if due[index] <= self._clock():  # overran: skip the missed tries
-            due[index] = self._clock() + interval
-        return due
+
+    @property
+    def locks(self) -> tuple[LockConfig, ...]:
+        """The probed locks, in the config's order."""
+        return self._locks
+
+    def deadline(self) -> float:
+        """How long a try may take before it counts as stuck: its connect or its turn, then its statement."""
+        return 2 * probe_timeout(self._config) + 1.0
+
+    def give_up(self, lock: LockConfig, deadline: float) -> None:
+        """The try of lock has not returned within its deadline (a hung server): counted as failed,
+        and its connection (or the one it was opening) broken off, so the stuck try returns now."""
+        self._record(lock, None, deadline, f"the try did not return within {deadline:g}s: is the server hung?",
+                     trusted=self._trusted(lock.database))
+        break_off(self._opening or self._in_use)
 
     def close(self) -> None:
         for database in list(self._conns):

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 PURE = {"ages", "assemble", "config", "configkeys", "configvalues", "dsn", "dsnparse", "figures", "format", "holders", "interval", "keys", "logs", "matching", "metrics",
         "naming", "shards", "pieces", "pooled", "presets", "queries", "snapshot", "tracker"}
 TALKS = {"chains", "cli", "connection", "exposition", "fleet", "landing", "locksview", "poller", "poolers", "probe", "relations",
-         "resolve", "server", "webconfig", "deadline", "memory"}
+         "resolve", "scheduler", "server", "webconfig", "deadline", "memory"}
 OUTSIDE = {"socket", "threading", "http", "urllib", "ssl", "subprocess"}  # and no psycopg.connect (dsn parses with psycopg)
 
 

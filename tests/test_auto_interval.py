@@ -11,6 +11,7 @@ import pytest
 from exporter import landing
 from exporter.config import parse_config
 from exporter.poller import Poller, connect_poller
+from exporter.scheduler import PollTask, Scheduler
 from exporter.snapshot import ReloadStatus, Snapshot
 from tests.metrics_util import value
 
@@ -22,15 +23,15 @@ def ids(name: str) -> dict[str, str]:
 
 
 def run_poller(config: dict, seconds: float) -> list[Snapshot]:
-    """A poller's own loop for a while: every snapshot it published."""
+    """A poller run by the scheduler for a while: every snapshot it published."""
     published: list[Snapshot] = []
     poller = Poller(parse_config(config, "t"), connect=connect_poller, publish=published.append)
-    stop = threading.Event()
-    thread = threading.Thread(target=poller.run, args=(stop,), daemon=True)
-    thread.start()
-    stop.wait(seconds)
-    stop.set()
-    thread.join(10)
+    scheduler = Scheduler(2)
+    task = PollTask(poller, None)
+    scheduler.add(task)
+    time.sleep(seconds)
+    scheduler.remove(task)
+    scheduler.stop()
     return published
 
 

@@ -231,14 +231,15 @@ def test_at_their_limits_the_polls_run_on_a_real_server(make_poller, sessions) -
     """The server takes the longest bounds the config allows, on both ways of polling, and
     refuses a millisecond more."""
     from exporter.dsn import MAX_TIMEOUT_MS
+    from tests.scheduling_util import poll_under_deadline
 
     fixed = make_poller({"poll_interval": "2147483647ms"})
-    assert fixed._poll_with_deadline().up and fixed._direct  # noqa: SLF001 - under its deadline, as run() polls
+    assert poll_under_deadline(fixed)[-1].up and fixed._direct  # noqa: SLF001 - under its deadline, as a worker polls
     fixed._unprepare()  # noqa: SLF001 - and the one-string transaction
-    assert fixed._poll_with_deadline().up and fixed.poll_once().stats.errors == 0  # noqa: SLF001
+    assert poll_under_deadline(fixed)[-1].up and fixed.poll_once().stats.errors == 0
     auto = make_poller({"poll_interval": "auto", "max_poll_interval": "2097152s"})
     auto._controller.interval = MAX_AUTO_POLL_INTERVAL  # noqa: SLF001 - as if the polls had become that dear
-    assert auto._poll_with_deadline().up  # noqa: SLF001
+    assert poll_under_deadline(auto)[-1].up
     conn = auto._conn  # noqa: SLF001 - only the poller's own session can read its settings
     assert conn is not None and conn.execute("SELECT current_setting('statement_timeout')").fetchone() == ("2097152s",)
     with pytest.raises(psycopg.errors.InvalidParameterValue):

@@ -1,34 +1,60 @@
-"""Calls that may hang: the caller stops waiting at a deadline, and no second call starts meanwhile."""
+"""Calls that may hang: a deadline watched by one thread gives them up, and the caller's own
+thread is the one that waits (no thread per call); name resolutions on a bounded pool."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from exporter.deadline import OneAtATime, StuckCall
+from exporter import deadline
+from exporter.deadline import Deadlines, StuckCall, resolve
 from exporter.dsn import BACKOFF_FIRST, reconnect_delay
 
 
-def test_a_call_that_returns_in_time_gives_its_value_or_its_error() -> None:
-    worker = OneAtATime("poll")
-    assert worker.call(lambda: 42, timeout=5) == 42
-    with pytest.raises(ZeroDivisionError):
-        worker.call(lambda: 1 / 0, timeout=5)
-    assert not worker.busy
+def test_a_deadline_fires_once_unless_cancelled_first() -> None:
+    watcher = Deadlines()
+    fired: list[str] = []
+    late = watcher.watch(0.05, lambda: fired.append("late"))
+    early = watcher.watch(5, lambda: fired.append("never"))
+    assert early.cancel() and early.cancel()  # cancelled before its time: never fires
+    for _ in range(200):
+        if late.fired:
+            break
+        time.sleep(0.01)
+    assert fired == ["late"] and late.fired
+    assert not late.cancel()  # fired already: the call's give-up has run
 
 
-def test_a_stuck_call_is_not_waited_for_and_blocks_the_next_until_it_returns() -> None:
-    worker = OneAtATime("poll")
+def test_deadlines_fire_in_order_on_one_thread() -> None:
+    watcher = Deadlines()
+    seen: list[tuple[str, str]] = []
+    done = threading.Event()
+    watcher.watch(0.2, lambda: (seen.append(("b", threading.current_thread().name)), done.set()))
+    watcher.watch(0.1, lambda: seen.append(("a", threading.current_thread().name)))
+    assert done.wait(5)
+    assert seen == [("a", "deadlines"), ("b", "deadlines")]
+
+
+def test_an_action_that_raises_leaves_the_watcher_running() -> None:
+    watcher = Deadlines()
+    done = threading.Event()
+    watcher.watch(0.01, lambda: 1 / 0)
+    watcher.watch(0.05, done.set)
+    assert done.wait(5)
+
+
+def test_a_resolution_is_waited_for_at_most_its_deadline_and_the_pool_stays_bounded() -> None:
     release = threading.Event()
-    with pytest.raises(StuckCall, match="poll did not return within"):
-        worker.call(release.wait, timeout=0.05)
-    assert worker.busy
-    with pytest.raises(StuckCall, match="the previous poll has not returned yet"):
-        worker.call(lambda: 1, timeout=5)  # never a second call (connection) behind a hung one
+    for _ in range(deadline.RESOLVERS + 2):
+        with pytest.raises(StuckCall, match="slow.example did not return within"):
+            resolve(release.wait, 0.05, "slow.example")
+    assert sum(t.name == "resolve" for t in threading.enumerate()) <= deadline.RESOLVERS
     release.set()
-    assert worker.wait_idle(5)  # the stuck call ends once the server answers
-    assert worker.call(lambda: 2, timeout=5) == 2
+    assert resolve(lambda: 42, 5, "x") == 42
+    with pytest.raises(ZeroDivisionError):
+        resolve(lambda: 1 / 0, 5, "x")
 
 
 def test_the_reconnect_backoff_doubles_with_jitter_and_is_capped() -> None:
@@ -38,14 +64,21 @@ def test_the_reconnect_backoff_doubles_with_jitter_and_is_capped() -> None:
         assert expected * 0.5 <= delay <= expected
 
 
-def test_the_worker_is_kept_between_calls_and_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
-    worker = OneAtATime("poll")
-    assert worker.call(threading.get_ident, timeout=5) == worker.call(threading.get_ident, timeout=5)
-    monkeypatch.setattr(OneAtATime, "IDLE_SECONDS", 0.05)
-    first = worker.call(threading.get_ident, timeout=5)  # the worker now waits 0.05 s for the next call
-    thread = worker._thread  # noqa: SLF001
-    assert thread is not None
-    thread.join(5)
-    assert not thread.is_alive()  # idle: it ended, and a discarded caller leaves no thread behind
-    assert worker.call(lambda: 3, timeout=5) == 3  # a new worker for the next call
-    assert first != 0
+def test_resolver_threads_a_hung_resolver_needed_end_when_idle() -> None:
+    pool = deadline._Resolvers()  # noqa: SLF001 - one of its own, with a short idle time
+    pool.IDLE_SECONDS = 0.2
+    release = threading.Event()
+    stuck = pool.submit(release.wait)[0]
+    for _ in range(100):  # taken by the first thread (a caller waits for it before its next call)
+        if pool._idle == 0:  # noqa: SLF001
+            break
+        time.sleep(0.05)
+    quick = pool.submit(lambda: 1)[0]  # the first is stuck: a second thread takes it
+    assert quick.wait(5) and pool._threads == 2  # noqa: SLF001
+    release.set()
+    assert stuck.wait(5)
+    for _ in range(100):
+        if pool._threads == 0:  # noqa: SLF001
+            break
+        time.sleep(0.05)
+    assert pool._threads == 0  # noqa: SLF001 - both ended, idle

@@ -516,3 +516,38 @@ def test_a_poll_duration_buckets_le_label_is_the_one_always_written() -> None:
     assert [labels["le"] for labels in series(text, "pg_advisory_lock_exporter_poll_duration_seconds_bucket")] == \
         ["0.005", "0.01", "0.025", "0.1", "0.25", "1", "2.5", "10", "+Inf"]
     assert [bound(upper) for upper in (5, math.inf)] == ["5", "+Inf"]
+
+
+def test_a_fleets_metrics_render_at_most_a_share_of_the_time_but_health_at_once() -> None:
+    import time
+
+    from exporter.exposition import Renderer
+    from tests.conftest import wait_until
+
+    now = [100.0]
+    fleet = FleetExposition(clock=lambda: now[0])
+    renders: list[float] = []
+    original = fleet._render  # noqa: SLF001
+
+    def timed():
+        renders.append(now[0])
+        now[0] += 0.03  # a rendering of 1,000 targets' figures: 30 ms
+        return original()
+
+    fleet._render = timed  # type: ignore[method-assign]  # noqa: SLF001
+    renderer = Renderer()
+    fleet.start(renderer)
+    try:
+        wait_until(lambda: len(renders) == 1)
+        up = Snapshot(up=True, stats=PollStats(polls=1))
+        fleet.publish_target("a", up)  # a new target: at once
+        wait_until(lambda: len(renders) == 2)
+        fleet.publish_target("a", Snapshot(up=True, stats=PollStats(polls=2)))  # its counts: after the share
+        time.sleep(0.1)
+        assert len(renders) == 2 and fleet._deferred  # noqa: SLF001 - waits until 1.5 s after the last began
+        fleet.publish_target("a", Snapshot(up=False, stats=PollStats(polls=3)))  # its health: at once
+        wait_until(lambda: len(renders) == 3)
+        assert parse(fleet.body().decode())[("pg_advisory_lock_exporter_target_up", (("target", "a"),))] == 0
+    finally:
+        fleet.stop()
+        renderer.stop()

@@ -270,7 +270,7 @@ def test_a_reload_carries_hold_tracking_and_counters_over_by_name(make_poller, s
     now[0] += 30.0
     reloaded = parse_config({"dsn": poller._config.dsn, "locks": [*LOCKS, {"name": "new", "key": 5}]}, "t")  # noqa: SLF001
     poller.reconfigure(reloaded)
-    poller._apply_pending_config()  # noqa: SLF001 - what the poll loop does between polls
+    poller.apply_pending_config()  # what the poll task does between polls
     snap = poller.poll_once()  # a new connection, the same tracking
     assert value(snap, "pg_advisory_lock_acquisitions_total", **lock_ids("leader")) == 1
     assert 30.0 <= value(snap, "pg_advisory_lock_held_seconds", **lock_ids("leader")) < 31.0

@@ -21,8 +21,10 @@ from exporter.metrics import render
 from exporter.poller import Poller
 from exporter.poolers import PoolerReader
 from exporter.probe import Prober
+from exporter.scheduler import PollTask, ProbeTask, Scheduler
 from exporter.snapshot import PollStats, Snapshot
 from tests.conftest import wait_until
+from tests.scheduling_util import poll_under_deadline
 from tests.metrics_util import parse, up, value
 
 LOCKS = [{"name": "leader", "key": 4242, "probe": {"expect": "any", "interval": "50ms"}}]
@@ -85,15 +87,14 @@ def test_the_poll_loop_survives_whatever_its_iteration_raises(server, monkeypatc
     from exporter.poller import connect_poller
 
     poller = Poller(config, connect=connect_poller, publish=publish)
-    stop = threading.Event()
-    thread = threading.Thread(target=poller.run, args=(stop,), daemon=True)
-    thread.start()
+    scheduler = Scheduler(2)
+    task = PollTask(poller, None)
+    scheduler.add(task)
     try:
         wait_until(lambda: len(published) >= 3, timeout=20)
-        assert thread.is_alive()
     finally:
-        stop.set()
-        thread.join(5)
+        scheduler.remove(task)
+        scheduler.stop()
     assert any(s.up for s in published)
 
 
@@ -114,14 +115,14 @@ def test_an_unexpected_error_in_a_try_is_a_failed_try_and_the_probe_goes_on(serv
     results = []
     config = parse_config({"dsn": server.dsn(), "locks": LOCKS}, "t")
     prober = Prober(config, connect=connect_probe, publish=results.append)
-    stop = threading.Event()
-    thread = threading.Thread(target=prober.run, args=(stop,), daemon=True)
-    thread.start()
+    scheduler = Scheduler(2)
+    task = ProbeTask(prober, None)
+    scheduler.add(task)
     try:
         wait_until(lambda: results and results[-1] and results[-1][0].acquirable is True, timeout=20)
     finally:
-        stop.set()
-        thread.join(5)
+        scheduler.remove(task)
+        scheduler.stop()
     assert results[-1][0].errors == 1  # the broken try, counted in probe_errors_total
 
 
@@ -162,18 +163,18 @@ def test_a_reload_that_breaks_is_a_refused_reload(tmp_path, caplog) -> None:
 
 
 def test_the_watchdog_serves_up_0_when_the_poller_is_stuck(server, monkeypatch) -> None:
-    # The poller publishes once, then its loop hangs: no exception, no failed poll, just silence.
+    # The poll task publishes once, then never starts a poll again: no exception, no failed poll, just silence.
     hang = threading.Event()
-    original = Poller._poll_and_publish
+    original = PollTask.start
 
-    def once_then_hang(self):
+    def once_then_silence(self):
         if hang.is_set():
-            hang.wait(60)  # stuck until the test ends
-            return False
+            time.sleep(0.05)
+            return None  # nothing to call
         hang.set()
         return original(self)
 
-    monkeypatch.setattr(Poller, "_poll_and_publish", once_then_hang)
+    monkeypatch.setattr(PollTask, "start", once_then_silence)
     fleet = parse_fleet({"dsn": server.dsn(), "poll_interval": "200ms", "locks": LOCKS}, "t")
     runtime = Runtime(fleet, "/metrics")
     runtime.start()
@@ -265,12 +266,11 @@ def test_a_poll_given_up_at_its_deadline_counts_once_and_the_next_poll_is_up(mon
     # counted once, and nothing of it leaks into the next poll.
     slow = {where: 1.0}
     poller = _serverless_poller(monkeypatch, slow)
-    first = poller._poll_with_deadline()
+    [first] = poll_under_deadline(poller)  # returns once the given-up call has returned
     assert not first.up
-    assert poller._worker.wait_idle(5)
     stats = poller._stats_now()
     assert (stats.polls, stats.errors) == ((1, 1) if where == "build" else (1, 0))
-    second = poller._poll_with_deadline()
+    [second] = poll_under_deadline(poller)
     assert second.up and (second.stats.polls, second.stats.errors) == (2, stats.errors)
 
 
@@ -285,8 +285,7 @@ def test_waiting_for_the_turn_is_inside_the_deadline(make_poller, monkeypatch) -
     monkeypatch.setattr(poller, "_build", lambda rows, now: time.sleep(0.3) or build(rows, now))
     turn.acquire()
     threading.Timer(0.9 * poller._timeout(), turn.release).start()
-    assert poller._poll_with_deadline().up
-    assert poller._worker.wait_idle(5)
+    assert [s.up for s in poll_under_deadline(poller)] == [True]
 
 
 def test_a_reload_that_breaks_midway_serves_and_stops_exactly_what_runs(server, monkeypatch) -> None:
@@ -314,4 +313,17 @@ def test_a_reload_that_breaks_midway_serves_and_stops_exactly_what_runs(server, 
         wait_until(lambda: b.first_poll.is_set())
     finally:
         runtime.stop()
-    assert not any(thread.is_alive() for thread in b._threads)  # stopped at exit
+    assert not any(runtime.scheduler.scheduled(task) for task in b.tasks)  # stopped at exit
+
+
+def test_a_poll_that_starts_after_its_bound_never_revives_the_last_poll() -> None:
+    # The next poll waited for its server's turn (behind a call on a hung server) past the last good
+    # poll's bound: scrapes said "don't know" already, and its start must not make them say up 1 again.
+    fleet = parse_fleet({"dsn": "host=127.0.0.1 port=1", "poll_interval": "1s", "locks": []}, "t")
+    target = Runtime(fleet, "/metrics").targets[""]
+    good = Snapshot(up=True, stats=PollStats(interval=1.0), taken_at=100.0, fresh_until=107.0)
+    target.exposition.publish(good)
+    target._poll_started(108.0, 112.0)  # noqa: SLF001 - the poll task's word: started at 108, deadline 112
+    assert target.exposition.snapshot is good
+    target._poll_started(106.0, 110.0)  # noqa: SLF001 - in time: served until the new deadline at least
+    assert target.exposition.snapshot.fresh_until == 110.0

@@ -1,0 +1,257 @@
+"""The scheduler: every target's calls on a bounded set of workers, each when due and under its
+deadline, one call per server at a time, and a hung server delays no other server's targets."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from exporter.config import ConfigError, parse_fleet
+from exporter.scheduler import Scheduler, Task
+from tests.conftest import needs_own_clusters, wait_until
+from tests.metrics_util import parse
+from tests.pgcluster import Cluster
+
+
+class FakeTask(Task):
+    """A call that records when it ran, and hangs while its server is hung (until given up)."""
+
+    def __init__(self, name: str, turn: str | None, every: float, log: list[tuple[str, str, float, float]],
+                 hung: threading.Event | None = None, deadline: float = 0.3) -> None:
+        super().__init__(turn)
+        self.name, self._every, self._log, self._hung, self._deadline = name, every, log, hung, deadline
+        self._release = threading.Event()
+        self.given_up = 0
+        self.closed = False
+
+    def start(self) -> float:
+        self._release.clear()
+        return self._deadline
+
+    def call(self) -> None:
+        began = time.monotonic()
+        if self._hung is not None and self._hung.is_set():
+            self._release.wait(30)  # a stopped server: only the give-up's break-off ends the call
+        else:
+            time.sleep(0.01)
+        self._log.append((self.name, str(self.turn), began, time.monotonic()))
+
+    def give_up(self) -> None:
+        self.given_up += 1
+        self._release.set()  # what break_off does to a stuck connection
+
+    def next_delay(self) -> float:
+        return self._every
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def overlaps(log: list[tuple[str, str, float, float]], turn: str) -> bool:
+    calls = sorted((began, ended) for _, t, began, ended in log if t == turn)
+    return any(later[0] < earlier[1] for earlier, later in zip(calls, calls[1:]))
+
+
+def test_a_hung_server_holds_one_worker_and_delays_no_other_servers_calls() -> None:
+    log: list[tuple[str, str, float, float]] = []
+    hung = threading.Event()
+    hung.set()
+    scheduler = Scheduler(max_workers=3)
+    stuck = [FakeTask(f"stuck-{i}", "hung", 0.1, log, hung) for i in range(10)]
+    healthy = [FakeTask(f"ok-{i}", f"server-{i % 2}", 0.2, log) for i in range(6)]
+    for task in stuck + healthy:
+        scheduler.add(task)
+    try:
+        time.sleep(3)
+    finally:
+        scheduler.stop()
+    assert scheduler.workers <= 3
+    # The hung server's calls ran one at a time, each given up at its deadline (0.3 s): ten calls
+    # waited their turn in its queue, holding no worker, so the other servers' calls ran on time.
+    assert not overlaps(log, "hung") and sum(task.given_up for task in stuck) >= 5
+    for task in healthy:
+        starts = [began for name, _, began, _ in log if name == task.name]
+        assert len(starts) >= 10, task.name
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert max(gaps) < 0.2 + 0.2, (task.name, gaps)  # its interval, and well under a second late
+    assert not overlaps(log, "server-0") and not overlaps(log, "server-1")
+
+
+def test_workers_are_started_as_calls_need_them_and_never_more_than_max_workers() -> None:
+    log: list[tuple[str, str, float, float]] = []
+    scheduler = Scheduler(max_workers=4)
+    before = threading.active_count()
+    tasks = [FakeTask(f"t{i}", f"s{i}", 0.05, log) for i in range(40)]
+    for task in tasks:
+        scheduler.add(task)
+    try:
+        wait_until(lambda: all(any(name == t.name for name, *_ in log) for t in tasks), timeout=20)
+        assert scheduler.workers <= 4 and threading.active_count() - before <= 4
+    finally:
+        scheduler.stop()
+
+
+def test_one_server_one_worker_in_single_server_mode() -> None:
+    # A poll and a probe of one server never run at once: one worker is all they ever need, and the
+    # idle one that watches the due times.
+    log: list[tuple[str, str, float, float]] = []
+    scheduler = Scheduler()
+    poll, probe = FakeTask("poll", "s", 0.05, log), FakeTask("probe", "s", 0.03, log)
+    scheduler.add(poll)
+    scheduler.add(probe)
+    try:
+        wait_until(lambda: len(log) >= 20, timeout=20)
+    finally:
+        scheduler.stop()
+    assert scheduler.workers <= 2 and not overlaps(log, "s")
+
+
+def test_a_removed_task_is_closed_once_its_call_returns_and_a_sleeping_task_wakes() -> None:
+    log: list[tuple[str, str, float, float]] = []
+    hung = threading.Event()
+    scheduler = Scheduler(max_workers=2)
+    task = FakeTask("t", "s", 0.05, log, hung, deadline=1.0)
+    hung.set()
+    scheduler.add(task)
+    try:
+        wait_until(lambda: task._release is not None and not task._release.is_set() and scheduler._running, timeout=5)
+        scheduler.remove(task)
+        assert not task.closed  # its call runs: closed when it returns
+        wait_until(lambda: task.closed, timeout=5)  # given up at its deadline, returned, closed
+        assert not scheduler.scheduled(task)
+
+        class Sleeper(FakeTask):
+            def next_delay(self) -> float:
+                return math.inf
+
+        sleeper = Sleeper("sleeper", None, 0, log)
+        scheduler.add(sleeper)
+        wait_until(lambda: sum(name == "sleeper" for name, *_ in log) == 1, timeout=5)
+        time.sleep(0.3)
+        assert sum(name == "sleeper" for name, *_ in log) == 1  # asleep until woken
+        scheduler.wake(sleeper)
+        wait_until(lambda: sum(name == "sleeper" for name, *_ in log) == 2, timeout=5)
+    finally:
+        scheduler.stop()
+
+
+def test_max_workers_is_a_top_level_count() -> None:
+    assert parse_fleet({"dsn": "host=x", "locks": []}, "t").max_workers == 32
+    assert parse_fleet({"dsn": "host=x", "max_workers": 4, "locks": []}, "t").max_workers == 4
+    assert parse_fleet({"max_workers": 64, "targets": {"a": {"dsn": "host=a"}}}, "t").max_workers == 64
+    for bad, message in ((0, "max_workers: 0 is outside a count of threads (1 .. 1024)"),
+                         ("many", "max_workers: expected an integer (a count of threads), got a string ('many')")):
+        with pytest.raises(ConfigError) as info:
+            parse_fleet({"max_workers": bad, "targets": {"a": {"dsn": "host=a"}}}, "t")
+        assert info.value.details == [message]
+    with pytest.raises(ConfigError) as info:
+        parse_fleet({"max_workers": 4, "targets": {"a": {"dsn": "host=a", "max_workers": 2}}}, "t")
+    assert info.value.details[0].startswith("targets.a.max_workers: unknown field")
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+# Threads besides the workers: main (waits for signals), the HTTP server's listener and one per
+# request being served, the watchdog, the renderer, the deadline watcher, and two resolver threads
+# (only with pooler consoles).
+OTHER_THREADS = 8
+
+
+@pytest.mark.slow
+def test_a_stopped_server_delays_no_other_servers_targets_and_threads_stay_bounded(exporters, server) -> None:
+    """40 targets, 20 on a server stopped with SIGSTOP and 20 on a healthy one, 4 workers: every
+    healthy target keeps being polled on time (the gaps between its own last_poll_timestamp_seconds
+    at most its poll_interval_seconds and one second), and the process runs at most 4 + 8 threads."""
+    needs_own_clusters()
+    hung = Cluster().start()
+    try:
+        lock = [{"name": "leader", "key": 4242}]
+        healthy = [f"ok{i}" for i in range(20)]
+        targets = {name: {"dsn": server.dsn(application_name=name), "locks": lock} for name in healthy}
+        targets.update({f"frozen{i}": {"dsn": hung.dsn(application_name=f"frozen{i}"), "locks": lock} for i in range(20)})
+        proc = exporters({"poll_interval": "2s", "max_workers": 4, "targets": targets})
+        target_up = "pg_advisory_lock_exporter_target_up"
+        wait_until(lambda: all(v == 1 for (n, _), v in parse(_get(proc, "/metrics")).items() if n == target_up)
+                   and sum(n == target_up for n, _ in parse(_get(proc, "/metrics"))) == 40, timeout=60)
+        hung.signal_all(signal.SIGSTOP)
+        try:
+            seen = _watch_polls(proc, healthy, seconds=20)
+            threads = _threads(proc.proc.pid)
+            figures = parse(_get(proc, "/metrics"))
+        finally:
+            hung.signal_all(signal.SIGCONT)
+        assert figures[(target_up, (("target", "frozen0"),))] == 0  # the stopped server's are "don't know"
+        print(f"threads: {threads}; the healthy targets' worst gap: {max(max(b - a for a, b in zip(s, s[1:])) for _, s in seen.values()):.2f}s")
+        assert threads <= 4 + OTHER_THREADS, threads
+        for name in healthy:
+            interval, stamps = seen[name]
+            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+            assert len(gaps) >= 6, (name, stamps)
+            assert max(gaps) <= interval + 1, (name, interval, gaps)
+    finally:
+        hung.destroy()
+
+
+def _get(proc, path: str) -> str:
+    try:
+        return proc.get(path, timeout=10)[1]
+    except OSError:
+        return ""
+
+
+def _watch_polls(proc, names: list[str], seconds: float) -> dict[str, tuple[float, list[float]]]:
+    """Each target's poll interval and the distinct last_poll_timestamp_seconds it served, read
+    from /probe round after round for a while; a pair of readings between which more than one poll
+    ran (its poll count moved by more) is left out: the poll between them was not seen."""
+    stamps: dict[str, list[float]] = {name: [] for name in names}
+    counts: dict[str, float] = {}
+    interval: dict[str, float] = {}
+    ended = time.monotonic() + seconds
+    while time.monotonic() < ended:
+        for name in names:
+            figures = parse(_get(proc, f"/probe?target={name}"))
+            stamp = figures.get(("pg_advisory_lock_exporter_last_poll_timestamp_seconds", ()))
+            count = figures.get(("pg_advisory_lock_exporter_poll_duration_seconds_count", ()))
+            interval[name] = figures.get(("pg_advisory_lock_exporter_poll_interval_seconds", ()), math.nan)
+            if stamp is None or count is None or (stamps[name] and stamp == stamps[name][-1]):
+                continue
+            if name in counts and count - counts[name] > 1:
+                stamps[name] = []  # a poll went unseen: start the run of readings anew
+            stamps[name].append(stamp)
+            counts[name] = count
+        time.sleep(0.1)
+    return {name: (interval[name], stamps[name]) for name in names}
+
+
+def test_workers_a_burst_needed_end_when_idle(monkeypatch) -> None:
+    # The chaos run's budget: threads come back to where they were after the faults.
+    from exporter import scheduler as module
+
+    monkeypatch.setattr(module, "IDLE_SECONDS", 0.3)
+    log: list[tuple[str, str, float, float]] = []
+    hung = threading.Event()
+    hung.set()
+    scheduler = Scheduler(max_workers=6)
+    stuck = [FakeTask(f"s{i}", f"hung-{i}", 0.05, log, hung, deadline=0.5) for i in range(4)]
+    quiet = FakeTask("quiet", "ok", 0.05, log)
+    for task in [*stuck, quiet]:
+        scheduler.add(task)
+    try:
+        wait_until(lambda: scheduler.workers >= 5, timeout=5)  # four hung servers' calls, and more
+        for task in stuck:
+            scheduler.remove(task)
+        wait_until(lambda: scheduler.workers <= 2, timeout=10)  # the quiet one's, and the one watching
+        count = len(log)
+        wait_until(lambda: len(log) > count + 5, timeout=5)  # and the calls go on
+    finally:
+        scheduler.stop()
