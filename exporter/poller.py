@@ -19,7 +19,7 @@ from psycopg.rows import class_row, namedtuple_row
 
 from . import queries
 from .config import AUTO_TIMEOUT_FLOOR, Config
-from .connection import break_off, connect, local_timeouts, proven_direct, result_rows
+from .connection import break_off, connect, local_timeouts, result_rows
 from .dsn import error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
 from .assemble import Assembled, Assembler, Caps
@@ -27,7 +27,7 @@ from .chains import read_chains, waits_for
 from .matching import KeyMatcher
 from .naming import ResolvedLock, find_collisions
 from .resolve import resolve_on_server
-from .poolers import PoolerReader
+from .poolers import PoolerReader, why_not_direct
 from .interval import IntervalController
 from .relations import RelationNames
 from .snapshot import Chain, ConsoleStatus, KeyCollision, PollStats, Snapshot
@@ -189,15 +189,11 @@ class Poller:
         itself: a statement prepared through a pooler would stay on a server connection the
         application borrows next. False otherwise, or if the server refuses: the poll is then
         planned at every poll."""
-        pooler = self._poolers.fronting(self._config.dsn)
-        if pooler is not None:
-            log.info("the dsn points at pooler %s: the poll statement is not prepared (it is planned at every poll)",
-                     pooler)
-            return False
-        if not proven_direct(conn, info.server_addr, info.server_port, info.client_addr, info.client_port):
-            log.info("the connection is not proven to reach PostgreSQL itself (a Unix socket, or the server sees "
-                     "other addresses or ports than ours: a pooler, proxy or NAT in between), so the poll statement "
-                     "is not prepared (it is planned at every poll)")
+        why = why_not_direct(self._config.poolers, self._config.dsn, conn, info.server_addr, info.server_port,
+                             info.client_addr, info.client_port)
+        if why is not None:
+            log.info("the poll's connection to %s: %s, so the poll statement is not prepared (it is planned at every "
+                     "poll)", server_name(self._config.dsn), why)
             return False
         try:
             with local_timeouts(conn, self._config.timeout_seconds):

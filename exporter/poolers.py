@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 
 from .config import Config, PoolerConfig
 from .deadline import DEADLINES, StuckCall, resolve
-from .connection import break_off, open_connection, resolve_host
+from .connection import break_off, open_connection, proven_direct, resolve_host
 from .dsn import describe_hosts, dsn_endpoints, error_line, redact
 from .pooled import EMPTY_VIEW, Client, PoolerView, Release, ServerLink, release_after
 from .snapshot import ConsoleStatus
@@ -83,6 +83,24 @@ def pooler_fronting(poolers: tuple[PoolerConfig, ...], dsn: str) -> str | None:
                 return pooler.name
         if any(address in resolve_host(host) for host in pooler.addresses for address, _ in ours):
             return pooler.name
+    return None
+
+
+NOT_PROVEN_DIRECT = ("it is not proven to reach PostgreSQL itself (a Unix socket, or the server sees other addresses "
+                     "or ports than ours: a pooler, proxy or NAT in between)")
+
+
+def why_not_direct(poolers: tuple[PoolerConfig, ...], dsn: str, conn: psycopg.Connection, server_addr: str | None,
+                   server_port: int | None, client_addr: str | None, client_port: int | None) -> str | None:
+    """Why a new connection is not proven to reach PostgreSQL itself, or None when it is: no
+    configured pooler at the dsn's address, and both ends of our TCP socket what the server sees
+    (connection.proven_direct). The poll prepares its statement, and the probe trusts its tries,
+    only on such a connection. Resolves names: call it under a deadline."""
+    pooler = pooler_fronting(poolers, dsn)
+    if pooler is not None:
+        return f"the dsn points at pooler {pooler}"
+    if not proven_direct(conn, server_addr, server_port, client_addr, client_port):
+        return NOT_PROVEN_DIRECT
     return None
 
 
@@ -217,11 +235,6 @@ class PoolerReader:
         each address it resolved to last time (at least one), CONSOLE_TIMEOUT each."""
         consoles = [p for p in self._poolers if p.type is not None and p.dsn is not None]
         return sum(CONSOLE_TIMEOUT * (1 + max(1, self._address_counts.get(p.name, 1))) for p in consoles)
-
-    def fronting(self, dsn: str) -> str | None:
-        """The configured pooler the dsn points at, if any (pooler_fronting). Resolves names:
-        call it under a deadline."""
-        return pooler_fronting(self._poolers, dsn)
 
     def read(self, server_port: int | None = None) -> PoolerView:
         """The view of every pooler now (server_port: the monitored server's port setting, which

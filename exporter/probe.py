@@ -29,10 +29,10 @@ from psycopg.rows import namedtuple_row
 
 from . import keys, queries
 from .config import EXPECT_ANY, EXPECT_FREE, EXPECT_HELD, Config, LockConfig
-from .connection import break_off, connect, proven_direct, result_rows
+from .connection import break_off, connect, result_rows
 from .dsn import database_name, error_line, reconnect_delay, server_name, timeout_ms
 from .logs import LoopErrors
-from .poolers import pooler_fronting
+from .poolers import NOT_PROVEN_DIRECT, why_not_direct
 from .snapshot import ProbeResult
 
 log = logging.getLogger(__name__)
@@ -172,13 +172,9 @@ class Prober:
         at the dsn's address, and both ends of our TCP socket are what the server sees. A session
         pool is not trusted either: its server connection may carry a session lock of a previous
         client where the pooler's reset query does not release advisory locks."""
-        pooler = pooler_fronting(self._config.poolers, self._config.dsn)
-        why = None
-        if pooler is not None:
-            why = f"the dsn points at pooler {pooler}"
-        elif row is None or not proven_direct(conn, row.server_addr, row.server_port, row.client_addr, row.client_port):
-            why = ("it is not proven to reach PostgreSQL itself (a Unix socket, or the server sees other addresses "
-                   "or ports than ours: a pooler, proxy or NAT in between)")
+        why = NOT_PROVEN_DIRECT if row is None else why_not_direct(
+            self._config.poolers, self._config.dsn, conn, row.server_addr, row.server_port, row.client_addr,
+            row.client_port)
         if why != self._unproven_why.get(database):
             if why is not None:
                 log.warning(

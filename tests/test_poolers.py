@@ -278,7 +278,7 @@ def test_the_probe_trusts_no_lock_stranded_on_the_pool_it_connects_through(bounc
 def test_a_wrong_proof_is_caught_when_the_backend_changes(bouncers, caplog, monkeypatch) -> None:
     """The second guard: were a pooled connection ever proven direct (a transparent proxy keeping
     both addresses), the first change of backend between tries still ends its trust."""
-    monkeypatch.setattr("exporter.probe.proven_direct", lambda *args: True)
+    monkeypatch.setattr("exporter.poolers.proven_direct", lambda *args: True)
     bouncer = bouncers(pool_mode="transaction", pool_size=2)
     config = parse_config({"dsn": bouncer.dsn(), "locks": [{"name": "answer", "key": 42, "probe": {"expect": "free"}}]}, "t")
     prober = Prober(config, connect=connect_probe, publish=lambda r: None)
