@@ -162,8 +162,10 @@ def showing_trouble(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0, help="stop by itself after this long (0: until Ctrl-C)")
-    parser.add_argument("--port", type=int, default=10105)
+    parser.add_argument("--port", type=int, default=10105, help="where the exporter listens; 0: a free port")
     args = parser.parse_args()
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port: {args.port} is not a port (0 to 65535)")
 
     cluster = None
     dsn = os.environ.get("DEMO_DSN")
@@ -196,7 +198,7 @@ def main() -> int:
     config_path = os.path.join(workdir, "config.yaml")
     with open(config_path, "w") as handle:
         handle.write(CONFIG.format(dsn=dsn, poolers=poolers))
-    port = args.port
+    port = args.port or free_port()
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
         port = free_port()  # something already answers there

@@ -251,3 +251,9 @@ def test_readme_sample_is_what_the_demo_prints(demo_run: DemoRun) -> None:
     real_text = normalized(real_locks.split("\nlanding page:", 1)[0])
     for line in sample_locks.strip().splitlines():
         assert normalized(line) in real_text, f"not in the demo's `locks`: {line!r}\n{real_locks}"
+
+
+def test_a_port_that_is_no_port_is_refused_before_anything_starts() -> None:
+    done = subprocess.run([sys.executable, "-m", "demo", "--port", "70000"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--port: 70000 is not a port (0 to 65535)" in done.stderr
+    assert "starting a throwaway PostgreSQL" not in done.stdout
