@@ -18,14 +18,13 @@ from exporter import __version__
 from exporter.exposition import Exposition, FleetExposition, Gzipper
 from exporter.format import bound
 from exporter.format import value as format_value
-from exporter.metrics import render, render_fleet, render_parts, shard_text
+from exporter.metrics import render, render_fleet, render_parts
 from exporter.pieces import FamilyTexts
 from exporter.shards import Shard
-from exporter.pooled import Release
 from exporter.snapshot import (
     ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
 )
-from tests.metrics_util import parse, series
+from tests.metrics_util import full_exposition, parse, series
 
 HOLDER = Holder(7, 1.0, frozenset({"exclusive", "shared"}), "app", "u", "10.0.0.1", "idle", 6.5, "42,7")
 SNAPSHOT = Snapshot(
@@ -461,20 +460,7 @@ def test_every_family_is_what_the_metrics_reference_says_it_is_and_its_help_says
     every family written (a single server's with every optional part, and a fleet's) is in the table
     with its type and labels, and the table's meaning begins with the HELP sentence (which may say
     less, never something else)."""
-    holder = Holder(7, 1.0, frozenset({"shared"}), "app", "u", "10.0.0.1", "idle", 4.0, "42,7", "pgb")
-    snapshot = Snapshot(
-        up=True, locks=(LockState("tenants", "app", 1, 1, 4.0, 1, 1.5, 7, 60.0, (holder,), 3, "config", "(42, *)", 2, 1,
-                                  blocked_holders=1, blocked_holder_wait_seconds=2.5, expect_every=3600.0,
-                                  blocked_info=(holder,)),),
-        unnamed=(UnnamedLocks("app", 2, 1, 2.0, 0.25, (holder,), 30.0, 1, 1, 0.75),),
-        collisions=(KeyCollision("a", "b", "app"),), consoles=(ConsoleStatus("pgb", "127.0.0.1:6432", True, 0.004),),
-        releases={("tenants", "app"): Release(30.0, "server_lifetime", 7)},
-        stats=PollStats(polls=1, duration_buckets=((0.01, 1),), last_success_timestamp=1.0, last_success_round_trip=0.002),
-        taken_at=10.0,
-    )
-    probes = (ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),)
-    text = render(snapshot, probes, ReloadStatus(True, 1.0)).decode() + \
-        render_fleet({"orders": snapshot}, ReloadStatus(True, 1.0)).decode() + shard_text(Shard(1, 4), 3)
+    text = full_exposition()
     readme = _readme_metrics()
     written = set()
     for family in text_string_to_metric_families(text):

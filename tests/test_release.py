@@ -16,13 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
 from exporter.cli import build_parser
-from exporter.metrics import render, render_fleet, shard_text
-from exporter.pooled import Release
-from exporter.shards import Shard
-from exporter.snapshot import (
-    ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
-)
-from tests.metrics_util import series
+from exporter.metrics import render
+from exporter.snapshot import ReloadStatus, Snapshot
+from tests.metrics_util import full_exposition, series
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANGELOG = ROOT / "CHANGELOG.md"
@@ -34,19 +30,7 @@ SECTIONS = {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
 def exposed_families() -> set[str]:
     """Every family the exporter writes, as its HELP lines name them: a single server's exposition
     with every optional part, a fleet's /metrics and a shard's figures (as test_metrics reads them)."""
-    holder = Holder(7, 1.0, frozenset({"shared"}), "app", "u", "10.0.0.1", "idle", 4.0, "42,7", "pgb")
-    snapshot = Snapshot(
-        up=True, locks=(LockState("tenants", "app", 1, 1, 4.0, 1, 1.5, 7, 60.0, (holder,), 3, "config", "(42, *)", 2, 1,
-                                  blocked_holders=1, blocked_holder_wait_seconds=2.5, expect_every=3600.0),),
-        unnamed=(UnnamedLocks("app", 2, 1, 2.0, 0.25, (holder,), 30.0, 1, 1, 0.75),),
-        collisions=(KeyCollision("a", "b", "app"),), consoles=(ConsoleStatus("pgb", "127.0.0.1:6432", True, 0.004),),
-        releases={("tenants", "app"): Release(30.0, "server_lifetime", 7)},
-        stats=PollStats(polls=1, duration_buckets=((0.01, 1),), last_success_timestamp=1.0, last_success_round_trip=0.002),
-        taken_at=10.0,
-    )
-    probes = (ProbeResult("leader", "app", True, True, 0.01, 0, 1.0),)
-    text = render(snapshot, probes, ReloadStatus(True, 1.0)).decode() + \
-        render_fleet({"orders": snapshot}, ReloadStatus(True, 1.0)).decode() + shard_text(Shard(1, 4), 3)
+    text = full_exposition()
     return {family.name + ("_total" if family.type == "counter" else "")
             for family in text_string_to_metric_families(text) if family.name.startswith("pg_advisory_lock")}
 
