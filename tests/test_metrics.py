@@ -18,7 +18,7 @@ from exporter import __version__
 from exporter.exposition import Exposition, FleetExposition, Gzipper
 from exporter.format import bound
 from exporter.format import value as format_value
-from exporter.metrics import render, render_fleet, render_parts
+from exporter.metrics import render, render_parts
 from exporter.pieces import FamilyTexts
 from exporter.shards import Shard
 from exporter.snapshot import (
