@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import signal
 import subprocess
-import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -20,7 +18,7 @@ from exporter.shards import Shard, ShardError, advertised_address, jump_hash, pa
 from tests.conftest import OTHER_DB, wait_until
 from tests.exporter_proc import ExporterProcess
 from tests.metrics_util import parse, up
-from tests.pgcluster import free_port
+from tests.prometheus_util import running_prometheus
 
 LEADER = [{"name": "leader", "key": 4242}]
 
@@ -390,32 +388,14 @@ def test_one_server_is_shard_0_of_1(exporters, server) -> None:
 
 @pytest.mark.slow
 def test_a_real_prometheus_scrapes_every_target_once_from_its_owner(exporters, server, tmp_path) -> None:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus not found: `make tools` unpacks Debian's prometheus into the project's cache (tools/fetch.py)")
     names = ["orders", "billing", "shipping", "users", "search", "ledger"]
     procs = start_shards(exporters, server, names)
-    port = free_port()
     config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [
         {"job_name": "pg-advisory-lock-exporter",
          "http_sd_configs": [{"url": f"{p.url}/sd", "refresh_interval": "1s"} for p in procs]},
         {"job_name": "pg-advisory-lock-exporter-self", "static_configs": [{"targets": [p.url[7:] for p in procs]}]},
     ]}
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "prometheus.log", "wb")
-    prometheus = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                   f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                  stdout=log, stderr=subprocess.STDOUT)
-
-    def query(expr: str) -> list[dict]:
-        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())["data"]["result"]
-        except OSError:
-            return []
-
-    try:
+    with running_prometheus(tmp_path, config) as query:
         ups = wait_until(lambda: len(query('pg_advisory_lock_exporter_up{job="pg-advisory-lock-exporter"} == 1')) == 6
                          and query('pg_advisory_lock_exporter_up{job="pg-advisory-lock-exporter"}'), timeout=90, interval=0.5)
         assert sorted(r["metric"]["instance"] for r in ups) == sorted(names)
@@ -428,7 +408,3 @@ def test_a_real_prometheus_scrapes_every_target_once_from_its_owner(exporters, s
         assert sorted(r["metric"]["shard_ordinal"] for r in shards) == ["0", "1"]
         owned = query("sum(pg_advisory_lock_exporter_targets)")
         assert owned and owned[0]["value"][1] == "6"
-    finally:
-        prometheus.terminate()
-        prometheus.wait(10)
-        log.close()

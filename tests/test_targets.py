@@ -179,18 +179,9 @@ def test_series_of_a_target_say_who(exporters, server, sessions) -> None:
 @pytest.mark.slow
 def test_a_real_prometheus_scrapes_each_target_as_an_instance(exporters, server, tmp_path) -> None:
     """The scrape config docs/fleet.md gives: the blackbox pattern, __address__ into ?target=."""
-    import json
-    import shutil
-    import subprocess
-    import urllib.parse
+    from tests.prometheus_util import running_prometheus
 
-    from tests.pgcluster import free_port
-
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus not found: `make tools` unpacks Debian's prometheus into the project's cache (tools/fetch.py)")
     proc = exporters(fleet_config(server))
-    port = free_port()
     config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [
         {"job_name": "pg-advisory-lock-exporter-exporter", "static_configs": [{"targets": [f"127.0.0.1:{proc.port}"]}]},
         {"job_name": "pg-advisory-lock-exporter", "metrics_path": "/probe",
@@ -201,28 +192,10 @@ def test_a_real_prometheus_scrapes_each_target_as_an_instance(exporters, server,
              {"target_label": "__address__", "replacement": f"127.0.0.1:{proc.port}"},
          ]},
     ]}
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "prometheus.log", "wb")
-    prometheus = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                   f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                  stdout=log, stderr=subprocess.STDOUT)
-
-    def query(expr: str) -> list[dict]:
-        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())["data"]["result"]
-        except OSError:
-            return []
-
-    try:
+    with running_prometheus(tmp_path, config) as query:
         results = wait_until(lambda: len(query("pg_advisory_lock_exporter_up == 1")) == 2 and query(
             "pg_advisory_lock_exporter_up == 1"), timeout=60, interval=0.5)
         assert sorted(r["metric"]["instance"] for r in results) == ["billing", "orders"]
         # The exporter's own job is scraped on its own schedule: wait for its first scrape too.
         health = wait_until(lambda: query("pg_advisory_lock_exporter_target_up"), timeout=60, interval=0.5)
         assert {r["metric"]["target"] for r in health} == {"billing", "orders"}
-    finally:
-        prometheus.terminate()
-        prometheus.wait(10)
-        log.close()
