@@ -6,7 +6,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
