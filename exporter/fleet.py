@@ -97,6 +97,10 @@ class Target:
                       ProbeTask(self.prober, turn, config.name))
         # A poll's publication and the watchdog's replacement, each with its word to the fleet's view.
         self._publishing = threading.Lock()
+        # Set under _publishing by stop(): a call running then (a hung server's, the usual reason a
+        # target is removed) publishes nothing when it returns or gives up, so the fleet's view,
+        # which forgot this target (or holds the target of that name on its new server), keeps it so.
+        self._stopped = False
 
     @property
     def name(self) -> str:
@@ -104,6 +108,8 @@ class Target:
 
     def _publish(self, snapshot: Snapshot) -> None:
         with self._publishing:
+            if self._stopped:
+                return
             self.exposition.publish(snapshot)
             if self._on_snapshot is not None:
                 self._on_snapshot(self.name, snapshot)
@@ -130,6 +136,8 @@ class Target:
             return False
         stale = Snapshot(up=False, stats=snapshot.stats)
         with self._publishing:  # the fleet's view gets the same snapshot as the exposition, in order
+            if self._stopped:
+                return False
             if not self.exposition.publish_instead_of(snapshot, stale):
                 return False  # a poll published meanwhile: not stale after all
             if self._on_snapshot is not None:
@@ -155,7 +163,9 @@ class Target:
 
     def stop(self) -> None:
         """No call of this target starts from now on; one running ends by itself (under its
-        deadline) and its connections are closed then."""
+        deadline) and its connections are closed then; it publishes nothing."""
+        with self._publishing:
+            self._stopped = True
         for task in self.tasks:
             self._scheduler.remove(task)
         self.exposition.stop()

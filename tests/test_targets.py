@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import signal
+import threading
 import urllib.error
 import urllib.request
 
@@ -12,6 +13,9 @@ import pytest
 import yaml
 
 from exporter.config import ConfigError, parse_fleet
+from exporter.fleet import Runtime
+from exporter.poller import Poller
+from exporter.snapshot import PollStats, Snapshot
 from tests.conftest import OTHER_DB, needs_own_clusters, wait_until
 from tests.exporter_proc import ExporterProcess
 from tests.metrics_util import parse, series, up
@@ -199,3 +203,38 @@ def test_a_real_prometheus_scrapes_each_target_as_an_instance(exporters, server,
         # The exporter's own job is scraped on its own schedule: wait for its first scrape too.
         health = wait_until(lambda: query("pg_advisory_lock_exporter_target_up"), timeout=60, interval=0.5)
         assert {r["metric"]["target"] for r in health} == {"billing", "orders"}
+
+
+def test_a_target_removed_while_its_poll_hangs_stays_off_the_fleets_metrics(monkeypatch) -> None:
+    # A target is removed mostly when its server is dead, so while its poll hangs: the poll's late
+    # publication (when it returns, or is given up) must not bring it back on /metrics' target_up.
+    release, running, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def poll_once(self: Poller, ticket: object = None) -> Snapshot:
+        running.set()
+        release.wait(10)  # a hung server's poll
+        return Snapshot(up=False, stats=PollStats())
+
+    def close(self: Poller) -> None:
+        if running.is_set():
+            closed.set()  # the scheduler closes it after its call returned, and published
+
+    monkeypatch.setattr(Poller, "poll_once", poll_once)
+    monkeypatch.setattr(Poller, "close", close)
+    monkeypatch.setattr(Poller, "deadline", lambda self: 30.0)
+    runtime = Runtime(parse_fleet({"targets": {"gone": {"dsn": "host=127.0.0.1 port=1"}}}, "t"), "/metrics")
+    runtime.start()
+    try:
+        assert running.wait(5)
+        runtime.apply(parse_fleet({"targets": {"stays": {"dsn": "host=127.0.0.2 port=1"}}}, "t"))
+        release.set()
+        assert closed.wait(5)
+        assert runtime.health is not None
+        runtime.health.render_now()
+        targets = {labels for (name, labels) in parse(runtime.health.body().decode())
+                   if name == "pg_advisory_lock_exporter_target_up"}
+        assert (("target", "gone"),) not in targets, targets
+    finally:
+        release.set()
+        runtime.stop()
+
