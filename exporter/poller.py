@@ -149,6 +149,7 @@ class Poller:
         self._last_error: str | None = None
         self._stats_lock = threading.Lock()
         self._pending_config: Config | None = None
+        self._pending_lock = threading.Lock()
         self.server: ServerInfo | None = None
 
     # -- connection ---------------------------------------------------------------------
@@ -463,11 +464,13 @@ class Poller:
 
     def reconfigure(self, config: Config) -> None:
         """Use a new config from the next poll on (reconnecting, so keys are resolved anew)."""
-        self._pending_config = config
+        with self._pending_lock:
+            self._pending_config = config
 
     def apply_pending_config(self) -> None:
         """A reload's config, between two polls (never while one runs)."""
-        config, self._pending_config = self._pending_config, None
+        with self._pending_lock:  # read and cleared at once: a reload in between is not lost
+            config, self._pending_config = self._pending_config, None
         if config is not None:
             self.close()
             if config.interval_budget != self._config.interval_budget:

@@ -129,6 +129,7 @@ class Prober:
         self._results: dict[str, ProbeResult] = {}
         self._results_lock = threading.Lock()
         self._pending_config: Config | None = None
+        self._pending_lock = threading.Lock()
         # The connection the try in progress uses, or is opening: the one its deadline breaks off.
         self._in_use: psycopg.Connection | None = None
         self._opening: psycopg.Connection | None = None
@@ -286,11 +287,13 @@ class Prober:
 
     def reconfigure(self, config: Config) -> None:
         """Use a new config from the next try on; error counts of kept locks carry over."""
-        self._pending_config = config
+        with self._pending_lock:
+            self._pending_config = config
 
     def apply_pending_config(self) -> bool:
         """A reload's config, between two tries (never while one runs); whether there was one."""
-        config, self._pending_config = self._pending_config, None
+        with self._pending_lock:  # read and cleared at once: a reload in between is not lost
+            config, self._pending_config = self._pending_config, None
         if config is None:
             return False
         self.close()

@@ -12,9 +12,10 @@ import bcrypt
 import pytest
 import yaml
 
-from exporter.config import ConfigError, parse_fleet
+from exporter.config import ConfigError, parse_config, parse_fleet
 from exporter.fleet import Runtime
 from exporter.poller import Poller
+from exporter.probe import Prober
 from exporter.snapshot import PollStats, Snapshot
 from tests.conftest import OTHER_DB, needs_own_clusters, wait_until
 from tests.exporter_proc import ExporterProcess
@@ -238,3 +239,40 @@ def test_a_target_removed_while_its_poll_hangs_stays_off_the_fleets_metrics(monk
         release.set()
         runtime.stop()
 
+
+@pytest.mark.parametrize("kind", ["poller", "prober"])
+def test_a_reload_between_reading_and_clearing_the_pending_config_is_not_lost(kind: str) -> None:
+    # apply_pending_config reads the reload's config and clears it; a reload landing in between
+    # (another SIGHUP while the call starts) must be applied at the next call, not dropped.
+    first = parse_config({"dsn": "host=h", "poll_interval": "10s", "locks": [{"name": "a", "key": 1, "probe": {}}]}, "t")
+    second = parse_config({"dsn": "host=h", "poll_interval": "20s", "locks": [{"name": "b", "key": 2, "probe": {}}]}, "t")
+    base = Poller if kind == "poller" else Prober
+
+    class Racing(base):  # type: ignore[valid-type, misc]
+        """Another reload comes in just as apply_pending_config has read the pending config."""
+
+        reloads: list[threading.Thread] = []
+
+        @property
+        def _pending_config(self):  # type: ignore[override]
+            pending = self.__dict__.get("pending")
+            if pending is not None and not self.reloads:
+                reload = threading.Thread(target=self.reconfigure, args=(second,), daemon=True)
+                self.reloads.append(reload)
+                reload.start()
+                reload.join(0.2)  # it waits for the reader, if the reader holds a lock
+            return pending
+
+        @_pending_config.setter
+        def _pending_config(self, config) -> None:  # type: ignore[no-untyped-def]
+            self.__dict__["pending"] = config
+
+    racing = Racing(first, lambda *a: None, lambda *a: None)
+    racing.reconfigure(first)
+    racing.apply_pending_config()
+    racing.reloads[0].join(5)
+    racing.apply_pending_config()
+    if kind == "poller":
+        assert racing.interval == 20.0
+    else:
+        assert [lock.name for lock in racing.locks] == ["b"]
