@@ -88,8 +88,12 @@ class Deadlines:
         with self._cond:
             heapq.heappush(self._heap, (watch.at, next(self._order), watch))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="deadlines", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._loop, name="deadlines", daemon=True)
+                try:
+                    thread.start()
+                    self._thread = thread
+                except RuntimeError as exc:  # out of threads: the next watch tries again, and fires this one then
+                    log.error("could not start the deadline watcher (%s): tried again at the next deadline set", exc)
             self._cond.notify()
         return watch
 
@@ -151,9 +155,12 @@ class _Resolvers:
         with self._lock:
             self._jobs.put(job)
             if not self._idle and self._threads < RESOLVERS:
-                self._threads += 1
-                self._idle += 1
-                threading.Thread(target=self._work, name="resolve", daemon=True).start()
+                try:  # started first, counted on success: a failed start leaves no phantom idle thread
+                    threading.Thread(target=self._work, name="resolve", daemon=True).start()
+                    self._threads += 1
+                    self._idle += 1
+                except RuntimeError as exc:  # out of threads: this lookup waits its deadline; the next tries again
+                    log.error("could not start a resolver thread (%s)", exc)
         return done, box, cancelled
 
     def _work(self) -> None:

@@ -281,8 +281,12 @@ class Renderer:
                 return
             self._pending[exposition] = None
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="render", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._loop, name="render", daemon=True)
+                try:
+                    thread.start()
+                    self._thread = thread
+                except RuntimeError as exc:  # out of threads: kept pending, the next change tries again
+                    log.error("could not start the renderer thread (%s): tried again at the next change", exc)
             self._cond.notify()
 
     def forget(self, exposition: Exposition) -> None:

@@ -211,9 +211,21 @@ class Scheduler:
     def _spawn(self) -> None:
         if len(self._workers) < self.max_workers and not self._stopping:
             thread = threading.Thread(target=self._work, name=f"worker-{next(self._names)}", daemon=True)
+            try:
+                thread.start()  # it waits for _lock (ours): counted below before it looks
+            except RuntimeError as exc:  # out of threads (pids limit, memory): the workers there are go on
+                log.error("could not start a worker thread (%s): %d workers go on, another is tried when a "
+                          "call is due and none is idle", exc, len(self._workers))
+                if not self._workers:  # none to call what is due, nor to try again: the watcher tries
+                    self._deadlines.watch(RETRY_SECONDS, self._respawn)
+                return
             self._workers.append(thread)
             self._idle += 1
-            thread.start()
+
+    def _respawn(self) -> None:
+        with self._lock:
+            if not self._idle:
+                self._spawn()
 
     def _take(self, now: float) -> Task | None:
         """The earliest task due now whose turn is free, its turn taken; those due whose turn is

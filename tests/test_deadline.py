@@ -82,3 +82,38 @@ def test_resolver_threads_a_hung_resolver_needed_end_when_idle() -> None:
             break
         time.sleep(0.05)
     assert pool._threads == 0  # noqa: SLF001 - both ended, idle
+
+
+def _no_thread_named(name: str, monkeypatch) -> list[str]:
+    """threading.Thread.start fails once for the first thread called name (out of threads)."""
+    original = threading.Thread.start
+    failed: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name == name and not failed:
+            failed.append(name)
+            raise RuntimeError("can't start new thread")
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return failed
+
+
+def test_a_watcher_that_could_not_start_is_started_by_the_next_deadline_and_fires_both(monkeypatch) -> None:
+    failed = _no_thread_named("deadlines", monkeypatch)
+    watcher = Deadlines()
+    first, second = threading.Event(), threading.Event()
+    watcher.watch(0.01, first.set)  # does not raise: the call it watches goes on
+    assert failed
+    watcher.watch(0.01, second.set)
+    assert first.wait(5) and second.wait(5)
+
+
+def test_a_resolver_that_could_not_start_leaves_no_phantom_idle_thread(monkeypatch, caplog) -> None:
+    failed = _no_thread_named("resolve", monkeypatch)
+    resolvers = deadline._Resolvers()  # noqa: SLF001 - a pool of its own, none idle yet
+    monkeypatch.setattr(deadline, "_resolvers", resolvers)
+    with pytest.raises(StuckCall):
+        resolve(lambda: 1, 0.05, "x")  # no thread to run it: waited for its deadline only
+    assert failed and "could not start a resolver thread" in caplog.text
+    assert resolve(lambda: 42, 5, "x") == 42  # the next one starts a thread

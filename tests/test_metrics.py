@@ -10,12 +10,13 @@ import math
 import random
 import re
 import sys
+import threading
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
-from exporter.exposition import Exposition, FleetExposition, Gzipper
+from exporter.exposition import Exposition, FleetExposition, Gzipper, Renderer
 from exporter.format import bound
 from exporter.format import value as format_value
 from exporter.metrics import render, render_parts
@@ -24,7 +25,8 @@ from exporter.shards import Shard
 from exporter.snapshot import (
     ConsoleStatus, Holder, KeyCollision, LockState, PollStats, ProbeResult, ReloadStatus, Snapshot, UnnamedLocks,
 )
-from tests.metrics_util import full_exposition, parse, series
+from tests.conftest import wait_until
+from tests.metrics_util import full_exposition, parse, series, up
 
 HOLDER = Holder(7, 1.0, frozenset({"exclusive", "shared"}), "app", "u", "10.0.0.1", "idle", 6.5, "42,7")
 SNAPSHOT = Snapshot(
@@ -536,4 +538,26 @@ def test_a_fleets_metrics_render_at_most_a_share_of_the_time_but_health_at_once(
         assert parse(fleet.body().decode())[("pg_advisory_lock_exporter_target_up", (("target", "a"),))] == 0
     finally:
         fleet.stop()
+        renderer.stop()
+
+
+def test_a_renderer_that_could_not_start_its_thread_starts_it_at_the_next_change(monkeypatch) -> None:
+    original = threading.Thread.start
+    failed: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "render" and not failed:
+            failed.append(self.name)
+            raise RuntimeError("can't start new thread")  # out of threads
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    renderer = Renderer()
+    exposition = Exposition()
+    try:
+        exposition.start(renderer)
+        assert failed
+        exposition.publish(SNAPSHOT)
+        wait_until(lambda: up(exposition.body().decode()) == 1, timeout=5)
+    finally:
         renderer.stop()

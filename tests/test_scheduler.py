@@ -255,3 +255,50 @@ def test_workers_a_burst_needed_end_when_idle(monkeypatch) -> None:
         wait_until(lambda: len(log) > count + 5, timeout=5)  # and the calls go on
     finally:
         scheduler.stop()
+
+
+def test_a_failed_thread_start_leaves_the_scheduler_calling_on_the_workers_there_are(monkeypatch) -> None:
+    # Out of threads (a pids limit, memory): the worker that could not start another goes on with its
+    # call, its server's turn is given back, and no phantom idle worker stops the next from starting.
+    original = threading.Thread.start
+    failed: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("worker-") and self.name != "worker-0" and not failed:
+            failed.append(self.name)
+            raise RuntimeError("can't start new thread")
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    log: list[tuple[str, str, float, float]] = []
+    scheduler = Scheduler(max_workers=4)
+    try:
+        scheduler.add(FakeTask("a", "s1", 0.05, log))
+        wait_until(lambda: failed, timeout=5)
+        monkeypatch.setattr(threading.Thread, "start", original)
+        scheduler.add(FakeTask("b", "s2", 0.05, log))
+        wait_until(lambda: sum(name == "a" for name, *_ in log) >= 3 and sum(name == "b" for name, *_ in log) >= 3,
+                   timeout=10)
+    finally:
+        scheduler.stop()
+
+
+def test_a_first_worker_that_cannot_start_is_tried_again(monkeypatch) -> None:
+    original = threading.Thread.start
+    failed: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("worker-") and not failed:
+            failed.append(self.name)
+            raise RuntimeError("can't start new thread")
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    log: list[tuple[str, str, float, float]] = []
+    scheduler = Scheduler(max_workers=2)
+    try:
+        scheduler.add(FakeTask("a", "s1", 0.05, log))  # no worker at all: nothing else would call it
+        wait_until(lambda: len(log) >= 3, timeout=10)
+    finally:
+        scheduler.stop()
+
