@@ -52,9 +52,10 @@ IDLE_SECONDS = 60.0
 class Task:
     """One recurring piece of work of one target, one call at a time. The scheduler calls, from one
     worker: start() (the call's deadline in seconds, or None when there is nothing to call now),
-    then call() unless start said None, then next_delay(); give_up() from the deadline watcher,
-    while call() runs, if the deadline passes first. close() once, after the task is removed and
-    no call of it runs."""
+    then call() unless start said None, then next_delay(); from the deadline watcher, if the
+    deadline passes before call() returns, the give-up that give_up_action() returned right after
+    start (bound to that call: the watcher may run it late, once the next call has started, and it
+    must not break that one off). close() once, after the task is removed and no call of it runs."""
 
     name = ""
 
@@ -70,6 +71,11 @@ class Task:
     def give_up(self) -> None:
         raise NotImplementedError
 
+    def give_up_action(self) -> Callable[[], None]:
+        """The give-up of the call start() just began (a task whose give_up reads no per-call
+        state may keep this default)."""
+        return self.give_up
+
     def next_delay(self) -> float:
         """Seconds until this task is due again (math.inf: until woken)."""
         raise NotImplementedError
@@ -83,7 +89,7 @@ def run_call(task: Task, deadlines: Deadlines = DEADLINES) -> float:
     returns when the call does (at once after its give-up breaks it off), with when it is due again."""
     deadline = task.start()
     if deadline is not None:
-        watch = deadlines.watch(deadline, task.give_up)
+        watch = deadlines.watch(deadline, task.give_up_action())
         try:
             task.call()
         finally:
@@ -366,9 +372,13 @@ class PollTask(Task):
         if self._once.take():
             self._finish(snapshot)
 
-    def give_up(self) -> None:
-        if self._once.take():
-            self._finish(self._poller.give_up(self._ticket, self._deadline))
+    def give_up_action(self) -> Callable[[], None]:
+        once, ticket, deadline = self._once, self._ticket, self._deadline  # this call's, not the next's
+
+        def give_up() -> None:
+            if once.take():
+                self._finish(self._poller.give_up(ticket, deadline))
+        return give_up
 
     def _finish(self, snapshot: Snapshot) -> None:
         """Publish the poll's snapshot and set when the next is due. Nothing raises out of here:
@@ -436,11 +446,15 @@ class ProbeTask(Task):
         if self._once.take():
             self._prober.publish()
 
-    def give_up(self) -> None:
+    def give_up_action(self) -> Callable[[], None]:
         assert self._index is not None
-        if self._once.take():
-            self._prober.give_up(self._prober.locks[self._index], self._deadline)
-            self._prober.publish()
+        once, lock, deadline = self._once, self._prober.locks[self._index], self._deadline  # this call's
+
+        def give_up() -> None:
+            if once.take():
+                self._prober.give_up(lock, deadline)
+                self._prober.publish()
+        return give_up
 
     def next_delay(self) -> float:
         if not self._prober.locks:

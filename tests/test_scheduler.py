@@ -7,12 +7,14 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from exporter.config import ConfigError, parse_fleet
-from exporter.scheduler import Scheduler, Task
+from exporter.config import ConfigError, parse_config, parse_fleet
+from exporter.scheduler import PollTask, ProbeTask, Scheduler, Task, run_call
+from exporter.snapshot import PollStats, Snapshot
 from tests.conftest import needs_own_clusters, wait_until
 from tests.metrics_util import parse
 from tests.pgcluster import Cluster
@@ -301,4 +303,100 @@ def test_a_first_worker_that_cannot_start_is_tried_again(monkeypatch) -> None:
         wait_until(lambda: len(log) >= 3, timeout=10)
     finally:
         scheduler.stop()
+
+
+class HeldDeadlines:
+    """A deadline watcher held up: the actions set are run when the test says."""
+
+    def __init__(self) -> None:
+        self.actions: list[Callable[[], None]] = []
+
+    def watch(self, seconds: float, action: Callable[[], None]) -> "HeldDeadlines":
+        self.actions.append(action)
+        return self
+
+    def cancel(self) -> bool:
+        return False  # fired already, as far as the call knows: the watcher is about to run it
+
+
+class FakePoller:
+    interval = 1.0
+
+    def __init__(self) -> None:
+        self.given_up: list[object] = []
+        self.published: list[Snapshot] = []
+
+    def _clock(self) -> float:
+        return time.monotonic()
+
+    def apply_pending_config(self) -> None:
+        pass
+
+    def deadline(self) -> float:
+        return 5.0
+
+    def poll_once(self, ticket: object) -> Snapshot:
+        return Snapshot(up=True, stats=PollStats())
+
+    def give_up(self, ticket: object, deadline: float) -> Snapshot:
+        self.given_up.append(ticket)
+        return Snapshot(up=False, stats=PollStats())
+
+    def publish(self, snapshot: Snapshot) -> None:
+        self.published.append(snapshot)
+
+    def backoff(self, failures: int) -> float:
+        return 1.0
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_give_up_run_late_is_its_own_calls_and_never_breaks_off_the_next() -> None:
+    # The watcher fired at the first call's deadline, and was held up before running its give-up
+    # while that call returned and the next started: the give-up is the first call's (over: nothing
+    # to do), not the second's (which it would break off, and count as failed).
+    poller = FakePoller()
+    task = PollTask(poller, None)  # type: ignore[arg-type]
+    watcher = HeldDeadlines()
+    run_call(task, watcher)  # type: ignore[arg-type]
+    assert task.start() is not None  # the next call starts ...
+    watcher.actions[0]()  # ... and the first call's give-up runs now
+    assert poller.given_up == [] and [s.up for s in poller.published] == [True]
+
+
+def test_a_probes_give_up_run_late_is_its_own_tries() -> None:
+    prober = FakeProber()
+    task = ProbeTask(prober, None, clock=lambda: 1000.0)  # type: ignore[arg-type]
+    watcher = HeldDeadlines()
+    run_call(task, watcher)  # type: ignore[arg-type]
+    task.start()  # the next try starts (no lock due: it starts nothing) ...
+    watcher.actions[0]()  # ... and the first try's give-up runs now
+    assert prober.given_up == []
+
+
+class FakeProber:
+    def __init__(self) -> None:
+        self.locks = parse_config({"dsn": "host=h", "locks": [{"name": "a", "key": 1, "probe": {"interval": "5s"}},
+                                                              {"name": "b", "key": 2, "probe": {"interval": "5s"}}]},
+                                  "t").probed
+        self.given_up: list[str] = []
+
+    def apply_pending_config(self) -> bool:
+        return False
+
+    def deadline(self) -> float:
+        return 5.0
+
+    def try_lock(self, lock: object) -> None:
+        pass
+
+    def give_up(self, lock: object, deadline: float) -> None:
+        self.given_up.append(str(lock))
+
+    def publish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
