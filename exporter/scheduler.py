@@ -287,6 +287,8 @@ class Scheduler:
         """A call of task returned: its turn goes to the earliest call waiting for it; the task is
         due again after delay. Whether the task was removed meanwhile (to be closed)."""
         self._running.discard(task)
+        woken = task in self._woken
+        self._woken.discard(task)  # removed or not: a removed task must not stay here with its poller
         if task.turn is not None:
             self._taken.discard(task.turn)
             waiting = self._waiting.get(task.turn)
@@ -297,8 +299,7 @@ class Scheduler:
                 del self._waiting[task.turn]
         if task not in self._tasks:
             return True
-        if task in self._woken:
-            self._woken.discard(task)
+        if woken:
             delay = 0.0
         if delay != math.inf:
             self._push(task, self._clock() + max(delay, 0.0))

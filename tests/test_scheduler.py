@@ -3,10 +3,12 @@ deadline, one call per server at a time, and a hung server delays no other serve
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -400,3 +402,33 @@ class FakeProber:
     def close(self) -> None:
         pass
 
+
+def test_a_task_removed_while_woken_is_not_kept_with_its_poller() -> None:
+    # Woken (a reload) while its call ran, then removed (another reload) before the call returned:
+    # the scheduler lets go of it, and of everything it holds, once that call returns.
+    entered, release = threading.Event(), threading.Event()
+
+    class Held(Task):
+        def start(self) -> None:
+            entered.set()
+            release.wait(10)
+            return None
+
+        def next_delay(self) -> float:
+            return 0.05
+
+    scheduler = Scheduler(max_workers=1)
+    task = Held("s")
+    gone = weakref.ref(task)
+    scheduler.add(task)
+    try:
+        assert entered.wait(5)
+        scheduler.wake(task)
+        scheduler.remove(task)
+        del task
+        release.set()
+    finally:
+        scheduler.stop()
+    wait_until(lambda: scheduler.workers == 0, timeout=5)
+    gc.collect()
+    assert gone() is None
