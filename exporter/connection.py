@@ -190,7 +190,8 @@ def with_addresses(conninfo_text: str, timeout: float) -> str:
     host stays for TLS verification and the password file; a name with several addresses becomes
     one host entry per address, in the resolver's order, as psycopg makes one attempt per address;
     a name that cannot be looked up is left out, as psycopg leaves it, and when none can the error
-    is psycopg's. A Unix socket, an address, or a host given its hostaddr is kept as it is."""
+    is psycopg's. An address is its own hostaddr (as psycopg makes it); a Unix socket, or a host
+    given its hostaddr, is kept as it is; a dsn with no name to look up is returned unchanged."""
     params = conninfo.conninfo_to_dict(conninfo_text)
     hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
     hostaddrs = str(params.get("hostaddr") or os.environ.get("PGHOSTADDR") or "").split(",")
