@@ -1,15 +1,18 @@
 """The exporter's connections: open them (setting nothing on the session), bound each transaction
-with LOCAL settings, prove a connection reaches PostgreSQL itself, resolve host names, and find a
-result among those of a multi-statement string. Everything here talks to a server or the network."""
+with LOCAL settings, prove a connection reaches PostgreSQL itself, look host names up (under a
+deadline: deadline.resolve), and find a result among those of a multi-statement string.
+Everything here talks to a server or the network."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import math
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +20,8 @@ import psycopg
 from psycopg import conninfo
 
 from . import queries
-from .dsn import LIBPQ_DEFAULT_PORT, normal_address, timeout_ms
+from .deadline import StuckCall, lookup
+from .dsn import normal_address, timeout_ms
 
 
 def connect(
@@ -40,7 +44,7 @@ def connect(
         except OSError as exc:
             raise psycopg.OperationalError(f"password_file: cannot read {password_file!r}: {exc.strerror}") from None
     return open_connection(
-        conninfo.make_conninfo(dsn, **extra) if extra else dsn,
+        with_addresses(conninfo.make_conninfo(dsn, **extra) if extra else dsn, timeout_seconds),
         application_name=application_name,
         # libpq takes whole seconds and treats anything below 2 as 2.
         connect_timeout=max(2, math.ceil(timeout_seconds)),
@@ -141,14 +145,84 @@ def proven_direct(conn: psycopg.Connection, server_addr: str | None, server_port
         (normal_address(peer[0]), peer[1]) == (normal_address(server_addr), server_port)
 
 
-def resolve_host(host: str, port: int = LIBPQ_DEFAULT_PORT) -> set[object]:
-    """The addresses a host name (or address) stands for now; itself when it cannot be resolved."""
-    if host.startswith("/"):
-        return {host}
+def _is_address(host: str) -> bool:
     try:
-        return {normal_address(str(info[4][0])) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-    except OSError:
-        return {normal_address(host)}
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _local(host: str) -> bool:
+    """A Unix socket directory (or a Windows path, as psycopg sees it): no name to look up."""
+    return host.startswith(("/", "@")) or host[1:2] == ":"
+
+
+def _getaddrinfo(host: str) -> tuple[str, ...]:
+    """Every TCP address of host, in the resolver's order (libpq tries them in it)."""
+    infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP, type=socket.SOCK_STREAM)
+    return tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def lookup_addresses(hosts: list[str], timeout: float) -> dict[str, tuple[str, ...] | Exception]:
+    """Each host name's addresses, or why it has none (OSError, or StuckCall when its lookup did not
+    return within timeout): looked up at once, each on a resolver thread (deadline.lookup, shared
+    with everyone asking for that name), all waited for within timeout together, so a hung name
+    never holds the caller longer and never delays the others. An address is its own answer."""
+    pending = {host: lookup(("getaddrinfo", host), lambda h=host: _getaddrinfo(h))
+               for host in dict.fromkeys(hosts) if not _is_address(host) and not _local(host)}
+    found: dict[str, tuple[str, ...] | Exception] = {host: (host,) for host in hosts if host not in pending}
+    ends = time.monotonic() + timeout
+    for host, waiting in pending.items():
+        try:
+            found[host] = waiting.wait(max(0.0, ends - time.monotonic()), f"name resolution of {host!r}")
+        except StuckCall:
+            found[host] = StuckCall(f"name resolution of {host!r} did not return within {timeout:g}s")
+        except OSError as exc:
+            found[host] = exc
+    return found
+
+
+def with_addresses(conninfo_text: str, timeout: float) -> str:
+    """conninfo_text with every host name it lists looked up now, within timeout (lookup_addresses),
+    and given as hostaddr: psycopg would look them up itself, on the calling thread, with no bound
+    (connect_timeout starts after), so a hung resolver would hold the caller past its deadline.
+    host stays for TLS verification and the password file; a name with several addresses becomes
+    one host entry per address, in the resolver's order, as psycopg makes one attempt per address;
+    a name that cannot be looked up is left out, as psycopg leaves it, and when none can the error
+    is psycopg's. An address is its own hostaddr (as psycopg makes it); a Unix socket, or a host
+    given its hostaddr, is kept as it is; a dsn with no name to look up is returned unchanged."""
+    params = conninfo.conninfo_to_dict(conninfo_text)
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
+    hostaddrs = str(params.get("hostaddr") or os.environ.get("PGHOSTADDR") or "").split(",")
+    ports = str(params.get("port") or os.environ.get("PGPORT") or "").split(",")
+    if hostaddrs == [""]:
+        hostaddrs *= len(hosts)
+    if len(hostaddrs) != len(hosts) or 1 < len(ports) != len(hosts):
+        return conninfo_text  # psycopg says what is wrong
+    names = [host for host, addr in zip(hosts, hostaddrs) if host and not addr]
+    if not [host for host in names if not _is_address(host) and not _local(host)]:
+        return conninfo_text
+    found = lookup_addresses(names, timeout)
+    entries: list[tuple[str, str, str]] = []
+    failure: tuple[str, Exception] | None = None
+    for index, (host, addr) in enumerate(zip(hosts, hostaddrs)):
+        port = ports[index] if len(ports) > 1 else ports[0]
+        answer = found.get(host) if host and not addr else None
+        if answer is None:
+            entries.append((host, addr, port))
+        elif isinstance(answer, Exception):
+            failure = (host, answer)
+        else:
+            entries += [(host, "" if _local(host) else address, port) for address in answer]
+    if not entries:
+        assert failure is not None
+        host, error = failure
+        raise psycopg.OperationalError(str(error) if isinstance(error, StuckCall) else f"failed to resolve host {host!r}: {error}")
+    extra = {"host": ",".join(e[0] for e in entries), "hostaddr": ",".join(e[1] for e in entries)}
+    if ports != [""]:
+        extra["port"] = ",".join(e[2] for e in entries)
+    return conninfo.make_conninfo(conninfo_text, **extra)
 
 
 def result_rows(cur: psycopg.Cursor[Any], columns: tuple[str, ...]) -> list[Any]:

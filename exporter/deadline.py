@@ -7,29 +7,41 @@ watcher runs the call's give-up (connection.break_off of its connection, which m
 return at once with an error): a hung server holds the thread running its call for that call's
 deadline, no longer, and no thread is started per call or per server.
 
-Name resolution (getaddrinfo) cannot be broken off: resolve() runs it on a small shared pool and
-stops waiting at its deadline, so a hung resolver holds at most RESOLVERS threads, never the caller.
+Name resolution (getaddrinfo) cannot be broken off: every lookup a call makes (connection.py's
+lookup_addresses: a dsn's hosts at connect, a pooler console's, pooler_fronting's) runs through
+resolve(), on a bounded pool of threads, and its caller stops waiting at its timeout, and never
+past the deadline of the call its thread runs (lookups_within, set by scheduler.run_call). A lookup of
+a name is shared by everyone asking for it while it runs, and its answer reused for
+RESOLVED_SECONDS: a hung name holds one thread however many ask, and other names' lookups go on,
+on the other threads, unless RESOLVERS names hang at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import heapq
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Hashable, Iterator
+from typing import Generic, TypeVar
 
 from .logs import LoopErrors
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# Threads that resolve names with a deadline: each stuck on a hung resolver stays stuck until the
-# resolver's own timeout, so more would not help, and the count stays bounded.
-RESOLVERS = 2
+# Threads that resolve names with a deadline: one per name being looked up (a lookup of a name is
+# shared), so a hung name holds one, stuck until the resolver's own timeout, and the other names
+# are looked up on the others; bounded, for a resolver that hangs on every name.
+RESOLVERS = 16
+# How long a finished lookup's answer (addresses or error) is reused: a burst of connects and
+# console reads (every target's poll at once) asks once, and a changed name is seen a moment later.
+RESOLVED_SECONDS = 1.0
 
 
 class StuckCall(Exception):
@@ -185,12 +197,104 @@ class _Resolvers:
 _resolvers = _Resolvers()
 
 
-def resolve(fn: Callable[[], T], timeout: float, what: str) -> T:
-    """fn (a name resolution) on the shared resolver threads, waited for at most timeout."""
-    done, box, cancelled = _resolvers.submit(fn)
-    if not done.wait(timeout):
-        cancelled[0] = True  # not started yet (the resolvers are stuck): never started
-        raise StuckCall(f"{what} did not return within {timeout:g}s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
+class _Lookup:
+    """One run of a lookup, shared by the callers of its key: given up (never run) when every one
+    of them stopped waiting before a thread took it."""
+
+    __slots__ = ("done", "box", "waiters", "started", "abandoned", "finished_at")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.box: dict[str, object] = {}
+        self.waiters = 0
+        self.started = self.abandoned = False
+        self.finished_at = math.inf
+
+
+_calls = threading.local()
+
+
+@contextlib.contextmanager
+def lookups_within(seconds: float) -> Iterator[None]:
+    """Every lookup waited for on this thread inside it waits no later than seconds from now: the
+    deadline of the call the thread runs (scheduler.run_call), which the call's give-up cannot
+    enforce on a lookup (nothing breaks one off)."""
+    previous = getattr(_calls, "ends", math.inf)
+    _calls.ends = min(previous, time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _calls.ends = previous
+
+
+class Pending(Generic[T]):
+    """A lookup started by lookup(): wait() for it, once."""
+
+    def __init__(self, key: Hashable, run: _Lookup) -> None:
+        self._key, self._run = key, run
+
+    def wait(self, timeout: float, what: str) -> T:
+        """Its answer (or its error, raised), waited for at most timeout, and never past the deadline
+        of the call this thread runs (lookups_within); StuckCall past either."""
+        run = self._run
+        timeout = max(0.0, min(timeout, getattr(_calls, "ends", math.inf) - time.monotonic()))
+        if not run.done.wait(timeout):
+            with _lookups_lock:
+                run.waiters -= 1
+                if not run.waiters and not run.started:  # nobody waits for it: never run
+                    run.abandoned = True
+                    if _lookups.get(self._key) is run:
+                        del _lookups[self._key]
+            raise StuckCall(f"{what} did not return within {timeout:g}s")
+        with _lookups_lock:
+            run.waiters -= 1
+        if "error" in run.box:
+            # A copy for each caller: one error raised on several threads would share a traceback.
+            raise copy.copy(run.box["error"]).with_traceback(None)  # type: ignore[union-attr]
+        return run.box["value"]  # type: ignore[return-value]
+
+
+# Lookups running, or finished less than RESOLVED_SECONDS ago, by key.
+_lookups: dict[Hashable, _Lookup] = {}
+_lookups_lock = threading.Lock()
+_swept = [0.0]
+
+
+def lookup(key: Hashable, fn: Callable[[], T], clock: Callable[[], float] = time.monotonic) -> Pending[T]:
+    """Start fn, the lookup of key (a host name), on the resolver threads; or join the lookup of
+    key already running, or finished less than RESOLVED_SECONDS ago (its answer, again)."""
+    now = clock()
+    with _lookups_lock:
+        if now - _swept[0] >= RESOLVED_SECONDS:  # forget old answers, at most once a period
+            _swept[0] = now
+            for old in [k for k, run in _lookups.items() if now - run.finished_at >= RESOLVED_SECONDS]:
+                del _lookups[old]
+        run = _lookups.get(key)
+        fresh = run is not None and now - run.finished_at < RESOLVED_SECONDS
+        if run is not None and (fresh or not run.done.is_set()):
+            run.waiters += 1
+            return Pending(key, run)
+        run = _lookups[key] = _Lookup()
+        run.waiters = 1
+
+    def job() -> None:
+        with _lookups_lock:
+            if run.abandoned:
+                return
+            run.started = True
+        try:
+            run.box["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 - handed to the callers
+            run.box["error"] = exc
+        finally:
+            run.finished_at = clock()
+            run.done.set()
+
+    _resolvers.submit(job)
+    return Pending(key, run)
+
+
+def resolve(fn: Callable[[], T], timeout: float, what: str, key: Hashable | None = None) -> T:
+    """fn (a name resolution) on the resolver threads, waited for at most timeout: shared with
+    everyone asking for the same key (see lookup); None, a lookup of its own."""
+    return lookup(object() if key is None else key, fn).wait(timeout, what)

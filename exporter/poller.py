@@ -191,7 +191,7 @@ class Poller:
         application borrows next. False otherwise, or if the server refuses: the poll is then
         planned at every poll."""
         why = why_not_direct(self._config.poolers, self._config.dsn, conn, info.server_addr, info.server_port,
-                             info.client_addr, info.client_port)
+                             info.client_addr, info.client_port, self._config.timeout_seconds)
         if why is not None:
             log.info("the poll's connection to %s: %s, so the poll statement is not prepared (it is planned at every "
                      "poll)", server_name(self._config.dsn), why)

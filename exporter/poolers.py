@@ -6,14 +6,14 @@ it is linked to now (link = that client's ptr); SHOW CLIENTS gives each client's
 and application_name; SHOW POOLS the pool_mode of each (database, user) pool. Columns are read by
 name, so versions that lack one (application_name before 1.18) still work. A console dsn whose
 host resolves to several addresses (replicas behind one name) is one console per address, the
-name resolved again at every read. A console that cannot be read never fails the poll.
+name looked up again at every read (an answer at most deadline.RESOLVED_SECONDS old), under the
+read's deadline. A console that cannot be read never fails the poll.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +24,9 @@ from psycopg import conninfo
 from psycopg.rows import dict_row
 
 from .config import Config, PoolerConfig
-from .deadline import DEADLINES, StuckCall, resolve
-from .connection import break_off, open_connection, proven_direct, resolve_host
-from .dsn import describe_hosts, dsn_endpoints, error_line, redact
+from .deadline import DEADLINES, StuckCall
+from .connection import break_off, lookup_addresses, open_connection, proven_direct
+from .dsn import describe_hosts, dsn_endpoints, error_line, normal_address, redact
 from .pooled import EMPTY_VIEW, Client, PoolerView, Release, ServerLink, release_after
 from .snapshot import ConsoleStatus
 
@@ -51,37 +51,47 @@ class ConsoleAddress:
     label: str  # the address label of pooler_up: the address, with the port where one address has several
 
 
-def resolve_console(dsn: str) -> list[ConsoleAddress]:
+def resolve_console(dsn: str, timeout: float, what: str) -> list[ConsoleAddress]:
     """Every address of every host of a console dsn (host=a,b port=6432,6433 lists several),
-    resolved now; a Unix socket directory is its own address. Blocks on DNS: call it under a deadline."""
+    looked up now, within timeout (StuckCall past it); a Unix socket directory is its own address,
+    and so is a name that cannot be looked up (connecting says why, once)."""
+    endpoints = dsn_endpoints(dsn)
+    answers = lookup_addresses([host for host, _ in endpoints], timeout)
     found = []
-    for host, port in dsn_endpoints(dsn):
-        if host.startswith("/"):
-            found.append((host, port, host))
-            continue
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            found.append((host, port, host))  # connecting says why, once
-            continue
-        found += [(host, port, address) for address in sorted({info[4][0] for info in infos})]
+    for host, port in endpoints:
+        answer = answers[host]
+        if isinstance(answer, StuckCall):
+            raise StuckCall(f"{what} did not return within {timeout:g}s")
+        addresses = (host,) if isinstance(answer, Exception) else sorted(set(answer))
+        found += [(host, port, address) for address in addresses]
     shared = {address for _, _, address in found if sum(a == address for _, _, a in found) > 1}
     return [ConsoleAddress(host, port, address, f"{address}:{port}" if address in shared else address)
             for host, port, address in dict.fromkeys(found)]
 
 
-def pooler_fronting(poolers: tuple[PoolerConfig, ...], dsn: str) -> str | None:
+def pooler_fronting(poolers: tuple[PoolerConfig, ...], dsn: str, timeout: float) -> str | None:
     """The configured pooler the dsn points at, if any: a console pooler listening on one of
     the dsn's addresses and ports (its console shares the pool's listener), or a pooler known
-    by address at one of the dsn's addresses. Resolves names: call it under a deadline."""
-    ours = {(address, port) for host, port in dsn_endpoints(dsn) for address in resolve_host(host, port)}
+    by address at one of the dsn's addresses. Every name is looked up at once, within timeout
+    (connection.lookup_addresses): one that cannot be looked up in time stands for itself."""
+    if not poolers:
+        return None
+    endpoints = {pooler.name: dsn_endpoints(pooler.dsn) for pooler in poolers if pooler.dsn is not None}
+    names = [host for host, _ in dsn_endpoints(dsn)] + [host for pairs in endpoints.values() for host, _ in pairs] + \
+        [host for pooler in poolers for host in pooler.addresses]
+    answers = lookup_addresses(names, timeout)
+
+    def addresses(host: str) -> set[object]:
+        answer = answers[host]
+        return {normal_address(a) for a in ((host,) if isinstance(answer, Exception) else answer)}
+
+    ours = {(address, port) for host, port in dsn_endpoints(dsn) for address in addresses(host)}
     for pooler in poolers:
-        if pooler.dsn is not None:
-            theirs = {(address, port) for host, port in dsn_endpoints(pooler.dsn)
-                      for address in resolve_host(host, port)}
+        if pooler.name in endpoints:
+            theirs = {(address, port) for host, port in endpoints[pooler.name] for address in addresses(host)}
             if ours & theirs:
                 return pooler.name
-        if any(address in resolve_host(host) for host in pooler.addresses for address, _ in ours):
+        if any(address in addresses(host) for host in pooler.addresses for address, _ in ours):
             return pooler.name
     return None
 
@@ -91,12 +101,13 @@ NOT_PROVEN_DIRECT = ("it is not proven to reach PostgreSQL itself (a Unix socket
 
 
 def why_not_direct(poolers: tuple[PoolerConfig, ...], dsn: str, conn: psycopg.Connection, server_addr: str | None,
-                   server_port: int | None, client_addr: str | None, client_port: int | None) -> str | None:
+                   server_port: int | None, client_addr: str | None, client_port: int | None,
+                   timeout: float) -> str | None:
     """Why a new connection is not proven to reach PostgreSQL itself, or None when it is: no
     configured pooler at the dsn's address, and both ends of our TCP socket what the server sees
     (connection.proven_direct). The poll prepares its statement, and the probe trusts its tries,
-    only on such a connection. Resolves names: call it under a deadline."""
-    pooler = pooler_fronting(poolers, dsn)
+    only on such a connection. Looks names up, within timeout (pooler_fronting)."""
+    pooler = pooler_fronting(poolers, dsn, timeout)
     if pooler is not None:
         return f"the dsn points at pooler {pooler}"
     if not proven_direct(conn, server_addr, server_port, client_addr, client_port):
@@ -255,8 +266,7 @@ class PoolerReader:
         slot = (pooler.name, "")
         try:
             # Name resolution may hang like a console: it runs under the same deadline.
-            addresses = resolve(lambda: resolve_console(pooler.dsn or ""), CONSOLE_TIMEOUT,
-                                f"pooler {pooler.name} name resolution")
+            addresses = resolve_console(pooler.dsn, CONSOLE_TIMEOUT, f"pooler {pooler.name} name resolution")
         except Exception as exc:  # noqa: BLE001 - a console that cannot be read never fails the poll
             self._fail(slot, describe_hosts(pooler.dsn), exc, pooler)
             statuses.append(ConsoleStatus(pooler.name, describe_hosts(pooler.dsn), False, self._clock() - started))

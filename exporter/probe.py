@@ -175,7 +175,7 @@ class Prober:
         client where the pooler's reset query does not release advisory locks."""
         why = NOT_PROVEN_DIRECT if row is None else why_not_direct(
             self._config.poolers, self._config.dsn, conn, row.server_addr, row.server_port, row.client_addr,
-            row.client_port)
+            row.client_port, probe_timeout(self._config))
         if why != self._unproven_why.get(database):
             if why is not None:
                 log.warning(

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Hashable
 
 from .config import DEFAULT_MAX_WORKERS
-from .deadline import DEADLINES, Deadlines
+from .deadline import DEADLINES, Deadlines, lookups_within
 from .logs import LoopErrors
 from .poller import Poller, PollTicket
 from .probe import Prober, first_due
@@ -91,7 +91,8 @@ def run_call(task: Task, deadlines: Deadlines = DEADLINES) -> float:
     if deadline is not None:
         watch = deadlines.watch(deadline, task.give_up_action())
         try:
-            task.call()
+            with lookups_within(deadline):  # a name lookup is the one wait its give-up cannot end
+                task.call()
         finally:
             watch.cancel()
     return task.next_delay()

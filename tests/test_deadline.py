@@ -1,8 +1,10 @@
 """Calls that may hang: a deadline watched by one thread gives them up, and the caller's own
-thread is the one that waits (no thread per call); name resolutions on a bounded pool."""
+thread is the one that waits (no thread per call); name resolutions on a bounded pool, one
+lookup of a name shared by everyone asking for it."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -55,6 +57,85 @@ def test_a_resolution_is_waited_for_at_most_its_deadline_and_the_pool_stays_boun
     assert resolve(lambda: 42, 5, "x") == 42
     with pytest.raises(ZeroDivisionError):
         resolve(lambda: 1 / 0, 5, "x")
+
+
+def test_a_hung_name_holds_one_resolver_thread_however_many_ask_and_other_names_are_still_looked_up(
+        monkeypatch) -> None:
+    """Two names behind a hung resolver, each asked more times than there are resolver threads (every
+    target's poll asks for its pooler's name): each holds one thread, and another name is looked up."""
+    from exporter.connection import lookup_addresses
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+    asked: list[str] = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host.startswith("hung-"):
+            asked.append(host)
+            release.wait(30)  # a resolver that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        for _ in range(deadline.RESOLVERS + 1):
+            answers = lookup_addresses(["hung-a.example", "hung-b.example"], 0.05)
+            assert all(isinstance(found, StuckCall) for found in answers.values()), answers
+        assert lookup_addresses(["healthy.example"], 5) == {"healthy.example": ("127.0.0.1",)}
+        assert sorted(asked) == ["hung-a.example", "hung-b.example"]  # one lookup each, shared
+    finally:
+        release.set()
+
+
+def test_a_finished_lookup_is_reused_for_a_moment_and_an_abandoned_one_never_runs() -> None:
+    calls: list[str] = []
+    assert resolve(lambda: calls.append("a") or 1, 5, "a", key="reused") == 1
+    assert resolve(lambda: calls.append("b") or 2, 5, "b", key="reused") == 1  # within RESOLVED_SECONDS
+    assert calls == ["a"]
+    # Every resolver thread stuck: a lookup nobody waits for any more is dropped, never run.
+    release = threading.Event()
+    try:
+        for index in range(deadline.RESOLVERS):
+            deadline.lookup(("stuck", index), release.wait)
+        with pytest.raises(StuckCall, match="queued did not return within"):
+            resolve(lambda: calls.append("queued"), 0.05, "queued", key="queued")
+    finally:
+        release.set()
+    assert resolve(lambda: 3, 5, "after", key="after") == 3
+    assert "queued" not in calls
+
+
+def test_a_lookup_waits_no_longer_than_the_deadline_of_the_call_its_thread_runs() -> None:
+    """A call's give-up cannot break a lookup off: the lookup itself stops waiting at the call's
+    deadline (scheduler.run_call), whatever the lookup's own timeout."""
+    from exporter.scheduler import Task, run_call
+
+    release = threading.Event()
+    failures: list[BaseException] = []
+
+    class Looking(Task):
+        def start(self) -> float:
+            return 0.1
+
+        def call(self) -> None:
+            try:
+                resolve(release.wait, 30, "hung-call.example", key="hung-call.example")
+            except StuckCall as exc:
+                failures.append(exc)
+
+        def give_up(self) -> None:
+            pass  # nothing to break off: the lookup holds no socket
+
+        def next_delay(self) -> float:
+            return 1.0
+
+    worker = threading.Thread(target=run_call, args=(Looking(None),), daemon=True)
+    try:
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive() and len(failures) == 1, failures
+    finally:
+        release.set()
 
 
 def test_the_reconnect_backoff_doubles_with_jitter_and_is_capped() -> None:

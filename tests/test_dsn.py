@@ -339,3 +339,37 @@ def test_nothing_but_a_one_line_dsn_error_ever_escapes(written: str, password: s
             for place in re.findall(r"at character ([0-9]+)", message):
                 assert 1 <= int(place) <= len(text) + 1  # check_dsn's in the text written, describe_dsn's in the dsn
     server_name(dsn), redact("text", dsn), dsn_port(dsn), dsn_endpoints(dsn), database_name(dsn), describe_hosts(dsn)
+
+
+def test_a_dsns_host_names_are_looked_up_before_connecting_and_given_as_hostaddr(monkeypatch) -> None:
+    """connection.with_addresses: psycopg would look the names up itself, with no bound. Each name
+    becomes one entry per address (host kept, for TLS), an address is its own hostaddr (as psycopg
+    makes it), a Unix socket or a host given its hostaddr stays as it is, a name that cannot be looked up is left out, and with none left
+    the error names the host."""
+    import socket
+
+    from exporter.connection import with_addresses
+
+    answers = {"two.example": ["10.0.0.1", "10.0.0.2"], "one.example": ["10.0.0.3"]}
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0)) for address in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.delenv("PGHOSTADDR", raising=False)
+    monkeypatch.delenv("PGPORT", raising=False)
+    params = conninfo.conninfo_to_dict(with_addresses(
+        "host=two.example,/run/postgresql,192.0.2.9,gone.example,named.example hostaddr=,,,,10.9.9.9 "
+        "port=1,2,3,4,5 password=secret", 5))
+    assert (params["host"], params["hostaddr"], params["port"], params["password"]) == (
+        "two.example,two.example,/run/postgresql,192.0.2.9,named.example", "10.0.0.1,10.0.0.2,,192.0.2.9,10.9.9.9",
+        "1,1,2,3,5", "secret")
+    params = conninfo.conninfo_to_dict(with_addresses("host=one.example sslmode=verify-full dbname=app", 5))
+    assert (params["host"], params["hostaddr"], "port" in params) == ("one.example", "10.0.0.3", False)
+    for untouched in ("host=/tmp dbname=app", "host=127.0.0.1 port=5432", "dbname=app"):
+        assert with_addresses(untouched, 5) == untouched
+    with pytest.raises(psycopg.OperationalError, match="failed to resolve host 'gone.example'"):
+        with_addresses("host=gone.example", 5)

@@ -416,3 +416,66 @@ def test_binary_rows_of_a_direct_poll_are_the_text_rows_of_the_one_string_poll(m
         end_prepared(server.dsn(), "binary-text")
         idle.execute("SELECT pg_advisory_unlock_all()")  # the waiter gets the lock, and returns
         thread.join(10)
+
+
+def _hang_lookups_of(monkeypatch, hung: str) -> threading.Event:
+    """socket.getaddrinfo as a resolver that never answers for the name hung: set the event to end it."""
+    import socket
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == hung:
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return release
+
+
+def _held_past_its_deadline(poller) -> float | None:
+    """Run one poll as a worker does (scheduler.run_call): None when it returns within its
+    deadline and 2 s, else the deadline."""
+    from exporter.scheduler import PollTask, run_call
+
+    budget = poller.deadline()
+    worker = threading.Thread(target=run_call, args=(PollTask(poller, None),), daemon=True)
+    worker.start()
+    worker.join(budget + 2)
+    return budget if worker.is_alive() else None
+
+
+def test_a_hung_lookup_of_the_dsns_host_holds_a_poll_no_longer_than_its_deadline(monkeypatch) -> None:
+    """psycopg looks the dsn's host up on the calling thread before connect_timeout applies, and
+    the give-up has no socket to shut then: the lookup is made under the deadline instead."""
+    from exporter.config import parse_config
+    from exporter.poller import Poller, connect_poller
+
+    release = _hang_lookups_of(monkeypatch, "hung-poll.example")
+    config = parse_config({"dsn": "host=hung-poll.example port=5432 dbname=x user=x", "poll_interval": "1s",
+                           "locks": []}, "t")
+    published: list = []
+    poller = Poller(config, connect=connect_poller, publish=published.append)
+    try:
+        assert _held_past_its_deadline(poller) is None
+        assert not published[-1].up
+        assert "hung-poll.example" in poller._last_error and "did not return within" in poller._last_error  # noqa: SLF001
+    finally:
+        release.set()
+        poller.close()
+
+
+def test_a_hung_lookup_of_a_poolers_name_holds_a_poll_no_longer_than_its_deadline(make_poller, monkeypatch) -> None:
+    """At every connect the poll asks whether a configured pooler is at the dsn's address
+    (poolers.pooler_fronting): a pooler's name behind a hung resolver stands for itself after the
+    timeout, and the poll goes on."""
+    release = _hang_lookups_of(monkeypatch, "hung-proxy.example")
+    poller = make_poller({"locks": [{"name": "answer", "key": 42}], "poolers": [
+        {"name": "proxy", "addresses": ["hung-proxy.example"], "pool_mode": "transaction"}]})
+    try:
+        assert _held_past_its_deadline(poller) is None
+        assert poller.poll_once().up
+    finally:
+        release.set()

@@ -203,7 +203,7 @@ def test_replicas_behind_one_name_are_each_read(bouncers, make_poller, monkeypat
             return [info for address in ("127.0.0.1", "127.0.0.2") for info in real(address, *args, **kwargs)]
         return real(host, *args, **kwargs)
 
-    monkeypatch.setattr("exporter.poolers.socket.getaddrinfo", resolve)
+    monkeypatch.setattr("socket.getaddrinfo", resolve)
     with through(second, "via-replica-2") as client:
         client.execute("SELECT pg_advisory_lock(42)")
         console = first.console_dsn().replace("host=127.0.0.1", "host=pgbouncer-replicas")
@@ -212,6 +212,65 @@ def test_replicas_behind_one_name_are_each_read(bouncers, make_poller, monkeypat
     assert {(c.address, c.up) for c in snap.consoles} == {("127.0.0.1", True), ("127.0.0.2", True)}
     assert answer(snap) == {"holders": 1, "stranded": 1}
     assert holder_info(snap)[0]["pooler"] == "pgb"
+
+
+def test_a_hung_pooler_name_blocks_no_other_poolers_name_lookup(monkeypatch, caplog) -> None:
+    """Every target's reader asks for the same pooler name behind a hung resolver, more times than
+    there are resolver threads: the console of another pooler is still looked up, and read."""
+    from exporter import deadline, poolers
+    from exporter.poolers import PoolerReader
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "hung-console.example":
+            release.wait(30)  # a resolver that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real("127.0.0.1" if host == "console.example" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(poolers, "CONSOLE_TIMEOUT", 0.1)
+
+    def reader(host: str) -> PoolerReader:
+        return PoolerReader(parse_config({"dsn": "host=127.0.0.1", "locks": [], "poolers": [
+            {"name": "pgb", "type": "pgbouncer", "dsn": f"host={host} port=1 dbname=pgbouncer connect_timeout=2"}]}, "t"))
+
+    try:
+        for _ in range(deadline.RESOLVERS + 1):
+            assert [c.address for c in reader("hung-console.example").read().consoles] == ["hung-console.example:1"]
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            healthy = reader("console.example").read()
+        # Looked up (its address, not the name), and then refused: nobody listens on port 1.
+        assert [(c.address, c.up) for c in healthy.consoles] == [("127.0.0.1", False)]
+        assert "did not return" not in caplog.text, caplog.text
+    finally:
+        release.set()
+
+
+def test_a_hung_pooler_name_is_waited_for_no_longer_than_the_timeout(monkeypatch) -> None:
+    from exporter.poolers import pooler_fronting
+
+    release = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    config = parse_config({"dsn": "host=127.0.0.1", "locks": [], "poolers": [
+        {"name": "pgb", "type": "pgbouncer", "dsn": "host=hung-fronting.example port=6432 dbname=pgbouncer"},
+        {"name": "proxy", "addresses": ["127.0.0.1"], "pool_mode": "transaction"}]}, "t")
+    worker = threading.Thread(target=lambda: found.append(pooler_fronting(config.poolers, config.dsn, 0.2)), daemon=True)
+    found: list[str | None] = []
+    try:
+        worker.start()
+        worker.join(5)
+        # The hung name stands for itself: the pooler known by the dsn's address is still found.
+        assert found == ["proxy"]
+    finally:
+        release.set()
 
 
 def test_a_pooler_known_only_by_address(make_poller, sessions) -> None:

@@ -216,3 +216,36 @@ def test_probe_interference_stays_small_and_the_worker_never_waits(make_prober, 
     # docs/probe.md's claim: fewer than 30 lost worker tries per 1,000 back-to-back probes (the
     # benchmark gives the measured figures).
     assert lost_per_thousand < 30, counts
+
+
+def test_a_hung_lookup_of_the_dsns_host_holds_a_try_no_longer_than_its_deadline(monkeypatch) -> None:
+    """psycopg looks the dsn's host up on the calling thread before connect_timeout applies: the
+    lookup is made under the try's timeout instead, and the try fails in time."""
+    import socket
+
+    from exporter.config import parse_config
+    from exporter.probe import Prober, connect_probe
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "hung-probe.example":
+            release.wait(30)  # a resolver that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    config = parse_config({"dsn": "host=hung-probe.example dbname=x user=x", "locks": [
+        {"name": "leader", "key": 4242, "probe": {"expect": "any", "interval": "1s"}}]}, "t")
+    prober = Prober(config, connect=connect_probe, publish=lambda results: None)
+    results: list = []
+    worker = threading.Thread(target=lambda: results.append(prober.try_lock(config.probed[0])), daemon=True)
+    try:
+        worker.start()
+        worker.join(prober.deadline() + 2)
+        assert not worker.is_alive(), f"the try is still held {prober.deadline() + 2:g}s after its deadline"
+        assert results[0].acquirable is None and results[0].errors == 1
+    finally:
+        release.set()
+        prober.close()

@@ -167,7 +167,7 @@ def _threads(pid: int) -> int:
 
 # Threads besides the workers: main (waits for signals), the HTTP server's listener and one per
 # request being served, the watchdog, the renderer, the deadline watcher, and two resolver threads
-# (only with pooler consoles).
+# (one per host name being looked up: none here, the dsns give addresses).
 OTHER_THREADS = 8
 
 
