@@ -115,15 +115,17 @@ class Target:
                 self._on_snapshot(self.name, snapshot)
         self.first_poll.set()
 
-    def _poll_started(self, now: float, deadline: float) -> None:
-        """A poll started now with its deadline (the poller's clock): the last good poll is served
-        until then at least. Its bound counted the next poll's deadline as it was when it ended; a
-        reload since (a connection made anew, consoles added) may have lengthened it. A bound that
-        has passed already stays passed: the poll may have waited for its server's turn behind a
-        hung call, and what was served as "don't know" must not turn into figures again."""
+    def _poll_started(self, now: float, bound: float) -> None:
+        """A poll started now (the poller's clock); bound: when it was due, plus its turn allowance
+        and its deadline. The last good poll is served until then at least: its own bound counted
+        the next poll's deadline as it was when it ended, and a reload since (a connection made
+        anew, consoles added) may have lengthened it. Counted from the due time, which is at most
+        one interval after the last poll ended, so rule 5's bound holds however long this poll
+        waited for its server's turn or a worker. A bound that has passed already stays passed:
+        what was served as "don't know" must not turn into figures again."""
         snapshot = self.exposition.snapshot
-        if snapshot.up and now <= snapshot.fresh_until < deadline:
-            self.exposition.publish_instead_of(snapshot, dataclasses.replace(snapshot, fresh_until=deadline))
+        if snapshot.up and now <= snapshot.fresh_until < bound:
+            self.exposition.publish_instead_of(snapshot, dataclasses.replace(snapshot, fresh_until=bound))
 
     def check_stale(self, now: float) -> bool:
         """The watchdog's look (now: the poller's clock): past the last good poll's staleness bound

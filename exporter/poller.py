@@ -418,11 +418,12 @@ class Poller:
 
     def _fresh_until(self) -> float:
         """The staleness bound of a poll ending now: the next poll is due within one interval of
-        now (the loop's schedule: run) and has its deadline to publish, so past that this poll is
+        now (the loop's schedule: run), may wait its turn_allowance for its server's turn, and has
+        its deadline to publish, so past that this poll is
         not the latest a working poller would serve; the watchdog and every scrape then serve up 0.
         Computed after the poll, so the deadline counts what it made the next one need (room for
         the explaining statements, each console address resolved)."""
-        return self._clock() + self._controller.interval + self.deadline()
+        return self._clock() + self._controller.interval + self.turn_allowance() + self.deadline()
 
     def _stats_now(self) -> PollStats:
         with self._stats_lock:
@@ -480,18 +481,25 @@ class Poller:
             self._poolers.reconfigure(config)
 
     def deadline(self) -> float:
-        """How long a poll may take before it counts as stuck: the poll statement's own bound, and
-        room for what a poll may do after it (each pooler console's read, the chain and table
-        names): a slow console or a slow pg_blocking_pids must not fail the poll they serve."""
+        """How long a poll's call may take before it counts as stuck (the scheduler gives it up
+        then): the poll statement's own bound, and room for what a poll may do after it (each pooler
+        console's read, the chain and table names): a slow console or a slow pg_blocking_pids must
+        not fail the poll they serve. The wait for the server's turn is not in it: the scheduler has
+        the poll wait for its turn before the call starts (turn_allowance)."""
         explain = 2 * self._config.timeout_seconds if self._explaining else 0.0
         # Connecting again (connect, server facts, key names, PREPARE), each bounded by the timeout.
         connect = 2 * self._config.timeout_seconds if self._conn is None else 0.0
-        # The statement's bound (a direct session's, rounded up under auto: _session_bound), and the
-        # interval again for the turn (a probe's try, or another target's poll, on the same server):
-        # the scheduler has the poll wait for it before its call, but the staleness bound, which
-        # counts this deadline (_fresh_until), must leave room for that wait.
+        # The statement's bound (a direct session's, rounded up under auto: _session_bound).
         statement = self._session_bound() / 1000 if self._direct else self._timeout()
-        return self._timeout() + statement + connect + self._poolers.read_budget() + explain
+        return statement + connect + self._poolers.read_budget() + explain
+
+    def turn_allowance(self) -> float:
+        """How long the staleness bound lets the next poll wait for its server's turn, behind a
+        probe's try or another target's poll of the same server (the scheduler runs one call per
+        server; the wait comes before the poll's call and its deadline): one interval, the
+        statement bound. A poll that waits longer (behind a call on a hung server, until that
+        call's deadline) serves up 0 meanwhile: its last poll is too old to be served."""
+        return self._timeout()
 
     def give_up(self, ticket: PollTicket, deadline: float) -> Snapshot:
         """The poll of this ticket has not returned within its deadline (a hung server): break its

@@ -348,8 +348,9 @@ class PollTask(Task):
         super().__init__(turn)
         self.name = f"poll {name}".strip()
         self._poller = poller
-        # Told when each poll starts, with the poller's clock now and at its deadline: the last poll
-        # stays fresh until then (a reload may give this poll a longer deadline than the last one counted).
+        # Told when each poll starts, with the poller's clock now and the bound a poll due when this
+        # one was gets (due, its turn allowance, its deadline): the last poll stays fresh until then
+        # (a reload may give this poll a longer deadline than the last one counted).
         self._on_start = on_start
         self._clock = poller._clock  # noqa: SLF001 - the poller's clock: its snapshots' times are readings of it
         self._unexpected = LoopErrors(log, f"{self.name} loop")
@@ -362,11 +363,14 @@ class PollTask(Task):
     def start(self) -> float:
         self._poller.apply_pending_config()
         self._deadline, self._ticket, self._once = self._poller.deadline(), PollTicket(), _Once()
+        now = self._clock()
         if self._next_at is None:
-            self._next_at = self._clock()
+            self._next_at = now
         if self._on_start is not None:
-            now = self._clock()
-            self._on_start(now, now + self._deadline)
+            # From when it was due, not when it started: a poll that waited for its server's turn
+            # or a free worker must not stretch the last poll's bound by its wait (README, rule 5).
+            due = min(now, self._next_at)
+            self._on_start(now, due + self._poller.turn_allowance() + self._deadline)
         return self._deadline
 
     def call(self) -> None:

@@ -333,13 +333,13 @@ def test_the_long_schedule_has_every_kind_at_every_place_twice_in_30_minutes() -
     assert {"net-stall", "net-blackhole", "net-reset"} == {k for k, t, _ in places if t == "proxied" and k.startswith("net-")}
 
 
-def test_stale_after_is_the_interval_and_twice_the_deadline() -> None:
-    # A fixed 500ms interval, so a 0.5 s timeout: the deadline is 2P + 4t = 3 s, and with one
-    # console of one address CONSOLE_TIMEOUT for its name and its address more.
-    assert run.stale_after(0.5, []) == 0.5 + 2 * 3.0
-    assert run.stale_after(0.5, [1]) == 0.5 + 2 * (3.0 + 2 * CONSOLE_TIMEOUT) == 14.5
+def test_stale_after_is_the_interval_the_turn_and_twice_the_deadline() -> None:
+    # A fixed 500ms interval, so a 0.5 s timeout: the turn is P, the deadline P + 4t = 2.5 s, and
+    # with one console of one address CONSOLE_TIMEOUT for its name and its address more.
+    assert run.stale_after(0.5, []) == 0.5 + 0.5 + 2 * 2.5
+    assert run.stale_after(0.5, [1]) == 0.5 + 0.5 + 2 * (2.5 + 2 * CONSOLE_TIMEOUT) == 14.0
     # The exporter is stopped for longer than that, so rule 5 judges the first answer after SIGCONT.
-    assert run.EXPORTER_STOP_SECONDS > 14.5
+    assert run.EXPORTER_STOP_SECONDS > 14.0
 
 
 def test_named_locks_match_the_keys_pg_locks_shows() -> None:
@@ -392,7 +392,7 @@ def test_the_short_run_finds_no_lie(tmp_path: Path) -> None:
         assert (tmp_path / "timeline.png").stat().st_size > 10_000
     again = run.rejudge(tmp_path)  # the saved run judged again, as it was
     assert (again.scrapes, again.faults, again.verdict, again.plan) == (result.scrapes, result.faults, result.verdict, result.plan)
-    assert again.setups["direct"].stale_after == 14.5
+    assert again.setups["direct"].stale_after == 14.0
     assert run_report.write_report(again) == report
 
 

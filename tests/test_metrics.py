@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
@@ -512,14 +513,15 @@ def test_a_fleets_metrics_render_at_most_a_share_of_the_time_but_health_at_once(
     from exporter.exposition import Renderer
     from tests.conftest import wait_until
 
-    now = [100.0]
-    fleet = FleetExposition(clock=lambda: now[0])
+    now, cpu = [100.0], [0.0]
+    fleet = FleetExposition(clock=lambda: now[0], cpu_clock=lambda: cpu[0])
     renders: list[float] = []
     original = fleet._render  # noqa: SLF001
 
     def timed():
         renders.append(now[0])
         now[0] += 0.03  # a rendering of 1,000 targets' figures: 30 ms
+        cpu[0] += 0.03
         return original()
 
     fleet._render = timed  # type: ignore[method-assign]  # noqa: SLF001
@@ -561,3 +563,25 @@ def test_a_renderer_that_could_not_start_its_thread_starts_it_at_the_next_change
         wait_until(lambda: up(exposition.body().decode()) == 1, timeout=5)
     finally:
         renderer.stop()
+
+
+@pytest.mark.parametrize(("wall", "cpu", "gap"), [
+    (60.0, 0.01, 0.5),  # SIGSTOPped for a minute in the middle of a rendering of 10 ms of CPU
+    (60.0, 30.0, 5.0),  # starved: never more than the cap (MAX_GAP_SECONDS)
+])
+def test_a_stalled_rendering_does_not_freeze_the_fleets_counts(wall, cpu, gap) -> None:
+    """The next rendering waits for the last one's CPU time / RENDER_SHARE, at most MAX_GAP_SECONDS:
+    a stop or CPU starvation during a rendering must not put the counts off fifty times as long
+    (found by review: a 60 s SIGSTOP deferred them 2,940 s)."""
+    now, used = [100.0], [0.0]
+    fleet = FleetExposition(clock=lambda: now[0], cpu_clock=lambda: used[0])
+    original = fleet._render  # noqa: SLF001
+
+    def stalled():
+        now[0] += wall
+        used[0] += cpu
+        return original()
+
+    fleet._render = stalled  # type: ignore[method-assign]  # noqa: SLF001
+    fleet.render_now()
+    assert fleet._next_render == 100.0 + gap  # noqa: SLF001 - counted from when it began

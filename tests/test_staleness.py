@@ -1,5 +1,5 @@
 """A poll is served as up only until its staleness bound (README: What the exporter promises):
-the next poll due one interval after it was published, plus that poll's deadline. Past it, a
+the next poll due one interval after it was published, plus its turn and its deadline. Past it, a
 scrape serves up 0 by itself, so neither a hung pooler console (a slow but healthy poll) nor an
 exporter that was stopped and continued can make the exposition lie."""
 
@@ -51,19 +51,48 @@ def _refused_port() -> int:
     return port
 
 
-@pytest.mark.parametrize(("poolers", "bound"), [
-    # 2 s to the next poll; its deadline: 2 s for the turn (a probe's try) and 2 s of statement.
-    ([], 6.0),
+@pytest.mark.parametrize(("poolers", "deadline"), [
+    # The call's deadline on its connection: 2 s of statement (the turn is not in it: waited before).
+    ([], 2.0),
     # and 4 s for one console: 2 s to resolve its name, 2 s to read its one address.
-    ([{"name": "pgb", "type": "pgbouncer"}], 10.0),
+    ([{"name": "pgb", "type": "pgbouncer"}], 6.0),
 ])
-def test_the_bound_is_the_next_poll_due_plus_its_deadline(make_poller, poolers, bound) -> None:
+def test_the_bound_is_the_next_poll_due_plus_its_turn_and_its_deadline(make_poller, poolers, deadline) -> None:
     for pooler in poolers:
         pooler["dsn"] = f"host=127.0.0.1 port={_refused_port()} dbname=pgbouncer connect_timeout=1"
     poller = make_poller({"poll_interval": "2s", "locks": LOCKS, "poolers": poolers}, clock=lambda: 100.0)
     snapshot = poller.poll_once()
     assert snapshot.up
-    assert snapshot.fresh_until == 100.0 + bound
+    assert poller.deadline() == deadline  # what the scheduler gives the next call before giving it up
+    # 2 s to the next poll, 2 s for its turn (a probe's try), then its deadline.
+    assert snapshot.fresh_until == 100.0 + 2.0 + 2.0 + deadline
+
+
+def test_a_poll_that_started_late_never_stretches_the_last_poll_past_rule_5(monkeypatch) -> None:
+    """README rule 5: a poll is served at most the interval, the turn and twice the deadline after
+    its read. A poll due at 10 that waited for its server's turn (behind a hung call) or a worker
+    until 45 extends the last poll's bound from when it was due, not from its late start (found by
+    review: start + deadline served the last poll past the bound by its wait)."""
+    fleet = parse_fleet({"dsn": "host=127.0.0.1 port=1", "poll_interval": "10s", "locks": []}, "t")
+    target = Runtime(fleet, "/metrics").targets[""]
+    task, now = target.tasks[0], [0.0]
+    task._clock = lambda: now[0]  # noqa: SLF001 - the poll task's clock, the poller's
+    monkeypatch.setattr(target.poller, "deadline", lambda: 20.0)
+    interval, turn, deadline = 10.0, 10.0, 20.0
+    rule_5 = interval + turn + 2 * deadline
+    # Read pg_locks at 0, ended at 5 (console reads): bound 5 + 10 to the next + 10 turn + 20.
+    good = Snapshot(up=True, stats=PollStats(interval=interval), taken_at=0.0, fresh_until=45.0)
+    target.exposition.publish(good)
+    task._next_at = 10.0  # noqa: SLF001 - the next poll is due at 10
+    now[0] = 44.0  # it got its turn at 44, just inside the last poll's bound
+    assert task.start() == deadline
+    served_until = target.exposition.snapshot.fresh_until
+    assert served_until - good.taken_at <= rule_5, served_until
+    # A reload lengthened the deadline (consoles added): a poll that starts in time still gets it.
+    monkeypatch.setattr(target.poller, "deadline", lambda: 30.0)
+    task._next_at, now[0] = 10.0, 12.0  # noqa: SLF001
+    task.start()
+    assert target.exposition.snapshot.fresh_until == 10.0 + turn + 30.0
 
 
 def test_the_bound_counts_from_when_the_poll_ended(make_poller, monkeypatch) -> None:
@@ -82,7 +111,7 @@ def test_the_bound_counts_from_when_the_poll_ended(make_poller, monkeypatch) -> 
     monkeypatch.setattr(poller._poolers, "read", slow_read)
     snapshot = poller.poll_once()
     assert snapshot.up and snapshot.taken_at == 100.0
-    assert snapshot.fresh_until == 103.0 + 2.0 + 8.0  # ended at 103; 2 s to the next; its deadline 8 s
+    assert snapshot.fresh_until == 103.0 + 2.0 + 2.0 + 6.0  # ended at 103; 2 s to the next, 2 s its turn; its deadline 6 s
 
 
 def test_the_figures_say_when_pg_locks_was_read(make_poller, sessions) -> None:
@@ -167,7 +196,7 @@ def test_an_exporter_stopped_and_continued_never_serves_its_old_poll(server, tmp
         assert frozen
         _signal_all(frozen, signal.SIGSTOP)
         exporter.proc.send_signal(signal.SIGSTOP)
-        time.sleep(4)  # the bound: 0.5 s to the next poll, 1 s of deadline
+        time.sleep(4)  # the bound: 0.5 s to the next poll, 0.5 s its turn, 0.5 s of deadline
         exporter.proc.send_signal(signal.SIGCONT)
         status, text = exporter.get(timeout=10)
         assert status == 200

@@ -5,6 +5,7 @@ loop goes on. A poller that is stuck or gone anyway is caught by the watchdog.""
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from exporter.metrics import render
 from exporter.poller import Poller
 from exporter.poolers import PoolerReader
 from exporter.probe import Prober
-from exporter.scheduler import PollTask, ProbeTask, Scheduler
+from exporter.scheduler import PollTask, ProbeTask, Scheduler, Task
 from exporter.snapshot import PollStats, Snapshot
 from tests.conftest import wait_until
 from tests.scheduling_util import poll_under_deadline
@@ -274,18 +275,52 @@ def test_a_poll_given_up_at_its_deadline_counts_once_and_the_next_poll_is_up(mon
     assert second.up and (second.stats.polls, second.stats.errors) == (2, stats.errors)
 
 
-def test_waiting_for_the_turn_is_inside_the_deadline(make_poller, monkeypatch) -> None:
-    # Another target's poll or a probe on the same server holds the turn for nearly a poll's bound,
-    # and the poll then takes a while of its own: it waited its turn, the server answered, and the
-    # poll is not called hung.
-    turn = threading.Lock()
-    poller = make_poller({"locks": [{"name": "a", "key": 1}]}, turn=turn)
-    assert poller.poll_once().up  # connected
-    build = poller._build
-    monkeypatch.setattr(poller, "_build", lambda rows, now: time.sleep(0.3) or build(rows, now))
-    turn.acquire()
-    threading.Timer(0.9 * poller._timeout(), turn.release).start()
-    assert [s.up for s in poll_under_deadline(poller)] == [True]
+def test_a_poll_waits_for_its_servers_turn_outside_its_deadline(make_poller) -> None:
+    # A probe's try (or another target's poll) on the same server holds the turn for longer than
+    # the poll's whole deadline: the scheduler has the poll wait for the turn before its call, so
+    # the poll runs after the try, and its deadline counts from its own start: not given up.
+    events: list[str] = []
+    published: list[Snapshot] = []
+    poller = make_poller({"locks": [{"name": "a", "key": 1}]})
+    assert poller.poll_once().up  # connected: its deadline is the statement bound, 1 s
+    poller._publish = published.append
+    holding, release = threading.Event(), threading.Event()
+
+    class Try(Task):
+        def start(self) -> float:
+            return 30.0
+
+        def call(self) -> None:
+            events.append("try began")
+            holding.set()
+            release.wait(10)
+            events.append("try ended")
+
+        def give_up(self) -> None:
+            release.set()
+
+        def next_delay(self) -> float:
+            return math.inf
+
+    class Poll(PollTask):
+        def call(self) -> None:
+            events.append("poll began")
+            super().call()
+
+    scheduler = Scheduler(max_workers=4)
+    try:
+        scheduler.add(Try("server"))
+        assert holding.wait(5)
+        scheduler.add(Poll(poller, "server"))
+        assert wait_until(lambda: scheduler._waiting.get("server"), timeout=5)  # waits for the turn, no worker
+        release.wait(poller.deadline() + 1.0)  # the turn held past the poll's whole deadline
+        release.set()
+        assert wait_until(lambda: published, timeout=10)
+    finally:
+        scheduler.stop()
+        wait_until(lambda: scheduler.workers == 0, timeout=10)  # no call of the poller's runs at its close
+    assert events[:3] == ["try began", "try ended", "poll began"]  # one call per server, in turn
+    assert [s.up for s in published[:1]] == [True]  # not given up: the wait was not in its deadline
 
 
 def test_a_reload_that_breaks_midway_serves_and_stops_exactly_what_runs(server, monkeypatch) -> None:
