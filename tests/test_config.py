@@ -191,6 +191,7 @@ def test_at_their_limits_the_intervals_fit_the_server_after_every_derivation(mon
     connect_timeouts: list[int] = []
     monkeypatch.setattr(connection, "open_connection",
                         lambda *args, **kwargs: connect_timeouts.append(kwargs["connect_timeout"]))
+    monkeypatch.setattr(connection, "with_addresses", lambda dsn, timeout: dsn)  # no name lookup of host=db
 
     def bounds(poller: Poller) -> list[int]:
         config = poller._config  # noqa: SLF001 - the values the poller derives its bounds from
