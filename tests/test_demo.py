@@ -24,7 +24,7 @@ from tests.test_landing import row_names
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_MARKER = "<!-- demo-sample -->"
 LOCKS_PROMPT = "$ pg-advisory-lock-exporter locks"
-DEMO_SECONDS = 20  # the demo's run after it printed: time to read its landing page
+DEMO_SECONDS = 3  # the demo's run after it printed: its landing page is read at once
 
 
 def demo_clusters() -> set[str]:
