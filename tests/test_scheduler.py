@@ -223,7 +223,7 @@ def test_a_stopped_server_delays_no_other_servers_targets_and_threads_stay_bound
                    and sum(n == target_up for n, _ in parse(_get(proc, "/metrics"))) == 40, timeout=60)
         hung.signal_all(signal.SIGSTOP)
         try:
-            seen = _watch_polls(proc, healthy, seconds=12)
+            seen = _watch_polls(proc, healthy, seconds=15)
             threads = _threads(proc.proc.pid)
             figures = parse(_get(proc, "/metrics"))
         finally:
