@@ -105,9 +105,10 @@ class FaultRecorder:
         return fault
 
 
-def prove_within(check: Callable[[], str], timeout: float = PROVE_WITHIN, step: float = 0.05) -> str:
-    """The first non-empty proof check() gives within timeout seconds, or ""."""
-    deadline = time.monotonic() + timeout
+def prove_within(check: Callable[[], str], timeout: float | None = None, step: float = 0.05) -> str:
+    """The first non-empty proof check() gives within timeout seconds (PROVE_WITHIN, read at the
+    call), or ""."""
+    deadline = time.monotonic() + (PROVE_WITHIN if timeout is None else timeout)
     while True:
         try:
             proof = check()
