@@ -276,3 +276,25 @@ def exporters(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+def hang_lookups(monkeypatch: pytest.MonkeyPatch, hung: Callable[[str], bool], alias: dict[str, str] | None = None,
+                 asked: list[str] | None = None) -> threading.Event:
+    """socket.getaddrinfo as a resolver that never answers for the names `hung` picks (each recorded
+    in `asked`), and looks up the others (through `alias`, a name for a name) as before: set the
+    event to end the hung lookups."""
+    import socket
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if hung(host):
+            if asked is not None:
+                asked.append(host)
+            release.wait(30)  # a resolver that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real((alias or {}).get(host, host), *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return release

@@ -4,7 +4,6 @@ lookup of a name shared by everyone asking for it."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -13,6 +12,7 @@ import pytest
 from exporter import deadline
 from exporter.deadline import Deadlines, StuckCall, resolve
 from exporter.dsn import BACKOFF_FIRST, reconnect_delay
+from tests.conftest import hang_lookups
 
 
 def test_a_deadline_fires_once_unless_cancelled_first() -> None:
@@ -65,18 +65,9 @@ def test_a_hung_name_holds_one_resolver_thread_however_many_ask_and_other_names_
     target's poll asks for its pooler's name): each holds one thread, and another name is looked up."""
     from exporter.connection import lookup_addresses
 
-    real = socket.getaddrinfo
-    release = threading.Event()
     asked: list[str] = []
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host.startswith("hung-"):
-            asked.append(host)
-            release.wait(30)  # a resolver that does not answer
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real("127.0.0.1", *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    release = hang_lookups(monkeypatch, lambda host: host.startswith("hung-"), alias={"healthy.example": "127.0.0.1"},
+                           asked=asked)
     try:
         for _ in range(deadline.RESOLVERS + 1):
             answers = lookup_addresses(["hung-a.example", "hung-b.example"], 0.05)

@@ -11,7 +11,7 @@ import pytest
 from exporter import queries
 from exporter.connection import local_timeouts, result_rows
 from exporter.metrics import render
-from tests.conftest import OTHER_DB, wait_until, waiting_pids
+from tests.conftest import OTHER_DB, hang_lookups, wait_until, waiting_pids
 from tests.metrics_util import parse, series, up, value
 
 LOCKS = [
@@ -420,19 +420,7 @@ def test_binary_rows_of_a_direct_poll_are_the_text_rows_of_the_one_string_poll(m
 
 def _hang_lookups_of(monkeypatch, hung: str) -> threading.Event:
     """socket.getaddrinfo as a resolver that never answers for the name hung: set the event to end it."""
-    import socket
-
-    real = socket.getaddrinfo
-    release = threading.Event()
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host == hung:
-            release.wait(30)
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return release
+    return hang_lookups(monkeypatch, lambda host: host == hung)
 
 
 def _held_past_its_deadline(poller) -> float | None:

@@ -14,7 +14,7 @@ from exporter.config import parse_config
 from exporter.snapshot import ReloadStatus, Snapshot
 from exporter.metrics import render
 from exporter.probe import Prober, connect_probe
-from tests.conftest import wait_until
+from tests.conftest import hang_lookups, wait_until
 from tests.exporter_proc import ExporterProcess
 from tests.metrics_util import parse, series, value
 from tests.pgbouncer import PgBouncer, PgBouncerError
@@ -220,16 +220,7 @@ def test_a_hung_pooler_name_blocks_no_other_poolers_name_lookup(monkeypatch, cap
     from exporter import deadline, poolers
     from exporter.poolers import PoolerReader
 
-    real = socket.getaddrinfo
-    release = threading.Event()
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host == "hung-console.example":
-            release.wait(30)  # a resolver that does not answer
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real("127.0.0.1" if host == "console.example" else host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    release = hang_lookups(monkeypatch, lambda host: host == "hung-console.example", alias={"console.example": "127.0.0.1"})
     monkeypatch.setattr(poolers, "CONSOLE_TIMEOUT", 0.1)
 
     def reader(host: str) -> PoolerReader:
@@ -252,13 +243,7 @@ def test_a_hung_pooler_name_blocks_no_other_poolers_name_lookup(monkeypatch, cap
 def test_a_hung_pooler_name_is_waited_for_no_longer_than_the_timeout(monkeypatch) -> None:
     from exporter.poolers import pooler_fronting
 
-    release = threading.Event()
-
-    def getaddrinfo(host, *args, **kwargs):
-        release.wait(30)
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    release = hang_lookups(monkeypatch, lambda host: True)
     config = parse_config({"dsn": "host=127.0.0.1", "locks": [], "poolers": [
         {"name": "pgb", "type": "pgbouncer", "dsn": "host=hung-fronting.example port=6432 dbname=pgbouncer"},
         {"name": "proxy", "addresses": ["127.0.0.1"], "pool_mode": "transaction"}]}, "t")

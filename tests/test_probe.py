@@ -11,7 +11,7 @@ import pytest
 
 from exporter import queries
 from exporter.metrics import render
-from tests.conftest import OTHER_DB, wait_until
+from tests.conftest import OTHER_DB, hang_lookups, wait_until
 from tests.exporter_proc import ExporterProcess
 from tests.metrics_util import parse
 
@@ -221,21 +221,10 @@ def test_probe_interference_stays_small_and_the_worker_never_waits(make_prober, 
 def test_a_hung_lookup_of_the_dsns_host_holds_a_try_no_longer_than_its_deadline(monkeypatch) -> None:
     """psycopg looks the dsn's host up on the calling thread before connect_timeout applies: the
     lookup is made under the try's timeout instead, and the try fails in time."""
-    import socket
-
     from exporter.config import parse_config
     from exporter.probe import Prober, connect_probe
 
-    real = socket.getaddrinfo
-    release = threading.Event()
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host == "hung-probe.example":
-            release.wait(30)  # a resolver that does not answer
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    release = hang_lookups(monkeypatch, lambda host: host == "hung-probe.example")
     config = parse_config({"dsn": "host=hung-probe.example dbname=x user=x", "locks": [
         {"name": "leader", "key": 4242, "probe": {"expect": "any", "interval": "1s"}}]}, "t")
     prober = Prober(config, connect=connect_probe, publish=lambda results: None)
