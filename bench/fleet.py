@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from bench.measure import cpu_seconds, rss_mb
+from bench.measure import cpu_seconds, rss_mb, tear_down
 from tests.pgcluster import Cluster, free_port
 
 CLUSTERS = 4
@@ -111,13 +111,4 @@ def measure_fleet(workdir: Path, seconds: float = 600.0) -> dict[str, float]:
             "connections_start": conns_start, "connections_end": conns_end,
         }
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for conn in holders:
-            conn.close()
-        for cluster in clusters:
-            cluster.destroy()
+        tear_down(proc, holders, clusters)

@@ -60,6 +60,21 @@ WHERE r.rolname = %(role)s AND s.query ILIKE %(marker)s
 """
 
 
+def tear_down(proc: subprocess.Popen | None, holders: list[psycopg.Connection], clusters: list) -> None:
+    """A fleet point's end: the exporter stopped (killed after 15 s), the holding sessions closed,
+    the clusters removed."""
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for conn in holders:
+        conn.close()
+    for cluster in clusters:
+        cluster.destroy()
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     with open(f"/proc/{pid}/stat") as handle:

@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from bench.measure import cpu_seconds, rss_mb
+from bench.measure import cpu_seconds, rss_mb, tear_down
 from tests.metrics_util import parse
 from tests.pgcluster import Cluster, free_port
 
@@ -153,16 +153,7 @@ def measure_thousand(workdir: Path, steady_seconds: float = 90.0, gap_seconds: f
             "targets_gaps_seen_one_cluster_stopped": len(late.gaps),
         }
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for conn in holders:
-            conn.close()
-        for cluster in clusters:
-            cluster.destroy()
+        tear_down(proc, holders, clusters)
 
 
 def _first_answer(base: str, started: float, timeout: float = 300.0) -> float:
