@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # After a task's step raised (a bug: steps turn failures into results), it is due again after this.
 RETRY_SECONDS = 1.0
+# The place in _queued of a task whose live entry is in _due (any other place is a turn).
+_DUE = object()
 # A worker not called for this long ends (but the one watching the due times): the workers a burst
 # or a hung server's calls needed go, and the process's threads come back to where they were.
 IDLE_SECONDS = 60.0
@@ -118,7 +120,10 @@ class Scheduler:
 
     State, under _lock: every task added and not removed is in _tasks and in exactly one of _due
     (waiting for its time, or for a worker), _waiting[turn] (due, its server's turn taken; by due
-    time), _running (a call of it runs) or none (asleep until woken: math.inf). _taken holds the
+    time), _running (a call of it runs) or none (asleep until woken: math.inf). _queued says which
+    entry of _due or _waiting is a task's live one: an entry it does not name (the task was removed,
+    or woken and pushed anew) is skipped where it is popped, so a reload that removes or wakes a
+    thousand tasks costs a dict operation each, not a scan of every queue each. _taken holds the
     turns of the calls running. Of the idle workers one, the leader, waits for the next due time;
     the others wait to be called (a due time wakes one thread, not all), and end when not called for
     IDLE_SECONDS."""
@@ -136,6 +141,7 @@ class Scheduler:
         self._leader: int | None = None
         self._due: list[tuple[float, int, Task]] = []
         self._waiting: dict[Hashable, list[tuple[float, int, Task]]] = {}
+        self._queued: dict[Task, tuple[int, Hashable]] = {}  # task -> its live entry: (order, _DUE or turn)
         self._tasks: set[Task] = set()
         self._running: set[Task] = set()
         self._woken: set[Task] = set()  # woken while a call of theirs ran: due as soon as it returns
@@ -171,8 +177,8 @@ class Scheduler:
             if task in self._running:
                 self._woken.add(task)
                 return
-            if any(entry[2] is task for queue in self._waiting.values() for entry in queue):
-                return  # due already
+            if self._queued.get(task, (0, _DUE))[1] is not _DUE:
+                return  # due already, waiting for its server's turn
             self._drop(task)
             self._push(task, self._clock())
 
@@ -197,17 +203,25 @@ class Scheduler:
     # -- the heap (every method below runs under _lock) -----------------------------------
 
     def _drop(self, task: Task) -> None:
-        """task out of _due and _waiting."""
-        if any(entry[2] is task for entry in self._due):
-            self._due = [entry for entry in self._due if entry[2] is not task]
-            heapq.heapify(self._due)
-        for turn, queue in list(self._waiting.items()):
-            if any(entry[2] is task for entry in queue):
-                self._waiting[turn] = [entry for entry in queue if entry[2] is not task]
-                heapq.heapify(self._waiting[turn])
+        """task's entry in _due or _waiting no longer live: skipped where _due is popped; taken out
+        of its server's queue now (a few tasks; a queue left with dead entries only might never be
+        popped again, and would keep a removed task)."""
+        queued = self._queued.pop(task, None)
+        if queued is not None and queued[1] is not _DUE:
+            queue = self._waiting[queued[1]]
+            queue[:] = [entry for entry in queue if entry[2] is not task]
+            heapq.heapify(queue)
+            if not queue:
+                del self._waiting[queued[1]]
+
+    def _live(self, entry: tuple[float, int, Task]) -> bool:
+        queued = self._queued.get(entry[2])
+        return queued is not None and queued[0] == entry[1]
 
     def _push(self, task: Task, due: float) -> None:
-        heapq.heappush(self._due, (due, next(self._order), task))
+        order = next(self._order)
+        heapq.heappush(self._due, (due, order, task))
+        self._queued[task] = (order, _DUE)
         if self._leader is not None:
             self._leader_cond.notify()  # it waits for the earliest due time: this one may be earlier
         else:
@@ -240,9 +254,13 @@ class Scheduler:
         while self._due and self._due[0][0] <= now:
             entry = heapq.heappop(self._due)
             task = entry[2]
+            if not self._live(entry):
+                continue  # removed, or pushed anew
             if task.turn is not None and task.turn in self._taken:
                 heapq.heappush(self._waiting.setdefault(task.turn, []), entry)  # holds no worker
+                self._queued[task] = (entry[1], task.turn)
                 continue
+            del self._queued[task]
             if task.turn is not None:
                 self._taken.add(task.turn)
             self._running.add(task)
@@ -293,9 +311,11 @@ class Scheduler:
         if task.turn is not None:
             self._taken.discard(task.turn)
             waiting = self._waiting.get(task.turn)
-            if waiting:
+            while waiting:
                 entry = heapq.heappop(waiting)
-                self._push(entry[2], entry[0])
+                if self._live(entry):
+                    self._push(entry[2], entry[0])
+                    break
             if waiting is not None and not waiting:
                 del self._waiting[task.turn]
         if task not in self._tasks:

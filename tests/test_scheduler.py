@@ -466,3 +466,61 @@ def test_a_task_removed_while_woken_is_not_kept_with_its_poller() -> None:
     wait_until(lambda: scheduler.workers == 0, timeout=5)
     gc.collect()
     assert gone() is None
+
+
+class Sleeper(FakeTask):
+    """Called when due, then asleep until woken."""
+
+    def next_delay(self) -> float:
+        return math.inf
+
+
+def test_an_entry_a_wake_or_a_removal_left_behind_is_never_called() -> None:
+    # A wake or a removal leaves the task's old entry in the heap (it is skipped where popped, so a
+    # reload of a thousand targets costs no scan of every queue): that entry, once due, calls nothing.
+    log: list[tuple[str, str, float, float]] = []
+    scheduler = Scheduler(max_workers=2)
+    woken = Sleeper("woken", "a", 0, log)
+    removed = Sleeper("removed", "b", 0, log)
+    scheduler.add(woken, delay=1.0)
+    scheduler.add(removed, delay=1.0)
+    try:
+        for _ in range(50):
+            scheduler.wake(woken)  # due now, fifty times over: called, once more if woken while called
+        scheduler.remove(removed)
+        time.sleep(0.5)
+        calls = [name for name, *_ in log]
+        assert calls in (["woken"], ["woken", "woken"])
+        time.sleep(1.0)  # past the old entries' due time (1 s)
+    finally:
+        scheduler.stop()
+    assert [name for name, *_ in log] == calls
+    assert removed.closed and not scheduler.scheduled(removed)
+
+
+def test_a_task_removed_while_waiting_for_its_servers_turn_is_let_go_at_once() -> None:
+    log: list[tuple[str, str, float, float]] = []
+    hung = threading.Event()
+    hung.set()
+    scheduler = Scheduler(max_workers=2)
+    holder = FakeTask("holder", "s", 0.05, log, hung, deadline=2.0)  # holds the server's turn 2 s
+    waiter = FakeTask("waiter", "s", 0.05, log)
+    gone = weakref.ref(waiter)
+    scheduler.add(holder)
+    try:
+        wait_until(lambda: holder in scheduler._running, timeout=5)
+        scheduler.add(waiter)
+        wait_until(lambda: "s" in scheduler._waiting, timeout=5)  # due, waiting for the turn
+        scheduler.remove(waiter)
+        assert waiter.closed and "s" not in scheduler._waiting
+        del waiter
+        gc.collect()
+        assert gone() is None  # let go now, not when the holder's call returns
+        assert not holder.given_up
+        scheduler.wake(holder)  # a wake of a running task: due again as soon as its call returns
+        wait_until(lambda: holder.given_up, timeout=5)
+        hung.clear()
+        wait_until(lambda: sum(name == "holder" for name, *_ in log) >= 3, timeout=5)
+    finally:
+        scheduler.stop()
+    assert all(name == "holder" for name, *_ in log)
