@@ -9,6 +9,7 @@ one auto settle point at the small load) that the test suite runs so the benchma
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import json
 import shutil
 import signal
@@ -27,7 +28,8 @@ import psycopg
 from bench.auto import exporter_stats, measure_settle
 from bench.coverage import measure_coverage
 from bench.fleet import measure_fleet
-from bench.thousand import measure_thousand
+from bench.thousand import Site as ThousandSite
+from bench.thousand import measure_shards, measure_thousand
 from bench.load import Load
 from bench.measure import RESET, cpu_seconds, lock_status_scan_ms, rss_mb, scrape, server_time, statement_calls
 from bench.previous import PreviousRelease
@@ -247,6 +249,47 @@ def spread(values: list[float]) -> str:
     return f"{med:.2f} ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else f"{med:.2f}"
 
 
+def fleet_points(args: argparse.Namespace, workdir: Path, ended: Callable[[str], None]) -> dict[str, object]:
+    """The points of issue 29, each on servers of its own: 50 targets beside the baseline (three
+    runs of each), 1,000 targets in one process, the same over four shards."""
+    results: dict[str, object] = {"fleet": measure_fleet(workdir, args.fleet_seconds)}
+    print(f"fleet: {results['fleet']['compared']}", flush=True)
+    ended("fleet")
+    with ThousandSite(workdir) as site:
+        results["thousand"] = measure_thousand(site)
+        print(f"thousand: {results['thousand']}", flush=True)
+        ended("thousand")
+        results["shards"] = measure_shards(site)
+        print(f"shards: {results['shards']}", flush=True)
+        ended("shards")
+    return results
+
+
+def fleet_only(args: argparse.Namespace, workdir: Path) -> int:
+    """The fleet points alone, their figures put in place of the saved run's (and the time they took)."""
+    saved = args.out / "results.json"
+    results = json.loads(saved.read_text())
+    started = time.monotonic()
+    phases: dict[str, float] = {}
+
+    def ended(phase: str) -> None:
+        phases[phase] = round(time.monotonic() - started, 1)
+        print(f"[{phases[phase]:.0f} s] {phase} done", flush=True)
+
+    try:
+        results.update(fleet_points(args, workdir, ended))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["fleet_phase_seconds"] = phases
+    results["args"]["fleet_seconds"] = str(args.fleet_seconds)
+    saved.write_text(json.dumps(results, indent=1))
+    from bench.report import write_report
+
+    write_report(results, args.out / "results.md", ROOT / "docs" / "bench.png")
+    print(f"wrote {args.out / 'results.md'} and docs/bench.png (the fleet points of this run, the others as saved)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few seconds, small load, no query-exporter/pgbench/plot")
@@ -265,7 +308,10 @@ def main() -> int:
     parser.add_argument("--settle-seconds", type=float, default=30.0, help="auto at 50,000 held: before its window")
     parser.add_argument("--settle-window", type=float, default=90.0, help="auto at 50,000 held: its window (whole intervals)")
     parser.add_argument("--databases", type=int, default=200)
-    parser.add_argument("--fleet-seconds", type=float, default=600.0)
+    parser.add_argument("--fleet-seconds", type=float, default=150.0, help="each of the 50-target point's six runs")
+    parser.add_argument("--fleet-only", action="store_true",
+                        help="only the fleet points (50 targets beside the baseline, 1,000 in one process, over four "
+                             "shards), merged into the saved results.json and its report")
     parser.add_argument("--no-query-exporter", action="store_true")
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
@@ -278,6 +324,8 @@ def main() -> int:
     # Stopped from outside, still clean up the cluster and the subjects (finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     workdir = Path(tempfile.mkdtemp(prefix="pgale-bench-"))
+    if args.fleet_only:
+        return fleet_only(args, workdir)
     cluster = Cluster(settings=SETTINGS).start()
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
     dsn_for = lambda user: cluster.dsn(user=user)  # noqa: E731
@@ -366,12 +414,7 @@ def main() -> int:
         admin.close()
         cluster.destroy()  # the fleet point starts four clusters of its own
         if not args.smoke and not args.no_scaling:
-            results["fleet"] = measure_fleet(workdir, args.fleet_seconds)
-            print(f"fleet: {results['fleet']}", flush=True)
-            ended("fleet")
-            results["thousand"] = measure_thousand(workdir)
-            print(f"thousand: {results['thousand']}", flush=True)
-            ended("thousand")
+            results.update(fleet_points(args, workdir, ended))
     finally:
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)  # the subjects' configs and logs

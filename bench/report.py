@@ -316,21 +316,49 @@ def settle_lines(results: dict[str, Any]) -> tuple[list[str], list[str]]:
     return lines, verdict
 
 
+FLEET_FIGURES = {
+    "cpu_percent_of_core": ("exporter CPU, % of a core", "under 10%", 10.0),
+    "rss_mb": ("resident memory, MB", "under 150 MB", 150.0),
+    "scrape_p95_ms": ("scrape p95 of one target, ms", "under 5 ms", 5.0),
+    "scrape_p95_ms_other_server_stopped": ("the same while another target's server is stopped (SIGSTOP), ms",
+                                           "under 5 ms", 5.0),
+    "threads_start": ("threads at the start", "", None),
+    "threads_end": ("threads at the end", "no growth", None),
+    "connections_start": ("connections to the servers at the start", "", None),
+    "connections_end": ("connections at the end", "no growth", None),
+}
+
+
 def fleet_lines(results: dict[str, Any]) -> list[str]:
     fleet = results.get("fleet")
-    if not fleet:
+    if not fleet or "compared" not in fleet:
         return ["(not measured in this run)"]
-    return [
-        "| figure | measured | budget |",
-        "|---|---|---|",
-        f"| exporter CPU | {fleet['cpu_percent_of_core']:.1f}% of a core | under 10% |",
-        f"| resident memory | {fleet['rss_mb']:.1f} MB | under 150 MB |",
-        f"| scrape p95 of one target | {fleet['scrape_p95_ms']:.2f} ms | under 5 ms |",
-        f"| the same, while another target's server is stopped (SIGSTOP) | {fleet['scrape_p95_ms_other_server_stopped']:.2f} ms "
-        f"(median {fleet['scrape_median_ms_other_server_stopped']:.2f}) | under 5 ms |",
-        f"| threads, start / end of the run | {fleet['threads_start']} / {fleet['threads_end']} | no growth |",
-        f"| connections to the servers, start / end | {fleet['connections_start']} / {fleet['connections_end']} | no growth |",
+    per = fleet["per_run"]
+    ours = per["ours"]
+    lines = [
+        f"This code and the code before the bounded workers ({fleet['baseline_commit']}: a poll thread and a probe "
+        f"thread per target), {fleet['runs']} runs of each over the same servers, {fleet['seconds']:g} s each, "
+        "alternated (ABBA...). Medians, the range over the runs in brackets; the budget of issue 29: no figure "
+        "of this code worse than the baseline's by more than its run-to-run spread (the larger of the two ranges).",
+        "",
+        "| figure | this code | baseline | spread | worse beyond the spread? | budget of the point |",
+        "|---|---|---|---|---|---|",
     ]
+    for field, (label, budget, limit) in FLEET_FIGURES.items():
+        c = fleet["compared"][field]
+        ranges = [f"{c[key]:.1f} ({min(r[field] for r in per[key]):.1f}-{max(r[field] for r in per[key]):.1f})"
+                  for key in ("ours", "baseline")]
+        met = "" if limit is None else f": {_met(max(r[field] for r in ours) < limit)}"
+        if field == "threads_end":
+            met = f": {_met(all(r['threads_end'] <= r['threads_start'] for r in ours))}"
+        elif field == "connections_end":
+            met = f": {_met(all(r['connections_end'] <= r['connections_start'] for r in ours))}"
+        lines.append(f"| {label} | {ranges[0]} | {ranges[1]} | {c['spread']:.2f} | "
+                     f"{'**yes**' if c['worse_beyond_spread'] else 'no'} | {budget}{met} |")
+    worse = [FLEET_FIGURES[f][0] for f, c in fleet["compared"].items() if c["worse_beyond_spread"]]
+    lines += ["", f"- no figure worse than the baseline's beyond its spread: {_met(not worse)}"
+              + (f" ({'; '.join(worse)})" if worse else "")]
+    return lines
 
 
 def thousand_lines(results: dict[str, Any]) -> list[str]:
@@ -341,16 +369,52 @@ def thousand_lines(results: dict[str, Any]) -> list[str]:
         "| figure | measured | budget |",
         "|---|---|---|",
         f"| threads (max_workers 32, and the process's own) | {point['threads']} ({point['threads_one_cluster_stopped']} with "
-        "one cluster stopped) | at most 64 besides HTTP |",
-        f"| resident memory | {point['rss_mb']:.1f} MB | at most 300 MB |",
-        f"| exporter CPU | {point['cpu_percent_of_core']:.1f}% of a core | at most 60% |",
-        f"| scrape p95 of /metrics | {point['scrape_p95_ms']:.2f} ms | under 10 ms |",
+        f"one cluster stopped) | at most 64 besides HTTP: {_met(point['threads_one_cluster_stopped'] <= 64)} |",
+        f"| resident memory | {point['rss_mb']:.1f} MB | at most 300 MB: {_met(point['rss_mb'] <= 300)} |",
+        f"| exporter CPU | {point['cpu_percent_of_core']:.1f}% of a core | at most 60%: "
+        f"{_met(point['cpu_percent_of_core'] <= 60)} |",
+        f"| scrape p95 of /metrics (slowest) | {point['scrape_p95_ms']:.2f} ms ({point['scrape_max_ms']:.2f} ms) | "
+        f"under 10 ms: {_met(point['scrape_p95_ms'] < 10)} |",
+        f"| full passes of the cyclic collector: how many, the longest, their share of the time | "
+        f"{point['full_gc_passes']}, {point['full_gc_pass_max_ms']:.1f} ms, {point['full_gc_share_percent']:.3f}% | "
+        "report (exporter/memory.py bounds the share at 0.1%) |",
         f"| worst gap between two polls of a target ({point['targets_gaps_seen']} targets seen) | "
-        f"{point['worst_gap_seconds']:.2f} s | within 1.5 intervals (22.5 s) |",
+        f"{point['worst_gap_seconds']:.2f} s | within 1.5 intervals (22.5 s): {_met(point['worst_gap_seconds'] <= 22.5)} |",
         f"| with one cluster stopped (SIGSTOP), the others' targets polled late by at most "
         f"({point['targets_gaps_seen_one_cluster_stopped']} targets seen) | {point['worst_late_seconds_one_cluster_stopped']:.2f} s "
-        "| 1 s |",
+        f"| 1 s: {_met(point['worst_late_seconds_one_cluster_stopped'] <= 1)} |",
     ]
+
+
+def shards_lines(results: dict[str, Any]) -> list[str]:
+    point = results.get("shards")
+    if not point:
+        return ["(not measured in this run)"]
+    total, targets = point["total_shards"], point["targets"]
+    low, high = targets / total * 0.8, targets / total * 1.2
+    lines = [
+        f"The same {targets:,} targets over {total} shards, {total} exporter processes at once "
+        "(`--shard=N --total-shards=4`), each measured over the same window.",
+        "",
+        "| shard | targets (its figure / its /sd) | threads | resident memory | CPU |",
+        "|---|---|---|---|---|",
+    ]
+    for shard in point["shards"]:
+        lines.append(f"| {shard['shard']} | {shard['targets_figure']} / {shard['sd_targets']} | {shard['threads']} | "
+                     f"{shard['rss_mb']:.1f} MB | {shard['cpu_percent_of_core']:.1f}% of a core |")
+    owned = [s["sd_targets"] for s in point["shards"]]
+    moved, share = point["moved_to_one_more_shard"], point["moved_to_one_more_shard"] / targets
+    lines += [
+        "",
+        f"- each shard owns {targets // total} ± {targets // total // 5} ({min(owned)}-{max(owned)}): "
+        f"{_met(all(low <= n <= high for n in owned))}",
+        f"- every target owned by exactly one shard ({point['owned_by_exactly_one']:,} of {targets:,}; none: "
+        f"{point['owned_by_none']}, several: {point['owned_by_several']}): {_met(point['owned_by_exactly_one'] == targets)}",
+        f"- going to {total + 1} shards moves {moved} targets ({share:.1%}), "
+        f"{'all' if point['moved_to_the_new_shard_only'] else 'not all'} to the new shard; at most 25%: "
+        f"{_met(share <= 0.25 and point['moved_to_the_new_shard_only'])}",
+    ]
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -496,14 +560,21 @@ def write_report(results: dict[str, Any], md_path: Path, png_path: Path) -> None
         "",
         "## One exporter, many servers",
         "",
-        f"{(results.get('fleet') or {}).get('targets', 50)} targets (50 databases over four clusters), each naming 20 locks "
-        f"with 100 held, polls every 5 s, over {(results.get('fleet') or {}).get('seconds', '?')} s (bench/fleet.py).",
+        "50 targets (50 databases over four clusters), each naming 20 locks with 100 held, polls every 5 s "
+        "(bench/fleet.py)."
+        + (" This section and the next two are of a later run of the fleet points alone (`python -m bench "
+           f"--fleet-only`, {results['fleet_phase_seconds'].get('shards', 0) / 60:.0f} minutes), on the code "
+           "these results ship with; the sections above are of the full run." if results.get("fleet_phase_seconds") else ""),
         "",
         *fleet_lines(results),
         "",
         "## A thousand targets in one process (bench/thousand.py)",
         "",
         *thousand_lines(results),
+        "",
+        "## The thousand targets over four shards (bench/thousand.py)",
+        "",
+        *shards_lines(results),
         "",
         "## What polling can see",
         "",

@@ -9,7 +9,10 @@ load what is measured:
 3. one cluster stopped (SIGSTOP): the same over the other three clusters' targets, from the
    moment it stops: how late past due (gap minus interval) any of them was polled.
 
-`python -m bench.thousand` runs this point alone and prints its figures.
+Then the same targets over four shards, four processes at once (measure_shards): what each owns,
+its threads, RSS and CPU, and how many targets a fifth shard would move.
+
+`python -m bench.thousand` runs these two points alone and prints their figures.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
+from bench import gcwatch
 from bench.measure import cpu_seconds, rss_mb, tear_down
 from tests.metrics_util import parse
 from tests.pgcluster import Cluster, free_port
@@ -96,44 +100,73 @@ class Gaps:
         return max((max(g) - self.interval[name] for name, g in self.gaps.items() if g), default=float("nan"))
 
 
-def measure_thousand(workdir: Path, steady_seconds: float = 90.0, gap_seconds: float = 75.0,
+class Site:
+    """The thousand targets' servers: four clusters, each holding 100 advisory locks, and the config
+    naming 250 targets on each (each its own dsn). One site serves the one-process point and the
+    shards point, so both measure the same targets."""
+
+    def __init__(self, workdir: Path, per_cluster: int = PER_CLUSTER) -> None:
+        self.workdir, self.per_cluster = workdir, per_cluster
+        self.clusters: list[Cluster] = []
+        self.holders: list[psycopg.Connection] = []
+        self.targets: dict[str, dict] = {}
+        self.config = workdir / "thousand.yaml"
+
+    def __enter__(self) -> Site:
+        try:
+            for _ in range(CLUSTERS):
+                self.clusters.append(Cluster(settings={"max_connections": str(self.per_cluster + 50)}).start())
+            for c, cluster in enumerate(self.clusters):
+                conn = psycopg.connect(cluster.dsn(), autocommit=True, application_name="thousand-holder")
+                conn.execute("SELECT count(pg_advisory_lock(k)) FROM generate_series(1, %s) AS k", [HELD])
+                self.holders.append(conn)
+                for t in range(self.per_cluster):
+                    name = f"c{c}-t{t:03d}"
+                    first = 1 + (t * NAMED) % HELD  # each target names 10 of its cluster's 100 held keys
+                    self.targets[name] = {"dsn": cluster.dsn(application_name=name),
+                                          "locks": [{"name": f"key-{k}", "key": k} for k in range(first, first + NAMED)]}
+            self.config.write_text(yaml.safe_dump({"poll_interval": INTERVAL, "targets": self.targets}))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        tear_down(None, self.holders, self.clusters)
+
+    def exporter(self, log_name: str, *flags: str, gc_out: Path | None = None) -> tuple[subprocess.Popen, str]:
+        """An exporter over the site's config (with flags), and its base URL."""
+        base = f"http://127.0.0.1:{free_port()}"
+        args = [f"--config.file={self.config}", f"--web.listen-address={base.removeprefix('http://')}",
+                "--log.level=warning", *flags]
+        command = ([sys.executable, "-m", "bench.gcwatch", str(gc_out), "--", *args] if gc_out is not None
+                   else [sys.executable, "-m", "exporter", *args])
+        log = open(self.workdir / log_name, "wb")  # noqa: SIM115 - the process's output, for a post-mortem
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), base
+
+
+def measure_thousand(site: Site, steady_seconds: float = 90.0, gap_seconds: float = 75.0,
                      stopped_seconds: float = 75.0) -> dict[str, float]:
-    clusters = [Cluster(settings={"max_connections": str(PER_CLUSTER + 50)}).start() for _ in range(CLUSTERS)]
-    holders: list[psycopg.Connection] = []
-    proc = None
+    gc_out = site.workdir / "thousand-gc.txt"
+    proc, base = site.exporter("thousand.log", gc_out=gc_out)
     try:
-        targets: dict[str, dict] = {}
-        for c, cluster in enumerate(clusters):
-            conn = psycopg.connect(cluster.dsn(), autocommit=True, application_name="thousand-holder")
-            conn.execute("SELECT count(pg_advisory_lock(k)) FROM generate_series(1, %s) AS k", [HELD])
-            holders.append(conn)
-            for t in range(PER_CLUSTER):
-                name = f"c{c}-t{t:03d}"
-                first = 1 + (t * NAMED) % HELD  # each target names 10 of its cluster's 100 held keys
-                targets[name] = {"dsn": cluster.dsn(application_name=name),
-                                 "locks": [{"name": f"key-{k}", "key": k} for k in range(first, first + NAMED)]}
-        config = workdir / "thousand.yaml"
-        config.write_text(yaml.safe_dump({"poll_interval": INTERVAL, "targets": targets}))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        log = open(workdir / "thousand.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "exporter", f"--config.file={config}",
-                                 f"--web.listen-address={base.removeprefix('http://')}", "--log.level=warning"],
-                                stdout=log, stderr=subprocess.STDOUT)
         first_metrics = _first_answer(base, started=time.monotonic())
         time.sleep(20)  # every target past its first poll
         threads_start = _threads(proc.pid)
         cpu0, started = cpu_seconds(proc.pid), time.monotonic()
+        passes_before = len(gcwatch.passes(gc_out))
         scrapes = []
         while time.monotonic() < started + steady_seconds:
             scrapes.append(_scrape_ms(f"{base}/metrics"))
             time.sleep(1)
-        cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - started) * 100
+        elapsed = time.monotonic() - started
+        cpu = (cpu_seconds(proc.pid) - cpu0) / elapsed * 100
         rss = rss_mb(proc.pid)
+        full_passes = gcwatch.passes(gc_out)[passes_before:]
         gaps = Gaps()
-        gaps.watch(base, list(targets), gap_seconds)
-        stopped = clusters[3]
-        others = [name for name in targets if not name.startswith("c3-")]
+        gaps.watch(base, list(site.targets), gap_seconds)
+        stopped = site.clusters[3]
+        others = [name for name in site.targets if not name.startswith("c3-")]
         late = Gaps()
         for name in others:  # the readings before it stops: the first gap counts from the last poll before
             late.read(base, name)
@@ -145,15 +178,74 @@ def measure_thousand(workdir: Path, steady_seconds: float = 90.0, gap_seconds: f
             stopped.signal_all(signal.SIGCONT)
         p95 = sorted(scrapes)[int(len(scrapes) * 0.95)]
         return {
-            "targets": len(targets), "first_metrics_seconds": round(first_metrics, 1),
+            "targets": len(site.targets), "first_metrics_seconds": round(first_metrics, 1),
             "threads": threads_start, "threads_one_cluster_stopped": threads_stopped,
             "rss_mb": round(rss, 1), "cpu_percent_of_core": round(cpu, 1), "scrape_p95_ms": round(p95, 2),
+            "scrape_max_ms": round(max(scrapes), 2),
+            "full_gc_passes": len(full_passes), "full_gc_pass_max_ms": round(max(full_passes, default=0.0) * 1000, 1),
+            "full_gc_share_percent": round(sum(full_passes) / elapsed * 100, 3),
             "worst_gap_seconds": round(gaps.worst_gap(), 2), "targets_gaps_seen": len(gaps.gaps),
             "worst_late_seconds_one_cluster_stopped": round(late.worst_late(), 2),
             "targets_gaps_seen_one_cluster_stopped": len(late.gaps),
         }
     finally:
-        tear_down(proc, holders, clusters)
+        tear_down(proc, [], [])
+
+
+def _owned_by_check_config(site: Site, total: int) -> dict[int, list[str]]:
+    """Each shard's targets among total, as --check-config prints them (the exporter's own word)."""
+    owned = {}
+    for ordinal in range(total):
+        out = subprocess.run([sys.executable, "-m", "exporter", f"--config.file={site.config}", "--check-config",
+                              f"--shard={ordinal}", f"--total-shards={total}"],
+                             capture_output=True, text=True, check=True).stdout
+        line = next(line for line in out.splitlines() if f"shard {ordinal} of {total} owns" in line)
+        names = line.split(": ", 2)[2]
+        owned[ordinal] = [] if names == "none" else names.split(", ")
+    return owned
+
+
+def measure_shards(site: Site, total: int = 4, steady_seconds: float = 60.0) -> dict[str, object]:
+    """The same targets over `total` shards, each its own process, all running at once: each
+    shard's owned targets (its /sd and its targets figure), threads, RSS and CPU; then how many
+    targets one more shard would move (--check-config of total+1 shards against the /sds)."""
+    procs = [site.exporter(f"shard-{n}.log", f"--shard={n}", f"--total-shards={total}") for n in range(total)]
+    try:
+        for _, base in procs:
+            _first_answer(base, started=time.monotonic())
+        time.sleep(20)  # every target past its first poll
+        cpu0 = [cpu_seconds(proc.pid) for proc, _ in procs]
+        started = time.monotonic()
+        time.sleep(steady_seconds)
+        elapsed = time.monotonic() - started
+        shards = []
+        sd: dict[int, list[str]] = {}
+        for n, (proc, base) in enumerate(procs):
+            figures = parse(_get(f"{base}/metrics").decode())
+            sd[n] = [group["labels"]["__param_target"] for group in json.loads(_get(f"{base}/sd"))]
+            shards.append({
+                "shard": n, "targets_figure": int(figures[("pg_advisory_lock_exporter_targets", ())]),
+                "sd_targets": len(sd[n]), "threads": _threads(proc.pid), "rss_mb": round(rss_mb(proc.pid), 1),
+                "cpu_percent_of_core": round((cpu_seconds(proc.pid) - cpu0[n]) / elapsed * 100, 1)})
+    finally:
+        for proc, _ in procs:
+            tear_down(proc, [], [])
+    owners: dict[str, list[int]] = {}
+    for n, names in sd.items():
+        for name in names:
+            owners.setdefault(name, []).append(n)
+    wider = _owned_by_check_config(site, total + 1)
+    owner_after = {name: n for n, names in wider.items() for name in names}
+    moved = [name for name, was in owners.items() if owner_after.get(name) != was[0]]
+    return {
+        "total_shards": total, "targets": len(site.targets), "shards": shards,
+        "owned_by_exactly_one": sum(len(owners.get(name, [])) == 1 for name in site.targets),
+        "owned_by_none": sum(name not in owners for name in site.targets),
+        "owned_by_several": sum(len(owners.get(name, [])) > 1 for name in site.targets),
+        "moved_to_one_more_shard": len(moved),
+        "moved_to_the_new_shard_only": all(owner_after.get(name) == total for name in moved),
+        "owned_after_one_more": {str(n): len(names) for n, names in wider.items()},
+    }
 
 
 def _first_answer(base: str, started: float, timeout: float = 300.0) -> float:
@@ -168,5 +260,5 @@ def _first_answer(base: str, started: float, timeout: float = 300.0) -> float:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as folder:
-        print(json.dumps(measure_thousand(Path(folder)), indent=1))
+    with tempfile.TemporaryDirectory() as folder, Site(Path(folder)) as site:
+        print(json.dumps({"thousand": measure_thousand(site), "shards": measure_shards(site)}, indent=1))

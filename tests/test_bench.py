@@ -62,3 +62,41 @@ def test_previous_release_statement_is_verbatim() -> None:
     assert previous.PREPARE_POLL == released["prepare_poll"](170000)
     assert previous.poll_transaction(1.0) == released["poll_query"](170000, 1.0, True)
     assert previous.LOCAL_TIMEOUTS == released["LOCAL_TIMEOUTS"]
+
+
+def test_the_fleet_points_baseline_is_the_exporter_before_the_bounded_workers(tmp_path: Path) -> None:
+    """The 50-target point runs beside BASELINE's exporter, unpacked from git: that code, not ours."""
+    from bench import fleet
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    if subprocess.run(["git", "cat-file", "-e", fleet.BASELINE], cwd=ROOT).returncode != 0:
+        pytest.skip(f"commit {fleet.BASELINE} not in this checkout's history")
+    tree = fleet.baseline_tree(tmp_path)
+    found = subprocess.run([sys.executable, "-c", "import exporter; print(exporter.__file__)"], cwd=tree,
+                           env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert Path(found.stdout.strip()) == tree / "exporter" / "__init__.py", found.stderr
+    assert not (tree / "exporter" / "scheduler.py").exists()  # a poll thread and a probe thread per target
+    assert (ROOT / "exporter" / "scheduler.py").exists()
+
+
+def test_the_fleet_reports_say_not_met_where_a_budget_is_not() -> None:
+    from bench.fleet import COMPARED
+    from bench.report import fleet_lines, shards_lines
+
+    def run(cpu: float) -> dict[str, float]:
+        return {field: 1.0 for field in COMPARED} | {"cpu_percent_of_core": cpu}
+
+    per = {"ours": [run(5.0), run(5.2), run(5.1)], "baseline": [run(3.0), run(3.1), run(3.2)]}
+    compared = {field: {"ours": 1.0, "baseline": 1.0, "spread": 0.0, "worse_beyond_spread": False} for field in COMPARED}
+    compared["cpu_percent_of_core"] = {"ours": 5.1, "baseline": 3.1, "spread": 0.2, "worse_beyond_spread": True}
+    text = "\n".join(fleet_lines({"fleet": {"baseline_commit": "abc", "runs": 3, "seconds": 150.0, "per_run": per,
+                                            "compared": compared}}))
+    assert "- no figure worse than the baseline's beyond its spread: **not met** (exporter CPU" in text
+    shards = {"total_shards": 4, "targets": 1000, "owned_by_exactly_one": 1000, "owned_by_none": 0,
+              "owned_by_several": 0, "moved_to_one_more_shard": 260, "moved_to_the_new_shard_only": True,
+              "shards": [{"shard": n, "targets_figure": owned, "sd_targets": owned, "threads": 10, "rss_mb": 80.0,
+                          "cpu_percent_of_core": 5.0} for n, owned in enumerate((190, 270, 270, 270))]}
+    lines = shards_lines({"shards": shards})
+    assert any(line.startswith("- each shard owns 250 ± 50 (190-270): **not met**") for line in lines), lines
+    assert any(line.startswith("- going to 5 shards moves 260 targets (26.0%)") and "**not met**" in line for line in lines)
