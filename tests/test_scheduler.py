@@ -524,3 +524,21 @@ def test_a_task_removed_while_waiting_for_its_servers_turn_is_let_go_at_once() -
     finally:
         scheduler.stop()
     assert all(name == "holder" for name, *_ in log)
+
+
+def test_a_removed_task_due_later_is_let_go_at_once() -> None:
+    # Removed (a reload) while it waits for its next due time, a minute away: the scheduler holds
+    # nothing of it from then on (a Target's poller and exposition hang off its tasks), not until
+    # its entry would have been due (a probe's interval has no upper bound).
+    scheduler = Scheduler(max_workers=1)
+    task = FakeTask("later", "s", 0.05, [])
+    gone = weakref.ref(task)
+    scheduler.add(task, delay=60.0)
+    try:
+        scheduler.remove(task)
+        assert task.closed
+        del task
+        gc.collect()
+        assert gone() is None
+    finally:
+        scheduler.stop()
