@@ -365,11 +365,17 @@ def thousand_lines(results: dict[str, Any]) -> list[str]:
     point = results.get("thousand")
     if not point:
         return ["(not measured in this run)"]
+    threads = max(point["threads"], point["threads_one_cluster_stopped"])
+    # Every target must be seen polled, and no pair left unmeasured (a failed poll, or one unseen):
+    # a target polled no more, or a healthy server's poll failing, is what these budgets are about.
+    targets, others = point["targets"], point.get("targets_one_cluster_stopped", point["targets"] * 3 // 4)
+    seen, seen_stopped = point["targets_gaps_seen"], point["targets_gaps_seen_one_cluster_stopped"]
+    unmeasured, unmeasured_stopped = point.get("gaps_unmeasured", 0), point.get("gaps_unmeasured_one_cluster_stopped", 0)
     return [
         "| figure | measured | budget |",
         "|---|---|---|",
         f"| threads (max_workers 32, and the process's own) | {point['threads']} ({point['threads_one_cluster_stopped']} with "
-        f"one cluster stopped) | at most 64 besides HTTP: {_met(point['threads_one_cluster_stopped'] <= 64)} |",
+        f"one cluster stopped) | at most 64 besides HTTP: {_met(threads <= 64)} |",
         f"| resident memory | {point['rss_mb']:.1f} MB | at most 300 MB: {_met(point['rss_mb'] <= 300)} |",
         f"| exporter CPU | {point['cpu_percent_of_core']:.1f}% of a core | at most 60%: "
         f"{_met(point['cpu_percent_of_core'] <= 60)} |",
@@ -378,11 +384,13 @@ def thousand_lines(results: dict[str, Any]) -> list[str]:
         f"| full passes of the cyclic collector: how many, the longest, their share of the time | "
         f"{point['full_gc_passes']}, {point['full_gc_pass_max_ms']:.1f} ms, {point['full_gc_share_percent']:.3f}% | "
         "report (exporter/memory.py bounds the share at 0.1%) |",
-        f"| worst gap between two polls of a target ({point['targets_gaps_seen']} targets seen) | "
-        f"{point['worst_gap_seconds']:.2f} s | within 1.5 intervals (22.5 s): {_met(point['worst_gap_seconds'] <= 22.5)} |",
-        f"| with one cluster stopped (SIGSTOP), the others' targets polled late by at most "
-        f"({point['targets_gaps_seen_one_cluster_stopped']} targets seen) | {point['worst_late_seconds_one_cluster_stopped']:.2f} s "
-        f"| 1 s: {_met(point['worst_late_seconds_one_cluster_stopped'] <= 1)} |",
+        f"| worst gap between two polls of a target ({seen:,} of {targets:,} targets seen polled; {unmeasured} gaps "
+        f"across a failed or unseen poll) | {point['worst_gap_seconds']:.2f} s | within 1.5 intervals (22.5 s), every "
+        f"target: {_met(point['worst_gap_seconds'] <= 22.5 and seen == targets and not unmeasured)} |",
+        f"| with one cluster stopped (SIGSTOP), the others' targets polled late past due by at most "
+        f"({seen_stopped:,} of {others:,} targets seen polled; {unmeasured_stopped} polls failed or unseen) | "
+        f"{point['worst_late_seconds_one_cluster_stopped']:.2f} s | 1 s, every target: "
+        f"{_met(point['worst_late_seconds_one_cluster_stopped'] <= 1 and seen_stopped == others and not unmeasured_stopped)} |",
     ]
 
 

@@ -5,9 +5,14 @@ load what is measured:
 
 1. steady: the exporter's CPU share and RSS, and /metrics scraped once a second (its p95);
 2. gaps: every target's /probe read round after round, the gaps between the last_poll_timestamp
-   values it serves (the exporter's own clock; a pair between which a poll went unseen is left out);
+   values it serves (the exporter's own clock; a pair between which a poll failed or went unseen is
+   counted, not measured), and at the end the time since each target's last poll (a target polled
+   no more shows there, not nowhere);
 3. one cluster stopped (SIGSTOP): the same over the other three clusters' targets, from the
-   moment it stops: how late past due (gap minus interval) any of them was polled.
+   moment it stops: how late past due any of them was polled. Due times are a grid (each due one
+   interval after the last was due, not after it ran: scheduler.PollTask), so a poll's lateness is
+   its time minus (the last poll before the stop + polls since x interval), not its gap minus the
+   interval, which is only how much later than the poll before it it was.
 
 Then the same targets over four shards, four processes at once (measure_shards): what each owns,
 its threads, RSS and CPU, and how many targets a fifth shard would move.
@@ -63,16 +68,21 @@ def _scrape_ms(url: str) -> float:
 
 
 class Gaps:
-    """Each target's gaps between consecutive polls, as its own last_poll_timestamp says."""
+    """Each target's gaps between consecutive polls, as its own last_poll_timestamp says, and how
+    late past due each poll was (see the module's docstring)."""
 
     def __init__(self) -> None:
         self.last: dict[str, tuple[float, float]] = {}  # target -> (stamp, poll count)
         self.gaps: dict[str, list[float]] = {}
+        self.late: dict[str, list[float]] = {}
         self.interval: dict[str, float] = {}
-        self.unseen = 0  # pairs left out: a poll ran between two readings unseen
+        self._grid: dict[str, tuple[float, int]] = {}  # target -> (a poll's stamp, successive polls since)
+        self.unseen = 0  # pairs not measured: a poll failed, or ran unseen, between two readings
 
     def read(self, base: str, name: str) -> None:
-        figures = parse(_get(f"{base}/probe?target={name}").decode())
+        self.see(name, parse(_get(f"{base}/probe?target={name}").decode()))
+
+    def see(self, name: str, figures: dict) -> None:
         stamp, count = figures.get(LAST_POLL), figures.get(POLLS)
         self.interval[name] = figures.get(INTERVAL_FIGURE, 0.0)
         if stamp is None or count is None:
@@ -81,8 +91,14 @@ class Gaps:
         if before is not None and stamp != before[0]:
             if count - before[1] == 1:
                 self.gaps.setdefault(name, []).append(stamp - before[0])
+                first, since = self._grid[name]
+                self._grid[name] = (first, since + 1)
+                self.late.setdefault(name, []).append(stamp - (first + (since + 1) * self.interval[name]))
             else:
-                self.unseen += 1
+                self.unseen += 1  # a failure's backoff moves the grid: it starts anew here
+                self._grid[name] = (stamp, 0)
+        if before is None:
+            self._grid[name] = (stamp, 0)
         if before is None or stamp != before[0]:
             self.last[name] = (stamp, count)
 
@@ -91,13 +107,27 @@ class Gaps:
         while time.monotonic() < ended:
             for name in names:
                 self.read(base, name)
+        self.end(time.time())
+
+    def end(self, now: float) -> None:
+        """The watch is over at now (the epoch, as the stamps): a target not polled since its last
+        stamp counts that time as a gap, and as lateness past its next due time."""
+        for name, (stamp, _) in self.last.items():
+            self.gaps.setdefault(name, []).append(now - stamp)
+            first, since = self._grid[name]
+            self.late.setdefault(name, []).append(now - (first + (since + 1) * self.interval[name]))
+
+    @property
+    def seen(self) -> int:
+        """Targets with a poll seen (a target never polled has no stamp: counted against the budget)."""
+        return len(self.last)
 
     def worst_gap(self) -> float:
         return max((max(g) for g in self.gaps.values() if g), default=float("nan"))
 
     def worst_late(self) -> float:
-        """The most any target was polled past due: its gap minus its interval."""
-        return max((max(g) - self.interval[name] for name, g in self.gaps.items() if g), default=float("nan"))
+        """The most any target was polled past due (or is, at the end, still not polled)."""
+        return max((max(late) for late in self.late.values() if late), default=float("nan"))
 
 
 class Site:
@@ -184,9 +214,11 @@ def measure_thousand(site: Site, steady_seconds: float = 90.0, gap_seconds: floa
             "scrape_max_ms": round(max(scrapes), 2),
             "full_gc_passes": len(full_passes), "full_gc_pass_max_ms": round(max(full_passes, default=0.0) * 1000, 1),
             "full_gc_share_percent": round(sum(full_passes) / elapsed * 100, 3),
-            "worst_gap_seconds": round(gaps.worst_gap(), 2), "targets_gaps_seen": len(gaps.gaps),
+            "worst_gap_seconds": round(gaps.worst_gap(), 2), "targets_gaps_seen": gaps.seen,
+            "gaps_unmeasured": gaps.unseen,
             "worst_late_seconds_one_cluster_stopped": round(late.worst_late(), 2),
-            "targets_gaps_seen_one_cluster_stopped": len(late.gaps),
+            "targets_gaps_seen_one_cluster_stopped": late.seen, "targets_one_cluster_stopped": len(others),
+            "gaps_unmeasured_one_cluster_stopped": late.unseen,
         }
     finally:
         tear_down(proc, [], [])

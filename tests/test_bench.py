@@ -100,3 +100,62 @@ def test_the_fleet_reports_say_not_met_where_a_budget_is_not() -> None:
     lines = shards_lines({"shards": shards})
     assert any(line.startswith("- each shard owns 250 ± 50 (190-270): **not met**") for line in lines), lines
     assert any(line.startswith("- going to 5 shards moves 260 targets (26.0%)") and "**not met**" in line for line in lines)
+
+
+def _probe_text(stamp: float, polls: int, interval: float = 15.0) -> str:
+    return (f"# TYPE pg_advisory_lock_exporter_last_poll_timestamp_seconds gauge\n"
+            f"pg_advisory_lock_exporter_last_poll_timestamp_seconds {stamp}\n"
+            f"# TYPE pg_advisory_lock_exporter_poll_duration_seconds histogram\n"
+            f'pg_advisory_lock_exporter_poll_duration_seconds_bucket{{le="+Inf"}} {polls}\n'
+            f"pg_advisory_lock_exporter_poll_duration_seconds_count {polls}\n"
+            f"pg_advisory_lock_exporter_poll_duration_seconds_sum 0.01\n"
+            f"# TYPE pg_advisory_lock_exporter_poll_interval_seconds gauge\n"
+            f"pg_advisory_lock_exporter_poll_interval_seconds {interval}\n")
+
+
+def test_the_thousand_points_lateness_is_past_due_not_past_the_poll_before(monkeypatch) -> None:
+    # Polls due every 15 s on a grid (each due an interval after the last was due): each one 0.6 s
+    # later than the one before is 1.8 s late by the third, though no gap exceeds 15.6 s.
+    from bench import thousand
+
+    readings = iter([_probe_text(1000.0 + 15.6 * n, 1 + n) for n in range(4)])
+    monkeypatch.setattr(thousand, "_get", lambda url: next(readings).encode())
+    late = thousand.Gaps()
+    for _ in range(4):
+        late.read("http://exporter", "c0-t000")
+    assert late.worst_gap() == pytest.approx(15.6)
+    assert late.worst_late() == pytest.approx(1.8)
+
+
+def test_the_thousand_points_target_polled_no_more_counts(monkeypatch) -> None:
+    # A target polled once before the watch and never again has no gap between two polls: the
+    # watch's end counts the time since as its gap and its lateness, so it is not left out.
+    from bench import thousand
+
+    readings = iter([_probe_text(1000.0, 1), _probe_text(1000.0, 1), _probe_text(1000.0, 1), _probe_text(1010.0, 8)])
+    monkeypatch.setattr(thousand, "_get", lambda url: next(readings).encode())
+    late = thousand.Gaps()
+    for name in ("starved", "starved", "other", "other"):
+        late.read("http://exporter", name)
+    late.end(now=1050.0)
+    assert late.seen == 2 and late.unseen == 1  # "other": seven polls between two readings, six failed or unseen
+    assert late.worst_gap() == pytest.approx(50.0)
+    assert late.worst_late() == pytest.approx(35.0)  # due at 1015, still not polled at 1050
+
+
+def test_the_thousand_points_verdicts_count_every_target() -> None:
+    from bench.report import thousand_lines
+
+    point = {"targets": 1000, "first_metrics_seconds": 3.0, "threads": 70, "threads_one_cluster_stopped": 40,
+             "rss_mb": 200.0, "cpu_percent_of_core": 20.0, "scrape_p95_ms": 5.0, "scrape_max_ms": 9.0,
+             "full_gc_passes": 2, "full_gc_pass_max_ms": 30.0, "full_gc_share_percent": 0.05,
+             "worst_gap_seconds": 15.2, "targets_gaps_seen": 1000,
+             "worst_late_seconds_one_cluster_stopped": 0.3, "targets_gaps_seen_one_cluster_stopped": 10}
+    lines = thousand_lines({"thousand": point})
+    threads, gap, late = lines[2], lines[-2], lines[-1]
+    assert threads.endswith("at most 64 besides HTTP: **not met** |"), threads  # 70 at the start
+    assert gap.endswith("**met** |"), gap
+    assert "10 of 750 targets seen polled" in late and late.endswith("**not met** |"), late
+    point |= {"threads": 40, "targets_gaps_seen_one_cluster_stopped": 750, "targets_one_cluster_stopped": 750}
+    lines = thousand_lines({"thousand": point})
+    assert lines[2].endswith("**met** |") and lines[-1].endswith("**met** |"), lines
