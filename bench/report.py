@@ -411,11 +411,13 @@ def shards_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"| {shard['shard']} | {shard['targets_figure']} / {shard['sd_targets']} | {shard['threads']} | "
                      f"{shard['rss_mb']:.1f} MB | {shard['cpu_percent_of_core']:.1f}% of a core |")
     owned = [s["sd_targets"] for s in point["shards"]]
+    agree = all(s["sd_targets"] == s["targets_figure"] for s in point["shards"])
     moved, share = point["moved_to_one_more_shard"], point["moved_to_one_more_shard"] / targets
     lines += [
         "",
         f"- each shard owns {targets // total} ± {targets // total // 5} ({min(owned)}-{max(owned)}): "
         f"{_met(all(low <= n <= high for n in owned))}",
+        f"- each shard runs what its /sd lists (its targets figure the same): {_met(agree)}",
         f"- every target owned by exactly one shard ({point['owned_by_exactly_one']:,} of {targets:,}; none: "
         f"{point['owned_by_none']}, several: {point['owned_by_several']}): {_met(point['owned_by_exactly_one'] == targets)}",
         f"- going to {total + 1} shards moves {moved} targets ({share:.1%}), "

@@ -241,15 +241,23 @@ def measure_shards(site: Site, total: int = 4, steady_seconds: float = 60.0) -> 
     """The same targets over `total` shards, each its own process, all running at once: each
     shard's owned targets (its /sd and its targets figure), threads, RSS and CPU; then how many
     targets one more shard would move (--check-config of total+1 shards against the /sds)."""
-    procs = [site.exporter(f"shard-{n}.log", f"--shard={n}", f"--total-shards={total}") for n in range(total)]
+    procs: list[tuple[subprocess.Popen, str]] = []
     try:
+        for n in range(total):  # in the try: a start that fails stops the shards started before it
+            procs.append(site.exporter(f"shard-{n}.log", f"--shard={n}", f"--total-shards={total}"))
         for _, base in procs:
             _first_answer(base, started=time.monotonic())
         time.sleep(20)  # every target past its first poll
         cpu0 = [cpu_seconds(proc.pid) for proc, _ in procs]
         started = time.monotonic()
         time.sleep(steady_seconds)
+        # Every shard's CPU over the same window, read before any of them is scraped (a shard read
+        # later counted the others' scrapes' time and its own scrape's CPU).
+        cpu1 = [cpu_seconds(proc.pid) for proc, _ in procs]
         elapsed = time.monotonic() - started
+        ended = [n for n, (proc, _) in enumerate(procs) if proc.poll() is not None]
+        if ended:
+            raise RuntimeError(f"shards {ended} ended during the window (their logs: shard-N.log)")
         shards = []
         sd: dict[int, list[str]] = {}
         for n, (proc, base) in enumerate(procs):
@@ -258,7 +266,7 @@ def measure_shards(site: Site, total: int = 4, steady_seconds: float = 60.0) -> 
             shards.append({
                 "shard": n, "targets_figure": int(figures[("pg_advisory_lock_exporter_targets", ())]),
                 "sd_targets": len(sd[n]), "threads": _threads(proc.pid), "rss_mb": round(rss_mb(proc.pid), 1),
-                "cpu_percent_of_core": round((cpu_seconds(proc.pid) - cpu0[n]) / elapsed * 100, 1)})
+                "cpu_percent_of_core": round((cpu1[n] - cpu0[n]) / elapsed * 100, 1)})
     finally:
         for proc, _ in procs:
             tear_down(proc, [], [])

@@ -159,3 +159,18 @@ def test_the_thousand_points_verdicts_count_every_target() -> None:
     point |= {"threads": 40, "targets_gaps_seen_one_cluster_stopped": 750, "targets_one_cluster_stopped": 750}
     lines = thousand_lines({"thousand": point})
     assert lines[2].endswith("**met** |") and lines[-1].endswith("**met** |"), lines
+
+
+def test_the_shards_verdict_asks_each_shards_figure_to_agree_with_its_sd() -> None:
+    from bench.report import shards_lines
+
+    def point(figure: int) -> dict:
+        return {"total_shards": 4, "targets": 1000, "owned_by_exactly_one": 1000, "owned_by_none": 0,
+                "owned_by_several": 0, "moved_to_one_more_shard": 200, "moved_to_the_new_shard_only": True,
+                "shards": [{"shard": n, "targets_figure": figure if n == 0 else 250, "sd_targets": 250, "threads": 10,
+                            "rss_mb": 80.0, "cpu_percent_of_core": 5.0} for n in range(4)]}
+
+    (runs,) = [line for line in shards_lines({"shards": point(250)}) if line.startswith("- each shard runs")]
+    assert runs.endswith("**met**"), runs
+    (runs,) = [line for line in shards_lines({"shards": point(0)}) if line.startswith("- each shard runs")]
+    assert runs.endswith("**not met**"), runs  # shard 0 lists 250 on /sd and runs none
