@@ -27,7 +27,7 @@ import psycopg
 
 from bench.auto import exporter_stats, measure_settle
 from bench.coverage import measure_coverage
-from bench.fleet import measure_fleet
+from bench.fleet import baseline_tree, measure_fleet
 from bench.thousand import Site as ThousandSite
 from bench.thousand import measure_shards, measure_thousand
 from bench.load import Load
@@ -326,6 +326,14 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pgale-bench-"))
     if args.fleet_only:
         return fleet_only(args, workdir)
+    if not args.smoke and not args.no_scaling:
+        # The fleet points come last, after most of an hour: the code they are held beside must be
+        # at hand now (a shallow clone lacks it), not found missing then with every figure lost.
+        try:
+            baseline_tree(workdir)
+        except subprocess.CalledProcessError:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
     cluster = Cluster(settings=SETTINGS).start()
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
     dsn_for = lambda user: cluster.dsn(user=user)  # noqa: E731

@@ -174,3 +174,27 @@ def test_the_shards_verdict_asks_each_shards_figure_to_agree_with_its_sd() -> No
     assert runs.endswith("**met**"), runs
     (runs,) = [line for line in shards_lines({"shards": point(0)}) if line.startswith("- each shard runs")]
     assert runs.endswith("**not met**"), runs  # shard 0 lists 250 on /sd and runs none
+
+
+def test_a_checkout_without_the_baseline_fails_before_measuring(tmp_path: Path, monkeypatch) -> None:
+    # The fleet points, last in a full run, need the baseline's code from git: a checkout without
+    # that commit (a shallow clone) must fail at the start, not after the hour before them.
+    import bench.__main__ as bench_main
+    from bench import fleet
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    subprocess.run(["git", "init", "-q", str(tmp_path / "shallow")], check=True)
+    monkeypatch.setattr(fleet, "ROOT", tmp_path / "shallow")
+
+    class Started(Exception):
+        pass
+
+    def no_cluster(*_: object, **__: object) -> None:
+        raise Started("a cluster was started before the baseline was found missing")
+
+    monkeypatch.setattr(bench_main, "Cluster", no_cluster)
+    monkeypatch.setattr(bench_main.signal, "signal", lambda *_: None)  # main's SIGTERM handler: not this process's
+    monkeypatch.setattr(sys, "argv", ["bench", "--out", str(tmp_path / "out")])
+    with pytest.raises(subprocess.CalledProcessError):
+        bench_main.main()
