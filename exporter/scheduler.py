@@ -130,7 +130,9 @@ class Scheduler:
     thousand tasks costs a dict operation each, not a scan of every queue each; such an entry left
     in _due holds no task (its task is None), so a removed target is let go at once, not when its
     entry would have been due (a probe's interval has no upper bound). _taken holds the
-    turns of the calls running. Of the idle workers one, the leader, waits for the next due time;
+    turns of the calls running; a turn not taken has no call waiting for it, but while the one it
+    was handed to (_hand_on: by the call that returned, or by the removal of the one it was handed
+    to before) is due in _due. Of the idle workers one, the leader, waits for the next due time;
     the others wait to be called (a due time wakes one thread, not all), and end when not called for
     IDLE_SECONDS."""
 
@@ -223,6 +225,21 @@ class Scheduler:
             heapq.heapify(queue)
             if not queue:
                 del self._waiting[place]
+        elif task.turn is not None and task.turn not in self._taken:
+            # It may be the waiter a returning call handed the turn to (_done), not yet run: the
+            # next waiter gets the turn instead, or nothing of that server would run to hand it on.
+            self._hand_on(task.turn)
+
+    def _hand_on(self, turn: Hashable) -> None:
+        """turn is free: the earliest call waiting for it is due (at its due time, so first)."""
+        waiting = self._waiting.get(turn)
+        while waiting:
+            entry = heapq.heappop(waiting)
+            if self._live(entry):
+                self._push(entry[2], entry[0])
+                break
+        if waiting is not None and not waiting:
+            del self._waiting[turn]
 
     def _live(self, entry: _Entry) -> bool:
         return entry[2] is not None and self._queued.get(entry[2], (None,))[0] is entry
@@ -319,14 +336,7 @@ class Scheduler:
         self._woken.discard(task)  # removed or not: a removed task must not stay here with its poller
         if task.turn is not None:
             self._taken.discard(task.turn)
-            waiting = self._waiting.get(task.turn)
-            while waiting:
-                entry = heapq.heappop(waiting)
-                if self._live(entry):
-                    self._push(entry[2], entry[0])
-                    break
-            if waiting is not None and not waiting:
-                del self._waiting[task.turn]
+            self._hand_on(task.turn)
         if task not in self._tasks:
             return True
         if woken:
