@@ -198,3 +198,19 @@ def test_a_checkout_without_the_baseline_fails_before_measuring(tmp_path: Path, 
     monkeypatch.setattr(sys, "argv", ["bench", "--out", str(tmp_path / "out")])
     with pytest.raises(subprocess.CalledProcessError):
         bench_main.main()
+
+
+def test_the_fleet_points_comparison_is_worse_only_beyond_the_larger_spread() -> None:
+    from bench.fleet import COMPARED, compare
+
+    def runs(*cpu: float) -> list[dict[str, float]]:
+        return [{field: 1.0 for field in COMPARED} | {"cpu_percent_of_core": c} for c in cpu]
+
+    worse = compare({"ours": runs(5.0, 5.2, 5.1), "baseline": runs(3.0, 3.1, 3.2)})["cpu_percent_of_core"]
+    assert worse == {"ours": 5.1, "baseline": 3.1, "spread": pytest.approx(0.2), "worse_beyond_spread": True}
+    # Within the baseline's range of 1.0 (ours' is 0.2): not worse beyond the spread.
+    within = compare({"ours": runs(3.9, 4.0, 4.1), "baseline": runs(2.5, 3.5, 3.1)})["cpu_percent_of_core"]
+    assert within["spread"] == pytest.approx(1.0) and within["worse_beyond_spread"] is False
+    better = compare({"ours": runs(1.0, 1.1, 1.2), "baseline": runs(3.0, 3.1, 3.2)})["cpu_percent_of_core"]
+    assert better["worse_beyond_spread"] is False
+    assert all(c["worse_beyond_spread"] is False for f, c in compare({"ours": runs(1, 1, 1), "baseline": runs(1, 1, 1)}).items())
