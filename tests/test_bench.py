@@ -154,6 +154,8 @@ def test_the_thousand_points_verdicts_count_every_target() -> None:
     lines = thousand_lines({"thousand": point})
     threads, gap, late = lines[2], lines[-2], lines[-1]
     assert threads.endswith("at most 64 besides HTTP: **not met** |"), threads  # 70 at the start
+    assert lines[3].endswith("at most 300 MB: **met** |"), lines[3]
+    assert thousand_lines({"thousand": point | {"rss_peak_mb": 320.0}})[3].endswith("**not met** |")  # its peak counts
     assert gap.endswith("**met** |"), gap
     assert "10 of 750 targets seen polled" in late and late.endswith("**not met** |"), late
     point |= {"threads": 40, "targets_gaps_seen_one_cluster_stopped": 750, "targets_one_cluster_stopped": 750}
