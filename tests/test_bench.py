@@ -216,3 +216,25 @@ def test_the_fleet_points_comparison_is_worse_only_beyond_the_larger_spread() ->
     better = compare({"ours": runs(1.0, 1.1, 1.2), "baseline": runs(3.0, 3.1, 3.2)})["cpu_percent_of_core"]
     assert better["worse_beyond_spread"] is False
     assert all(c["worse_beyond_spread"] is False for f, c in compare({"ours": runs(1, 1, 1), "baseline": runs(1, 1, 1)}).items())
+
+
+def test_a_fleet_point_that_fails_keeps_the_ones_before_it(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+    import contextlib
+
+    import bench.__main__ as bench_main
+
+    monkeypatch.setattr(bench_main, "measure_fleet", lambda workdir, seconds: {"compared": {}})
+    monkeypatch.setattr(bench_main, "ThousandSite", lambda workdir: contextlib.nullcontext())
+
+    def broken(site: object) -> dict:
+        raise RuntimeError("/metrics did not answer within 300s")
+
+    monkeypatch.setattr(bench_main, "measure_thousand", broken)
+    saved = {"args": {}, "fleet": {"targets": 50}}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    args = argparse.Namespace(out=tmp_path, fleet_seconds=150.0)
+    with pytest.raises(RuntimeError):
+        bench_main.fleet_only(args, tmp_path / "work")
+    assert json.loads((tmp_path / "results-fleet-partial.json").read_text()) == {"fleet": {"compared": {}}}
+    assert json.loads((tmp_path / "results.json").read_text()) == saved  # the saved run as it was
