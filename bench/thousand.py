@@ -76,15 +76,18 @@ class Gaps:
         self.gaps: dict[str, list[float]] = {}
         self.late: dict[str, list[float]] = {}
         self.interval: dict[str, float] = {}
+        self.asked: dict[str, float] = {}  # target -> when its last reading was asked for
         self._grid: dict[str, tuple[float, int]] = {}  # target -> (a poll's stamp, successive polls since)
         self.unseen = 0  # pairs not measured: a poll failed, or ran unseen, between two readings
 
     def read(self, base: str, name: str) -> None:
-        self.see(name, parse(_get(f"{base}/probe?target={name}").decode()))
+        asked = time.time()  # what the answer says was so at this time already (the epoch, as the stamps)
+        self.see(name, parse(_get(f"{base}/probe?target={name}").decode()), asked)
 
-    def see(self, name: str, figures: dict) -> None:
+    def see(self, name: str, figures: dict, asked: float) -> None:
         stamp, count = figures.get(LAST_POLL), figures.get(POLLS)
         self.interval[name] = figures.get(INTERVAL_FIGURE, 0.0)
+        self.asked[name] = asked
         if stamp is None or count is None:
             return
         before = self.last.get(name)
@@ -107,15 +110,16 @@ class Gaps:
         while time.monotonic() < ended:
             for name in names:
                 self.read(base, name)
-        self.end(time.time())
+        self.end()
 
-    def end(self, now: float) -> None:
-        """The watch is over at now (the epoch, as the stamps): a target not polled since its last
-        stamp counts that time as a gap, and as lateness past its next due time."""
+    def end(self) -> None:
+        """The watch is over: a target not polled between its last stamp and its last reading counts
+        that time as a gap, and as lateness past its next due time (each at its own reading: a poll
+        after it, not read, is not counted late)."""
         for name, (stamp, _) in self.last.items():
-            self.gaps.setdefault(name, []).append(now - stamp)
+            self.gaps.setdefault(name, []).append(self.asked[name] - stamp)
             first, since = self._grid[name]
-            self.late.setdefault(name, []).append(now - (first + (since + 1) * self.interval[name]))
+            self.late.setdefault(name, []).append(self.asked[name] - (first + (since + 1) * self.interval[name]))
 
     @property
     def seen(self) -> int:

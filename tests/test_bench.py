@@ -127,20 +127,23 @@ def test_the_thousand_points_lateness_is_past_due_not_past_the_poll_before(monke
     assert late.worst_late() == pytest.approx(1.8)
 
 
-def test_the_thousand_points_target_polled_no_more_counts(monkeypatch) -> None:
+def test_the_thousand_points_target_polled_no_more_counts() -> None:
     # A target polled once before the watch and never again has no gap between two polls: the
-    # watch's end counts the time since as its gap and its lateness, so it is not left out.
+    # watch's end counts the time to its last reading as its gap and its lateness, so it is not left out.
     from bench import thousand
 
-    readings = iter([_probe_text(1000.0, 1), _probe_text(1000.0, 1), _probe_text(1000.0, 1), _probe_text(1010.0, 8)])
-    monkeypatch.setattr(thousand, "_get", lambda url: next(readings).encode())
     late = thousand.Gaps()
-    for name in ("starved", "starved", "other", "other"):
-        late.read("http://exporter", name)
-    late.end(now=1050.0)
+    late.see("starved", thousand.parse(_probe_text(1000.0, 1)), asked=1001.0)
+    late.see("starved", thousand.parse(_probe_text(1000.0, 1)), asked=1050.0)
+    late.see("other", thousand.parse(_probe_text(1000.0, 1)), asked=1001.0)
+    late.see("other", thousand.parse(_probe_text(1010.0, 8)), asked=1011.0)
+    late.see("other", thousand.parse(_probe_text(1010.0, 8)), asked=1024.0)
+    late.end()
     assert late.seen == 2 and late.unseen == 1  # "other": seven polls between two readings, six failed or unseen
     assert late.worst_gap() == pytest.approx(50.0)
-    assert late.worst_late() == pytest.approx(35.0)  # due at 1015, still not polled at 1050
+    assert late.worst_late() == pytest.approx(35.0)  # due at 1015, still not polled when asked at 1050
+    # "other", due at 1025 (its grid starts anew at 1010), was not late when last asked at 1024.
+    assert max(late.late["other"]) == pytest.approx(-1.0)
 
 
 def test_the_thousand_points_verdicts_count_every_target() -> None:
