@@ -27,7 +27,7 @@ import psycopg
 
 from bench.auto import exporter_stats, measure_settle
 from bench.coverage import measure_coverage
-from bench.fleet import measure_fleet
+from bench.fleet import baseline_tree, measure_fleet
 from bench.thousand import Site as ThousandSite
 from bench.thousand import measure_shards, measure_thousand
 from bench.load import Load
@@ -249,10 +249,12 @@ def spread(values: list[float]) -> str:
     return f"{med:.2f} ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else f"{med:.2f}"
 
 
-def fleet_points(args: argparse.Namespace, workdir: Path, ended: Callable[[str], None]) -> dict[str, object]:
+def fleet_points(args: argparse.Namespace, workdir: Path, ended: Callable[[str], None],
+                 results: dict[str, object]) -> None:
     """The points of issue 29, each on servers of its own: 50 targets beside the baseline (three
-    runs of each), 1,000 targets in one process, the same over four shards."""
-    results: dict[str, object] = {"fleet": measure_fleet(workdir, args.fleet_seconds)}
+    runs of each), 1,000 targets in one process, the same over four shards; each put in results
+    as it ends, so a point that fails keeps the ones before it."""
+    results["fleet"] = measure_fleet(workdir, args.fleet_seconds)
     print(f"fleet: {results['fleet']['compared']}", flush=True)
     ended("fleet")
     with ThousandSite(workdir) as site:
@@ -262,7 +264,6 @@ def fleet_points(args: argparse.Namespace, workdir: Path, ended: Callable[[str],
         results["shards"] = measure_shards(site)
         print(f"shards: {results['shards']}", flush=True)
         ended("shards")
-    return results
 
 
 def fleet_only(args: argparse.Namespace, workdir: Path) -> int:
@@ -276,10 +277,17 @@ def fleet_only(args: argparse.Namespace, workdir: Path) -> int:
         phases[phase] = round(time.monotonic() - started, 1)
         print(f"[{phases[phase]:.0f} s] {phase} done", flush=True)
 
+    points: dict[str, object] = {}
     try:
-        results.update(fleet_points(args, workdir, ended))
+        fleet_points(args, workdir, ended, points)
+    except BaseException:
+        # Half an hour of points: those that ended are kept beside the saved run, not lost.
+        (args.out / "results-fleet-partial.json").write_text(json.dumps(points, indent=1))
+        print(f"wrote {args.out / 'results-fleet-partial.json'}: the points that ended ({', '.join(points) or 'none'})")
+        raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    results.update(points)
     results["fleet_phase_seconds"] = phases
     results["args"]["fleet_seconds"] = str(args.fleet_seconds)
     saved.write_text(json.dumps(results, indent=1))
@@ -326,6 +334,14 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pgale-bench-"))
     if args.fleet_only:
         return fleet_only(args, workdir)
+    if not args.smoke and not args.no_scaling:
+        # The fleet points come last, after most of an hour: the code they are held beside must be
+        # at hand now (a shallow clone lacks it), not found missing then with every figure lost.
+        try:
+            baseline_tree(workdir)
+        except subprocess.CalledProcessError:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
     cluster = Cluster(settings=SETTINGS).start()
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
     dsn_for = lambda user: cluster.dsn(user=user)  # noqa: E731
@@ -414,7 +430,11 @@ def main() -> int:
         admin.close()
         cluster.destroy()  # the fleet point starts four clusters of its own
         if not args.smoke and not args.no_scaling:
-            results.update(fleet_points(args, workdir, ended))
+            try:
+                fleet_points(args, workdir, ended, results)
+            except Exception as exc:  # noqa: BLE001 - the hour of figures before them is saved all the same
+                results["fleet_error"] = f"{type(exc).__name__}: {exc}"
+                print(f"the fleet points failed ({results['fleet_error']}); the figures measured are saved", flush=True)
     finally:
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)  # the subjects' configs and logs

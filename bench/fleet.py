@@ -169,11 +169,17 @@ def measure_fleet(workdir: Path, seconds: float = 150.0, runs: int = 3) -> dict[
                 figures = run_fleet(site, seconds, baseline if subject == "baseline" else None)
                 per[subject].append(figures)
                 print(f"fleet run {r + 1}, {subject}: {figures}", flush=True)
-    compared = {}
+    return {"baseline_commit": BASELINE, "runs": runs, "seconds": seconds, "per_run": per, "compared": compare(per),
+            "median": {field: statistics.median(run[field] for run in per["ours"]) for field in per["ours"][0]}}
+
+
+def compare(per: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, object]]:
+    """Each figure of COMPARED: both medians, the spread (the larger of the two ranges over the
+    runs), and whether this code's median is worse (higher) than the baseline's beyond it."""
+    compared: dict[str, dict[str, object]] = {}
     for field in COMPARED:
         ours, base = ([run[field] for run in per[s]] for s in ("ours", "baseline"))
         spread = max(max(ours) - min(ours), max(base) - min(base))
         compared[field] = {"ours": statistics.median(ours), "baseline": statistics.median(base), "spread": spread,
                            "worse_beyond_spread": statistics.median(ours) > statistics.median(base) + spread}
-    return {"baseline_commit": BASELINE, "runs": runs, "seconds": seconds, "per_run": per, "compared": compared,
-            "median": {field: statistics.median(run[field] for run in per["ours"]) for field in per["ours"][0]}}
+    return compared

@@ -5,9 +5,14 @@ load what is measured:
 
 1. steady: the exporter's CPU share and RSS, and /metrics scraped once a second (its p95);
 2. gaps: every target's /probe read round after round, the gaps between the last_poll_timestamp
-   values it serves (the exporter's own clock; a pair between which a poll went unseen is left out);
+   values it serves (the exporter's own clock; a pair between which a poll failed or went unseen is
+   counted, not measured), and at the end the time since each target's last poll (a target polled
+   no more shows there, not nowhere);
 3. one cluster stopped (SIGSTOP): the same over the other three clusters' targets, from the
-   moment it stops: how late past due (gap minus interval) any of them was polled.
+   moment it stops: how late past due any of them was polled. Due times are a grid (each due one
+   interval after the last was due, not after it ran: scheduler.PollTask), so a poll's lateness is
+   its time minus (the last poll before the stop + polls since x interval), not its gap minus the
+   interval, which is only how much later than the poll before it it was.
 
 Then the same targets over four shards, four processes at once (measure_shards): what each owns,
 its threads, RSS and CPU, and how many targets a fifth shard would move.
@@ -63,26 +68,40 @@ def _scrape_ms(url: str) -> float:
 
 
 class Gaps:
-    """Each target's gaps between consecutive polls, as its own last_poll_timestamp says."""
+    """Each target's gaps between consecutive polls, as its own last_poll_timestamp says, and how
+    late past due each poll was (see the module's docstring)."""
 
     def __init__(self) -> None:
         self.last: dict[str, tuple[float, float]] = {}  # target -> (stamp, poll count)
         self.gaps: dict[str, list[float]] = {}
+        self.late: dict[str, list[float]] = {}
         self.interval: dict[str, float] = {}
-        self.unseen = 0  # pairs left out: a poll ran between two readings unseen
+        self.asked: dict[str, float] = {}  # target -> when its last reading was asked for
+        self._grid: dict[str, tuple[float, int]] = {}  # target -> (a poll's stamp, successive polls since)
+        self.unseen = 0  # pairs not measured: a poll failed, or ran unseen, between two readings
 
     def read(self, base: str, name: str) -> None:
-        figures = parse(_get(f"{base}/probe?target={name}").decode())
+        asked = time.time()  # what the answer says was so at this time already (the epoch, as the stamps)
+        self.see(name, parse(_get(f"{base}/probe?target={name}").decode()), asked)
+
+    def see(self, name: str, figures: dict, asked: float) -> None:
         stamp, count = figures.get(LAST_POLL), figures.get(POLLS)
         self.interval[name] = figures.get(INTERVAL_FIGURE, 0.0)
+        self.asked[name] = asked
         if stamp is None or count is None:
             return
         before = self.last.get(name)
         if before is not None and stamp != before[0]:
             if count - before[1] == 1:
                 self.gaps.setdefault(name, []).append(stamp - before[0])
+                first, since = self._grid[name]
+                self._grid[name] = (first, since + 1)
+                self.late.setdefault(name, []).append(stamp - (first + (since + 1) * self.interval[name]))
             else:
-                self.unseen += 1
+                self.unseen += 1  # a failure's backoff moves the grid: it starts anew here
+                self._grid[name] = (stamp, 0)
+        if before is None:
+            self._grid[name] = (stamp, 0)
         if before is None or stamp != before[0]:
             self.last[name] = (stamp, count)
 
@@ -91,13 +110,28 @@ class Gaps:
         while time.monotonic() < ended:
             for name in names:
                 self.read(base, name)
+        self.end()
+
+    def end(self) -> None:
+        """The watch is over: a target not polled between its last stamp and its last reading counts
+        that time as a gap, and as lateness past its next due time (each at its own reading: a poll
+        after it, not read, is not counted late)."""
+        for name, (stamp, _) in self.last.items():
+            self.gaps.setdefault(name, []).append(self.asked[name] - stamp)
+            first, since = self._grid[name]
+            self.late.setdefault(name, []).append(self.asked[name] - (first + (since + 1) * self.interval[name]))
+
+    @property
+    def seen(self) -> int:
+        """Targets with a poll seen (a target never polled has no stamp: counted against the budget)."""
+        return len(self.last)
 
     def worst_gap(self) -> float:
         return max((max(g) for g in self.gaps.values() if g), default=float("nan"))
 
     def worst_late(self) -> float:
-        """The most any target was polled past due: its gap minus its interval."""
-        return max((max(g) - self.interval[name] for name, g in self.gaps.items() if g), default=float("nan"))
+        """The most any target was polled past due (or is, at the end, still not polled)."""
+        return max((max(late) for late in self.late.values() if late), default=float("nan"))
 
 
 class Site:
@@ -174,19 +208,24 @@ def measure_thousand(site: Site, steady_seconds: float = 90.0, gap_seconds: floa
         try:
             late.watch(base, others, stopped_seconds)
             threads_stopped = _threads(proc.pid)
+            # The budget is "at most": the peak, over the gaps' readings and the stop too, not the
+            # steady phase's one reading.
+            rss_peak = rss_mb(proc.pid, "VmHWM")
         finally:
             stopped.signal_all(signal.SIGCONT)
         p95 = sorted(scrapes)[int(len(scrapes) * 0.95)]
         return {
             "targets": len(site.targets), "first_metrics_seconds": round(first_metrics, 1),
             "threads": threads_start, "threads_one_cluster_stopped": threads_stopped,
-            "rss_mb": round(rss, 1), "cpu_percent_of_core": round(cpu, 1), "scrape_p95_ms": round(p95, 2),
+            "rss_mb": round(rss, 1), "rss_peak_mb": round(rss_peak, 1), "cpu_percent_of_core": round(cpu, 1), "scrape_p95_ms": round(p95, 2),
             "scrape_max_ms": round(max(scrapes), 2),
             "full_gc_passes": len(full_passes), "full_gc_pass_max_ms": round(max(full_passes, default=0.0) * 1000, 1),
             "full_gc_share_percent": round(sum(full_passes) / elapsed * 100, 3),
-            "worst_gap_seconds": round(gaps.worst_gap(), 2), "targets_gaps_seen": len(gaps.gaps),
+            "worst_gap_seconds": round(gaps.worst_gap(), 2), "targets_gaps_seen": gaps.seen,
+            "gaps_unmeasured": gaps.unseen,
             "worst_late_seconds_one_cluster_stopped": round(late.worst_late(), 2),
-            "targets_gaps_seen_one_cluster_stopped": len(late.gaps),
+            "targets_gaps_seen_one_cluster_stopped": late.seen, "targets_one_cluster_stopped": len(others),
+            "gaps_unmeasured_one_cluster_stopped": late.unseen,
         }
     finally:
         tear_down(proc, [], [])
@@ -209,15 +248,23 @@ def measure_shards(site: Site, total: int = 4, steady_seconds: float = 60.0) -> 
     """The same targets over `total` shards, each its own process, all running at once: each
     shard's owned targets (its /sd and its targets figure), threads, RSS and CPU; then how many
     targets one more shard would move (--check-config of total+1 shards against the /sds)."""
-    procs = [site.exporter(f"shard-{n}.log", f"--shard={n}", f"--total-shards={total}") for n in range(total)]
+    procs: list[tuple[subprocess.Popen, str]] = []
     try:
+        for n in range(total):  # in the try: a start that fails stops the shards started before it
+            procs.append(site.exporter(f"shard-{n}.log", f"--shard={n}", f"--total-shards={total}"))
         for _, base in procs:
             _first_answer(base, started=time.monotonic())
         time.sleep(20)  # every target past its first poll
         cpu0 = [cpu_seconds(proc.pid) for proc, _ in procs]
         started = time.monotonic()
         time.sleep(steady_seconds)
+        # Every shard's CPU over the same window, read before any of them is scraped (a shard read
+        # later counted the others' scrapes' time and its own scrape's CPU).
+        cpu1 = [cpu_seconds(proc.pid) for proc, _ in procs]
         elapsed = time.monotonic() - started
+        ended = [n for n, (proc, _) in enumerate(procs) if proc.poll() is not None]
+        if ended:
+            raise RuntimeError(f"shards {ended} ended during the window (their logs: shard-N.log)")
         shards = []
         sd: dict[int, list[str]] = {}
         for n, (proc, base) in enumerate(procs):
@@ -226,7 +273,7 @@ def measure_shards(site: Site, total: int = 4, steady_seconds: float = 60.0) -> 
             shards.append({
                 "shard": n, "targets_figure": int(figures[("pg_advisory_lock_exporter_targets", ())]),
                 "sd_targets": len(sd[n]), "threads": _threads(proc.pid), "rss_mb": round(rss_mb(proc.pid), 1),
-                "cpu_percent_of_core": round((cpu_seconds(proc.pid) - cpu0[n]) / elapsed * 100, 1)})
+                "cpu_percent_of_core": round((cpu1[n] - cpu0[n]) / elapsed * 100, 1)})
     finally:
         for proc, _ in procs:
             tear_down(proc, [], [])

@@ -32,6 +32,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import Any
 
 from .config import DEFAULT_MAX_WORKERS
 from .deadline import DEADLINES, Deadlines, lookups_within
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
 # The place in _queued of a task whose live entry is in _due (any other place is a turn).
 _DUE = object()
+# An entry of _due or _waiting: [due time, order, task]; a list, not a tuple, so that a removed or
+# woken task's entry left in _due can let go of its task (None) where it lies.
+_Entry = list[Any]
 # A worker not called for this long ends (but the one watching the due times): the workers a burst
 # or a hung server's calls needed go, and the process's threads come back to where they were.
 IDLE_SECONDS = 60.0
@@ -123,8 +127,12 @@ class Scheduler:
     time), _running (a call of it runs) or none (asleep until woken: math.inf). _queued says which
     entry of _due or _waiting is a task's live one: an entry it does not name (the task was removed,
     or woken and pushed anew) is skipped where it is popped, so a reload that removes or wakes a
-    thousand tasks costs a dict operation each, not a scan of every queue each. _taken holds the
-    turns of the calls running. Of the idle workers one, the leader, waits for the next due time;
+    thousand tasks costs a dict operation each, not a scan of every queue each; such an entry left
+    in _due holds no task (its task is None), so a removed target is let go at once, not when its
+    entry would have been due (a probe's interval has no upper bound). _taken holds the
+    turns of the calls running; a turn not taken has no call waiting for it, but while the one it
+    was handed to (_hand_on: by the call that returned, or by the removal of the one it was handed
+    to before) is due in _due. Of the idle workers one, the leader, waits for the next due time;
     the others wait to be called (a due time wakes one thread, not all), and end when not called for
     IDLE_SECONDS."""
 
@@ -139,9 +147,9 @@ class Scheduler:
         # called next is the one idle the shortest, so a worker not needed stays idle, and ends.
         self._followers: list[threading.Condition] = []
         self._leader: int | None = None
-        self._due: list[tuple[float, int, Task]] = []
-        self._waiting: dict[Hashable, list[tuple[float, int, Task]]] = {}
-        self._queued: dict[Task, tuple[int, Hashable]] = {}  # task -> its live entry: (order, _DUE or turn)
+        self._due: list[_Entry] = []
+        self._waiting: dict[Hashable, list[_Entry]] = {}
+        self._queued: dict[Task, tuple[_Entry, Hashable]] = {}  # task -> its live entry, _DUE or its turn
         self._tasks: set[Task] = set()
         self._running: set[Task] = set()
         self._woken: set[Task] = set()  # woken while a call of theirs ran: due as soon as it returns
@@ -177,7 +185,7 @@ class Scheduler:
             if task in self._running:
                 self._woken.add(task)
                 return
-            if self._queued.get(task, (0, _DUE))[1] is not _DUE:
+            if self._queued.get(task, (None, _DUE))[1] is not _DUE:
                 return  # due already, waiting for its server's turn
             self._drop(task)
             self._push(task, self._clock())
@@ -203,25 +211,43 @@ class Scheduler:
     # -- the heap (every method below runs under _lock) -----------------------------------
 
     def _drop(self, task: Task) -> None:
-        """task's entry in _due or _waiting no longer live: skipped where _due is popped; taken out
-        of its server's queue now (a few tasks; a queue left with dead entries only might never be
-        popped again, and would keep a removed task)."""
+        """task's entry in _due or _waiting no longer live: left in _due without its task, skipped
+        where popped; taken out of its server's queue now (a few tasks; a queue left with dead
+        entries only might never be popped again)."""
         queued = self._queued.pop(task, None)
-        if queued is not None and queued[1] is not _DUE:
-            queue = self._waiting[queued[1]]
-            queue[:] = [entry for entry in queue if entry[2] is not task]
+        if queued is None:
+            return
+        entry, place = queued
+        entry[2] = None  # the heap holds nothing of a removed task, however far off its due time
+        if place is not _DUE:
+            queue = self._waiting[place]
+            queue[:] = [other for other in queue if other is not entry]
             heapq.heapify(queue)
             if not queue:
-                del self._waiting[queued[1]]
+                del self._waiting[place]
+        elif task.turn is not None and task.turn not in self._taken:
+            # It may be the waiter a returning call handed the turn to (_done), not yet run: the
+            # next waiter gets the turn instead, or nothing of that server would run to hand it on.
+            self._hand_on(task.turn)
 
-    def _live(self, entry: tuple[float, int, Task]) -> bool:
-        queued = self._queued.get(entry[2])
-        return queued is not None and queued[0] == entry[1]
+    def _hand_on(self, turn: Hashable) -> None:
+        """turn is free: the earliest call waiting for it is due (at its due time, so first)."""
+        waiting = self._waiting.get(turn)
+        while waiting:
+            entry = heapq.heappop(waiting)
+            if self._live(entry):
+                self._push(entry[2], entry[0])
+                break
+        if waiting is not None and not waiting:
+            del self._waiting[turn]
+
+    def _live(self, entry: _Entry) -> bool:
+        return entry[2] is not None and self._queued.get(entry[2], (None,))[0] is entry
 
     def _push(self, task: Task, due: float) -> None:
-        order = next(self._order)
-        heapq.heappush(self._due, (due, order, task))
-        self._queued[task] = (order, _DUE)
+        entry = [due, next(self._order), task]  # (due, order) is unique: a task is never compared
+        heapq.heappush(self._due, entry)
+        self._queued[task] = (entry, _DUE)
         if self._leader is not None:
             self._leader_cond.notify()  # it waits for the earliest due time: this one may be earlier
         else:
@@ -258,7 +284,7 @@ class Scheduler:
                 continue  # removed, or pushed anew
             if task.turn is not None and task.turn in self._taken:
                 heapq.heappush(self._waiting.setdefault(task.turn, []), entry)  # holds no worker
-                self._queued[task] = (entry[1], task.turn)
+                self._queued[task] = (entry, task.turn)
                 continue
             del self._queued[task]
             if task.turn is not None:
@@ -310,14 +336,7 @@ class Scheduler:
         self._woken.discard(task)  # removed or not: a removed task must not stay here with its poller
         if task.turn is not None:
             self._taken.discard(task.turn)
-            waiting = self._waiting.get(task.turn)
-            while waiting:
-                entry = heapq.heappop(waiting)
-                if self._live(entry):
-                    self._push(entry[2], entry[0])
-                    break
-            if waiting is not None and not waiting:
-                del self._waiting[task.turn]
+            self._hand_on(task.turn)
         if task not in self._tasks:
             return True
         if woken:

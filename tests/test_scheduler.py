@@ -524,3 +524,54 @@ def test_a_task_removed_while_waiting_for_its_servers_turn_is_let_go_at_once() -
     finally:
         scheduler.stop()
     assert all(name == "holder" for name, *_ in log)
+
+
+def test_a_removed_task_due_later_is_let_go_at_once() -> None:
+    # Removed (a reload) while it waits for its next due time, a minute away: the scheduler holds
+    # nothing of it from then on (a Target's poller and exposition hang off its tasks), not until
+    # its entry would have been due (a probe's interval has no upper bound).
+    scheduler = Scheduler(max_workers=1)
+    task = FakeTask("later", "s", 0.05, [])
+    gone = weakref.ref(task)
+    scheduler.add(task, delay=60.0)
+    try:
+        scheduler.remove(task)
+        assert task.closed
+        del task
+        gc.collect()
+        assert gone() is None
+    finally:
+        scheduler.stop()
+
+
+def test_a_turn_handed_to_a_task_removed_before_it_ran_goes_on_to_the_next_waiter() -> None:
+    # Server s: X's call runs, Y and Z wait for the turn. X returns and hands the turn to Y (due
+    # again, with no worker free: the freed one takes F, due earlier). A reload then removes X and
+    # Y, keeping Z: Z, due since, must still be called (nothing else of server s will run to hand
+    # it the turn).
+    log: list[tuple[str, str, float, float]] = []
+    hung = threading.Event()
+    hung.set()
+    scheduler = Scheduler(max_workers=3)
+    x = FakeTask("X", "s", 60.0, log, hung, deadline=1.0)
+    y, z = (FakeTask(name, "s", 60.0, log) for name in ("Y", "Z"))
+    h, e, f = (FakeTask(name, name, 60.0, log, hung, deadline=3.0) for name in ("H", "E", "F"))
+    try:
+        scheduler.add(x)
+        scheduler.add(h)
+        wait_until(lambda: {x, h} <= scheduler._running, timeout=5)
+        scheduler.add(y)
+        scheduler.add(z)
+        wait_until(lambda: len(scheduler._waiting.get("s", ())) == 2, timeout=5)  # popped by the third worker
+        scheduler.add(e)
+        wait_until(lambda: e in scheduler._running, timeout=5)  # every worker busy now
+        scheduler.add(f, delay=-100.0)  # due before Y: the worker X frees takes it
+        wait_until(lambda: f in scheduler._running, timeout=5)  # X returned, handed the turn to Y
+        assert y not in scheduler._running and [entry[2] for entry in scheduler._waiting["s"]] == [z]  # Y due, not run
+        scheduler.remove(x)
+        scheduler.remove(y)
+        hung.clear()
+        wait_until(lambda: any(name == "Z" for name, *_ in log), timeout=10)
+    finally:
+        scheduler.stop()
+    assert not any(name == "Y" for name, *_ in log)
