@@ -376,7 +376,7 @@ def thousand_lines(results: dict[str, Any]) -> list[str]:
         "| figure | measured | budget |",
         "|---|---|---|",
         f"| threads in all: the workers (max_workers 32), the process's own five, and HTTP's (one per open scrape "
-        f"connection: one here, the readings being one at a time) | {point['threads']} ({point['threads_one_cluster_stopped']} with "
+        f"connection, while it is open: at most one here, the readings being one at a time) | {point['threads']} ({point['threads_one_cluster_stopped']} with "
         f"one cluster stopped) | at most 64 besides HTTP: {_met(threads <= 64)} |",
         f"| resident memory (its peak) | {point['rss_mb']:.1f} MB ({peak:.1f} MB) | at most 300 MB: {_met(peak <= 300)} |",
         f"| exporter CPU | {point['cpu_percent_of_core']:.1f}% of a core | at most 60%: "
