@@ -12,7 +12,7 @@ from .oracle import Lie, NamedLock, Scrape, TargetSetup, Verdict
 from .served import (ACQUISITIONS, HELD_SECONDS, HOLDER_INFO, HOLDERS, INTERVAL, LAST_POLL, LAST_POLL_DURATION,
                      POOLED, PROBE_ACQUIRABLE, PROBE_DURATION, PROBE_LAST_RUN, PROBE_OK, PROBE_TRUSTED,
                      UNNAMED_HELD_SECONDS, UNNAMED_HOLDERS, UNNAMED_WAITERS, WAITERS, Served)
-from .truth import EXCLUSIVE, SHARED, Hold
+from .truth import ANY_BACKEND, EXCLUSIVE, SHARED, Hold
 
 # held_seconds and the timestamps are written to the millisecond: a difference below this is the
 # rendering's, never a lie.
@@ -247,6 +247,8 @@ class ScrapeRules:
         # A client's transaction on the server connection (from before its BEGIN): the backend is
         # not idle outside a transaction, whatever it holds.
         busy |= {holder_id(b.holder) for b in self.history.busy(self.m.target, window)}
+        if holder_id(ANY_BACKEND) in busy:  # a statement on a server connection nobody knows: any
+            busy |= {holder_id(hold.holder) for hold, _ in self.holds}
         self._busy = busy
         return busy
 

@@ -48,6 +48,11 @@ class Holder:
     application_name: str = ""
 
 
+# A Busy's holder when which server connection of the pool ran the statement is unknown (it failed
+# before answering): every backend of that target is taken as busy then.
+ANY_BACKEND = Holder(pid=None, backend_start=None, gid=None, application_name="")
+
+
 @dataclass(frozen=True)
 class Hold:
     """One key held by one holder in one mode, from a grant to a release (None: still held at
@@ -106,8 +111,10 @@ class Fault:
 @dataclass(frozen=True)
 class Busy:
     """A transaction of a client of a transaction pool on one server connection: from before its
-    BEGIN to after its COMMIT or ROLLBACK. The exporter proves a stranded lock only on an idle
-    server connection, so a stranded lock on a busy one may go unproven (rule 3)."""
+    BEGIN to after its COMMIT or ROLLBACK, or one statement outside a transaction (a strand's), from
+    before it was sent to after its answer. The exporter proves a stranded lock only on an idle
+    server connection, so a stranded lock on a busy one may go unproven (rule 3). holder
+    ANY_BACKEND: it ran on a server connection nobody knows (every one is busy then)."""
 
     target: str
     holder: Holder  # the server connection's backend

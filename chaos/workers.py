@@ -502,9 +502,22 @@ class Slot:
         The lock stays on the server connection until that backend ends (the keeper watches it)."""
         key, mode = op.keys[0]
         self.asking = Asking(key, mode, "session", None, 0.0, False)  # lost: which backend, nobody knows
-        row = conn.q(ASK.format(fn=lock_function("session", mode, True), args=key.placeholders), key.args)
+        # The statement is a transaction on some server connection of the pool, which may hold
+        # another client's stranded lock: that backend is not idle from before it is sent until its
+        # answer (the grant's clocks are inside the statement, not its edges: found by the 30-minute
+        # run, an active backend taken for an idle one). Which backend, only its answer says.
+        sent = time.time()  # this machine's clock is the server's (loopback)
+        try:
+            row = conn.q(ASK.format(fn=lock_function("session", mode, True), args=key.placeholders), key.args)
+        except BaseException:
+            self.recorder.write(truth.Busy(ep.target, truth.ANY_BACKEND, truth.Span(sent, sent),
+                                           truth.Span(sent, max(sent, time.time()))))
+            raise
+        answered = time.time()
         self.asking = None
         conn.close()
+        self.recorder.write(truth.Busy(ep.target, truth.Holder(row["pid"], row["backend_start"], None, row["app"]),
+                                       truth.Span(sent, sent), truth.Span(sent, max(sent, answered))))
         if row["got"] != "true":
             return
         try:

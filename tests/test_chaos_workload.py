@@ -184,6 +184,12 @@ def test_the_recorded_truth_is_what_the_server_showed(server, bouncer, tmp_path:
     assert made["held"] >= 20 and made["prepared"] and made["stranded"] and made["xact"], made
     assert facts.waits and any(h.waited for h in facts.holds), (len(facts.waits), made)
     assert {h.via for h in facts.holds} == {truth.DIRECT, truth.TX_POOL}
+    # A strand's statement is recorded as its server connection's busy time, around its grant:
+    # that backend was active then, whatever it held already (rule 3.pooled's certainty).
+    for hold in (h for h in facts.holds if h.stranded is not None):
+        assert any((b.holder.pid, b.holder.backend_start) == (hold.holder.pid, hold.holder.backend_start)
+                   and b.began.lo <= hold.granted.lo and b.ended is not None and b.ended.hi >= hold.granted.hi
+                   for b in facts.busy), hold
     assert {h.holder.application_name for h in facts.holds if h.holder.gid is None} <= {f"chaos-w{w}" for w in range(4)}
 
 

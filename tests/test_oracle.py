@@ -14,7 +14,7 @@ import pytest
 
 from chaos.oracle import NamedLock, Scrape, TargetSetup, Verdict, judge
 from chaos.served import INTERVAL, LAST_POLL_DURATION, Served
-from chaos.truth import EXCLUSIVE, SHARED, TX_POOL, Busy, Fault, Hold, Holder, Span, Truth, Wait
+from chaos.truth import ANY_BACKEND, EXCLUSIVE, SHARED, TX_POOL, Busy, Fault, Hold, Holder, Span, Truth, Wait
 from exporter.metrics import render
 from exporter.snapshot import Holder as Shown
 from exporter.snapshot import LockState, PollStats, ProbeResult, ReloadStatus, Snapshot
@@ -347,6 +347,13 @@ def test_rule3_a_stranded_pooled_hold_is_counted_and_its_holder_info_compared_by
     begun = Busy("", session(), at(9.9), at(10.2))
     truthful(verdict(stranded, [free(1), expo(0)], busy=[begun]), 3)
     caught(verdict(stranded, [free(1), expo(0)], busy=[Busy("", session(), at(11), at(12))]), 3)
+    # Another client's strand ran on it around the poll, one statement through the pool (found by
+    # the 30-minute run: that statement's grant came after the read, its backend active at it).
+    strand = Busy("", session(), at(9.99), at(10.2))
+    truthful(verdict(stranded, [free(1), expo(0)], busy=[strand]), 3)
+    # ... or a strand that failed, on a server connection nobody knows: any may have run it.
+    truthful(verdict(stranded, [free(1), expo(0)], busy=[Busy("", ANY_BACKEND, at(9.99), at(10.2))]), 3)
+    caught(verdict(stranded, [free(1), expo(0)], busy=[Busy("", ANY_BACKEND, at(11), at(12))]), 3)
 
 
 # Rule 4: a held lock has its series.
