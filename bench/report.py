@@ -393,6 +393,24 @@ def thousand_lines(results: dict[str, Any]) -> list[str]:
         f"({seen_stopped:,} of {others:,} targets seen polled; {unmeasured_stopped} polls failed or unseen) | "
         f"{point['worst_late_seconds_one_cluster_stopped']:.2f} s | 1 s, every target: "
         f"{_met(point['worst_late_seconds_one_cluster_stopped'] <= 1 and seen_stopped == others and not unmeasured_stopped)} |",
+        *_before_takeover(results),
+    ]
+
+
+def _before_takeover(results: dict[str, Any]) -> list[str]:
+    """The same point run before the interpreter's own full passes were taken over (memory.py), when
+    this run has it: what taking them over changed."""
+    before = results.get("thousand_before_gc_takeover")
+    if not before:
+        return []
+    return [
+        "",
+        "The same point run just before, with the interpreter still starting full passes of its own "
+        f"(memory.take_over_full_passes came of that run): {before['full_gc_passes']} full passes in the "
+        f"steady window, the longest {before['full_gc_pass_max_ms']:.1f} ms, {before['full_gc_share_percent']:.3f}% "
+        f"of the time; scrape p95 {before['scrape_p95_ms']:.2f} ms, slowest {before['scrape_max_ms']:.2f} ms; "
+        f"{before['cpu_percent_of_core']:.1f}% of a core; {before['rss_mb']:.1f} MB "
+        f"(peak {before.get('rss_peak_mb', before['rss_mb']):.1f} MB).",
     ]
 
 
@@ -576,7 +594,11 @@ def write_report(results: dict[str, Any], md_path: Path, png_path: Path) -> None
         "(bench/fleet.py)."
         + (" This section and the next two are of a later run of the fleet points alone (`python -m bench "
            f"--fleet-only`, {results['fleet_phase_seconds'].get('shards', 0) / 60:.0f} minutes), on the code "
-           "these results ship with; the sections above are of the full run." if results.get("fleet_phase_seconds") else ""),
+           "these results ship with" + (" but for one change that came of it (the interpreter's own full passes "
+                                        "of the cyclic collector taken over: the thousand-target section), after "
+                                        "which the thousand-target point was run again"
+                                        if results.get("thousand_before_gc_takeover") else "")
+           + "; the sections above are of the full run." if results.get("fleet_phase_seconds") else ""),
         "",
         *fleet_lines(results),
         "",
