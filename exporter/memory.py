@@ -18,12 +18,18 @@ Two kinds of memory stay with the process after a peak unless something gives th
   the time (measured 4-7 ms for the exporter's 40,000-odd objects on this machine: one pass every
   5-7 s, at most 0.1% of a core). A pass holds the interpreter for as long as it takes; where it is
   long (a heap of many targets), it is as rare: at most one pass's length per 1,000 times it.
+  Unless garbage piles up meanwhile: a pass runs after a rendering whatever the share once the
+  interpreter's allocated blocks have grown by FULL_PASS_GROWTH since the last pass (still at most
+  every FULL_PASS_EVERY seconds). Paced by the
+  share alone, a long pass meant a long wait, the garbage of that wait a longer pass and a longer
+  wait again: 60 targets refused every second grew the heap 1.6 MB/s, and the pass that came at
+  30 s (261 ms) set the next one 261 s later (the share would allow ever longer waits).
 - The interpreter's own full passes are taken over (take_over_full_passes, at start): it starts one
   whenever a quarter as many objects again have reached the oldest generation, whether they are
   garbage or not, and a poll's rows reach it and die every interval. At 1,000 targets (a heap of
   260 MB) that was a 467 ms pass every 18 s, 2.2% of the time, the whole process frozen during each
   (a scrape waited 256 ms: the benchmark, gc.callbacks). Ours come no more often than the share
-  above allows; the young generations are collected as before.
+  above allows, or than the garbage's growth asks; the young generations are collected as before.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import ctypes
 import ctypes.util
 import gc
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +48,10 @@ FULL_PASS_EVERY = 5.0  # seconds between two full passes of the cyclic collector
 # collections of the middle generation, 700 x 10 allocations each).
 NEVER = 2**31 - 1
 FULL_PASS_SHARE = 0.001  # of the time, at most, spent in them
+# A pass whatever the share once the allocated blocks have grown by this much since the last one
+# (the interpreter's own rule, a quarter, but of what a pass left alive rather than of every object
+# ever promoted: a poll's rows that die by reference counting do not count).
+FULL_PASS_GROWTH = 0.25
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -63,19 +74,26 @@ class FreedMemory:
     finds one running leaves it to that one."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 collect: Callable[[], object] = gc.collect, trim: Callable[[], object] | None = _TRIM) -> None:
-        self._clock, self._collect, self._trim = clock, collect, trim
-        self._due = -math.inf
+                 collect: Callable[[], object] = gc.collect, trim: Callable[[], object] | None = _TRIM,
+                 blocks: Callable[[], int] = sys.getallocatedblocks) -> None:
+        self._clock, self._collect, self._trim, self._blocks = clock, collect, trim, blocks
+        self._due = self._last = -math.inf  # the next pass by the share; the last pass
+        self._alive = 0  # allocated blocks after the last pass
         self._passing = threading.Lock()
+
+    def _wanted(self, now: float) -> bool:
+        return now >= self._due or (now >= self._last + FULL_PASS_EVERY
+                                    and self._blocks() > self._alive * (1 + FULL_PASS_GROWTH))
 
     def give_back(self) -> None:
         now = self._clock()
-        if now >= self._due and self._passing.acquire(blocking=False):
+        if self._wanted(now) and self._passing.acquire(blocking=False):
             try:
-                if now >= self._due:  # not done meanwhile by the thread that held the lock
+                if self._wanted(now):  # not done meanwhile by the thread that held the lock
                     self._collect()
                     took = self._clock() - now
-                    self._due = now + max(FULL_PASS_EVERY, took / FULL_PASS_SHARE)
+                    self._due, self._last = now + max(FULL_PASS_EVERY, took / FULL_PASS_SHARE), now
+                    self._alive = self._blocks()
             finally:
                 self._passing.release()
         if self._trim is not None:

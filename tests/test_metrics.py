@@ -443,6 +443,31 @@ def test_a_slow_full_pass_is_run_more_rarely() -> None:
     assert len(passes) == 2
 
 
+def test_garbage_piling_up_between_full_passes_brings_the_next_one_forward() -> None:
+    """Paced by the share alone, a pass's length sets the wait before the next, and the garbage of
+    that wait lengthens the next pass: every target failing (a failed connect's cyclic garbage)
+    grew the heap for as long as the last pass x 1,000. Simulated: a heap of 2,000,000 blocks, a
+    pass costing 0.2 µs a block (0.4 s: the thousand-target point's), garbage arriving at 6,000
+    blocks a second (100 targets refused every second), a rendering every second for two hours."""
+    from exporter import memory
+
+    alive, garbage, now = 2_000_000, [0], [0.0]
+
+    def collect() -> None:
+        now[0] += 2e-7 * (alive + garbage[0])
+        garbage[0] = 0
+
+    freed = memory.FreedMemory(clock=lambda: now[0], collect=collect, trim=None, blocks=lambda: alive + garbage[0])
+    most = 0
+    for second in range(7200):
+        now[0] = float(second)
+        garbage[0] += 6_000
+        freed.give_back()
+        most = max(most, garbage[0])
+    # At most a quarter of the heap's blocks piles up (and what one more second brings).
+    assert most <= alive * memory.FULL_PASS_GROWTH + 6_000, most
+
+
 # Objects kept alive through many young collections: the interpreter's rule starts a full pass of
 # its own once a quarter as many again reach the oldest generation. Prints how many full passes ran.
 _CHURN = """
