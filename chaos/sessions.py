@@ -30,6 +30,8 @@ WHO = ("pg_backend_pid() AS pid, extract(epoch FROM (SELECT a.backend_start FROM
        "WHERE a.pid = pg_backend_pid()))::float8 AS backend_start, current_setting('application_name') AS app")
 CLOCK = f"SELECT {NOW} AS at"
 IDENTITY = f"SELECT {WHO}"
+# The clock, and which backend read it (through a transaction pool, whichever the pool handed it).
+CLOCK_WHO = f"SELECT {WHO}, {NOW} AS at"
 SET_TIMEOUT = "SELECT set_config(%s, %s, %s)"
 # A setting, and who the session is (a transaction's, through a transaction pool), since when.
 SETTLE = f"SELECT set_config(%s, %s, %s), {WHO}, {NOW} AS at"

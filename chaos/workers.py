@@ -22,8 +22,8 @@ import psycopg
 from psycopg import errors
 
 from . import truth
-from .sessions import (CLOCK, NOW, PG_MODES, PREPARED_EXISTS, SET_TIMEOUT, SETTLE, STATEMENT_TIMEOUT, TERMINATE, WHO, Conn, Gate, Owned,
-                       Recorder, Stopping, confirm_gone, still_held)
+from .sessions import (CLOCK, CLOCK_WHO, NOW, PG_MODES, PREPARED_EXISTS, SET_TIMEOUT, SETTLE, STATEMENT_TIMEOUT, TERMINATE,
+                       WHO, Conn, Gate, Owned, Recorder, Stopping, confirm_gone, still_held)
 from .workload import DIE, PREPARED, SESSION, SLOTS_PER_WORKER, STRAND, XACT, Endpoint, LockKey, Op, WorkloadSpec, plan
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class Slot:
             self.in_xact = False
             self.xact_over()
             if held is not None:
-                after = float(self.q(conn, CLOCK)["at"])
+                after = self.clock_after(conn)
                 self.record(held, truth.Span(maybe[0], max(maybe[0], after)))
                 self.holding.remove(held)
             return None
@@ -351,10 +351,30 @@ class Slot:
         self.q(conn, "COMMIT" if commit else "ROLLBACK")
         self.in_xact = False
         self.xact_over()
-        after = float(self.q(conn, CLOCK)["at"])
+        after = self.clock_after(conn)
         for held in self.holding:
             self.record(held, truth.Span(before, max(before, after)))
         self.holding = []
+
+    def clock_after(self, conn: Conn) -> float:
+        """The clock read after a transaction ended. Through a transaction pool that statement is
+        outside any transaction, on whichever server connection the pool hands it, which may hold
+        another client's stranded lock: that backend's busy time from before it is sent to its
+        answer, as a strand's statement (or any backend of the pool's, if it failed)."""
+        if conn.via != truth.TX_POOL:
+            return float(self.q(conn, CLOCK)["at"])
+        target = self.spec.endpoints[self.current].target
+        sent = time.time()  # this machine's clock is the server's (loopback)
+        try:
+            row = self.q(conn, CLOCK_WHO)
+        except BaseException:
+            self.recorder.write(truth.Busy(target, truth.ANY_BACKEND, truth.Span(sent, sent),
+                                           truth.Span(sent, max(sent, time.time()))))
+            raise
+        answered = time.time()
+        self.recorder.write(truth.Busy(target, truth.Holder(row["pid"], row["backend_start"], None, row["app"]),
+                                       truth.Span(sent, sent), truth.Span(sent, max(sent, answered))))
+        return float(row["at"])
 
     def begin(self, ep: Endpoint, conn: Conn) -> None:
         before = time.time()  # this machine's clock is the server's (loopback)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -279,6 +280,39 @@ def test_no_worker_dies_of_faults_and_the_truth_holds_across_them(own_cluster: C
         # And the workload went on.
         assert [h for h in facts.holds if h.granted.lo > ended], fault
 
+
+class _PooledSession:
+    """A client of a transaction pool, as chaos.sessions.Conn: every statement answered by the
+    server connection the pool hands it, pid 7 (the transaction's was another)."""
+
+    via = truth.TX_POOL
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, float]] = []
+
+    def q(self, sql: str, params: Any = None, bypass: bool = False) -> dict[str, Any]:
+        self.sent.append((sql, time.time()))
+        return {"at": time.time(), "pid": 7, "backend_start": 1.0, "app": ""}
+
+
+def test_the_clock_read_after_a_pooled_transaction_is_its_server_connection_s_busy_time() -> None:
+    """After COMMIT, the clock that bounds the release is one statement outside any transaction,
+    on whichever server connection the pool hands it, which may hold another client's stranded
+    lock: that backend was active then, as under a strand's statement (rule 3.pooled's certainty;
+    unrecorded, an active backend would be taken for an idle one)."""
+    from chaos.workers import Slot
+
+    written: list[Any] = []
+    slot = Slot.__new__(Slot)  # what end_xact reads of a slot, nothing that connects
+    slot.spec = SimpleNamespace(endpoints=(Endpoint("orders", "app", "postgresql://pool", truth.TX_POOL, "postgresql://db"),))
+    slot.recorder = type("R", (), {"write": lambda self, item, uid=None: written.append(item)})()
+    slot.current, slot.in_xact, slot.holding, slot.last_proof = 0, True, [], 0.0
+    slot.busy = truth.Busy("orders", truth.Holder(5, 1.0, None, ""), truth.Span(0.0, 0.0))
+    conn = _PooledSession()
+    slot.end_xact(conn, commit=True)  # type: ignore[arg-type]
+    after_commit = conn.sent[-1][1]
+    assert any(b.holder.pid == 7 and b.began.lo <= after_commit and b.ended is not None and b.ended.hi >= after_commit
+               for b in written if isinstance(b, truth.Busy)), written
 
 def test_the_seed_decides_the_operations() -> None:
     endpoints = tuple(Endpoint("", "postgres", "host=x", via, "host=x") for via in (truth.DIRECT, truth.TX_POOL))
