@@ -526,6 +526,9 @@ class Slot:
         # another client's stranded lock: that backend is not idle from before it is sent until its
         # answer (the grant's clocks are inside the statement, not its edges: found by the 30-minute
         # run, an active backend taken for an idle one). Which backend, only its answer says.
+        # Connected first: the connect's retries (a pooler down) ran on no server connection, and a
+        # statement that fails makes every backend of the pool busy for all of its span.
+        conn.connect()
         sent = time.time()  # this machine's clock is the server's (loopback)
         try:
             row = conn.q(ASK.format(fn=lock_function("session", mode, True), args=key.placeholders), key.args)

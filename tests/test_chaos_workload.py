@@ -314,6 +314,36 @@ def test_the_clock_read_after_a_pooled_transaction_is_its_server_connection_s_bu
     assert any(b.holder.pid == 7 and b.began.lo <= after_commit and b.ended is not None and b.ended.hi >= after_commit
                for b in written if isinstance(b, truth.Busy)), written
 
+def test_a_failed_strand_is_busy_on_any_backend_from_when_it_was_sent_not_from_its_connect() -> None:
+    """A strand whose statement fails makes every stranded lock of its target uncertain for its
+    span (ANY_BACKEND): the span is the statement's, not the retries of a connect through a pooler
+    that was down (no server connection ran anything then)."""
+    from chaos.workers import Slot
+
+    class Failing(_PooledSession):
+        connected = 0.0
+
+        def connect(self, bypass: bool = False) -> None:
+            time.sleep(0.2)  # the retries until the pooler answers
+            self.connected = time.time()
+
+        def q(self, sql: str, params: Any = None, bypass: bool = False) -> dict[str, Any]:
+            if not self.connected:
+                self.connect()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    written: list[Any] = []
+    slot = Slot.__new__(Slot)
+    slot.recorder = type("R", (), {"write": lambda self, item, uid=None: written.append(item)})()
+    key = LockKey((42,))
+    op = SimpleNamespace(keys=[(key, "exclusive")], endpoint=0)
+    ep = Endpoint("orders", "app", "postgresql://pool", truth.TX_POOL, "postgresql://db")
+    conn = Failing()
+    with pytest.raises(psycopg.OperationalError):
+        slot.strand_op(op, ep, conn)  # type: ignore[arg-type]
+    [busy] = [b for b in written if isinstance(b, truth.Busy)]
+    assert busy.holder == truth.ANY_BACKEND and busy.began.lo >= conn.connected, (busy, conn.connected)
+
 def test_the_seed_decides_the_operations() -> None:
     endpoints = tuple(Endpoint("", "postgres", "host=x", via, "host=x") for via in (truth.DIRECT, truth.TX_POOL))
 
