@@ -264,9 +264,12 @@ class Renderer:
     """One thread that renders every exposition published to since its last rendering, in the
     order they changed. A rendering that fails keeps the last one served (and is logged), and is
     tried again a second later. Once none is left to render, the C heap's freed pages are given
-    back (memory.py): the polls' and the renderings' peak does not stay resident."""
+    back (memory.py): the polls' and the renderings' peak does not stay resident; and at least
+    every GIVE_BACK_SECONDS while renderings keep coming (a renderer that never catches up, at
+    thousands of targets on a starved CPU, must not go without the only full passes there are)."""
 
     RETRY_SECONDS = 1.0
+    GIVE_BACK_SECONDS = 5.0
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -274,6 +277,7 @@ class Renderer:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._unexpected = LoopErrors(log, "renderer")
+        self._given_back = time.monotonic()
 
     def changed(self, exposition: Exposition) -> None:
         with self._cond:
@@ -320,8 +324,9 @@ class Renderer:
             del exposition
             with self._cond:
                 idle = not self._pending
-            if idle:
+            if idle or time.monotonic() >= self._given_back + self.GIVE_BACK_SECONDS:
                 give_back_freed_memory()
+                self._given_back = time.monotonic()
 
 
 class FleetExposition(Exposition):

@@ -30,6 +30,8 @@ Two kinds of memory stay with the process after a peak unless something gives th
   260 MB) that was a 467 ms pass every 18 s, 2.2% of the time, the whole process frozen during each
   (a scrape waited 256 ms: the benchmark, gc.callbacks). Ours come no more often than the share
   above allows, or than the garbage's growth asks; the young generations are collected as before.
+  (CPython 3.11-3.13; 3.14's incremental collector ignores the thresholds past the first and
+  starts no full pass of its own: nothing to take over there.)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from collections.abc import Callable
 
 FULL_PASS_EVERY = 5.0  # seconds between two full passes of the cyclic collector, at least
 # The oldest generation's threshold once taken over: the interpreter never reaches it (it counts
-# collections of the middle generation, 700 x 10 allocations each).
+# collections of the middle generation).
 NEVER = 2**31 - 1
 FULL_PASS_SHARE = 0.001  # of the time, at most, spent in them
 # A pass whatever the share once the allocated blocks have grown by this much since the last one

@@ -407,6 +407,34 @@ def test_the_renderers_call_collects_the_oldest_generations_cycles() -> None:
     assert gone() is None
 
 
+def test_a_renderer_that_never_catches_up_still_gives_memory_back(monkeypatch) -> None:
+    """The full passes come only after renderings now (the interpreter's are taken over): a renderer
+    with always more to render (thousands of targets on a starved CPU) still gives back, at least
+    every GIVE_BACK_SECONDS, not only once it is idle."""
+    from exporter import exposition as exposition_module
+
+    given: list[int] = []
+    monkeypatch.setattr(exposition_module, "give_back_freed_memory", lambda: given.append(1))
+    monkeypatch.setattr(Renderer, "GIVE_BACK_SECONDS", 0.0)
+    renderer = Renderer()
+    renderings = threading.Semaphore(0)
+
+    class Busy:
+        """Changed again by every rendering of it: the renderer is never idle."""
+
+        def render_now(self) -> None:
+            renderer.changed(self)
+            renderings.release()
+
+    renderer.changed(Busy())
+    try:
+        for _ in range(20):
+            assert renderings.acquire(timeout=10)
+    finally:
+        renderer.stop()
+    assert len(given) >= 10
+
+
 def test_two_renderers_at_once_make_one_pass() -> None:
     import threading
 
@@ -488,6 +516,8 @@ def test_full_passes_taken_over_come_only_from_freed_memory(mode: str) -> None:
     taken over (at start, cli.serve), it starts none; FreedMemory's paced ones are the only ones."""
     import subprocess
 
+    if mode != "taken-over" and sys.version_info >= (3, 14):
+        pytest.skip("3.14's incremental collector starts no generation-2 pass of its own to take over")
     out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, timeout=60, check=True)
     passes = int(out.stdout)
     assert passes == 0 if mode == "taken-over" else passes >= 1, (mode, passes)
