@@ -4,6 +4,7 @@ config or a preset names it, for a person (80 columns) or a script (--json)."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import textwrap
 import time
@@ -193,18 +194,45 @@ def format_table(rows: list[LockRow]) -> str:
 
 
 def run(config: Config, as_json: bool, watch: float | None, out: TextIO = sys.stdout) -> int:
-    """Print the locks once, or every `watch` seconds until interrupted."""
-    while True:
-        rows = read_locks(config)
-        if as_json:
-            text = json.dumps([asdict(r) for r in rows], ensure_ascii=False) + "\n"
-        else:
-            text = format_table(rows)
-        if watch:
-            out.write("\033[H\033[2J" + time.strftime("%H:%M:%S ") + f"every {watch:g}s, Ctrl-C stops\n")
-        out.write(text)
+    """Print the locks once, or every `watch` seconds until interrupted (SIGINT, Ctrl-C)."""
+    if not watch:
+        out.write(_frame(config, as_json))
         out.flush()
-        if not watch:
-            return 0
-        time.sleep(watch)
+        return 0
+    # Ctrl-C ends the wait between two reads at once, and a read only once it is over (within its
+    # deadline): raised in the middle of a read, it made psycopg cancel the statement and warn
+    # about the transaction it could not roll back, and once under load the command did not end.
+    state = {"waiting": False, "stop": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if state["waiting"]:
+            raise KeyboardInterrupt
+        state["stop"] = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while not state["stop"]:
+            text = _frame(config, as_json)
+            out.write("\033[H\033[2J" + time.strftime("%H:%M:%S ") + f"every {watch:g}s, Ctrl-C stops\n" + text)
+            out.flush()
+            if state["stop"]:
+                break
+            try:
+                state["waiting"] = True
+                if state["stop"]:  # came just before: it raised nothing
+                    break
+                time.sleep(watch)
+                state["waiting"] = False
+            except KeyboardInterrupt:
+                break
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
+
+
+def _frame(config: Config, as_json: bool) -> str:
+    rows = read_locks(config)
+    if as_json:
+        return json.dumps([asdict(r) for r in rows], ensure_ascii=False) + "\n"
+    return format_table(rows)
 
