@@ -327,7 +327,7 @@ def main() -> int:
     if args.smoke:
         args.sessions, args.held, args.named, args.window, args.warmup = 5, 50, 10, 2.0, 0.5
         args.scrapes, args.repeats, args.no_query_exporter, args.no_scaling = 10, 1, True, True
-        args.coverage_seconds, args.settle_seconds, args.settle_window = 4.0, 2.0, 4.0
+        args.coverage_seconds, args.settle_seconds, args.settle_window = 2.5, 1.0, 2.5
 
     # Stopped from outside, still clean up the cluster and the subjects (finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from bench.measure import cpu_seconds, rss_mb, tear_down
+from bench.measure import Servers, cpu_seconds, rss_mb, tear_down
 from tests.pgcluster import Cluster, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,41 +60,32 @@ def _scrape_ms(url: str, count: int) -> list[float]:
     return latencies
 
 
-class Site:
+class Site(Servers):
     """The 50 targets' servers: four clusters, 50 databases, four sessions per database holding its
     100 locks, and the config; shared by every run of the point (this code's and the baseline's)."""
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__()
         self.workdir = workdir
-        self.clusters: list[Cluster] = []
-        self.holders: list[psycopg.Connection] = []
         self.config = workdir / "fleet.yaml"
 
-    def __enter__(self) -> Site:
-        try:
-            self.clusters = [Cluster(settings={"max_connections": "300", "max_locks_per_transaction": "256"}).start()
-                             for _ in range(CLUSTERS)]
-            targets = {}
-            for t in range(TARGETS):
-                cluster = self.clusters[t % CLUSTERS]
-                db = f"fleet_{t:02d}"
-                with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-                    admin.execute(f"CREATE DATABASE {db}")
-                for s in range(SESSIONS_PER_DB):
-                    conn = psycopg.connect(cluster.dsn(db), autocommit=True, application_name=f"fleet-holder-{s}")
-                    conn.execute("SELECT count(pg_advisory_lock(k)) FROM generate_series(%s::int8, %s::int8, %s::int8) AS k",
-                                 [1 + s, HELD, SESSIONS_PER_DB])
-                    self.holders.append(conn)
-                targets[f"t{t:02d}"] = {"dsn": cluster.dsn(db),
-                                        "locks": [{"name": f"key-{k}", "key": k} for k in range(1, NAMED + 1)]}
-            self.config.write_text(yaml.safe_dump({"poll_interval": "5s", "targets": targets}))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        tear_down(None, self.holders, self.clusters)
+    def build(self) -> None:
+        for _ in range(CLUSTERS):
+            self.clusters.append(Cluster(settings={"max_connections": "300", "max_locks_per_transaction": "256"}).start())
+        targets = {}
+        for t in range(TARGETS):
+            cluster = self.clusters[t % CLUSTERS]
+            db = f"fleet_{t:02d}"
+            with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+                admin.execute(f"CREATE DATABASE {db}")
+            for s in range(SESSIONS_PER_DB):
+                conn = psycopg.connect(cluster.dsn(db), autocommit=True, application_name=f"fleet-holder-{s}")
+                conn.execute("SELECT count(pg_advisory_lock(k)) FROM generate_series(%s::int8, %s::int8, %s::int8) AS k",
+                             [1 + s, HELD, SESSIONS_PER_DB])
+                self.holders.append(conn)
+            targets[f"t{t:02d}"] = {"dsn": cluster.dsn(db),
+                                    "locks": [{"name": f"key-{k}", "key": k} for k in range(1, NAMED + 1)]}
+        self.config.write_text(yaml.safe_dump({"poll_interval": "5s", "targets": targets}))
 
 
 def baseline_tree(workdir: Path, commit: str = BASELINE) -> Path:

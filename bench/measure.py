@@ -60,6 +60,29 @@ WHERE r.rolname = %(role)s AND s.query ILIKE %(marker)s
 """
 
 
+class Servers:
+    """The servers a fleet point starts (clusters, sessions holding locks), as a context manager:
+    build() starts them, and a build that fails part-way tears down what it started."""
+
+    def __init__(self) -> None:
+        self.clusters: list = []
+        self.holders: list[psycopg.Connection] = []
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.build()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        tear_down(None, self.holders, self.clusters)
+
+
 def tear_down(proc: subprocess.Popen | None, holders: list[psycopg.Connection], clusters: list) -> None:
     """A fleet point's end: the exporter stopped (killed after 15 s), the holding sessions closed,
     the clusters removed."""

@@ -35,7 +35,7 @@ import psycopg
 import yaml
 
 from bench import gcwatch
-from bench.measure import cpu_seconds, rss_mb, tear_down
+from bench.measure import Servers, cpu_seconds, rss_mb, tear_down
 from tests.metrics_util import parse
 from tests.pgcluster import Cluster, free_port
 
@@ -134,39 +134,30 @@ class Gaps:
         return max((max(late) for late in self.late.values() if late), default=float("nan"))
 
 
-class Site:
+class Site(Servers):
     """The thousand targets' servers: four clusters, each holding 100 advisory locks, and the config
     naming 250 targets on each (each its own dsn). One site serves the one-process point and the
     shards point, so both measure the same targets."""
 
     def __init__(self, workdir: Path, per_cluster: int = PER_CLUSTER) -> None:
+        super().__init__()
         self.workdir, self.per_cluster = workdir, per_cluster
-        self.clusters: list[Cluster] = []
-        self.holders: list[psycopg.Connection] = []
         self.targets: dict[str, dict] = {}
         self.config = workdir / "thousand.yaml"
 
-    def __enter__(self) -> Site:
-        try:
-            for _ in range(CLUSTERS):
-                self.clusters.append(Cluster(settings={"max_connections": str(self.per_cluster + 50)}).start())
-            for c, cluster in enumerate(self.clusters):
-                conn = psycopg.connect(cluster.dsn(), autocommit=True, application_name="thousand-holder")
-                conn.execute("SELECT count(pg_advisory_lock(k)) FROM generate_series(1, %s) AS k", [HELD])
-                self.holders.append(conn)
-                for t in range(self.per_cluster):
-                    name = f"c{c}-t{t:03d}"
-                    first = 1 + (t * NAMED) % HELD  # each target names 10 of its cluster's 100 held keys
-                    self.targets[name] = {"dsn": cluster.dsn(application_name=name),
-                                          "locks": [{"name": f"key-{k}", "key": k} for k in range(first, first + NAMED)]}
-            self.config.write_text(yaml.safe_dump({"poll_interval": INTERVAL, "targets": self.targets}))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        tear_down(None, self.holders, self.clusters)
+    def build(self) -> None:
+        for _ in range(CLUSTERS):
+            self.clusters.append(Cluster(settings={"max_connections": str(self.per_cluster + 50)}).start())
+        for c, cluster in enumerate(self.clusters):
+            conn = psycopg.connect(cluster.dsn(), autocommit=True, application_name="thousand-holder")
+            conn.execute("SELECT count(pg_advisory_lock(k)) FROM generate_series(1, %s) AS k", [HELD])
+            self.holders.append(conn)
+            for t in range(self.per_cluster):
+                name = f"c{c}-t{t:03d}"
+                first = 1 + (t * NAMED) % HELD  # each target names 10 of its cluster's 100 held keys
+                self.targets[name] = {"dsn": cluster.dsn(application_name=name),
+                                      "locks": [{"name": f"key-{k}", "key": k} for k in range(first, first + NAMED)]}
+        self.config.write_text(yaml.safe_dump({"poll_interval": INTERVAL, "targets": self.targets}))
 
     def exporter(self, log_name: str, *flags: str, gc_out: Path | None = None) -> tuple[subprocess.Popen, str]:
         """An exporter over the site's config (with flags), and its base URL."""

@@ -223,7 +223,7 @@ def test_a_stopped_server_delays_no_other_servers_targets_and_threads_stay_bound
                    and sum(n == target_up for n, _ in parse(_get(proc, "/metrics"))) == 40, timeout=60)
         hung.signal_all(signal.SIGSTOP)
         try:
-            seen = _watch_polls(proc, healthy, seconds=15)
+            seen = _watch_polls(proc, healthy, seconds=10)
             threads = _threads(proc.proc.pid)
             figures = parse(_get(proc, "/metrics"))
         finally:
@@ -234,7 +234,7 @@ def test_a_stopped_server_delays_no_other_servers_targets_and_threads_stay_bound
         for name in healthy:
             interval, stamps = seen[name]
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-            assert len(gaps) >= 6, (name, stamps)
+            assert len(gaps) >= 4, (name, stamps)  # 10 s at 2 s polls
             assert max(gaps) <= 2.0 + 1, (name, interval, gaps)  # the configured interval, a second late at most
     finally:
         hung.destroy()

@@ -163,7 +163,7 @@ def test_a_hung_pooler_console_keeps_a_healthy_exporter_up(server, sessions, hun
     try:
         wait_until(lambda: up(runtime.metrics(False).decode()) == 1, timeout=20)
         seen = []
-        for _ in range(48):  # 12 s: four polls at least, each 2 s on the console
+        for _ in range(32):  # 8 s: three polls at least, each 2 s on the console
             figures = parse(runtime.metrics(False).decode())
             seen.append((figures[("pg_advisory_lock_exporter_up", ())], figures.get(HOLDERS)))
             time.sleep(0.25)
