@@ -386,6 +386,7 @@ class Poller:
         ticket: the poll's own, shared with the deadline that may give it up."""
         ticket = ticket or PollTicket()
         started = self._clock()
+        ends_by = started + self.deadline()  # this poll's deadline, as the scheduler gives it
         self._server_seconds = 0.0
         try:
             rows = self._read()
@@ -414,16 +415,19 @@ class Poller:
         releases = {self._locks[tally].key: release for tally, release in result.releases.items() if isinstance(tally, int)}
         return Snapshot(up=True, locks=result.locks, unnamed=result.unnamed, collisions=self._collisions, stats=stats,
                         consoles=consoles, taken_at=now, wall_at=wall_at, key_notes=notes, chains=chains, releases=releases,
-                        backend_releases=result.backend_releases, fresh_until=self._fresh_until())
+                        backend_releases=result.backend_releases,
+                        fresh_until=self._fresh_until(min(self._clock(), ends_by)))
 
-    def _fresh_until(self) -> float:
-        """The staleness bound of a poll ending now: the next poll is due within one interval of
-        now (the loop's schedule: run), may wait its turn_allowance for its server's turn, and has
+    def _fresh_until(self, ended: float) -> float:
+        """The staleness bound of a poll that ended then: the next poll is due within one interval
+        of it (the loop's schedule: run), may wait its turn_allowance for its server's turn, and has
         its deadline to publish, so past that this poll is
         not the latest a working poller would serve; the watchdog and every scrape then serve up 0.
         Computed after the poll, so the deadline counts what it made the next one need (room for
-        the explaining statements, each console address resolved)."""
-        return self._clock() + self._controller.interval + self.turn_allowance() + self.deadline()
+        the explaining statements, each console address resolved). A poll that ended past its own
+        deadline (the process stopped, SIGSTOP, between its read and its end: the 30-minute truth
+        run served a read 16 s old with up 1 against a 6 s bound) counts from that deadline."""
+        return ended + self._controller.interval + self.turn_allowance() + self.deadline()
 
     def _stats_now(self) -> PollStats:
         with self._stats_lock:

@@ -114,6 +114,26 @@ def test_the_bound_counts_from_when_the_poll_ended(make_poller, monkeypatch) -> 
     assert snapshot.fresh_until == 103.0 + 2.0 + 2.0 + 6.0  # ended at 103; 2 s to the next, 2 s its turn; its deadline 6 s
 
 
+def test_a_poll_that_ended_past_its_deadline_counts_from_the_deadline(make_poller, monkeypatch) -> None:
+    """The 30-minute truth run: the exporter stopped (SIGSTOP) for 16 s between a poll's read and its
+    end; the poll then published a bound counted from its end, and three scrapes got a 16 s old read
+    with up 1 (rule 5's bound: 6 s). A poll's end counts no later than its own deadline."""
+    now = [100.0]
+    poller = make_poller({"poll_interval": "2s", "locks": LOCKS}, clock=lambda: now[0])
+    deadline = poller.deadline()
+    build = poller._build
+
+    def stopped(*args, **kwargs):
+        now[0] += 16.0  # frozen after pg_locks was read
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(poller, "_build", stopped)
+    snapshot = poller.poll_once()
+    assert snapshot.up and snapshot.taken_at == 100.0
+    assert snapshot.fresh_until == 100.0 + deadline + 2.0 + poller.turn_allowance() + poller.deadline()
+    assert snapshot.fresh_until < 116.0  # stale when published: served as up 0
+
+
 def test_the_figures_say_when_pg_locks_was_read(make_poller, sessions) -> None:
     holder = sessions.open()
     before = holder.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
