@@ -213,9 +213,10 @@ def test_probe_interference_stays_small_and_the_worker_never_waits(make_prober, 
     print(f"worker tries {counts['tries']}, lost to the probe {counts['lost']} ({lost_per_thousand:.1f} per 1000 probes)")
     assert counts["tries"] > 100, counts
     assert counts["slowest"] < 10.0, counts  # a try-lock returns at once: it never waited
-    # docs/probe.md's claim: fewer than 30 lost worker tries per 1,000 back-to-back probes (the
-    # benchmark gives the measured figures).
-    assert lost_per_thousand < 30, counts
+    # docs/probe.md's bound: fewer than 100 lost worker tries per 1,000 back-to-back probes (the
+    # benchmark gives the measured figures; six runs here gave 0, 1, 3, 3, 11 and 41: a bound of
+    # 30 failed one make test in ten, so it was a timing claim, which belongs to the benchmark).
+    assert lost_per_thousand < 100, counts
 
 
 def test_a_hung_lookup_of_the_dsns_host_holds_a_try_no_longer_than_its_deadline(monkeypatch) -> None:
