@@ -9,7 +9,6 @@ one auto settle point at the small load) that the test suite runs so the benchma
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 import json
 import shutil
 import signal
@@ -20,6 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +31,8 @@ from bench.fleet import baseline_tree, measure_fleet
 from bench.thousand import Site as ThousandSite
 from bench.thousand import measure_shards, measure_thousand
 from bench.load import Load
-from bench.measure import RESET, cpu_seconds, lock_status_scan_ms, rss_mb, scrape, server_time, statement_calls
+from bench.measure import (RESET, cpu_seconds, lock_status_scan_ms, phase_timer, rss_mb, scrape, server_time,
+                           statement_calls)
 from bench.previous import PreviousRelease
 from bench.subjects import Floor, Ours, QueryExporter, create_roles
 from tests.pgcluster import Cluster
@@ -270,13 +271,8 @@ def fleet_only(args: argparse.Namespace, workdir: Path) -> int:
     """The fleet points alone, their figures put in place of the saved run's (and the time they took)."""
     saved = args.out / "results.json"
     results = json.loads(saved.read_text())
-    started = time.monotonic()
     phases: dict[str, float] = {}
-
-    def ended(phase: str) -> None:
-        phases[phase] = round(time.monotonic() - started, 1)
-        print(f"[{phases[phase]:.0f} s] {phase} done", flush=True)
-
+    ended = phase_timer(phases, time.monotonic())
     points: dict[str, object] = {}
     try:
         fleet_points(args, workdir, ended, points)
@@ -348,10 +344,7 @@ def main() -> int:
     started = time.monotonic()
     phases: dict[str, float] = {}
     results["phase_seconds"] = phases  # when each phase ended, seconds from the start
-
-    def ended(phase: str) -> None:
-        phases[phase] = round(time.monotonic() - started, 1)
-        print(f"[{phases[phase]:.0f} s] {phase} done", flush=True)
+    ended = phase_timer(phases, started)
 
     try:
         admin = psycopg.connect(cluster.dsn(), autocommit=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from bench.measure import Servers, cpu_seconds, rss_mb, tear_down
+from bench.measure import Servers, cpu_seconds, rss_mb, stop, threads
 from tests.pgcluster import Cluster, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,11 +32,6 @@ TARGETS = 50
 NAMED = 20
 HELD = 100
 SESSIONS_PER_DB = 4
-
-
-def _threads(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("Threads:"))
 
 
 def _connections(clusters: list[Cluster]) -> int:
@@ -89,8 +84,11 @@ class Site(Servers):
 
 
 def baseline_tree(workdir: Path, commit: str = BASELINE) -> Path:
-    """The exporter as it was at commit, unpacked from git (the checkout's history) into workdir."""
+    """The exporter as it was at commit, unpacked from git (the checkout's history) into workdir
+    once (a full run unpacks it at its start, to fail early; the fleet point finds it there)."""
     tree = workdir / f"baseline-{commit}"
+    if (tree / "exporter").is_dir():
+        return tree
     tree.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "exporter"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
@@ -108,7 +106,7 @@ def run_fleet(site: Site, seconds: float, code: Path | None = None) -> dict[str,
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=code or ROOT)
     try:
         time.sleep(15)  # every target past its first polls
-        threads_start, conns_start = _threads(proc.pid), _connections(site.clusters)
+        threads_start, conns_start = threads(proc.pid), _connections(site.clusters)
         cpu0, started = cpu_seconds(proc.pid), time.monotonic()
         healthy = f"http://127.0.0.1:{port}/probe?target=t00"
         steady = []
@@ -128,7 +126,7 @@ def run_fleet(site: Site, seconds: float, code: Path | None = None) -> dict[str,
         elapsed = time.monotonic() - started
         cpu = (cpu_seconds(proc.pid) - cpu0) / elapsed * 100
         time.sleep(10)  # the stopped server's targets reconnect
-        threads_end, conns_end = _threads(proc.pid), _connections(site.clusters)
+        threads_end, conns_end = threads(proc.pid), _connections(site.clusters)
         rss = rss_mb(proc.pid)
         p95 = lambda values: sorted(values)[int(len(values) * 0.95)]  # noqa: E731
         return {
@@ -139,7 +137,7 @@ def run_fleet(site: Site, seconds: float, code: Path | None = None) -> dict[str,
             "connections_start": conns_start, "connections_end": conns_end,
         }
     finally:
-        tear_down(proc, [], [])
+        stop(proc)
 
 
 # Lower is better for every one of them.

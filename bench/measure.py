@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Self
@@ -80,22 +81,35 @@ class Servers:
         return self
 
     def __exit__(self, *_: object) -> None:
-        tear_down(None, self.holders, self.clusters)
+        for conn in self.holders:
+            conn.close()
+        for cluster in self.clusters:
+            cluster.destroy()
 
 
-def tear_down(proc: subprocess.Popen | None, holders: list[psycopg.Connection], clusters: list) -> None:
-    """A fleet point's end: the exporter stopped (killed after 15 s), the holding sessions closed,
-    the clusters removed."""
-    if proc is not None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    for conn in holders:
-        conn.close()
-    for cluster in clusters:
-        cluster.destroy()
+def stop(proc: subprocess.Popen) -> None:
+    """An exporter process stopped (SIGTERM; killed after 15 s)."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def threads(pid: int) -> int:
+    """How many threads a process runs now."""
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("Threads:"))
+
+
+def phase_timer(phases: dict[str, float], started: float) -> Callable[[str], None]:
+    """ended(phase): when it ended, in seconds since started, put in phases and printed."""
+
+    def ended(phase: str) -> None:
+        phases[phase] = round(time.monotonic() - started, 1)
+        print(f"[{phases[phase]:.0f} s] {phase} done", flush=True)
+
+    return ended
 
 
 def cpu_seconds(pid: int) -> float:

@@ -35,7 +35,7 @@ import psycopg
 import yaml
 
 from bench import gcwatch
-from bench.measure import Servers, cpu_seconds, rss_mb, tear_down
+from bench.measure import Servers, cpu_seconds, rss_mb, stop, threads
 from tests.metrics_util import parse
 from tests.pgcluster import Cluster, free_port
 
@@ -47,11 +47,6 @@ INTERVAL = "15s"
 LAST_POLL = ("pg_advisory_lock_exporter_last_poll_timestamp_seconds", ())
 POLLS = ("pg_advisory_lock_exporter_poll_duration_seconds_count", ())
 INTERVAL_FIGURE = ("pg_advisory_lock_exporter_poll_interval_seconds", ())
-
-
-def _threads(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("Threads:"))
 
 
 def _get(url: str) -> bytes:
@@ -177,7 +172,7 @@ def measure_thousand(site: Site, steady_seconds: float = 90.0, gap_seconds: floa
     try:
         first_metrics = _first_answer(base, started=time.monotonic())
         time.sleep(20)  # every target past its first poll
-        threads_start = _threads(proc.pid)
+        threads_start = threads(proc.pid)
         cpu0, started = cpu_seconds(proc.pid), time.monotonic()
         passes_before = len(gcwatch.passes(gc_out))
         scrapes = []
@@ -198,7 +193,7 @@ def measure_thousand(site: Site, steady_seconds: float = 90.0, gap_seconds: floa
         stopped.signal_all(signal.SIGSTOP)
         try:
             late.watch(base, others, stopped_seconds)
-            threads_stopped = _threads(proc.pid)
+            threads_stopped = threads(proc.pid)
             # The budget is "at most": the peak, over the gaps' readings and the stop too, not the
             # steady phase's one reading.
             rss_peak = rss_mb(proc.pid, "VmHWM")
@@ -219,7 +214,7 @@ def measure_thousand(site: Site, steady_seconds: float = 90.0, gap_seconds: floa
             "gaps_unmeasured_one_cluster_stopped": late.unseen,
         }
     finally:
-        tear_down(proc, [], [])
+        stop(proc)
 
 
 def _owned_by_check_config(site: Site, total: int) -> dict[int, list[str]]:
@@ -263,11 +258,11 @@ def measure_shards(site: Site, total: int = 4, steady_seconds: float = 60.0) -> 
             sd[n] = [group["labels"]["__param_target"] for group in json.loads(_get(f"{base}/sd"))]
             shards.append({
                 "shard": n, "targets_figure": int(figures[("pg_advisory_lock_exporter_targets", ())]),
-                "sd_targets": len(sd[n]), "threads": _threads(proc.pid), "rss_mb": round(rss_mb(proc.pid), 1),
+                "sd_targets": len(sd[n]), "threads": threads(proc.pid), "rss_mb": round(rss_mb(proc.pid), 1),
                 "cpu_percent_of_core": round((cpu1[n] - cpu0[n]) / elapsed * 100, 1)})
     finally:
         for proc, _ in procs:
-            tear_down(proc, [], [])
+            stop(proc)
     owners: dict[str, list[int]] = {}
     for n, names in sd.items():
         for name in names:
