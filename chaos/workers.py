@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -364,9 +365,15 @@ class Slot:
         if conn.via != truth.TX_POOL:
             return float(self.q(conn, CLOCK)["at"])
         target = self.spec.endpoints[self.current].target
+        return float(self.pooled_statement(target, lambda: self.q(conn, CLOCK_WHO))["at"])
+
+    def pooled_statement(self, target: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """run(), one statement outside any transaction through a transaction pool (its row says
+        WHO answered), recorded as the busy time of the server connection that answered, from
+        before it is sent to its answer; of any backend of the pool (ANY_BACKEND) if it failed."""
         sent = time.time()  # this machine's clock is the server's (loopback)
         try:
-            row = self.q(conn, CLOCK_WHO)
+            row = run()
         except BaseException:
             self.recorder.write(truth.Busy(target, truth.ANY_BACKEND, truth.Span(sent, sent),
                                            truth.Span(sent, max(sent, time.time()))))
@@ -374,7 +381,7 @@ class Slot:
         answered = time.time()
         self.recorder.write(truth.Busy(target, truth.Holder(row["pid"], row["backend_start"], None, row["app"]),
                                        truth.Span(sent, sent), truth.Span(sent, max(sent, answered))))
-        return float(row["at"])
+        return row
 
     def begin(self, ep: Endpoint, conn: Conn) -> None:
         before = time.time()  # this machine's clock is the server's (loopback)
@@ -529,18 +536,10 @@ class Slot:
         # Connected first: the connect's retries (a pooler down) ran on no server connection, and a
         # statement that fails makes every backend of the pool busy for all of its span.
         conn.connect()
-        sent = time.time()  # this machine's clock is the server's (loopback)
-        try:
-            row = conn.q(ASK.format(fn=lock_function("session", mode, True), args=key.placeholders), key.args)
-        except BaseException:
-            self.recorder.write(truth.Busy(ep.target, truth.ANY_BACKEND, truth.Span(sent, sent),
-                                           truth.Span(sent, max(sent, time.time()))))
-            raise
-        answered = time.time()
+        row = self.pooled_statement(ep.target, lambda: conn.q(ASK.format(fn=lock_function("session", mode, True),
+                                                                          args=key.placeholders), key.args))
         self.asking = None
         conn.close()
-        self.recorder.write(truth.Busy(ep.target, truth.Holder(row["pid"], row["backend_start"], None, row["app"]),
-                                       truth.Span(sent, sent), truth.Span(sent, max(sent, answered))))
         if row["got"] != "true":
             return
         try:
