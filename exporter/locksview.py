@@ -215,11 +215,9 @@ def run(config: Config, as_json: bool, watch: float | None, out: TextIO = sys.st
             text = _frame(config, as_json)
             out.write("\033[H\033[2J" + time.strftime("%H:%M:%S ") + f"every {watch:g}s, Ctrl-C stops\n" + text)
             out.flush()
-            if state["stop"]:
-                break
             try:
                 state["waiting"] = True
-                if state["stop"]:  # came just before: it raised nothing
+                if state["stop"]:  # came during the read, or just before: it raised nothing
                     break
                 time.sleep(watch)
                 state["waiting"] = False
