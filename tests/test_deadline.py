@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -68,31 +69,35 @@ def test_a_hung_name_holds_one_resolver_thread_however_many_ask_and_other_names_
     asked: list[str] = []
     release = hang_lookups(monkeypatch, lambda host: host.startswith("hung-"), alias={"healthy.example": "127.0.0.1"},
                            asked=asked)
+    # Names of this run only: an answer of a run before (its hung lookups released, so failed) is
+    # reused for RESOLVED_SECONDS, and would answer at once (pytest-repeat found it).
+    hung = [f"hung-{which}-{uuid.uuid4().hex[:8]}.example" for which in "ab"]
     try:
         for _ in range(deadline.RESOLVERS + 1):
-            answers = lookup_addresses(["hung-a.example", "hung-b.example"], 0.05)
+            answers = lookup_addresses(hung, 0.05)
             assert all(isinstance(found, StuckCall) for found in answers.values()), answers
         assert lookup_addresses(["healthy.example"], 5) == {"healthy.example": ("127.0.0.1",)}
-        assert sorted(asked) == ["hung-a.example", "hung-b.example"]  # one lookup each, shared
+        assert sorted(asked) == hung  # one lookup each, shared
     finally:
         release.set()
 
 
 def test_a_finished_lookup_is_reused_for_a_moment_and_an_abandoned_one_never_runs() -> None:
     calls: list[str] = []
-    assert resolve(lambda: calls.append("a") or 1, 5, "a", key="reused") == 1
-    assert resolve(lambda: calls.append("b") or 2, 5, "b", key="reused") == 1  # within RESOLVED_SECONDS
+    run = uuid.uuid4().hex  # keys of this run only: a run before's answers are reused for a moment too
+    assert resolve(lambda: calls.append("a") or 1, 5, "a", key=("reused", run)) == 1
+    assert resolve(lambda: calls.append("b") or 2, 5, "b", key=("reused", run)) == 1  # within RESOLVED_SECONDS
     assert calls == ["a"]
     # Every resolver thread stuck: a lookup nobody waits for any more is dropped, never run.
     release = threading.Event()
     try:
         for index in range(deadline.RESOLVERS):
-            deadline.lookup(("stuck", index), release.wait)
+            deadline.lookup(("stuck", index, run), release.wait)
         with pytest.raises(StuckCall, match="queued did not return within"):
-            resolve(lambda: calls.append("queued"), 0.05, "queued", key="queued")
+            resolve(lambda: calls.append("queued"), 0.05, "queued", key=("queued", run))
     finally:
         release.set()
-    assert resolve(lambda: 3, 5, "after", key="after") == 3
+    assert resolve(lambda: 3, 5, "after", key=("after", run)) == 3
     assert "queued" not in calls
 
 
@@ -103,6 +108,7 @@ def test_a_lookup_waits_no_longer_than_the_deadline_of_the_call_its_thread_runs(
 
     release = threading.Event()
     failures: list[BaseException] = []
+    run = uuid.uuid4().hex  # a key of this run only: a run before's answer is reused for a moment
 
     class Looking(Task):
         def start(self) -> float:
@@ -110,7 +116,7 @@ def test_a_lookup_waits_no_longer_than_the_deadline_of_the_call_its_thread_runs(
 
         def call(self) -> None:
             try:
-                resolve(release.wait, 30, "hung-call.example", key="hung-call.example")
+                resolve(release.wait, 30, "hung-call.example", key=("hung-call.example", run))
             except StuckCall as exc:
                 failures.append(exc)
 
